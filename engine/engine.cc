@@ -1,0 +1,1018 @@
+// Engine implementation: submitters, workers, intake, wake-ups, stop.
+//
+// Invariants (numbered; the code refers to them):
+//  I1. A job is in exactly one place at a time: a submitter's hands (between
+//      claiming a slot and enqueueing its index), one priority queue, one
+//      worker's hands (dequeued batch or running), or retired. Only the holder
+//      writes the slot's non-atomic fields; ownership passes through the
+//      moodycamel queues, whose enqueue (release) / dequeue (acquire) order
+//      the slot writes for the next holder.
+//  I2. Intake: a submitter sets its ProducerState::active_ to 1, issues a light
+//      asymmetric fence, then reads state_. stop() stores kStopping, issues
+//      the heavy fence, then waits for every active_ to read 0. Either the
+//      submitter sees kStopping (and refuses with kStopped, accepting nothing)
+//      or stop() sees it active and waits until its job is enqueued and
+//      counted. So after the wait no job can be half-accepted, and the
+//      submitted counters are final.
+//  I3. Wake-ups (kSpinThenBlock): a worker about to sleep increments
+//      sleepers_, issues the heavy fence, then looks at the queues once more.
+//      A submitter enqueues, issues the light fence, then reads sleepers_.
+//      Either the worker sees the job or the submitter sees the sleeper and
+//      hands out a permit (decrementing sleepers_ first). A worker that finds
+//      work after announcing itself takes its announcement back, or, if a
+//      submitter took it already, consumes the permit it was given. No
+//      wake-up is lost; at worst a worker wakes and finds nothing.
+//  I4. Counters are written by one thread each (a producer's or a worker's
+//      padded block), with relaxed load+store (no lock prefix), and read by
+//      anyone. pending = sum(submitted) - sum(done + failed + dropped); once
+//      intake is closed (I2) sum(submitted) is final, and a worker that reads
+//      pending == 0 after the queues looked empty knows no job remains: a
+//      requeued retry does not count as finished, so it keeps pending > 0
+//      until it finishes for good.
+#include <sched.h>
+
+#include <algorithm>
+#include <cassert>
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <semaphore>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "engine/asymmetric_fence.h"
+#include "engine/job_queue.h"
+#include "engine/job_table.h"
+#include "engine/thread_util.h"
+#include "jobengine/engine.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace jobengine {
+
+using detail::asymmetric_fence_heavy;
+using detail::asymmetric_fence_light;
+using detail::IndexQueue;
+using detail::JobTable;
+using detail::kCacheLine;
+using detail::QueueConsumerToken;
+using detail::QueueProducerToken;
+using detail::RetireBuffer;
+using detail::Slot;
+using detail::SlotIndex;
+using detail::SlotState;
+
+namespace {
+
+// Ids are handed to submitters in blocks so that taking one is thread-local.
+constexpr JobId kIdBlock = 1024;
+constexpr std::size_t kMaxHandlerName = 255;
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+#endif
+}
+
+inline std::int64_t now_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A counter written by one thread only (I4): no read-modify-write needed.
+inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+}
+
+// Engines get a process-unique id, never reused, so a thread's cached
+// ProducerState pointer for a destroyed engine can never match a new one.
+std::atomic<std::uint64_t> g_next_engine_uid{1};
+
+struct StringHash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept {
+    return std::hash<std::string_view>{}(s);
+  }
+};
+
+}  // namespace
+
+// Per submitting thread, per engine. Owned by the engine (its tokens must die
+// before the queues); the thread holds a pointer through thread-local storage.
+// When the thread exits, the state is marked orphaned and the next new
+// submitting thread adopts it (tokens, cached slots and ids included), so
+// threads that come and go do not leak queue producers.
+struct alignas(kCacheLine) ProducerState {
+  ProducerState(IndexQueue* queues, IndexQueue& free_pool)
+      : tokens{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
+               QueueProducerToken(queues[2])},
+        free_token(free_pool) {}
+
+  // --- used by the owning thread only ---
+  QueueProducerToken tokens[kPriorityLevels];
+  QueueConsumerToken free_token;
+  SlotIndex cache[kSlotCacheSize];
+  std::uint32_t cached = 0;
+  JobId next_id = 0;
+  JobId id_end = 0;
+  std::vector<SlotIndex> batch_slots;                          // submit_batch scratch
+  std::vector<SlotIndex> batch_by_level[kPriorityLevels];      // submit_batch scratch
+  std::unique_ptr<QueueProducerToken> free_return;             // see free_return_token()
+
+  // --- read by other threads ---
+  alignas(kCacheLine) std::atomic<std::uint32_t> active{0};  // I2
+  std::atomic<std::uint64_t> submitted{0};                   // I4
+  std::atomic<std::uint64_t> rejected{0};
+  std::atomic<bool> orphaned{false};
+  ProducerState* next = nullptr;  // registry list, immutable once published
+};
+
+struct alignas(kCacheLine) WorkerState {
+  WorkerState(IndexQueue* queues, IndexQueue& free_pool, std::size_t batch)
+      : consumer{QueueConsumerToken(queues[0]), QueueConsumerToken(queues[1]),
+                 QueueConsumerToken(queues[2])},
+        requeue{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
+                QueueProducerToken(queues[2])},
+        free_token(free_pool),
+        retired(2 * batch) {}
+
+  // --- used by the worker thread only ---
+  QueueConsumerToken consumer[kPriorityLevels];
+  QueueProducerToken requeue[kPriorityLevels];
+  QueueProducerToken free_token;
+  RetireBuffer retired;
+  std::uint64_t batches = 0;  // batches taken, for the starvation guard
+  unsigned rotation = 0;
+  std::thread thread;
+  unsigned index = 0;
+
+  // --- read by other threads (I4) ---
+  alignas(kCacheLine) std::atomic<std::uint64_t> done{0};
+  std::atomic<std::uint64_t> failed{0};
+  std::atomic<std::uint64_t> retried{0};
+  std::atomic<std::uint64_t> exceptions{0};
+  std::atomic<std::uint64_t> dropped{0};
+  std::atomic<std::uint32_t> running{0};
+  std::atomic<bool> alive{false};
+};
+
+// Shared between an engine and the threads that submitted to it, so that a
+// thread exiting after the engine died does not touch freed memory.
+struct EngineLifetime {
+  std::mutex mu;
+  bool alive = true;
+};
+
+namespace {
+
+// Each thread's list of engines it has submitted to.
+struct ThreadProducers {
+  struct Entry {
+    std::uint64_t uid;
+    ProducerState* state;
+    std::shared_ptr<EngineLifetime> life;
+  };
+  std::vector<Entry> entries;
+  ~ThreadProducers() {
+    for (Entry& e : entries) {
+      std::lock_guard<std::mutex> lock(e.life->mu);
+      // Release: the adopting thread's acquire sees this thread's last writes
+      // to the state (its cache, its id block).
+      if (e.life->alive) e.state->orphaned.store(true, std::memory_order_release);
+    }
+  }
+};
+
+// The last engine this thread submitted to: the fast path is one compare.
+struct LastProducer {
+  std::uint64_t uid = 0;
+  ProducerState* state = nullptr;
+};
+thread_local LastProducer t_last;
+thread_local ThreadProducers t_producers;
+
+}  // namespace
+
+class Engine::Impl {
+ public:
+  explicit Impl(EngineOptions options)
+      : options_(std::move(options)),
+        uid_(g_next_engine_uid.fetch_add(1, std::memory_order_relaxed)),
+        table_(options_.capacity),
+        queues_{IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
+                IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
+                IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE)},
+        life_(std::make_shared<EngineLifetime>()) {}
+
+  ~Impl() {
+    if (state_.load(std::memory_order_acquire) == EngineState::kRunning ||
+        state_.load(std::memory_order_acquire) == EngineState::kStopping) {
+      (void)stop(StopMode::kDrain);
+    }
+    {
+      std::lock_guard<std::mutex> lock(life_->mu);
+      life_->alive = false;
+    }
+    ProducerState* p = producers_.load(std::memory_order_acquire);
+    while (p != nullptr) {
+      ProducerState* next = p->next;
+      delete p;
+      p = next;
+    }
+  }
+
+  // ---------------------------------------------------------------- handlers
+
+  Result<HandlerId> register_handler(std::string_view name, Handler handler) {
+    if (state_.load(std::memory_order_acquire) != EngineState::kOpen) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "register_handler(\"" + std::string(name) +
+                        "\"): handlers must be registered before start()");
+    }
+    if (name.empty() || name.size() > kMaxHandlerName) {
+      return Status(StatusCode::kInvalidArgument,
+                    "handler name must be 1.." + std::to_string(kMaxHandlerName) +
+                        " bytes, got " + std::to_string(name.size()));
+    }
+    if (!handler) {
+      return Status(StatusCode::kInvalidArgument,
+                    "register_handler(\"" + std::string(name) + "\"): empty handler function");
+    }
+    if (by_name_.find(name) != by_name_.end()) {
+      return Status(StatusCode::kAlreadyExists,
+                    "handler \"" + std::string(name) + "\" is already registered");
+    }
+    auto id = static_cast<HandlerId>(handlers_.size());
+    handlers_.push_back({std::string(name), std::move(handler)});
+    by_name_.emplace(std::string(name), id);
+    return id;
+  }
+
+  Result<HandlerId> handler_id(std::string_view name) const {
+    auto it = by_name_.find(name);
+    if (it == by_name_.end()) {
+      return Status(StatusCode::kNotFound, "no handler named \"" + std::string(name) + "\"");
+    }
+    return it->second;
+  }
+
+  // ------------------------------------------------------------------- start
+
+  Result<StartReport> start() {
+    EngineState expected = EngineState::kOpen;
+    if (state_.load(std::memory_order_acquire) != EngineState::kOpen) {
+      return Status(StatusCode::kFailedPrecondition,
+                    std::string("start(): engine is ") +
+                        std::string(engine_state_name(state_.load())) +
+                        ", it can be started once, from open");
+    }
+    workers_.reserve(options_.workers);
+    for (unsigned i = 0; i < options_.workers; ++i) {
+      workers_.push_back(std::make_unique<WorkerState>(queues_, table_.free_queue(),
+                                                       options_.dequeue_batch));
+      workers_.back()->index = i;
+    }
+    // Workers wait for go_ so that none runs before every one is named and
+    // pinned (and so a failed start can be unwound).
+    Status failure;
+    std::size_t started = 0;
+    for (auto& w : workers_) {
+      try {
+        WorkerState* ws = w.get();
+        ws->thread = std::thread([this, ws] { worker_main(*ws); });
+      } catch (const std::system_error& e) {
+        failure = Status(StatusCode::kIoError,
+                         "start(): creating worker thread " + std::to_string(w->index) + ": " +
+                             e.what());
+        break;
+      }
+      ++started;
+      int cpu = options_.cpus.empty() ? -1 : options_.cpus[w->index];
+      Status placed = detail::place_thread(w->thread.native_handle(),
+                                           "jobengine-w" + std::to_string(w->index), cpu);
+      if (!placed.ok()) {
+        failure = placed;
+        break;
+      }
+    }
+    if (!failure.ok()) {
+      // Unwind: let the started workers see the stop and exit.
+      state_.store(EngineState::kStopped, std::memory_order_release);
+      go_.store(true, std::memory_order_release);
+      for (std::size_t i = 0; i < started; ++i) workers_[i]->thread.join();
+      log(LogLevel::kError, failure.to_string());
+      return failure;
+    }
+    // Release: workers that see kRunning/go_ see the handler table.
+    state_.compare_exchange_strong(expected, EngineState::kRunning, std::memory_order_acq_rel);
+    go_.store(true, std::memory_order_release);
+    // Return only once every worker runs, so health() right after start() is ok.
+    for (auto& w : workers_) {
+      while (!w->alive.load(std::memory_order_acquire)) std::this_thread::yield();
+    }
+    StartReport report;
+    report.workers = options_.workers;
+    report.pinned_cpus = options_.cpus;
+    log(LogLevel::kInfo, "started " + std::to_string(options_.workers) + " worker(s)" +
+                             (options_.cpus.empty()
+                                  ? std::string(", unpinned")
+                                  : ", pinned to cpus " + detail::format_cpu_list(options_.cpus)));
+    return report;
+  }
+
+  // ------------------------------------------------------------------ submit
+
+  Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions o) {
+    if (Status s = check_job(handler, payload, o); !s.ok()) return s;
+    ProducerState& ps = producer_state();
+    if (!enter_intake(ps)) return stopped_status();
+    SlotIndex idx;
+    if (!take_slots(ps, &idx, 1)) {
+      bump(ps.rejected);
+      leave_intake(ps);
+      return queue_full_status();
+    }
+    JobId id = next_id(ps);
+    if (Status s = fill_slot(idx, id, handler, payload, o.priority, now_ns()); !s.ok()) {
+      give_back_slots(ps, &idx, 1);
+      leave_intake(ps);
+      return s;
+    }
+    if (!queues_[o.priority].enqueue(ps.tokens[o.priority], idx)) {
+      table_.retire(table_.slot(idx), table_.epoch());
+      JobTable::reclaim(table_.slot(idx));
+      give_back_slots(ps, &idx, 1);
+      leave_intake(ps);
+      return Status(StatusCode::kInternal, "submit(): out of memory growing the job queue");
+    }
+    bump(ps.submitted);
+    leave_intake(ps);
+    wake_after_enqueue(1);
+    return id;
+  }
+
+  Result<JobId> submit(std::string_view name, std::string_view payload, SubmitOptions o) {
+    auto it = by_name_.find(name);
+    if (it == by_name_.end()) {
+      return Status(StatusCode::kNotFound, "submit(): no handler named \"" + std::string(name) + "\"");
+    }
+    return submit(it->second, payload, o);
+  }
+
+  Result<std::size_t> submit_batch(std::span<const JobSpec> jobs, std::span<JobId> ids) {
+    if (!ids.empty() && ids.size() != jobs.size()) {
+      return Status(StatusCode::kInvalidArgument,
+                    "submit_batch(): ids holds " + std::to_string(ids.size()) +
+                        " entries for " + std::to_string(jobs.size()) + " jobs");
+    }
+    for (std::size_t i = 0; i < jobs.size(); ++i) {
+      if (Status s = check_job(jobs[i].handler, jobs[i].payload, jobs[i].options); !s.ok()) {
+        return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + s.message());
+      }
+    }
+    ProducerState& ps = producer_state();
+    if (!enter_intake(ps)) return stopped_status();
+    if (jobs.empty()) {
+      leave_intake(ps);
+      return std::size_t{0};
+    }
+    const std::size_t n = jobs.size();
+    if (ps.batch_slots.size() < n) ps.batch_slots.resize(n);
+    SlotIndex* slots = ps.batch_slots.data();
+    if (!take_slots(ps, slots, n)) {
+      bump(ps.rejected, n);
+      leave_intake(ps);
+      return Status(StatusCode::kQueueFull,
+                    "submit_batch(): job table has fewer than " + std::to_string(n) +
+                        " free slots (capacity " + std::to_string(options_.capacity) + ")");
+    }
+    const std::int64_t t = now_ns();
+    for (std::size_t i = 0; i < n; ++i) {
+      JobId id = next_id(ps);
+      Status s = fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload,
+                           jobs[i].options.priority, t);
+      if (!s.ok()) {
+        for (std::size_t j = 0; j < i; ++j) {
+          table_.retire(table_.slot(slots[j]), table_.epoch());
+          JobTable::reclaim(table_.slot(slots[j]));
+        }
+        give_back_slots(ps, slots, n);
+        leave_intake(ps);
+        return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + s.message());
+      }
+      if (!ids.empty()) ids[i] = id;
+    }
+    // One bulk enqueue per level present. The common single-level batch goes
+    // straight from the slot array.
+    bool single_level = true;
+    for (std::size_t i = 1; i < n && single_level; ++i) {
+      single_level = jobs[i].options.priority == jobs[0].options.priority;
+    }
+    bool ok = true;
+    if (single_level) {
+      std::uint8_t p = jobs[0].options.priority;
+      ok = queues_[p].enqueue_bulk(ps.tokens[p], slots, n);
+    } else {
+      for (auto& v : ps.batch_by_level) v.clear();
+      for (std::size_t i = 0; i < n; ++i) ps.batch_by_level[jobs[i].options.priority].push_back(slots[i]);
+      // Enqueue is all-or-nothing per call; a failure after an earlier level
+      // succeeded would half-accept the batch, so this path checks capacity
+      // by construction: the queues were sized for every slot at open, and
+      // enqueue_bulk only allocates for a producer's block index.
+      for (std::uint8_t p = 0; p < kPriorityLevels && ok; ++p) {
+        auto& v = ps.batch_by_level[p];
+        if (!v.empty()) ok = queues_[p].enqueue_bulk(ps.tokens[p], v.data(), v.size());
+      }
+    }
+    if (!ok) {
+      // Only reachable when memory runs out; report it loudly.
+      leave_intake(ps);
+      log(LogLevel::kError, "submit_batch(): out of memory growing a job queue");
+      return Status(StatusCode::kInternal, "submit_batch(): out of memory growing a job queue");
+    }
+    bump(ps.submitted, n);
+    leave_intake(ps);
+    wake_after_enqueue(n);
+    return n;
+  }
+
+  // -------------------------------------------------------------------- stop
+
+  Result<StopReport> stop(StopMode mode) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> lock(stop_mu_);
+    EngineState s = state_.load(std::memory_order_acquire);
+    if (s != EngineState::kRunning) {
+      return Status(StatusCode::kFailedPrecondition,
+                    std::string("stop(): engine is ") + std::string(engine_state_name(s)) +
+                        ", only a running engine can be stopped");
+    }
+    // I2: close intake, then wait for submitters inside it to leave.
+    state_.store(EngineState::kStopping, std::memory_order_seq_cst);
+    asymmetric_fence_heavy();
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      // Acquire: pairs with leave_intake's release, so its counts are final.
+      while (p->active.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    }
+    abandon_.store(mode == StopMode::kAbandon, std::memory_order_relaxed);
+    // Release: a worker that sees intake_closed_ sees abandon_ and final counts.
+    intake_closed_.store(true, std::memory_order_release);
+    // Wake every worker, sleeping or about to sleep (I3: they re-check
+    // intake_closed_ after their heavy fence, and these permits cover the rest).
+    sleep_sem_.release(static_cast<std::ptrdiff_t>(workers_.size()));
+    for (auto& w : workers_) {
+      if (w->thread.joinable()) w->thread.join();
+    }
+    std::uint64_t dropped_here = 0;
+    if (mode == StopMode::kAbandon) dropped_here = drop_queued();
+    dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
+    state_.store(EngineState::kStopped, std::memory_order_release);
+
+    Health h = health();
+    StopReport report;
+    report.submitted = h.submitted;
+    report.done = h.done;
+    report.failed = h.failed;
+    report.dropped = h.dropped;
+    report.took = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - t0);
+    log(LogLevel::kInfo, std::string("stopped (") +
+                             (mode == StopMode::kDrain ? "drain" : "abandon") + "): " +
+                             std::to_string(report.done) + " done, " +
+                             std::to_string(report.failed) + " failed, " +
+                             std::to_string(report.dropped) + " dropped");
+    return report;
+  }
+
+  // ------------------------------------------------------------------ health
+
+  Health health() const {
+    Health h;
+    h.checked_at = std::chrono::system_clock::now();
+    h.state = state_.load(std::memory_order_acquire);
+    h.capacity = options_.capacity;
+    h.workers = options_.workers;
+    for (std::uint8_t p = 0; p < kPriorityLevels; ++p) h.depth[p] = queues_[p].size_approx();
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      h.submitted += p->submitted.load(std::memory_order_relaxed);
+      h.rejected += p->rejected.load(std::memory_order_relaxed);
+    }
+    // Workers are created by start() and never removed until the engine dies;
+    // workers_ may only be read once start() published them (state != kOpen).
+    if (h.state != EngineState::kOpen) {
+      for (const auto& w : workers_) {
+        h.done += w->done.load(std::memory_order_relaxed);
+        h.failed += w->failed.load(std::memory_order_relaxed);
+        h.retried += w->retried.load(std::memory_order_relaxed);
+        h.exceptions += w->exceptions.load(std::memory_order_relaxed);
+        h.dropped += w->dropped.load(std::memory_order_relaxed);
+        h.running += w->running.load(std::memory_order_relaxed);
+        h.workers_alive += w->alive.load(std::memory_order_relaxed) ? 1 : 0;
+      }
+    }
+    h.dropped += dropped_by_stop_.load(std::memory_order_relaxed);
+    const std::uint64_t finished = h.done + h.failed + h.dropped;
+    h.pending = h.submitted > finished ? h.submitted - finished : 0;
+    h.ok = h.state == EngineState::kRunning && h.workers_alive == h.workers;
+    return h;
+  }
+
+  EngineState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  const EngineOptions& options() const noexcept { return options_; }
+
+ private:
+  struct HandlerEntry {
+    std::string name;
+    Handler fn;
+  };
+
+  // ----------------------------------------------------------- submit parts
+
+  Status check_job(HandlerId handler, std::string_view payload, const SubmitOptions& o) const {
+    if (handler >= handlers_.size()) {
+      return Status(StatusCode::kNotFound, "no handler with id " + std::to_string(handler) +
+                                               " (" + std::to_string(handlers_.size()) +
+                                               " registered)");
+    }
+    if (o.priority >= kPriorityLevels) {
+      return Status(StatusCode::kInvalidArgument,
+                    "priority " + std::to_string(o.priority) + " out of range 0.." +
+                        std::to_string(kPriorityLevels - 1));
+    }
+    if (payload.size() > options_.max_payload) {
+      return Status(StatusCode::kPayloadTooLarge,
+                    "payload of " + std::to_string(payload.size()) + " bytes exceeds max_payload " +
+                        std::to_string(options_.max_payload));
+    }
+    return Status();
+  }
+
+  static Status stopped_status() {
+    return Status(StatusCode::kStopped, "engine is not running");
+  }
+  Status queue_full_status() const {
+    return Status(StatusCode::kQueueFull,
+                  "job table full (capacity " + std::to_string(options_.capacity) + ")");
+  }
+
+  // I2, submitter side. Returns false (and leaves) when intake is closed.
+  bool enter_intake(ProducerState& ps) {
+    // Relaxed store + light fence: ordered before the state_ load by the
+    // fence pair (I2).
+    ps.active.store(1, std::memory_order_relaxed);
+    asymmetric_fence_light();
+    if (state_.load(std::memory_order_relaxed) != EngineState::kRunning) {
+      ps.active.store(0, std::memory_order_release);
+      return false;
+    }
+    return true;
+  }
+  static void leave_intake(ProducerState& ps) {
+    // Release: stop() acquires this, seeing the enqueue and the counters.
+    ps.active.store(0, std::memory_order_release);
+  }
+
+  // Takes n free slots (all or none) into out, from the thread's cache first.
+  bool take_slots(ProducerState& ps, SlotIndex* out, std::size_t n) {
+    std::size_t got = 0;
+    while (got < n) {
+      if (ps.cached == 0) {
+        ps.cached = static_cast<std::uint32_t>(
+            table_.take_free(ps.free_token, ps.cache, kSlotCacheSize));
+        if (ps.cached == 0) {
+          // Not enough: give back what we took (to the cache first).
+          give_back_slots(ps, out, got);
+          return false;
+        }
+      }
+      std::size_t take = std::min<std::size_t>(ps.cached, n - got);
+      for (std::size_t i = 0; i < take; ++i) out[got + i] = ps.cache[--ps.cached];
+      got += take;
+    }
+    return true;
+  }
+
+  void give_back_slots(ProducerState& ps, const SlotIndex* in, std::size_t n) {
+    std::size_t i = 0;
+    while (i < n && ps.cached < kSlotCacheSize) ps.cache[ps.cached++] = in[i++];
+    if (i < n) {
+      QueueProducerToken& tok = free_return_token(ps);
+      while (!table_.put_free(tok, in + i, n - i)) std::this_thread::yield();
+    }
+  }
+
+  // Submitters return surplus slots rarely (a failed batch), with a token
+  // made on first need and owned by their ProducerState.
+  QueueProducerToken& free_return_token(ProducerState& ps) {
+    if (!ps.free_return) ps.free_return = std::make_unique<QueueProducerToken>(table_.free_queue());
+    return *ps.free_return;
+  }
+
+  JobId next_id(ProducerState& ps) {
+    if (ps.next_id == ps.id_end) {
+      ps.next_id = next_id_.fetch_add(kIdBlock, std::memory_order_relaxed);
+      ps.id_end = ps.next_id + kIdBlock;
+    }
+    return ps.next_id++;
+  }
+
+  Status fill_slot(SlotIndex idx, JobId id, HandlerId handler, std::string_view payload,
+                   std::uint8_t priority, std::int64_t t) {
+    Slot& s = table_.slot(idx);
+    if (payload.size() > kInlinePayloadBytes) {
+      unsigned char* heap = new (std::nothrow) unsigned char[payload.size()];
+      if (heap == nullptr) {
+        return Status(StatusCode::kInternal, "out of memory copying a payload of " +
+                                                 std::to_string(payload.size()) + " bytes");
+      }
+      std::memcpy(heap, payload.data(), payload.size());
+      s.heap_payload = heap;
+    } else if (!payload.empty()) {
+      std::memcpy(s.inline_payload, payload.data(), payload.size());
+    }
+    s.payload_size = static_cast<std::uint32_t>(payload.size());
+    s.id = id;
+    s.handler = handler;
+    s.priority = priority;
+    s.attempts = 0;
+    s.submit_ns = t;
+    s.run_at_ns = t;
+    table_.claim(s, table_.epoch());
+    return Status();
+  }
+
+  ProducerState& producer_state() {
+    if (t_last.uid == uid_) [[likely]] return *t_last.state;
+    return producer_state_slow();
+  }
+
+  ProducerState& producer_state_slow() {
+    for (auto& e : t_producers.entries) {
+      if (e.uid == uid_) {
+        t_last = {uid_, e.state};
+        return *e.state;
+      }
+    }
+    ProducerState* ps = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(registry_mu_);
+      for (ProducerState* p = producers_.load(std::memory_order_relaxed); p != nullptr; p = p->next) {
+        bool expected = true;
+        // Acquire: see the exited thread's last writes to the state.
+        if (p->orphaned.load(std::memory_order_relaxed) &&
+            p->orphaned.compare_exchange_strong(expected, false, std::memory_order_acquire)) {
+          ps = p;
+          break;
+        }
+      }
+      if (ps == nullptr) {
+        ps = new ProducerState(queues_, table_.free_queue());
+        ps->next = producers_.load(std::memory_order_relaxed);
+        // Release: readers walking the list see a fully built state.
+        producers_.store(ps, std::memory_order_release);
+      }
+    }
+    t_producers.entries.push_back({uid_, ps, life_});
+    t_last = {uid_, ps};
+    return *ps;
+  }
+
+  // I3, submitter side.
+  void wake_after_enqueue(std::size_t jobs) {
+    if (options_.idle != IdleStrategy::kSpinThenBlock) return;
+    asymmetric_fence_light();
+    if (sleepers_.load(std::memory_order_relaxed) > 0) wake_sleepers(jobs);
+  }
+
+  void wake_sleepers(std::size_t max) {
+    std::size_t woken = 0;
+    int s = sleepers_.load(std::memory_order_relaxed);
+    while (s > 0 && woken < max) {
+      // Decrement first, then release: the permit is the woken worker's.
+      if (sleepers_.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel,
+                                          std::memory_order_relaxed)) {
+        sleep_sem_.release();
+        ++woken;
+        s = sleepers_.load(std::memory_order_relaxed);
+      }
+    }
+  }
+
+  // ----------------------------------------------------------------- workers
+
+  // Takes a batch from the most urgent non-empty level; every
+  // fairness_period-th batch starts the scan at a lower level (rotating), the
+  // starvation guard documented in EngineOptions::fairness_period.
+  std::size_t take_batch(WorkerState& w, SlotIndex* out) {
+    unsigned start = 0;
+    if (options_.fairness_period != 0 && ++w.batches % options_.fairness_period == 0) {
+      w.rotation = w.rotation % (kPriorityLevels - 1) + 1;  // 1, 2, 1, 2, ...
+      start = w.rotation;
+    }
+    for (unsigned k = 0; k < kPriorityLevels; ++k) {
+      unsigned p = (start + k) % kPriorityLevels;
+      std::size_t n = queues_[p].try_dequeue_bulk(w.consumer[p], out, options_.dequeue_batch);
+      if (n != 0) return n;
+    }
+    return 0;
+  }
+
+  void worker_main(WorkerState& w) {
+    // Acquire: pairs with start()'s release of go_ (handlers are visible).
+    while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
+    if (state_.load(std::memory_order_acquire) == EngineState::kStopped) return;  // failed start
+    w.alive.store(true, std::memory_order_release);
+    SlotIndex batch[256];
+    std::uint32_t idle_polls = 0;
+    for (;;) {
+      std::size_t n = take_batch(w, batch);
+      if (n != 0) {
+        idle_polls = 0;
+        // More may be waiting: let a sleeping colleague help (I3).
+        if (n == options_.dequeue_batch && options_.idle == IdleStrategy::kSpinThenBlock &&
+            sleepers_.load(std::memory_order_relaxed) > 0) {
+          wake_sleepers(1);
+        }
+        run_batch(w, batch, n);
+        w.retired.flush(table_, w.free_token);
+        continue;
+      }
+      w.retired.flush(table_, w.free_token);
+      // Acquire: pairs with stop()'s release (abandon_, final counters).
+      if (intake_closed_.load(std::memory_order_acquire)) {
+        if (abandon_.load(std::memory_order_relaxed) || pending() == 0) break;
+        std::this_thread::yield();
+        continue;
+      }
+      ++idle_polls;
+      switch (options_.idle) {
+        case IdleStrategy::kSpin:
+          cpu_relax();
+          break;
+        case IdleStrategy::kSpinThenYield:
+          if (idle_polls < options_.spin_iterations) cpu_relax();
+          else std::this_thread::yield();
+          break;
+        case IdleStrategy::kSpinThenBlock:
+          if (idle_polls < options_.spin_iterations) {
+            cpu_relax();
+          } else {
+            sleep(w);
+            idle_polls = 0;
+          }
+          break;
+      }
+    }
+    w.retired.flush(table_, w.free_token);
+    w.alive.store(false, std::memory_order_relaxed);
+  }
+
+  // I3, worker side: announce, heavy fence, look again, then sleep.
+  void sleep(WorkerState& w) {
+    sleepers_.fetch_add(1, std::memory_order_relaxed);
+    asymmetric_fence_heavy();
+    bool work = intake_closed_.load(std::memory_order_acquire);
+    for (unsigned p = 0; p < kPriorityLevels && !work; ++p) {
+      work = queues_[p].size_approx() != 0;
+    }
+    (void)w;
+    if (work) {
+      // Take the announcement back, unless a submitter already did (then a
+      // permit is ours: consume it so the count stays right).
+      int s = sleepers_.load(std::memory_order_relaxed);
+      while (s > 0) {
+        if (sleepers_.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel,
+                                            std::memory_order_relaxed)) {
+          return;
+        }
+      }
+    }
+    sleep_sem_.acquire();
+  }
+
+  void run_batch(WorkerState& w, const SlotIndex* batch, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+      if (abandon_.load(std::memory_order_relaxed)) {
+        // Stop(kAbandon): the rest of this batch is dropped, not run.
+        for (std::size_t j = i; j < n; ++j) {
+          table_.retire(table_.slot(batch[j]), table_.epoch());
+          w.retired.add(batch[j], table_.slot(batch[j]).finish_epoch.load(std::memory_order_relaxed));
+        }
+        bump(w.dropped, n - i);
+        return;
+      }
+      run_one(w, batch[i]);
+    }
+  }
+
+  void run_one(WorkerState& w, SlotIndex idx) {
+    Slot& s = table_.slot(idx);
+    s.state.store(SlotState::kRunning, std::memory_order_relaxed);
+    ++s.attempts;
+    const HandlerEntry& h = handlers_[s.handler];
+    JobContext ctx(s.id, s.handler, h.name,
+                   std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size),
+                   s.attempts, s.priority,
+                   std::chrono::steady_clock::time_point(std::chrono::nanoseconds(s.submit_ns)));
+    Outcome outcome;
+    w.running.store(1, std::memory_order_relaxed);
+    try {
+      outcome = h.fn(ctx);
+    } catch (const std::exception& e) {
+      bump(w.exceptions);
+      log_job(LogLevel::kWarning, s, h, std::string("handler threw: ") + e.what());
+      outcome = Outcome::kRetry;
+    } catch (...) {
+      bump(w.exceptions);
+      log_job(LogLevel::kWarning, s, h, "handler threw a non-std::exception");
+      outcome = Outcome::kRetry;
+    }
+    w.running.store(0, std::memory_order_relaxed);
+
+    if (outcome == Outcome::kRetry) {
+      if (s.attempts < options_.max_attempts && !abandon_.load(std::memory_order_relaxed)) {
+        s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+        if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
+          bump(w.retried);
+          wake_after_enqueue(1);
+          return;
+        }
+        log_job(LogLevel::kError, s, h, "out of memory re-queueing a retry; job fails");
+      }
+      if (abandon_.load(std::memory_order_relaxed) && s.attempts < options_.max_attempts) {
+        bump(w.dropped);
+        retire(w, idx);
+        return;
+      }
+      outcome = Outcome::kFail;
+      log_job(LogLevel::kWarning, s, h,
+              "failed after " + std::to_string(s.attempts) + " attempt(s)");
+    }
+    if (outcome == Outcome::kDone) {
+      retire(w, idx);
+      bump(w.done);
+    } else {
+      retire(w, idx);
+      bump(w.failed);
+    }
+  }
+
+  void retire(WorkerState& w, SlotIndex idx) {
+    std::uint64_t e = table_.epoch();
+    table_.retire(table_.slot(idx), e);
+    w.retired.add(idx, e);
+  }
+
+  // After the workers joined (kAbandon): empty the queues, count and free.
+  std::uint64_t drop_queued() {
+    std::uint64_t dropped = 0;
+    QueueProducerToken tok(table_.free_queue());
+    SlotIndex buf[256];
+    for (auto& q : queues_) {
+      std::size_t n;
+      while ((n = q.try_dequeue_bulk(buf, 256)) != 0) {
+        const std::uint64_t e = table_.epoch();
+        for (std::size_t i = 0; i < n; ++i) {
+          table_.retire(table_.slot(buf[i]), e);
+          JobTable::reclaim(table_.slot(buf[i]));
+        }
+        while (!table_.put_free(tok, buf, n)) std::this_thread::yield();
+        dropped += n;
+      }
+    }
+    return dropped;
+  }
+
+  std::uint64_t pending() const {
+    std::uint64_t submitted = 0, finished = 0;
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      submitted += p->submitted.load(std::memory_order_acquire);
+    }
+    for (const auto& w : workers_) {
+      finished += w->done.load(std::memory_order_acquire) +
+                  w->failed.load(std::memory_order_acquire) +
+                  w->dropped.load(std::memory_order_acquire);
+    }
+    return submitted > finished ? submitted - finished : 0;
+  }
+
+  void log(LogLevel level, const std::string& line) const {
+    if (options_.log) options_.log(level, line);
+  }
+  void log_job(LogLevel level, const Slot& s, const HandlerEntry& h, const std::string& what) const {
+    if (options_.log) {
+      options_.log(level, "job " + std::to_string(s.id) + " (" + h.name + "): " + what);
+    }
+  }
+
+  const EngineOptions options_;
+  const std::uint64_t uid_;
+  JobTable table_;
+  IndexQueue queues_[kPriorityLevels];
+  std::vector<HandlerEntry> handlers_;
+  std::unordered_map<std::string, HandlerId, StringHash, std::equal_to<>> by_name_;
+  std::vector<std::unique_ptr<WorkerState>> workers_;
+  std::shared_ptr<EngineLifetime> life_;
+  std::mutex registry_mu_;  // serialises registering/adopting ProducerStates
+  std::mutex stop_mu_;      // one stop() at a time
+  std::atomic<ProducerState*> producers_{nullptr};
+  std::counting_semaphore<> sleep_sem_{0};
+
+  alignas(kCacheLine) std::atomic<EngineState> state_{EngineState::kOpen};
+  std::atomic<bool> go_{false};
+  std::atomic<bool> intake_closed_{false};
+  std::atomic<bool> abandon_{false};
+  std::atomic<std::uint64_t> dropped_by_stop_{0};
+  alignas(kCacheLine) std::atomic<int> sleepers_{0};
+  alignas(kCacheLine) std::atomic<JobId> next_id_{1};
+};
+
+// ------------------------------------------------------------- public facade
+
+std::string_view engine_state_name(EngineState state) noexcept {
+  switch (state) {
+    case EngineState::kOpen: return "open";
+    case EngineState::kRunning: return "running";
+    case EngineState::kStopping: return "stopping";
+    case EngineState::kStopped: return "stopped";
+  }
+  return "unknown";
+}
+
+namespace {
+Status validate(const EngineOptions& o) {
+  auto bad = [](const std::string& what) { return Status(StatusCode::kInvalidArgument, what); };
+  if (o.workers < 1) return bad("workers must be >= 1, got 0");
+  if (o.workers > 4096) return bad("workers must be <= 4096, got " + std::to_string(o.workers));
+  if (!o.cpus.empty() && o.cpus.size() != o.workers) {
+    return bad("cpus holds " + std::to_string(o.cpus.size()) + " entries for " +
+               std::to_string(o.workers) + " workers; give one cpu per worker or none");
+  }
+  if (Status s = detail::check_cpus(o.cpus); !s.ok()) return s;
+  if (o.capacity < 1 || o.capacity > (std::size_t{1} << 31)) {
+    return bad("capacity must be 1..2^31, got " + std::to_string(o.capacity));
+  }
+  if (o.max_payload > (std::size_t{1} << 31)) {
+    return bad("max_payload must be <= 2^31 bytes, got " + std::to_string(o.max_payload));
+  }
+  if (o.max_attempts < 1 || o.max_attempts > 65535) {
+    return bad("max_attempts must be 1..65535, got " + std::to_string(o.max_attempts));
+  }
+  if (o.dequeue_batch < 1 || o.dequeue_batch > 256) {
+    return bad("dequeue_batch must be 1..256, got " + std::to_string(o.dequeue_batch));
+  }
+  if (o.idle != IdleStrategy::kSpin && o.idle != IdleStrategy::kSpinThenYield &&
+      o.idle != IdleStrategy::kSpinThenBlock) {
+    return bad("idle: unknown IdleStrategy " + std::to_string(static_cast<int>(o.idle)));
+  }
+  return Status();
+}
+}  // namespace
+
+Result<Engine> Engine::open(EngineOptions options) {
+  if (Status s = validate(options); !s.ok()) return s;
+  detail::asymmetric_fence_init();
+  try {
+    return Engine(std::make_unique<Impl>(std::move(options)));
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kInvalidArgument,
+                  "capacity " + std::to_string(options.capacity) +
+                      ": out of memory allocating the job table (" +
+                      std::to_string(options.capacity * kSlotBytes) + " bytes)");
+  }
+}
+
+Engine::Engine(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+Engine::Engine(Engine&&) noexcept = default;
+Engine& Engine::operator=(Engine&&) noexcept = default;
+Engine::~Engine() = default;
+
+Result<HandlerId> Engine::register_handler(std::string_view name, Handler handler) {
+  return impl_->register_handler(name, std::move(handler));
+}
+Result<HandlerId> Engine::handler_id(std::string_view name) const { return impl_->handler_id(name); }
+Result<StartReport> Engine::start() { return impl_->start(); }
+Result<JobId> Engine::submit(HandlerId handler, std::string_view payload, SubmitOptions options) {
+  return impl_->submit(handler, payload, options);
+}
+Result<JobId> Engine::submit(std::string_view handler_name, std::string_view payload,
+                             SubmitOptions options) {
+  return impl_->submit(handler_name, payload, options);
+}
+Result<std::size_t> Engine::submit_batch(std::span<const JobSpec> jobs, std::span<JobId> ids) {
+  return impl_->submit_batch(jobs, ids);
+}
+Result<StopReport> Engine::stop(StopMode mode) { return impl_->stop(mode); }
+Health Engine::health() const { return impl_->health(); }
+EngineState Engine::state() const noexcept { return impl_->state(); }
+const EngineOptions& Engine::options() const noexcept { return impl_->options(); }
+
+}  // namespace jobengine

@@ -1,0 +1,101 @@
+// Status and Result: how every fallible jobengine call reports failure.
+//
+// No exception crosses the public API. A call that can fail returns a
+// [[nodiscard]] Status (no value) or Result<T> (a value or a Status). A Status
+// carries a code a program can switch on and a message a person can read; the
+// message names what was wrong (the handler, the size, the path and errno).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace jobengine {
+
+enum class StatusCode : std::uint8_t {
+  kOk = 0,
+  kInvalidArgument,     // the caller passed something malformed (bad option, empty name)
+  kNotFound,            // no such handler / job
+  kAlreadyExists,       // a handler of that name is registered already
+  kQueueFull,           // the job table has no free slot: back off and retry
+  kPayloadTooLarge,     // payload larger than EngineOptions::max_payload
+  kStopped,             // the engine is stopping or stopped and takes no new work
+  kFailedPrecondition,  // the call is not valid in the engine's current state
+  kIoError,             // an operating-system call failed (path and errno in the message)
+  kCorruption,          // stored data failed a checksum or bound check
+  kInternal,            // a bug in jobengine; please report it
+};
+
+// The code's name as written above without the leading 'k', e.g. "QueueFull".
+std::string_view status_code_name(StatusCode code) noexcept;
+
+class [[nodiscard]] Status {
+ public:
+  // The OK status. Never allocates.
+  Status() noexcept = default;
+  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+
+  static Status ok_status() noexcept { return Status(); }
+
+  bool ok() const noexcept { return code_ == StatusCode::kOk; }
+  StatusCode code() const noexcept { return code_; }
+  const std::string& message() const noexcept { return message_; }
+  // "QueueFull: job table full (capacity 1024)", or "OK".
+  std::string to_string() const;
+
+  friend bool operator==(const Status& a, const Status& b) noexcept {
+    return a.code_ == b.code_ && a.message_ == b.message_;
+  }
+
+ private:
+  StatusCode code_ = StatusCode::kOk;
+  std::string message_;
+};
+
+namespace detail {
+// Called when a program reads the value of a failed Result: a bug in the
+// caller. Prints the status to stderr and aborts (no exception may escape).
+[[noreturn]] void die_on_bad_result_access(const Status& status) noexcept;
+}  // namespace detail
+
+// A value of type T, or the Status saying why there is none.
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
+    if (status_.ok()) status_ = Status(StatusCode::kInternal, "Result built from an OK status without a value");
+  }
+
+  bool ok() const noexcept { return value_.has_value(); }
+  explicit operator bool() const noexcept { return ok(); }
+  // OK when a value is held.
+  const Status& status() const noexcept { return status_; }
+
+  // Reading the value of a failed Result aborts the process with its status.
+  T& value() & {
+    if (!value_) detail::die_on_bad_result_access(status_);
+    return *value_;
+  }
+  const T& value() const& {
+    if (!value_) detail::die_on_bad_result_access(status_);
+    return *value_;
+  }
+  T&& value() && {
+    if (!value_) detail::die_on_bad_result_access(status_);
+    return std::move(*value_);
+  }
+  T& operator*() & { return value(); }
+  const T& operator*() const& { return value(); }
+  T&& operator*() && { return std::move(*this).value(); }
+  T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
+
+ private:
+  std::optional<T> value_;
+  Status status_;
+};
+
+}  // namespace jobengine
