@@ -42,6 +42,7 @@
 #include <unordered_map>
 
 #include "engine/asymmetric_fence.h"
+#include "engine/clock.h"
 #include "engine/job_queue.h"
 #include "engine/job_table.h"
 #include "engine/thread_util.h"
@@ -55,6 +56,7 @@ namespace jobengine {
 
 using detail::asymmetric_fence_heavy;
 using detail::asymmetric_fence_light;
+using detail::Clock;
 using detail::IndexQueue;
 using detail::JobTable;
 using detail::kCacheLine;
@@ -70,6 +72,9 @@ namespace {
 // Ids are handed to submitters in blocks so that taking one is thread-local.
 constexpr JobId kIdBlock = 1024;
 constexpr std::size_t kMaxHandlerName = 255;
+// Empty polls after which an idle worker returns a partly filled magazine of
+// retired slots to the pool (about a microsecond of spinning).
+constexpr std::uint32_t kIdleFlushPolls = 64;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -81,10 +86,23 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
-inline std::int64_t now_ns() noexcept {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+
+// memcpy for payloads of at most kInlinePayloadBytes, without the library
+// call for the common small sizes: two overlapping fixed-size moves cover any
+// length in [k, 2k], which the compiler turns into plain loads and stores.
+inline void copy_small(unsigned char* dst, const char* src, std::size_t n) noexcept {
+  if (n >= 8 && n <= 16) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n > 16 && n <= 32) {
+    std::memcpy(dst, src, 16);
+    std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 4 && n < 8) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else if (n != 0) {
+    std::memcpy(dst, src, n);
+  }
 }
 
 // A counter written by one thread only (I4): no read-modify-write needed.
@@ -111,21 +129,18 @@ struct StringHash {
 // submitting thread adopts it (tokens, cached slots and ids included), so
 // threads that come and go do not leak queue producers.
 struct alignas(kCacheLine) ProducerState {
-  ProducerState(IndexQueue* queues, IndexQueue& free_pool)
+  explicit ProducerState(IndexQueue* queues)
       : tokens{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
-               QueueProducerToken(queues[2])},
-        free_token(free_pool) {}
+               QueueProducerToken(queues[2])} {}
 
   // --- used by the owning thread only ---
   QueueProducerToken tokens[kPriorityLevels];
-  QueueConsumerToken free_token;
   SlotIndex cache[kSlotCacheSize];
   std::uint32_t cached = 0;
   JobId next_id = 0;
   JobId id_end = 0;
   std::vector<SlotIndex> batch_slots;                          // submit_batch scratch
   std::vector<SlotIndex> batch_by_level[kPriorityLevels];      // submit_batch scratch
-  std::unique_ptr<QueueProducerToken> free_return;             // see free_return_token()
 
   // --- read by other threads ---
   alignas(kCacheLine) std::atomic<std::uint32_t> active{0};  // I2
@@ -136,20 +151,18 @@ struct alignas(kCacheLine) ProducerState {
 };
 
 struct alignas(kCacheLine) WorkerState {
-  WorkerState(IndexQueue* queues, IndexQueue& free_pool, std::size_t batch)
+  WorkerState(IndexQueue* queues, std::size_t batch)
       : consumer{QueueConsumerToken(queues[0]), QueueConsumerToken(queues[1]),
                  QueueConsumerToken(queues[2])},
         requeue{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
                 QueueProducerToken(queues[2])},
-        free_token(free_pool),
-        retired(2 * batch) {}
+        retired(2 * batch + kSlotCacheSize) {}
 
   // --- used by the worker thread only ---
   QueueConsumerToken consumer[kPriorityLevels];
   QueueProducerToken requeue[kPriorityLevels];
-  QueueProducerToken free_token;
   RetireBuffer retired;
-  std::uint64_t batches = 0;  // batches taken, for the starvation guard
+  std::uint32_t until_fair_turn = 1;  // dequeue attempts until the starvation guard's turn
   unsigned rotation = 0;
   std::thread thread;
   unsigned index = 0;
@@ -197,6 +210,9 @@ struct LastProducer {
   ProducerState* state = nullptr;
 };
 thread_local LastProducer t_last;
+// The engine whose worker this thread is, if any (stop() from a handler would
+// join its own thread).
+thread_local const void* t_worker_of = nullptr;
 thread_local ThreadProducers t_producers;
 
 }  // namespace
@@ -276,8 +292,7 @@ class Engine::Impl {
     }
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
-      workers_.push_back(std::make_unique<WorkerState>(queues_, table_.free_queue(),
-                                                       options_.dequeue_batch));
+      workers_.push_back(std::make_unique<WorkerState>(queues_, options_.dequeue_batch));
       workers_.back()->index = i;
     }
     // Workers wait for go_ so that none runs before every one is named and
@@ -331,7 +346,7 @@ class Engine::Impl {
   // ------------------------------------------------------------------ submit
 
   Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions o) {
-    if (Status s = check_job(handler, payload, o); !s.ok()) return s;
+    if (!job_ok(handler, payload, o)) [[unlikely]] return check_job(handler, payload, o);
     ProducerState& ps = producer_state();
     if (!enter_intake(ps)) return stopped_status();
     SlotIndex idx;
@@ -341,13 +356,13 @@ class Engine::Impl {
       return queue_full_status();
     }
     JobId id = next_id(ps);
-    if (Status s = fill_slot(idx, id, handler, payload, o.priority, now_ns()); !s.ok()) {
+    if (!fill_slot(idx, id, handler, payload, o.priority, Clock::ticks())) [[unlikely]] {
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
-      return s;
+      return out_of_memory_status(payload.size());
     }
     if (!queues_[o.priority].enqueue(ps.tokens[o.priority], idx)) {
-      table_.retire(table_.slot(idx), table_.epoch());
+      JobTable::retire(table_.slot(idx), table_.epoch());
       JobTable::reclaim(table_.slot(idx));
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
@@ -375,7 +390,7 @@ class Engine::Impl {
     }
     for (std::size_t i = 0; i < jobs.size(); ++i) {
       if (Status s = check_job(jobs[i].handler, jobs[i].payload, jobs[i].options); !s.ok()) {
-        return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + s.message());
+        return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + std::string(s.message()));
       }
     }
     ProducerState& ps = producer_state();
@@ -394,19 +409,19 @@ class Engine::Impl {
                     "submit_batch(): job table has fewer than " + std::to_string(n) +
                         " free slots (capacity " + std::to_string(options_.capacity) + ")");
     }
-    const std::int64_t t = now_ns();
+    const std::uint64_t t = Clock::ticks();
     for (std::size_t i = 0; i < n; ++i) {
       JobId id = next_id(ps);
-      Status s = fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload,
-                           jobs[i].options.priority, t);
-      if (!s.ok()) {
+      if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload, jobs[i].options.priority,
+                     t)) [[unlikely]] {
         for (std::size_t j = 0; j < i; ++j) {
-          table_.retire(table_.slot(slots[j]), table_.epoch());
+          JobTable::retire(table_.slot(slots[j]), table_.epoch());
           JobTable::reclaim(table_.slot(slots[j]));
         }
         give_back_slots(ps, slots, n);
         leave_intake(ps);
-        return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + s.message());
+        return Status(StatusCode::kInternal, "submit_batch(): job " + std::to_string(i) + ": " +
+                                                 std::string(out_of_memory_status(jobs[i].payload.size()).message()));
       }
       if (!ids.empty()) ids[i] = id;
     }
@@ -448,6 +463,11 @@ class Engine::Impl {
 
   Result<StopReport> stop(StopMode mode) {
     const auto t0 = std::chrono::steady_clock::now();
+    if (t_worker_of == this) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "stop(): called from a handler on one of this engine's workers, which stop() "
+                    "must join; call it from another thread");
+    }
     std::lock_guard<std::mutex> lock(stop_mu_);
     EngineState s = state_.load(std::memory_order_acquire);
     if (s != EngineState::kRunning) {
@@ -536,7 +556,14 @@ class Engine::Impl {
 
   // ----------------------------------------------------------- submit parts
 
+  // The hot-path test; check_job() says what is wrong.
+  bool job_ok(HandlerId handler, std::string_view payload, const SubmitOptions& o) const noexcept {
+    return handler < handlers_.size() && o.priority < kPriorityLevels &&
+           payload.size() <= options_.max_payload;
+  }
+
   Status check_job(HandlerId handler, std::string_view payload, const SubmitOptions& o) const {
+    if (job_ok(handler, payload, o)) [[likely]] return Status();
     if (handler >= handlers_.size()) {
       return Status(StatusCode::kNotFound, "no handler with id " + std::to_string(handler) +
                                                " (" + std::to_string(handlers_.size()) +
@@ -555,12 +582,15 @@ class Engine::Impl {
     return Status();
   }
 
+  // The two errors a hot submit loop meets are built without allocating, so
+  // back-pressure does not slow the caller down further.
   static Status stopped_status() {
-    return Status(StatusCode::kStopped, "engine is not running");
+    static constexpr Status::Rep kRep{StatusCode::kStopped, false, "engine is not running"};
+    return Status(kRep);
   }
-  Status queue_full_status() const {
-    return Status(StatusCode::kQueueFull,
-                  "job table full (capacity " + std::to_string(options_.capacity) + ")");
+  static Status queue_full_status() {
+    static constexpr Status::Rep kRep{StatusCode::kQueueFull, false, "job table full"};
+    return Status(kRep);
   }
 
   // I2, submitter side. Returns false (and leaves) when intake is closed.
@@ -585,8 +615,7 @@ class Engine::Impl {
     std::size_t got = 0;
     while (got < n) {
       if (ps.cached == 0) {
-        ps.cached = static_cast<std::uint32_t>(
-            table_.take_free(ps.free_token, ps.cache, kSlotCacheSize));
+        ps.cached = static_cast<std::uint32_t>(table_.take_free(ps.cache));
         if (ps.cached == 0) {
           // Not enough: give back what we took (to the cache first).
           give_back_slots(ps, out, got);
@@ -603,17 +632,12 @@ class Engine::Impl {
   void give_back_slots(ProducerState& ps, const SlotIndex* in, std::size_t n) {
     std::size_t i = 0;
     while (i < n && ps.cached < kSlotCacheSize) ps.cache[ps.cached++] = in[i++];
-    if (i < n) {
-      QueueProducerToken& tok = free_return_token(ps);
-      while (!table_.put_free(tok, in + i, n - i)) std::this_thread::yield();
+    // The pool has a descriptor for every magazine the table can fill, so
+    // this loop waits only while other threads hold descriptors in hand.
+    while (i < n) {
+      i += table_.put_free(in + i, n - i);
+      if (i < n) std::this_thread::yield();
     }
-  }
-
-  // Submitters return surplus slots rarely (a failed batch), with a token
-  // made on first need and owned by their ProducerState.
-  QueueProducerToken& free_return_token(ProducerState& ps) {
-    if (!ps.free_return) ps.free_return = std::make_unique<QueueProducerToken>(table_.free_queue());
-    return *ps.free_return;
   }
 
   JobId next_id(ProducerState& ps) {
@@ -624,29 +648,32 @@ class Engine::Impl {
     return ps.next_id++;
   }
 
-  Status fill_slot(SlotIndex idx, JobId id, HandlerId handler, std::string_view payload,
-                   std::uint8_t priority, std::int64_t t) {
+  // Writes the job into its slot. False only when a heap payload cannot be
+  // allocated (out of memory).
+  bool fill_slot(SlotIndex idx, JobId id, HandlerId handler, std::string_view payload,
+                 std::uint8_t priority, std::uint64_t t) noexcept {
     Slot& s = table_.slot(idx);
     if (payload.size() > kInlinePayloadBytes) {
       unsigned char* heap = new (std::nothrow) unsigned char[payload.size()];
-      if (heap == nullptr) {
-        return Status(StatusCode::kInternal, "out of memory copying a payload of " +
-                                                 std::to_string(payload.size()) + " bytes");
-      }
+      if (heap == nullptr) return false;
       std::memcpy(heap, payload.data(), payload.size());
       s.heap_payload = heap;
-    } else if (!payload.empty()) {
-      std::memcpy(s.inline_payload, payload.data(), payload.size());
+    } else {
+      copy_small(s.inline_payload, payload.data(), payload.size());
     }
     s.payload_size = static_cast<std::uint32_t>(payload.size());
     s.id = id;
     s.handler = handler;
     s.priority = priority;
-    s.attempts = 0;
-    s.submit_ns = t;
-    s.run_at_ns = t;
-    table_.claim(s, table_.epoch());
-    return Status();
+    s.submit_ticks = t;
+    s.run_at_ticks = t;
+    JobTable::claim(s, table_.epoch());
+    return true;
+  }
+
+  static Status out_of_memory_status(std::size_t payload_size) {
+    return Status(StatusCode::kInternal, "out of memory copying a payload of " +
+                                             std::to_string(payload_size) + " bytes");
   }
 
   ProducerState& producer_state() {
@@ -674,7 +701,7 @@ class Engine::Impl {
         }
       }
       if (ps == nullptr) {
-        ps = new ProducerState(queues_, table_.free_queue());
+        ps = new ProducerState(queues_);
         ps->next = producers_.load(std::memory_order_relaxed);
         // Release: readers walking the list see a fully built state.
         producers_.store(ps, std::memory_order_release);
@@ -713,7 +740,9 @@ class Engine::Impl {
   // starvation guard documented in EngineOptions::fairness_period.
   std::size_t take_batch(WorkerState& w, SlotIndex* out) {
     unsigned start = 0;
-    if (options_.fairness_period != 0 && ++w.batches % options_.fairness_period == 0) {
+    // A countdown rather than a modulo: no division on the poll path.
+    if (options_.fairness_period != 0 && --w.until_fair_turn == 0) {
+      w.until_fair_turn = options_.fairness_period;
       w.rotation = w.rotation % (kPriorityLevels - 1) + 1;  // 1, 2, 1, 2, ...
       start = w.rotation;
     }
@@ -729,6 +758,7 @@ class Engine::Impl {
     // Acquire: pairs with start()'s release of go_ (handlers are visible).
     while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
     if (state_.load(std::memory_order_acquire) == EngineState::kStopped) return;  // failed start
+    t_worker_of = this;
     w.alive.store(true, std::memory_order_release);
     SlotIndex batch[256];
     std::uint32_t idle_polls = 0;
@@ -742,10 +772,13 @@ class Engine::Impl {
           wake_sleepers(1);
         }
         run_batch(w, batch, n);
-        w.retired.flush(table_, w.free_token);
+        // Whole magazines only while busy: one pool operation per 32 jobs.
+        if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
         continue;
       }
-      w.retired.flush(table_, w.free_token);
+      // Idle for a moment: hand back a partial magazine too, so submitters
+      // waiting on a full table get the last slots.
+      if (idle_polls == kIdleFlushPolls) w.retired.flush(table_);
       // Acquire: pairs with stop()'s release (abandon_, final counters).
       if (intake_closed_.load(std::memory_order_acquire)) {
         if (abandon_.load(std::memory_order_relaxed) || pending() == 0) break;
@@ -771,19 +804,19 @@ class Engine::Impl {
           break;
       }
     }
-    w.retired.flush(table_, w.free_token);
+    w.retired.flush(table_);
     w.alive.store(false, std::memory_order_relaxed);
   }
 
   // I3, worker side: announce, heavy fence, look again, then sleep.
   void sleep(WorkerState& w) {
+    w.retired.flush(table_);
     sleepers_.fetch_add(1, std::memory_order_relaxed);
     asymmetric_fence_heavy();
     bool work = intake_closed_.load(std::memory_order_acquire);
     for (unsigned p = 0; p < kPriorityLevels && !work; ++p) {
       work = queues_[p].size_approx() != 0;
     }
-    (void)w;
     if (work) {
       // Take the announcement back, unless a submitter already did (then a
       // permit is ours: consume it so the count stays right).
@@ -799,13 +832,13 @@ class Engine::Impl {
   }
 
   void run_batch(WorkerState& w, const SlotIndex* batch, std::size_t n) {
+    // The slots were last written by their submitters: start every miss now
+    // so they overlap instead of stalling one job at a time.
+    for (std::size_t i = 0; i < n; ++i) __builtin_prefetch(&table_.slot(batch[i]), 1, 3);
     for (std::size_t i = 0; i < n; ++i) {
-      if (abandon_.load(std::memory_order_relaxed)) {
+      if (abandon_.load(std::memory_order_relaxed)) [[unlikely]] {
         // Stop(kAbandon): the rest of this batch is dropped, not run.
-        for (std::size_t j = i; j < n; ++j) {
-          table_.retire(table_.slot(batch[j]), table_.epoch());
-          w.retired.add(batch[j], table_.slot(batch[j]).finish_epoch.load(std::memory_order_relaxed));
-        }
+        for (std::size_t j = i; j < n; ++j) retire(w, batch[j]);
         bump(w.dropped, n - i);
         return;
       }
@@ -815,13 +848,16 @@ class Engine::Impl {
 
   void run_one(WorkerState& w, SlotIndex idx) {
     Slot& s = table_.slot(idx);
+    // The worker is the only writer of state and attempts while it holds the
+    // job (I1); relaxed: snapshot readers only need each value untorn.
     s.state.store(SlotState::kRunning, std::memory_order_relaxed);
-    ++s.attempts;
+    const std::uint16_t attempt =
+        static_cast<std::uint16_t>(s.attempts.load(std::memory_order_relaxed) + 1);
+    s.attempts.store(attempt, std::memory_order_relaxed);
     const HandlerEntry& h = handlers_[s.handler];
     JobContext ctx(s.id, s.handler, h.name,
                    std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size),
-                   s.attempts, s.priority,
-                   std::chrono::steady_clock::time_point(std::chrono::nanoseconds(s.submit_ns)));
+                   attempt, s.priority, s.submit_ticks);
     Outcome outcome;
     w.running.store(1, std::memory_order_relaxed);
     try {
@@ -837,8 +873,14 @@ class Engine::Impl {
     }
     w.running.store(0, std::memory_order_relaxed);
 
+    if (outcome == Outcome::kDone) [[likely]] {
+      retire(w, idx);
+      bump(w.done);
+      return;
+    }
     if (outcome == Outcome::kRetry) {
-      if (s.attempts < options_.max_attempts && !abandon_.load(std::memory_order_relaxed)) {
+      const bool abandoning = abandon_.load(std::memory_order_relaxed);
+      if (attempt < options_.max_attempts && !abandoning) {
         s.state.store(SlotState::kQueued, std::memory_order_relaxed);
         if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
           bump(w.retried);
@@ -846,45 +888,40 @@ class Engine::Impl {
           return;
         }
         log_job(LogLevel::kError, s, h, "out of memory re-queueing a retry; job fails");
-      }
-      if (abandon_.load(std::memory_order_relaxed) && s.attempts < options_.max_attempts) {
-        bump(w.dropped);
+      } else if (abandoning && attempt < options_.max_attempts) {
+        // stop(kAbandon): a retry is a queued job, and queued jobs are dropped.
         retire(w, idx);
+        bump(w.dropped);
         return;
       }
-      outcome = Outcome::kFail;
-      log_job(LogLevel::kWarning, s, h,
-              "failed after " + std::to_string(s.attempts) + " attempt(s)");
+      log_job(LogLevel::kWarning, s, h, "failed after " + std::to_string(attempt) + " attempt(s)");
     }
-    if (outcome == Outcome::kDone) {
-      retire(w, idx);
-      bump(w.done);
-    } else {
-      retire(w, idx);
-      bump(w.failed);
-    }
+    retire(w, idx);
+    bump(w.failed);
   }
 
   void retire(WorkerState& w, SlotIndex idx) {
-    std::uint64_t e = table_.epoch();
-    table_.retire(table_.slot(idx), e);
+    const std::uint64_t e = table_.epoch();
+    JobTable::retire(table_.slot(idx), e);
     w.retired.add(idx, e);
   }
 
   // After the workers joined (kAbandon): empty the queues, count and free.
   std::uint64_t drop_queued() {
     std::uint64_t dropped = 0;
-    QueueProducerToken tok(table_.free_queue());
     SlotIndex buf[256];
     for (auto& q : queues_) {
       std::size_t n;
       while ((n = q.try_dequeue_bulk(buf, 256)) != 0) {
         const std::uint64_t e = table_.epoch();
         for (std::size_t i = 0; i < n; ++i) {
-          table_.retire(table_.slot(buf[i]), e);
+          JobTable::retire(table_.slot(buf[i]), e);
           JobTable::reclaim(table_.slot(buf[i]));
         }
-        while (!table_.put_free(tok, buf, n)) std::this_thread::yield();
+        for (std::size_t put = 0; put < n;) {
+          put += table_.put_free(buf + put, n - put);
+          if (put < n) std::this_thread::yield();
+        }
         dropped += n;
       }
     }
@@ -937,6 +974,11 @@ class Engine::Impl {
 
 // ------------------------------------------------------------- public facade
 
+std::chrono::steady_clock::time_point JobContext::submitted_at() const noexcept {
+  return std::chrono::steady_clock::time_point(
+      std::chrono::nanoseconds(Clock::to_steady_ns(submit_ticks_)));
+}
+
 std::string_view engine_state_name(EngineState state) noexcept {
   switch (state) {
     case EngineState::kOpen: return "open";
@@ -980,6 +1022,7 @@ Status validate(const EngineOptions& o) {
 Result<Engine> Engine::open(EngineOptions options) {
   if (Status s = validate(options); !s.ok()) return s;
   detail::asymmetric_fence_init();
+  detail::Clock::init();
   try {
     return Engine(std::make_unique<Impl>(std::move(options)));
   } catch (const std::bad_alloc&) {

@@ -1,10 +1,13 @@
 // JobTable: the preallocated slot arena that holds every pending job.
 //
 // A job lives in one Slot from submit() until its handler finishes for good.
-// The queues carry only slot indices. Free slots sit in a lock-free pool
-// (an IndexQueue); submitters take them in bulk into a thread-local cache and
-// workers give them back in bulk, so the table's shared state is touched once
-// per batch, not per job.
+// The queues carry only slot indices. Free slots sit in a SlotPool of
+// magazines (Bonwick's magazine allocator): submitters take a magazine of up
+// to kSlotCacheSize indices into a thread-local cache and workers give retired
+// slots back a magazine at a time, so the pool's shared state is touched once
+// per 32 jobs, not per job. The pool is a stack (LIFO), so the slots reused
+// next are the ones freed last, still warm in cache: the working set follows
+// the number of pending jobs, not the table's capacity.
 //
 // Epochs and retirement (what the snapshot thread relies on):
 //  1. epoch() is a global counter, starting at 1, that only grows. Every slot
@@ -16,9 +19,18 @@
 //     kNoHorizon (everything is reclaimable at once); a snapshot that cuts at
 //     epoch C sets it to C + 1 for its duration, so no slot finished in or
 //     after the cut epoch is reused under the snapshot's reader.
-//  3. seq is a per-slot version bumped (release) when a slot is taken and when
-//     it is retired, so a reader that copies a slot without a lock can detect
-//     that it changed under it (a seqlock read: seq before == seq after).
+//  3. A snapshot reader decides whether a slot belongs to its cut from
+//     (finish_epoch, submit_epoch), loading finish_epoch first (acquire). A
+//     claimer stores the new submit_epoch *before* resetting finish_epoch to
+//     0 (release), so a reader that sees the new occupant's 0 also sees its
+//     new submit_epoch, which is after the cut: it never pairs a new
+//     occupant's 0 with an old occupant's epoch. A slot that belongs to a cut
+//     cannot be reused while that snapshot runs (2), so its immutable fields
+//     (id, handler, payload, times) are stable while it is copied; the fields
+//     a worker changes meanwhile (state, attempts) are atomics.
+//  4. Nothing on the submit path *loads* from a slot: claiming and filling are
+//     stores only, so the submitter never stalls on the cache line the worker
+//     last wrote (the stores drain from the store buffer in the background).
 #pragma once
 
 #include <atomic>
@@ -29,7 +41,7 @@
 #include <new>
 #include <vector>
 
-#include "engine/job_queue.h"
+#include "engine/job_queue.h"  // SlotIndex
 #include "jobengine/job.h"
 
 namespace jobengine::detail {
@@ -41,15 +53,15 @@ enum class SlotState : std::uint8_t { kFree, kQueued, kRunning, kRetired };
 
 // One job. 64-byte header + inline payload = kSlotBytes, cache-line aligned.
 struct alignas(kCacheLine) Slot {
-  std::atomic<std::uint32_t> seq{0};          // seqlock version, see (3)
   std::atomic<SlotState> state{SlotState::kFree};
   std::uint8_t priority = 0;
-  std::uint16_t attempts = 0;                 // runs started so far
+  std::atomic<std::uint16_t> attempts{0};     // runs started so far (worker-written)
   HandlerId handler = 0;
   std::uint32_t payload_size = 0;
+  std::uint32_t reserved = 0;
   JobId id = 0;
-  std::int64_t submit_ns = 0;                 // steady_clock, ns since its epoch
-  std::int64_t run_at_ns = 0;                 // when it may run (== submit_ns for now)
+  std::uint64_t submit_ticks = 0;             // Clock::ticks() at submit (engine/clock.h)
+  std::uint64_t run_at_ticks = 0;             // when it may run (== submit_ticks for now)
   std::atomic<std::uint64_t> submit_epoch{0};
   std::atomic<std::uint64_t> finish_epoch{0};
   unsigned char* heap_payload = nullptr;      // owned; set iff payload_size > inline
@@ -61,6 +73,52 @@ struct alignas(kCacheLine) Slot {
 };
 static_assert(sizeof(Slot) == kSlotBytes, "slot header must stay 64 bytes");
 static_assert(alignof(Slot) == kCacheLine);
+
+// Lock-free stack of magazines of free slot indices.
+//
+// Invariants:
+//  P1. A magazine descriptor is in exactly one place: the full stack, the
+//      empty stack, or the hands of the one thread that popped it. Only that
+//      thread reads or writes its count and indices.
+//  P2. Each stack head is (tag << 32 | index); every successful CAS bumps the
+//      tag, so a pop that read a stale head and next fails instead of
+//      corrupting the stack (ABA), unless 2^32 operations happen between its
+//      load and its CAS.
+//  P3. A push stores the node's next (relaxed) and then CASes the head with
+//      release; a pop loads the head with acquire, so it sees that next and
+//      the magazine's contents written before the push.
+class SlotPool {
+ public:
+  static constexpr std::size_t kMagazine = kSlotCacheSize;
+
+  // Descriptors: twice what full magazines of capacity slots need, plus
+  // spares for magazines in threads' hands, so a give() finds an empty one
+  // even when magazines are partly filled. 4 + 4*kMagazine bytes each.
+  explicit SlotPool(std::size_t capacity);
+
+  // Pops one full magazine and copies its indices to out (room for
+  // kMagazine). Returns how many; 0 when no free slot is pooled. Lock-free.
+  std::size_t take(SlotIndex* out) noexcept;
+
+  // Pushes n (1..kMagazine) indices as one magazine. Returns false, adding
+  // nothing, only if every descriptor is in use (the caller keeps the
+  // indices and tries again later). Lock-free.
+  bool give(const SlotIndex* in, std::size_t n) noexcept;
+
+ private:
+  static constexpr std::uint32_t kNil = 0xffffffffu;
+  struct Magazine {
+    std::uint32_t count = 0;
+    SlotIndex slots[kMagazine];
+  };
+  std::uint32_t pop(std::atomic<std::uint64_t>& head) noexcept;
+  void push(std::atomic<std::uint64_t>& head, std::uint32_t m) noexcept;
+
+  std::unique_ptr<Magazine[]> mags_;
+  std::unique_ptr<std::atomic<std::uint32_t>[]> next_;
+  alignas(kCacheLine) std::atomic<std::uint64_t> full_{kNil};
+  alignas(kCacheLine) std::atomic<std::uint64_t> empty_{kNil};
+};
 
 class JobTable {
  public:
@@ -75,17 +133,13 @@ class JobTable {
   Slot& slot(SlotIndex i) noexcept { return slots_[i]; }
   const Slot& slot(SlotIndex i) const noexcept { return slots_[i]; }
 
-  // Takes up to `max` free slot indices. Lock-free; 0 when the pool is empty.
-  std::size_t take_free(QueueConsumerToken& token, SlotIndex* out, std::size_t max) {
-    return free_.try_dequeue_bulk(token, out, max);
-  }
-  // Returns slots to the pool. They must be in state kFree already.
-  // Returns false only if the queue could not allocate (then nothing was added).
-  bool put_free(QueueProducerToken& token, const SlotIndex* in, std::size_t n) {
-    return n == 0 || free_.enqueue_bulk(token, in, n);
-  }
-  IndexQueue& free_queue() noexcept { return free_; }
-  std::size_t free_approx() const noexcept { return free_.size_approx(); }
+  // Takes one magazine of free slot indices (out must hold kSlotCacheSize).
+  // Lock-free; returns how many, 0 when no free slot is pooled.
+  std::size_t take_free(SlotIndex* out) noexcept { return pool_.take(out); }
+  // Returns free slots (state kFree already) to the pool, any number.
+  // Returns how many went in; fewer than n only if the pool ran out of
+  // magazine descriptors (the caller keeps the rest).
+  std::size_t put_free(const SlotIndex* in, std::size_t n) noexcept;
 
   // --- epochs, see (1) and (2) ---
   // Acquire pairs with advance_epoch's release: a thread that sees epoch e
@@ -103,13 +157,28 @@ class JobTable {
     horizon_.store(horizon, std::memory_order_release);
   }
 
-  // Marks a slot taken by a submitter: bumps seq, sets kQueued. The caller
-  // fills the fields before publishing the index to a queue (the queue's
-  // enqueue/dequeue pair orders those writes for the worker).
-  void claim(Slot& s, std::uint64_t epoch) noexcept;
+  // Marks a slot taken by a submitter: stamps epochs (3), sets kQueued and
+  // zero attempts. Stores only (4). The caller fills the other fields before
+  // publishing the index to a queue (the queue's enqueue/dequeue pair orders
+  // those writes for the worker).
+  static void claim(Slot& s, std::uint64_t epoch) noexcept {
+    // Relaxed, then release (3): submit_epoch is visible before the 0.
+    s.submit_epoch.store(epoch, std::memory_order_relaxed);
+    s.finish_epoch.store(0, std::memory_order_release);
+    s.attempts.store(0, std::memory_order_relaxed);
+    s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+  }
 
-  // Ends a job: stamps finish_epoch, frees any heap payload, state kRetired.
-  void retire(Slot& s, std::uint64_t epoch) noexcept;
+  // Ends a job: frees any heap payload, stamps finish_epoch, state kRetired.
+  static void retire(Slot& s, std::uint64_t epoch) noexcept {
+    if (s.heap_payload != nullptr) {
+      delete[] s.heap_payload;
+      s.heap_payload = nullptr;
+    }
+    // Release: a snapshot reader that sees the stamp sees the state too.
+    s.state.store(SlotState::kRetired, std::memory_order_relaxed);
+    s.finish_epoch.store(epoch, std::memory_order_release);
+  }
 
   // Puts a retired slot back to kFree so it can be reused.
   static void reclaim(Slot& s) noexcept {
@@ -119,7 +188,7 @@ class JobTable {
  private:
   std::size_t capacity_;
   Slot* slots_;
-  IndexQueue free_;
+  SlotPool pool_;
   alignas(kCacheLine) std::atomic<std::uint64_t> epoch_{1};
   alignas(kCacheLine) std::atomic<std::uint64_t> horizon_{kNoHorizon};
 };
@@ -138,7 +207,7 @@ class RetireBuffer {
 
   // Moves every retired slot back to the pool if all finished below the
   // horizon; otherwise those below it only. Returns how many went back.
-  std::size_t flush(JobTable& table, QueueProducerToken& token);
+  std::size_t flush(JobTable& table);
 
  private:
   std::vector<SlotIndex> pending_;

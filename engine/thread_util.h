@@ -14,7 +14,9 @@
 
 namespace jobengine::detail {
 
-// The CPUs this process may run on (sched_getaffinity), ascending.
+// The CPUs a new thread of this process may be pinned to, ascending (probed
+// with pthread_setaffinity_np on a short-lived thread: accurate whatever the
+// calling thread's own mask, the cpuset or offline CPUs). Costs one thread.
 std::vector<int> allowed_cpus();
 
 // Checks that every cpu in `cpus` is one this process may run on. The error

@@ -53,16 +53,16 @@ enum class Outcome : std::uint8_t {
 // the payload view dangles once the handler returns.
 class JobContext {
  public:
+  // Built by the engine's workers.
   JobContext(JobId id, HandlerId handler, std::string_view handler_name, std::string_view payload,
-             std::uint32_t attempt, std::uint8_t priority,
-             std::chrono::steady_clock::time_point submitted_at) noexcept
+             std::uint32_t attempt, std::uint8_t priority, std::uint64_t submit_ticks) noexcept
       : id_(id),
         handler_(handler),
         handler_name_(handler_name),
         payload_(payload),
         attempt_(attempt),
         priority_(priority),
-        submitted_at_(submitted_at) {}
+        submit_ticks_(submit_ticks) {}
 
   JobId id() const noexcept { return id_; }
   HandlerId handler() const noexcept { return handler_; }
@@ -72,7 +72,10 @@ class JobContext {
   // 1 on the first run, 2 on the first retry, and so on.
   std::uint32_t attempt() const noexcept { return attempt_; }
   std::uint8_t priority() const noexcept { return priority_; }
-  std::chrono::steady_clock::time_point submitted_at() const noexcept { return submitted_at_; }
+  // When submit() accepted the job, on steady_clock's timeline (converted
+  // from the engine's cheap clock on request: within microseconds of what
+  // steady_clock::now() read at submit).
+  std::chrono::steady_clock::time_point submitted_at() const noexcept;
 
  private:
   JobId id_;
@@ -81,7 +84,7 @@ class JobContext {
   std::string_view payload_;
   std::uint32_t attempt_;
   std::uint8_t priority_;
-  std::chrono::steady_clock::time_point submitted_at_;
+  std::uint64_t submit_ticks_;
 };
 
 // A job handler. Called on a worker thread, possibly on several workers at

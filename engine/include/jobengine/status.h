@@ -33,25 +33,48 @@ std::string_view status_code_name(StatusCode code) noexcept;
 
 class [[nodiscard]] Status {
  public:
-  // The OK status. Never allocates.
+  // The OK status: a null pointer. Never allocates.
   Status() noexcept = default;
-  Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
+  // An error. Allocates its message once (an OK code gives the OK status).
+  Status(StatusCode code, std::string message);
+  // The representation of an error; one with owned == false can live in
+  // static storage and back any number of Status copies without allocating.
+  struct Rep {
+    StatusCode code;
+    bool owned;
+    std::string_view message;
+  };
+  // An error backed by a static Rep (owned == false) that outlives every
+  // copy: never allocates. For errors a hot loop can meet (kQueueFull).
+  explicit constexpr Status(const Rep& static_rep) noexcept : rep_(&static_rep) {}
+
+  Status(const Status& other);
+  Status& operator=(const Status& other);
+  Status(Status&& other) noexcept : rep_(other.rep_) { other.rep_ = nullptr; }
+  Status& operator=(Status&& other) noexcept;
+  ~Status() { release(); }
 
   static Status ok_status() noexcept { return Status(); }
 
-  bool ok() const noexcept { return code_ == StatusCode::kOk; }
-  StatusCode code() const noexcept { return code_; }
-  const std::string& message() const noexcept { return message_; }
-  // "QueueFull: job table full (capacity 1024)", or "OK".
+  bool ok() const noexcept { return rep_ == nullptr; }
+  StatusCode code() const noexcept { return rep_ == nullptr ? StatusCode::kOk : rep_->code; }
+  // Empty for OK.
+  std::string_view message() const noexcept {
+    return rep_ == nullptr ? std::string_view() : rep_->message;
+  }
+  // "QueueFull: job table full", or "OK".
   std::string to_string() const;
 
   friend bool operator==(const Status& a, const Status& b) noexcept {
-    return a.code_ == b.code_ && a.message_ == b.message_;
+    return a.code() == b.code() && a.message() == b.message();
   }
 
  private:
-  StatusCode code_ = StatusCode::kOk;
-  std::string message_;
+  // One word, like leveldb's Status: null means OK, so the success path of
+  // every call copies and destroys a pointer and nothing else.
+  void release() noexcept;
+  static const Rep* copy(const Rep* rep);
+  const Rep* rep_ = nullptr;
 };
 
 namespace detail {
@@ -61,12 +84,15 @@ namespace detail {
 }  // namespace detail
 
 // A value of type T, or the Status saying why there is none.
+inline constexpr Status::Rep kOkWithoutValue{StatusCode::kInternal, false,
+                                             "Result built from an OK status without a value"};
+
 template <typename T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
   Result(Status status) : status_(std::move(status)) {  // NOLINT: implicit by design
-    if (status_.ok()) status_ = Status(StatusCode::kInternal, "Result built from an OK status without a value");
+    if (status_.ok()) status_ = Status(kOkWithoutValue);
   }
 
   bool ok() const noexcept { return value_.has_value(); }

@@ -1,0 +1,82 @@
+// The engine clock: a timestamp cheap enough to take on every submit.
+//
+// steady_clock::now() costs ~20 ns (a vDSO call with its own scaling), as much
+// as the rest of a submit. Where the CPU has a constant-rate counter the
+// engine reads that instead -- rdtsc on x86-64 with an invariant TSC, cntvct_el0
+// on aarch64 -- and converts ticks to steady_clock nanoseconds only where a
+// person or an API needs them. Elsewhere ticks are steady_clock nanoseconds.
+//
+// Conversion: ns = anchor_ns + (ticks - anchor_ticks) * mult >> 32. The x86
+// rate is calibrated once against steady_clock (about 2 ms, on the first
+// Engine::open); the anchor is re-taken whenever it is more than ~1 s older
+// than the ticks being converted, so NTP's slewing of steady_clock and the
+// calibration error cannot accumulate beyond that second (tens of us at worst).
+// Differences of ticks (queue wait, run time) need no anchor at all.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
+
+namespace jobengine::detail {
+
+// GCC and clang both have a 128-bit integer on 64-bit targets; __extension__
+// keeps -Wpedantic quiet about it.
+__extension__ typedef unsigned __int128 Uint128;
+
+// The tick -> ns anchor, under a seqlock: seq is odd while a writer updates it.
+struct ClockAnchor {
+  std::atomic<std::uint32_t> seq{0};
+  std::atomic<std::uint64_t> ticks{0};
+  std::atomic<std::int64_t> ns{0};
+};
+
+class Clock {
+ public:
+  // Chooses the source and calibrates it; idempotent and thread-safe.
+  static void init() noexcept;
+
+  // True when ticks come from a CPU counter, false when they are
+  // steady_clock nanoseconds.
+  static bool uses_cpu_counter() noexcept { return source_ != Source::kSteady; }
+
+  static std::uint64_t ticks() noexcept {
+#if defined(__x86_64__)
+    if (source_ == Source::kTsc) return __rdtsc();
+#elif defined(__aarch64__)
+    if (source_ == Source::kArmCounter) {
+      std::uint64_t v;
+      asm volatile("mrs %0, cntvct_el0" : "=r"(v));
+      return v;
+    }
+#endif
+    return steady_ns();
+  }
+
+  // Ticks to steady_clock nanoseconds (its time_since_epoch). Lock-free.
+  static std::int64_t to_steady_ns(std::uint64_t ticks) noexcept;
+
+  // Nanoseconds in a tick interval (b after a).
+  static std::int64_t interval_ns(std::uint64_t a, std::uint64_t b) noexcept {
+    if (source_ == Source::kSteady) return static_cast<std::int64_t>(b - a);
+    return static_cast<std::int64_t>((static_cast<Uint128>(b - a) * mult_) >> 32);
+  }
+
+  static std::int64_t steady_ns() noexcept;
+
+ private:
+  enum class Source : std::uint8_t { kSteady, kTsc, kArmCounter };
+  // Written once by init() before any engine thread exists (thread creation
+  // orders it for them); plain reads afterwards.
+  static inline Source source_ = Source::kSteady;
+  static inline std::uint64_t mult_ = std::uint64_t{1} << 32;  // ns per tick << 32
+  static inline std::uint64_t reanchor_ticks_ = 0;              // ~1 s of ticks
+
+  static inline ClockAnchor anchor_;
+  static void reanchor() noexcept;
+};
+
+}  // namespace jobengine::detail

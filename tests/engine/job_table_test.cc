@@ -1,0 +1,180 @@
+// JobTable and RetireBuffer: the slot arena's free pool, epoch stamps and
+// retirement horizon that the snapshot thread relies on.
+#include "engine/job_table.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+#include <thread>
+#include <vector>
+
+namespace jobengine::detail {
+namespace {
+
+std::vector<SlotIndex> take_all(JobTable& t) {
+  std::vector<SlotIndex> out;
+  SlotIndex buf[kSlotCacheSize];
+  std::size_t n;
+  while ((n = t.take_free(buf)) != 0) out.insert(out.end(), buf, buf + n);
+  return out;
+}
+
+TEST(JobTableTest, NewTableHasEveryIndexFreeExactlyOnce) {
+  JobTable t(1000);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), 1000u);
+  std::set<SlotIndex> distinct(all.begin(), all.end());
+  EXPECT_EQ(distinct.size(), 1000u);
+  EXPECT_EQ(*distinct.rbegin(), 999u);
+  SlotIndex more[kSlotCacheSize];
+  EXPECT_EQ(t.take_free(more), 0u) << "pool must be empty after taking capacity slots";
+}
+
+TEST(JobTableTest, FirstSlotsTakenAreTheLowestIndices) {
+  JobTable t(100);
+  SlotIndex buf[kSlotCacheSize];
+  ASSERT_EQ(t.take_free(buf), kSlotCacheSize);
+  std::sort(buf, buf + kSlotCacheSize);
+  EXPECT_EQ(buf[0], 0u);
+  EXPECT_EQ(buf[kSlotCacheSize - 1], kSlotCacheSize - 1);
+}
+
+TEST(JobTableTest, PoolIsLifoSoRecentlyFreedSlotsAreReusedFirst) {
+  JobTable t(256);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), 256u);
+  // Free two magazines' worth, the second most recently.
+  ASSERT_EQ(t.put_free(all.data(), 3), 3u);
+  ASSERT_EQ(t.put_free(all.data() + 100, 5), 5u);
+  SlotIndex buf[kSlotCacheSize];
+  ASSERT_EQ(t.take_free(buf), 5u);
+  EXPECT_TRUE(std::equal(buf, buf + 5, all.data() + 100));
+  ASSERT_EQ(t.take_free(buf), 3u);
+  EXPECT_TRUE(std::equal(buf, buf + 3, all.data()));
+  EXPECT_EQ(t.take_free(buf), 0u);
+}
+
+TEST(JobTableTest, PutFreeSplitsLongRunsIntoMagazines) {
+  JobTable t(100);
+  std::vector<SlotIndex> all = take_all(t);
+  EXPECT_EQ(t.put_free(all.data(), all.size()), 100u);
+  EXPECT_EQ(take_all(t).size(), 100u);
+}
+
+TEST(SlotPoolTest, ConcurrentTakeAndGiveNeverLoseOrDuplicateAnIndex) {
+  // Four threads churn magazines through the pool; afterwards every index
+  // is in it exactly once (P1-P3 under contention; TSan checks the orders).
+  constexpr std::size_t kCap = 4096;
+  JobTable t(kCap);
+  std::vector<std::thread> threads;
+  for (int k = 0; k < 4; ++k) {
+    threads.emplace_back([&t] {
+      SlotIndex buf[kSlotCacheSize];
+      for (int round = 0; round < 20000; ++round) {
+        std::size_t n = t.take_free(buf);
+        std::size_t put = 0;
+        while (put < n) put += t.put_free(buf + put, n - put);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  std::vector<SlotIndex> all = take_all(t);
+  std::set<SlotIndex> distinct(all.begin(), all.end());
+  EXPECT_EQ(all.size(), kCap);
+  EXPECT_EQ(distinct.size(), kCap);
+}
+
+TEST(JobTableTest, SlotsAreCacheLineAlignedAndSized) {
+  JobTable t(3);
+  for (SlotIndex i = 0; i < 3; ++i) {
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(&t.slot(i)) % kCacheLine, 0u);
+  }
+  EXPECT_EQ(reinterpret_cast<const char*>(&t.slot(1)) - reinterpret_cast<const char*>(&t.slot(0)),
+            static_cast<std::ptrdiff_t>(kSlotBytes));
+}
+
+TEST(JobTableTest, ClaimStampsSubmitEpochAndClearsTheFinishStamp) {
+  JobTable t(4);
+  Slot& s = t.slot(2);
+  s.finish_epoch.store(5);
+  s.attempts.store(3);
+  JobTable::claim(s, 7);
+  EXPECT_EQ(s.submit_epoch.load(), 7u);
+  EXPECT_EQ(s.finish_epoch.load(), 0u);
+  EXPECT_EQ(s.attempts.load(), 0u);
+  EXPECT_EQ(s.state.load(), SlotState::kQueued);
+}
+
+TEST(JobTableTest, RetireStampsFinishEpochAndFreesTheHeapPayload) {
+  JobTable t(4);
+  Slot& s = t.slot(1);
+  JobTable::claim(s, 3);
+  s.heap_payload = new unsigned char[1000];
+  s.payload_size = 1000;
+  JobTable::retire(s, 9);
+  EXPECT_EQ(s.heap_payload, nullptr);
+  EXPECT_EQ(s.finish_epoch.load(), 9u);
+  EXPECT_EQ(s.state.load(), SlotState::kRetired);
+  JobTable::reclaim(s);
+  EXPECT_EQ(s.state.load(), SlotState::kFree);
+}
+
+TEST(JobTableTest, AdvanceEpochIsMonotonicFromOne) {
+  JobTable t(1);
+  EXPECT_EQ(t.epoch(), 1u);
+  EXPECT_EQ(t.advance_epoch(), 2u);
+  EXPECT_EQ(t.advance_epoch(), 3u);
+  EXPECT_EQ(t.epoch(), 3u);
+}
+
+TEST(RetireBufferTest, FlushReturnsEverySlotWhenNoSnapshotHoldsTheHorizon) {
+  JobTable t(8);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), 8u);
+  RetireBuffer rb(8);
+  for (SlotIndex i : all) {
+    JobTable::claim(t.slot(i), 1);
+    JobTable::retire(t.slot(i), 5);
+    rb.add(i, 5);
+  }
+  EXPECT_EQ(t.reclaim_horizon(), kNoHorizon);
+  EXPECT_EQ(rb.flush(t), 8u);
+  EXPECT_EQ(rb.size(), 0u);
+  for (SlotIndex i : all) EXPECT_EQ(t.slot(i).state.load(), SlotState::kFree);
+  EXPECT_EQ(take_all(t).size(), 8u);
+}
+
+TEST(RetireBufferTest, SlotsFinishedAtOrAfterTheHorizonWaitUntilItIsRaised) {
+  JobTable t(6);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), 6u);
+  RetireBuffer rb(6);
+  const std::uint64_t finish[6] = {2, 4, 5, 6, 4, 9};
+  for (int k = 0; k < 6; ++k) {
+    JobTable::claim(t.slot(all[k]), 1);
+    JobTable::retire(t.slot(all[k]), finish[k]);
+    rb.add(all[k], finish[k]);
+  }
+  // A snapshot cutting at epoch 4 holds everything finished in epoch >= 5.
+  t.set_reclaim_horizon(5);
+  EXPECT_EQ(rb.flush(t), 3u);  // finished at 2, 4, 4
+  EXPECT_EQ(rb.size(), 3u);
+  std::vector<SlotIndex> reused = take_all(t);
+  std::sort(reused.begin(), reused.end());
+  std::vector<SlotIndex> expect = {all[0], all[1], all[4]};
+  std::sort(expect.begin(), expect.end());
+  EXPECT_EQ(reused, expect);
+  for (int k : {2, 3, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
+
+  // Flushing again under the same horizon releases nothing.
+  EXPECT_EQ(rb.flush(t), 0u);
+  // The snapshot ends.
+  t.set_reclaim_horizon(kNoHorizon);
+  EXPECT_EQ(rb.flush(t), 3u);
+  EXPECT_EQ(rb.size(), 0u);
+  EXPECT_EQ(take_all(t).size(), 3u);
+}
+
+}  // namespace
+}  // namespace jobengine::detail
