@@ -1,0 +1,135 @@
+// The snapshot image format: constants, an encoder and a validating decoder.
+//
+// The format is specified byte by byte in persistence/FORMAT.md; this header
+// only names what that document defines. The shared-memory store, the file
+// store, recovery and jobsnap all use this one encoder and decoder.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "jobengine/job.h"
+#include "jobengine/status.h"
+
+namespace jobengine::snapshot {
+
+inline constexpr char kMagic[8] = {'J', 'O', 'B', 'S', 'N', 'A', 'P', '1'};
+inline constexpr char kTrailerMagic[8] = {'J', 'O', 'B', 'S', 'N', 'E', 'N', 'D'};
+inline constexpr std::uint16_t kFormatVersion = 1;
+inline constexpr std::size_t kHeaderBytes = 96;
+inline constexpr std::size_t kTrailerBytes = 16;
+inline constexpr std::size_t kRecordFixedBytes = 48;  // record_len .. error_len, see FORMAT.md
+inline constexpr std::size_t kMinRecordBytes = kRecordFixedBytes + 8;
+inline constexpr std::size_t kMaxHandlerName = 255;
+inline constexpr std::uint32_t kMaxHandlers = 65535;
+inline constexpr std::uint64_t kMaxJobs = std::uint64_t{1} << 31;
+inline constexpr std::uint32_t kMaxPayload = std::uint32_t{1} << 31;
+inline constexpr std::uint32_t kMaxError = 4096;
+
+// A job's state at the cut (FORMAT.md, job record "state").
+enum class JobState : std::uint8_t {
+  kPending = 1,       // queued
+  kRunningAtCut = 2,  // a handler was running it; it runs again after recovery
+  kDelayed = 3,
+  kWaitingRetry = 4,
+  kDead = 5,
+};
+std::string_view job_state_name(JobState state) noexcept;
+
+struct Header {
+  std::uint16_t format_version = kFormatVersion;
+  std::uint64_t generation = 0;
+  std::uint64_t cut_epoch = 0;
+  std::int64_t wall_time_ns = 0;  // Unix epoch
+  std::uint64_t next_job_id = 1;
+  std::uint32_t handler_count = 0;
+  std::uint64_t job_count = 0;
+  std::uint64_t body_bytes = 0;
+};
+
+// One job as stored. The views point into the image it was decoded from.
+struct JobRecordView {
+  std::uint64_t offset = 0;  // of its record_len field in the image
+  JobId id = 0;
+  std::uint32_t handler = 0;  // index into Snapshot::handlers
+  std::uint8_t priority = 0;
+  JobState state = JobState::kPending;
+  std::uint16_t attempts = 0;
+  std::uint16_t recoveries = 0;
+  std::int64_t submit_ns = 0;
+  std::int64_t run_at_ns = 0;
+  std::string_view payload;
+  std::string_view error;
+};
+
+// A decoded image. Views into the bytes given to decode(): those must outlive it.
+struct SnapshotView {
+  Header header;
+  std::vector<std::string_view> handlers;
+  std::vector<JobRecordView> jobs;
+  std::uint64_t image_checksum = 0;
+};
+
+// How a decode failed, for tools that report failure classes (jobsnap verify).
+enum class Problem : std::uint8_t { kNone, kTruncated, kCorrupt, kUnsupportedVersion };
+std::string_view problem_name(Problem problem) noexcept;
+
+struct DecodeError {
+  Problem problem = Problem::kNone;
+  std::uint64_t offset = 0;  // byte offset of the first problem
+};
+
+// Decodes and verifies an image (FORMAT.md, "Reading rules"). Never reads
+// outside `image` and allocates only in proportion to what `image` holds. On
+// failure the Status is kCorruption ("offset N: what"), or kFailedPrecondition
+// for an unsupported version, and `error` (when given) says the class and
+// offset. `verify_checksums` is false only in fuzzing builds, so a fuzzer can
+// reach the decoder past the checksums.
+Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error = nullptr,
+                            bool verify_checksums = true);
+
+// One job to encode.
+struct JobRecord {
+  JobId id = 0;
+  std::uint32_t handler = 0;
+  std::uint8_t priority = 0;
+  JobState state = JobState::kPending;
+  std::uint16_t attempts = 0;
+  std::uint16_t recoveries = 0;
+  std::int64_t submit_ns = 0;
+  std::int64_t run_at_ns = 0;
+  std::string_view payload;
+  std::string_view error;
+};
+
+// Builds an image in a buffer it owns and reuses: begin(), handlers, jobs,
+// finish(). Grows its buffer only when an image is larger than any before.
+class Encoder {
+ public:
+  // Starts an image. Handler names must then be added in index order.
+  void begin(const Header& header);
+  void add_handler(std::string_view name);
+  void add_job(const JobRecord& job);
+  // Writes counts, lengths and checksums; returns the finished image, valid
+  // until the next begin().
+  std::span<const unsigned char> finish();
+
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  unsigned char* grow(std::size_t n);
+  std::vector<unsigned char> buf_;
+  std::size_t size_ = 0;
+  Header header_;
+  std::uint32_t handlers_ = 0;
+  std::uint64_t jobs_ = 0;
+};
+
+// XXH3-64, the checksum the format uses.
+std::uint64_t checksum(const void* data, std::size_t size) noexcept;
+
+}  // namespace jobengine::snapshot

@@ -1,0 +1,316 @@
+// Encoder and decoder of the snapshot image; the format is FORMAT.md.
+#include "jobengine/snapshot_format.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <string>
+
+namespace jobengine::snapshot {
+
+namespace {
+
+// Little-endian stores and loads, whatever the host's byte order.
+void put16(unsigned char* p, std::uint16_t v) noexcept {
+  p[0] = static_cast<unsigned char>(v);
+  p[1] = static_cast<unsigned char>(v >> 8);
+}
+void put32(unsigned char* p, std::uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+void put64(unsigned char* p, std::uint64_t v) noexcept {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+std::uint16_t get16(const unsigned char* p) noexcept {
+  return static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+}
+std::uint32_t get32(const unsigned char* p) noexcept {
+  std::uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+std::uint64_t get64(const unsigned char* p) noexcept {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+std::string hex64(std::uint64_t v) {
+  static const char* digits = "0123456789abcdef";
+  std::string out = "0x";
+  for (int i = 60; i >= 0; i -= 4) out += digits[(v >> i) & 0xf];
+  return out;
+}
+
+}  // namespace
+
+std::uint64_t checksum(const void* data, std::size_t size) noexcept {
+  return XXH3_64bits(data, size);
+}
+
+std::string_view job_state_name(JobState state) noexcept {
+  switch (state) {
+    case JobState::kPending: return "pending";
+    case JobState::kRunningAtCut: return "running-at-cut";
+    case JobState::kDelayed: return "delayed";
+    case JobState::kWaitingRetry: return "waiting-retry";
+    case JobState::kDead: return "dead";
+  }
+  return "unknown";
+}
+
+std::string_view problem_name(Problem problem) noexcept {
+  switch (problem) {
+    case Problem::kNone: return "none";
+    case Problem::kTruncated: return "truncated";
+    case Problem::kCorrupt: return "corrupt";
+    case Problem::kUnsupportedVersion: return "unsupported-version";
+  }
+  return "unknown";
+}
+
+// ------------------------------------------------------------------ encoder
+
+unsigned char* Encoder::grow(std::size_t n) {
+  if (size_ + n > buf_.size()) buf_.resize(std::max(size_ + n, buf_.size() * 2));
+  unsigned char* p = buf_.data() + size_;
+  size_ += n;
+  return p;
+}
+
+void Encoder::begin(const Header& header) {
+  header_ = header;
+  handlers_ = 0;
+  jobs_ = 0;
+  size_ = 0;
+  unsigned char* h = grow(kHeaderBytes);
+  std::memset(h, 0, kHeaderBytes);  // counts and checksum are written by finish()
+}
+
+void Encoder::add_handler(std::string_view name) {
+  if (name.size() > kMaxHandlerName) name = name.substr(0, kMaxHandlerName);
+  unsigned char* p = grow(2 + name.size());
+  put16(p, static_cast<std::uint16_t>(name.size()));
+  if (!name.empty()) std::memcpy(p + 2, name.data(), name.size());
+  ++handlers_;
+}
+
+void Encoder::add_job(const JobRecord& job) {
+  std::string_view error = job.error.substr(0, std::min<std::size_t>(job.error.size(), kMaxError));
+  const std::size_t body = kRecordFixedBytes - 4 + job.payload.size() + error.size();
+  unsigned char* r = grow(4 + body + 8);
+  put32(r, static_cast<std::uint32_t>(body + 8));
+  put64(r + 4, job.id);
+  put32(r + 12, job.handler);
+  r[16] = job.priority;
+  r[17] = static_cast<unsigned char>(job.state);
+  put16(r + 18, job.attempts);
+  put16(r + 20, job.recoveries);
+  put16(r + 22, 0);
+  put64(r + 24, static_cast<std::uint64_t>(job.submit_ns));
+  put64(r + 32, static_cast<std::uint64_t>(job.run_at_ns));
+  put32(r + 40, static_cast<std::uint32_t>(job.payload.size()));
+  put32(r + 44, static_cast<std::uint32_t>(error.size()));
+  if (!job.payload.empty()) std::memcpy(r + 48, job.payload.data(), job.payload.size());
+  if (!error.empty()) std::memcpy(r + 48 + job.payload.size(), error.data(), error.size());
+  put64(r + 4 + body, checksum(r + 4, body));
+  ++jobs_;
+}
+
+std::span<const unsigned char> Encoder::finish() {
+  unsigned char* t = grow(kTrailerBytes);
+  unsigned char* h = buf_.data();  // grow() may have moved it
+  t = buf_.data() + size_ - kTrailerBytes;
+  std::memcpy(h, kMagic, 8);
+  put16(h + 8, kFormatVersion);
+  put16(h + 10, static_cast<std::uint16_t>(kHeaderBytes));
+  put32(h + 12, 0);
+  put64(h + 16, header_.generation);
+  put64(h + 24, header_.cut_epoch);
+  put64(h + 32, static_cast<std::uint64_t>(header_.wall_time_ns));
+  put64(h + 40, header_.next_job_id);
+  put32(h + 48, handlers_);
+  put32(h + 52, 0);
+  put64(h + 56, jobs_);
+  put64(h + 64, size_ - kHeaderBytes - kTrailerBytes);
+  std::memset(h + 72, 0, 16);
+  put64(h + 88, checksum(h, 88));
+  std::memcpy(t, kTrailerMagic, 8);
+  put64(t + 8, checksum(h, size_ - kTrailerBytes));
+  return {buf_.data(), size_};
+}
+
+// ------------------------------------------------------------------ decoder
+
+namespace {
+
+struct Failure {
+  Status status;
+};
+
+Status fail(DecodeError* error, Problem problem, std::uint64_t offset, const std::string& what) {
+  if (error != nullptr) *error = {problem, offset};
+  StatusCode code =
+      problem == Problem::kUnsupportedVersion ? StatusCode::kFailedPrecondition : StatusCode::kCorruption;
+  return Status(code, std::string(problem_name(problem)) + " at offset " + std::to_string(offset) +
+                          ": " + what);
+}
+
+}  // namespace
+
+Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error,
+                            bool verify_checksums) {
+  if (error != nullptr) *error = {};
+  const unsigned char* d = image.data();
+  const std::uint64_t size = image.size();
+  if (size < kHeaderBytes + kTrailerBytes) {
+    return fail(error, Problem::kTruncated, size,
+                "image of " + std::to_string(size) + " bytes is shorter than header + trailer (" +
+                    std::to_string(kHeaderBytes + kTrailerBytes) + ")");
+  }
+  if (std::memcmp(d, kMagic, 8) != 0) {
+    return fail(error, Problem::kCorrupt, 0, "bad magic (not a jobengine snapshot)");
+  }
+  SnapshotView out;
+  Header& h = out.header;
+  h.format_version = get16(d + 8);
+  if (h.format_version > kFormatVersion) {
+    return fail(error, Problem::kUnsupportedVersion, 8,
+                "unsupported format version " + std::to_string(h.format_version) +
+                    "; this build reads up to " + std::to_string(kFormatVersion));
+  }
+  if (h.format_version == 0) return fail(error, Problem::kCorrupt, 8, "format version 0");
+  if (get16(d + 10) != kHeaderBytes) {
+    return fail(error, Problem::kCorrupt, 10,
+                "header_bytes " + std::to_string(get16(d + 10)) + ", expected " +
+                    std::to_string(kHeaderBytes));
+  }
+  if (verify_checksums && get64(d + 88) != checksum(d, 88)) {
+    return fail(error, Problem::kCorrupt, 88, "header checksum mismatch");
+  }
+  if (get32(d + 12) != 0) {
+    return fail(error, Problem::kCorrupt, 12, "unknown flags " + hex64(get32(d + 12)));
+  }
+  h.generation = get64(d + 16);
+  h.cut_epoch = get64(d + 24);
+  h.wall_time_ns = static_cast<std::int64_t>(get64(d + 32));
+  h.next_job_id = get64(d + 40);
+  h.handler_count = get32(d + 48);
+  h.job_count = get64(d + 56);
+  h.body_bytes = get64(d + 64);
+  if (h.handler_count > kMaxHandlers) {
+    return fail(error, Problem::kCorrupt, 48,
+                "handler_count " + std::to_string(h.handler_count) + " exceeds " +
+                    std::to_string(kMaxHandlers));
+  }
+  if (h.job_count > kMaxJobs) {
+    return fail(error, Problem::kCorrupt, 56,
+                "job_count " + std::to_string(h.job_count) + " exceeds 2^31");
+  }
+  // No overflow: size is real, so compare against it before adding.
+  if (h.body_bytes > size - kHeaderBytes - kTrailerBytes) {
+    return fail(error, Problem::kTruncated, size,
+                "header says " + std::to_string(kHeaderBytes + h.body_bytes + kTrailerBytes) +
+                    " bytes, image has " + std::to_string(size));
+  }
+  if (kHeaderBytes + h.body_bytes + kTrailerBytes != size) {
+    return fail(error, Problem::kCorrupt, kHeaderBytes + h.body_bytes + kTrailerBytes,
+                std::to_string(size - (kHeaderBytes + h.body_bytes + kTrailerBytes)) +
+                    " trailing bytes after the trailer");
+  }
+  if (h.job_count * kMinRecordBytes > h.body_bytes ||
+      h.handler_count * 3ull > h.body_bytes - h.job_count * kMinRecordBytes) {
+    return fail(error, Problem::kCorrupt, 56,
+                "job_count " + std::to_string(h.job_count) + " and handler_count " +
+                    std::to_string(h.handler_count) + " cannot fit in body of " +
+                    std::to_string(h.body_bytes) + " bytes");
+  }
+  const std::uint64_t trailer = kHeaderBytes + h.body_bytes;
+  if (std::memcmp(d + trailer, kTrailerMagic, 8) != 0) {
+    return fail(error, Problem::kCorrupt, trailer, "bad trailer magic");
+  }
+
+  std::uint64_t at = kHeaderBytes;
+  out.handlers.reserve(h.handler_count);
+  for (std::uint32_t i = 0; i < h.handler_count; ++i) {
+    if (trailer - at < 2) return fail(error, Problem::kCorrupt, at, "handler table runs past the body");
+    const std::uint16_t len = get16(d + at);
+    if (len == 0 || len > kMaxHandlerName) {
+      return fail(error, Problem::kCorrupt, at,
+                  "handler " + std::to_string(i) + " name length " + std::to_string(len) +
+                      " not in 1..255");
+    }
+    if (trailer - at - 2 < len) {
+      return fail(error, Problem::kCorrupt, at, "handler " + std::to_string(i) + " name runs past the body");
+    }
+    out.handlers.emplace_back(reinterpret_cast<const char*>(d + at + 2), len);
+    at += 2 + len;
+  }
+
+  out.jobs.reserve(h.job_count);
+  for (std::uint64_t j = 0; j < h.job_count; ++j) {
+    const std::uint64_t rec = at;
+    const std::string job = "job record " + std::to_string(j);
+    if (trailer - at < kMinRecordBytes) {
+      return fail(error, Problem::kCorrupt, rec, job + " runs past the body");
+    }
+    const std::uint32_t record_len = get32(d + at);
+    if (record_len < kMinRecordBytes - 4 || record_len > trailer - at - 4) {
+      return fail(error, Problem::kCorrupt, rec,
+                  job + " length " + std::to_string(record_len) + " out of bounds");
+    }
+    const unsigned char* r = d + at;
+    JobRecordView v;
+    v.offset = rec;
+    v.id = get64(r + 4);
+    v.handler = get32(r + 12);
+    v.priority = r[16];
+    const std::uint8_t state = r[17];
+    v.attempts = get16(r + 18);
+    v.recoveries = get16(r + 20);
+    v.submit_ns = static_cast<std::int64_t>(get64(r + 24));
+    v.run_at_ns = static_cast<std::int64_t>(get64(r + 32));
+    const std::uint32_t payload_len = get32(r + 40);
+    const std::uint32_t error_len = get32(r + 44);
+    if (payload_len > kMaxPayload || error_len > kMaxError ||
+        std::uint64_t{kRecordFixedBytes} - 4 + payload_len + error_len + 8 != record_len) {
+      return fail(error, Problem::kCorrupt, rec,
+                  job + ": payload " + std::to_string(payload_len) + " + error " +
+                      std::to_string(error_len) + " bytes do not match its length " +
+                      std::to_string(record_len));
+    }
+    const std::uint64_t body = record_len - 8;
+    if (verify_checksums && get64(r + 4 + body) != checksum(r + 4, body)) {
+      return fail(error, Problem::kCorrupt, rec, job + " (id " + std::to_string(v.id) + "): checksum mismatch");
+    }
+    if (v.id == 0) return fail(error, Problem::kCorrupt, rec + 4, job + ": id 0");
+    if (v.handler >= h.handler_count) {
+      return fail(error, Problem::kCorrupt, rec + 12,
+                  job + ": handler index " + std::to_string(v.handler) + " >= handler_count " +
+                      std::to_string(h.handler_count));
+    }
+    if (v.priority >= kPriorityLevels) {
+      return fail(error, Problem::kCorrupt, rec + 16, job + ": priority " + std::to_string(v.priority));
+    }
+    if (state < 1 || state > 5) {
+      return fail(error, Problem::kCorrupt, rec + 17, job + ": state " + std::to_string(state));
+    }
+    if (get16(r + 22) != 0) return fail(error, Problem::kCorrupt, rec + 22, job + ": reserved bytes set");
+    v.state = static_cast<JobState>(state);
+    v.payload = std::string_view(reinterpret_cast<const char*>(r + 48), payload_len);
+    v.error = std::string_view(reinterpret_cast<const char*>(r + 48 + payload_len), error_len);
+    out.jobs.push_back(v);
+    at += 4 + record_len;
+  }
+  if (at != trailer) {
+    return fail(error, Problem::kCorrupt, at,
+                std::to_string(trailer - at) + " unparsed bytes between the last record and the trailer");
+  }
+  out.image_checksum = get64(d + trailer + 8);
+  if (verify_checksums && out.image_checksum != checksum(d, trailer)) {
+    return fail(error, Problem::kCorrupt, trailer + 8, "image checksum mismatch");
+  }
+  return out;
+}
+
+}  // namespace jobengine::snapshot

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages jobengine builds with, when missing.
+# Usage: tools/setup.sh            (as root, or with sudo available)
+# Idempotent: asks apt only for what dpkg does not already have.
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config
+  libconcurrentqueue-dev   # moodycamel::ConcurrentQueue (the job queues)
+  libxxhash-dev            # XXH3 checksums of snapshots
+  libboost-dev             # Boost headers (Interprocess, asio baseline)
+  libgtest-dev             # GoogleTest
+  libbenchmark-dev         # Google Benchmark
+  clang libclang-rt-14-dev # sanitizer presets (asan, tsan)
+  python3                  # bench/ratios.py
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
+    missing+=("$p")
+  fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null; then sudo=(sudo); else
+    echo "setup: need root (or sudo) to install: ${missing[*]}" >&2; exit 1
+  fi
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
