@@ -114,7 +114,8 @@ class Engine {
   // The id of a registered handler, or kNotFound. Thread-safe after start().
   Result<HandlerId> handler_id(std::string_view name) const;
 
-  // Starts the workers (pinned to options.cpus when given). kFailedPrecondition
+  // Starts the workers (pinned to options.cpus when given) and returns once
+  // every one of them runs, so health().ok holds on return. kFailedPrecondition
   // unless the engine is open and not started; kIoError when a thread cannot be
   // created or pinned (the engine is then stopped again).
   Result<StartReport> start();

@@ -32,13 +32,16 @@ enum class IdleStrategy : std::uint8_t {
 enum class LogLevel : std::uint8_t { kDebug, kInfo, kWarning, kError };
 
 struct EngineOptions {
-  // Worker threads that run jobs. Default 1. Must be >= 1.
+  // Worker threads that run jobs. Default 1. Must be 1..4096.
   unsigned workers = 1;
 
   // CPUs to pin the workers to: worker i runs on cpus[i]. Empty (the default)
   // leaves the workers unpinned. When given, it must hold exactly `workers`
-  // entries, each a CPU this process may run on (sched_getaffinity), or
-  // open() fails with kInvalidArgument naming the CPU.
+  // entries, each a CPU that exists, is online and that the kernel lets this
+  // process's threads run on (its cpuset), or open() fails with
+  // kInvalidArgument naming the CPU. open() probes this with the kernel
+  // itself, so the calling thread's own affinity mask (e.g. `taskset` on the
+  // process) does not restrict where workers may be pinned.
   std::vector<int> cpus;
 
   // What idle workers do. Default kSpinThenBlock: no CPU burnt when idle.
@@ -64,7 +67,7 @@ struct EngineOptions {
 
   // How many times a job may be attempted (run) in all. A handler returning
   // Outcome::kRetry is queued again at once until this many attempts were
-  // made, after which the job counts as failed. Default 3. Must be >= 1.
+  // made, after which the job counts as failed. Default 3. Must be 1..65535.
   std::uint32_t max_attempts = 3;
 
   // Starvation guard. A worker normally takes jobs from the most urgent

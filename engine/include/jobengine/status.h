@@ -28,7 +28,8 @@ enum class StatusCode : std::uint8_t {
   kInternal,            // a bug in jobengine; please report it
 };
 
-// The code's name as written above without the leading 'k', e.g. "QueueFull".
+// The code's name as written above without the leading 'k', e.g. "QueueFull";
+// "OK" for kOk.
 std::string_view status_code_name(StatusCode code) noexcept;
 
 class [[nodiscard]] Status {

@@ -1,0 +1,389 @@
+// Submit-to-completion throughput: one submitter (the benchmark thread) and one
+// pinned worker running empty jobs with a 16-byte payload, for jobengine and
+// for the baselines a user would pick instead, side by side in one process.
+//
+// Each iteration submits JOBENGINE_BENCH_JOBS jobs (default 1,000,000) and ends
+// once the worker has run all of them, so items_per_second is the rate at
+// which jobs go from submit to done. Engines and pools are built before the
+// timed loop of each run and torn down after it.
+//
+//   BM_Engine_Submit/<idle>       Engine::submit() per job; kQueueFull is
+//                                 retried after a short pause (counted).
+//   BM_Engine_SubmitBatch/<idle>  Engine::submit_batch() of 64 JobSpecs.
+//   BM_BareQueue                  the ceiling: moodycamel queue of function
+//                                 pointers, tokens, bulk dequeue, spinning.
+//   BM_BareQueue_Bulk             the same with enqueue_bulk(64).
+//   BM_BareQueue_Bounded          BM_BareQueue with at most `capacity` jobs in
+//                                 flight, like the engine's job table: what
+//                                 back-pressure alone costs (not a target).
+//   BM_MutexPool                  mutex + condvar + deque<std::function>.
+//
+// Targets (ratios of medians in the same run; bench/ratios.py prints them):
+// Engine_Submit >= 0.5x BareQueue and >= 5x MutexPool; Engine_SubmitBatch >=
+// 0.5x BareQueue_Bulk.
+//
+// Environment: JOBENGINE_BENCH_JOBS (jobs per iteration), and
+// JOBENGINE_BENCH_CAPACITY (EngineOptions::capacity, default 65536; also the
+// bare queue's preallocation and BM_BareQueue_Bounded's bound).
+//
+// Run on an otherwise idle machine (another busy process takes one of the two
+// cores and the figures with it), interleaving repetitions so that a slow
+// phase of the host hits every benchmark alike:
+//   jobengine_bench --benchmark_repetitions=5
+//       --benchmark_enable_random_interleaving=true --benchmark_out=bench.json
+//   python3 bench/ratios.py bench.json
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "baselines.h"
+#include "jobengine/engine.h"
+
+namespace jobengine::bench {
+namespace {
+
+constexpr std::size_t kDefaultJobs = 1'000'000;
+constexpr std::size_t kDefaultCapacity = std::size_t{1} << 16;
+
+// A submit that finds the table full waits this many pause instructions before
+// retrying: long enough not to hammer the lines the worker is freeing slots on,
+// short next to the worker's per-batch time.
+constexpr int kFullBackoffPauses = 32;
+
+// Pause instructions between two completion polls at the end of an iteration,
+// so that the poll does not steal the counter's cache line from the worker on
+// every job it finishes.
+constexpr int kPollPauses = 64;
+
+// An iteration fails if the worker makes no progress for this long (a lost
+// wake-up or a dead worker would otherwise hang the suite).
+constexpr auto kStallLimit = std::chrono::seconds(10);
+
+// Payload of every job: 16 bytes.
+constexpr Payload kPayload{{0x0123456789abcdefULL, 0xfedcba9876543210ULL}};
+
+std::size_t env_size(const char* name, std::size_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (errno != 0 || *end != '\0' || value == 0) {
+    std::fprintf(stderr,
+                 "jobengine_bench: ignoring %s=\"%s\" (want a positive integer); using %zu\n", name,
+                 text, fallback);
+    return fallback;
+  }
+  return static_cast<std::size_t>(value);
+}
+
+std::size_t jobs_per_iteration() {
+  static const std::size_t jobs = env_size("JOBENGINE_BENCH_JOBS", kDefaultJobs);
+  return jobs;
+}
+
+std::size_t engine_capacity() {
+  static const std::size_t capacity = env_size("JOBENGINE_BENCH_CAPACITY", kDefaultCapacity);
+  return capacity;
+}
+
+void pause_for(int pauses) noexcept {
+  for (int i = 0; i < pauses; ++i) cpu_relax();
+}
+
+// Polls `completed()` until it reaches `target`. Returns false if it stops
+// moving for kStallLimit (checked every 4096 polls, to keep the clock off the
+// poll loop).
+template <typename Completed>
+bool wait_for_completion(const Completed& completed, std::uint64_t target) {
+  std::uint64_t done_at_check = completed();
+  auto check_time = std::chrono::steady_clock::now();
+  for (unsigned polls = 1;; ++polls) {
+    const std::uint64_t done = completed();
+    if (done >= target) return true;
+    if (polls % 4096 == 0) {
+      const auto now = std::chrono::steady_clock::now();
+      if (done != done_at_check) {
+        done_at_check = done;
+        check_time = now;
+      } else if (now - check_time > kStallLimit) {
+        return false;
+      }
+    }
+    if (cpu_plan().worker >= 0) {
+      pause_for(kPollPauses);
+    } else {
+      // Unpinned, possibly on the worker's CPU: let the worker run.
+      std::this_thread::yield();
+    }
+  }
+}
+
+// Reports a thread that could not be pinned as the run's error: figures from
+// misplaced threads would not be comparable. Returns false when the run must end.
+bool check_pins(benchmark::State& state, const ScopedPin& pin, bool worker_pinned) {
+  if (!pin.ok()) {
+    state.SkipWithError("cannot pin the submitter thread");
+    return false;
+  }
+  if (!worker_pinned) {
+    state.SkipWithError("cannot pin the worker thread");
+    return false;
+  }
+  return true;
+}
+
+void report_stall(benchmark::State& state, std::uint64_t done, std::uint64_t target) {
+  const std::string message = "worker stalled: " + std::to_string(done) + " of " +
+                              std::to_string(target) + " jobs done after " +
+                              std::to_string(kStallLimit.count()) + " s without progress";
+  state.SkipWithError(message.c_str());
+}
+
+// ---- jobengine --------------------------------------------------------------
+
+struct StartedEngine {
+  Engine engine;
+  HandlerId handler;
+};
+
+// Opens an engine with one worker pinned to the plan's worker CPU, registers
+// the empty handler and starts it. Runs on the unpinned benchmark thread, so
+// the engine's threads do not inherit the submitter's CPU.
+Result<StartedEngine> start_engine(IdleStrategy idle) {
+  EngineOptions options;
+  options.workers = 1;
+  if (cpu_plan().worker >= 0) options.cpus = {cpu_plan().worker};
+  options.idle = idle;
+  options.capacity = engine_capacity();
+  options.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
+  auto engine = Engine::open(std::move(options));
+  if (!engine) return engine.status();
+  auto handler = engine->register_handler("bench.empty", [](JobContext& job) {
+    benchmark::DoNotOptimize(job.payload().data());
+    return Outcome::kDone;
+  });
+  if (!handler) return handler.status();
+  auto started = engine->start();
+  if (!started) return started.status();
+  if (cpu_plan().worker >= 0 && started->pinned_cpus != std::vector<int>{cpu_plan().worker}) {
+    return Status(StatusCode::kInternal, "engine did not report its worker pinned to cpu " +
+                                             std::to_string(cpu_plan().worker));
+  }
+  return StartedEngine{std::move(*engine), *handler};
+}
+
+std::uint64_t engine_done(const Engine& engine) { return engine.health().done; }
+
+// Stops the engine after a run and checks that it ran exactly what was
+// submitted, so a lost or duplicated job fails the benchmark.
+void finish_engine_run(benchmark::State& state, Engine& engine, std::uint64_t expected,
+                       std::uint64_t retries) {
+  state.SetItemsProcessed(static_cast<std::int64_t>(expected));
+  state.counters["retries"] =
+      benchmark::Counter(static_cast<double>(retries), benchmark::Counter::kAvgIterations);
+  auto report = engine.stop(StopMode::kDrain);
+  if (state.error_occurred()) return;
+  if (!report) {
+    state.SkipWithError(("stop failed: " + report.status().to_string()).c_str());
+  } else if (report->done != expected || report->failed != 0) {
+    const std::string message = "engine ran " + std::to_string(report->done) + " jobs (" +
+                                std::to_string(report->failed) + " failed), expected " +
+                                std::to_string(expected);
+    state.SkipWithError(message.c_str());
+  }
+}
+
+void BM_Engine_Submit(benchmark::State& state, IdleStrategy idle) {
+  const std::size_t jobs = jobs_per_iteration();
+  auto started = start_engine(idle);
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  const HandlerId handler = started->handler;
+  const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
+
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  std::uint64_t retries = 0;
+  std::uint64_t target = 0;
+  std::string error;
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < jobs && error.empty(); ++i) {
+      for (;;) {
+        auto id = engine.submit(handler, payload);
+        if (id) [[likely]] {
+          break;
+        }
+        if (id.status().code() != StatusCode::kQueueFull) {
+          error = "submit failed: " + id.status().to_string();
+          break;
+        }
+        ++retries;
+        pause_for(kFullBackoffPauses);
+      }
+    }
+    if (!error.empty()) {
+      state.SkipWithError(error.c_str());
+      break;
+    }
+    target += jobs;
+    if (!wait_for_completion([&engine] { return engine_done(engine); }, target)) {
+      report_stall(state, engine_done(engine), target);
+      break;
+    }
+  }
+  finish_engine_run(state, engine, target, retries);
+}
+
+void BM_Engine_SubmitBatch(benchmark::State& state, IdleStrategy idle) {
+  const std::size_t jobs = jobs_per_iteration();
+  auto started = start_engine(idle);
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
+  const std::vector<JobSpec> specs(kSubmitBulk, JobSpec{started->handler, payload, {}});
+
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  std::uint64_t retries = 0;
+  std::uint64_t target = 0;
+  std::string error;
+  for (auto _ : state) {
+    for (std::size_t submitted = 0; submitted < jobs && error.empty();) {
+      const std::span<const JobSpec> batch(specs.data(), std::min(jobs - submitted, specs.size()));
+      for (;;) {
+        auto count = engine.submit_batch(batch);
+        if (count) [[likely]] {
+          submitted += *count;
+          break;
+        }
+        if (count.status().code() != StatusCode::kQueueFull) {
+          error = "submit_batch failed: " + count.status().to_string();
+          break;
+        }
+        ++retries;
+        pause_for(kFullBackoffPauses);
+      }
+    }
+    if (!error.empty()) {
+      state.SkipWithError(error.c_str());
+      break;
+    }
+    target += jobs;
+    if (!wait_for_completion([&engine] { return engine_done(engine); }, target)) {
+      report_stall(state, engine_done(engine), target);
+      break;
+    }
+  }
+  finish_engine_run(state, engine, target, retries);
+}
+
+// ---- baselines --------------------------------------------------------------
+
+enum class BareMode { kSingle, kBulk, kBounded };
+
+template <BareMode kMode>
+void RunBareQueue(benchmark::State& state) {
+  const std::size_t jobs = jobs_per_iteration();
+  BareQueuePool pool(cpu_plan().worker, engine_capacity());
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, pool.pinned_ok())) return;
+  std::uint64_t target = 0;
+  for (auto _ : state) {
+    if constexpr (kMode == BareMode::kBulk) {
+      pool.submit_bulk(jobs, kPayload);
+    } else if constexpr (kMode == BareMode::kBounded) {
+      pool.submit_bounded(jobs, kPayload, engine_capacity());
+    } else {
+      pool.submit(jobs, kPayload);
+    }
+    target += jobs;
+    if (!wait_for_completion([&pool] { return pool.completed(); }, target)) {
+      report_stall(state, pool.completed(), target);
+      break;
+    }
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(target));
+}
+
+void BM_BareQueue(benchmark::State& state) { RunBareQueue<BareMode::kSingle>(state); }
+void BM_BareQueue_Bulk(benchmark::State& state) { RunBareQueue<BareMode::kBulk>(state); }
+void BM_BareQueue_Bounded(benchmark::State& state) { RunBareQueue<BareMode::kBounded>(state); }
+
+void BM_MutexPool(benchmark::State& state) {
+  const std::size_t jobs = jobs_per_iteration();
+  MutexPool pool(cpu_plan().worker);
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, pool.pinned_ok())) return;
+  std::uint64_t target = 0;
+  for (auto _ : state) {
+    for (std::size_t i = 0; i < jobs; ++i) {
+      // 16 bytes of capture: libstdc++'s std::function stores it inline, so
+      // this is the pool's best case (no allocation per job).
+      pool.submit([payload = kPayload] { benchmark::DoNotOptimize(payload); });
+    }
+    target += jobs;
+    if (!wait_for_completion([&pool] { return pool.completed(); }, target)) {
+      report_stall(state, pool.completed(), target);
+      break;
+    }
+  }
+  state.SetItemsProcessed(static_cast<std::int64_t>(target));
+}
+
+// Each iteration runs a million jobs, so milliseconds read best. Real time,
+// because the submitter's CPU time leaves out the wait for the worker.
+void configure(benchmark::internal::Benchmark* b) {
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK_CAPTURE(BM_Engine_Submit, spin, IdleStrategy::kSpin)->Apply(configure);
+BENCHMARK_CAPTURE(BM_Engine_Submit, spin_then_block, IdleStrategy::kSpinThenBlock)
+    ->Apply(configure);
+BENCHMARK_CAPTURE(BM_Engine_SubmitBatch, spin, IdleStrategy::kSpin)->Apply(configure);
+BENCHMARK_CAPTURE(BM_Engine_SubmitBatch, spin_then_block, IdleStrategy::kSpinThenBlock)
+    ->Apply(configure);
+BENCHMARK(BM_BareQueue)->Apply(configure);
+BENCHMARK(BM_BareQueue_Bulk)->Apply(configure);
+BENCHMARK(BM_BareQueue_Bounded)->Apply(configure);
+BENCHMARK(BM_MutexPool)->Apply(configure);
+
+}  // namespace
+}  // namespace jobengine::bench
+
+int main(int argc, char** argv) {
+  using jobengine::bench::cpu_plan;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  // Recorded in the JSON output, so a result file says how it was produced.
+  benchmark::AddCustomContext("jobengine_jobs_per_iteration",
+                              std::to_string(jobengine::bench::jobs_per_iteration()));
+  benchmark::AddCustomContext("jobengine_capacity",
+                              std::to_string(jobengine::bench::engine_capacity()));
+  benchmark::AddCustomContext("jobengine_submitter_cpu", std::to_string(cpu_plan().submitter));
+  benchmark::AddCustomContext("jobengine_worker_cpu", std::to_string(cpu_plan().worker));
+  if (cpu_plan().worker < 0) {
+    std::fprintf(stderr, "jobengine_bench: fewer than 2 CPUs allowed; threads run unpinned\n");
+  }
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
