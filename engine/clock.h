@@ -67,6 +67,14 @@ class Clock {
 
   static std::int64_t steady_ns() noexcept;
 
+  // Ticks in `ns` nanoseconds (the inverse of interval_ns), for placing a
+  // time read from a snapshot on this process's tick timeline.
+  static std::uint64_t ticks_in_ns(std::int64_t ns) noexcept {
+    if (ns <= 0) return 0;
+    if (source_ == Source::kSteady) return static_cast<std::uint64_t>(ns);
+    return static_cast<std::uint64_t>((static_cast<Uint128>(ns) << 32) / mult_);
+  }
+
  private:
   enum class Source : std::uint8_t { kSteady, kTsc, kArmCounter };
   // Written once by init() before any engine thread exists (thread creation

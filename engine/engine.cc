@@ -29,6 +29,24 @@
 //      pending == 0 after the queues looked empty knows no job remains: a
 //      requeued retry does not count as finished, so it keeps pending > 0
 //      until it finishes for good.
+//  I5. Epoch announcements (the cut's half of I2). A submitter announces the
+//      epoch it read in ProducerState::active (0 = outside intake): it stores
+//      e, issues the light fence, and re-reads the epoch, announcing again
+//      until the two agree; then it stamps its slots with e. A worker does
+//      the same in WorkerState::announce around stamping a finish epoch.
+//      begin_cut() bumps the epoch from C to C+1, issues the heavy fence and
+//      waits until every announcement is 0 or > C. By the fence pair, a
+//      thread it did not see announce C reads C+1 on its re-read. So once
+//      begin_cut() returns, every stamp <= C is written and no new one will be.
+//  I6. Cut membership: a slot is in the cut C iff its submit_epoch is in
+//      1..C and its finish_epoch is 0 or > C (job_table.h (3) says how a
+//      reader reads the pair safely). Jobs acknowledged before the cut began
+//      were stamped <= C (I5) and so are in it unless they finished <= C.
+//  I7. A cut sets the reclaim horizon to C+1 *before* bumping the epoch, so a
+//      worker that stamped a finish epoch > C (which it can only have read
+//      after the bump) also sees the horizon and keeps the slot and its
+//      payload out of the pool until end_cut(): the cut's members stay intact
+//      while the snapshot thread copies them.
 #include <sched.h>
 
 #include <algorithm>
@@ -36,6 +54,7 @@
 #include <chrono>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <semaphore>
 #include <string>
 #include <thread>
@@ -45,6 +64,7 @@
 #include "engine/clock.h"
 #include "engine/job_queue.h"
 #include "engine/job_table.h"
+#include "engine/persistence_hooks.h"
 #include "engine/thread_util.h"
 #include "jobengine/engine.h"
 
@@ -110,6 +130,14 @@ inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
 
+// A job queue on cache lines of its own: moodycamel's consumer-side atomics
+// must not share a line with the engine's read-mostly members (submit read
+// them on every call; a line shared with a dequeue counter cost a miss each).
+struct alignas(kCacheLine) PaddedQueue : IndexQueue {
+  using IndexQueue::IndexQueue;
+  char pad_[kCacheLine];
+};
+
 // Engines get a process-unique id, never reused, so a thread's cached
 // ProducerState pointer for a destroyed engine can never match a new one.
 std::atomic<std::uint64_t> g_next_engine_uid{1};
@@ -129,7 +157,7 @@ struct StringHash {
 // submitting thread adopts it (tokens, cached slots and ids included), so
 // threads that come and go do not leak queue producers.
 struct alignas(kCacheLine) ProducerState {
-  explicit ProducerState(IndexQueue* queues)
+  explicit ProducerState(PaddedQueue* queues)
       : tokens{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
                QueueProducerToken(queues[2])} {}
 
@@ -143,7 +171,7 @@ struct alignas(kCacheLine) ProducerState {
   std::vector<SlotIndex> batch_by_level[kPriorityLevels];      // submit_batch scratch
 
   // --- read by other threads ---
-  alignas(kCacheLine) std::atomic<std::uint32_t> active{0};  // I2
+  alignas(kCacheLine) std::atomic<std::uint64_t> active{0};  // I2, I5: epoch announced, 0 = outside
   std::atomic<std::uint64_t> submitted{0};                   // I4
   std::atomic<std::uint64_t> rejected{0};
   std::atomic<bool> orphaned{false};
@@ -151,7 +179,7 @@ struct alignas(kCacheLine) ProducerState {
 };
 
 struct alignas(kCacheLine) WorkerState {
-  WorkerState(IndexQueue* queues, std::size_t batch)
+  WorkerState(PaddedQueue* queues, std::size_t batch)
       : consumer{QueueConsumerToken(queues[0]), QueueConsumerToken(queues[1]),
                  QueueConsumerToken(queues[2])},
         requeue{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
@@ -175,6 +203,7 @@ struct alignas(kCacheLine) WorkerState {
   std::atomic<std::uint64_t> dropped{0};
   std::atomic<std::uint32_t> running{0};
   std::atomic<bool> alive{false};
+  alignas(kCacheLine) std::atomic<std::uint64_t> announce{0};  // I5, 0 = not stamping
 };
 
 // Shared between an engine and the threads that submitted to it, so that a
@@ -217,15 +246,15 @@ thread_local ThreadProducers t_producers;
 
 }  // namespace
 
-class Engine::Impl {
+class Engine::Impl final : public detail::CutSource {
  public:
   explicit Impl(EngineOptions options)
       : options_(std::move(options)),
         uid_(g_next_engine_uid.fetch_add(1, std::memory_order_relaxed)),
         table_(options_.capacity),
-        queues_{IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
-                IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
-                IndexQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE)},
+        queues_{PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
+                PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
+                PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE)},
         life_(std::make_shared<EngineLifetime>()) {}
 
   ~Impl() {
@@ -268,6 +297,7 @@ class Engine::Impl {
     }
     auto id = static_cast<HandlerId>(handlers_.size());
     handlers_.push_back({std::string(name), std::move(handler)});
+    handler_names_.emplace_back(name);
     by_name_.emplace(std::string(name), id);
     return id;
   }
@@ -289,6 +319,11 @@ class Engine::Impl {
                     std::string("start(): engine is ") +
                         std::string(engine_state_name(state_.load())) +
                         ", it can be started once, from open");
+    }
+    RecoveryReport recovery = recovery_;
+    if (Status restored = restore(recovery); !restored.ok()) {
+      log(LogLevel::kError, restored.to_string());
+      return restored;
     }
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
@@ -326,6 +361,17 @@ class Engine::Impl {
       log(LogLevel::kError, failure.to_string());
       return failure;
     }
+    // The snapshot thread starts before intake opens, so no accepted job
+    // precedes the first snapshot the thread can take.
+    if (persistence_) {
+      if (Status p = persistence_->start(*this, recovered_generation_ + 1); !p.ok()) {
+        state_.store(EngineState::kStopped, std::memory_order_release);
+        go_.store(true, std::memory_order_release);
+        for (auto& w : workers_) w->thread.join();
+        log(LogLevel::kError, p.to_string());
+        return p;
+      }
+    }
     // Release: workers that see kRunning/go_ see the handler table.
     state_.compare_exchange_strong(expected, EngineState::kRunning, std::memory_order_acq_rel);
     go_.store(true, std::memory_order_release);
@@ -336,6 +382,7 @@ class Engine::Impl {
     StartReport report;
     report.workers = options_.workers;
     report.pinned_cpus = options_.cpus;
+    report.recovery = std::move(recovery);
     log(LogLevel::kInfo, "started " + std::to_string(options_.workers) + " worker(s)" +
                              (options_.cpus.empty()
                                   ? std::string(", unpinned")
@@ -348,7 +395,8 @@ class Engine::Impl {
   Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions o) {
     if (!job_ok(handler, payload, o)) [[unlikely]] return check_job(handler, payload, o);
     ProducerState& ps = producer_state();
-    if (!enter_intake(ps)) return stopped_status();
+    const std::uint64_t epoch = enter_intake(ps);
+    if (epoch == 0) return stopped_status();
     SlotIndex idx;
     if (!take_slots(ps, &idx, 1)) {
       bump(ps.rejected);
@@ -356,13 +404,15 @@ class Engine::Impl {
       return queue_full_status();
     }
     JobId id = next_id(ps);
-    if (!fill_slot(idx, id, handler, payload, o.priority, Clock::ticks())) [[unlikely]] {
+    if (!fill_slot(idx, id, handler, payload, o.priority, Clock::ticks(), epoch)) [[unlikely]] {
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
       return out_of_memory_status(payload.size());
     }
     if (!queues_[o.priority].enqueue(ps.tokens[o.priority], idx)) {
-      JobTable::retire(table_.slot(idx), table_.epoch());
+      // Stamped with our own announced epoch (I5), so a cut either never
+      // saw it submitted or sees it finished: safe to reuse at once.
+      JobTable::retire(table_.slot(idx), epoch);
       JobTable::reclaim(table_.slot(idx));
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
@@ -394,7 +444,8 @@ class Engine::Impl {
       }
     }
     ProducerState& ps = producer_state();
-    if (!enter_intake(ps)) return stopped_status();
+    const std::uint64_t epoch = enter_intake(ps);
+    if (epoch == 0) return stopped_status();
     if (jobs.empty()) {
       leave_intake(ps);
       return std::size_t{0};
@@ -413,9 +464,9 @@ class Engine::Impl {
     for (std::size_t i = 0; i < n; ++i) {
       JobId id = next_id(ps);
       if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload, jobs[i].options.priority,
-                     t)) [[unlikely]] {
+                     t, epoch)) [[unlikely]] {
         for (std::size_t j = 0; j < i; ++j) {
-          JobTable::retire(table_.slot(slots[j]), table_.epoch());
+          JobTable::retire(table_.slot(slots[j]), epoch);
           JobTable::reclaim(table_.slot(slots[j]));
         }
         give_back_slots(ps, slots, n);
@@ -475,6 +526,11 @@ class Engine::Impl {
                     std::string("stop(): engine is ") + std::string(engine_state_name(s)) +
                         ", only a running engine can be stopped");
     }
+    if (mode == StopMode::kSnapshotAndExit && !(persistence_ && persistence_->has_disk())) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "stop(kSnapshotAndExit): needs snapshots with a disk store "
+                    "(options.snapshot.enabled and options.snapshot.dir)");
+    }
     // I2: close intake, then wait for submitters inside it to leave.
     state_.store(EngineState::kStopping, std::memory_order_seq_cst);
     asymmetric_fence_heavy();
@@ -483,33 +539,175 @@ class Engine::Impl {
       while (p->active.load(std::memory_order_acquire) != 0) std::this_thread::yield();
     }
     abandon_.store(mode == StopMode::kAbandon, std::memory_order_relaxed);
-    // Release: a worker that sees intake_closed_ sees abandon_ and final counts.
+    exit_now_.store(mode == StopMode::kSnapshotAndExit, std::memory_order_relaxed);
+    // Release: a worker that sees intake_closed_ sees abandon_, exit_now_ and
+    // the final counts.
     intake_closed_.store(true, std::memory_order_release);
     // Wake every worker, sleeping or about to sleep (I3: they re-check
     // intake_closed_ after their heavy fence, and these permits cover the rest).
     sleep_sem_.release(static_cast<std::ptrdiff_t>(workers_.size()));
-    for (auto& w : workers_) {
-      if (w->thread.joinable()) w->thread.join();
+
+    StopReport report;
+    Status final_status;
+    if (mode == StopMode::kSnapshotAndExit) {
+      // Running handlers get until the deadline; then the snapshot is taken
+      // anyway (a job still running is recorded as running and runs again).
+      const auto deadline = std::chrono::steady_clock::now() + options_.snapshot.exit_deadline;
+      for (auto& w : workers_) {
+        while (w->alive.load(std::memory_order_acquire) &&
+               std::chrono::steady_clock::now() < deadline) {
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+      }
+      persistence_->stop();
+      auto info = persistence_->final_snapshot();
+      if (info) {
+        report.left_in_snapshot = info->jobs;
+      } else {
+        final_status = info.status();
+      }
+      for (auto& w : workers_) {
+        if (w->thread.joinable()) w->thread.join();
+      }
+    } else {
+      for (auto& w : workers_) {
+        if (w->thread.joinable()) w->thread.join();
+      }
+      // No cut may run while stop() reclaims dropped slots, so the snapshot
+      // thread stops first; the final snapshot then records what is left
+      // (nothing, after a drain) so a restart does not run finished jobs again.
+      if (persistence_) persistence_->stop();
+      std::uint64_t dropped_here = 0;
+      if (mode == StopMode::kAbandon) dropped_here = drop_queued();
+      dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
+      if (persistence_) {
+        auto info = persistence_->final_snapshot();
+        if (!info) final_status = info.status();
+      }
     }
-    std::uint64_t dropped_here = 0;
-    if (mode == StopMode::kAbandon) dropped_here = drop_queued();
-    dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
     state_.store(EngineState::kStopped, std::memory_order_release);
 
     Health h = health();
-    StopReport report;
     report.submitted = h.submitted;
     report.done = h.done;
     report.failed = h.failed;
     report.dropped = h.dropped;
+    report.recovered = h.recovered;
     report.took = std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::chrono::steady_clock::now() - t0);
-    log(LogLevel::kInfo, std::string("stopped (") +
-                             (mode == StopMode::kDrain ? "drain" : "abandon") + "): " +
+    const char* mode_name = mode == StopMode::kDrain     ? "drain"
+                            : mode == StopMode::kAbandon ? "abandon"
+                                                         : "snapshot-and-exit";
+    log(LogLevel::kInfo, std::string("stopped (") + mode_name + "): " +
                              std::to_string(report.done) + " done, " +
                              std::to_string(report.failed) + " failed, " +
-                             std::to_string(report.dropped) + " dropped");
+                             std::to_string(report.dropped) + " dropped" +
+                             (mode == StopMode::kSnapshotAndExit
+                                  ? ", " + std::to_string(report.left_in_snapshot) +
+                                        " left in the final snapshot"
+                                  : std::string()));
+    if (!final_status.ok()) {
+      log(LogLevel::kError, "final snapshot failed: " + final_status.to_string());
+      if (mode == StopMode::kSnapshotAndExit) {
+        return Status(final_status.code(), "stop(kSnapshotAndExit): the final snapshot failed, "
+                                           "the previous generation is the newest: " +
+                                               std::string(final_status.message()));
+      }
+    }
     return report;
+  }
+
+  Result<SnapshotInfo> snapshot_now() {
+    if (!persistence_ || !persistence_->has_disk()) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "snapshot_now(): needs snapshots with a disk store (options.snapshot.enabled "
+                    "and options.snapshot.dir)");
+    }
+    if (state_.load(std::memory_order_acquire) != EngineState::kRunning) {
+      return Status(StatusCode::kFailedPrecondition, "snapshot_now(): engine is not running");
+    }
+    return persistence_->snapshot_now();
+  }
+
+  // Opens the stores and loads the newest snapshot (Engine::open()).
+  Status init_persistence() {
+    if (!options_.snapshot.enabled) return Status();
+    auto p = detail::make_persistence(options_.snapshot, options_.log);
+    if (!p) return p.status();
+    persistence_ = std::move(*p);
+    auto loaded = persistence_->load_newest(recovery_);
+    if (!loaded) return loaded.status();
+    loaded_ = std::move(*loaded);
+    if (loaded_) {
+      recovered_generation_ = loaded_->view.header.generation;
+      // Ids below the snapshot's counter may be in use: never hand them out.
+      next_id_.store(std::max<JobId>(next_id_.load(), loaded_->view.header.next_job_id));
+    }
+    return Status();
+  }
+
+  // ------------------------------------------------------------ CutSource (I5-I7)
+
+  std::uint64_t begin_cut() override {
+    const std::uint64_t cut = table_.epoch();
+    // I7: the horizon first, then the bump (release, then acq_rel).
+    table_.set_reclaim_horizon(cut + 1);
+    table_.advance_epoch();
+    asymmetric_fence_heavy();
+    // I5: wait out every announcement of an epoch <= cut. Acquire: pairs with
+    // the release that clears an announcement, so the stamps are visible.
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      for (std::uint64_t a; (a = p->active.load(std::memory_order_acquire)) != 0 && a <= cut;) {
+        cpu_relax();
+      }
+    }
+    for (const auto& w : workers_) {
+      for (std::uint64_t a; (a = w->announce.load(std::memory_order_acquire)) != 0 && a <= cut;) {
+        cpu_relax();
+      }
+    }
+    return cut;
+  }
+
+  void for_each_cut_job(std::uint64_t cut,
+                        const std::function<void(const detail::CutJob&)>& fn) override {
+    for (std::size_t i = 0; i < table_.capacity(); ++i) {
+      const Slot& s = table_.slot(static_cast<SlotIndex>(i));
+      // I6, read as job_table.h (3) says: finish first, with acquire.
+      const std::uint64_t f = s.finish_epoch.load(std::memory_order_acquire);
+      if (f != 0 && f <= cut) continue;
+      const std::uint64_t e = s.submit_epoch.load(std::memory_order_relaxed);
+      if (e == 0 || e > cut) continue;
+      detail::CutJob j;
+      j.id = s.id;
+      j.handler = s.handler;
+      j.priority = s.priority;
+      j.state = s.state.load(std::memory_order_relaxed) == SlotState::kRunning
+                    ? snapshot::JobState::kRunningAtCut
+                    : snapshot::JobState::kPending;
+      j.attempts = s.attempts.load(std::memory_order_relaxed);
+      j.recoveries = s.recoveries;
+      j.submit_ticks = s.submit_ticks;
+      j.run_at_ticks = s.run_at_ticks;
+      j.payload = std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size);
+      fn(j);
+    }
+  }
+
+  void end_cut() override { table_.set_reclaim_horizon(detail::kNoHorizon); }
+
+  std::span<const std::string> handler_names() const override { return handler_names_; }
+  JobId next_job_id() const override { return next_id_.load(std::memory_order_acquire); }
+  std::vector<detail::DeadJob> dead_jobs() const override {
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    return dead_;
+  }
+  std::uint64_t accepted_total() const override {
+    std::uint64_t n = recovered_.load(std::memory_order_relaxed);
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      n += p->submitted.load(std::memory_order_relaxed);
+    }
+    return n;
   }
 
   // ------------------------------------------------------------------ health
@@ -539,8 +737,22 @@ class Engine::Impl {
       }
     }
     h.dropped += dropped_by_stop_.load(std::memory_order_relaxed);
+    h.recovered = recovered_.load(std::memory_order_relaxed);
     const std::uint64_t finished = h.done + h.failed + h.dropped;
-    h.pending = h.submitted > finished ? h.submitted - finished : 0;
+    const std::uint64_t accepted = h.submitted + h.recovered;
+    h.pending = accepted > finished ? accepted - finished : 0;
+    if (persistence_) {
+      detail::SnapshotHealth sh = persistence_->health();
+      h.last_snapshot_generation = sh.last_generation;
+      h.last_snapshot_age = sh.last_age;
+      h.last_snapshot_duration = sh.last_duration;
+      h.last_snapshot_bytes = sh.last_bytes;
+      h.last_durable_generation = sh.last_durable_generation;
+      h.last_durable_age = sh.last_durable_age;
+      h.last_snapshot_error = std::move(sh.last_error);
+      h.snapshot_failures = sh.failures;
+      h.at_risk = accepted > sh.accepted_at_last_durable ? accepted - sh.accepted_at_last_durable : 0;
+    }
     h.ok = h.state == EngineState::kRunning && h.workers_alive == h.workers;
     return h;
   }
@@ -593,17 +805,24 @@ class Engine::Impl {
     return Status(kRep);
   }
 
-  // I2, submitter side. Returns false (and leaves) when intake is closed.
-  bool enter_intake(ProducerState& ps) {
-    // Relaxed store + light fence: ordered before the state_ load by the
-    // fence pair (I2).
-    ps.active.store(1, std::memory_order_relaxed);
-    asymmetric_fence_light();
+  // I2 + I5, submitter side. Returns the announced epoch to stamp slots with,
+  // or 0 (having left again) when intake is closed.
+  std::uint64_t enter_intake(ProducerState& ps) {
+    std::uint64_t e = table_.epoch_relaxed();
+    for (;;) {
+      // Relaxed store + light fence: ordered before the loads below by the
+      // fence pair with stop()'s / begin_cut()'s heavy fence (I2, I5).
+      ps.active.store(e, std::memory_order_relaxed);
+      asymmetric_fence_light();
+      const std::uint64_t again = table_.epoch_relaxed();
+      if (again == e) [[likely]] break;
+      e = again;
+    }
     if (state_.load(std::memory_order_relaxed) != EngineState::kRunning) {
       ps.active.store(0, std::memory_order_release);
-      return false;
+      return 0;
     }
-    return true;
+    return e;
   }
   static void leave_intake(ProducerState& ps) {
     // Release: stop() acquires this, seeing the enqueue and the counters.
@@ -651,7 +870,7 @@ class Engine::Impl {
   // Writes the job into its slot. False only when a heap payload cannot be
   // allocated (out of memory).
   bool fill_slot(SlotIndex idx, JobId id, HandlerId handler, std::string_view payload,
-                 std::uint8_t priority, std::uint64_t t) noexcept {
+                 std::uint8_t priority, std::uint64_t t, std::uint64_t epoch) noexcept {
     Slot& s = table_.slot(idx);
     if (payload.size() > kInlinePayloadBytes) {
       unsigned char* heap = new (std::nothrow) unsigned char[payload.size()];
@@ -667,7 +886,8 @@ class Engine::Impl {
     s.priority = priority;
     s.submit_ticks = t;
     s.run_at_ticks = t;
-    JobTable::claim(s, table_.epoch());
+    s.recoveries = 0;
+    JobTable::claim(s, epoch);
     return true;
   }
 
@@ -763,6 +983,7 @@ class Engine::Impl {
     SlotIndex batch[256];
     std::uint32_t idle_polls = 0;
     for (;;) {
+      if (exit_now_.load(std::memory_order_relaxed)) [[unlikely]] break;
       std::size_t n = take_batch(w, batch);
       if (n != 0) {
         idle_polls = 0;
@@ -781,7 +1002,10 @@ class Engine::Impl {
       if (idle_polls == kIdleFlushPolls) w.retired.flush(table_);
       // Acquire: pairs with stop()'s release (abandon_, final counters).
       if (intake_closed_.load(std::memory_order_acquire)) {
-        if (abandon_.load(std::memory_order_relaxed) || pending() == 0) break;
+        if (abandon_.load(std::memory_order_relaxed) || exit_now_.load(std::memory_order_relaxed) ||
+            pending() == 0) {
+          break;
+        }
         std::this_thread::yield();
         continue;
       }
@@ -836,6 +1060,11 @@ class Engine::Impl {
     // so they overlap instead of stalling one job at a time.
     for (std::size_t i = 0; i < n; ++i) __builtin_prefetch(&table_.slot(batch[i]), 1, 3);
     for (std::size_t i = 0; i < n; ++i) {
+      if (exit_now_.load(std::memory_order_relaxed)) [[unlikely]] {
+        // stop(kSnapshotAndExit): the rest of this batch stays queued in the
+        // table, where the final snapshot finds it.
+        return;
+      }
       if (abandon_.load(std::memory_order_relaxed)) [[unlikely]] {
         // Stop(kAbandon): the rest of this batch is dropped, not run.
         for (std::size_t j = i; j < n; ++j) retire(w, batch[j]);
@@ -900,10 +1129,146 @@ class Engine::Impl {
     bump(w.failed);
   }
 
+  // I5, worker side: announce, stamp, leave.
   void retire(WorkerState& w, SlotIndex idx) {
-    const std::uint64_t e = table_.epoch();
+    std::uint64_t e = table_.epoch_relaxed();
+    for (;;) {
+      w.announce.store(e, std::memory_order_relaxed);
+      asymmetric_fence_light();
+      const std::uint64_t again = table_.epoch_relaxed();
+      if (again == e) [[likely]] break;
+      e = again;
+    }
     JobTable::retire(table_.slot(idx), e);
+    // Release: begin_cut() acquires the 0 and then sees the stamp.
+    w.announce.store(0, std::memory_order_release);
     w.retired.add(idx, e);
+  }
+
+  // start(): puts the jobs of the snapshot loaded at open() back into the
+  // table and queues (before any worker runs), and keeps the dead ones.
+  Status restore(RecoveryReport& r) {
+    if (!loaded_) return Status();
+    const snapshot::SnapshotView& v = loaded_->view;
+    // Map the snapshot's handler names to what is registered now.
+    std::vector<std::optional<HandlerId>> map(v.handlers.size());
+    for (std::size_t i = 0; i < v.handlers.size(); ++i) {
+      auto it = by_name_.find(v.handlers[i]);
+      if (it != by_name_.end()) map[i] = it->second;
+    }
+    auto now_wall = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::system_clock::now().time_since_epoch())
+                        .count();
+    const std::uint64_t now_ticks = Clock::ticks();
+    auto wall_to_ticks = [&](std::int64_t wall_ns) {
+      const std::uint64_t back = Clock::ticks_in_ns(now_wall - wall_ns);
+      return back < now_ticks ? now_ticks - back : 0;
+    };
+    auto keep_dead = [&](const snapshot::JobRecordView& j, std::uint16_t recoveries,
+                         std::string error) {
+      detail::DeadJob d;
+      d.id = j.id;
+      d.handler = std::string(v.handlers[j.handler]);
+      d.priority = j.priority;
+      d.attempts = j.attempts;
+      d.recoveries = recoveries;
+      d.submit_ns = j.submit_ns;
+      d.run_at_ns = j.run_at_ns;
+      d.payload = std::string(j.payload);
+      d.error = std::move(error);
+      dead_.push_back(std::move(d));
+    };
+    // Count first: a snapshot holding more live jobs than the table is an
+    // operator error to fix (raise capacity), never a reason to drop jobs.
+    std::uint64_t live = 0;
+    for (const auto& j : v.jobs) {
+      const std::uint16_t rec = static_cast<std::uint16_t>(
+          j.recoveries + (j.state == snapshot::JobState::kRunningAtCut ? 1 : 0));
+      if (j.state != snapshot::JobState::kDead && map[j.handler] &&
+          rec <= options_.snapshot.max_recoveries) {
+        ++live;
+      }
+      if (j.payload.size() > options_.max_payload) {
+        return Status(StatusCode::kFailedPrecondition,
+                      "start(): recovered job " + std::to_string(j.id) + " has a payload of " +
+                          std::to_string(j.payload.size()) + " bytes, above max_payload " +
+                          std::to_string(options_.max_payload) + "; raise max_payload");
+      }
+    }
+    if (live > options_.capacity) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "start(): the snapshot from " + r.source + " holds " + std::to_string(live) +
+                        " live jobs but capacity is " + std::to_string(options_.capacity) +
+                        "; raise capacity (no job is dropped)");
+    }
+    QueueProducerToken tokens[kPriorityLevels] = {QueueProducerToken(queues_[0]),
+                                                  QueueProducerToken(queues_[1]),
+                                                  QueueProducerToken(queues_[2])};
+    SlotIndex cache[kSlotCacheSize];
+    std::size_t cached = 0;
+    const std::uint64_t epoch = table_.epoch();
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    for (const auto& j : v.jobs) {
+      const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
+      const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (was_running ? 1 : 0));
+      if (j.state == snapshot::JobState::kDead) {
+        keep_dead(j, j.recoveries, std::string(j.error));
+        ++r.dead;
+        continue;
+      }
+      if (!map[j.handler]) {
+        keep_dead(j, rec, "handler \"" + std::string(v.handlers[j.handler]) +
+                              "\" is not registered");
+        ++r.unknown_handler;
+        log(LogLevel::kWarning, "job " + std::to_string(j.id) + " (" +
+                                    std::string(v.handlers[j.handler]) +
+                                    "): handler not registered; kept as dead");
+        continue;
+      }
+      if (rec > options_.snapshot.max_recoveries) {
+        keep_dead(j, rec, "poison job: running at " + std::to_string(rec) +
+                              " snapshots that a crash followed (max_recoveries " +
+                              std::to_string(options_.snapshot.max_recoveries) + ")");
+        ++r.poisoned;
+        log(LogLevel::kWarning, "job " + std::to_string(j.id) + " (" +
+                                    std::string(v.handlers[j.handler]) +
+                                    "): quarantined as a poison job after " +
+                                    std::to_string(rec) + " recoveries");
+        continue;
+      }
+      if (cached == 0) cached = table_.take_free(cache);
+      if (cached == 0) return Status(StatusCode::kInternal, "start(): job table ran out during restore");
+      const SlotIndex idx = cache[--cached];
+      // Live jobs keep their id, attempts and times; a restored job has never
+      // been seen by a cut of this process, so any epoch <= now stamps it.
+      const std::uint64_t submit_ticks = wall_to_ticks(j.submit_ns);
+      if (!fill_slot(idx, j.id, *map[j.handler], j.payload, j.priority, submit_ticks, epoch)) {
+        return Status(StatusCode::kInternal, "start(): out of memory restoring job " +
+                                                 std::to_string(j.id));
+      }
+      Slot& s = table_.slot(idx);
+      s.run_at_ticks = wall_to_ticks(j.run_at_ns);
+      s.attempts.store(j.attempts, std::memory_order_relaxed);
+      s.recoveries = rec;
+      if (!queues_[j.priority].enqueue(tokens[j.priority], idx)) {
+        return Status(StatusCode::kInternal, "start(): out of memory queueing restored jobs");
+      }
+      recovered_.fetch_add(1, std::memory_order_relaxed);
+      if (was_running) {
+        ++r.running_at_cut;
+      } else {
+        ++r.pending;
+      }
+    }
+    if (cached != 0) (void)table_.put_free(cache, cached);
+    log(LogLevel::kInfo,
+        "recovered generation " + std::to_string(r.generation) + " from " + r.source + ": " +
+            std::to_string(r.pending) + " pending, " + std::to_string(r.running_at_cut) +
+            " running at the cut (run again), " + std::to_string(r.poisoned) + " poisoned, " +
+            std::to_string(r.unknown_handler) + " with no handler, " + std::to_string(r.dead) +
+            " dead");
+    loaded_.reset();
+    return Status();
   }
 
   // After the workers joined (kAbandon): empty the queues, count and free.
@@ -929,7 +1294,7 @@ class Engine::Impl {
   }
 
   std::uint64_t pending() const {
-    std::uint64_t submitted = 0, finished = 0;
+    std::uint64_t submitted = recovered_.load(std::memory_order_acquire), finished = 0;
     for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
       submitted += p->submitted.load(std::memory_order_acquire);
     }
@@ -953,21 +1318,34 @@ class Engine::Impl {
   const EngineOptions options_;
   const std::uint64_t uid_;
   JobTable table_;
-  IndexQueue queues_[kPriorityLevels];
-  std::vector<HandlerEntry> handlers_;
+  PaddedQueue queues_[kPriorityLevels];
+  // Read on every submit, written only before start(): a line of their own.
+  alignas(kCacheLine) std::vector<HandlerEntry> handlers_;
   std::unordered_map<std::string, HandlerId, StringHash, std::equal_to<>> by_name_;
   std::vector<std::unique_ptr<WorkerState>> workers_;
   std::shared_ptr<EngineLifetime> life_;
   std::mutex registry_mu_;  // serialises registering/adopting ProducerStates
   std::mutex stop_mu_;      // one stop() at a time
   std::atomic<ProducerState*> producers_{nullptr};
-  std::counting_semaphore<> sleep_sem_{0};
+  alignas(kCacheLine) std::counting_semaphore<> sleep_sem_{0};
 
   alignas(kCacheLine) std::atomic<EngineState> state_{EngineState::kOpen};
   std::atomic<bool> go_{false};
   std::atomic<bool> intake_closed_{false};
   std::atomic<bool> abandon_{false};
+  std::atomic<bool> exit_now_{false};  // stop(kSnapshotAndExit): take no more jobs
   std::atomic<std::uint64_t> dropped_by_stop_{0};
+  std::atomic<std::uint64_t> recovered_{0};
+
+  // Persistence (null when snapshots are off).
+  std::unique_ptr<detail::Persistence> persistence_;
+  std::unique_ptr<detail::LoadedSnapshot> loaded_;  // from open() until start()
+  RecoveryReport recovery_;
+  std::uint64_t recovered_generation_ = 0;
+  std::vector<std::string> handler_names_;
+  mutable std::mutex dead_mu_;
+  std::vector<detail::DeadJob> dead_;
+
   alignas(kCacheLine) std::atomic<int> sleepers_{0};
   alignas(kCacheLine) std::atomic<JobId> next_id_{1};
 };
@@ -1011,6 +1389,44 @@ Status validate(const EngineOptions& o) {
   if (o.dequeue_batch < 1 || o.dequeue_batch > 256) {
     return bad("dequeue_batch must be 1..256, got " + std::to_string(o.dequeue_batch));
   }
+  const SnapshotOptions& sn = o.snapshot;
+  if (sn.enabled) {
+    if (sn.dir.empty() && sn.shm_name.empty()) {
+      return bad("snapshot.enabled needs snapshot.dir or snapshot.shm_name (or both)");
+    }
+    if (!sn.shm_name.empty()) {
+      if (sn.shm_name.size() > 200) {
+        return bad("snapshot.shm_name is " + std::to_string(sn.shm_name.size()) +
+                   " bytes; at most 200");
+      }
+      for (char c : sn.shm_name) {
+        const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                        c == '.' || c == '_' || c == '-';
+        if (!ok) {
+          return bad("snapshot.shm_name \"" + sn.shm_name +
+                     "\" may hold only letters, digits, '.', '_' and '-'");
+        }
+      }
+      if (sn.shm_name == "." || sn.shm_name == "..") return bad("snapshot.shm_name may not be . or ..");
+    }
+    if (sn.shm_interval.count() < 0 || sn.disk_interval.count() < 0 || sn.exit_deadline.count() < 0) {
+      return bad("snapshot intervals and exit_deadline must be >= 0");
+    }
+    if (sn.keep_generations < 1) return bad("snapshot.keep_generations must be >= 1, got 0");
+    if (sn.cpu >= 0) {
+      for (int c : o.cpus) {
+        if (c == sn.cpu) {
+          return bad("snapshot.cpu " + std::to_string(sn.cpu) +
+                     " is a worker's cpu; the snapshot thread must not run on worker cores");
+        }
+      }
+      if (Status st = detail::check_cpus({sn.cpu}); !st.ok()) {
+        return bad("snapshot.cpu: " + std::string(st.message()));
+      }
+    } else if (sn.cpu < -1) {
+      return bad("snapshot.cpu must be -1 (unpinned) or a cpu, got " + std::to_string(sn.cpu));
+    }
+  }
   if (o.idle != IdleStrategy::kSpin && o.idle != IdleStrategy::kSpinThenYield &&
       o.idle != IdleStrategy::kSpinThenBlock) {
     return bad("idle: unknown IdleStrategy " + std::to_string(static_cast<int>(o.idle)));
@@ -1024,7 +1440,9 @@ Result<Engine> Engine::open(EngineOptions options) {
   detail::asymmetric_fence_init();
   detail::Clock::init();
   try {
-    return Engine(std::make_unique<Impl>(std::move(options)));
+    auto impl = std::make_unique<Impl>(std::move(options));
+    if (Status s = impl->init_persistence(); !s.ok()) return s;
+    return Engine(std::move(impl));
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kInvalidArgument,
                   "capacity " + std::to_string(options.capacity) +
@@ -1054,6 +1472,7 @@ Result<std::size_t> Engine::submit_batch(std::span<const JobSpec> jobs, std::spa
   return impl_->submit_batch(jobs, ids);
 }
 Result<StopReport> Engine::stop(StopMode mode) { return impl_->stop(mode); }
+Result<SnapshotInfo> Engine::snapshot_now() { return impl_->snapshot_now(); }
 Health Engine::health() const { return impl_->health(); }
 EngineState Engine::state() const noexcept { return impl_->state(); }
 const EngineOptions& Engine::options() const noexcept { return impl_->options(); }

@@ -58,7 +58,8 @@ struct alignas(kCacheLine) Slot {
   std::atomic<std::uint16_t> attempts{0};     // runs started so far (worker-written)
   HandlerId handler = 0;
   std::uint32_t payload_size = 0;
-  std::uint32_t reserved = 0;
+  std::uint16_t recoveries = 0;               // set at restore; immutable while queued
+  std::uint16_t reserved = 0;
   JobId id = 0;
   std::uint64_t submit_ticks = 0;             // Clock::ticks() at submit (engine/clock.h)
   std::uint64_t run_at_ticks = 0;             // when it may run (== submit_ticks for now)
@@ -145,6 +146,8 @@ class JobTable {
   // Acquire pairs with advance_epoch's release: a thread that sees epoch e
   // sees everything the snapshot thread did before making it e.
   std::uint64_t epoch() const noexcept { return epoch_.load(std::memory_order_acquire); }
+  // For announcements (engine.cc I5), whose light/heavy fence pair orders it.
+  std::uint64_t epoch_relaxed() const noexcept { return epoch_.load(std::memory_order_relaxed); }
   std::uint64_t advance_epoch() noexcept {
     return epoch_.fetch_add(1, std::memory_order_acq_rel) + 1;
   }
@@ -169,19 +172,21 @@ class JobTable {
     s.state.store(SlotState::kQueued, std::memory_order_relaxed);
   }
 
-  // Ends a job: frees any heap payload, stamps finish_epoch, state kRetired.
+  // Ends a job: stamps finish_epoch, state kRetired. The payload stays until
+  // reclaim(): a snapshot that cut before the finish may still be copying it.
   static void retire(Slot& s, std::uint64_t epoch) noexcept {
-    if (s.heap_payload != nullptr) {
-      delete[] s.heap_payload;
-      s.heap_payload = nullptr;
-    }
     // Release: a snapshot reader that sees the stamp sees the state too.
     s.state.store(SlotState::kRetired, std::memory_order_relaxed);
     s.finish_epoch.store(epoch, std::memory_order_release);
   }
 
-  // Puts a retired slot back to kFree so it can be reused.
+  // Puts a retired slot back to kFree so it can be reused, freeing any heap
+  // payload. Only once no snapshot can still read it (2).
   static void reclaim(Slot& s) noexcept {
+    if (s.heap_payload != nullptr) {
+      delete[] s.heap_payload;
+      s.heap_payload = nullptr;
+    }
     s.state.store(SlotState::kFree, std::memory_order_relaxed);
   }
 

@@ -106,17 +106,19 @@ TEST(JobTableTest, ClaimStampsSubmitEpochAndClearsTheFinishStamp) {
   EXPECT_EQ(s.state.load(), SlotState::kQueued);
 }
 
-TEST(JobTableTest, RetireStampsFinishEpochAndFreesTheHeapPayload) {
+TEST(JobTableTest, RetireStampsFinishEpochAndReclaimFreesTheHeapPayload) {
   JobTable t(4);
   Slot& s = t.slot(1);
   JobTable::claim(s, 3);
   s.heap_payload = new unsigned char[1000];
   s.payload_size = 1000;
   JobTable::retire(s, 9);
-  EXPECT_EQ(s.heap_payload, nullptr);
+  // A snapshot that cut before epoch 9 may still copy the payload.
+  EXPECT_NE(s.heap_payload, nullptr);
   EXPECT_EQ(s.finish_epoch.load(), 9u);
   EXPECT_EQ(s.state.load(), SlotState::kRetired);
   JobTable::reclaim(s);
+  EXPECT_EQ(s.heap_payload, nullptr);
   EXPECT_EQ(s.state.load(), SlotState::kFree);
 }
 

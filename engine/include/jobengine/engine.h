@@ -42,6 +42,11 @@ enum class StopMode : std::uint8_t {
   // Stop intake, let the jobs already running finish, drop every queued job
   // (counted in StopReport::dropped), then join the workers.
   kAbandon,
+  // Stop intake, let running jobs finish (up to snapshot.exit_deadline), then
+  // write a durable disk snapshot of every job left (queued jobs stay queued
+  // in it) and join the workers. The next open() of the same directory
+  // resumes exactly those jobs. Needs snapshots with a disk store.
+  kSnapshotAndExit,
 };
 
 enum class EngineState : std::uint8_t { kOpen, kRunning, kStopping, kStopped };
@@ -55,10 +60,42 @@ struct JobSpec {
   SubmitOptions options;
 };
 
-// What start() reports. Recovery fields arrive with snapshots.
+// A snapshot candidate recovery looked at and did not take.
+struct SkippedSnapshot {
+  std::string source;   // "shm:<name>" or the file's path
+  std::uint64_t offset = 0;  // byte offset of the first problem (0 if none applies)
+  std::string reason;   // what was wrong
+};
+
+// What recovery found at open() and restored at start().
+struct RecoveryReport {
+  bool recovered = false;       // a snapshot was loaded
+  std::string source;           // "shm:<name>" or the file path it came from
+  std::string why;              // why that one (e.g. "newest valid: generation 12")
+  std::uint64_t generation = 0;
+  std::chrono::system_clock::time_point taken_at;  // the snapshot's wall time
+  std::vector<SkippedSnapshot> skipped;  // newer candidates that did not verify
+  std::uint64_t pending = 0;        // jobs queued again as they were
+  std::uint64_t running_at_cut = 0; // jobs that were running: queued again, recoveries + 1
+  std::uint64_t poisoned = 0;       // quarantined as dead: past max_recoveries
+  std::uint64_t unknown_handler = 0;  // kept as dead: their handler is not registered
+  std::uint64_t dead = 0;           // dead in the snapshot and still dead
+};
+
+// What start() reports.
 struct StartReport {
   unsigned workers = 0;          // worker threads started
   std::vector<int> pinned_cpus;  // cpus[i] for worker i; empty when unpinned
+  RecoveryReport recovery;       // empty unless snapshots are enabled
+};
+
+// One snapshot written.
+struct SnapshotInfo {
+  std::uint64_t generation = 0;
+  std::uint64_t jobs = 0;       // job records in it (dead ones included)
+  std::uint64_t bytes = 0;
+  std::string path;             // the disk file, when written to disk
+  std::chrono::nanoseconds took{0};  // cut + encode + publish
 };
 
 // What stop() reports. The counts cover the engine's whole life.
@@ -67,6 +104,8 @@ struct StopReport {
   std::uint64_t done = 0;       // jobs whose handler returned kDone
   std::uint64_t failed = 0;     // jobs that failed for good (kFail or attempts used up)
   std::uint64_t dropped = 0;    // queued jobs dropped by kAbandon
+  std::uint64_t recovered = 0;  // jobs restored from a snapshot at start()
+  std::uint64_t left_in_snapshot = 0;  // kSnapshotAndExit: jobs in the final snapshot
   std::chrono::nanoseconds took{0};  // how long stop() took
 };
 
@@ -89,13 +128,29 @@ struct Health {
   std::uint64_t failed = 0;
   std::uint64_t exceptions = 0;                 // handler calls that threw
   std::uint64_t dropped = 0;
+  std::uint64_t recovered = 0;                  // restored from a snapshot at start()
   std::size_t capacity = 0;
+  // Snapshots (zero / empty when disabled).
+  std::uint64_t last_snapshot_generation = 0;   // newest published anywhere
+  std::chrono::nanoseconds last_snapshot_age{0};      // since its cut
+  std::chrono::nanoseconds last_snapshot_duration{0};
+  std::uint64_t last_snapshot_bytes = 0;
+  std::uint64_t last_durable_generation = 0;    // newest on disk
+  std::chrono::nanoseconds last_durable_age{0};
+  std::string last_snapshot_error;              // empty when the last attempt succeeded
+  std::uint64_t snapshot_failures = 0;
+  // Jobs accepted since the newest durable snapshot's cut: what power loss
+  // could lose now (approximate).
+  std::uint64_t at_risk = 0;
 };
 
 class Engine {
  public:
-  // Validates the options, allocates and touches the job table and queues.
-  // Starts no thread. Fails with kInvalidArgument naming the bad option.
+  // Validates the options, allocates and touches the job table and queues,
+  // and, with snapshots enabled, opens the stores (locking the directory) and
+  // loads the newest snapshot that verifies (restored by start()). Starts no
+  // thread. kInvalidArgument names a bad option; kFailedPrecondition when
+  // another engine holds the directory; kIoError when a store cannot be opened.
   static Result<Engine> open(EngineOptions options);
 
   Engine(Engine&&) noexcept;
@@ -136,13 +191,20 @@ class Engine {
   // enqueue per priority level present in the batch.
   Result<std::size_t> submit_batch(std::span<const JobSpec> jobs, std::span<JobId> ids = {});
 
-  // Stops intake (later submits get kStopped), then drains or abandons the
-  // queue as `mode` says and joins the workers. Returns what the engine did.
+  // Stops intake (later submits get kStopped), then drains, abandons or
+  // snapshots the queue as `mode` says and joins the workers and the snapshot
+  // thread. Returns what the engine did.
   // kFailedPrecondition if the engine was never started or is already stopped.
   // Must not be called from a handler.
   Result<StopReport> stop(StopMode mode = StopMode::kDrain);
 
-  // Thread-safe, lock-free, does not allocate.
+  // Takes a snapshot now and writes it to disk; returns once the file and its
+  // directory entry are durable. Thread-safe (concurrent calls may share one
+  // snapshot). kFailedPrecondition without a disk store or when not running;
+  // kIoError when the publish failed (the previous generation stays valid).
+  Result<SnapshotInfo> snapshot_now();
+
+  // Thread-safe, lock-free. Allocates only for last_snapshot_error's text.
   Health health() const;
 
   EngineState state() const noexcept;

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -30,6 +31,50 @@ enum class IdleStrategy : std::uint8_t {
 
 // Severity of a log line passed to EngineOptions::log.
 enum class LogLevel : std::uint8_t { kDebug, kInfo, kWarning, kError };
+
+// Persistence: periodic consistent snapshots of every pending job to shared
+// memory and to disk, and recovery from the newest one that verifies at
+// open(). See persistence/FORMAT.md for the bytes and README "What a snapshot
+// promises" for the guarantees.
+struct SnapshotOptions {
+  // Off by default: the engine then keeps jobs in memory only and a crash
+  // loses every pending job. When true, `dir` or `shm_name` must be set.
+  bool enabled = false;
+
+  // Directory of the disk store (created 0700; one engine per directory,
+  // enforced with flock). Empty: no disk store. Survives power loss.
+  std::string dir;
+
+  // Name of the shared-memory segment ([A-Za-z0-9._-], no '/'; created 0600).
+  // Empty: no shared-memory store. Survives a process crash, not a reboot.
+  std::string shm_name;
+
+  // How often the snapshot thread refreshes shared memory. Default 10 ms.
+  // 0 disables periodic shared-memory snapshots.
+  std::chrono::milliseconds shm_interval{10};
+
+  // How often a generation is written to disk (write, fsync, rename, fsync
+  // dir). Default 1 s. 0 disables periodic disk snapshots (snapshot_now() and
+  // stop(kSnapshotAndExit) still write one).
+  std::chrono::milliseconds disk_interval{1000};
+
+  // Disk generations kept (older ones are deleted after a publish). Default 3.
+  unsigned keep_generations = 3;
+
+  // A job found running at a cut comes back with recoveries + 1; past this
+  // many recoveries it is quarantined as dead ("poison job") instead of being
+  // run again. Default 3.
+  std::uint16_t max_recoveries = 3;
+
+  // How long stop(kSnapshotAndExit) lets running handlers finish before it
+  // takes the final snapshot anyway (those jobs are then recorded as running
+  // and run again after recovery). Default 5 s.
+  std::chrono::milliseconds exit_deadline{5000};
+
+  // CPU to pin the snapshot thread to; -1 (default) leaves it unpinned. It
+  // must not be one of the workers' cpus.
+  int cpu = -1;
+};
 
 struct EngineOptions {
   // Worker threads that run jobs. Default 1. Must be 1..4096.
@@ -83,6 +128,9 @@ struct EngineOptions {
   // cost less per job under load but hold jobs back from other workers.
   // Between 1 and 256.
   std::uint32_t dequeue_batch = 32;
+
+  // Snapshots and recovery; off by default.
+  SnapshotOptions snapshot;
 
   // Where the engine's log lines go. Empty (the default): the engine is silent.
   // Called from the engine's threads, so it must be thread-safe, and it must

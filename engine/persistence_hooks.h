@@ -1,0 +1,119 @@
+// The seam between the engine and persistence.
+//
+// persistence/ depends on the engine's job model, never the other way round:
+// the engine exposes a CutSource (a consistent cut of its job table, see
+// engine.cc invariants I5-I7) and drives an abstract Persistence, which
+// persistence/snapshotter.cc implements and make_persistence() creates. The
+// engine's sources include only this header, not persistence's.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "jobengine/engine.h"
+#include "jobengine/options.h"
+#include "jobengine/snapshot_format.h"
+#include "jobengine/status.h"
+
+namespace jobengine::detail {
+
+// One job of a cut, as the engine's table holds it. Views are valid until
+// CutSource::end_cut().
+struct CutJob {
+  JobId id = 0;
+  HandlerId handler = 0;
+  std::uint8_t priority = 0;
+  snapshot::JobState state = snapshot::JobState::kPending;
+  std::uint16_t attempts = 0;
+  std::uint16_t recoveries = 0;
+  std::uint64_t submit_ticks = 0;   // Clock ticks
+  std::uint64_t run_at_ticks = 0;
+  std::string_view payload;
+};
+
+// A job the engine keeps dead (quarantined), with everything a snapshot
+// stores about it. Owned copies: dead jobs live outside the slot table.
+struct DeadJob {
+  JobId id = 0;
+  std::string handler;
+  std::uint8_t priority = 0;
+  std::uint16_t attempts = 0;
+  std::uint16_t recoveries = 0;
+  std::int64_t submit_ns = 0;   // Unix epoch
+  std::int64_t run_at_ns = 0;
+  std::string payload;
+  std::string error;
+};
+
+class CutSource {
+ public:
+  virtual ~CutSource() = default;
+  // Starts a cut and returns its epoch C once no thread can still act in an
+  // epoch <= C. One cut at a time.
+  virtual std::uint64_t begin_cut() = 0;
+  // Calls `fn` for every job in the cut (submitted in an epoch <= C and not
+  // finished in one). Between begin_cut() and end_cut() only.
+  virtual void for_each_cut_job(std::uint64_t cut, const std::function<void(const CutJob&)>& fn) = 0;
+  // Ends the cut: finished slots may be reused again.
+  virtual void end_cut() = 0;
+  // Handler names, by HandlerId.
+  virtual std::span<const std::string> handler_names() const = 0;
+  // The id counter: every id ever handed out is below it.
+  virtual JobId next_job_id() const = 0;
+  // The dead jobs, copied under the engine's lock.
+  virtual std::vector<DeadJob> dead_jobs() const = 0;
+  // Jobs accepted so far (submitted + recovered), for "at risk" figures.
+  virtual std::uint64_t accepted_total() const = 0;
+};
+
+// What recovery found: the image it keeps alive and the decoded view into it.
+struct LoadedSnapshot {
+  std::vector<unsigned char> bytes;
+  snapshot::SnapshotView view;
+};
+
+// Snapshot figures for Health.
+struct SnapshotHealth {
+  std::uint64_t last_generation = 0;
+  std::chrono::nanoseconds last_age{0};
+  std::chrono::nanoseconds last_duration{0};
+  std::uint64_t last_bytes = 0;
+  std::uint64_t last_durable_generation = 0;
+  std::chrono::nanoseconds last_durable_age{0};
+  std::string last_error;
+  std::uint64_t failures = 0;
+  std::uint64_t accepted_at_last_durable = 0;
+};
+
+class Persistence {
+ public:
+  virtual ~Persistence() = default;
+  // The newest snapshot that verifies, from either store, or nullptr when
+  // there is none. `report` says where it came from and what was skipped.
+  virtual Result<std::unique_ptr<LoadedSnapshot>> load_newest(RecoveryReport& report) = 0;
+  // Starts the snapshot thread, cutting from `source`. `first_generation`
+  // continues the numbering after the recovered snapshot.
+  virtual Status start(CutSource& source, std::uint64_t first_generation) = 0;
+  // Takes a snapshot now and makes it durable on disk (blocks).
+  virtual Result<SnapshotInfo> snapshot_now() = 0;
+  // Stops the snapshot thread (no final snapshot). Idempotent.
+  virtual void stop() = 0;
+  // After stop(): takes one more snapshot in the calling thread and publishes
+  // it to every store (durably on disk when there is one).
+  virtual Result<SnapshotInfo> final_snapshot() = 0;
+  virtual bool has_disk() const = 0;
+  virtual SnapshotHealth health() const = 0;
+};
+
+// Opens the stores named in `options` (locking the directory). Defined in
+// persistence/snapshotter.cc.
+Result<std::unique_ptr<Persistence>> make_persistence(
+    const SnapshotOptions& options, std::function<void(LogLevel, std::string_view)> log);
+
+}  // namespace jobengine::detail

@@ -1,0 +1,402 @@
+#include "persistence/file_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <string_view>
+#include <utility>
+
+namespace jobengine::persist {
+namespace {
+
+constexpr std::string_view kLockName = "LOCK";
+constexpr std::string_view kTempPrefix = ".tmp-";
+constexpr std::string_view kGenPrefix = "gen-";
+constexpr std::string_view kGenSuffix = ".jobsnap";
+constexpr std::size_t kGenDigits = 20;
+constexpr mode_t kDirMode = 0700;
+constexpr mode_t kFileMode = 0600;
+
+// "<step> <path>: <errno text>", the shape of every I/O error of this file.
+Status io_error(std::string_view step, const std::string& path, int error) {
+  std::string msg(step);
+  msg += ' ';
+  msg += path;
+  msg += ": ";
+  msg += errno_text(error);
+  return Status(StatusCode::kIoError, std::move(msg));
+}
+
+std::string join(const std::string& dir, std::string_view name) {
+  std::string out = dir;
+  out += '/';
+  out += name;
+  return out;
+}
+
+// "a/b/" -> "a/b"; "/" stays "/".
+std::string strip_trailing_slashes(std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir;
+}
+
+std::string parent_of(const std::string& dir) {
+  std::size_t slash = dir.rfind('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return dir.substr(0, slash);
+}
+
+std::string generation_name(std::uint64_t generation) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "gen-%020llu.jobsnap",
+                static_cast<unsigned long long>(generation));
+  return buf;
+}
+
+std::string temp_name(std::uint64_t generation) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, ".tmp-%020llu-%ld", static_cast<unsigned long long>(generation),
+                static_cast<long>(::getpid()));
+  return buf;
+}
+
+// Accepts exactly "gen-" + 20 decimal digits (a value that fits 64 bits) +
+// ".jobsnap".
+bool parse_generation_name(std::string_view name, std::uint64_t* generation) {
+  if (name.size() != kGenPrefix.size() + kGenDigits + kGenSuffix.size()) return false;
+  if (name.substr(0, kGenPrefix.size()) != kGenPrefix) return false;
+  if (name.substr(kGenPrefix.size() + kGenDigits) != kGenSuffix) return false;
+  std::uint64_t value = 0;
+  for (char c : name.substr(kGenPrefix.size(), kGenDigits)) {
+    if (c < '0' || c > '9') return false;
+    const auto digit = static_cast<std::uint64_t>(c - '0');
+    if (value > (UINT64_MAX - digit) / 10) return false;
+    value = value * 10 + digit;
+  }
+  *generation = value;
+  return true;
+}
+
+const char* kind_text(FileInfo::Kind kind) {
+  switch (kind) {
+    case FileInfo::Kind::kRegular:
+      return "a regular file";
+    case FileInfo::Kind::kDirectory:
+      return "a directory";
+    case FileInfo::Kind::kSymlink:
+      return "a symlink";
+    case FileInfo::Kind::kFifo:
+      return "a FIFO";
+    case FileInfo::Kind::kOther:
+      return "a device or socket";
+  }
+  return "of unknown type";
+}
+
+// Closes a descriptor on every path out of a scope unless released first
+// (the success path closes explicitly, to see close()'s error).
+class ScopedFd {
+ public:
+  ScopedFd(FileSystem& fs, int fd) : fs_(fs), fd_(fd) {}
+  ScopedFd(const ScopedFd&) = delete;
+  ScopedFd& operator=(const ScopedFd&) = delete;
+  ~ScopedFd() {
+    if (fd_ >= 0) (void)fs_.close(fd_);
+  }
+  int get() const noexcept { return fd_; }
+  int release() noexcept { return std::exchange(fd_, -1); }
+
+ private:
+  FileSystem& fs_;
+  int fd_;
+};
+
+// Writes every byte; a short write continues where it stopped and EINTR
+// retries (nothing was written). Returns 0 or the errno of the failed write.
+int write_all(FileSystem& fs, int fd, std::span<const unsigned char> bytes) {
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    SysResult<std::size_t> r = fs.write(fd, bytes.data() + done, bytes.size() - done);
+    if (!r.ok()) {
+      if (r.error == EINTR) continue;
+      return r.error;
+    }
+    if (r.value == 0) return EIO;  // write(2) made no progress: never loop forever
+    done += r.value;
+  }
+  return 0;
+}
+
+int fsync_retrying_eintr(FileSystem& fs, int fd) {
+  for (;;) {
+    int err = fs.fsync(fd);
+    if (err != EINTR) return err;
+  }
+}
+
+// Makes `dir`'s entries durable (creations, renames and unlinks in it).
+Status sync_dir(FileSystem& fs, const std::string& dir) {
+  SysResult<int> fd = fs.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+  if (!fd.ok()) return io_error("open dir", dir, fd.error);
+  ScopedFd closer(fs, fd.value);
+  if (int err = fsync_retrying_eintr(fs, fd.value); err != 0) {
+    return io_error("fsync dir", dir, err);
+  }
+  if (int err = fs.close(closer.release()); err != 0) return io_error("close dir", dir, err);
+  return Status();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, unsigned keep,
+                                                   std::shared_ptr<FileSystem> fs) {
+  if (keep == 0) {
+    return Status(StatusCode::kInvalidArgument, "FileStore keep must be at least 1");
+  }
+  if (dir_arg.empty()) {
+    return Status(StatusCode::kInvalidArgument, "FileStore directory name is empty");
+  }
+  if (fs == nullptr) fs = default_file_system();
+  const std::string dir = strip_trailing_slashes(dir_arg);
+
+  // The directory: create it, or check the one that is there.
+  bool created = false;
+  SysResult<FileInfo> info = fs->lstat(dir);
+  if (!info.ok()) {
+    if (info.error != ENOENT) return io_error("lstat", dir, info.error);
+    int err = fs->mkdir(dir, kDirMode);
+    if (err != 0 && err != EEXIST) return io_error("mkdir", dir, err);
+    created = err == 0;
+    info = fs->lstat(dir);
+    if (!info.ok()) return io_error("lstat", dir, info.error);
+  }
+  if (info.value.kind == FileInfo::Kind::kSymlink) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot directory " + dir + " is a symlink; refusing to follow it");
+  }
+  if (info.value.kind != FileInfo::Kind::kDirectory) {
+    return Status(StatusCode::kInvalidArgument, "snapshot directory " + dir +
+                                                    " is not a directory (it is " +
+                                                    kind_text(info.value.kind) + ")");
+  }
+  const auto euid = static_cast<std::uint32_t>(::geteuid());
+  if (info.value.uid != euid) {
+    return Status(StatusCode::kFailedPrecondition,
+                  "snapshot directory " + dir + " is owned by uid " +
+                      std::to_string(info.value.uid) + ", not by this process's uid " +
+                      std::to_string(euid));
+  }
+  if (info.value.mode != kDirMode) {
+    if (int err = fs->chmod(dir, kDirMode); err != 0) return io_error("chmod 0700", dir, err);
+  }
+  if (created) {
+    // The new directory's own entry must survive power loss too.
+    if (Status s = sync_dir(*fs, parent_of(dir)); !s.ok()) return s;
+  }
+
+  // The lock: one engine per directory.
+  const std::string lock_path = join(dir, kLockName);
+  SysResult<int> lock = fs->open(lock_path, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, kFileMode);
+  if (!lock.ok()) {
+    if (lock.error == ELOOP) {
+      return Status(StatusCode::kInvalidArgument,
+                    lock_path + " is a symlink; refusing to follow it");
+    }
+    return io_error("open", lock_path, lock.error);
+  }
+  ScopedFd lock_closer(*fs, lock.value);
+  SysResult<FileInfo> lock_info = fs->fstat(lock.value);
+  if (!lock_info.ok()) return io_error("fstat", lock_path, lock_info.error);
+  if (lock_info.value.kind != FileInfo::Kind::kRegular) {
+    return Status(StatusCode::kInvalidArgument, lock_path + " is not a regular file (it is " +
+                                                    kind_text(lock_info.value.kind) + ")");
+  }
+  if (lock_info.value.mode != kFileMode) {
+    if (int err = fs->fchmod(lock.value, kFileMode); err != 0) {
+      return io_error("fchmod 0600", lock_path, err);
+    }
+  }
+  if (int err = fs->lock_exclusive(lock.value); err != 0) {
+    if (err == EWOULDBLOCK || err == EAGAIN) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "another engine holds " + dir + " (flock on " + lock_path + ")");
+    }
+    return io_error("flock", lock_path, err);
+  }
+
+  // Under the lock no publish is in progress: every temp file is stale.
+  SysResult<std::vector<std::string>> names = fs->list_dir(dir);
+  if (!names.ok()) return io_error("list", dir, names.error);
+  for (const std::string& name : names.value) {
+    if (std::string_view(name).substr(0, kTempPrefix.size()) != kTempPrefix) continue;
+    const std::string path = join(dir, name);
+    if (int err = fs->unlink(path); err != 0 && err != ENOENT) {
+      return io_error("unlink stale temp file", path, err);
+    }
+  }
+
+  return std::unique_ptr<FileStore>(new FileStore(dir, keep, std::move(fs), lock_closer.release()));
+}
+
+FileStore::FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd)
+    : dir_(std::move(dir)), keep_(keep), fs_(std::move(fs)), lock_fd_(lock_fd) {}
+
+FileStore::~FileStore() {
+  if (lock_fd_ >= 0) (void)fs_->close(lock_fd_);
+}
+
+Status FileStore::publish(std::uint64_t generation, std::span<const unsigned char> image) {
+  std::lock_guard<std::mutex> guard(publish_mutex_);
+  FileSystem& fs = *fs_;
+
+  Result<std::vector<GenerationFile>> present = list_generations(dir_, fs);
+  if (!present.ok()) return present.status();
+  if (!present->empty() && generation <= present->front().generation) {
+    return Status(StatusCode::kInvalidArgument, "publish generation " + std::to_string(generation) +
+                                                    " is not newer than generation " +
+                                                    std::to_string(present->front().generation) +
+                                                    " in " + dir_);
+  }
+
+  const std::string temp = join(dir_, temp_name(generation));
+  const std::string final_path = join(dir_, generation_name(generation));
+
+  SysResult<int> fd =
+      fs.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, kFileMode);
+  if (!fd.ok()) return io_error("open", temp, fd.error);  // not ours to remove (O_EXCL)
+  ScopedFd closer(fs, fd.value);
+  // Every later failure removes the temp file; the older generations were
+  // never touched.
+  auto fail = [&](std::string_view step, const std::string& path, int err) {
+    if (closer.get() >= 0) (void)fs.close(closer.release());
+    (void)fs.unlink(temp);
+    return io_error(step, path, err);
+  };
+  if (int err = fs.fchmod(fd.value, kFileMode); err != 0) return fail("fchmod 0600", temp, err);
+  if (int err = write_all(fs, fd.value, image); err != 0) return fail("write", temp, err);
+  if (int err = fsync_retrying_eintr(fs, fd.value); err != 0) return fail("fsync", temp, err);
+  if (int err = fs.close(closer.release()); err != 0) return fail("close", temp, err);
+  if (int err = fs.rename(temp, final_path); err != 0) {
+    return fail("rename", temp + " to " + final_path, err);
+  }
+  if (Status s = sync_dir(fs, dir_); !s.ok()) {
+    // The new name may or may not be durable; take it back so that a failed
+    // publish leaves no generation behind (best effort: were the machine to
+    // lose power now, a complete, fsynced image might remain, which verifies).
+    (void)fs.unlink(final_path);
+    return s;
+  }
+
+  // Retention. The image is durable already, so a failure here does not fail
+  // the publish; the next publish prunes again.
+  bool pruned = false;
+  const std::size_t keep_old = keep_ - 1;  // the new generation takes one slot
+  for (std::size_t i = keep_old; i < present->size(); ++i) {
+    pruned = fs.unlink((*present)[i].path) == 0 || pruned;
+  }
+  if (pruned) (void)sync_dir(fs, dir_);
+  return Status();
+}
+
+Result<std::vector<GenerationFile>> FileStore::list() const { return list_generations(dir_, *fs_); }
+
+Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std::uint64_t max_bytes,
+                                                   FileSystem& fs) {
+  // lstat first so that a FIFO or a device is never even opened (opening
+  // some devices has effects); the open below repeats every check on the
+  // descriptor itself, and O_NONBLOCK keeps a FIFO swapped in meanwhile from
+  // blocking the open.
+  SysResult<FileInfo> info = fs.lstat(path);
+  if (!info.ok()) {
+    if (info.error == ENOENT) {
+      return Status(StatusCode::kNotFound, "snapshot file " + path + ": " + errno_text(ENOENT));
+    }
+    return io_error("lstat", path, info.error);
+  }
+  if (info.value.kind == FileInfo::Kind::kSymlink) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot file " + path + " is a symlink; refusing to follow it");
+  }
+  if (info.value.kind != FileInfo::Kind::kRegular) {
+    return Status(StatusCode::kInvalidArgument, "snapshot file " + path +
+                                                    " is not a regular file (it is " +
+                                                    kind_text(info.value.kind) + ")");
+  }
+
+  SysResult<int> fd = fs.open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, 0);
+  if (!fd.ok()) {
+    if (fd.error == ELOOP) {
+      return Status(StatusCode::kInvalidArgument,
+                    "snapshot file " + path + " is a symlink; refusing to follow it");
+    }
+    if (fd.error == ENOENT) {
+      return Status(StatusCode::kNotFound, "snapshot file " + path + ": " + errno_text(ENOENT));
+    }
+    return io_error("open", path, fd.error);
+  }
+  ScopedFd closer(fs, fd.value);
+  SysResult<FileInfo> st = fs.fstat(fd.value);
+  if (!st.ok()) return io_error("fstat", path, st.error);
+  if (st.value.kind != FileInfo::Kind::kRegular) {
+    return Status(StatusCode::kInvalidArgument, "snapshot file " + path +
+                                                    " is not a regular file (it is " +
+                                                    kind_text(st.value.kind) + ")");
+  }
+  if (st.value.size > max_bytes) {
+    return Status(StatusCode::kInvalidArgument,
+                  "snapshot file " + path + " is " + std::to_string(st.value.size) +
+                      " bytes, more than the limit of " + std::to_string(max_bytes));
+  }
+
+  std::vector<unsigned char> bytes(static_cast<std::size_t>(st.value.size));
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    SysResult<std::size_t> r = fs.read(fd.value, bytes.data() + done, bytes.size() - done);
+    if (!r.ok()) {
+      if (r.error == EINTR) continue;
+      return io_error("read", path, r.error);
+    }
+    if (r.value == 0) {
+      return Status(StatusCode::kIoError, "read " + path + ": file shrank to " +
+                                              std::to_string(done) + " of " +
+                                              std::to_string(bytes.size()) + " bytes while read");
+    }
+    done += r.value;
+  }
+  // The descriptor was only read: a close error loses nothing.
+  return bytes;
+}
+
+Result<std::vector<GenerationFile>> list_generations(const std::string& dir_arg, FileSystem& fs) {
+  const std::string dir = strip_trailing_slashes(dir_arg);
+  SysResult<std::vector<std::string>> names = fs.list_dir(dir);
+  if (!names.ok()) return io_error("list", dir, names.error);
+  std::vector<GenerationFile> out;
+  for (const std::string& name : names.value) {
+    std::uint64_t generation = 0;
+    if (!parse_generation_name(name, &generation)) continue;
+    GenerationFile file;
+    file.generation = generation;
+    file.path = join(dir, name);
+    SysResult<FileInfo> info = fs.lstat(file.path);
+    if (!info.ok()) {
+      if (info.error == ENOENT) continue;  // pruned meanwhile
+      return io_error("lstat", file.path, info.error);
+    }
+    // Only regular files are generations; read() would refuse anything else.
+    if (info.value.kind != FileInfo::Kind::kRegular) continue;
+    file.bytes = info.value.size;
+    out.push_back(std::move(file));
+  }
+  std::sort(out.begin(), out.end(), [](const GenerationFile& a, const GenerationFile& b) {
+    return a.generation > b.generation;
+  });
+  return out;
+}
+
+}  // namespace jobengine::persist

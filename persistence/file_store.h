@@ -1,0 +1,101 @@
+// FileStore: the disk half of persistence. A directory of snapshot
+// generations, published atomically and durably, one engine at a time.
+//
+// Directory layout (created 0700 whatever the umask):
+//   LOCK                          flock()ed by the owning engine (released when it dies)
+//   gen-<20-digit generation>.jobsnap   one snapshot image each (0600)
+//   .tmp-<20-digit generation>-<pid>    a publish in progress (removed on failure / at open)
+//
+// Publish protocol (design.md "Atomic publish"): create the temp file in the
+// same directory with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0600 (fchmod,
+// whatever the umask); write all bytes (short writes and EINTR continue; any
+// other error fails); fsync the file; close it; rename it to its final name;
+// fsync the directory; only then return OK. On any failure the temp file is
+// removed, the previous generations are untouched and still verify, and the
+// error (kIoError) names the step ("write", "fsync", "close", "rename",
+// "fsync dir", ...), the path and the errno text; nothing is retried silently
+// (an fsync error in particular is never retried: Linux may have dropped the
+// dirty pages). If the directory fsync fails, the renamed file is unlinked
+// again, so a failed publish leaves no new generation behind unless the
+// machine loses power at that instant (it would then be a complete image).
+// After a successful publish, generations beyond `keep` (oldest first) are
+// deleted and the directory is fsynced again; a failure there does not fail
+// the publish (the new image is durable) and the next publish prunes again.
+//
+// All files of the store are opened O_CLOEXEC through the injected
+// FileSystem; the paths a store reports are dir + "/" + name with the
+// directory as given (trailing slashes dropped).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "jobengine/status.h"
+#include "persistence/file_system.h"
+
+namespace jobengine::persist {
+
+struct GenerationFile {
+  std::uint64_t generation = 0;
+  std::string path;  // absolute or as given: dir + "/" + name
+  std::uint64_t bytes = 0;
+};
+
+class FileStore {
+ public:
+  // Creates `dir` (0700) if missing (only the last component; the parent's
+  // entry is fsynced), refuses a dir that is a symlink or not a directory
+  // (kInvalidArgument naming it) or that another uid owns
+  // (kFailedPrecondition), fixes its mode to 0700, takes an exclusive flock
+  // on dir/LOCK (non-blocking): a second store on the same directory, in this
+  // or another process, gets kFailedPrecondition "another engine holds <dir>"
+  // and then, holding the lock, removes stale temp files. `keep` >= 1
+  // generations are retained (0 is kInvalidArgument). `fs` is the file layer
+  // (PosixFileSystem by default; tests inject faults). The lock lives as long
+  // as the LOCK descriptor: a fork()ed child that has not exec'd shares it.
+  static Result<std::unique_ptr<FileStore>> open(const std::string& dir, unsigned keep,
+                                                 std::shared_ptr<FileSystem> fs = nullptr);
+  ~FileStore();  // releases the lock
+  FileStore(const FileStore&) = delete;
+  FileStore& operator=(const FileStore&) = delete;
+
+  // Durably publishes `image` as generation `generation`, which must be
+  // greater than every generation in the directory (else kInvalidArgument,
+  // nothing written). kIoError on failure (see above). Thread-safe:
+  // concurrent publishes are serialized.
+  Status publish(std::uint64_t generation, std::span<const unsigned char> image);
+
+  // The generation files present, newest first: regular files named exactly
+  // gen-<20 digits>.jobsnap, with their sizes (temp files and other names
+  // excluded). kIoError if the directory cannot be listed. Thread-safe.
+  Result<std::vector<GenerationFile>> list() const;
+
+  // Reads one generation file: opened O_RDONLY|O_NOFOLLOW|O_CLOEXEC, must be a
+  // regular file no larger than `max_bytes`. Errors name the path: kNotFound
+  // if it does not exist; kInvalidArgument for a symlink ("is a symlink"), a
+  // directory, FIFO or device ("not a regular file"; never opened, so never
+  // blocks) or an over-size file (its size); kIoError for a failed call.
+  // Modifies nothing. Thread-safe.
+  static Result<std::vector<unsigned char>> read(const std::string& path, std::uint64_t max_bytes,
+                                                 FileSystem& fs);
+
+  const std::string& dir() const noexcept { return dir_; }
+
+ private:
+  FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd);
+  std::string dir_;
+  unsigned keep_;
+  std::shared_ptr<FileSystem> fs_;
+  int lock_fd_;
+  std::mutex publish_mutex_;
+};
+
+// Lists generation files of a directory without locking it (for recovery
+// and read-only tools). Newest first; same rules as FileStore::list().
+Result<std::vector<GenerationFile>> list_generations(const std::string& dir, FileSystem& fs);
+
+}  // namespace jobengine::persist

@@ -1,0 +1,163 @@
+#include "persistence/file_system.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace jobengine::persist {
+namespace {
+
+// strerror_r has two signatures (GNU returns a char*, XSI an int); these
+// overloads accept whichever one the C library declares.
+[[maybe_unused]] const char* strerror_result(int rc, const char* buf) {
+  return rc == 0 ? buf : nullptr;
+}
+[[maybe_unused]] const char* strerror_result(const char* text, const char* /*buf*/) { return text; }
+
+FileInfo to_info(const struct stat& st) {
+  FileInfo info;
+  if (S_ISREG(st.st_mode)) {
+    info.kind = FileInfo::Kind::kRegular;
+  } else if (S_ISDIR(st.st_mode)) {
+    info.kind = FileInfo::Kind::kDirectory;
+  } else if (S_ISLNK(st.st_mode)) {
+    info.kind = FileInfo::Kind::kSymlink;
+  } else if (S_ISFIFO(st.st_mode)) {
+    info.kind = FileInfo::Kind::kFifo;
+  } else {
+    info.kind = FileInfo::Kind::kOther;
+  }
+  info.size = st.st_size > 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
+  info.mode = static_cast<std::uint32_t>(st.st_mode & 07777);
+  info.uid = static_cast<std::uint32_t>(st.st_uid);
+  info.device = static_cast<std::uint64_t>(st.st_dev);
+  info.inode = static_cast<std::uint64_t>(st.st_ino);
+  return info;
+}
+
+}  // namespace
+
+std::string errno_text(int error) {
+  char buf[256];
+  buf[0] = '\0';
+  const char* text = strerror_result(strerror_r(error, buf, sizeof buf), buf);
+  if (text == nullptr || *text == '\0') return "errno " + std::to_string(error);
+  return text;
+}
+
+SysResult<int> PosixFileSystem::open(const std::string& path, int flags, mode_t mode) {
+  // open() of a FIFO or device may block; EINTR then means nothing was opened
+  // and the call may be repeated.
+  for (;;) {
+    int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
+    if (fd >= 0) return {fd, 0};
+    if (errno != EINTR) return {-1, errno};
+  }
+}
+
+SysResult<std::size_t> PosixFileSystem::write(int fd, const void* data, std::size_t size) {
+  for (;;) {
+    ssize_t n = ::write(fd, data, size);
+    if (n >= 0) return {static_cast<std::size_t>(n), 0};
+    if (errno != EINTR) return {0, errno};
+  }
+}
+
+SysResult<std::size_t> PosixFileSystem::read(int fd, void* data, std::size_t size) {
+  for (;;) {
+    ssize_t n = ::read(fd, data, size);
+    if (n >= 0) return {static_cast<std::size_t>(n), 0};
+    if (errno != EINTR) return {0, errno};
+  }
+}
+
+int PosixFileSystem::fsync(int fd) {
+  // An interrupted fsync reported no I/O error, so asking again is safe. Any
+  // other error is returned and never retried: after a failed fsync Linux may
+  // have dropped the dirty pages and a second fsync could falsely succeed.
+  for (;;) {
+    if (::fsync(fd) == 0) return 0;
+    if (errno != EINTR) return errno;
+  }
+}
+
+int PosixFileSystem::close(int fd) {
+  // Linux releases the descriptor even when close() fails; retrying on EINTR
+  // could close a descriptor another thread has just been given.
+  if (::close(fd) == 0 || errno == EINTR) return 0;
+  return errno;
+}
+
+int PosixFileSystem::rename(const std::string& from, const std::string& to) {
+  return ::rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
+}
+
+int PosixFileSystem::unlink(const std::string& path) {
+  return ::unlink(path.c_str()) == 0 ? 0 : errno;
+}
+
+int PosixFileSystem::mkdir(const std::string& path, mode_t mode) {
+  return ::mkdir(path.c_str(), mode) == 0 ? 0 : errno;
+}
+
+int PosixFileSystem::fchmod(int fd, mode_t mode) { return ::fchmod(fd, mode) == 0 ? 0 : errno; }
+
+int PosixFileSystem::chmod(const std::string& path, mode_t mode) {
+  return ::chmod(path.c_str(), mode) == 0 ? 0 : errno;
+}
+
+SysResult<FileInfo> PosixFileSystem::lstat(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return {{}, errno};
+  return {to_info(st), 0};
+}
+
+SysResult<FileInfo> PosixFileSystem::fstat(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return {{}, errno};
+  return {to_info(st), 0};
+}
+
+SysResult<std::vector<std::string>> PosixFileSystem::list_dir(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return {{}, errno};
+  DIR* dir = ::fdopendir(fd);  // owns fd from here on
+  if (dir == nullptr) {
+    int err = errno;
+    ::close(fd);
+    return {{}, err};
+  }
+  SysResult<std::vector<std::string>> out;
+  for (;;) {
+    errno = 0;
+    const struct dirent* entry = ::readdir(dir);
+    if (entry == nullptr) {
+      out.error = errno;  // 0 at the end of the directory
+      break;
+    }
+    if (std::strcmp(entry->d_name, ".") == 0 || std::strcmp(entry->d_name, "..") == 0) continue;
+    out.value.emplace_back(entry->d_name);
+  }
+  ::closedir(dir);
+  if (!out.ok()) out.value.clear();
+  return out;
+}
+
+int PosixFileSystem::lock_exclusive(int fd) {
+  for (;;) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return 0;
+    if (errno != EINTR) return errno;
+  }
+}
+
+std::shared_ptr<FileSystem> default_file_system() {
+  static const std::shared_ptr<FileSystem> fs = std::make_shared<PosixFileSystem>();
+  return fs;
+}
+
+}  // namespace jobengine::persist

@@ -1,0 +1,797 @@
+// ShmStore: see shm_store.h for the segment layout, the invariants and the
+// placement rule. The one file that includes Boost.Interprocess: every
+// boost::interprocess::interprocess_exception and std::bad_alloc is caught in
+// the public functions below and returned as a Status.
+//
+// Memory orders, shared by the writer (publish) and readers (read_image):
+//  - The writer makes the inactive slot's version odd, then a release fence,
+//    then writes the slot (descriptor and image bytes, relaxed atomics), then
+//    stores the even version with release and flips `active` with release.
+//  - A reader acquire-loads `active` and the slot's version (pairing with the
+//    two release stores: it sees the complete slot), copies it with relaxed
+//    atomic loads, then an acquire fence and a relaxed reload of the version.
+//    If its copy read any byte written after the writer's release fence, the
+//    fences synchronise and the reload sees the newer (odd) version, so a
+//    torn copy is always discarded (Boehm, "Can seqlocks get along with
+//    programming language memory models?", 2012).
+//  - Image bytes are moved with relaxed 8-byte atomic loads and stores, not
+//    memcpy: a slow reader and the writer may touch the same bytes, and the
+//    atomics make that race defined (and visible to ThreadSanitizer as none).
+#include "persistence/shm_store.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <boost/interprocess/exceptions.hpp>
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/permissions.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <utility>
+
+#include "jobengine/snapshot_format.h"  // snapshot::checksum (XXH3-64)
+
+namespace jobengine::persist {
+namespace {
+
+namespace bip = boost::interprocess;
+
+constexpr std::size_t kControlBytes = 4096;
+constexpr std::uint32_t kLayoutVersion = 1;
+constexpr std::size_t kSlotAlign = 4096;
+// Far beyond any real image; keeps every size sum below far from overflow.
+constexpr std::size_t kMaxImageBytes = std::size_t{1} << 40;
+constexpr std::size_t kMaxNameBytes = 200;
+constexpr int kMaxReadAttempts = 100;
+constexpr mode_t kSegmentMode = 0600;
+constexpr std::uint64_t kMagic =
+    std::bit_cast<std::uint64_t>(std::array<char, 8>{'J', 'O', 'B', 'S', 'H', 'M', '0', '1'});
+
+// One slot descriptor (shm_store.h, "Segment layout").
+struct SlotDescriptor {
+  std::atomic<std::uint64_t> version;
+  std::atomic<std::uint64_t> offset;
+  std::atomic<std::uint64_t> capacity;
+  std::atomic<std::uint64_t> length;
+  std::atomic<std::uint64_t> generation;
+  std::atomic<std::uint64_t> checksum;
+  unsigned char reserved[16];
+};
+
+// The 4096-byte control block at offset 0 of the segment. Never constructed:
+// it is the zero-filled memory of the segment, read through this type (a
+// lock-free atomic has the representation of its value type, and zero bytes
+// are the value 0).
+struct ControlBlock {
+  std::atomic<std::uint64_t> magic;
+  std::atomic<std::uint32_t> layout_version;
+  std::atomic<std::uint32_t> control_bytes;
+  std::atomic<std::uint64_t> writer_pid;
+  unsigned char reserved0[40];
+  std::atomic<std::uint32_t> active;
+  unsigned char reserved1[60];
+  SlotDescriptor slots[2];
+  unsigned char reserved2[kControlBytes - 256];
+};
+
+// Atomics in memory shared between processes must be lock-free (hence
+// address-free) and have exactly their value's size.
+static_assert(std::atomic<std::uint32_t>::is_always_lock_free);
+static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
+static_assert(sizeof(std::atomic<std::uint32_t>) == 4 && sizeof(std::atomic<std::uint64_t>) == 8);
+static_assert(std::atomic_ref<std::uint64_t>::is_always_lock_free &&
+              std::atomic_ref<std::uint64_t>::required_alignment <= 8);
+static_assert(std::atomic_ref<unsigned char>::is_always_lock_free);
+static_assert(std::is_standard_layout_v<SlotDescriptor> && sizeof(SlotDescriptor) == 64);
+static_assert(std::is_standard_layout_v<ControlBlock> && sizeof(ControlBlock) == kControlBytes);
+static_assert(offsetof(ControlBlock, layout_version) == 8);
+static_assert(offsetof(ControlBlock, control_bytes) == 12);
+static_assert(offsetof(ControlBlock, writer_pid) == 16);
+static_assert(offsetof(ControlBlock, active) == 64);
+static_assert(offsetof(ControlBlock, slots) == 128);
+static_assert(offsetof(SlotDescriptor, checksum) == 40);
+
+// A plain copy of one descriptor.
+struct SlotView {
+  std::uint64_t version = 0;
+  std::uint64_t offset = 0;
+  std::uint64_t capacity = 0;
+  std::uint64_t length = 0;
+  std::uint64_t generation = 0;
+  std::uint64_t checksum = 0;
+};
+
+// Relaxed: callers order these loads with the version protocol (see the top).
+SlotView load_slot(const SlotDescriptor& d) noexcept {
+  SlotView s;
+  s.version = d.version.load(std::memory_order_relaxed);
+  s.offset = d.offset.load(std::memory_order_relaxed);
+  s.capacity = d.capacity.load(std::memory_order_relaxed);
+  s.length = d.length.load(std::memory_order_relaxed);
+  s.generation = d.generation.load(std::memory_order_relaxed);
+  s.checksum = d.checksum.load(std::memory_order_relaxed);
+  return s;
+}
+
+// A slot's extent lies inside a `size`-byte segment, past the control block,
+// 8-byte aligned, and holds its length. A slot without storage (capacity 0)
+// holds only an empty image.
+bool extent_ok(const SlotView& s, std::size_t size) noexcept {
+  if (s.length > s.capacity) return false;
+  if (s.capacity == 0) return true;
+  return s.offset >= kControlBytes && s.offset % 8 == 0 && s.offset <= size &&
+         s.capacity <= size - s.offset;
+}
+
+bool overlaps(const SlotView& a, const SlotView& b) noexcept {
+  if (a.capacity == 0 || b.capacity == 0) return false;
+  return a.offset < b.offset + b.capacity && b.offset < a.offset + a.capacity;
+}
+
+std::size_t round_up(std::size_t n, std::size_t align) noexcept {
+  return (n + align - 1) / align * align;
+}
+
+// Copies `n` bytes out of the segment at `src` (8-byte aligned) with relaxed
+// atomic loads: the writer may be rewriting them (see the top).
+void load_bytes(unsigned char* dst, const unsigned char* src, std::size_t n) noexcept {
+  auto* words = reinterpret_cast<std::uint64_t*>(const_cast<unsigned char*>(src));
+  const std::size_t count = n / 8;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::uint64_t w =
+        std::atomic_ref<std::uint64_t>(words[i]).load(std::memory_order_relaxed);
+    std::memcpy(dst + i * 8, &w, 8);
+  }
+  for (std::size_t i = count * 8; i < n; ++i) {
+    dst[i] = std::atomic_ref<unsigned char>(const_cast<unsigned char&>(src[i]))
+                 .load(std::memory_order_relaxed);
+  }
+}
+
+// Copies `n` bytes into the segment at `dst` (8-byte aligned) with relaxed
+// atomic stores: a slow reader may be reading them (see the top).
+void store_bytes(unsigned char* dst, const unsigned char* src, std::size_t n) noexcept {
+  auto* words = reinterpret_cast<std::uint64_t*>(dst);
+  const std::size_t count = n / 8;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::uint64_t w;
+    std::memcpy(&w, src + i * 8, 8);
+    std::atomic_ref<std::uint64_t>(words[i]).store(w, std::memory_order_relaxed);
+  }
+  for (std::size_t i = count * 8; i < n; ++i) {
+    std::atomic_ref<unsigned char>(dst[i]).store(src[i], std::memory_order_relaxed);
+  }
+}
+
+// ---- messages -----------------------------------------------------------
+
+std::string label(const std::string& name) { return "shm segment '" + name + "'"; }
+std::string dev_shm_path(const std::string& name) { return "/dev/shm/" + name; }
+std::string errno_text(int err) { return std::system_category().message(err); }
+
+std::string octal_mode(mode_t mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
+
+std::string hex64(std::uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string describe(const SlotView& s) {
+  return "offset " + std::to_string(s.offset) + ", capacity " + std::to_string(s.capacity) +
+         ", length " + std::to_string(s.length);
+}
+
+Status io_error(const std::string& name, const std::string& what, const std::string& detail) {
+  return Status(StatusCode::kIoError, label(name) + ": " + what + ": " + detail);
+}
+
+Status corruption(const std::string& name, const std::string& what) {
+  return Status(StatusCode::kCorruption, label(name) + ": " + what);
+}
+
+Status out_of_memory(const std::string& name) {
+  return Status(StatusCode::kIoError, label(name) + ": out of memory");
+}
+
+Status check_name(const std::string& name) {
+  bool ok = !name.empty() && name.size() <= kMaxNameBytes && name != "." && name != "..";
+  for (const char c : name) {
+    const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    ok = ok && allowed;
+  }
+  if (ok) return Status();
+  return Status(StatusCode::kInvalidArgument,
+                "shm segment name '" + name +
+                    "' is invalid: use 1..200 characters of [A-Za-z0-9._-], not '.' or '..'");
+}
+
+// A segment we must not attach to: someone else's, or readable by others.
+Status check_stat(const std::string& name, const struct stat& st) {
+  const uid_t me = ::geteuid();
+  if (S_ISREG(st.st_mode) && st.st_uid == me && (st.st_mode & 07777) == kSegmentMode) {
+    return Status();
+  }
+  return Status(StatusCode::kFailedPrecondition,
+                label(name) + " (" + dev_shm_path(name) + ") is owned by uid " +
+                    std::to_string(st.st_uid) + " with mode " + octal_mode(st.st_mode) +
+                    (S_ISREG(st.st_mode) ? "" : " (not a regular file)") + "; expected uid " +
+                    std::to_string(me) +
+                    " and mode 0600: refusing to use it (remove it if it is stale)");
+}
+
+Status check_owner_and_mode(const std::string& name, int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    return io_error(name, "fstat", errno_text(err));
+  }
+  return check_stat(name, st);
+}
+
+// shm_open said EACCES/EPERM: name the owner and mode when we can see them.
+Status permission_refused(const std::string& name, const bip::interprocess_exception& e) {
+  struct stat st;
+  if (::stat(dev_shm_path(name).c_str(), &st) == 0) {
+    Status s = check_stat(name, st);
+    if (!s.ok()) return s;
+  }
+  return Status(StatusCode::kFailedPrecondition,
+                label(name) + ": permission denied (" + e.what() + "): refusing to use it");
+}
+
+Result<std::size_t> file_size(const std::string& name, int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    return io_error(name, "fstat", errno_text(err));
+  }
+  return static_cast<std::size_t>(st.st_size);
+}
+
+// Checks magic, layout version and size, and `active`. Sets *uninitialised
+// (and returns OK) when the magic is zero: the creator died before finishing.
+Status check_header(const std::string& name, const ControlBlock& c, bool* uninitialised) {
+  *uninitialised = false;
+  // Acquire: pairs with the release store that completes initialisation.
+  const std::uint64_t magic = c.magic.load(std::memory_order_acquire);
+  if (magic == 0) {
+    *uninitialised = true;
+    return Status();
+  }
+  if (magic != kMagic) {
+    return corruption(
+        name, "bad magic " + hex64(magic) + " in the control block (expected \"JOBSHM01\")");
+  }
+  // Relaxed: written once, before the magic.
+  const std::uint32_t version = c.layout_version.load(std::memory_order_relaxed);
+  if (version != kLayoutVersion) {
+    return Status(StatusCode::kFailedPrecondition,
+                  label(name) + ": layout version " + std::to_string(version) +
+                      ", this build reads layout version " + std::to_string(kLayoutVersion));
+  }
+  const std::uint32_t control = c.control_bytes.load(std::memory_order_relaxed);
+  if (control != kControlBytes) {
+    return corruption(name, "control block size " + std::to_string(control) + " (expected 4096)");
+  }
+  // Relaxed: only checked for range here; readers reload it with acquire.
+  const std::uint32_t active = c.active.load(std::memory_order_relaxed);
+  if (active > 1) {
+    return corruption(name, "active slot index " + std::to_string(active) + " (expected 0 or 1)");
+  }
+  return Status();
+}
+
+// One mapping of the segment, from offset 0.
+struct Mapping {
+  bip::mapped_region region;
+  unsigned char* base = nullptr;
+  std::size_t size = 0;
+};
+
+// Throws interprocess_exception / bad_alloc: callers catch.
+std::unique_ptr<Mapping> map_segment(const bip::shared_memory_object& shm, bip::mode_t mode,
+                                     std::size_t size) {
+  auto m = std::make_unique<Mapping>();
+  m->region = bip::mapped_region(shm, mode, 0, size);
+  m->base = static_cast<unsigned char*>(m->region.get_address());
+  m->size = m->region.get_size();
+  return m;
+}
+
+void backoff(int attempt) {
+  if (attempt < 8) return;
+  if (attempt < 32) {
+    std::this_thread::yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+// Copies the active image out of a segment whose header was checked. The
+// writer may publish concurrently (see the top). `current()` gives the
+// mapping to read through; `refresh()` maps the segment afresh if it grew
+// (true) for a reader in another process than the writer.
+template <typename CurrentFn, typename RefreshFn>
+Result<std::vector<unsigned char>> read_image(const std::string& name, const ControlBlock& c,
+                                              CurrentFn current, RefreshFn refresh) {
+  std::vector<unsigned char> out;
+  int stuck = 0;  // attempts in a row that found the same active slot mid-write
+  std::uint32_t stuck_slot = 2;
+  std::uint64_t stuck_version = 0;
+  for (int attempt = 0; attempt < kMaxReadAttempts; ++attempt) {
+    backoff(attempt);
+    // Acquire: pairs with the writer's flip; the slot's writes before it are visible.
+    const std::uint32_t a = c.active.load(std::memory_order_acquire);
+    if (a > 1) {
+      return corruption(name, "active slot index " + std::to_string(a) + " (expected 0 or 1)");
+    }
+    const SlotDescriptor& d = c.slots[a];
+    // Acquire: pairs with the release store that completed the slot.
+    const std::uint64_t v1 = d.version.load(std::memory_order_acquire);
+    if (v1 == 0) {
+      return Status(StatusCode::kNotFound, label(name) + " holds no image yet");
+    }
+    if (v1 % 2 == 1) {  // the writer overtook us: it is rewriting this slot
+      if (a == stuck_slot && v1 == stuck_version) {
+        ++stuck;
+      } else {
+        stuck = 1;
+        stuck_slot = a;
+        stuck_version = v1;
+      }
+      continue;
+    }
+    stuck = 0;
+    // Loaded after the acquires above: in the writer's process a mapping at
+    // least as new as the one the slot was written through.
+    const Mapping* m = current();
+    const SlotView s = load_slot(d);
+    if (!extent_ok(s, m->size)) {
+      // Relaxed reload after an acquire fence: see the top.
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (d.version.load(std::memory_order_relaxed) != v1) continue;
+      Result<bool> grew = refresh();
+      if (!grew.ok()) return grew.status();
+      if (*grew) continue;
+      return corruption(name, "slot " + std::to_string(a) + " descriptor (" + describe(s) +
+                                  ") does not fit the " + std::to_string(m->size) +
+                                  "-byte segment");
+    }
+    out.resize(s.length);
+    load_bytes(out.data(), m->base + s.offset, s.length);
+    // Orders the copy before the version reload (seqlock read side).
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (d.version.load(std::memory_order_relaxed) != v1) continue;  // torn: retry
+    const std::uint64_t sum = snapshot::checksum(out.data(), out.size());
+    if (sum != s.checksum) {
+      return corruption(name, "slot " + std::to_string(a) + " (generation " +
+                                  std::to_string(s.generation) + ", " + std::to_string(s.length) +
+                                  " bytes): checksum " + hex64(sum) +
+                                  " does not match the descriptor's " + hex64(s.checksum));
+    }
+    return out;
+  }
+  if (stuck == kMaxReadAttempts) {
+    return corruption(name, "active slot " + std::to_string(stuck_slot) +
+                                " is marked mid-write (version " + std::to_string(stuck_version) +
+                                ") and stays so");
+  }
+  return Status(StatusCode::kFailedPrecondition,
+                label(name) + ": gave up after " + std::to_string(kMaxReadAttempts) +
+                    " attempts: the writer rewrote the slot during every copy");
+}
+
+}  // namespace
+
+// ---- Impl -------------------------------------------------------------------
+
+struct ShmStore::Impl {
+  std::string name;
+  bip::shared_memory_object shm;
+  int fd = -1;
+  std::size_t page = 4096;
+  // Every mapping made, oldest first; none is unmapped before ~Impl, so an
+  // in-process reader may keep using the one it loaded (invariant 3). Only
+  // the writer thread (open_or_create, publish) changes the vector.
+  std::vector<std::unique_ptr<Mapping>> mappings;
+  // The newest mapping. Release store after it is complete, acquire load.
+  std::atomic<const Mapping*> current{nullptr};
+  ControlBlock* control = nullptr;  // in mappings.front(), valid in all of them
+
+  const Mapping& writer_mapping() const noexcept {
+    return *current.load(std::memory_order_relaxed);  // the writer's own store
+  }
+
+  // Grows the segment to at least `size` bytes, allocating the space now.
+  Status ensure_size(std::size_t size) {
+    Result<std::size_t> have = file_size(name, fd);
+    if (!have.ok()) return have.status();
+    if (*have >= size) return Status();
+    // From 0: also fills holes left by a creator that died after ftruncate.
+    const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    if (rc != 0) {
+      return io_error(
+          name,
+          "cannot grow from " + std::to_string(*have) + " to " + std::to_string(size) + " bytes",
+          errno_text(rc));
+    }
+    return Status();
+  }
+
+  // Maps the whole segment (as large as it now is) and makes it current.
+  Status map_all() {
+    Result<std::size_t> size = file_size(name, fd);
+    if (!size.ok()) return size.status();
+    std::unique_ptr<Mapping> m;
+    try {
+      m = map_segment(shm, bip::read_write, *size);
+    } catch (const bip::interprocess_exception& e) {
+      return io_error(name, "cannot map " + std::to_string(*size) + " bytes", e.what());
+    }
+    if (control == nullptr) control = reinterpret_cast<ControlBlock*>(m->base);
+    mappings.push_back(std::move(m));
+    current.store(mappings.back().get(), std::memory_order_release);
+    return Status();
+  }
+
+  // Faults in [offset, offset + length) of the current mapping for writing,
+  // so that publishes into it do not page-fault. Changes no byte.
+  Status prefault(std::size_t offset, std::size_t length) {
+    if (length == 0) return Status();
+    const Mapping& m = writer_mapping();
+    const std::size_t begin = offset / page * page;
+    const std::size_t end = std::min(round_up(offset + length, page), m.size);
+#ifdef MADV_POPULATE_WRITE
+    if (::madvise(m.base + begin, end - begin, MADV_POPULATE_WRITE) == 0) return Status();
+    const int err = errno;
+    if (err != EINVAL) {
+      return io_error(name, "cannot pre-fault " + std::to_string(end - begin) + " bytes",
+                      errno_text(err));
+    }
+#endif
+    // Kernels before 5.14: one atomic read-modify-write per page (a reader
+    // may be copying these bytes; adding 0 changes nothing).
+    for (std::size_t at = begin; at < end; at += page) {
+      std::atomic_ref<std::uint64_t>(*reinterpret_cast<std::uint64_t*>(m.base + at))
+          .fetch_add(0, std::memory_order_relaxed);
+    }
+    return Status();
+  }
+
+  // Writes a fresh control block with `per_slot` bytes of storage per slot.
+  // No image exists yet, so no reader gets past the zero magic meanwhile.
+  Status initialise(std::size_t per_slot) {
+    const std::size_t cap = round_up(per_slot, kSlotAlign);
+    Status st = ensure_size(kControlBytes + 2 * cap);
+    if (!st.ok()) return st;
+    st = map_all();
+    if (!st.ok()) return st;
+    st = prefault(0, kControlBytes + 2 * cap);
+    if (!st.ok()) return st;
+    ControlBlock& c = *control;
+    // Relaxed: published by the release store of the magic below.
+    c.magic.store(0, std::memory_order_relaxed);
+    c.layout_version.store(kLayoutVersion, std::memory_order_relaxed);
+    c.control_bytes.store(static_cast<std::uint32_t>(kControlBytes), std::memory_order_relaxed);
+    c.writer_pid.store(static_cast<std::uint64_t>(::getpid()), std::memory_order_relaxed);
+    c.active.store(0, std::memory_order_relaxed);
+    for (int i = 0; i < 2; ++i) {
+      SlotDescriptor& d = c.slots[i];
+      d.version.store(0, std::memory_order_relaxed);
+      d.offset.store(cap == 0 ? 0 : kControlBytes + static_cast<std::size_t>(i) * cap,
+                     std::memory_order_relaxed);
+      d.capacity.store(cap, std::memory_order_relaxed);
+      d.length.store(0, std::memory_order_relaxed);
+      d.generation.store(0, std::memory_order_relaxed);
+      d.checksum.store(0, std::memory_order_relaxed);
+    }
+    // Release: a reader that sees the magic sees the fields above.
+    c.magic.store(kMagic, std::memory_order_release);
+    return Status();
+  }
+
+  // Attaches to an existing segment as its writer (owner and mode checked).
+  Status attach(std::size_t per_slot) {
+    Result<std::size_t> size = file_size(name, fd);
+    if (!size.ok()) return size.status();
+    if (*size == 0) return initialise(per_slot);  // the creator died before sizing it
+    if (*size < kControlBytes) {
+      return corruption(name, "truncated: " + std::to_string(*size) +
+                                  " bytes, smaller than the 4096-byte control block");
+    }
+    Status st = map_all();  // not pre-faulted before it is validated
+    if (!st.ok()) return st;
+    bool uninitialised = false;
+    st = check_header(name, *control, &uninitialised);
+    if (!st.ok()) return st;
+    if (uninitialised) return initialise(per_slot);
+    ControlBlock& c = *control;
+    const std::size_t mapped = writer_mapping().size;
+    const std::uint32_t a = c.active.load(std::memory_order_relaxed);  // no other writer
+    const SlotView act = load_slot(c.slots[a]);
+    if (act.version % 2 == 1) {
+      return corruption(name, "active slot " + std::to_string(a) +
+                                  " is marked mid-write (version " + std::to_string(act.version) +
+                                  ")");
+    }
+    if (!extent_ok(act, mapped)) {
+      return corruption(name, "active slot " + std::to_string(a) + " descriptor (" + describe(act) +
+                                  ") does not fit the " + std::to_string(mapped) + "-byte segment");
+    }
+    SlotDescriptor& inactive = c.slots[1 - a];
+    const SlotView in = load_slot(inactive);
+    if (!extent_ok(in, mapped) || overlaps(in, act)) {
+      if (in.version % 2 == 0) {
+        return corruption(name, "inactive slot " + std::to_string(1 - a) + " descriptor (" +
+                                    describe(in) + ") does not fit the " + std::to_string(mapped) +
+                                    "-byte segment or overlaps the active slot");
+      }
+      // A writer died while placing this slot: forget its storage; the next
+      // publish places it afresh. Relaxed: the slot is odd, readers skip it.
+      inactive.offset.store(0, std::memory_order_relaxed);
+      inactive.capacity.store(0, std::memory_order_relaxed);
+      inactive.length.store(0, std::memory_order_relaxed);
+    }
+    c.writer_pid.store(static_cast<std::uint64_t>(::getpid()), std::memory_order_relaxed);
+    st = prefault(0, kControlBytes);
+    if (st.ok()) st = prefault(act.offset, act.capacity);
+    const SlotView placed = load_slot(inactive);
+    if (st.ok()) st = prefault(placed.offset, placed.capacity);
+    return st;
+  }
+
+  // Gives inactive slot `i` new storage for an `n`-byte image that does not
+  // overlap `active` (placement rule in shm_store.h), growing the segment if
+  // needed. Runs while slot i's version is odd.
+  Status place_slot(std::uint32_t i, std::size_t n, const SlotView& active) {
+    SlotDescriptor& d = control->slots[i];
+    const SlotView old = load_slot(d);
+    const std::size_t old_cap = extent_ok(old, writer_mapping().size) ? old.capacity : 0;
+    const std::size_t cap = round_up(std::max(n + n / 4, old_cap + old_cap / 2), kSlotAlign);
+    std::size_t offset = kControlBytes;
+    if (active.capacity != 0 && kControlBytes + cap > active.offset) {
+      offset = round_up(active.offset + active.capacity, kSlotAlign);
+    }
+    const std::size_t end = offset + cap;
+    if (end > writer_mapping().size) {
+      Status st = ensure_size(end);
+      if (!st.ok()) return st;
+      st = map_all();
+      if (!st.ok()) return st;
+      // The new mapping has no page-table entries yet.
+      st = prefault(0, kControlBytes);
+      if (st.ok()) st = prefault(active.offset, active.capacity);
+      if (!st.ok()) return st;
+    }
+    Status st = prefault(offset, cap);
+    if (!st.ok()) return st;
+    // Relaxed: inside the odd window (see the top).
+    d.offset.store(offset, std::memory_order_relaxed);
+    d.capacity.store(cap, std::memory_order_relaxed);
+    return Status();
+  }
+};
+
+// ---- ShmStore ---------------------------------------------------------------
+
+ShmStore::ShmStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ShmStore::~ShmStore() = default;
+
+const std::string& ShmStore::name() const noexcept { return impl_->name; }
+
+Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& name,
+                                                           std::size_t initial_bytes) {
+  Status st = check_name(name);
+  if (!st.ok()) return st;
+  if (initial_bytes > kMaxImageBytes) {
+    return Status(StatusCode::kInvalidArgument,
+                  label(name) + ": initial_bytes " + std::to_string(initial_bytes) +
+                      " exceeds the limit of " + std::to_string(kMaxImageBytes));
+  }
+  bool created = false;
+  try {
+    auto impl = std::make_unique<Impl>();
+    impl->name = name;
+    const long page = ::sysconf(_SC_PAGESIZE);
+    if (page > 0) impl->page = static_cast<std::size_t>(page);
+    for (int tries = 0;; ++tries) {
+      try {
+        impl->shm = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write,
+                                              bip::permissions(kSegmentMode));
+        created = true;
+        break;
+      } catch (const bip::interprocess_exception& e) {
+        if (e.get_native_error() != EEXIST) return io_error(name, "cannot create", e.what());
+      }
+      try {
+        impl->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
+        break;
+      } catch (const bip::interprocess_exception& e) {
+        const int err = e.get_native_error();
+        if (err == ENOENT && tries < 3) continue;  // removed between our two calls
+        if (err == EACCES || err == EPERM) return permission_refused(name, e);
+        return io_error(name, "cannot open", e.what());
+      }
+    }
+    impl->fd = impl->shm.get_mapping_handle().handle;
+    if (created) {
+      // Boost fchmods too but ignores failure; the umask must not decide.
+      if (::fchmod(impl->fd, kSegmentMode) != 0) {
+        const int err = errno;
+        st = io_error(name, "fchmod 0600", errno_text(err));
+      }
+    }
+    if (st.ok()) st = check_owner_and_mode(name, impl->fd);
+    if (st.ok()) st = created ? impl->initialise(initial_bytes) : impl->attach(initial_bytes);
+    if (!st.ok()) {
+      // A segment we created and could not set up holds nothing: drop it.
+      if (created) bip::shared_memory_object::remove(name.c_str());
+      return st;
+    }
+    return std::unique_ptr<ShmStore>(new ShmStore(std::move(impl)));
+  } catch (const bip::interprocess_exception& e) {
+    if (created) bip::shared_memory_object::remove(name.c_str());
+    return io_error(name, "open_or_create", e.what());
+  } catch (const std::bad_alloc&) {
+    if (created) bip::shared_memory_object::remove(name.c_str());
+    return out_of_memory(name);
+  }
+}
+
+Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char> image) {
+  Impl& s = *impl_;
+  if (image.size() > kMaxImageBytes) {
+    return Status(StatusCode::kInvalidArgument,
+                  label(s.name) + ": image of " + std::to_string(image.size()) +
+                      " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
+  }
+  try {
+    ControlBlock& c = *s.control;
+    // Relaxed: this thread is the only one that stores it.
+    const std::uint32_t a = c.active.load(std::memory_order_relaxed);
+    if (a > 1) {
+      return corruption(s.name, "active slot index " + std::to_string(a) +
+                                    " (expected 0 or 1): refusing to publish");
+    }
+    const SlotView act = load_slot(c.slots[a]);
+    if (!extent_ok(act, s.writer_mapping().size)) {
+      return corruption(s.name, "active slot " + std::to_string(a) + " descriptor (" +
+                                    describe(act) + ") was damaged: refusing to publish");
+    }
+    const std::uint32_t i = 1 - a;
+    SlotDescriptor& d = c.slots[i];
+    // Outside the odd window, to keep it short.
+    const std::uint64_t sum = snapshot::checksum(image.data(), image.size());
+    const std::uint64_t odd = d.version.load(std::memory_order_relaxed) | 1;
+    d.version.store(odd, std::memory_order_relaxed);
+    // Release fence: a reader whose copy sees any write below sees `odd` (top).
+    std::atomic_thread_fence(std::memory_order_release);
+    SlotView in = load_slot(d);
+    if (!extent_ok(in, s.writer_mapping().size) || overlaps(in, act) ||
+        image.size() > in.capacity) {
+      Status st = s.place_slot(i, image.size(), act);
+      if (!st.ok()) return st;  // the slot stays odd; the previous image stays active
+      in = load_slot(d);
+    }
+    store_bytes(s.writer_mapping().base + in.offset, image.data(), image.size());
+    // Relaxed: published by the release store of the version.
+    d.length.store(image.size(), std::memory_order_relaxed);
+    d.generation.store(generation, std::memory_order_relaxed);
+    d.checksum.store(sum, std::memory_order_relaxed);
+    // Release: a reader that acquires the even version sees the whole slot.
+    d.version.store(odd + 1, std::memory_order_release);
+    // Release: a reader that acquires `active` sees the complete slot.
+    c.active.store(i, std::memory_order_release);
+    return Status();
+  } catch (const bip::interprocess_exception& e) {
+    return io_error(s.name, "publish", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(s.name);
+  }
+}
+
+Result<std::vector<unsigned char>> ShmStore::read_active() const {
+  const Impl& s = *impl_;
+  try {
+    return read_image(
+        s.name, *s.control,
+        // Acquire: pairs with the release store of a new mapping.
+        [&s] { return s.current.load(std::memory_order_acquire); },
+        // The writer maps a grown segment before describing a slot in it.
+        []() -> Result<bool> { return false; });
+  } catch (const bip::interprocess_exception& e) {
+    return io_error(s.name, "read", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(s.name);
+  }
+}
+
+Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& name) {
+  Status st = check_name(name);
+  if (!st.ok()) return st;
+  try {
+    bip::shared_memory_object shm;
+    try {
+      shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_only);
+    } catch (const bip::interprocess_exception& e) {
+      const int err = e.get_native_error();
+      if (err == ENOENT) return Status(StatusCode::kNotFound, label(name) + " does not exist");
+      if (err == EACCES || err == EPERM) return permission_refused(name, e);
+      return io_error(name, "cannot open read-only", e.what());
+    }
+    const int fd = shm.get_mapping_handle().handle;
+    st = check_owner_and_mode(name, fd);
+    if (!st.ok()) return st;
+    Result<std::size_t> size = file_size(name, fd);
+    if (!size.ok()) return size.status();
+    if (*size == 0) {
+      return Status(StatusCode::kNotFound, label(name) + " holds no image yet (never initialised)");
+    }
+    if (*size < kControlBytes) {
+      return corruption(name, "truncated: " + std::to_string(*size) +
+                                  " bytes, smaller than the 4096-byte control block");
+    }
+    std::vector<std::unique_ptr<Mapping>> maps;
+    maps.push_back(map_segment(shm, bip::read_only, *size));
+    const ControlBlock& c = *reinterpret_cast<const ControlBlock*>(maps.front()->base);
+    bool uninitialised = false;
+    st = check_header(name, c, &uninitialised);
+    if (!st.ok()) return st;
+    if (uninitialised) {
+      return Status(StatusCode::kNotFound, label(name) + " holds no image yet (never initialised)");
+    }
+    return read_image(
+        name, c, [&maps] { return static_cast<const Mapping*>(maps.back().get()); },
+        // The writer, in another process, may have grown the segment since we
+        // mapped it: map it again if so.
+        [&]() -> Result<bool> {
+          Result<std::size_t> now = file_size(name, fd);
+          if (!now.ok()) return now.status();
+          if (*now <= maps.back()->size) return false;
+          maps.push_back(map_segment(shm, bip::read_only, *now));
+          return true;
+        });
+  } catch (const bip::interprocess_exception& e) {
+    return io_error(name, "read_existing", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(name);
+  }
+}
+
+Status ShmStore::remove(const std::string& name) {
+  Status st = check_name(name);
+  if (!st.ok()) return st;
+  try {
+    if (bip::shared_memory_object::remove(name.c_str())) return Status();
+    const int err = errno;
+    struct stat unused;
+    if (::stat(dev_shm_path(name).c_str(), &unused) != 0 && errno == ENOENT) return Status();
+    return io_error(name, "cannot remove", errno_text(err));
+  } catch (const bip::interprocess_exception& e) {
+    return io_error(name, "cannot remove", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(name);
+  }
+}
+
+}  // namespace jobengine::persist

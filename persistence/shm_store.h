@@ -1,0 +1,138 @@
+// ShmStore: the shared-memory half of persistence. A named POSIX
+// shared-memory segment (Boost.Interprocess shared_memory_object +
+// mapped_region; this file and shm_store.cc are the only ones that include
+// Boost.Interprocess, and every Boost exception is caught there and turned
+// into a Status) that survives the process and holds the newest snapshot image.
+// Linux: the segment is the file /dev/shm/<name> (tmpfs); it survives a
+// process crash, not a reboot.
+//
+// Segment layout (native byte order: a segment never leaves its machine). A
+// 4096-byte control block, then image storage. Every control-block field is a
+// lock-free std::atomic (address-free, so valid across processes):
+//   0    u64  magic "JOBSHM01" (stored last when a segment is initialised:
+//             all-zero means the creator died before finishing)
+//   8    u32  layout version (1; anything else is refused)
+//   12   u32  control block size (4096)
+//   16   u64  pid of the last writer to open the segment (diagnostics only)
+//   64   u32  active: index of the slot holding the newest image, 0 or 1
+//             (alone on its cache line)
+//   128  slot 0 descriptor, 192 slot 1 descriptor, 48 bytes each:
+//        +0 version     even: the slot is complete; odd: being written;
+//                       0: never written. Bumped by the writer around every
+//                       change to the slot (a per-slot sequence lock).
+//        +8 offset      of the slot's storage from the start of the segment
+//        +16 capacity   bytes of storage reserved for the slot
+//        +24 length     bytes of the image in it (<= capacity)
+//        +32 generation as given to publish()
+//        +40 checksum   XXH3-64 of the image bytes
+//   every other byte of the control block is zero (reserved).
+//
+// Invariants (single writer; readers in any thread or process):
+//  1. The active slot is never written. publish() writes only the inactive
+//     slot, and only between making its version odd and making it even again;
+//     `active` flips to it (release store) after it is even and complete.
+//  2. The two slots' storage extents [offset, offset + capacity) never overlap
+//     each other or the control block, and lie inside the segment.
+//  3. The segment never shrinks, and a byte of it is never unmapped in the
+//     process that maps it while an in-process reader may use it (a grown
+//     segment is mapped afresh; older mappings stay until ~ShmStore).
+// Hence a reader, or a process recovering after the writer died at any
+// instant, sees either the previous complete image or the new complete one.
+// A slow reader may be copying the slot that becomes inactive and is then
+// rewritten by the publish after next: it notices because the slot's version
+// changed during its copy, and retries (a bounded number of times). No
+// interprocess mutex: a dead holder would lock it forever.
+//
+// Growth and placement. When an image does not fit the inactive slot's
+// capacity, the slot gets new storage of max(image + image/4, 1.5 x its old
+// capacity) bytes rounded up to 4096, placed at the lowest of two candidates
+// that does not overlap the active slot's extent: right after the control
+// block (offset 4096), else right after the active slot's extent. If that
+// extends past the end of the segment, the segment is grown (posix_fallocate,
+// so a full /dev/shm is an error instead of a SIGBUS) and mapped afresh. The
+// active image is never moved or overwritten, so a failed growth returns
+// kIoError with the previous image still active. New mappings are pre-faulted
+// (MADV_POPULATE_WRITE, else one write per page) so that later publishes do
+// not page-fault. The segment stays below about the control block plus three
+// times the largest slot.
+//
+// A segment found at open that is owned by us with mode 0600 but is empty
+// (length 0) or has an all-zero magic was left by a creator that died before
+// initialising it: it holds no image and is initialised. A non-zero wrong
+// magic, a truncated control block (shorter than 4096 bytes) or descriptors
+// out of bounds are kCorruption and are left for an operator to look at
+// (jobsnap, or remove()). The inactive slot being mid-write (odd version) is
+// the normal trace of a writer that died while publishing: the next writer
+// rewrites it.
+//
+// Not guaranteed: one writer at a time. Two ShmStore objects (in one process
+// or two) publishing to the same segment corrupt each other's slots; the
+// engine owns its segment name. A process of our own uid that truncates or
+// scribbles on the segment can make a reader fail (kCorruption) or, if it
+// truncates it under a live mapping, crash it with SIGBUS.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "jobengine/status.h"
+
+namespace jobengine::persist {
+
+class ShmStore {
+ public:
+  // Opens the engine's segment `name` (a portable name: [A-Za-z0-9._-], 1..200
+  // bytes, no '/', not "." or "..", else kInvalidArgument) for writing. If it
+  // does not exist it is created exclusively with mode 0600 (fchmod after
+  // creation, whatever the umask) and room for an image of `initial_bytes`
+  // in each of its two slots (0 is valid: the first publish grows it). If it
+  // exists it must be owned by this uid with mode 0600 and carry a valid
+  // control block, else kFailedPrecondition naming the segment, its owner and
+  // mode (never attach to someone else's segment), or kCorruption (see the
+  // header comment); its image and storage are kept and `initial_bytes` is
+  // ignored. kIoError (segment name and error text) when a system call fails.
+  static Result<std::unique_ptr<ShmStore>> open_or_create(const std::string& name,
+                                                          std::size_t initial_bytes);
+  ~ShmStore();  // unmaps; does not remove the segment
+
+  // Publishes `image` as `generation` (see the header comment); when it
+  // returns OK, read_active() and read_existing() return this image. kIoError
+  // if the segment cannot grow, kCorruption if the control block was damaged
+  // under us; on any error the previous image stays active. Not thread-safe
+  // with itself: one publishing thread (and one writer per segment). Safe to
+  // run while any number of threads call read_active(). Allocates nothing
+  // unless the segment grows.
+  Status publish(std::uint64_t generation, std::span<const unsigned char> image);
+
+  // A copy of the active image, its checksum verified, or kNotFound when none
+  // was ever published. kCorruption when the control block or the image's
+  // checksum is wrong. Thread-safe, also while publish() runs: it returns
+  // either image, never a mix (a copy the writer overtook is retried; after
+  // about 100 overtaken copies it gives up with kFailedPrecondition). A
+  // reader's successive reads never go back to an older generation.
+  Result<std::vector<unsigned char>> read_active() const;
+
+  // Read-only access for recovery and tools: opens an existing segment
+  // (same owner/mode checks, O_RDONLY, PROT_READ), copies its active image out
+  // (checksum verified, same retry rule as read_active) and unmaps. kNotFound
+  // when there is no such segment or it holds no image yet; kCorruption and
+  // kFailedPrecondition as for open_or_create. Thread-safe.
+  static Result<std::vector<unsigned char>> read_existing(const std::string& name);
+
+  // Removes the segment's name (shm_unlink); processes that have it mapped
+  // keep their mapping. OK if it did not exist. kIoError on any other failure.
+  static Status remove(const std::string& name);
+
+  const std::string& name() const noexcept;
+
+  struct Impl;  // defined in shm_store.cc
+
+ private:
+  explicit ShmStore(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace jobengine::persist

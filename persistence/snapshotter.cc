@@ -1,0 +1,463 @@
+// The snapshot thread and recovery: persistence's implementation of the
+// engine's Persistence seam (engine/persistence_hooks.h).
+//
+// One snapshot = one cut of the engine's table (CutSource, engine.cc I5-I7),
+// encoded once (persistence/FORMAT.md) and published to the shared-memory
+// store and, when due or asked for, to the disk store. Cuts are serialised by
+// cut_mu_: the periodic thread, snapshot_now() callers (served by the thread)
+// and the final snapshot of stop() never overlap.
+//
+// Recovery (load_newest) takes the candidate with the highest generation that
+// verifies, from either store, and reports every newer candidate it skipped
+// with the reason and byte offset.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "engine/clock.h"
+#include "engine/persistence_hooks.h"
+#include "engine/thread_util.h"
+#include "jobengine/snapshot_format.h"
+#include "persistence/file_store.h"
+#include "persistence/shm_store.h"
+
+namespace jobengine::detail {
+namespace {
+
+using std::chrono::milliseconds;
+using std::chrono::nanoseconds;
+using std::chrono::steady_clock;
+
+constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB
+constexpr std::size_t kInitialShmBytes = std::size_t{1} << 20;
+
+std::int64_t wall_now_ns() {
+  return std::chrono::duration_cast<nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+class Snapshotter final : public Persistence {
+ public:
+  Snapshotter(SnapshotOptions options, std::function<void(LogLevel, std::string_view)> log,
+              std::unique_ptr<persist::FileStore> disk, std::unique_ptr<persist::ShmStore> shm)
+      : options_(std::move(options)),
+        log_(std::move(log)),
+        disk_(std::move(disk)),
+        shm_(std::move(shm)) {}
+
+  ~Snapshotter() override { stop(); }
+
+  // ---------------------------------------------------------------- recovery
+
+  Result<std::unique_ptr<LoadedSnapshot>> load_newest(RecoveryReport& report) override {
+    struct Candidate {
+      std::string source;
+      std::uint64_t generation;  // from the file name, or UINT64_MAX for shm (decoded later)
+      std::string path;          // empty for shm
+    };
+    std::vector<Candidate> candidates;
+    std::vector<unsigned char> shm_image;
+    if (shm_) {
+      auto image = shm_->read_active();
+      if (image) {
+        shm_image = std::move(*image);
+        candidates.push_back({"shm:" + options_.shm_name, ~std::uint64_t{0}, ""});
+      } else if (image.status().code() != StatusCode::kNotFound) {
+        report.skipped.push_back({"shm:" + options_.shm_name, 0, std::string(image.status().message())});
+      }
+    }
+    if (disk_) {
+      auto files = disk_->list();
+      if (!files) return files.status();
+      for (const auto& f : *files) {
+        candidates.push_back({f.path, f.generation, f.path});
+      }
+    }
+    // The shared-memory image's generation is in its header: decode it first
+    // to place it among the files.
+    std::unique_ptr<LoadedSnapshot> shm_loaded;
+    if (!shm_image.empty()) {
+      shm_loaded = std::make_unique<LoadedSnapshot>();
+      shm_loaded->bytes = std::move(shm_image);
+      snapshot::DecodeError err;
+      auto view = snapshot::decode(shm_loaded->bytes, &err);
+      if (view) {
+        shm_loaded->view = std::move(*view);
+        candidates.front().generation = shm_loaded->view.header.generation;
+      } else {
+        report.skipped.push_back({candidates.front().source, err.offset,
+                                  std::string(view.status().message())});
+        candidates.erase(candidates.begin());
+        shm_loaded.reset();
+      }
+    }
+    // Newest first; on a tie the shared-memory copy (same bytes) wins.
+    std::stable_sort(candidates.begin(), candidates.end(),
+                     [](const Candidate& a, const Candidate& b) { return a.generation > b.generation; });
+    for (const Candidate& c : candidates) {
+      std::unique_ptr<LoadedSnapshot> loaded;
+      if (c.path.empty()) {
+        loaded = std::move(shm_loaded);
+      } else {
+        auto bytes = persist::FileStore::read(c.path, kMaxSnapshotFileBytes, *fs_for_reads());
+        if (!bytes) {
+          report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
+          continue;
+        }
+        loaded = std::make_unique<LoadedSnapshot>();
+        loaded->bytes = std::move(*bytes);
+        snapshot::DecodeError err;
+        auto view = snapshot::decode(loaded->bytes, &err);
+        if (!view) {
+          report.skipped.push_back({c.source, err.offset, std::string(view.status().message())});
+          continue;
+        }
+        loaded->view = std::move(*view);
+        if (loaded->view.header.generation != c.generation) {
+          report.skipped.push_back(
+              {c.source, 16,
+               "file name says generation " + std::to_string(c.generation) + ", header says " +
+                   std::to_string(loaded->view.header.generation)});
+          continue;
+        }
+      }
+      report.recovered = true;
+      report.source = c.source;
+      report.generation = loaded->view.header.generation;
+      report.taken_at = std::chrono::system_clock::time_point(
+          std::chrono::duration_cast<std::chrono::system_clock::duration>(
+              nanoseconds(loaded->view.header.wall_time_ns)));
+      report.why = "newest snapshot that verifies (generation " +
+                   std::to_string(report.generation) + ", " +
+                   std::to_string(loaded->view.jobs.size()) + " jobs)" +
+                   (report.skipped.empty()
+                        ? std::string()
+                        : "; skipped " + std::to_string(report.skipped.size()) + " that did not");
+      log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
+      for (const auto& s : report.skipped) {
+        log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
+                                    std::to_string(s.offset) + "): " + s.reason);
+      }
+      next_generation_ = report.generation + 1;
+      return loaded;
+    }
+    report.recovered = false;
+    report.why = candidates.empty() && report.skipped.empty()
+                     ? "no snapshot found: starting empty"
+                     : "no snapshot verified: starting empty";
+    for (const auto& s : report.skipped) {
+      log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
+                                  std::to_string(s.offset) + "): " + s.reason);
+    }
+    log(LogLevel::kInfo, "recovery: " + report.why);
+    return std::unique_ptr<LoadedSnapshot>();
+  }
+
+  // ----------------------------------------------------------- the thread
+
+  Status start(CutSource& source, std::uint64_t first_generation) override {
+    source_ = &source;
+    next_generation_ = std::max(next_generation_, first_generation);
+    if (disk_) {
+      // Never publish a generation at or below one already on disk (a newer
+      // file that failed to verify still occupies its number).
+      auto files = disk_->list();
+      if (files && !files->empty()) {
+        next_generation_ = std::max(next_generation_, files->front().generation + 1);
+      }
+    }
+    const bool periodic = (shm_ && options_.shm_interval.count() > 0) ||
+                          (disk_ && options_.disk_interval.count() > 0);
+    try {
+      thread_ = std::thread([this, periodic] { run(periodic); });
+    } catch (const std::system_error& e) {
+      return Status(StatusCode::kIoError, std::string("starting the snapshot thread: ") + e.what());
+    }
+    return place_thread(thread_.native_handle(), "jobengine-snap", options_.cpu);
+  }
+
+  Result<SnapshotInfo> snapshot_now() override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!thread_.joinable() || stopping_) {
+      return Status(StatusCode::kFailedPrecondition, "snapshot_now(): snapshot thread not running");
+    }
+    // A request is served by the first durable snapshot that *starts* after
+    // it was made, so its cut includes every job accepted before the call.
+    const std::uint64_t ticket = ++requested_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return served_ >= ticket || stopping_; });
+    if (served_ < ticket) {
+      return Status(StatusCode::kFailedPrecondition, "snapshot_now(): engine stopping");
+    }
+    if (!served_status_.ok()) return served_status_;
+    return served_info_;
+  }
+
+  void stop() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  Result<SnapshotInfo> final_snapshot() override {
+    if (source_ == nullptr) return Status(StatusCode::kFailedPrecondition, "never started");
+    return take(/*to_shm=*/shm_ != nullptr, /*to_disk=*/disk_ != nullptr);
+  }
+
+  bool has_disk() const override { return disk_ != nullptr; }
+
+  SnapshotHealth health() const override {
+    SnapshotHealth h;
+    const std::int64_t now = Clock::steady_ns();
+    h.last_generation = last_generation_.load(std::memory_order_relaxed);
+    const std::int64_t cut = last_cut_steady_ns_.load(std::memory_order_relaxed);
+    if (h.last_generation != 0) h.last_age = nanoseconds(now - cut);
+    h.last_duration = nanoseconds(last_duration_ns_.load(std::memory_order_relaxed));
+    h.last_bytes = last_bytes_.load(std::memory_order_relaxed);
+    h.last_durable_generation = last_durable_generation_.load(std::memory_order_relaxed);
+    if (h.last_durable_generation != 0) {
+      h.last_durable_age = nanoseconds(now - last_durable_cut_steady_ns_.load(std::memory_order_relaxed));
+    }
+    h.failures = failures_.load(std::memory_order_relaxed);
+    h.accepted_at_last_durable = accepted_at_durable_.load(std::memory_order_relaxed);
+    // The lock is taken only while the last attempt failed.
+    if (error_present_.load(std::memory_order_acquire)) {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      h.last_error = last_error_;
+    }
+    return h;
+  }
+
+ private:
+  void run(bool periodic) {
+    auto now = steady_clock::now();
+    auto next_shm = now + options_.shm_interval;
+    auto next_disk = now + options_.disk_interval;
+    const bool shm_periodic = shm_ && options_.shm_interval.count() > 0;
+    const bool disk_periodic = disk_ && options_.disk_interval.count() > 0;
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      auto due = steady_clock::time_point::max();
+      if (shm_periodic) due = std::min(due, next_shm);
+      if (disk_periodic) due = std::min(due, next_disk);
+      if (periodic) {
+        cv_.wait_until(lock, due, [&] { return stopping_ || requested_ > served_; });
+      } else {
+        cv_.wait(lock, [&] { return stopping_ || requested_ > served_; });
+      }
+      if (stopping_) return;
+      now = steady_clock::now();
+      const std::uint64_t batch = requested_;
+      const bool asked = batch > served_;
+      const bool disk_due = disk_periodic && now >= next_disk;
+      const bool shm_due = shm_periodic && now >= next_shm;
+      if (!asked && !disk_due && !shm_due) continue;
+      lock.unlock();
+      auto result = take(/*to_shm=*/shm_ != nullptr, /*to_disk=*/disk_ && (asked || disk_due));
+      lock.lock();
+      now = steady_clock::now();
+      if (shm_due || asked) next_shm = now + options_.shm_interval;
+      if (disk_due || asked) next_disk = now + options_.disk_interval;
+      if (asked) {
+        served_ = batch;
+        served_status_ = result ? Status() : result.status();
+        if (result) served_info_ = *result;
+        cv_.notify_all();
+      }
+    }
+  }
+
+  // One snapshot: cut, encode, publish. Serialised by cut_mu_.
+  Result<SnapshotInfo> take(bool to_shm, bool to_disk) {
+    std::lock_guard<std::mutex> cut_lock(cut_mu_);
+    const auto t0 = steady_clock::now();
+    const std::uint64_t generation = next_generation_++;
+
+    const std::uint64_t cut = source_->begin_cut();
+    const std::int64_t steady_at_cut = Clock::steady_ns();
+    const std::int64_t wall_at_cut = wall_now_ns();
+    const std::uint64_t accepted = source_->accepted_total();
+    auto to_wall = [&](std::uint64_t ticks) {
+      return wall_at_cut - (steady_at_cut - Clock::to_steady_ns(ticks));
+    };
+    snapshot::Header header;
+    header.generation = generation;
+    header.cut_epoch = cut;
+    header.wall_time_ns = wall_at_cut;
+    header.next_job_id = source_->next_job_id();
+    encoder_.begin(header);
+    const auto names = source_->handler_names();
+    for (const auto& n : names) encoder_.add_handler(n);
+    // Dead jobs are stored under their handler's name, which may not be
+    // registered now: extra names follow the registered ones.
+    std::vector<DeadJob> dead = source_->dead_jobs();
+    std::vector<std::string> extra;
+    auto handler_index = [&](const std::string& name) -> std::uint32_t {
+      for (std::size_t i = 0; i < names.size(); ++i) {
+        if (names[i] == name) return static_cast<std::uint32_t>(i);
+      }
+      for (std::size_t i = 0; i < extra.size(); ++i) {
+        if (extra[i] == name) return static_cast<std::uint32_t>(names.size() + i);
+      }
+      extra.push_back(name);
+      encoder_.add_handler(name);
+      return static_cast<std::uint32_t>(names.size() + extra.size() - 1);
+    };
+    std::vector<std::uint32_t> dead_handler(dead.size());
+    for (std::size_t i = 0; i < dead.size(); ++i) dead_handler[i] = handler_index(dead[i].handler);
+    std::uint64_t jobs = 0;
+    source_->for_each_cut_job(cut, [&](const CutJob& j) {
+      snapshot::JobRecord r;
+      r.id = j.id;
+      r.handler = j.handler;
+      r.priority = j.priority;
+      r.state = j.state;
+      r.attempts = j.attempts;
+      r.recoveries = j.recoveries;
+      r.submit_ns = to_wall(j.submit_ticks);
+      r.run_at_ns = to_wall(j.run_at_ticks);
+      r.payload = j.payload;
+      encoder_.add_job(r);
+      ++jobs;
+    });
+    source_->end_cut();
+    for (std::size_t i = 0; i < dead.size(); ++i) {
+      const DeadJob& d = dead[i];
+      snapshot::JobRecord r;
+      r.id = d.id;
+      r.handler = dead_handler[i];
+      r.priority = d.priority;
+      r.state = snapshot::JobState::kDead;
+      r.attempts = d.attempts;
+      r.recoveries = d.recoveries;
+      r.submit_ns = d.submit_ns;
+      r.run_at_ns = d.run_at_ns;
+      r.payload = d.payload;
+      r.error = d.error;
+      encoder_.add_job(r);
+      ++jobs;
+    }
+    const std::span<const unsigned char> image = encoder_.finish();
+
+    SnapshotInfo info;
+    info.generation = generation;
+    info.jobs = jobs;
+    info.bytes = image.size();
+    Status failure;
+    if (to_shm && shm_) {
+      if (Status s = shm_->publish(generation, image); !s.ok()) failure = s;
+    }
+    if (to_disk && disk_) {
+      if (Status s = disk_->publish(generation, image); !s.ok()) {
+        failure = s;
+      } else {
+        char name[64];
+        std::snprintf(name, sizeof(name), "/gen-%020llu.jobsnap",
+                      static_cast<unsigned long long>(generation));
+        info.path = disk_->dir() + name;
+      }
+    }
+    info.took = std::chrono::duration_cast<nanoseconds>(steady_clock::now() - t0);
+    if (!failure.ok()) {
+      failures_.fetch_add(1, std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> lock(error_mu_);
+        last_error_ = "generation " + std::to_string(generation) + ": " + failure.to_string();
+      }
+      error_present_.store(true, std::memory_order_release);
+      log(LogLevel::kError, "snapshot " + last_error_copy());
+      return failure;
+    }
+    error_present_.store(false, std::memory_order_release);
+    last_generation_.store(generation, std::memory_order_relaxed);
+    last_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
+    last_duration_ns_.store(info.took.count(), std::memory_order_relaxed);
+    last_bytes_.store(info.bytes, std::memory_order_relaxed);
+    if (to_disk && disk_) {
+      last_durable_generation_.store(generation, std::memory_order_relaxed);
+      last_durable_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
+      accepted_at_durable_.store(accepted, std::memory_order_relaxed);
+      log(LogLevel::kDebug, "snapshot generation " + std::to_string(generation) + ": " +
+                                std::to_string(jobs) + " jobs, " + std::to_string(info.bytes) +
+                                " bytes, durable in " + info.path);
+    }
+    return info;
+  }
+
+  std::string last_error_copy() const {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    return last_error_;
+  }
+
+  persist::FileSystem* fs_for_reads() {
+    if (!read_fs_) read_fs_ = persist::default_file_system();
+    return read_fs_.get();
+  }
+
+  void log(LogLevel level, const std::string& line) const {
+    if (log_) log_(level, line);
+  }
+
+  const SnapshotOptions options_;
+  const std::function<void(LogLevel, std::string_view)> log_;
+  std::unique_ptr<persist::FileStore> disk_;
+  std::unique_ptr<persist::ShmStore> shm_;
+  std::shared_ptr<persist::FileSystem> read_fs_;
+  CutSource* source_ = nullptr;
+
+  std::mutex cut_mu_;  // one cut at a time; guards encoder_ and next_generation_
+  snapshot::Encoder encoder_;
+  std::uint64_t next_generation_ = 1;
+
+  std::mutex mu_;  // the thread's schedule and snapshot_now() requests
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::uint64_t requested_ = 0;
+  std::uint64_t served_ = 0;
+  Status served_status_;
+  SnapshotInfo served_info_;
+  std::thread thread_;
+
+  // Health, read without the locks above.
+  std::atomic<std::uint64_t> last_generation_{0};
+  std::atomic<std::int64_t> last_cut_steady_ns_{0};
+  std::atomic<std::int64_t> last_duration_ns_{0};
+  std::atomic<std::uint64_t> last_bytes_{0};
+  std::atomic<std::uint64_t> last_durable_generation_{0};
+  std::atomic<std::int64_t> last_durable_cut_steady_ns_{0};
+  std::atomic<std::uint64_t> accepted_at_durable_{0};
+  std::atomic<std::uint64_t> failures_{0};
+  std::atomic<bool> error_present_{false};
+  mutable std::mutex error_mu_;
+  std::string last_error_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Persistence>> make_persistence(
+    const SnapshotOptions& options, std::function<void(LogLevel, std::string_view)> log) {
+  std::unique_ptr<persist::FileStore> disk;
+  std::unique_ptr<persist::ShmStore> shm;
+  if (!options.dir.empty()) {
+    auto store = persist::FileStore::open(options.dir, options.keep_generations);
+    if (!store) return store.status();
+    disk = std::move(*store);
+  }
+  if (!options.shm_name.empty()) {
+    auto store = persist::ShmStore::open_or_create(options.shm_name, kInitialShmBytes);
+    if (!store) return store.status();
+    shm = std::move(*store);
+  }
+  return std::unique_ptr<Persistence>(
+      std::make_unique<Snapshotter>(options, std::move(log), std::move(disk), std::move(shm)));
+}
+
+}  // namespace jobengine::detail

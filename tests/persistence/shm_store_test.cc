@@ -1,0 +1,746 @@
+// ShmStore (persistence/shm_store.h): round trips, growth, a writer killed at
+// random points of a publish (fork + SIGKILL), readers racing a writer,
+// permissions, and one test per error path, made by byte surgery on the
+// segment's file in /dev/shm. Every test uses its own segment name
+// (jobengine-test-<pid>-<n>) and removes it at the end.
+//
+// Randomized tests print their seed; JOBENGINE_TEST_SEED=<n> replays one.
+#include "persistence/shm_store.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace jobengine::persist {
+namespace {
+
+using Bytes = std::vector<unsigned char>;
+
+// The control-block layout documented in shm_store.h. Pinned here on purpose:
+// changing it must bump the layout version.
+constexpr off_t kMagicAt = 0;
+constexpr off_t kLayoutVersionAt = 8;
+constexpr off_t kActiveAt = 64;
+constexpr off_t kSlotAt[2] = {128, 192};
+constexpr off_t kVersionField = 0;
+constexpr off_t kOffsetField = 8;
+constexpr off_t kCapacityField = 16;
+constexpr off_t kLengthField = 24;
+constexpr std::size_t kControlBytes = 4096;
+
+std::string unique_name() {
+  static std::atomic<int> counter{0};
+  return "jobengine-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+std::string path_of(const std::string& name) { return "/dev/shm/" + name; }
+
+std::uint64_t test_seed() {
+  if (const char* env = std::getenv("JOBENGINE_TEST_SEED")) return std::strtoull(env, nullptr, 10);
+  return std::random_device{}();
+}
+
+// A segment name that is removed when the test ends, however it ends.
+class ScopedSegment {
+ public:
+  ScopedSegment() : name_(unique_name()) { EXPECT_TRUE(ShmStore::remove(name_).ok()); }
+  ~ScopedSegment() {
+    const Status s = ShmStore::remove(name_);
+    EXPECT_TRUE(s.ok()) << s.to_string();
+  }
+  ScopedSegment(const ScopedSegment&) = delete;
+  ScopedSegment& operator=(const ScopedSegment&) = delete;
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+};
+
+// A test image: generation and size, then words derived from both, so that a
+// mix of two images or a shifted copy is caught independently of the store's
+// own checksum.
+void fill_image(Bytes& b, std::uint64_t generation, std::size_t size) {
+  b.resize(std::max<std::size_t>(size, 16));
+  const std::uint64_t header[2] = {generation, b.size()};
+  std::memcpy(b.data(), header, 16);
+  const std::size_t words = b.size() / 8;
+  for (std::size_t i = 2; i < words; ++i) {
+    const std::uint64_t w = (generation * 0x9E3779B97F4A7C15ULL) ^ i;
+    std::memcpy(b.data() + i * 8, &w, 8);
+  }
+  for (std::size_t i = words * 8; i < b.size(); ++i) {
+    b[i] = static_cast<unsigned char>(generation + i);
+  }
+}
+
+Bytes make_image(std::uint64_t generation, std::size_t size) {
+  Bytes b;
+  fill_image(b, generation, size);
+  return b;
+}
+
+// Checks an image made by fill_image and gives its generation.
+::testing::AssertionResult intact(const Bytes& b, std::uint64_t* generation) {
+  if (b.size() < 16) return ::testing::AssertionFailure() << "image of " << b.size() << " bytes";
+  std::uint64_t header[2];
+  std::memcpy(header, b.data(), 16);
+  if (header[1] != b.size()) {
+    return ::testing::AssertionFailure()
+           << "size field " << header[1] << " in a " << b.size() << "-byte image";
+  }
+  Bytes expected;
+  fill_image(expected, header[0], b.size());
+  if (expected != b) {
+    const auto diff = std::mismatch(b.begin(), b.end(), expected.begin());
+    return ::testing::AssertionFailure()
+           << "generation " << header[0] << " image differs at byte " << (diff.first - b.begin());
+  }
+  *generation = header[0];
+  return ::testing::AssertionSuccess();
+}
+
+// ---- byte surgery on /dev/shm/<name> ------------------------------------
+
+std::uint64_t peek64(const std::string& name, off_t at) {
+  std::uint64_t v = 0;
+  const int fd = ::open(path_of(name).c_str(), O_RDONLY | O_CLOEXEC);
+  EXPECT_GE(fd, 0) << std::strerror(errno);
+  EXPECT_EQ(::pread(fd, &v, sizeof v, at), static_cast<ssize_t>(sizeof v));
+  ::close(fd);
+  return v;
+}
+
+std::uint32_t peek32(const std::string& name, off_t at) {
+  std::uint32_t v = 0;
+  const int fd = ::open(path_of(name).c_str(), O_RDONLY | O_CLOEXEC);
+  EXPECT_GE(fd, 0) << std::strerror(errno);
+  EXPECT_EQ(::pread(fd, &v, sizeof v, at), static_cast<ssize_t>(sizeof v));
+  ::close(fd);
+  return v;
+}
+
+void poke(const std::string& name, off_t at, const void* data, std::size_t n) {
+  const int fd = ::open(path_of(name).c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  ASSERT_EQ(::pwrite(fd, data, n, at), static_cast<ssize_t>(n));
+  ::close(fd);
+}
+void poke64(const std::string& name, off_t at, std::uint64_t v) { poke(name, at, &v, sizeof v); }
+void poke32(const std::string& name, off_t at, std::uint32_t v) { poke(name, at, &v, sizeof v); }
+
+off_t slot_field(std::uint32_t slot, off_t field) { return kSlotAt[slot] + field; }
+
+// Makes /dev/shm/<name> by hand: mode 0600 and `size` zero bytes.
+void make_raw_segment(const std::string& name, off_t size) {
+  const int fd = ::open(path_of(name).c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  ASSERT_EQ(::fchmod(fd, 0600), 0);
+  ASSERT_EQ(::ftruncate(fd, size), 0);
+  ::close(fd);
+}
+
+struct stat stat_of(const std::string& name) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path_of(name).c_str(), &st), 0) << std::strerror(errno);
+  return st;
+}
+
+// A segment holding one published image of generation 1, store closed.
+void make_published_segment(const std::string& name, std::size_t image_size = 5000) {
+  auto store = ShmStore::open_or_create(name, 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  ASSERT_TRUE((*store)->publish(1, make_image(1, image_size)).ok());
+}
+
+bool contains(std::string_view haystack, std::string_view needle) {
+  return haystack.find(needle) != std::string_view::npos;
+}
+
+// ---- round trips ---------------------------------------------------------
+
+TEST(ShmStoreTest, CreatePublishReadRoundTrip) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  EXPECT_EQ((*store)->name(), seg.name());
+  const std::uint64_t magic = peek64(seg.name(), kMagicAt);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(&magic), 8), "JOBSHM01");
+
+  EXPECT_EQ((*store)->read_active().status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kNotFound);
+
+  const Bytes image = make_image(1, 1000);
+  ASSERT_TRUE((*store)->publish(1, image).ok());
+  auto active = (*store)->read_active();
+  ASSERT_TRUE(active.ok()) << active.status().to_string();
+  EXPECT_EQ(*active, image);
+  auto existing = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+  EXPECT_EQ(*existing, image);
+}
+
+TEST(ShmStoreTest, EachPublishFlipsTheActiveSlotAndReadsReturnTheNewest) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  std::uint32_t previous_active = peek32(seg.name(), kActiveAt);
+  for (std::uint64_t gen = 1; gen <= 6; ++gen) {
+    const Bytes image = make_image(gen, 700 + gen * 100);
+    ASSERT_TRUE((*store)->publish(gen, image).ok());
+    const std::uint32_t active = peek32(seg.name(), kActiveAt);
+    EXPECT_NE(active, previous_active) << "generation " << gen;
+    previous_active = active;
+    auto read = (*store)->read_active();
+    ASSERT_TRUE(read.ok()) << read.status().to_string();
+    EXPECT_EQ(*read, image);
+    auto existing = ShmStore::read_existing(seg.name());
+    ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+    EXPECT_EQ(*existing, image);
+  }
+}
+
+TEST(ShmStoreTest, EmptyImageRoundTrips) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 0);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  ASSERT_TRUE((*store)->publish(1, Bytes{}).ok());
+  auto read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_TRUE(read->empty());
+  const Bytes image = make_image(2, 100);
+  ASSERT_TRUE((*store)->publish(2, image).ok());
+  auto existing = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+  EXPECT_EQ(*existing, image);
+}
+
+TEST(ShmStoreTest, SegmentOutlivesTheStoreAndAReopenedWriterKeepsItsImage) {
+  ScopedSegment seg;
+  const Bytes first = make_image(1, 3000);
+  {
+    auto store = ShmStore::open_or_create(seg.name(), 4096);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    ASSERT_TRUE((*store)->publish(1, first).ok());
+  }
+  auto existing = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+  EXPECT_EQ(*existing, first);
+
+  auto store = ShmStore::open_or_create(seg.name(), 1 << 20);  // initial_bytes ignored
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, first);
+  const Bytes second = make_image(2, 9000);
+  ASSERT_TRUE((*store)->publish(2, second).ok());
+  read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, second);
+}
+
+// Images from 1 KiB to 10 MiB force the slots to grow (and to be placed
+// around each other); every read returns the newest image intact, the two
+// slots never overlap, and the segment stays within the documented bound.
+TEST(ShmStoreTest, GrowingImagesFromOneKibToTenMibAlwaysReadTheNewest) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 1024);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  std::vector<std::size_t> sizes;
+  for (std::size_t s = 1024; s < (10u << 20); s *= 2) sizes.push_back(s);
+  sizes.push_back(10u << 20);
+  sizes.push_back(3u << 20);  // shrinking again fits the existing slots
+  std::uint64_t gen = 0;
+  for (const std::size_t size : sizes) {
+    ++gen;
+    const Bytes image = make_image(gen, size);
+    ASSERT_TRUE((*store)->publish(gen, image).ok()) << size;
+    auto read = (*store)->read_active();
+    ASSERT_TRUE(read.ok()) << read.status().to_string();
+    std::uint64_t read_gen = 0;
+    ASSERT_TRUE(intact(*read, &read_gen));
+    EXPECT_EQ(read_gen, gen);
+    auto existing = ShmStore::read_existing(seg.name());
+    ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+    EXPECT_EQ(*existing, image);
+
+    std::uint64_t offset[2], capacity[2];
+    for (std::uint32_t i = 0; i < 2; ++i) {
+      offset[i] = peek64(seg.name(), slot_field(i, kOffsetField));
+      capacity[i] = peek64(seg.name(), slot_field(i, kCapacityField));
+      EXPECT_GE(offset[i], kControlBytes);
+      EXPECT_LE(peek64(seg.name(), slot_field(i, kLengthField)), capacity[i]);
+    }
+    EXPECT_TRUE(offset[0] + capacity[0] <= offset[1] || offset[1] + capacity[1] <= offset[0])
+        << "slots overlap: [" << offset[0] << ", +" << capacity[0] << ") and [" << offset[1]
+        << ", +" << capacity[1] << ")";
+    const auto size_now = static_cast<std::uint64_t>(stat_of(seg.name()).st_size);
+    EXPECT_LE(size_now, kControlBytes + 3 * std::max(capacity[0], capacity[1]));
+  }
+}
+
+// ---- a writer killed at random points ------------------------------------
+
+// The child: creates the segment, publishes generation 1, then ever larger
+// (and, past 8 MiB, jittered) images, reporting each completed generation on
+// `ack_fd` (8-byte writes to a pipe are atomic) until it is killed.
+[[noreturn]] void crash_child(const std::string& name, int ack_fd, std::uint64_t seed) {
+  auto store = ShmStore::open_or_create(name, 4096);
+  if (!store.ok()) ::_exit(2);
+  std::mt19937_64 rng(seed);
+  Bytes image;
+  for (std::uint64_t gen = 1; gen < 100000; ++gen) {
+    const std::size_t base =
+        gen == 1 ? 1024 : (std::size_t{16} << 10) << std::min<std::uint64_t>(gen - 2, 9);
+    fill_image(image, gen, base + rng() % (base / 2 + 1));
+    if (!(*store)->publish(gen, image).ok()) ::_exit(3);
+    if (::write(ack_fd, &gen, sizeof gen) != static_cast<ssize_t>(sizeof gen)) ::_exit(4);
+  }
+  ::_exit(0);
+}
+
+TEST(ShmStoreCrashTest, WriterKilledAtRandomPointsLeavesAnIntactImage) {
+  const std::uint64_t seed = test_seed();
+  std::cout << "[ seed ] JOBENGINE_TEST_SEED=" << seed << "\n";
+  SCOPED_TRACE("JOBENGINE_TEST_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  constexpr int kRuns = 50;
+  int killed_mid_publish = 0;
+  for (int run = 0; run < kRuns; ++run) {
+    SCOPED_TRACE("run " + std::to_string(run));
+    ScopedSegment seg;
+    int fds[2];
+    ASSERT_EQ(::pipe(fds), 0);
+    const std::uint64_t child_seed = rng();
+    const auto delay = std::chrono::microseconds(rng() % 20000);
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0) << std::strerror(errno);
+    if (pid == 0) {
+      ::close(fds[0]);
+      crash_child(seg.name(), fds[1], child_seed);
+    }
+    ::close(fds[1]);
+    // The record kept outside the killed process: generations it completed.
+    std::uint64_t acked = 0;
+    ssize_t got = ::read(fds[0], &acked, sizeof acked);  // generation 1 is in
+    if (got == static_cast<ssize_t>(sizeof acked)) std::this_thread::sleep_for(delay);
+    ::kill(pid, SIGKILL);
+    int wstatus = 0;
+    ASSERT_EQ(::waitpid(pid, &wstatus, 0), pid);
+    ASSERT_EQ(got, static_cast<ssize_t>(sizeof acked))
+        << "the child died before publishing generation 1, status " << wstatus;
+    ASSERT_TRUE(WIFSIGNALED(wstatus)) << "child exited with " << WEXITSTATUS(wstatus);
+    for (std::uint64_t g; ::read(fds[0], &g, sizeof g) == static_cast<ssize_t>(sizeof g);) {
+      acked = g;
+    }
+    ::close(fds[0]);
+
+    const std::uint32_t active = peek32(seg.name(), kActiveAt);
+    ASSERT_LE(active, 1u);
+    if (peek64(seg.name(), slot_field(1 - active, kVersionField)) % 2 == 1) ++killed_mid_publish;
+
+    auto read = ShmStore::read_existing(seg.name());
+    ASSERT_TRUE(read.ok()) << read.status().to_string();
+    std::uint64_t gen = 0;
+    ASSERT_TRUE(intact(*read, &gen));
+    // The last acknowledged one, or the next if it was published but the
+    // child died before acknowledging it.
+    EXPECT_TRUE(gen == acked || gen == acked + 1) << "read " << gen << ", acked " << acked;
+
+    // A new writer takes over whatever the dead one left.
+    auto store = ShmStore::open_or_create(seg.name(), 0);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    const Bytes next = make_image(gen + 1, 3000 + run);
+    ASSERT_TRUE((*store)->publish(gen + 1, next).ok());
+    auto again = (*store)->read_active();
+    ASSERT_TRUE(again.ok()) << again.status().to_string();
+    EXPECT_EQ(*again, next);
+  }
+  std::cout << "[ info ] " << killed_mid_publish << " of " << kRuns
+            << " kills landed inside a publish\n";
+}
+
+// ---- concurrent readers ----------------------------------------------------
+
+// One thread reads through the writer's own store (read_active), another
+// through its own read-only mapping (read_existing, which must remap when the
+// segment grows), while the writer publishes 1000 generations of varying
+// size, growing the segment on the way. No read may be torn (the store
+// verifies checksums, the test the contents) or go back in generations.
+TEST(ShmStoreConcurrencyTest, ReadersNeverSeeATornImageWhileAWriterPublishes) {
+  const std::uint64_t seed = test_seed();
+  std::cout << "[ seed ] JOBENGINE_TEST_SEED=" << seed << "\n";
+  SCOPED_TRACE("JOBENGINE_TEST_SEED=" + std::to_string(seed));
+  ScopedSegment seg;
+  auto opened = ShmStore::open_or_create(seg.name(), 1024);
+  ASSERT_TRUE(opened.ok()) << opened.status().to_string();
+  ShmStore& store = **opened;
+  ASSERT_TRUE(store.publish(1, make_image(1, 1024)).ok());
+
+  constexpr std::uint64_t kGenerations = 1000;
+  std::atomic<bool> done{false};
+  std::atomic<bool> failed{false};  // stops the writer early: the test has failed anyway
+  std::mutex mu;
+  std::vector<std::string> failures;
+  auto fail = [&](std::string what) {
+    failed.store(true, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(mu);
+    if (failures.size() < 20) failures.push_back(std::move(what));
+  };
+  struct Counts {
+    int ok = 0;
+    int overtaken = 0;
+  };
+  Counts counts[2];
+  auto reader = [&](bool existing, Counts& c) {
+    std::uint64_t last = 0;
+    const char* who = existing ? "read_existing" : "read_active";
+    for (bool last_round = false; !last_round;) {
+      last_round = done.load(std::memory_order_acquire);
+      auto r = existing ? ShmStore::read_existing(seg.name()) : store.read_active();
+      if (!r.ok()) {
+        if (r.status().code() == StatusCode::kFailedPrecondition) {
+          ++c.overtaken;  // allowed: gave up after the writer overtook every copy
+        } else {
+          fail(std::string(who) + ": " + r.status().to_string());
+        }
+        continue;
+      }
+      std::uint64_t gen = 0;
+      const ::testing::AssertionResult ok = intact(*r, &gen);
+      if (!ok) {
+        fail(std::string(who) + ": torn image: " + ok.message());
+        continue;
+      }
+      if (gen < last) {
+        fail(std::string(who) + ": generation went back from " + std::to_string(last) + " to " +
+             std::to_string(gen));
+      }
+      last = gen;
+      ++c.ok;
+    }
+    if (last != kGenerations)
+      fail(std::string(who) + ": last read was generation " + std::to_string(last));
+  };
+  std::thread active_reader(reader, false, std::ref(counts[0]));
+  std::thread existing_reader(reader, true, std::ref(counts[1]));
+
+  std::mt19937_64 rng(seed);
+  Bytes image;
+  for (std::uint64_t gen = 2; gen <= kGenerations && !failed.load(std::memory_order_relaxed);
+       ++gen) {
+    // Up to 256 KiB, the upper bound rising with the generation.
+    const std::size_t limit = std::min<std::uint64_t>(gen, 512) * 512;
+    fill_image(image, gen, 16 + rng() % limit);
+    const Status s = store.publish(gen, image);
+    if (!s.ok()) {
+      fail("publish " + std::to_string(gen) + ": " + s.to_string());
+      break;
+    }
+  }
+  done.store(true, std::memory_order_release);
+  active_reader.join();
+  existing_reader.join();
+
+  for (const std::string& f : failures) ADD_FAILURE() << f;
+  EXPECT_GT(counts[0].ok, 0);
+  EXPECT_GT(counts[1].ok, 0);
+  std::cout << "[ info ] read_active: " << counts[0].ok << " reads, " << counts[0].overtaken
+            << " gave up; read_existing: " << counts[1].ok << " reads, " << counts[1].overtaken
+            << " gave up\n";
+}
+
+// ---- permissions -------------------------------------------------------------
+
+TEST(ShmStorePermissionsTest, CreatedSegmentHasMode0600WhateverTheUmask) {
+  for (const mode_t mask : {mode_t{0}, mode_t{0777}}) {
+    ScopedSegment seg;
+    const mode_t old = ::umask(mask);
+    auto store = ShmStore::open_or_create(seg.name(), 4096);
+    ::umask(old);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    const struct stat st = stat_of(seg.name());
+    EXPECT_EQ(st.st_mode & 07777, 0600u) << "umask " << std::oct << mask;
+    EXPECT_EQ(st.st_uid, ::geteuid());
+  }
+}
+
+TEST(ShmStorePermissionsTest, ExistingSegmentWithMode0644IsRefused) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  ASSERT_EQ(::chmod(path_of(seg.name()).c_str(), 0644), 0);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_EQ(store.status().code(), StatusCode::kFailedPrecondition) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), seg.name())) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "mode 0644")) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "uid " + std::to_string(::geteuid())));
+  auto read = ShmStore::read_existing(seg.name());
+  EXPECT_EQ(read.status().code(), StatusCode::kFailedPrecondition) << read.status().to_string();
+  EXPECT_EQ(stat_of(seg.name()).st_mode & 07777, 0644u) << "a refused segment is left alone";
+}
+
+TEST(ShmStorePermissionsTest, SegmentOwnedByAnotherUidIsRefused) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown the segment to another uid";
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  ASSERT_EQ(::chown(path_of(seg.name()).c_str(), 65534, 65534), 0) << std::strerror(errno);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_EQ(store.status().code(), StatusCode::kFailedPrecondition) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "owned by uid 65534"))
+      << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "mode 0600")) << store.status().to_string();
+  auto read = ShmStore::read_existing(seg.name());
+  EXPECT_EQ(read.status().code(), StatusCode::kFailedPrecondition) << read.status().to_string();
+}
+
+// ---- a creator that died early ---------------------------------------------
+
+TEST(ShmStoreRecoveryTest, ZeroLengthSegmentLeftByADeadCreatorIsInitialised) {
+  ScopedSegment seg;
+  make_raw_segment(seg.name(), 0);
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kNotFound);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  EXPECT_EQ((*store)->read_active().status().code(), StatusCode::kNotFound);
+  const Bytes image = make_image(1, 2000);
+  ASSERT_TRUE((*store)->publish(1, image).ok());
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, image);
+}
+
+TEST(ShmStoreRecoveryTest, ControlBlockWithZeroMagicIsInitialised) {
+  ScopedSegment seg;
+  make_raw_segment(seg.name(), 3 * kControlBytes);
+  // A creator that died after writing some fields but before the magic.
+  poke32(seg.name(), kLayoutVersionAt, 1);
+  poke32(seg.name(), kActiveAt, 9);
+  poke64(seg.name(), slot_field(0, kOffsetField), 1ULL << 50);
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kNotFound);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes image = make_image(1, 2000);
+  ASSERT_TRUE((*store)->publish(1, image).ok());
+  auto read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, image);
+}
+
+TEST(ShmStoreRecoveryTest, InactiveSlotLeftMidPlacementByADeadWriterIsReset) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t inactive = 1 - peek32(seg.name(), kActiveAt);
+  poke64(seg.name(), slot_field(inactive, kVersionField), 3);  // odd: mid-write
+  poke64(seg.name(), slot_field(inactive, kOffsetField), 1ULL << 40);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  auto read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  std::uint64_t gen = 0;
+  ASSERT_TRUE(intact(*read, &gen));
+  EXPECT_EQ(gen, 1u);
+  const Bytes image = make_image(2, 6000);
+  ASSERT_TRUE((*store)->publish(2, image).ok());
+  auto existing = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+  EXPECT_EQ(*existing, image);
+}
+
+// ---- hostile and damaged segments ------------------------------------------
+
+TEST(ShmStoreCorruptionTest, SegmentShorterThanTheControlBlockIsCorruption) {
+  ScopedSegment seg;
+  make_raw_segment(seg.name(), 100);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_EQ(store.status().code(), StatusCode::kCorruption) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "truncated")) << store.status().to_string();
+  auto read = ShmStore::read_existing(seg.name());
+  EXPECT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+  EXPECT_EQ(stat_of(seg.name()).st_size, 100) << "a refused segment is left alone";
+}
+
+TEST(ShmStoreCorruptionTest, GarbageControlBlockIsCorruption) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  std::mt19937_64 rng(42);
+  std::vector<unsigned char> garbage(kControlBytes);
+  for (auto& b : garbage) b = static_cast<unsigned char>(rng());
+  garbage[0] |= 1;  // a non-zero magic
+  poke(seg.name(), 0, garbage.data(), garbage.size());
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_EQ(store.status().code(), StatusCode::kCorruption) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "bad magic")) << store.status().to_string();
+  auto read = ShmStore::read_existing(seg.name());
+  EXPECT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+}
+
+TEST(ShmStoreCorruptionTest, NewerLayoutVersionIsRefused) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  poke32(seg.name(), kLayoutVersionAt, 2);
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_EQ(store.status().code(), StatusCode::kFailedPrecondition) << store.status().to_string();
+  EXPECT_TRUE(contains(store.status().message(), "layout version 2")) << store.status().to_string();
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(ShmStoreCorruptionTest, ActiveIndexSevenIsCorruption) {
+  ScopedSegment seg;
+  auto live = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(live.ok()) << live.status().to_string();
+  ASSERT_TRUE((*live)->publish(1, make_image(1, 3000)).ok());
+  poke32(seg.name(), kActiveAt, 7);
+
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+  EXPECT_TRUE(contains(read.status().message(), "active slot index 7"))
+      << read.status().to_string();
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+  // The live store notices too, and refuses to write anywhere.
+  EXPECT_EQ((*live)->read_active().status().code(), StatusCode::kCorruption);
+  EXPECT_EQ((*live)->publish(2, make_image(2, 3000)).code(), StatusCode::kCorruption);
+}
+
+TEST(ShmStoreCorruptionTest, DescriptorPointingOutsideTheSegmentIsCorruption) {
+  ScopedSegment seg;
+  auto live = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(live.ok()) << live.status().to_string();
+  ASSERT_TRUE((*live)->publish(1, make_image(1, 3000)).ok());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  poke64(seg.name(), slot_field(active, kOffsetField), 1ULL << 40);
+
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+  EXPECT_TRUE(contains(read.status().message(), "does not fit")) << read.status().to_string();
+  EXPECT_EQ((*live)->read_active().status().code(), StatusCode::kCorruption);
+  EXPECT_EQ((*live)->publish(2, make_image(2, 3000)).code(), StatusCode::kCorruption);
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+}
+
+TEST(ShmStoreCorruptionTest, LengthBeyondCapacityIsCorruption) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const std::uint64_t capacity = peek64(seg.name(), slot_field(active, kCapacityField));
+  poke64(seg.name(), slot_field(active, kLengthField), capacity + 1);
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kCorruption);
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+}
+
+TEST(ShmStoreCorruptionTest, InactiveSlotOutOfBoundsButCompleteIsCorruption) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t inactive = 1 - peek32(seg.name(), kActiveAt);
+  poke64(seg.name(), slot_field(inactive, kOffsetField), 1ULL << 40);  // version stays even
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+  // A reader only needs the active slot.
+  auto read = ShmStore::read_existing(seg.name());
+  EXPECT_TRUE(read.ok()) << read.status().to_string();
+}
+
+TEST(ShmStoreCorruptionTest, ImageChecksumMismatchIsCorruptionAndTheNextPublishRecovers) {
+  ScopedSegment seg;
+  auto live = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(live.ok()) << live.status().to_string();
+  ASSERT_TRUE((*live)->publish(1, make_image(1, 3000)).ok());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const auto at = static_cast<off_t>(peek64(seg.name(), slot_field(active, kOffsetField)) + 1234);
+  unsigned char byte = 0;
+  {
+    const int fd = ::open(path_of(seg.name()).c_str(), O_RDONLY | O_CLOEXEC);
+    ASSERT_EQ(::pread(fd, &byte, 1, at), 1);
+    ::close(fd);
+  }
+  byte ^= 0x40;
+  poke(seg.name(), at, &byte, 1);
+
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+  EXPECT_TRUE(contains(read.status().message(), "checksum")) << read.status().to_string();
+  EXPECT_EQ((*live)->read_active().status().code(), StatusCode::kCorruption);
+  // Publishing writes the other slot and flips to it.
+  const Bytes image = make_image(2, 3000);
+  ASSERT_TRUE((*live)->publish(2, image).ok());
+  auto after = (*live)->read_active();
+  ASSERT_TRUE(after.ok()) << after.status().to_string();
+  EXPECT_EQ(*after, image);
+}
+
+TEST(ShmStoreCorruptionTest, ActiveSlotStuckMidWriteIsCorruptionNotAHang) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const std::uint64_t version = peek64(seg.name(), slot_field(active, kVersionField));
+  poke64(seg.name(), slot_field(active, kVersionField), version | 1);
+  const auto start = std::chrono::steady_clock::now();
+  auto read = ShmStore::read_existing(seg.name());
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
+  EXPECT_TRUE(contains(read.status().message(), "mid-write")) << read.status().to_string();
+  std::cout << "[ info ] gave up after "
+            << std::chrono::duration_cast<std::chrono::microseconds>(took).count() << " us\n";
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+}
+
+// ---- names, absence, removal ---------------------------------------------------
+
+TEST(ShmStoreTest, ReadExistingOfAMissingSegmentIsNotFound) {
+  ScopedSegment seg;
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_EQ(read.status().code(), StatusCode::kNotFound) << read.status().to_string();
+  EXPECT_TRUE(contains(read.status().message(), seg.name())) << read.status().to_string();
+}
+
+TEST(ShmStoreTest, RemoveIsIdempotentAndAnOpenStoreOutlivesIt) {
+  ScopedSegment seg;
+  EXPECT_TRUE(ShmStore::remove(seg.name()).ok());  // never existed
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes image = make_image(1, 2500);
+  ASSERT_TRUE((*store)->publish(1, image).ok());
+  EXPECT_TRUE(ShmStore::remove(seg.name()).ok());
+  EXPECT_TRUE(ShmStore::remove(seg.name()).ok());
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kNotFound);
+  // The mapping stays valid after the name is gone.
+  auto read = (*store)->read_active();
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, image);
+  EXPECT_TRUE((*store)->publish(2, make_image(2, 9000)).ok());
+}
+
+TEST(ShmStoreTest, InvalidNamesAreRejected) {
+  for (const std::string& name :
+       {std::string(), std::string("a/b"), std::string("/lead"), std::string("."),
+        std::string(".."), std::string("with space"), std::string(201, 'x')}) {
+    EXPECT_EQ(ShmStore::open_or_create(name, 0).status().code(), StatusCode::kInvalidArgument)
+        << "'" << name << "'";
+    EXPECT_EQ(ShmStore::read_existing(name).status().code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(ShmStore::remove(name).code(), StatusCode::kInvalidArgument);
+  }
+  ScopedSegment seg;  // the longest valid name works
+  const std::string longest = seg.name() + std::string(200 - seg.name().size(), 'y');
+  auto store = ShmStore::open_or_create(longest, 0);
+  EXPECT_TRUE(store.ok()) << store.status().to_string();
+  EXPECT_TRUE(ShmStore::remove(longest).ok());
+}
+
+}  // namespace
+}  // namespace jobengine::persist
