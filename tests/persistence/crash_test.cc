@@ -161,9 +161,9 @@ struct Outcome1 {
 
 TEST(CrashTest, SigkillAtRandomInstantsLosesNothingTheSnapshotHeld) {
   std::uint64_t seed = std::random_device{}();
-  if (const char* s = std::getenv("JOBENGINE_CRASH_SEED")) seed = std::strtoull(s, nullptr, 10);
+  if (const char* s = std::getenv("JOBENGINE_CRASH_SEED"); s && *s) seed = std::strtoull(s, nullptr, 10);
   int kills = 200;
-  if (const char* s = std::getenv("JOBENGINE_CRASH_KILLS")) kills = std::atoi(s);
+  if (const char* s = std::getenv("JOBENGINE_CRASH_KILLS"); s && *s) kills = std::atoi(s);
   std::printf("CrashTest seed %llu, %d kills (replay: JOBENGINE_CRASH_SEED=%llu)\n",
               static_cast<unsigned long long>(seed), kills, static_cast<unsigned long long>(seed));
   SCOPED_TRACE("JOBENGINE_CRASH_SEED=" + std::to_string(seed));

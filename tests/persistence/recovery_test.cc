@@ -556,9 +556,9 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
 // JOBENGINE_CUT_SNAPSHOTS sets how many snapshots (default 1000).
 TEST(SnapshotCutTest, RandomizedSnapshotsHoldEveryAcknowledgedUnfinishedJob) {
   std::uint64_t seed = std::random_device{}();
-  if (const char* s = std::getenv("JOBENGINE_CUT_SEED")) seed = std::strtoull(s, nullptr, 10);
+  if (const char* s = std::getenv("JOBENGINE_CUT_SEED"); s && *s) seed = std::strtoull(s, nullptr, 10);
   int snapshots = 1000;
-  if (const char* s = std::getenv("JOBENGINE_CUT_SNAPSHOTS")) snapshots = std::atoi(s);
+  if (const char* s = std::getenv("JOBENGINE_CUT_SNAPSHOTS"); s && *s) snapshots = std::atoi(s);
   std::printf("SnapshotCutTest seed %llu (replay: JOBENGINE_CUT_SEED=%llu)\n",
               static_cast<unsigned long long>(seed), static_cast<unsigned long long>(seed));
   SCOPED_TRACE("JOBENGINE_CUT_SEED=" + std::to_string(seed));

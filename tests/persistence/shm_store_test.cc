@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -295,6 +296,40 @@ TEST(ShmStoreTest, GrowingImagesFromOneKibToTenMibAlwaysReadTheNewest) {
     const auto size_now = static_cast<std::uint64_t>(stat_of(seg.name()).st_size);
     EXPECT_LE(size_now, kControlBytes + 3 * std::max(capacity[0], capacity[1]));
   }
+}
+
+// RLIMIT_FSIZE makes posix_fallocate fail with EFBIG (SIGXFSZ ignored): the
+// publish that needs to grow fails with kIoError, the previous image stays
+// active, and once growth is possible again the next publish succeeds.
+TEST(ShmStoreTest, GrowthFailureReturnsIoErrorAndKeepsThePreviousImage) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes first = make_image(1, 4000);
+  ASSERT_TRUE((*store)->publish(1, first).ok());
+
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct rlimit small = old;
+  small.rlim_cur = 1 << 20;
+  void (*old_handler)(int) = ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  const Status grown = (*store)->publish(2, make_image(2, 4 << 20));
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::signal(SIGXFSZ, old_handler);
+
+  ASSERT_EQ(grown.code(), StatusCode::kIoError) << grown.to_string();
+  EXPECT_TRUE(contains(grown.message(), seg.name())) << grown.to_string();
+  EXPECT_TRUE(contains(grown.message(), "cannot grow")) << grown.to_string();
+  for (auto read : {(*store)->read_active(), ShmStore::read_existing(seg.name())}) {
+    ASSERT_TRUE(read.ok()) << read.status().to_string();
+    EXPECT_EQ(*read, first);
+  }
+  const Bytes third = make_image(3, 4 << 20);
+  ASSERT_TRUE((*store)->publish(3, third).ok());
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, third);
 }
 
 // ---- a writer killed at random points ------------------------------------
