@@ -22,6 +22,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -642,6 +643,16 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
       }
     }
     if (st.ok()) st = check_owner_and_mode(name, impl->fd);
+    // One writer per segment: two engines configured with the same name
+    // would overwrite each other's images. flock on the segment's own open
+    // file description; released when the store closes it or the process dies.
+    if (st.ok() && ::flock(impl->fd, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      st = err == EWOULDBLOCK
+               ? Status(StatusCode::kFailedPrecondition,
+                        label(name) + ": another engine is writing this segment (it holds its lock)")
+               : io_error(name, "flock", errno_text(err));
+    }
     if (st.ok()) st = created ? impl->initialise(initial_bytes) : impl->attach(initial_bytes);
     if (!st.ok()) {
       // A segment we created and could not set up holds nothing: drop it.

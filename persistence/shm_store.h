@@ -65,9 +65,9 @@
 // the normal trace of a writer that died while publishing: the next writer
 // rewrites it.
 //
-// Not guaranteed: one writer at a time. Two ShmStore objects (in one process
-// or two) publishing to the same segment corrupt each other's slots; the
-// engine owns its segment name. A process of our own uid that truncates or
+// One writer at a time: open_or_create() takes an exclusive flock on the
+// segment and refuses a second writer (kFailedPrecondition) until the first
+// closes it or dies; read_existing() takes no lock. A process of our own uid that truncates or
 // scribbles on the segment can make a reader fail (kCorruption) or, if it
 // truncates it under a live mapping, crash it with SIGBUS.
 #pragma once

@@ -258,6 +258,24 @@ TEST(ShmStoreTest, SegmentOutlivesTheStoreAndAReopenedWriterKeepsItsImage) {
   EXPECT_EQ(*read, second);
 }
 
+TEST(ShmStoreTest, SecondWriterOnTheSameSegmentIsRefusedUntilTheFirstCloses) {
+  ScopedSegment seg;
+  auto first = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(first.ok()) << first.status().to_string();
+  ASSERT_TRUE((*first)->publish(1, make_image(1, 500)).ok());
+  auto second = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(second.status().to_string().find("another engine"), std::string::npos)
+      << second.status().to_string();
+  // Readers are not writers: read_existing still works.
+  auto existing = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+  first->reset();
+  auto third = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(third.ok()) << third.status().to_string();
+}
+
 // Images from 1 KiB to 10 MiB force the slots to grow (and to be placed
 // around each other); every read returns the newest image intact, the two
 // slots never overlap, and the segment stays within the documented bound.
@@ -648,7 +666,9 @@ TEST(ShmStoreCorruptionTest, ActiveIndexSevenIsCorruption) {
   ASSERT_EQ(read.status().code(), StatusCode::kCorruption) << read.status().to_string();
   EXPECT_TRUE(contains(read.status().message(), "active slot index 7"))
       << read.status().to_string();
-  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
+  // A second writer is refused while the live one holds the segment's lock.
+  EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(),
+            StatusCode::kFailedPrecondition);
   // The live store notices too, and refuses to write anywhere.
   EXPECT_EQ((*live)->read_active().status().code(), StatusCode::kCorruption);
   EXPECT_EQ((*live)->publish(2, make_image(2, 3000)).code(), StatusCode::kCorruption);
@@ -667,6 +687,7 @@ TEST(ShmStoreCorruptionTest, DescriptorPointingOutsideTheSegmentIsCorruption) {
   EXPECT_TRUE(contains(read.status().message(), "does not fit")) << read.status().to_string();
   EXPECT_EQ((*live)->read_active().status().code(), StatusCode::kCorruption);
   EXPECT_EQ((*live)->publish(2, make_image(2, 3000)).code(), StatusCode::kCorruption);
+  live->reset();  // release the writer's lock: a new writer then sees the damage
   EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
 }
 
