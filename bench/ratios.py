@@ -9,6 +9,14 @@ run with --benchmark_repetitions=5, and prints markdown tables:
   2. the target ratios: engine / bare queue, engine / mutex pool,
      submit_batch / bare bulk.
 
+When the input holds jobengine_snapshot_bench results, it prints their
+tables too (and, for input with no throughput benchmark, only those):
+
+  3. median time, rate and submit latency per snapshot benchmark,
+  4. the snapshot target ratios: throughput and p99.9 submit latency with
+     shared-memory snapshots / without, 1M-job disk snapshot / plain
+     write+fsync bandwidth, recovery / plain read time (warm and cold).
+
 Ratios are taken within one file (one process), because the benchmark
 machines' speed drifts between processes; with several files the table gives
 the median of the per-file ratios and their range.
@@ -16,13 +24,16 @@ the median of the per-file ratios and their range.
 Usage:
   JOBENGINE_BENCH_JOBS=1000000 build/release/bench/jobengine_bench \\
       --benchmark_repetitions=5 --benchmark_out=bench.json
-  python3 bench/ratios.py bench.json [more.json ...]
+  build/release/bench/jobengine_snapshot_bench --benchmark_repetitions=3 \\
+      --benchmark_enable_random_interleaving=true --benchmark_out=snap.json
+  python3 bench/ratios.py bench.json [snap.json more.json ...]
 
 Exit status: 0 when every target ratio was computed and met, 1 when one was
 missed, 2 when the input lacks a benchmark a target needs or cannot be read.
 """
 
 import json
+import re
 import statistics
 import sys
 
@@ -61,20 +72,77 @@ ORDER = [
 ]
 
 
+# jobengine_snapshot_bench: (label, numerator, denominator, metric, op,
+# target). Metrics are per-repetition values (medians of them are compared);
+# "seconds" is the real time per iteration. op ">=": the ratio must reach the
+# target; "<=": it must not exceed it.
+SNAPSHOT_TARGETS = [
+    ("shm snapshots every 10 ms, 100k pending: throughput with / without",
+     "BM_SubmitWithShmSnapshots", "BM_SubmitWithoutSnapshots", "items_per_second", ">=", 0.9),
+    ("shm snapshots every 10 ms, 100k pending: p99.9 submit latency with / without",
+     "BM_SubmitWithShmSnapshots", "BM_SubmitWithoutSnapshots", "p999_ns", "<=", 1.2),
+    ("1M-job snapshot to disk / plain write+fsync (bandwidth)",
+     "BM_SnapshotToDisk_1M", "BM_PlainWriteFsync_1M", "bytes_per_second", ">=", 0.5),
+    ("recovery of 1M jobs / plain read of the file (time, warm)",
+     "BM_Recover_1M/warm", "BM_PlainRead_1M/warm", "seconds", "<=", 2.0),
+    ("recovery of 1M jobs / plain read of the file (time, cold)",
+     "BM_Recover_1M/cold", "BM_PlainRead_1M/cold", "seconds", "<=", 2.0),
+]
+
+# Shown, not judged.
+SNAPSHOT_INFO = [
+    ("shm snapshots: p50 submit latency with / without",
+     "BM_SubmitWithShmSnapshots", "BM_SubmitWithoutSnapshots", "p50_ns"),
+    ("shm snapshots: p99 submit latency with / without",
+     "BM_SubmitWithShmSnapshots", "BM_SubmitWithoutSnapshots", "p99_ns"),
+    ("empty open+start of a 1M-slot engine / plain read (time, warm)",
+     "BM_OpenEmpty_1M", "BM_PlainRead_1M/warm", "seconds"),
+    ("decode of the 1M-job image in memory / plain read (time, warm)",
+     "BM_Decode_1M", "BM_PlainRead_1M/warm", "seconds"),
+    ("encode of the 1M-job image in memory / plain write+fsync (time)",
+     "BM_Encode_1M", "BM_PlainWriteFsync_1M", "seconds"),
+]
+
+SNAPSHOT_ORDER = [
+    "BM_SubmitWithShmSnapshots",
+    "BM_SubmitWithoutSnapshots",
+    "BM_SnapshotToDisk_1M",
+    "BM_PlainWriteFsync_1M",
+    "BM_Encode_1M",
+    "BM_Recover_1M/warm",
+    "BM_PlainRead_1M/warm",
+    "BM_Recover_1M/cold",
+    "BM_PlainRead_1M/cold",
+    "BM_OpenEmpty_1M",
+    "BM_Decode_1M",
+]
+
+# Values kept per repetition for the snapshot tables.
+SNAPSHOT_METRICS = ("seconds", "items_per_second", "bytes_per_second", "p50_ns", "p99_ns",
+                    "p999_ns", "snap_ms", "took_ms", "open_ms", "start_ms")
+
+TIME_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
 def short_name(run_name):
+    # Fixed iteration counts show up in the name ("/iterations:5"): drop them,
+    # so that names stay stable if the counts change.
+    run_name = re.sub(r"/iterations:\d+", "", run_name)
     for suffix in ("/real_time", "/manual_time"):
         if run_name.endswith(suffix):
             return run_name[: -len(suffix)]
     return run_name
 
 
-def load(path):
-    """Returns {benchmark: [items_per_second, ...]} for one JSON file."""
+def read_json(path):
     if path == "-":
-        data = json.load(sys.stdin)
-    else:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        return json.load(sys.stdin)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load(path, data):
+    """Returns {benchmark: [items_per_second, ...]} for one JSON file."""
     samples = {}
     medians = {}  # from aggregates, used when raw repetitions are absent
     for entry in data.get("benchmarks", []):
@@ -93,6 +161,36 @@ def load(path):
             medians[name] = float(rate)
     for name, rate in medians.items():
         samples.setdefault(name, [rate])
+    return samples
+
+
+def load_metrics(data):
+    """Returns {benchmark: {metric: [value per repetition, ...]}} for the
+    snapshot benchmarks of one JSON file (errors were reported by load())."""
+    samples = {}
+    medians = {}  # from aggregates, used when raw repetitions are absent
+    for entry in data.get("benchmarks", []):
+        if entry.get("error_occurred"):
+            continue
+        name = short_name(entry.get("run_name", entry.get("name", "?")))
+        if name not in SNAPSHOT_ORDER:
+            continue
+        values = {}
+        for metric in SNAPSHOT_METRICS:
+            if metric == "seconds":
+                if "real_time" in entry:
+                    unit = TIME_UNIT_SECONDS.get(entry.get("time_unit", "ns"), 1e-9)
+                    values[metric] = float(entry["real_time"]) * unit
+            elif metric in entry:
+                values[metric] = float(entry[metric])
+        if entry.get("run_type", "iteration") == "iteration":
+            for metric, value in values.items():
+                samples.setdefault(name, {}).setdefault(metric, []).append(value)
+        elif entry.get("aggregate_name") == "median":
+            medians[name] = values
+    for name, values in medians.items():
+        if name not in samples:
+            samples[name] = {metric: [value] for metric, value in values.items()}
     return samples
 
 
@@ -115,18 +213,88 @@ def ratio_row(label, num, den, per_file, target=None):
     return f"| {label} | {mid:.3f} | {spread} | >= {target:g}: {verdict} |", mid >= target
 
 
+def snapshot_ratio_row(label, num, den, metric, per_file, op=None, target=None):
+    """Like ratio_row, for a metric of the snapshot benchmarks."""
+    ratios = []
+    for samples in per_file:
+        a = samples.get(num, {}).get(metric)
+        b = samples.get(den, {}).get(metric)
+        if a and b and statistics.median(b) != 0:
+            ratios.append(statistics.median(a) / statistics.median(b))
+    if not ratios:
+        return f"| {label} | n/a ({num} or {den} missing) | | |", None
+    mid = statistics.median(ratios)
+    spread = "-" if len(ratios) == 1 else f"{min(ratios):.3f}-{max(ratios):.3f} ({len(ratios)} runs)"
+    if target is None:
+        return f"| {label} | {mid:.3f} | {spread} | (info) |", None
+    met = mid >= target if op == ">=" else mid <= target
+    verdict = "met" if met else "MISSED"
+    return f"| {label} | {mid:.3f} | {spread} | {op} {target:g}: {verdict} |", met
+
+
+def fmt_metric(values, scale, digits):
+    if not values:
+        return ""
+    return f"{statistics.median(values) * scale:.{digits}f}"
+
+
+def print_snapshot_tables(per_file_metrics):
+    """Prints tables 3 and 4; returns the exit status they call for."""
+    pooled = {}
+    for samples in per_file_metrics:
+        for name, metrics in samples.items():
+            for metric, values in metrics.items():
+                pooled.setdefault(name, {}).setdefault(metric, []).extend(values)
+    print("| snapshot benchmark | median ms | Mjobs/s | MB/s | p50 ns | p99 ns | p99.9 ns "
+          "| reps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in SNAPSHOT_ORDER:
+        if name not in pooled:
+            continue
+        m = pooled[name]
+        reps = len(m.get("seconds", []))
+        print(f"| {name} | {fmt_metric(m.get('seconds'), 1e3, 1)} "
+              f"| {fmt_metric(m.get('items_per_second'), 1e-6, 2)} "
+              f"| {fmt_metric(m.get('bytes_per_second'), 1e-6, 0)} "
+              f"| {fmt_metric(m.get('p50_ns'), 1, 0)} | {fmt_metric(m.get('p99_ns'), 1, 0)} "
+              f"| {fmt_metric(m.get('p999_ns'), 1, 0)} | {reps} |")
+    print()
+    print("| snapshot ratio (medians, same process) | value | range | target |")
+    print("|---|---:|---|---|")
+    status = 0
+    for label, num, den, metric, op, target in SNAPSHOT_TARGETS:
+        row, met = snapshot_ratio_row(label, num, den, metric, per_file_metrics, op, target)
+        print(row)
+        if met is None:
+            status = 2
+        elif not met and status == 0:
+            status = 1
+    for label, num, den, metric in SNAPSHOT_INFO:
+        row, _ = snapshot_ratio_row(label, num, den, metric, per_file_metrics)
+        print(row)
+    return status
+
+
 def main(argv):
     paths = argv[1:] or ["-"]
     try:
-        per_file = [load(p) for p in paths]
+        datas = [read_json(p) for p in paths]
+        per_file = [load(p, d) for p, d in zip(paths, datas)]
+        per_file_metrics = [load_metrics(d) for d in datas]
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    has_snapshot = any(per_file_metrics)
     pooled = {}
     for samples in per_file:
         for name, rates in samples.items():
+            if has_snapshot and name in SNAPSHOT_ORDER:
+                continue  # in the snapshot tables
             pooled.setdefault(name, []).extend(rates)
+    if has_snapshot and not pooled:
+        # Snapshot results only: their tables, not the throughput targets.
+        return print_snapshot_tables(per_file_metrics)
     rank = {name: i for i, name in enumerate(ORDER)}
     order = sorted(pooled, key=lambda name: (rank.get(name, len(ORDER)), name))
     if not pooled:
@@ -154,6 +322,10 @@ def main(argv):
     for label, num, den in INFO:
         row, _ = ratio_row(label, num, den, per_file)
         print(row)
+    if has_snapshot:
+        print()
+        snapshot_status = print_snapshot_tables(per_file_metrics)
+        status = max(status, snapshot_status)  # 2 (missing) > 1 (missed) > 0
     return status
 
 

@@ -1,0 +1,1114 @@
+// What snapshots cost, each figure next to the baseline it is judged against,
+// side by side in one process (bench/ratios.py prints the ratios):
+//
+//   BM_SubmitWithShmSnapshots      Producer throughput and per-submit latency
+//   BM_SubmitWithoutSnapshots      with 100,000 jobs pending (parked, see
+//                                  below) and a shared-memory snapshot every
+//                                  10 ms, against the same engine without
+//                                  snapshots. One submitter (the benchmark
+//                                  thread) and one worker, pinned as in
+//                                  throughput_bench. Each iteration submits
+//                                  JOBENGINE_BENCH_SUBMITS empty high-priority
+//                                  jobs (16-byte payload) and ends once the
+//                                  worker ran them all. Counters p50_ns,
+//                                  p99_ns, p999_ns: see "Submit latency".
+//                                  Targets: throughput >= 0.9x, p99.9 <= 1.2x.
+//   BM_SnapshotToDisk_1M           Engine::snapshot_now() of 1,000,000 pending
+//   BM_PlainWriteFsync_1M          jobs with 64-byte payloads (shm off,
+//                                  periodic disk off), against creating a file
+//                                  in the same directory and writing the same
+//                                  number of bytes (the image's size,
+//                                  SnapshotInfo::bytes) with one write() and
+//                                  an fsync(). Both in steady state with the
+//                                  default 3 generations kept (see
+//                                  kKeepGenerations): the engine's time
+//                                  includes deleting the oldest generation,
+//                                  which FileStore::publish does before
+//                                  snapshot_now() returns. bytes_per_second;
+//                                  target: the snapshot >= 0.5x the plain
+//                                  write.
+//   BM_Recover_1M/{warm,cold}      Engine::open() + register_handler() +
+//   BM_PlainRead_1M/{warm,cold}    start() recovering the 1M jobs from a disk
+//                                  snapshot (StartReport::recovery must say 1M
+//                                  pending), against open() + read() of the
+//                                  same file into freshly allocated memory.
+//                                  warm: the file is in the page cache (a
+//                                  process restart); cold: its pages are
+//                                  dropped with posix_fadvise(DONTNEED) before
+//                                  every iteration of both (a reboot; fadvise
+//                                  drops only this file's clean pages, no
+//                                  root needed). One untimed round first;
+//                                  teardown (stop(kAbandon), destruction,
+//                                  freeing the buffer) is not timed. Target:
+//                                  recovery <= 2x the read.
+//   BM_OpenEmpty_1M                Not targets, to read the others by:
+//   BM_Encode_1M                   open() + register + start() of the same
+//   BM_Decode_1M                   engine over an empty snapshot directory
+//                                  (what recovery costs before it reads a
+//                                  byte: allocating and touching the
+//                                  capacity * 256-byte job table), and
+//                                  snapshot::Encoder / snapshot::decode() alone
+//                                  on the same 1M-job image in memory.
+//
+// Parked jobs. The pending jobs must stay pending while the measured jobs run
+// on the same worker, in the same engine (the point is what snapshotting them
+// costs). They are submitted at kLowPriority with fairness_period = 0 (strict
+// priority), and their handler never finishes them:
+//  - In the submit benchmarks the worker takes a low-priority batch only when
+//    the high-priority queue is empty, which happens whenever the worker
+//    catches up with the submitter; a handler that blocked there would stall
+//    the measured jobs, and one that returned kRetry at once would churn the
+//    100k jobs through the low queue for as long as the worker is idle
+//    (rewriting their slots under the snapshot reader). So the parked handler
+//    spins (with pauses) while no measured job is outstanding -- the
+//    submitter publishes how many it submitted, the measured handler how many
+//    it ran -- and returns kRetry (requeued at the back, attempt + 1;
+//    max_attempts = 65535) as soon as one is. The rest of that batch (up to
+//    dequeue_batch - 1 parked jobs) is requeued at once, so each idle spell
+//    of the worker moves at most one batch of parked jobs, and the worker's
+//    idle spinning happens in the handler instead of in the engine's poll
+//    loop (the engine runs kSpin, so it would spin anyway). Counter
+//    parked_retries says how many requeues an iteration made (a few hundred
+//    thousand: some 20 attempts per parked job and run, far from
+//    max_attempts; with JOBENGINE_BENCH_SHM_PENDING below ~1000 they could
+//    run out, which teardown reports as failed jobs). All parked jobs stay
+//    pending (queued, or one running) throughout; teardown checks that none
+//    finished. The parking costs the measured jobs nothing visible: without
+//    snapshots this benchmark matches jobengine_bench's BM_Engine_Submit/spin
+//    (same worker setup, no parked jobs) within the noise.
+//    The snapshot thread is left unpinned (the default), so with the two
+//    pinned threads busy it takes its CPU time from them.
+//  - In the disk and recovery benchmarks nothing else runs: the parked handler
+//    blocks on a futex (std::atomic::wait), so the worker holds one batch and
+//    uses no CPU while snapshots are written or recovered.
+//
+// Submit latency: the benchmark thread reads the TSC (rdtsc; steady_clock
+// elsewhere) once after every submit() and records the difference to the
+// previous reading in a log-linear histogram (64 sub-buckets per power of
+// two: <= 1.6% error, no allocation, a few L1-resident cache lines), so each
+// sample is one submit() plus a constant few ns of loop (the context value
+// jobengine_latency_loop_floor_p50_ns is that constant, measured without a
+// submit). A kQueueFull retry shows up inside its job's sample. Ticks are
+// converted to ns with a rate calibrated against steady_clock over each run.
+//
+// Environment:
+//   JOBENGINE_BENCH_SNAPSHOT_JOBS  jobs in the disk and recovery benchmarks
+//                                  (default 1000000; the names keep "1M")
+//   JOBENGINE_BENCH_SHM_PENDING    parked jobs in the submit benchmarks
+//                                  (default 100000)
+//   JOBENGINE_BENCH_SUBMITS        measured submits per iteration (default
+//                                  1000000)
+//   JOBENGINE_BENCH_DIR            where the snapshot directories go (default
+//                                  /tmp); a directory jobengine-snapbench-<pid>
+//                                  is made there and removed at exit
+//
+// Run on an otherwise idle machine (check uptime), e.g.:
+//   jobengine_snapshot_bench --benchmark_repetitions=3
+//       --benchmark_enable_random_interleaving=true --benchmark_out=snap.json
+//   python3 bench/ratios.py snap.json
+#include <benchmark/benchmark.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#endif
+
+#include "baselines.h"
+#include "jobengine/engine.h"
+#include "jobengine/snapshot_format.h"
+
+namespace jobengine::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::size_t kDefaultSnapshotJobs = 1'000'000;
+constexpr std::size_t kDefaultShmPending = 100'000;
+constexpr std::size_t kDefaultSubmits = 1'000'000;
+
+// Iterations per run (fixed, so that each repetition builds its engine once).
+constexpr benchmark::IterationCount kSubmitIterations = 5;
+constexpr benchmark::IterationCount kDiskIterations = 4;
+constexpr benchmark::IterationCount kRecoverIterations = 3;
+
+constexpr std::size_t kParkedPayloadBytes = 64;
+constexpr std::size_t kSubmitBatch = 256;  // parked jobs per submit_batch() in setup
+constexpr int kFullBackoffPauses = 32;
+constexpr int kPollPauses = 64;
+constexpr auto kStallLimit = std::chrono::seconds(10);
+// Lets the engine settle after the parked jobs are in (a few shm snapshots
+// taken, the worker parked) before the timed loop starts; both submit
+// variants wait alike.
+constexpr auto kSettle = std::chrono::milliseconds(50);
+// Disk generations kept (the default). The disk benchmarks first write one
+// more than this many files (untimed), so that every timed snapshot is in the
+// steady state of a running service: the directory holds kKeepGenerations
+// files, a snapshot writes a new one and then deletes the oldest
+// (FileStore::publish prunes after the write). The plain-write baseline keeps
+// its files the same way, writing a new one (timed) and then deleting the
+// oldest (untimed: the engine's prune is part of its time, the baseline's
+// delete is not). Why it matters on the 2-vCPU VMs: write() into page cache
+// that grows, instead of into pages freed shortly before, costs up to ~10x
+// the CPU (~320 instead of ~30 ms per 120 MB, all of it in the kernel's copy
+// into the new pages: presumably the host backing guest memory afresh), so
+// unequal file counts would measure the VM, not the engine.
+const unsigned kKeepGenerations = SnapshotOptions{}.keep_generations;
+const unsigned kWarmupWrites = kKeepGenerations + 1;
+
+constexpr Payload kMeasuredPayload{{0x0123456789abcdefULL, 0xfedcba9876543210ULL}};
+
+constexpr std::string_view kParkedHandler = "bench.parked";
+constexpr std::string_view kMeasuredHandler = "bench.empty";
+
+// ---- configuration ------------------------------------------------------------
+
+std::size_t env_size(const char* name, std::size_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (errno != 0 || *end != '\0' || value == 0) {
+    std::fprintf(stderr,
+                 "jobengine_snapshot_bench: ignoring %s=\"%s\" (want a positive integer); "
+                 "using %zu\n",
+                 name, text, fallback);
+    return fallback;
+  }
+  return static_cast<std::size_t>(value);
+}
+
+std::size_t snapshot_jobs() {
+  static const std::size_t n = env_size("JOBENGINE_BENCH_SNAPSHOT_JOBS", kDefaultSnapshotJobs);
+  return n;
+}
+
+std::size_t shm_pending() {
+  static const std::size_t n = env_size("JOBENGINE_BENCH_SHM_PENDING", kDefaultShmPending);
+  return n;
+}
+
+std::size_t submits_per_iteration() {
+  static const std::size_t n = env_size("JOBENGINE_BENCH_SUBMITS", kDefaultSubmits);
+  return n;
+}
+
+const fs::path& bench_root() {
+  static const fs::path root = [] {
+    const char* base = std::getenv("JOBENGINE_BENCH_DIR");
+    fs::path parent = (base != nullptr && *base != '\0') ? fs::path(base) : fs::path("/tmp");
+    return parent / ("jobengine-snapbench-" + std::to_string(::getpid()));
+  }();
+  return root;
+}
+
+// Makes `dir` a fresh, empty directory (mode 0700, as the file store wants)
+// under the root. Returns an error text, empty on success.
+std::string fresh_dir(const std::string& name, fs::path& dir) {
+  dir = bench_root() / name;
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+  fs::create_directories(dir, ec);
+  if (!ec) fs::permissions(dir, fs::perms::owner_all, fs::perm_options::replace, ec);
+  if (ec) return "making directory " + dir.string() + ": " + ec.message();
+  return {};
+}
+
+void remove_dir(const fs::path& dir) {
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
+std::string unique_shm_name() {
+  static std::atomic<unsigned> counter{0};
+  return "jobengine-bench-" + std::to_string(::getpid()) + "-" +
+         std::to_string(counter.fetch_add(1, std::memory_order_relaxed));
+}
+
+void pause_for(int pauses) noexcept {
+  for (int i = 0; i < pauses; ++i) cpu_relax();
+}
+
+// ---- timestamps and the latency histogram ---------------------------------------
+
+inline std::uint64_t stamp() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  return __rdtsc();
+#else
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+          .count());
+#endif
+}
+
+// Log-linear histogram of tick counts: exact below 128, then 64 buckets per
+// power of two.
+class LatencyHistogram {
+ public:
+  static constexpr unsigned kSubBits = 6;
+  static constexpr std::size_t kSub = std::size_t{1} << kSubBits;
+  static constexpr std::size_t kBuckets = kSub * (64 - kSubBits) + 2 * kSub;
+
+  void record(std::uint64_t v) noexcept {
+    if (v < 2 * kSub) {
+      ++counts_[v];
+      return;
+    }
+    const unsigned msb = 63u - static_cast<unsigned>(__builtin_clzll(v));
+    const unsigned shift = msb - kSubBits;
+    ++counts_[kSub * shift + (v >> shift)];
+  }
+
+  std::uint64_t total() const noexcept {
+    std::uint64_t n = 0;
+    for (std::uint64_t c : counts_) n += c;
+    return n;
+  }
+
+  // The value (bucket midpoint) at quantile q in [0, 1].
+  double quantile(double q) const noexcept {
+    const std::uint64_t n = total();
+    if (n == 0) return 0;
+    auto rank = static_cast<std::uint64_t>(q * static_cast<double>(n));
+    if (rank >= n) rank = n - 1;
+    std::uint64_t seen = 0;
+    for (std::size_t i = 0; i < kBuckets; ++i) {
+      seen += counts_[i];
+      if (seen > rank) return midpoint(i);
+    }
+    return midpoint(kBuckets - 1);
+  }
+
+  double max() const noexcept {
+    for (std::size_t i = kBuckets; i-- > 0;) {
+      if (counts_[i] != 0) return midpoint(i);
+    }
+    return 0;
+  }
+
+ private:
+  static double midpoint(std::size_t i) noexcept {
+    if (i < 2 * kSub) return static_cast<double>(i);
+    const std::size_t shift = i / kSub - 1;
+    const std::size_t mantissa = i - kSub * shift;
+    const double low =
+        static_cast<double>(mantissa) * static_cast<double>(std::uint64_t{1} << shift);
+    return low + static_cast<double>(std::uint64_t{1} << shift) / 2.0;
+  }
+
+  std::array<std::uint64_t, kBuckets> counts_{};
+};
+
+// Converts stamp() ticks to nanoseconds with a rate measured over a run.
+struct TickRate {
+  std::uint64_t ticks0 = stamp();
+  Clock::time_point t0 = Clock::now();
+
+  double ns_per_tick() const {
+    const std::uint64_t ticks = stamp() - ticks0;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+    return ticks == 0 ? 1.0 : static_cast<double>(ns) / static_cast<double>(ticks);
+  }
+};
+
+// What the measuring loop costs without a submit: one stamp and one record
+// per sample. Reported in the run's context.
+double latency_loop_floor_ns() {
+  auto hist = std::make_unique<LatencyHistogram>();
+  const TickRate rate;
+  std::uint64_t prev = stamp();
+  for (int i = 0; i < 1'000'000; ++i) {
+    const std::uint64_t now = stamp();
+    hist->record(now - prev);
+    prev = now;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a longer span for the rate
+  return hist->quantile(0.5) * rate.ns_per_tick();
+}
+
+// ---- engines with parked jobs ---------------------------------------------------
+
+enum class Park : std::uint8_t {
+  kUntilWork,  // spin until a measured job is outstanding (submit benchmarks)
+  kBlock,      // block until teardown (disk and recovery benchmarks)
+};
+
+// Shared by the benchmark thread and the engine's worker. Outlives the engine.
+struct Gate {
+  // Measured jobs submitted so far: written by the benchmark thread.
+  alignas(64) std::atomic<std::uint64_t> submitted{0};
+  // Measured jobs run so far: written by the worker (one worker).
+  alignas(64) std::atomic<std::uint64_t> ran{0};
+  // Set at teardown: parked handlers return kRetry at once.
+  alignas(64) std::atomic<bool> release{false};
+};
+
+Outcome park(Gate& gate, Park mode) {
+  if (mode == Park::kBlock) {
+    gate.release.wait(false, std::memory_order_acquire);
+    return Outcome::kRetry;
+  }
+  for (;;) {
+    if (gate.release.load(std::memory_order_relaxed)) return Outcome::kRetry;
+    if (gate.submitted.load(std::memory_order_relaxed) !=
+        gate.ran.load(std::memory_order_relaxed)) {
+      return Outcome::kRetry;
+    }
+    pause_for(kPollPauses);
+  }
+}
+
+// An engine, its handlers, and a teardown that never hangs: the destructor
+// releases the parked jobs and stops with kAbandon (~Engine would drain, and
+// parked jobs never finish).
+class BenchEngine {
+ public:
+  BenchEngine() : gate_(std::make_unique<Gate>()) {}
+  BenchEngine(const BenchEngine&) = delete;
+  BenchEngine& operator=(const BenchEngine&) = delete;
+  ~BenchEngine() { (void)shutdown(); }
+
+  // open() + the parked handler (+ the measured one when `measured`).
+  Status open(EngineOptions options, Park mode, bool measured) {
+    shm_name_ = options.snapshot.shm_name;
+    auto e = Engine::open(std::move(options));
+    if (!e) return e.status();
+    engine_.emplace(std::move(*e));
+    Gate* gate = gate_.get();
+    auto parked = engine_->register_handler(
+        kParkedHandler, [gate, mode](JobContext&) { return park(*gate, mode); });
+    if (!parked) return parked.status();
+    parked_ = *parked;
+    if (measured) {
+      auto empty = engine_->register_handler(kMeasuredHandler, [gate](JobContext& job) {
+        benchmark::DoNotOptimize(job.payload().data());
+        // One writer (the only worker): a plain increment.
+        gate->ran.store(gate->ran.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+        return Outcome::kDone;
+      });
+      if (!empty) return empty.status();
+      measured_ = *empty;
+    }
+    return Status();
+  }
+
+  Result<StartReport> start() { return engine_->start(); }
+
+  // Submits n parked jobs (kLowPriority, 64-byte payloads).
+  Status submit_parked(std::size_t n) {
+    unsigned char bytes[kParkedPayloadBytes];
+    for (std::size_t i = 0; i < sizeof bytes; ++i)
+      bytes[i] = static_cast<unsigned char>(i * 37 + 11);
+    const std::string_view payload(reinterpret_cast<const char*>(bytes), sizeof bytes);
+    const std::vector<JobSpec> specs(
+        kSubmitBatch, JobSpec{parked_, payload, SubmitOptions{.priority = kLowPriority}});
+    for (std::size_t done = 0; done < n;) {
+      const std::size_t k = std::min(n - done, specs.size());
+      auto r = engine_->submit_batch(std::span<const JobSpec>(specs.data(), k));
+      if (!r) {
+        return Status(r.status().code(), "submitting parked job " + std::to_string(done) + " of " +
+                                             std::to_string(n) + ": " +
+                                             std::string(r.status().message()));
+      }
+      done += *r;
+    }
+    return Status();
+  }
+
+  // Waits until the worker sits in a parked handler (the table then stays
+  // still). False after 10 s.
+  bool wait_parked() const {
+    const auto deadline = Clock::now() + kStallLimit;
+    while (engine_->health().running == 0) {
+      if (Clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+  }
+
+  // Releases the parked jobs and stops with kAbandon (if running), destroys
+  // the engine and removes its shared-memory segment. Returns the stop
+  // report, or the reason there is none.
+  Result<StopReport> shutdown() {
+    Result<StopReport> report = Status(StatusCode::kFailedPrecondition, "engine not running");
+    if (engine_ && engine_->state() == EngineState::kRunning) {
+      gate_->release.store(true, std::memory_order_release);
+      gate_->release.notify_all();
+      report = engine_->stop(StopMode::kAbandon);
+    }
+    engine_.reset();
+    if (!shm_name_.empty()) {
+      (void)::shm_unlink(("/" + shm_name_).c_str());
+      shm_name_.clear();
+    }
+    return report;
+  }
+
+  Engine& engine() { return *engine_; }
+  Gate& gate() { return *gate_; }
+  HandlerId measured() const { return measured_; }
+
+ private:
+  std::unique_ptr<Gate> gate_;  // declared first: outlives the engine
+  std::optional<Engine> engine_;
+  std::string shm_name_;
+  HandlerId parked_ = 0;
+  HandlerId measured_ = 0;
+};
+
+void skip(benchmark::State& state, const std::string& what, const Status& status) {
+  state.SkipWithError((what + ": " + status.to_string()).c_str());
+}
+
+// The options every benchmark's engine shares: one worker pinned to the
+// plan's worker CPU, strict priority, the baselines' batch size, parked jobs
+// that may be requeued many times.
+EngineOptions base_options(std::size_t capacity) {
+  EngineOptions o;
+  o.workers = 1;
+  if (cpu_plan().worker >= 0) o.cpus = {cpu_plan().worker};
+  o.capacity = capacity;
+  o.fairness_period = 0;
+  o.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
+  o.max_attempts = 65535;
+  return o;
+}
+
+EngineOptions disk_options(std::size_t capacity, const fs::path& dir) {
+  EngineOptions o = base_options(capacity);
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir.string();
+  o.snapshot.shm_interval = std::chrono::milliseconds(0);
+  o.snapshot.disk_interval = std::chrono::milliseconds(0);
+  o.snapshot.keep_generations = kKeepGenerations;
+  return o;
+}
+
+// ---- 1. submits with and without shared-memory snapshots --------------------------
+
+void RunSubmit(benchmark::State& state, bool with_snapshots) {
+  const std::size_t pending = shm_pending();
+  const std::size_t submits = submits_per_iteration();
+  // Room for the parked jobs and as many measured ones in flight.
+  EngineOptions options = base_options(pending + std::max<std::size_t>(pending, 65536));
+  options.idle = IdleStrategy::kSpin;
+  if (with_snapshots) {
+    options.snapshot.enabled = true;
+    options.snapshot.shm_name = unique_shm_name();
+    options.snapshot.shm_interval = std::chrono::milliseconds(10);
+    options.snapshot.disk_interval = std::chrono::milliseconds(0);
+  }
+  // Built on the unpinned benchmark thread: the snapshot thread inherits its
+  // affinity (it is left unpinned, as by default).
+  BenchEngine be;
+  if (Status s = be.open(std::move(options), Park::kUntilWork, /*measured=*/true); !s.ok()) {
+    return skip(state, "open", s);
+  }
+  if (auto started = be.start(); !started) return skip(state, "start", started.status());
+  if (Status s = be.submit_parked(pending); !s.ok()) return skip(state, "setup", s);
+  if (!be.wait_parked()) {
+    state.SkipWithError("the worker never took a parked job");
+    return;
+  }
+  std::this_thread::sleep_for(kSettle);
+
+  Engine& engine = be.engine();
+  Gate& gate = be.gate();
+  const HandlerId handler = be.measured();
+  const std::string_view payload(reinterpret_cast<const char*>(&kMeasuredPayload),
+                                 sizeof(kMeasuredPayload));
+  const SubmitOptions high{.priority = kHighPriority};
+  auto hist = std::make_unique<LatencyHistogram>();
+  const Health before = engine.health();
+  std::uint64_t queue_full = 0;
+  std::uint64_t submitted = 0;
+  std::string error;
+  const TickRate rate;
+  {
+    ScopedPin pin(cpu_plan().submitter);
+    if (!pin.ok()) {
+      state.SkipWithError("cannot pin the submitter thread");
+      return;
+    }
+    for (auto _ : state) {
+      std::uint64_t prev = stamp();
+      for (std::size_t i = 0; i < submits && error.empty(); ++i) {
+        for (;;) {
+          auto id = engine.submit(handler, payload, high);
+          if (id) [[likely]] {
+            break;
+          }
+          if (id.status().code() != StatusCode::kQueueFull) {
+            error = "submit failed: " + id.status().to_string();
+            break;
+          }
+          ++queue_full;
+          pause_for(kFullBackoffPauses);
+        }
+        gate.submitted.store(++submitted, std::memory_order_relaxed);
+        const std::uint64_t now = stamp();
+        hist->record(now - prev);
+        prev = now;
+      }
+      if (!error.empty()) break;
+      // The iteration ends when the worker has run every measured job.
+      std::uint64_t ran_at_check = gate.ran.load(std::memory_order_acquire);
+      auto check_time = Clock::now();
+      for (unsigned polls = 1;; ++polls) {
+        const std::uint64_t ran = gate.ran.load(std::memory_order_acquire);
+        if (ran >= submitted) break;
+        if (polls % 4096 == 0) {
+          if (ran != ran_at_check) {
+            ran_at_check = ran;
+            check_time = Clock::now();
+          } else if (Clock::now() - check_time > kStallLimit) {
+            error = "worker stalled: " + std::to_string(ran) + " of " + std::to_string(submitted) +
+                    " measured jobs run";
+            break;
+          }
+        }
+        pause_for(kPollPauses);
+      }
+      if (!error.empty()) break;
+    }
+  }
+  const double ns_per_tick = rate.ns_per_tick();
+  const Health after = engine.health();
+  if (!error.empty()) {
+    state.SkipWithError(error.c_str());
+    return;
+  }
+
+  const auto iterations = static_cast<double>(state.iterations());
+  state.SetItemsProcessed(static_cast<std::int64_t>(submitted));
+  state.counters["p50_ns"] = hist->quantile(0.50) * ns_per_tick;
+  state.counters["p99_ns"] = hist->quantile(0.99) * ns_per_tick;
+  state.counters["p999_ns"] = hist->quantile(0.999) * ns_per_tick;
+  state.counters["max_us"] = hist->max() * ns_per_tick / 1e3;
+  state.counters["pending"] = static_cast<double>(pending);
+  state.counters["queue_full"] = static_cast<double>(queue_full) / iterations;
+  state.counters["parked_retries"] =
+      static_cast<double>(after.retried - before.retried) / iterations;
+  if (with_snapshots) {
+    state.counters["snapshots"] =
+        static_cast<double>(after.last_snapshot_generation - before.last_snapshot_generation) /
+        iterations;
+    state.counters["snap_ms"] =
+        std::chrono::duration<double, std::milli>(after.last_snapshot_duration).count();
+    state.counters["snap_MB"] = static_cast<double>(after.last_snapshot_bytes) / 1e6;
+    if (after.snapshot_failures != 0) {
+      state.SkipWithError(("snapshot failed: " + after.last_snapshot_error).c_str());
+      return;
+    }
+  }
+
+  auto report = be.shutdown();
+  if (!report) return skip(state, "stop", report.status());
+  if (report->done != submitted || report->failed != 0 || report->dropped != pending) {
+    const std::string message =
+        "engine ran " + std::to_string(report->done) + " jobs (" + std::to_string(report->failed) +
+        " failed, " + std::to_string(report->dropped) + " dropped), expected " +
+        std::to_string(submitted) + " run and " + std::to_string(pending) + " parked jobs dropped";
+    state.SkipWithError(message.c_str());
+  }
+}
+
+void BM_SubmitWithShmSnapshots(benchmark::State& state) { RunSubmit(state, true); }
+void BM_SubmitWithoutSnapshots(benchmark::State& state) { RunSubmit(state, false); }
+
+// ---- 2. a 1M-job snapshot to disk against write + fsync -----------------------------
+
+// The image the engine writes for snapshot_jobs() parked jobs, built with the
+// same encoder: its size is what SnapshotInfo::bytes must say, and its bytes
+// are what the plain-write baseline writes.
+const std::vector<unsigned char>& reference_image() {
+  static const std::vector<unsigned char> image = [] {
+    snapshot::Encoder encoder;
+    snapshot::Header header;
+    header.generation = 1;
+    encoder.begin(header);
+    encoder.add_handler(kParkedHandler);
+    unsigned char bytes[kParkedPayloadBytes];
+    for (std::size_t i = 0; i < sizeof bytes; ++i)
+      bytes[i] = static_cast<unsigned char>(i * 37 + 11);
+    snapshot::JobRecord job;
+    job.priority = kLowPriority;
+    job.payload = std::string_view(reinterpret_cast<const char*>(bytes), sizeof bytes);
+    for (std::size_t i = 0; i < snapshot_jobs(); ++i) {
+      job.id = i + 1;
+      encoder.add_job(job);
+    }
+    const std::span<const unsigned char> out = encoder.finish();
+    return std::vector<unsigned char>(out.begin(), out.end());
+  }();
+  return image;
+}
+
+void BM_SnapshotToDisk_1M(benchmark::State& state) {
+  const std::size_t jobs = snapshot_jobs();
+  const std::uint64_t expected_bytes = reference_image().size();
+  fs::path dir;
+  if (std::string err = fresh_dir("disk", dir); !err.empty()) {
+    state.SkipWithError(err.c_str());
+    return;
+  }
+  std::uint64_t bytes = 0;
+  std::chrono::nanoseconds took{0};
+  {
+    BenchEngine be;
+    if (Status s = be.open(disk_options(jobs, dir), Park::kBlock, false); !s.ok()) {
+      return skip(state, "open", s);
+    }
+    if (auto started = be.start(); !started) return skip(state, "start", started.status());
+    if (Status s = be.submit_parked(jobs); !s.ok()) return skip(state, "setup", s);
+    if (!be.wait_parked()) {
+      state.SkipWithError("the worker never took a parked job");
+      return;
+    }
+    // Warm-up (see kKeepGenerations): the encoder's buffer grows once, on
+    // the first snapshot of this size, and the directory fills to its
+    // retention; a service writing snapshots periodically is past both.
+    for (unsigned i = 0; i < kWarmupWrites; ++i) {
+      auto warm = be.engine().snapshot_now();
+      if (!warm) return skip(state, "warm-up snapshot_now", warm.status());
+      if (warm->jobs != jobs || warm->bytes != expected_bytes) {
+        const std::string message = "snapshot holds " + std::to_string(warm->jobs) + " jobs in " +
+                                    std::to_string(warm->bytes) + " bytes, expected " +
+                                    std::to_string(jobs) + " in " + std::to_string(expected_bytes);
+        state.SkipWithError(message.c_str());
+        return;
+      }
+    }
+    for (auto _ : state) {
+      auto info = be.engine().snapshot_now();
+      if (!info) {
+        skip(state, "snapshot_now", info.status());
+        break;
+      }
+      bytes += info->bytes;
+      took += info->took;
+    }
+  }
+  remove_dir(dir);
+  const auto iterations = static_cast<double>(state.iterations());
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  state.counters["jobs"] = static_cast<double>(jobs);
+  state.counters["image_MB"] = static_cast<double>(expected_bytes) / 1e6;
+  state.counters["took_ms"] = std::chrono::duration<double, std::milli>(took).count() / iterations;
+}
+
+// Writes every byte; 0 or an errno.
+int write_all(int fd, const unsigned char* data, std::size_t size) {
+  std::size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::write(fd, data + done, size - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    done += static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
+// Creates `path` and writes `image` to it with one write() and an fsync().
+// Returns an error text, empty on success.
+std::string write_file(const std::string& path, const std::vector<unsigned char>& image) {
+  const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd < 0) return "open " + path + ": " + std::strerror(errno);
+  int err = write_all(fd, image.data(), image.size());
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) return "write + fsync " + path + ": " + std::strerror(err);
+  return {};
+}
+
+void BM_PlainWriteFsync_1M(benchmark::State& state) {
+  const std::vector<unsigned char>& image = reference_image();
+  fs::path dir;
+  if (std::string err = fresh_dir("disk", dir); !err.empty()) {
+    state.SkipWithError(err.c_str());
+    return;
+  }
+  // File n is deleted once file n + kKeepGenerations is written, as the
+  // engine prunes generations (see kKeepGenerations).
+  auto name = [&dir](std::uint64_t n) {
+    return (dir / ("plain-" + std::to_string(n) + ".bin")).string();
+  };
+  std::uint64_t written = 0;
+  auto prune = [&] {
+    if (written > kKeepGenerations) (void)::unlink(name(written - kKeepGenerations - 1).c_str());
+  };
+  for (; written < kWarmupWrites;) {  // warm-up, as for the engine
+    if (std::string err = write_file(name(written++), image); !err.empty()) {
+      state.SkipWithError(err.c_str());
+      remove_dir(dir);
+      return;
+    }
+    prune();
+  }
+  std::uint64_t bytes = 0;
+  for (auto _ : state) {
+    if (std::string err = write_file(name(written++), image); !err.empty()) {
+      state.SkipWithError(err.c_str());
+      break;
+    }
+    bytes += image.size();
+    state.PauseTiming();
+    prune();
+    state.ResumeTiming();
+  }
+  remove_dir(dir);
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  state.counters["image_MB"] = static_cast<double>(image.size()) / 1e6;
+}
+
+// ---- 3. recovery against a plain read --------------------------------------------
+
+// A disk snapshot of snapshot_jobs() pending jobs, written once per process
+// by stop(kSnapshotAndExit) (every job queued, none running at the cut).
+struct RecoveryFixture {
+  fs::path file;  // the generation file
+  std::uint64_t bytes = 0;
+  std::string error;  // non-empty when it could not be made
+};
+
+const RecoveryFixture& recovery_fixture() {
+  static const RecoveryFixture fixture = [] {
+    RecoveryFixture f;
+    const std::size_t jobs = snapshot_jobs();
+    fs::path dir;
+    if (std::string err = fresh_dir("recover-src", dir); !err.empty()) {
+      f.error = err;
+      return f;
+    }
+    BenchEngine be;
+    if (Status s = be.open(disk_options(jobs, dir), Park::kBlock, false); !s.ok()) {
+      f.error = "open: " + s.to_string();
+      return f;
+    }
+    if (auto started = be.start(); !started) {
+      f.error = "start: " + started.status().to_string();
+      return f;
+    }
+    if (Status s = be.submit_parked(jobs); !s.ok()) {
+      f.error = "setup: " + s.to_string();
+      return f;
+    }
+    // Released parked jobs are requeued (kRetry) until stop() ends the
+    // worker, so every job is queued in the final snapshot.
+    be.gate().release.store(true, std::memory_order_release);
+    be.gate().release.notify_all();
+    auto report = be.engine().stop(StopMode::kSnapshotAndExit);
+    if (!report) {
+      f.error = "stop(kSnapshotAndExit): " + report.status().to_string();
+      return f;
+    }
+    if (report->left_in_snapshot != jobs) {
+      f.error = "final snapshot holds " + std::to_string(report->left_in_snapshot) +
+                " jobs, expected " + std::to_string(jobs);
+      return f;
+    }
+    (void)be.shutdown();
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("gen-", 0) == 0) {
+        f.file = entry.path();
+        f.bytes = entry.file_size();
+      }
+    }
+    if (f.file.empty()) f.error = "no generation file in " + dir.string();
+    return f;
+  }();
+  return fixture;
+}
+
+// Drops the file's pages from the page cache (they are clean: written and
+// fsynced). Returns an error text, empty on success.
+std::string drop_cached(const fs::path& file) {
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "open " + file.string() + ": " + std::strerror(errno);
+  const int err = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  if (err != 0) return "posix_fadvise " + file.string() + ": " + std::strerror(err);
+  return {};
+}
+
+// Per iteration: a fresh directory holding only a hard link to the fixture
+// (same inode, so its page-cache state is the fixture's), which the engine
+// recovers from and then writes its own final snapshot into at teardown. One
+// untimed round first, so that every timed one finds the process's memory
+// recycled rather than fresh (as the disk benchmarks do, see kKeepGenerations).
+void RunRecover(benchmark::State& state, bool cold, bool empty) {
+  const std::size_t jobs = snapshot_jobs();
+  const RecoveryFixture& fixture = recovery_fixture();
+  if (!empty && !fixture.error.empty()) {
+    state.SkipWithError(("recovery fixture: " + fixture.error).c_str());
+    return;
+  }
+  std::chrono::nanoseconds open_time{0};
+  std::chrono::nanoseconds start_time{0};
+  unsigned round = 0;
+  // Returns an error text, empty on success. `timed`: inside the loop, where
+  // only open + register + start run on the clock.
+  auto run_round = [&](bool timed) -> std::string {
+    fs::path dir;
+    if (std::string err = fresh_dir("recover-" + std::to_string(round++), dir); !err.empty()) {
+      return err;
+    }
+    if (!empty) {
+      std::error_code ec;
+      fs::create_hard_link(fixture.file, dir / fixture.file.filename(), ec);
+      if (ec) return "link " + fixture.file.string() + ": " + ec.message();
+    }
+    if (cold) {
+      if (std::string err = drop_cached(fixture.file); !err.empty()) return err;
+    }
+    BenchEngine be;
+    if (timed) state.ResumeTiming();
+    const auto t0 = Clock::now();
+    Status opened = be.open(disk_options(jobs, dir), Park::kBlock, false);
+    const auto t1 = Clock::now();
+    std::optional<Result<StartReport>> started;
+    if (opened.ok()) started.emplace(be.start());
+    const auto t2 = Clock::now();
+    if (timed) {
+      state.PauseTiming();
+      open_time += t1 - t0;
+      start_time += t2 - t1;
+    }
+    std::string error;
+    if (!opened.ok()) {
+      error = "open: " + opened.to_string();
+    } else if (!*started) {
+      error = "start: " + started->status().to_string();
+    } else {
+      const RecoveryReport& r = (**started).recovery;
+      const std::uint64_t want = empty ? 0 : jobs;
+      if (r.pending != want || r.running_at_cut != 0 || r.recovered == empty) {
+        error = "recovery restored " + std::to_string(r.pending) + " pending and " +
+                std::to_string(r.running_at_cut) + " running jobs from \"" + r.source +
+                "\", expected " + std::to_string(want) + " pending";
+      }
+    }
+    (void)be.shutdown();
+    remove_dir(dir);
+    return error;
+  };
+  if (std::string err = run_round(false); !err.empty()) {
+    state.SkipWithError(("warm-up round: " + err).c_str());
+    return;
+  }
+  for (auto _ : state) {
+    state.PauseTiming();
+    if (std::string err = run_round(true); !err.empty()) {
+      state.SkipWithError(err.c_str());
+      break;
+    }
+    state.ResumeTiming();
+  }
+  const auto iterations = static_cast<double>(state.iterations());
+  state.counters["jobs"] = static_cast<double>(empty ? 0 : jobs);
+  state.counters["open_ms"] =
+      std::chrono::duration<double, std::milli>(open_time).count() / iterations;
+  state.counters["start_ms"] =
+      std::chrono::duration<double, std::milli>(start_time).count() / iterations;
+  if (!empty) {
+    state.SetBytesProcessed(static_cast<std::int64_t>(fixture.bytes) * state.iterations());
+  }
+}
+
+void BM_Recover_1M(benchmark::State& state, bool cold) { RunRecover(state, cold, false); }
+void BM_OpenEmpty_1M(benchmark::State& state) { RunRecover(state, false, true); }
+
+// What a program does to have a file in memory: open, size it, allocate
+// (fresh pages: the engine's read allocates too), read. The bytes go to
+// `out`, so that the caller frees them outside the timed region (as the
+// engine's teardown is). Returns an error text, empty on success.
+std::string read_file(const std::string& path, std::unique_ptr<unsigned char[]>& out) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "open " + path + ": " + std::strerror(errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return "fstat " + path + ": " + std::strerror(err);
+  }
+  const auto size = static_cast<std::size_t>(st.st_size);
+  auto buffer = std::make_unique_for_overwrite<unsigned char[]>(size);
+  std::size_t done = 0;
+  std::string error;
+  while (done < size) {
+    const ssize_t n = ::read(fd, buffer.get() + done, size - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      error = "read " + path + ": " + (n == 0 ? std::string("short file") : std::strerror(errno));
+      break;
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  benchmark::DoNotOptimize(buffer.get());
+  benchmark::ClobberMemory();
+  out = std::move(buffer);
+  return error;
+}
+
+void BM_PlainRead_1M(benchmark::State& state, bool cold) {
+  const RecoveryFixture& fixture = recovery_fixture();
+  if (!fixture.error.empty()) {
+    state.SkipWithError(("recovery fixture: " + fixture.error).c_str());
+    return;
+  }
+  const std::string path = fixture.file.string();
+  std::unique_ptr<unsigned char[]> bytes;
+  if (std::string err = read_file(path, bytes); !err.empty()) {  // warm-up, as for recovery
+    state.SkipWithError(err.c_str());
+    return;
+  }
+  bytes.reset();
+  for (auto _ : state) {
+    if (cold) {
+      state.PauseTiming();
+      if (std::string err = drop_cached(fixture.file); !err.empty()) {
+        state.SkipWithError(err.c_str());
+        break;
+      }
+      state.ResumeTiming();
+    }
+    std::string err = read_file(path, bytes);
+    state.PauseTiming();
+    bytes.reset();
+    state.ResumeTiming();
+    if (!err.empty()) {
+      state.SkipWithError(err.c_str());
+      break;
+    }
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(fixture.bytes) * state.iterations());
+  state.counters["file_MB"] = static_cast<double>(fixture.bytes) / 1e6;
+}
+
+// Not a target: snapshot::Encoder alone building the image of
+// snapshot_jobs() jobs (64-byte payloads) into its reused buffer, i.e. the
+// encoding share of BM_SnapshotToDisk_1M (no table scan, no clock
+// conversion, no I/O).
+void BM_Encode_1M(benchmark::State& state) {
+  snapshot::Encoder encoder;
+  unsigned char payload[kParkedPayloadBytes] = {};
+  snapshot::JobRecord job;
+  job.priority = kLowPriority;
+  job.payload = std::string_view(reinterpret_cast<const char*>(payload), sizeof payload);
+  auto encode = [&] {
+    snapshot::Header header;
+    header.generation = 1;
+    encoder.begin(header);
+    encoder.add_handler(kParkedHandler);
+    for (std::size_t i = 0; i < snapshot_jobs(); ++i) {
+      job.id = i + 1;
+      encoder.add_job(job);
+    }
+    return encoder.finish().size();
+  };
+  (void)encode();  // grows the buffer once
+  std::uint64_t bytes = 0;
+  for (auto _ : state) bytes += encode();
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+}
+
+// Not a target: snapshot::decode() verifying and indexing the same image in
+// memory, i.e. the decoding share of BM_Recover_1M (no file, no table).
+void BM_Decode_1M(benchmark::State& state) {
+  const std::vector<unsigned char>& image = reference_image();
+  std::optional<Result<snapshot::SnapshotView>> view;
+  for (auto _ : state) {
+    view.emplace(snapshot::decode(image));
+    if (!*view) {
+      skip(state, "decode", view->status());
+      break;
+    }
+    benchmark::DoNotOptimize((*view)->jobs.data());
+    state.PauseTiming();
+    view.reset();  // frees the index, untimed
+    state.ResumeTiming();
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(image.size()) * state.iterations());
+}
+
+// Milliseconds read best; real time, because the submitter's CPU time leaves
+// out the wait for the worker and the snapshot thread's work.
+template <benchmark::IterationCount kIterations>
+void configure(benchmark::internal::Benchmark* b) {
+  b->UseRealTime()->Unit(benchmark::kMillisecond)->Iterations(kIterations);
+}
+
+BENCHMARK(BM_SubmitWithShmSnapshots)->Apply(configure<kSubmitIterations>);
+BENCHMARK(BM_SubmitWithoutSnapshots)->Apply(configure<kSubmitIterations>);
+BENCHMARK(BM_SnapshotToDisk_1M)->Apply(configure<kDiskIterations>);
+BENCHMARK(BM_PlainWriteFsync_1M)->Apply(configure<kDiskIterations>);
+BENCHMARK_CAPTURE(BM_Recover_1M, warm, false)->Apply(configure<kRecoverIterations>);
+BENCHMARK_CAPTURE(BM_Recover_1M, cold, true)->Apply(configure<kRecoverIterations>);
+BENCHMARK_CAPTURE(BM_PlainRead_1M, warm, false)->Apply(configure<kRecoverIterations>);
+BENCHMARK_CAPTURE(BM_PlainRead_1M, cold, true)->Apply(configure<kRecoverIterations>);
+BENCHMARK(BM_OpenEmpty_1M)->Apply(configure<kRecoverIterations>);
+BENCHMARK(BM_Encode_1M)->Apply(configure<kDiskIterations>);
+BENCHMARK(BM_Decode_1M)->Apply(configure<kDiskIterations>);
+
+}  // namespace
+}  // namespace jobengine::bench
+
+int main(int argc, char** argv) {
+  namespace jb = jobengine::bench;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("jobengine_snapshot_jobs", std::to_string(jb::snapshot_jobs()));
+  benchmark::AddCustomContext("jobengine_shm_pending", std::to_string(jb::shm_pending()));
+  benchmark::AddCustomContext("jobengine_submits_per_iteration",
+                              std::to_string(jb::submits_per_iteration()));
+  benchmark::AddCustomContext("jobengine_bench_dir", jb::bench_root().string());
+  benchmark::AddCustomContext("jobengine_submitter_cpu", std::to_string(jb::cpu_plan().submitter));
+  benchmark::AddCustomContext("jobengine_worker_cpu", std::to_string(jb::cpu_plan().worker));
+  benchmark::AddCustomContext("jobengine_latency_loop_floor_p50_ns",
+                              std::to_string(jb::latency_loop_floor_ns()));
+  if (jb::cpu_plan().worker < 0) {
+    std::fprintf(stderr,
+                 "jobengine_snapshot_bench: fewer than 2 CPUs allowed; threads run unpinned\n");
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(jb::bench_root(), ec);
+  if (ec) {
+    std::fprintf(stderr, "jobengine_snapshot_bench: cannot make %s: %s\n", jb::bench_root().c_str(),
+                 ec.message().c_str());
+    return 1;
+  }
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  std::filesystem::remove_all(jb::bench_root(), ec);
+  return 0;
+}
