@@ -109,4 +109,21 @@ std::int64_t Clock::to_steady_ns(std::uint64_t t) noexcept {
   }
 }
 
+Clock::Converter Clock::converter() noexcept {
+  Converter c;
+  if (source_ == Source::kSteady) return c;
+  const std::uint64_t now = ticks();
+  // to_steady_ns() re-anchors a stale anchor; then read the anchor stably.
+  (void)to_steady_ns(now);
+  for (;;) {
+    const std::uint32_t s1 = anchor_.seq.load(std::memory_order_acquire);
+    c.anchor_ticks = anchor_.ticks.load(std::memory_order_relaxed);
+    c.anchor_ns = anchor_.ns.load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if ((s1 & 1u) == 0 && anchor_.seq.load(std::memory_order_relaxed) == s1) break;
+  }
+  c.mult = mult_;
+  return c;
+}
+
 }  // namespace jobengine::detail

@@ -656,16 +656,23 @@ class Engine::Impl final : public detail::CutSource {
     asymmetric_fence_heavy();
     // I5: wait out every announcement of an epoch <= cut. Acquire: pairs with
     // the release that clears an announcement, so the stamps are visible.
+    // A thread preempted inside its announcement would keep a pure spin
+    // waiting for a whole timeslice on a small machine: yield after a while.
+    auto wait_out = [cut](const std::atomic<std::uint64_t>& announced) {
+      for (unsigned spins = 0;; ++spins) {
+        const std::uint64_t a = announced.load(std::memory_order_acquire);
+        if (a == 0 || a > cut) return;
+        if (spins < 256) {
+          cpu_relax();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    };
     for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
-      for (std::uint64_t a; (a = p->active.load(std::memory_order_acquire)) != 0 && a <= cut;) {
-        cpu_relax();
-      }
+      wait_out(p->active);
     }
-    for (const auto& w : workers_) {
-      for (std::uint64_t a; (a = w->announce.load(std::memory_order_acquire)) != 0 && a <= cut;) {
-        cpu_relax();
-      }
-    }
+    for (const auto& w : workers_) wait_out(w->announce);
     return cut;
   }
 
@@ -694,7 +701,11 @@ class Engine::Impl final : public detail::CutSource {
     }
   }
 
-  void end_cut() override { table_.set_reclaim_horizon(detail::kNoHorizon); }
+  void end_cut() override {
+    table_.set_reclaim_horizon(detail::kNoHorizon);
+    // Slots workers parked while the horizon held them (I7) go back now.
+    table_.release_parked();
+  }
 
   std::span<const std::string> handler_names() const override { return handler_names_; }
   JobId next_job_id() const override { return next_id_.load(std::memory_order_acquire); }
@@ -1071,6 +1082,9 @@ class Engine::Impl final : public detail::CutSource {
         bump(w.dropped, n - i);
         return;
       }
+      // A magazine's worth of retired slots goes back before the next
+      // handler runs, however long that handler takes.
+      if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
       run_one(w, batch[i]);
     }
   }

@@ -90,38 +90,71 @@ JobTable::~JobTable() {
   delete[] slots_;
 }
 
-std::size_t RetireBuffer::flush(JobTable& table) {
-  if (pending_.empty()) return 0;
-  const std::uint64_t horizon = table.reclaim_horizon();
-  if (max_epoch_ < horizon) {
-    for (SlotIndex i : pending_) JobTable::reclaim(table.slot(i));
-    const std::size_t n = table.put_free(pending_.data(), pending_.size());
-    // Whatever the pool could not take (out of descriptors) stays for later.
-    pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(n));
-    if (pending_.empty()) max_epoch_ = 0;
-    return n;
+void JobTable::park_retired(const SlotIndex* in, std::size_t n) {
+  std::lock_guard<std::mutex> lock(parked_mu_);
+  parked_.insert(parked_.end(), in, in + n);
+}
+
+std::size_t JobTable::release_parked() {
+  std::vector<SlotIndex> slots;
+  {
+    std::lock_guard<std::mutex> lock(parked_mu_);
+    slots.swap(parked_);
   }
-  // A snapshot holds the horizon: release only what finished below it.
-  scratch_.clear();
-  std::uint64_t kept_max = 0;
-  std::size_t kept = 0;
-  for (SlotIndex i : pending_) {
-    Slot& s = table.slot(i);
-    std::uint64_t f = s.finish_epoch.load(std::memory_order_relaxed);
-    if (f < horizon) {
-      JobTable::reclaim(s);
-      scratch_.push_back(i);
-    } else {
-      pending_[kept++] = i;
-      if (f > kept_max) kept_max = f;
+  for (SlotIndex i : slots) reclaim(slot(i));
+  std::size_t put = 0;
+  while (put < slots.size()) {
+    const std::size_t n = put_free(slots.data() + put, slots.size() - put);
+    if (n == 0) {
+      // Out of descriptors (threads hold them briefly): keep the rest parked.
+      park_retired(slots.data() + put, slots.size() - put);
+      break;
     }
+    put += n;
   }
-  pending_.resize(kept);
-  max_epoch_ = kept_max;
-  const std::size_t n = table.put_free(scratch_.data(), scratch_.size());
-  // Reclaimable ones the pool could not take stay here for the next flush.
-  pending_.insert(pending_.end(), scratch_.begin() + static_cast<std::ptrdiff_t>(n), scratch_.end());
-  return n;
+  return put;
+}
+
+std::size_t RetireBuffer::flush(JobTable& table) {
+  if (head_ == pending_.size()) return 0;
+  const std::uint64_t horizon = table.reclaim_horizon();
+  // The releasable prefix ends where the first run at or above the horizon starts.
+  std::size_t run = run_head_;
+  while (run < runs_.size() && runs_[run].epoch < horizon) ++run;
+  const std::size_t end = run < runs_.size() ? runs_[run].start : pending_.size();
+  std::size_t put = 0;
+  if (end > head_) {
+    for (std::size_t i = head_; i < end; ++i) JobTable::reclaim(table.slot(pending_[i]));
+    put = table.put_free(pending_.data() + head_, end - head_);
+    // Whatever the pool could not take (out of descriptors) stays, already
+    // reclaimed, for the next flush.
+    head_ += put;
+  }
+  // What the horizon holds back goes to the table's parking, so this worker
+  // does not keep it through its next (possibly long) handler.
+  if (head_ == end && pending_.size() - end >= 32) {
+    table.park_retired(pending_.data() + end, pending_.size() - end);
+    pending_.resize(end);
+    runs_.resize(run);
+  }
+  while (run_head_ < runs_.size() &&
+         (run_head_ + 1 == runs_.size() ? pending_.size() : runs_[run_head_ + 1].start) <= head_) {
+    ++run_head_;
+  }
+  if (head_ == pending_.size()) {
+    pending_.clear();
+    runs_.clear();
+    head_ = 0;
+    run_head_ = 0;
+  } else if (head_ > 4096 && head_ > pending_.size() / 2) {
+    // Compact so the buffer does not grow forever.
+    pending_.erase(pending_.begin(), pending_.begin() + static_cast<std::ptrdiff_t>(head_));
+    runs_.erase(runs_.begin(), runs_.begin() + static_cast<std::ptrdiff_t>(run_head_));
+    for (Run& r : runs_) r.start = r.start > head_ ? r.start - head_ : 0;
+    head_ = 0;
+    run_head_ = 0;
+  }
+  return put;
 }
 
 }  // namespace jobengine::detail

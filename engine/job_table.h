@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <vector>
 
@@ -160,6 +161,14 @@ class JobTable {
     horizon_.store(horizon, std::memory_order_release);
   }
 
+  // Retired slots a worker could not release because a snapshot held the
+  // horizon. A worker hands them here instead of keeping them, so a worker
+  // stuck in a long handler cannot starve submitters of slots; release_parked()
+  // returns them to the pool once the snapshot ends. Rare path: a mutex.
+  void park_retired(const SlotIndex* in, std::size_t n);
+  // Reclaims and pools every parked slot. Only while no cut holds the horizon.
+  std::size_t release_parked();
+
   // Marks a slot taken by a submitter: stamps epochs (3), sets kQueued and
   // zero attempts. Stores only (4). The caller fills the other fields before
   // publishing the index to a queue (the queue's enqueue/dequeue pair orders
@@ -194,30 +203,44 @@ class JobTable {
   std::size_t capacity_;
   Slot* slots_;
   SlotPool pool_;
+  std::mutex parked_mu_;
+  std::vector<SlotIndex> parked_;
   alignas(kCacheLine) std::atomic<std::uint64_t> epoch_{1};
   alignas(kCacheLine) std::atomic<std::uint64_t> horizon_{kNoHorizon};
 };
 
 // A worker's retired slots, waiting until the reclaim horizon lets them back
-// into the free pool. Owned by one thread. Never shrinks its storage.
+// into the free pool. Owned by one thread. A worker's finish epochs never
+// decrease (the epoch only grows and it retires one job after another), so
+// the buffer is sorted by epoch: it remembers where each epoch's run starts,
+// and a flush releases a prefix without looking at the slots again.
 class RetireBuffer {
  public:
   explicit RetireBuffer(std::size_t reserve) { pending_.reserve(reserve); }
 
   void add(SlotIndex i, std::uint64_t finish_epoch) {
+    if (runs_.size() == run_head_ || runs_.back().epoch != finish_epoch) {
+      runs_.push_back({finish_epoch, pending_.size()});
+    }
     pending_.push_back(i);
-    if (finish_epoch > max_epoch_) max_epoch_ = finish_epoch;
   }
-  std::size_t size() const noexcept { return pending_.size(); }
+  std::size_t size() const noexcept { return pending_.size() - head_; }
 
-  // Moves every retired slot back to the pool if all finished below the
-  // horizon; otherwise those below it only. Returns how many went back.
+  // Moves every retired slot that finished below the reclaim horizon back to
+  // the pool (all of them while no snapshot holds the horizon), and parks the
+  // rest with the table (JobTable::park_retired) when there are many. Returns
+  // how many went back. Cost: proportional to what it moves.
   std::size_t flush(JobTable& table);
 
  private:
+  struct Run {
+    std::uint64_t epoch;
+    std::size_t start;  // index in pending_ of the run's first slot
+  };
   std::vector<SlotIndex> pending_;
-  std::vector<SlotIndex> scratch_;
-  std::uint64_t max_epoch_ = 0;
+  std::size_t head_ = 0;  // pending_[0, head_) were released
+  std::vector<Run> runs_;
+  std::size_t run_head_ = 0;  // runs_[0, run_head_) were released
 };
 
 }  // namespace jobengine::detail

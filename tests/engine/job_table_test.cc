@@ -152,7 +152,8 @@ TEST(RetireBufferTest, SlotsFinishedAtOrAfterTheHorizonWaitUntilItIsRaised) {
   std::vector<SlotIndex> all = take_all(t);
   ASSERT_EQ(all.size(), 6u);
   RetireBuffer rb(6);
-  const std::uint64_t finish[6] = {2, 4, 5, 6, 4, 9};
+  // A worker's finish epochs never decrease.
+  const std::uint64_t finish[6] = {2, 4, 4, 5, 6, 9};
   for (int k = 0; k < 6; ++k) {
     JobTable::claim(t.slot(all[k]), 1);
     JobTable::retire(t.slot(all[k]), finish[k]);
@@ -164,18 +165,73 @@ TEST(RetireBufferTest, SlotsFinishedAtOrAfterTheHorizonWaitUntilItIsRaised) {
   EXPECT_EQ(rb.size(), 3u);
   std::vector<SlotIndex> reused = take_all(t);
   std::sort(reused.begin(), reused.end());
-  std::vector<SlotIndex> expect = {all[0], all[1], all[4]};
+  std::vector<SlotIndex> expect = {all[0], all[1], all[2]};
   std::sort(expect.begin(), expect.end());
   EXPECT_EQ(reused, expect);
-  for (int k : {2, 3, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
+  for (int k : {3, 4, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
 
   // Flushing again under the same horizon releases nothing.
   EXPECT_EQ(rb.flush(t), 0u);
+  // A later cut at epoch 5 holds epoch >= 6 only.
+  t.set_reclaim_horizon(6);
+  EXPECT_EQ(rb.flush(t), 1u);
   // The snapshot ends.
   t.set_reclaim_horizon(kNoHorizon);
-  EXPECT_EQ(rb.flush(t), 3u);
+  EXPECT_EQ(rb.flush(t), 2u);
   EXPECT_EQ(rb.size(), 0u);
   EXPECT_EQ(take_all(t).size(), 3u);
+}
+
+TEST(RetireBufferTest, ALongHeldHorizonReleasesPrefixesAndNeverLosesASlot) {
+  // Many epochs under a moving horizon, as a worker sees across snapshots.
+  JobTable t(5000);
+  std::vector<SlotIndex> all = take_all(t);
+  RetireBuffer rb(16);
+  std::size_t released = 0;
+  std::uint64_t epoch = 1;
+  for (std::size_t k = 0; k < all.size(); ++k) {
+    if (k % 7 == 0) ++epoch;
+    JobTable::claim(t.slot(all[k]), epoch);
+    JobTable::retire(t.slot(all[k]), epoch);
+    rb.add(all[k], epoch);
+    if (k % 100 == 99) {
+      t.set_reclaim_horizon(epoch - 3);  // a cut a few epochs back
+      released += rb.flush(t);
+      EXPECT_EQ(released + rb.size(), k + 1);
+    }
+  }
+  t.set_reclaim_horizon(kNoHorizon);
+  released += rb.flush(t);
+  EXPECT_EQ(released, all.size());
+  std::vector<SlotIndex> back = take_all(t);
+  std::set<SlotIndex> distinct(back.begin(), back.end());
+  EXPECT_EQ(distinct.size(), all.size());
+}
+
+}  // namespace
+}  // namespace jobengine::detail
+
+namespace jobengine::detail {
+namespace {
+
+TEST(RetireBufferTest, SlotsHeldByTheHorizonAreParkedWithTheTableNotKeptByTheWorker) {
+  JobTable t(100);
+  std::vector<SlotIndex> all = take_all(t);
+  RetireBuffer rb(8);
+  t.set_reclaim_horizon(3);  // a snapshot cut at epoch 2
+  for (std::size_t k = 0; k < 40; ++k) {
+    const std::uint64_t epoch = k < 5 ? 2 : 3;  // 5 below the horizon, 35 held
+    JobTable::claim(t.slot(all[k]), 1);
+    JobTable::retire(t.slot(all[k]), epoch);
+    rb.add(all[k], epoch);
+  }
+  EXPECT_EQ(rb.flush(t), 5u);
+  EXPECT_EQ(rb.size(), 0u) << "the 35 held slots must leave the worker's buffer";
+  EXPECT_EQ(take_all(t).size(), 5u);
+  t.set_reclaim_horizon(kNoHorizon);
+  EXPECT_EQ(t.release_parked(), 35u);
+  EXPECT_EQ(take_all(t).size(), 35u);
+  EXPECT_EQ(t.release_parked(), 0u);
 }
 
 }  // namespace
