@@ -285,8 +285,9 @@ class Snapshotter final : public Persistence {
     const std::int64_t steady_at_cut = Clock::steady_ns();
     const std::int64_t wall_at_cut = wall_now_ns();
     const std::uint64_t accepted = source_->accepted_total();
+    const Clock::Converter to_steady = Clock::converter();
     auto to_wall = [&](std::uint64_t ticks) {
-      return wall_at_cut - (steady_at_cut - Clock::to_steady_ns(ticks));
+      return wall_at_cut - (steady_at_cut - to_steady(ticks));
     };
     snapshot::Header header;
     header.generation = generation;

@@ -110,7 +110,8 @@ struct JobRecord {
 // finish(). Grows its buffer only when an image is larger than any before.
 class Encoder {
  public:
-  // Starts an image. Handler names must then be added in index order.
+  // Starts an image. Handler names must then all be added, in index order,
+  // before the first job.
   void begin(const Header& header);
   void add_handler(std::string_view name);
   void add_job(const JobRecord& job);
@@ -127,6 +128,7 @@ class Encoder {
   Header header_;
   std::uint32_t handlers_ = 0;
   std::uint64_t jobs_ = 0;
+  std::size_t first_record_ = 0;  // offset of the first job record
 };
 
 // XXH3-64, the checksum the format uses.
