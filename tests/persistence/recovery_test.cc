@@ -323,6 +323,57 @@ TEST(RecoveryTest, BadSnapshotOptionsNameTheField) {
   EXPECT_NE(e.status().to_string().find("keep_generations"), std::string::npos);
 }
 
+TEST(RecoveryTest, AFailedDiskPublishIsReportedInHealthAndTheEngineKeepsRunning) {
+  TempDir tmp;
+  std::vector<std::string> errors;
+  std::mutex errors_mu;
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.log = [&](LogLevel level, std::string_view line) {
+    if (level == LogLevel::kError) {
+      std::lock_guard<std::mutex> l(errors_mu);
+      errors.emplace_back(line);
+    }
+  };
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  std::atomic<int> ran{0};
+  auto h = e->register_handler("w", [&](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(e->start()));
+  auto first = e->snapshot_now();
+  ASSERT_TRUE(IsOk(first));
+  // Take the directory away: the next publish cannot create its temp file.
+  fs::remove_all(tmp.dir());
+  auto failed = e->snapshot_now();
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kIoError) << failed.status().to_string();
+  Health health = e->health();
+  EXPECT_EQ(health.snapshot_failures, 1u);
+  EXPECT_NE(health.last_snapshot_error.find(tmp.dir()), std::string::npos)
+      << health.last_snapshot_error;
+  EXPECT_EQ(health.last_durable_generation, first->generation)
+      << "a failed publish must not count as durable";
+  {
+    std::lock_guard<std::mutex> l(errors_mu);
+    ASSERT_FALSE(errors.empty()) << "the failure must be logged";
+  }
+  // Jobs still run; once the directory is back, snapshots succeed again
+  // and health clears the error.
+  ASSERT_TRUE(IsOk(e->submit(*h, "x")));
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == 1; }));
+  fs::create_directories(tmp.dir());
+  ::chmod(tmp.dir().c_str(), 0700);
+  auto again = e->snapshot_now();
+  ASSERT_TRUE(IsOk(again));
+  EXPECT_GT(again->generation, first->generation + 1) << "a failed generation number is not reused";
+  health = e->health();
+  EXPECT_TRUE(health.last_snapshot_error.empty());
+  EXPECT_EQ(health.last_durable_generation, again->generation);
+  ASSERT_TRUE(IsOk(e->stop()));
+}
+
 // ---- poison jobs, unknown handlers, dead jobs -------------------------------
 
 // Runs one "life" of a service whose handler hangs on job `poison_payload`:
