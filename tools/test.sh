@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command (and what .ci/run runs): set up, then build and
-# run the whole test suite in release, then under ASan+UBSan and TSan.
-# Usage: tools/test.sh [preset...]     default: release asan tsan
+# run the whole test suite in release, then under ASan+UBSan and TSan, then
+# a one-minute libFuzzer run of the snapshot decoder.
+# Usage: tools/test.sh [preset...]     default: release asan tsan fuzz
 # Environment: JOBENGINE_STRESS_SEED / _ROUNDS, JOBENGINE_CUT_SEED / _SNAPSHOTS
 # and JOBENGINE_CRASH_SEED / _KILLS replay or size the randomized tests (an
 # empty value means the default).
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 
 presets=("$@")
-[ ${#presets[@]} -gt 0 ] || presets=(release asan tsan)
+[ ${#presets[@]} -gt 0 ] || presets=(release asan tsan fuzz)
 jobs=$(nproc)
 user_rounds=${JOBENGINE_STRESS_ROUNDS:-}
 user_cuts=${JOBENGINE_CUT_SNAPSHOTS:-}
