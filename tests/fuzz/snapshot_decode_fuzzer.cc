@@ -44,18 +44,7 @@ void exercise(std::span<const unsigned char> image, bool verify) {
   for (const auto& j : view->jobs) {
     check(inside(image, j.payload) && inside(image, j.error));
     check(j.handler < view->handlers.size());
-    jobengine::snapshot::JobRecord r;
-    r.id = j.id;
-    r.handler = j.handler;
-    r.priority = j.priority;
-    r.state = j.state;
-    r.attempts = j.attempts;
-    r.recoveries = j.recoveries;
-    r.submit_ns = j.submit_ns;
-    r.run_at_ns = j.run_at_ns;
-    r.payload = j.payload;
-    r.error = j.error;
-    e.add_job(r);
+    e.add_job(j);
   }
   auto again = jobengine::snapshot::decode(e.finish());
   check(again.ok());

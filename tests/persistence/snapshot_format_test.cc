@@ -117,10 +117,7 @@ TEST(SnapshotFormatTest, RoundTripKeepsEveryField) {
   Encoder e;
   e.begin(v->header);
   for (auto name : v->handlers) e.add_handler(name);
-  for (const auto& j : v->jobs) {
-    e.add_job({j.id, j.handler, j.priority, j.state, j.attempts, j.recoveries, j.submit_ns,
-               j.run_at_ns, j.payload, j.error});
-  }
+  for (const auto& j : v->jobs) e.add_job(j);
   EXPECT_EQ(to_bytes(e.finish()), b);
 }
 

@@ -51,11 +51,10 @@ struct Header {
   std::uint64_t body_bytes = 0;
 };
 
-// One job as stored. The views point into the image it was decoded from.
-struct JobRecordView {
-  std::uint64_t offset = 0;  // of its record_len field in the image
+// One job record: what the encoder takes and (as JobRecordView) the decoder gives.
+struct JobRecord {
   JobId id = 0;
-  std::uint32_t handler = 0;  // index into Snapshot::handlers
+  std::uint32_t handler = 0;
   std::uint8_t priority = 0;
   JobState state = JobState::kPending;
   std::uint16_t attempts = 0;
@@ -64,6 +63,11 @@ struct JobRecordView {
   std::int64_t run_at_ns = 0;
   std::string_view payload;
   std::string_view error;
+};
+
+// One decoded job. Its views point into the image it was decoded from.
+struct JobRecordView : JobRecord {
+  std::uint64_t offset = 0;  // of its record_len field in the image
 };
 
 // A decoded image. Views into the bytes given to decode(): those must outlive it.
@@ -91,20 +95,6 @@ struct DecodeError {
 // reach the decoder past the checksums.
 Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error = nullptr,
                             bool verify_checksums = true);
-
-// One job to encode.
-struct JobRecord {
-  JobId id = 0;
-  std::uint32_t handler = 0;
-  std::uint8_t priority = 0;
-  JobState state = JobState::kPending;
-  std::uint16_t attempts = 0;
-  std::uint16_t recoveries = 0;
-  std::int64_t submit_ns = 0;
-  std::int64_t run_at_ns = 0;
-  std::string_view payload;
-  std::string_view error;
-};
 
 // Builds an image in a buffer it owns and reuses: begin(), handlers, jobs,
 // finish(). Grows its buffer only when an image is larger than any before.
