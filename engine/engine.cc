@@ -1089,7 +1089,9 @@ class Engine::Impl final : public detail::CutSource {
     }
   }
 
-  void run_one(WorkerState& w, SlotIndex idx) {
+  // The per-job path, inlined into the batch loop; everything but kDone goes
+  // through the out-of-line after_handler().
+  [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx) {
     Slot& s = table_.slot(idx);
     // The worker is the only writer of state and attempts while it holds the
     // job (I1); relaxed: snapshot readers only need each value untorn.
@@ -1105,22 +1107,37 @@ class Engine::Impl final : public detail::CutSource {
     w.running.store(1, std::memory_order_relaxed);
     try {
       outcome = h.fn(ctx);
-    } catch (const std::exception& e) {
-      bump(w.exceptions);
-      log_job(LogLevel::kWarning, s, h, std::string("handler threw: ") + e.what());
-      outcome = Outcome::kRetry;
     } catch (...) {
-      bump(w.exceptions);
-      log_job(LogLevel::kWarning, s, h, "handler threw a non-std::exception");
-      outcome = Outcome::kRetry;
+      outcome = handler_threw(w, s, h);
     }
     w.running.store(0, std::memory_order_relaxed);
-
     if (outcome == Outcome::kDone) [[likely]] {
       retire(w, idx);
       bump(w.done);
       return;
     }
+    after_handler(w, idx, attempt, outcome);
+  }
+
+  // Called from a catch block: counts and logs the exception; the attempt
+  // then counts as kRetry.
+  [[gnu::noinline]] Outcome handler_threw(WorkerState& w, const Slot& s, const HandlerEntry& h) {
+    bump(w.exceptions);
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      log_job(LogLevel::kWarning, s, h, std::string("handler threw: ") + e.what());
+    } catch (...) {
+      log_job(LogLevel::kWarning, s, h, "handler threw a non-std::exception");
+    }
+    return Outcome::kRetry;
+  }
+
+  // kRetry (or an exception) and kFail.
+  [[gnu::noinline]] void after_handler(WorkerState& w, SlotIndex idx, std::uint16_t attempt,
+                                       Outcome outcome) {
+    Slot& s = table_.slot(idx);
+    const HandlerEntry& h = handlers_[s.handler];
     if (outcome == Outcome::kRetry) {
       const bool abandoning = abandon_.load(std::memory_order_relaxed);
       if (attempt < options_.max_attempts && !abandoning) {
@@ -1144,7 +1161,7 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // I5, worker side: announce, stamp, leave.
-  void retire(WorkerState& w, SlotIndex idx) {
+  [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx) {
     std::uint64_t e = table_.epoch_relaxed();
     for (;;) {
       w.announce.store(e, std::memory_order_relaxed);
