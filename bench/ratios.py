@@ -275,6 +275,56 @@ def print_snapshot_tables(per_file_metrics):
     return status
 
 
+LATENCY_PREFIX = "BM_WakeLatency_"
+LATENCY_TARGETS = [
+    # label, engine benchmark, bare benchmark, metric, target (engine <= target * bare)
+    ("spin wake-up p50, engine / bare queue", "BM_WakeLatency_Engine/spin/5",
+     "BM_WakeLatency_BareQueue/5", "p50_ns", 1.5),
+    ("spin wake-up p99, engine / bare queue", "BM_WakeLatency_Engine/spin/5",
+     "BM_WakeLatency_BareQueue/5", "p99_ns", 2.0),
+]
+
+
+def print_latency_tables(datas):
+    """Wake-up latency (latency_bench.cc): percentiles per benchmark, medians
+    over files, and the spin-strategy ratios to the bare queue. Returns 0, or
+    1 when a target is missed."""
+    found = {}
+    for data in datas:
+        for entry in data.get("benchmarks", []):
+            name = short_name(entry.get("run_name", entry.get("name", "?")))
+            if not name.startswith(LATENCY_PREFIX) or entry.get("error_occurred"):
+                continue
+            if entry.get("run_type", "iteration") != "iteration":
+                continue
+            for metric in ("p50_ns", "p99_ns", "p999_ns", "max_ns"):
+                if metric in entry:
+                    found.setdefault(name, {}).setdefault(metric, []).append(float(entry[metric]))
+    if not found:
+        return 0
+    med = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in found.items()}
+    print()
+    print("| wake-up latency | p50 ns | p99 ns | p99.9 ns | max ns |")
+    print("|---|---:|---:|---:|---:|")
+    for name in sorted(med):
+        m = med[name]
+        print(f"| {name} | {m.get('p50_ns', 0):.0f} | {m.get('p99_ns', 0):.0f} "
+              f"| {m.get('p999_ns', 0):.0f} | {m.get('max_ns', 0):.0f} |")
+    print()
+    print("| latency ratio (medians) | value | target |")
+    print("|---|---:|---|")
+    status = 0
+    for label, num, den, metric, target in LATENCY_TARGETS:
+        if num not in med or den not in med:
+            print(f"| {label} | n/a ({num} or {den} missing) | |")
+            continue
+        value = med[num][metric] / med[den][metric]
+        met = value <= target
+        status = status if met else 1
+        print(f"| {label} | {value:.2f} | <= {target}: {'met' if met else 'MISSED'} |")
+    return status
+
+
 def main(argv):
     paths = argv[1:] or ["-"]
     try:
@@ -326,6 +376,7 @@ def main(argv):
         print()
         snapshot_status = print_snapshot_tables(per_file_metrics)
         status = max(status, snapshot_status)  # 2 (missing) > 1 (missed) > 0
+    status = max(status, print_latency_tables(datas))
     return status
 
 
