@@ -5,6 +5,9 @@
 #include <pthread.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -236,5 +239,19 @@ std::uint64_t MutexPool::completed() const noexcept {
 }
 
 bool MutexPool::pinned_ok() const noexcept { return state_->pinned; }
+
+std::size_t env_size(const char* name, std::size_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long value = std::strtoull(text, &end, 10);
+  if (errno != 0 || *end != '\0' || value == 0) {
+    std::fprintf(stderr, "jobengine bench: ignoring %s=\"%s\" (want a positive integer); using %zu\n",
+                 name, text, fallback);
+    return fallback;
+  }
+  return static_cast<std::size_t>(value);
+}
 
 }  // namespace jobengine::bench

@@ -46,6 +46,10 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+// A positive integer from the environment variable `name`, or `fallback` when
+// it is unset or empty. A malformed value is reported on stderr and ignored.
+std::size_t env_size(const char* name, std::size_t fallback);
+
 // Where the suite's threads run: the submitter (the benchmark thread) on one
 // CPU and the worker on another, both taken from the CPUs this process may run
 // on. Both are -1 (unpinned) when fewer than two CPUs are allowed, since

@@ -54,11 +54,7 @@ inline std::uint64_t stamp() noexcept {
 }
 
 std::size_t samples_per_run() {
-  static const std::size_t n = [] {
-    const char* s = std::getenv("JOBENGINE_BENCH_LATENCY_SAMPLES");
-    const long v = s != nullptr && *s != '\0' ? std::atol(s) : 0;
-    return v > 0 ? static_cast<std::size_t>(v) : std::size_t{20000};
-  }();
+  static const std::size_t n = env_size("JOBENGINE_BENCH_LATENCY_SAMPLES", 20000);
   return n;
 }
 

@@ -187,21 +187,6 @@ constexpr std::string_view kMeasuredHandler = "bench.empty";
 
 // ---- configuration ------------------------------------------------------------
 
-std::size_t env_size(const char* name, std::size_t fallback) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return fallback;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (errno != 0 || *end != '\0' || value == 0) {
-    std::fprintf(stderr,
-                 "jobengine_snapshot_bench: ignoring %s=\"%s\" (want a positive integer); "
-                 "using %zu\n",
-                 name, text, fallback);
-    return fallback;
-  }
-  return static_cast<std::size_t>(value);
-}
 
 std::size_t snapshot_jobs() {
   static const std::size_t n = env_size("JOBENGINE_BENCH_SNAPSHOT_JOBS", kDefaultSnapshotJobs);

@@ -74,20 +74,6 @@ constexpr auto kStallLimit = std::chrono::seconds(10);
 // Payload of every job: 16 bytes.
 constexpr Payload kPayload{{0x0123456789abcdefULL, 0xfedcba9876543210ULL}};
 
-std::size_t env_size(const char* name, std::size_t fallback) {
-  const char* text = std::getenv(name);
-  if (text == nullptr || *text == '\0') return fallback;
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long value = std::strtoull(text, &end, 10);
-  if (errno != 0 || *end != '\0' || value == 0) {
-    std::fprintf(stderr,
-                 "jobengine_bench: ignoring %s=\"%s\" (want a positive integer); using %zu\n", name,
-                 text, fallback);
-    return fallback;
-  }
-  return static_cast<std::size_t>(value);
-}
 
 std::size_t jobs_per_iteration() {
   static const std::size_t jobs = env_size("JOBENGINE_BENCH_JOBS", kDefaultJobs);

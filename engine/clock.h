@@ -11,7 +11,6 @@
 // Engine::open); the anchor is re-taken whenever it is more than ~1 s older
 // than the ticks being converted, so NTP's slewing of steady_clock and the
 // calibration error cannot accumulate beyond that second (tens of us at worst).
-// Differences of ticks (queue wait, run time) need no anchor at all.
 #pragma once
 
 #include <atomic>
@@ -38,10 +37,6 @@ class Clock {
  public:
   // Chooses the source and calibrates it; idempotent and thread-safe.
   static void init() noexcept;
-
-  // True when ticks come from a CPU counter, false when they are
-  // steady_clock nanoseconds.
-  static bool uses_cpu_counter() noexcept { return source_ != Source::kSteady; }
 
   static std::uint64_t ticks() noexcept {
 #if defined(__x86_64__)
@@ -75,15 +70,9 @@ class Clock {
   };
   static Converter converter() noexcept;
 
-  // Nanoseconds in a tick interval (b after a).
-  static std::int64_t interval_ns(std::uint64_t a, std::uint64_t b) noexcept {
-    if (source_ == Source::kSteady) return static_cast<std::int64_t>(b - a);
-    return static_cast<std::int64_t>((static_cast<Uint128>(b - a) * mult_) >> 32);
-  }
-
   static std::int64_t steady_ns() noexcept;
 
-  // Ticks in `ns` nanoseconds (the inverse of interval_ns), for placing a
+  // Ticks in `ns` nanoseconds, for placing a
   // time read from a snapshot on this process's tick timeline.
   static std::uint64_t ticks_in_ns(std::int64_t ns) noexcept {
     if (ns <= 0) return 0;

@@ -353,6 +353,9 @@ class Engine::Impl final : public detail::CutSource {
         break;
       }
     }
+    // The snapshot thread starts before intake opens, so no accepted job
+    // precedes the first snapshot the thread can take.
+    if (failure.ok() && persistence_) failure = persistence_->start(*this, recovered_generation_ + 1);
     if (!failure.ok()) {
       // Unwind: let the started workers see the stop and exit.
       state_.store(EngineState::kStopped, std::memory_order_release);
@@ -360,17 +363,6 @@ class Engine::Impl final : public detail::CutSource {
       for (std::size_t i = 0; i < started; ++i) workers_[i]->thread.join();
       log(LogLevel::kError, failure.to_string());
       return failure;
-    }
-    // The snapshot thread starts before intake opens, so no accepted job
-    // precedes the first snapshot the thread can take.
-    if (persistence_) {
-      if (Status p = persistence_->start(*this, recovered_generation_ + 1); !p.ok()) {
-        state_.store(EngineState::kStopped, std::memory_order_release);
-        go_.store(true, std::memory_order_release);
-        for (auto& w : workers_) w->thread.join();
-        log(LogLevel::kError, p.to_string());
-        return p;
-      }
     }
     // Release: workers that see kRunning/go_ see the handler table.
     state_.compare_exchange_strong(expected, EngineState::kRunning, std::memory_order_acq_rel);
@@ -713,10 +705,12 @@ class Engine::Impl final : public detail::CutSource {
     std::lock_guard<std::mutex> lock(dead_mu_);
     return dead_;
   }
+  // Submitted + recovered. Acquire: pending() relies on it after stop()
+  // closed intake (I4).
   std::uint64_t accepted_total() const override {
-    std::uint64_t n = recovered_.load(std::memory_order_relaxed);
+    std::uint64_t n = recovered_.load(std::memory_order_acquire);
     for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
-      n += p->submitted.load(std::memory_order_relaxed);
+      n += p->submitted.load(std::memory_order_acquire);
     }
     return n;
   }
@@ -816,19 +810,25 @@ class Engine::Impl final : public detail::CutSource {
     return Status(kRep);
   }
 
+  // I5: announces the current epoch in `slot` and returns it, re-reading
+  // until the announcement and the epoch agree. Relaxed store + light fence:
+  // ordered before the re-read by the fence pair with stop()'s / begin_cut()'s
+  // heavy fence, so a cut that missed the announcement is seen on the re-read.
+  [[gnu::always_inline]] std::uint64_t announce(std::atomic<std::uint64_t>& slot) noexcept {
+    std::uint64_t e = table_.epoch_relaxed();
+    for (;;) {
+      slot.store(e, std::memory_order_relaxed);
+      asymmetric_fence_light();
+      const std::uint64_t again = table_.epoch_relaxed();
+      if (again == e) [[likely]] return e;
+      e = again;
+    }
+  }
+
   // I2 + I5, submitter side. Returns the announced epoch to stamp slots with,
   // or 0 (having left again) when intake is closed.
   std::uint64_t enter_intake(ProducerState& ps) {
-    std::uint64_t e = table_.epoch_relaxed();
-    for (;;) {
-      // Relaxed store + light fence: ordered before the loads below by the
-      // fence pair with stop()'s / begin_cut()'s heavy fence (I2, I5).
-      ps.active.store(e, std::memory_order_relaxed);
-      asymmetric_fence_light();
-      const std::uint64_t again = table_.epoch_relaxed();
-      if (again == e) [[likely]] break;
-      e = again;
-    }
+    const std::uint64_t e = announce(ps.active);
     if (state_.load(std::memory_order_relaxed) != EngineState::kRunning) {
       ps.active.store(0, std::memory_order_release);
       return 0;
@@ -1162,14 +1162,7 @@ class Engine::Impl final : public detail::CutSource {
 
   // I5, worker side: announce, stamp, leave.
   [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx) {
-    std::uint64_t e = table_.epoch_relaxed();
-    for (;;) {
-      w.announce.store(e, std::memory_order_relaxed);
-      asymmetric_fence_light();
-      const std::uint64_t again = table_.epoch_relaxed();
-      if (again == e) [[likely]] break;
-      e = again;
-    }
+    const std::uint64_t e = announce(w.announce);
     JobTable::retire(table_.slot(idx), e);
     // Release: begin_cut() acquires the 0 and then sees the stamp.
     w.announce.store(0, std::memory_order_release);
@@ -1325,10 +1318,8 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   std::uint64_t pending() const {
-    std::uint64_t submitted = recovered_.load(std::memory_order_acquire), finished = 0;
-    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
-      submitted += p->submitted.load(std::memory_order_acquire);
-    }
+    const std::uint64_t submitted = accepted_total();
+    std::uint64_t finished = 0;
     for (const auto& w : workers_) {
       finished += w->done.load(std::memory_order_acquire) +
                   w->failed.load(std::memory_order_acquire) +
