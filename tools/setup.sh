@@ -12,7 +12,13 @@ packages=(
   libgtest-dev             # GoogleTest
   libbenchmark-dev         # Google Benchmark
   clang libclang-rt-14-dev # sanitizer presets (asan, tsan)
-  python3                  # bench/ratios.py
+  python3                  # bench/ratios.py, bench report
+  libcli11-dev             # jobsnap's command line (CLI11)
+  nlohmann-json3-dev       # jobsnap --json, metrics_json tests
+  libtbb-dev               # oneTBB baseline in bench/
+  gnuplot-nox              # bench plots (PNG)
+  googletest               # GoogleTest sources, built for aarch64 in the ARM run
+  g++-aarch64-linux-gnu qemu-user  # ARM cross-build, run under qemu-user
 )
 
 missing=()
