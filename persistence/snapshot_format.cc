@@ -62,6 +62,16 @@ std::string_view job_state_name(JobState state) noexcept {
   return "unknown";
 }
 
+std::string_view dead_reason_name(DeadReason reason) noexcept {
+  switch (reason) {
+    case DeadReason::kNone: return "none";
+    case DeadReason::kFailed: return "failed";
+    case DeadReason::kPoison: return "poison";
+    case DeadReason::kNoHandler: return "no-handler";
+  }
+  return "unknown";
+}
+
 std::string_view problem_name(Problem problem) noexcept {
   switch (problem) {
     case Problem::kNone: return "none";
@@ -101,7 +111,8 @@ void Encoder::add_handler(std::string_view name) {
 
 void Encoder::add_job(const JobRecord& job) {
   std::string_view error = job.error.substr(0, std::min<std::size_t>(job.error.size(), kMaxError));
-  const std::size_t body = kRecordFixedBytes - 4 + job.payload.size() + error.size();
+  std::string_view key = job.key.substr(0, std::min<std::size_t>(job.key.size(), kMaxKey));
+  const std::size_t body = kRecordFixedBytes - 4 + job.payload.size() + error.size() + key.size();
   unsigned char* r = grow(4 + body + 8);
   put32(r, static_cast<std::uint32_t>(body + 8));
   put64(r + 4, job.id);
@@ -110,13 +121,22 @@ void Encoder::add_job(const JobRecord& job) {
   r[17] = static_cast<unsigned char>(job.state);
   put16(r + 18, job.attempts);
   put16(r + 20, job.recoveries);
-  put16(r + 22, 0);
+  r[22] = job.cancel_requested ? 1 : 0;
+  r[23] = static_cast<unsigned char>(job.dead_reason);
   put64(r + 24, static_cast<std::uint64_t>(job.submit_ns));
   put64(r + 32, static_cast<std::uint64_t>(job.run_at_ns));
-  put32(r + 40, static_cast<std::uint32_t>(job.payload.size()));
-  put32(r + 44, static_cast<std::uint32_t>(error.size()));
-  if (!job.payload.empty()) std::memcpy(r + 48, job.payload.data(), job.payload.size());
-  if (!error.empty()) std::memcpy(r + 48 + job.payload.size(), error.data(), error.size());
+  put64(r + 40, job.deadline_ns);
+  put64(r + 48, static_cast<std::uint64_t>(job.dead_at_ns));
+  put32(r + 56, static_cast<std::uint32_t>(job.payload.size()));
+  put32(r + 60, static_cast<std::uint32_t>(error.size()));
+  put16(r + 64, static_cast<std::uint16_t>(key.size()));
+  put16(r + 66, 0);
+  unsigned char* v = r + kRecordFixedBytes;
+  if (!job.payload.empty()) std::memcpy(v, job.payload.data(), job.payload.size());
+  v += job.payload.size();
+  if (!error.empty()) std::memcpy(v, error.data(), error.size());
+  v += error.size();
+  if (!key.empty()) std::memcpy(v, key.data(), key.size());
   // The record checksum is written by finish(): a snapshot calls add_job()
   // while it holds its cut, and hashing is work that can wait until after.
   if (jobs_ == 0) first_record_ = size_ - (4 + body + 8);
@@ -230,8 +250,9 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
                 std::to_string(size - (kHeaderBytes + h.body_bytes + kTrailerBytes)) +
                     " trailing bytes after the trailer");
   }
-  if (h.job_count * kMinRecordBytes > h.body_bytes ||
-      h.handler_count * 3ull > h.body_bytes - h.job_count * kMinRecordBytes) {
+  const std::uint64_t min_record = h.format_version == 1 ? kMinRecordBytesV1 : kMinRecordBytes;
+  if (h.job_count * min_record > h.body_bytes ||
+      h.handler_count * 3ull > h.body_bytes - h.job_count * min_record) {
     return fail(error, Problem::kCorrupt, 56,
                 "job_count " + std::to_string(h.job_count) + " and handler_count " +
                     std::to_string(h.handler_count) + " cannot fit in body of " +
@@ -264,11 +285,11 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     const std::uint64_t rec = at;
     // Built only on a failure path: no allocation per record on success.
     const auto job = [j] { return "job record " + std::to_string(j); };
-    if (trailer - at < kMinRecordBytes) {
+    if (trailer - at < min_record) {
       return fail(error, Problem::kCorrupt, rec, job() + " runs past the body");
     }
     const std::uint32_t record_len = get32(d + at);
-    if (record_len < kMinRecordBytes - 4 || record_len > trailer - at - 4) {
+    if (record_len < min_record - 4 || record_len > trailer - at - 4) {
       return fail(error, Problem::kCorrupt, rec,
                   job() + " length " + std::to_string(record_len) + " out of bounds");
     }
@@ -283,14 +304,35 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     v.recoveries = get16(r + 20);
     v.submit_ns = static_cast<std::int64_t>(get64(r + 24));
     v.run_at_ns = static_cast<std::int64_t>(get64(r + 32));
-    const std::uint32_t payload_len = get32(r + 40);
-    const std::uint32_t error_len = get32(r + 44);
-    if (payload_len > kMaxPayload || error_len > kMaxError ||
-        std::uint64_t{kRecordFixedBytes} - 4 + payload_len + error_len + 8 != record_len) {
+    std::uint32_t payload_len, error_len, key_len = 0;
+    std::size_t fixed;
+    std::uint8_t flags = 0, reason = 0;
+    if (h.format_version == 1) {
+      fixed = kRecordFixedBytesV1;
+      payload_len = get32(r + 40);
+      error_len = get32(r + 44);
+      if (get16(r + 22) != 0) {
+        return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
+      }
+      reason = state == static_cast<std::uint8_t>(JobState::kDead)
+                   ? static_cast<std::uint8_t>(DeadReason::kFailed)
+                   : 0;
+    } else {
+      fixed = kRecordFixedBytes;
+      flags = r[22];
+      reason = r[23];
+      v.deadline_ns = get64(r + 40);
+      v.dead_at_ns = static_cast<std::int64_t>(get64(r + 48));
+      payload_len = get32(r + 56);
+      error_len = get32(r + 60);
+      key_len = get16(r + 64);
+    }
+    if (payload_len > kMaxPayload || error_len > kMaxError || key_len > kMaxKey ||
+        std::uint64_t{fixed} - 4 + payload_len + error_len + key_len + 8 != record_len) {
       return fail(error, Problem::kCorrupt, rec,
                   job() + ": payload " + std::to_string(payload_len) + " + error " +
-                      std::to_string(error_len) + " bytes do not match its length " +
-                      std::to_string(record_len));
+                      std::to_string(error_len) + " + key " + std::to_string(key_len) +
+                      " bytes do not match its length " + std::to_string(record_len));
     }
     const std::uint64_t body = record_len - 8;
     if (verify_checksums && get64(r + 4 + body) != checksum(r + 4, body)) {
@@ -308,10 +350,25 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     if (state < 1 || state > 5) {
       return fail(error, Problem::kCorrupt, rec + 17, job() + ": state " + std::to_string(state));
     }
-    if (get16(r + 22) != 0) return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
+    if (h.format_version >= 2) {
+      if ((flags & ~1u) != 0) {
+        return fail(error, Problem::kCorrupt, rec + 22, job() + ": unknown flags " + std::to_string(flags));
+      }
+      const bool dead = state == static_cast<std::uint8_t>(JobState::kDead);
+      if (reason > 3 || (reason != 0) != dead) {
+        return fail(error, Problem::kCorrupt, rec + 23,
+                    job() + ": dead_reason " + std::to_string(reason) + " with state " +
+                        std::to_string(state));
+      }
+      if (get16(r + 66) != 0) return fail(error, Problem::kCorrupt, rec + 66, job() + ": reserved bytes set");
+    }
     v.state = static_cast<JobState>(state);
-    v.payload = std::string_view(reinterpret_cast<const char*>(r + 48), payload_len);
-    v.error = std::string_view(reinterpret_cast<const char*>(r + 48 + payload_len), error_len);
+    v.cancel_requested = (flags & 1u) != 0;
+    v.dead_reason = static_cast<DeadReason>(reason);
+    const char* var = reinterpret_cast<const char*>(r + fixed);
+    v.payload = std::string_view(var, payload_len);
+    v.error = std::string_view(var + payload_len, error_len);
+    v.key = std::string_view(var + payload_len + error_len, key_len);
     out.jobs.push_back(v);
     at += 4 + record_len;
   }

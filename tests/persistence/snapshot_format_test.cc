@@ -61,8 +61,12 @@ Bytes small_image() {
   return to_bytes(e.finish());
 }
 
-Bytes mixed_image(int jobs, std::uint64_t seed) {
+// Random jobs of every state. With v2_fields false the version-2 fields keep
+// the values a version-1 record decodes to, so the image's jobs equal those of
+// the version-1 golden file written by this function before version 2.
+Bytes mixed_image(int jobs, std::uint64_t seed, bool v2_fields = true) {
   std::mt19937_64 rng(seed);
+  std::mt19937_64 rng2(seed + 1000);  // v2 fields: keeps rng's sequence as in version 1
   Encoder e;
   Header h;
   h.generation = 42;
@@ -86,22 +90,60 @@ Bytes mixed_image(int jobs, std::uint64_t seed) {
     j.run_at_ns = -static_cast<std::int64_t>(rng() >> 2);
     j.payload = payload;
     j.error = err;
+    std::string key;
+    if (j.state == JobState::kDead) j.dead_reason = DeadReason::kFailed;
+    if (v2_fields) {
+      if (j.state == JobState::kDead) {
+        j.dead_reason = static_cast<DeadReason>(1 + rng2() % 3);
+        j.dead_at_ns = static_cast<std::int64_t>(rng2() >> 1);
+      }
+      j.cancel_requested = rng2() % 4 == 0;
+      j.deadline_ns = rng2() % 2 == 0 ? 0 : rng2() % 1'000'000'000;
+      if (rng2() % 3 == 0) key = "key-" + std::to_string(rng2() % 100000);
+      j.key = key;
+    }
     e.add_job(j);
   }
   return to_bytes(e.finish());
 }
 
+// Field-by-field equality of decoded jobs (offsets aside).
+void expect_same_jobs(const SnapshotView& a, const SnapshotView& b) {
+  ASSERT_EQ(a.jobs.size(), b.jobs.size());
+  for (std::size_t i = 0; i < a.jobs.size(); ++i) {
+    const JobRecordView& x = a.jobs[i];
+    const JobRecordView& y = b.jobs[i];
+    EXPECT_EQ(x.id, y.id);
+    EXPECT_EQ(x.handler, y.handler);
+    EXPECT_EQ(x.priority, y.priority);
+    EXPECT_EQ(x.state, y.state);
+    EXPECT_EQ(x.attempts, y.attempts);
+    EXPECT_EQ(x.recoveries, y.recoveries);
+    EXPECT_EQ(x.submit_ns, y.submit_ns);
+    EXPECT_EQ(x.run_at_ns, y.run_at_ns);
+    EXPECT_EQ(x.cancel_requested, y.cancel_requested);
+    EXPECT_EQ(x.dead_reason, y.dead_reason);
+    EXPECT_EQ(x.deadline_ns, y.deadline_ns);
+    EXPECT_EQ(x.dead_at_ns, y.dead_at_ns);
+    EXPECT_EQ(x.payload, y.payload);
+    EXPECT_EQ(x.error, y.error);
+    EXPECT_EQ(x.key, y.key);
+  }
+}
+
 TEST(SnapshotFormatTest, SmallImageMatchesTheWorkedExample) {
   Bytes b = small_image();
-  ASSERT_EQ(b.size(), 177u);  // FORMAT.md: 96 + 65 + 16
+  ASSERT_EQ(b.size(), 197u);  // FORMAT.md: 96 + 85 + 16
   EXPECT_EQ(std::memcmp(b.data(), "JOBSNAP1", 8), 0);
-  EXPECT_EQ(b[8], 1);
+  EXPECT_EQ(b[8], 2);
   EXPECT_EQ(b[10], 96);
   EXPECT_EQ(b[96], 5);  // handler name length
   EXPECT_EQ(std::memcmp(b.data() + 98, "email", 5), 0);
-  EXPECT_EQ(b[103], 0x36);  // record_len
+  EXPECT_EQ(b[103], 0x4A);  // record_len
   EXPECT_EQ(b[107], 7);     // id
-  EXPECT_EQ(std::memcmp(b.data() + 177 - 16, "JOBSNEND", 8), 0);
+  EXPECT_EQ(b[103 + 56], 2);  // payload_len
+  EXPECT_EQ(std::memcmp(b.data() + 103 + 68, "hi", 2), 0);
+  EXPECT_EQ(std::memcmp(b.data() + 197 - 16, "JOBSNEND", 8), 0);
 }
 
 TEST(SnapshotFormatTest, RoundTripKeepsEveryField) {
@@ -156,43 +198,104 @@ std::string golden_path(const char* name) {
   return std::string(JOBENGINE_GOLDEN_DIR) + "/" + name;
 }
 
-TEST(SnapshotGoldenTest, GoldenV1SmallLoadsAndMatchesTheEncoder) {
-  // Regenerate with:
-  //   JOBENGINE_WRITE_GOLDEN=1 build/release/tests/snapshot_format_test --gtest_filter='SnapshotGolden*'
-  const std::string path = golden_path("v1-small.jobsnap");
+Bytes read_golden(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in) << "missing golden file " << path;
+  return Bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void write_golden_if_asked(const std::string& path, const Bytes& b) {
   if (std::getenv("JOBENGINE_WRITE_GOLDEN") != nullptr) {
-    Bytes b = small_image();
     std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()),
                                                 static_cast<std::streamsize>(b.size()));
   }
-  std::ifstream in(path, std::ios::binary);
-  ASSERT_TRUE(in) << "missing golden file " << path;
-  Bytes golden((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Version-1 images were written by the version-1 encoder; they are never
+// regenerated, and must keep loading (FORMAT.md, "Version policy").
+TEST(SnapshotGoldenTest, GoldenV1SmallStillLoads) {
+  Bytes golden = read_golden(golden_path("v1-small.jobsnap"));
+  ASSERT_EQ(golden.size(), 177u);
   auto v = decode(golden);
   ASSERT_TRUE(v.ok()) << v.status().to_string();
+  EXPECT_EQ(v->header.format_version, 1u);
   EXPECT_EQ(v->header.generation, 3u);
   EXPECT_EQ(v->header.next_job_id, 8u);
   ASSERT_EQ(v->jobs.size(), 1u);
   EXPECT_EQ(v->jobs[0].id, 7u);
   EXPECT_EQ(v->jobs[0].payload, "hi");
+  EXPECT_EQ(v->jobs[0].key, "");
   EXPECT_EQ(v->handlers[v->jobs[0].handler], "email");
-  EXPECT_EQ(golden, small_image()) << "the encoder no longer writes version 1 byte for byte";
+  // Re-encoding a version-1 image writes the version-2 worked example.
+  Encoder e;
+  e.begin(v->header);
+  for (auto name : v->handlers) e.add_handler(name);
+  for (const auto& j : v->jobs) e.add_job(j);
+  EXPECT_EQ(to_bytes(e.finish()), small_image());
 }
 
-TEST(SnapshotGoldenTest, GoldenV1MixedLoads) {
-  const std::string path = golden_path("v1-mixed.jobsnap");
-  if (std::getenv("JOBENGINE_WRITE_GOLDEN") != nullptr) {
-    Bytes b = mixed_image(50, 7);
-    std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()),
-                                                static_cast<std::streamsize>(b.size()));
-  }
-  std::ifstream in(path, std::ios::binary);
-  ASSERT_TRUE(in) << "missing golden file " << path;
-  Bytes golden((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+TEST(SnapshotGoldenTest, GoldenV1MixedStillLoadsWithTheSameJobs) {
+  Bytes golden = read_golden(golden_path("v1-mixed.jobsnap"));
+  auto v = decode(golden);
+  ASSERT_TRUE(v.ok()) << v.status().to_string();
+  EXPECT_EQ(v->header.format_version, 1u);
+  EXPECT_EQ(v->jobs.size(), 50u);
+  Bytes now = mixed_image(50, 7, /*v2_fields=*/false);
+  auto w = decode(now);
+  ASSERT_TRUE(w.ok()) << w.status().to_string();
+  expect_same_jobs(*v, *w);
+}
+
+TEST(SnapshotGoldenTest, GoldenV2SmallLoadsAndMatchesTheEncoder) {
+  // Regenerate (only when the encoder changes on purpose, with a version bump):
+  //   JOBENGINE_WRITE_GOLDEN=1 build/release/tests/snapshot_format_test --gtest_filter='SnapshotGolden*V2*'
+  const std::string path = golden_path("v2-small.jobsnap");
+  write_golden_if_asked(path, small_image());
+  Bytes golden = read_golden(path);
+  auto v = decode(golden);
+  ASSERT_TRUE(v.ok()) << v.status().to_string();
+  EXPECT_EQ(v->header.format_version, 2u);
+  ASSERT_EQ(v->jobs.size(), 1u);
+  EXPECT_EQ(v->jobs[0].payload, "hi");
+  EXPECT_EQ(golden, small_image()) << "the encoder no longer writes version 2 byte for byte";
+}
+
+TEST(SnapshotGoldenTest, GoldenV2MixedLoads) {
+  const std::string path = golden_path("v2-mixed.jobsnap");
+  write_golden_if_asked(path, mixed_image(50, 7));
+  Bytes golden = read_golden(path);
   auto v = decode(golden);
   ASSERT_TRUE(v.ok()) << v.status().to_string();
   EXPECT_EQ(v->jobs.size(), 50u);
   EXPECT_EQ(golden, mixed_image(50, 7));
+}
+
+TEST(SnapshotFormatTest, VersionTwoFieldsRoundTrip) {
+  Encoder e;
+  e.begin(Header{});
+  e.add_handler("h");
+  JobRecord j;
+  j.id = 9;
+  j.state = JobState::kDead;
+  j.dead_reason = DeadReason::kPoison;
+  j.dead_at_ns = 123456789;
+  j.deadline_ns = 5'000'000;
+  j.cancel_requested = true;
+  j.payload = "pay";
+  j.error = "boom";
+  j.key = "order-42";
+  e.add_job(j);
+  Bytes b = to_bytes(e.finish());
+  auto v = decode(b);
+  ASSERT_TRUE(v.ok()) << v.status().to_string();
+  const JobRecordView& r = v->jobs[0];
+  EXPECT_EQ(r.dead_reason, DeadReason::kPoison);
+  EXPECT_EQ(r.dead_at_ns, 123456789);
+  EXPECT_EQ(r.deadline_ns, 5'000'000u);
+  EXPECT_TRUE(r.cancel_requested);
+  EXPECT_EQ(r.payload, "pay");
+  EXPECT_EQ(r.error, "boom");
+  EXPECT_EQ(r.key, "order-42");
 }
 
 // ---- one test per reader error path -----------------------------------------
@@ -220,13 +323,13 @@ TEST(SnapshotDecodeErrorTest, BadMagicIsCorrupt) {
 
 TEST(SnapshotDecodeErrorTest, NewerVersionIsUnsupported) {
   Bytes b = small_image();
-  b[8] = 2;
+  b[8] = 3;
   DecodeError err;
   auto v = decode(b, &err);
   ASSERT_FALSE(v.ok());
   EXPECT_EQ(err.problem, Problem::kUnsupportedVersion);
   EXPECT_EQ(v.status().code(), StatusCode::kFailedPrecondition);
-  EXPECT_NE(v.status().to_string().find("reads up to 1"), std::string::npos);
+  EXPECT_NE(v.status().to_string().find("reads up to 2"), std::string::npos);
 }
 
 TEST(SnapshotDecodeErrorTest, HeaderChecksumMismatchIsCorrupt) {
@@ -251,7 +354,7 @@ TEST(SnapshotDecodeErrorTest, TruncatedTailIsTruncated) {
 TEST(SnapshotDecodeErrorTest, TrailingBytesAreCorrupt) {
   Bytes b = small_image();
   b.push_back(0);
-  expect_problem(b, Problem::kCorrupt, 177, "trailing bytes");
+  expect_problem(b, Problem::kCorrupt, 197, "trailing bytes");
 }
 
 TEST(SnapshotDecodeErrorTest, HugeJobCountIsRejectedBeforeAllocating) {
@@ -273,8 +376,8 @@ TEST(SnapshotDecodeErrorTest, HugeHandlerCountIsRejected) {
 
 TEST(SnapshotDecodeErrorTest, BadTrailerMagicIsCorrupt) {
   Bytes b = small_image();
-  b[177 - 16] = 'x';
-  expect_problem(b, Problem::kCorrupt, 177 - 16, "trailer magic");
+  b[197 - 16] = 'x';
+  expect_problem(b, Problem::kCorrupt, 197 - 16, "trailer magic");
 }
 
 TEST(SnapshotDecodeErrorTest, ZeroLengthHandlerNameIsCorrupt) {
@@ -292,7 +395,7 @@ TEST(SnapshotDecodeErrorTest, RecordLengthOutOfBoundsIsCorrupt) {
 
 TEST(SnapshotDecodeErrorTest, RecordLengthDisagreeingWithPayloadIsCorrupt) {
   Bytes b = small_image();
-  put32(b.data() + 103 + 40, 3);  // payload_len 3, record says 2
+  put32(b.data() + 103 + 56, 3);  // payload_len 3, record says 2
   expect_problem(b, Problem::kCorrupt, 103, "do not match");
 }
 
@@ -335,6 +438,35 @@ TEST(SnapshotDecodeErrorTest, BadStateIsCorrupt) {
 
 TEST(SnapshotDecodeErrorTest, ReservedRecordBytesAreCorrupt) {
   Bytes b = small_image();
+  b[103 + 66] = 1;
+  reseal_record(b, 103);
+  expect_problem(b, Problem::kCorrupt, 169, "reserved");
+}
+
+TEST(SnapshotDecodeErrorTest, UnknownRecordFlagsAreCorrupt) {
+  Bytes b = small_image();
+  b[103 + 22] = 2;
+  reseal_record(b, 103);
+  expect_problem(b, Problem::kCorrupt, 125, "unknown flags");
+}
+
+TEST(SnapshotDecodeErrorTest, DeadReasonOnALiveJobIsCorrupt) {
+  Bytes b = small_image();
+  b[103 + 23] = 1;  // pending with a dead reason
+  reseal_record(b, 103);
+  expect_problem(b, Problem::kCorrupt, 126, "dead_reason");
+}
+
+TEST(SnapshotDecodeErrorTest, OverlongKeyIsCorrupt) {
+  Bytes b = small_image();
+  b[103 + 64] = 0;
+  b[103 + 65] = 1;  // key_len 256
+  reseal_record(b, 103);
+  expect_problem(b, Problem::kCorrupt, 103, "do not match");
+}
+
+TEST(SnapshotDecodeErrorTest, VersionOneReservedRecordBytesAreCorrupt) {
+  Bytes b = read_golden(golden_path("v1-small.jobsnap"));
   b[103 + 22] = 1;
   reseal_record(b, 103);
   expect_problem(b, Problem::kCorrupt, 125, "reserved");
@@ -343,22 +475,22 @@ TEST(SnapshotDecodeErrorTest, ReservedRecordBytesAreCorrupt) {
 TEST(SnapshotDecodeErrorTest, GapBeforeTrailerIsCorrupt) {
   // A body one byte longer than its handlers and records.
   Bytes b = small_image();
-  b.insert(b.begin() + 161, 0);
-  put64(b.data() + 64, 66);
+  b.insert(b.begin() + 181, 0);
+  put64(b.data() + 64, 86);
   reseal_header(b);
   reseal_image(b);
-  expect_problem(b, Problem::kCorrupt, 161, "unparsed bytes");
+  expect_problem(b, Problem::kCorrupt, 181, "unparsed bytes");
 }
 
 TEST(SnapshotDecodeErrorTest, ImageChecksumMismatchIsCorrupt) {
   Bytes b = small_image();
-  b[177 - 1] ^= 1;
-  expect_problem(b, Problem::kCorrupt, 177 - 8, "image checksum");
+  b[197 - 1] ^= 1;
+  expect_problem(b, Problem::kCorrupt, 197 - 8, "image checksum");
 }
 
 TEST(SnapshotDecodeErrorTest, ChecksumsCanBeSkippedForFuzzing) {
   Bytes b = small_image();
-  b[177 - 1] ^= 1;
+  b[197 - 1] ^= 1;
   DecodeError err;
   EXPECT_TRUE(decode(b, &err, /*verify_checksums=*/false).ok());
 }

@@ -19,11 +19,17 @@ namespace jobengine::snapshot {
 
 inline constexpr char kMagic[8] = {'J', 'O', 'B', 'S', 'N', 'A', 'P', '1'};
 inline constexpr char kTrailerMagic[8] = {'J', 'O', 'B', 'S', 'N', 'E', 'N', 'D'};
-inline constexpr std::uint16_t kFormatVersion = 1;
+// The version this build writes; it reads every version up to it (1 and 2).
+inline constexpr std::uint16_t kFormatVersion = 2;
 inline constexpr std::size_t kHeaderBytes = 96;
 inline constexpr std::size_t kTrailerBytes = 16;
-inline constexpr std::size_t kRecordFixedBytes = 48;  // record_len .. error_len, see FORMAT.md
+// Bytes of a job record before its variable parts (record_len .. the last
+// fixed field), per version; see FORMAT.md.
+inline constexpr std::size_t kRecordFixedBytesV1 = 48;
+inline constexpr std::size_t kRecordFixedBytes = 68;  // version 2
+inline constexpr std::size_t kMinRecordBytesV1 = kRecordFixedBytesV1 + 8;
 inline constexpr std::size_t kMinRecordBytes = kRecordFixedBytes + 8;
+inline constexpr std::size_t kMaxKey = 255;
 inline constexpr std::size_t kMaxHandlerName = 255;
 inline constexpr std::uint32_t kMaxHandlers = 65535;
 inline constexpr std::uint64_t kMaxJobs = std::uint64_t{1} << 31;
@@ -39,6 +45,15 @@ enum class JobState : std::uint8_t {
   kDead = 5,
 };
 std::string_view job_state_name(JobState state) noexcept;
+
+// Why a dead job is dead (FORMAT.md, "dead_reason"). kNone for live jobs.
+enum class DeadReason : std::uint8_t {
+  kNone = 0,
+  kFailed = 1,     // the handler returned kFail, or its attempts ran out
+  kPoison = 2,     // running at more than max_recoveries cuts that a crash followed
+  kNoHandler = 3,  // its handler is not registered in the engine that recovered it
+};
+std::string_view dead_reason_name(DeadReason reason) noexcept;
 
 struct Header {
   std::uint16_t format_version = kFormatVersion;
@@ -61,8 +76,15 @@ struct JobRecord {
   std::uint16_t recoveries = 0;
   std::int64_t submit_ns = 0;
   std::int64_t run_at_ns = 0;
+  // Version 2 fields (a version-1 record decodes with them zero / empty, and
+  // a dead version-1 record with dead_reason kFailed).
+  bool cancel_requested = false;   // cancel() reached it while it was running
+  DeadReason dead_reason = DeadReason::kNone;  // != kNone exactly when state is kDead
+  std::uint64_t deadline_ns = 0;   // most a run may take before it counts as stuck; 0 none
+  std::int64_t dead_at_ns = 0;     // when it died (Unix epoch ns); 0 unless dead
   std::string_view payload;
   std::string_view error;
+  std::string_view key;            // unique key (<= kMaxKey bytes), empty when none
 };
 
 // One decoded job. Its views point into the image it was decoded from.
