@@ -4,10 +4,28 @@
 // The engine fills a MetricsData (counters summed over workers and
 // submitters, histograms merged) and the formatters render it. Nothing here
 // touches the engine: it is tested on its own (tests/engine/metrics_test.cc).
+//
+// Bucket layout (log-linear, HdrHistogram-like; the full argument, error
+// bound and the Prometheus le subset are in metrics.cc's header comment):
+// values in nanoseconds; 0..31 ns one bucket per ns; above, 16 equal
+// sub-buckets per power of two, so a bucket's width is at most 1/16 of any
+// value in it; values >= 2^42 ns (~73 min) share the last bucket (to +inf).
+//
+// LatencyHistogram invariants (one writer, any readers):
+//  1. Only the owning worker calls record(); every field has that single
+//     writer, so a relaxed load + store replaces a locked read-modify-write.
+//  2. record() stores max_ns_ and sum_ns_ before the bucket count (release);
+//     add_to() loads each bucket count (acquire) before sum_ns_ and max_ns_.
+//     So a reader that counts a record also sees its value in max_ns_ (and in
+//     sum_ns_): a copy's max is never below a value it counts.
+//  3. HistogramData::count is the sum of the bucket counts copied, never a
+//     separate counter, so a copy's buckets always add up to its count.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -18,57 +36,92 @@
 
 namespace jobengine::detail {
 
-// Bucket layout of LatencyHistogram (log-linear, like HdrHistogram with 2
-// significant bits... see metrics.cc): values in nanoseconds.
-inline constexpr std::size_t kHistogramBuckets = 512;
+// Values below 2^kHistogramLinearBits ns get one bucket per ns; above, each
+// power of two [2^e, 2^(e+1)) is cut into 2^kHistogramSubBits sub-buckets.
+inline constexpr unsigned kHistogramSubBits = 4;                         // 16 per octave
+inline constexpr unsigned kHistogramLinearBits = kHistogramSubBits + 1;  // 0..31 exact
+// Values >= 2^kHistogramTopBits ns (4398 s, ~73 min) land in the last bucket.
+inline constexpr unsigned kHistogramTopBits = 42;
+// 32 exact buckets + 16 for each octave [2^5, 2^42) = 624 below 2^42, + 1
+// overflow bucket.
+inline constexpr std::size_t kHistogramBuckets =
+    ((kHistogramTopBits - kHistogramSubBits + 1) << kHistogramSubBits) + 1;  // 625
 
-// A merged, plain copy of one or more LatencyHistograms.
+// A merged, plain copy of one or more LatencyHistograms. Not thread-safe
+// (a value type).
 struct HistogramData {
   std::array<std::uint64_t, kHistogramBuckets> counts{};
-  std::uint64_t count = 0;
-  std::uint64_t sum_ns = 0;
+  std::uint64_t count = 0;   // sum of counts[]
+  std::uint64_t sum_ns = 0;  // wraps after 584 years of summed latency
   std::uint64_t max_ns = 0;
 
   void merge(const HistogramData& other) noexcept;
-  // The value at quantile q in [0, 1]: the upper bound of the bucket holding
-  // it (never below the true value, at most one sub-bucket above it), capped
-  // at max_ns. 0 when empty.
+  // The value at quantile q in [0, 1] (rank ceil(q * count), at least 1):
+  // the upper bound of the bucket holding it, capped at max_ns. Never below
+  // the exact value v of that rank; above it by less than v/16 (exact below
+  // 32 ns; capped at max_ns in the last bucket). q >= 1 gives max_ns, q <= 0
+  // (or NaN) the smallest value's bucket. 0 when empty.
   std::uint64_t quantile(double q) const noexcept;
-  // Inclusive upper bound, in ns, of bucket i; the last is UINT64_MAX.
+  // Inclusive upper bound, in ns, of bucket i < kHistogramBuckets; the last
+  // is UINT64_MAX. Strictly increasing in i.
   static std::uint64_t bucket_upper(std::size_t i) noexcept;
-  // The bucket a value falls in.
-  static std::size_t bucket_of(std::uint64_t ns) noexcept;
+  // The bucket a value falls in: bucket_upper(b - 1) < ns <= bucket_upper(b).
+  // O(1), branch-free (one count-leading-zeros).
+  static constexpr std::size_t bucket_of(std::uint64_t ns) noexcept {
+    // shift = 0 below 2^5, else floor(log2 ns) - 4: the bucket width.
+    const unsigned shift =
+        static_cast<unsigned>(std::bit_width(ns | ((1u << kHistogramLinearBits) - 1))) -
+        kHistogramLinearBits;
+    // (ns >> shift) is in [16, 32) once shift > 0: buckets are contiguous.
+    const std::uint64_t b = (std::uint64_t{shift} << kHistogramSubBits) + (ns >> shift);
+    return static_cast<std::size_t>(std::min<std::uint64_t>(b, kHistogramBuckets - 1));
+  }
 };
 
 // One writer (a worker thread), any number of readers. record() is a few
-// relaxed load+store pairs (no locked instruction); readers copy with
-// add_to() while it runs and may see a record half-applied (count and sum
-// off by one record), never a torn value.
-class LatencyHistogram {
+// relaxed load+store pairs and one release store (no locked instruction, no
+// fence; a plain store on x86); readers copy with add_to() while it runs and
+// may see a record half-applied (sum or max ahead of the bucket counts by the
+// records made during the copy), never a torn value and never a counted
+// value above the copy's max. Cache-line aligned so that per-worker
+// histograms laid out side by side do not share a line.
+class alignas(64) LatencyHistogram {
  public:
-  void record(std::uint64_t ns) noexcept;
+  // Only the owning thread may call it. Never allocates, never blocks.
+  void record(std::uint64_t ns) noexcept {
+    // Relaxed loads: this thread is the only writer (invariant 1).
+    const std::uint64_t max = max_ns_.load(std::memory_order_relaxed);
+    // Relaxed: ordered before readers by the release store below.
+    max_ns_.store(std::max(max, ns), std::memory_order_relaxed);
+    sum_ns_.store(sum_ns_.load(std::memory_order_relaxed) + ns, std::memory_order_relaxed);
+    std::atomic<std::uint64_t>& c = counts_[HistogramData::bucket_of(ns)];
+    // Release: publishes the max/sum stores above with the count (invariant 2).
+    c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  }
+  // Adds a copy of this histogram to out (merge). Thread-safe beside record().
   void add_to(HistogramData& out) const noexcept;
 
  private:
+  static_assert(std::atomic<std::uint64_t>::is_always_lock_free);
   std::array<std::atomic<std::uint64_t>, kHistogramBuckets> counts_{};
-  std::atomic<std::uint64_t> count_{0};
   std::atomic<std::uint64_t> sum_ns_{0};
   std::atomic<std::uint64_t> max_ns_{0};
 };
+static_assert(alignof(LatencyHistogram) == 64);
 
 // Everything metrics_text() / metrics_json() render.
 struct HandlerMetricsData {
-  std::string name;
+  std::string name;  // any bytes; escaped by the formatters
   std::uint64_t submitted = 0;
-  std::uint64_t started = 0;    // handler calls begun (attempts)
+  std::uint64_t started = 0;  // handler calls begun (attempts)
   std::uint64_t done = 0;
   std::uint64_t retried = 0;
-  std::uint64_t failed = 0;     // attempts that failed (kFail, kRetry, exception)
-  std::uint64_t dead = 0;       // jobs that became dead
+  std::uint64_t failed = 0;  // attempts that failed (kFail, kRetry, exception)
+  std::uint64_t dead = 0;    // jobs that became dead
   std::uint64_t cancelled = 0;
-  std::uint64_t stuck = 0;      // runs that went past their deadline
-  HistogramData queue_wait;     // run start - run_at (lateness included), ns
-  HistogramData run_time;       // handler call duration, ns
+  std::uint64_t stuck = 0;   // runs that went past their deadline
+  HistogramData queue_wait;  // run start - run_at (lateness included), ns
+  HistogramData run_time;    // handler call duration, ns
 };
 
 struct MetricsData {
@@ -77,8 +130,8 @@ struct MetricsData {
   std::uint64_t pending[kPriorityLevels] = {};  // queued, per priority level
   std::uint64_t delayed = 0;                    // delayed + waiting to retry
   std::uint64_t running = 0;
-  std::uint64_t dead = 0;                       // dead-letter set size
-  std::uint64_t stuck_now = 0;                  // running past their deadline now
+  std::uint64_t dead = 0;       // dead-letter set size
+  std::uint64_t stuck_now = 0;  // running past their deadline now
   double oldest_pending_age_seconds = 0;
   std::uint64_t capacity = 0;
   unsigned workers = 0;
@@ -89,7 +142,7 @@ struct MetricsData {
   std::uint64_t exceptions = 0;
   std::uint64_t dropped = 0;
   std::uint64_t recovered = 0;
-  HistogramData scheduler_lateness;             // run start - run_at for delayed jobs, ns
+  HistogramData scheduler_lateness;  // run start - run_at for delayed jobs, ns
   // Snapshots (has_snapshots false: omitted).
   bool has_snapshots = false;
   std::uint64_t snapshot_generation = 0;
@@ -102,9 +155,12 @@ struct MetricsData {
 
 // Prometheus text exposition format 0.0.4: every family has HELP and TYPE
 // lines; names are jobengine_*; per-handler series carry handler="name"
-// (escaped); histograms as cumulative le buckets (seconds) + _sum + _count.
+// (escaped; invalid UTF-8 bytes become U+FFFD); histograms as cumulative le
+// buckets in seconds (a fixed subset, see kPrometheusBuckets in metrics.cc)
+// + _sum + _count. Allocates; never throws anything but std::bad_alloc.
 std::string format_prometheus(const MetricsData& m);
-// One JSON object (UTF-8, strings escaped); percentiles per histogram.
+// One JSON object (UTF-8, strings escaped, invalid UTF-8 bytes as \ufffd);
+// per histogram count, sum_ns and p50/p90/p99/p999/max in ns (integers).
 std::string format_json(const MetricsData& m);
 
 }  // namespace jobengine::detail
