@@ -72,6 +72,12 @@ class Clock {
 
   static std::int64_t steady_ns() noexcept;
 
+  // Nanoseconds in `ticks` ticks (a duration): a multiply and a shift.
+  static std::uint64_t ns_in_ticks(std::uint64_t ticks) noexcept {
+    if (source_ == Source::kSteady) return ticks;
+    return static_cast<std::uint64_t>((static_cast<Uint128>(ticks) * mult_) >> 32);
+  }
+
   // Ticks in `ns` nanoseconds, for placing a
   // time read from a snapshot on this process's tick timeline.
   static std::uint64_t ticks_in_ns(std::int64_t ns) noexcept {

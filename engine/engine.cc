@@ -52,7 +52,9 @@
 #include <algorithm>
 #include <cassert>
 #include <chrono>
+#include <cmath>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <optional>
 #include <semaphore>
@@ -64,6 +66,7 @@
 #include "engine/clock.h"
 #include "engine/job_queue.h"
 #include "engine/job_table.h"
+#include "engine/metrics.h"
 #include "engine/persistence_hooks.h"
 #include "engine/thread_util.h"
 #include "jobengine/engine.h"
@@ -72,11 +75,22 @@
 #include <immintrin.h>
 #endif
 
+// Latency histograms and per-handler counters on the worker's path. The
+// metrics benchmark builds the library with -DJOBENGINE_METRICS=0 to measure
+// what they cost (bench/).
+#ifndef JOBENGINE_METRICS
+#define JOBENGINE_METRICS 1
+#endif
+
 namespace jobengine {
 
 using detail::asymmetric_fence_heavy;
 using detail::asymmetric_fence_light;
 using detail::Clock;
+using detail::ExtraHeader;
+using detail::kCancelBit;
+using detail::kIdMask;
+using detail::kSlotHasExtra;
 using detail::IndexQueue;
 using detail::JobTable;
 using detail::kCacheLine;
@@ -157,9 +171,10 @@ struct StringHash {
 // submitting thread adopts it (tokens, cached slots and ids included), so
 // threads that come and go do not leak queue producers.
 struct alignas(kCacheLine) ProducerState {
-  explicit ProducerState(PaddedQueue* queues)
+  ProducerState(PaddedQueue* queues, std::size_t handlers)
       : tokens{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
-               QueueProducerToken(queues[2])} {}
+               QueueProducerToken(queues[2])},
+        by_handler(std::make_unique<std::atomic<std::uint64_t>[]>(handlers)) {}
 
   // --- used by the owning thread only ---
   QueueProducerToken tokens[kPriorityLevels];
@@ -174,17 +189,32 @@ struct alignas(kCacheLine) ProducerState {
   alignas(kCacheLine) std::atomic<std::uint64_t> active{0};  // I2, I5: epoch announced, 0 = outside
   std::atomic<std::uint64_t> submitted{0};                   // I4
   std::atomic<std::uint64_t> rejected{0};
+  std::unique_ptr<std::atomic<std::uint64_t>[]> by_handler;  // submitted per handler (I4)
   std::atomic<bool> orphaned{false};
   ProducerState* next = nullptr;  // registry list, immutable once published
 };
 
+// One worker's counters and histograms for one handler (I4: written by that
+// worker only).
+struct HandlerStats {
+  std::atomic<std::uint64_t> started{0};
+  std::atomic<std::uint64_t> done{0};
+  std::atomic<std::uint64_t> retried{0};
+  std::atomic<std::uint64_t> failed{0};     // failed for good (became dead)
+  std::atomic<std::uint64_t> cancelled{0};
+  std::atomic<std::uint64_t> stuck{0};
+  detail::LatencyHistogram queue_wait;      // ns from run_at to run start
+  detail::LatencyHistogram run_time;        // ns in the handler
+};
+
 struct alignas(kCacheLine) WorkerState {
-  WorkerState(PaddedQueue* queues, std::size_t batch)
+  WorkerState(PaddedQueue* queues, std::size_t batch, std::size_t handlers)
       : consumer{QueueConsumerToken(queues[0]), QueueConsumerToken(queues[1]),
                  QueueConsumerToken(queues[2])},
         requeue{QueueProducerToken(queues[0]), QueueProducerToken(queues[1]),
                 QueueProducerToken(queues[2])},
-        retired(2 * batch + kSlotCacheSize) {}
+        retired(2 * batch + kSlotCacheSize),
+        by_handler(std::make_unique<HandlerStats[]>(handlers)) {}
 
   // --- used by the worker thread only ---
   QueueConsumerToken consumer[kPriorityLevels];
@@ -194,6 +224,8 @@ struct alignas(kCacheLine) WorkerState {
   unsigned rotation = 0;
   std::thread thread;
   unsigned index = 0;
+  std::uint64_t rng = 0x9e3779b97f4a7c15ull;  // retry jitter (xorshift64)
+  std::unique_ptr<HandlerStats[]> by_handler;
 
   // --- read by other threads (I4) ---
   alignas(kCacheLine) std::atomic<std::uint64_t> done{0};
@@ -201,8 +233,17 @@ struct alignas(kCacheLine) WorkerState {
   std::atomic<std::uint64_t> retried{0};
   std::atomic<std::uint64_t> exceptions{0};
   std::atomic<std::uint64_t> dropped{0};
+  std::atomic<std::uint64_t> cancelled{0};
+  std::atomic<std::uint64_t> stuck_total{0};
   std::atomic<std::uint32_t> running{0};
   std::atomic<bool> alive{false};
+  // The job running now, for health(): its id, and the tick its run counts
+  // as stuck at (0: no deadline).
+  std::atomic<std::uint64_t> running_id{0};
+  std::atomic<std::uint64_t> run_deadline{0};
+  // run_at ticks of the last job dequeued: the age of the queue's head, for
+  // Health::oldest_pending_age (0 once the queues looked empty).
+  std::atomic<std::uint64_t> head_ticks{0};
   alignas(kCacheLine) std::atomic<std::uint64_t> announce{0};  // I5, 0 = not stamping
 };
 
@@ -246,8 +287,17 @@ thread_local ThreadProducers t_producers;
 
 }  // namespace
 
+Status check_retry_policy(const RetryPolicy& p, const std::string& prefix);
+
 class Engine::Impl final : public detail::CutSource {
  public:
+  // A scheduled job: its slot and when it falls due (ticks).
+  struct Timer {
+    std::uint64_t at;
+    SlotIndex idx;
+    bool operator>(const Timer& o) const noexcept { return at > o.at; }
+  };
+
   explicit Impl(EngineOptions options)
       : options_(std::move(options)),
         uid_(g_next_engine_uid.fetch_add(1, std::memory_order_relaxed)),
@@ -276,7 +326,8 @@ class Engine::Impl final : public detail::CutSource {
 
   // ---------------------------------------------------------------- handlers
 
-  Result<HandlerId> register_handler(std::string_view name, Handler handler) {
+  Result<HandlerId> register_handler(std::string_view name, Handler handler,
+                                     const HandlerOptions& ho) {
     if (state_.load(std::memory_order_acquire) != EngineState::kOpen) {
       return Status(StatusCode::kFailedPrecondition,
                     "register_handler(\"" + std::string(name) +
@@ -295,8 +346,27 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kAlreadyExists,
                     "handler \"" + std::string(name) + "\" is already registered");
     }
+    const std::string where = "register_handler(\"" + std::string(name) + "\"): ";
+    if (ho.max_attempts > 65535) {
+      return Status(StatusCode::kInvalidArgument,
+                    where + "max_attempts must be 0 (engine default) or 1..65535, got " +
+                        std::to_string(ho.max_attempts));
+    }
+    if (ho.has_retry_policy) {
+      if (Status st = check_retry_policy(ho.retry, where + "retry."); !st.ok()) return st;
+    }
+    if (ho.deadline.count() < 0) {
+      return Status(StatusCode::kInvalidArgument, where + "deadline must be >= 0");
+    }
     auto id = static_cast<HandlerId>(handlers_.size());
-    handlers_.push_back({std::string(name), std::move(handler)});
+    HandlerEntry entry;
+    entry.name = std::string(name);
+    entry.fn = std::move(handler);
+    entry.max_attempts = ho.max_attempts != 0 ? ho.max_attempts : options_.max_attempts;
+    entry.retry = ho.has_retry_policy ? ho.retry : options_.retry;
+    const auto deadline = ho.deadline.count() != 0 ? ho.deadline : options_.run_deadline;
+    entry.deadline_ticks = deadline.count() > 0 ? Clock::ticks_in_ns(deadline.count()) : 0;
+    handlers_.push_back(std::move(entry));
     handler_names_.emplace_back(name);
     by_name_.emplace(std::string(name), id);
     return id;
@@ -327,8 +397,10 @@ class Engine::Impl final : public detail::CutSource {
     }
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
-      workers_.push_back(std::make_unique<WorkerState>(queues_, options_.dequeue_batch));
+      workers_.push_back(
+          std::make_unique<WorkerState>(queues_, options_.dequeue_batch, handlers_.size()));
       workers_.back()->index = i;
+      workers_.back()->rng ^= (uid_ << 20) + i * 0x2545F4914F6CDD1Dull;
     }
     // Workers wait for go_ so that none runs before every one is named and
     // pinned (and so a failed start can be unwound).
@@ -353,6 +425,18 @@ class Engine::Impl final : public detail::CutSource {
         break;
       }
     }
+    bool scheduler_started = false;
+    if (failure.ok()) {
+      try {
+        scheduler_thread_ = std::thread([this] { scheduler_main(); });
+        scheduler_started = true;
+        failure = detail::place_thread(scheduler_thread_.native_handle(), "jobengine-sched",
+                                       options_.scheduler_cpu);
+      } catch (const std::system_error& e) {
+        failure = Status(StatusCode::kIoError,
+                         std::string("start(): creating the scheduler thread: ") + e.what());
+      }
+    }
     // The snapshot thread starts before intake opens, so no accepted job
     // precedes the first snapshot the thread can take.
     if (failure.ok() && persistence_) failure = persistence_->start(*this, recovered_generation_ + 1);
@@ -361,6 +445,7 @@ class Engine::Impl final : public detail::CutSource {
       state_.store(EngineState::kStopped, std::memory_order_release);
       go_.store(true, std::memory_order_release);
       for (std::size_t i = 0; i < started; ++i) workers_[i]->thread.join();
+      if (scheduler_started) stop_scheduler();
       log(LogLevel::kError, failure.to_string());
       return failure;
     }
@@ -385,8 +470,12 @@ class Engine::Impl final : public detail::CutSource {
   // ------------------------------------------------------------------ submit
 
   Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions o) {
-    if (!job_ok(handler, payload, o)) [[unlikely]] return check_job(handler, payload, o);
-    ProducerState& ps = producer_state();
+    if (!job_ok(handler, payload, o) || !plain(o)) [[unlikely]] {
+      return submit_special(handler, payload, o, /*id=*/0);
+    }
+    ProducerState* psp = producer_state();
+    if (psp == nullptr) [[unlikely]] return stopped_status();
+    ProducerState& ps = *psp;
     const std::uint64_t epoch = enter_intake(ps);
     if (epoch == 0) return stopped_status();
     SlotIndex idx;
@@ -396,7 +485,8 @@ class Engine::Impl final : public detail::CutSource {
       return queue_full_status();
     }
     JobId id = next_id(ps);
-    if (!fill_slot(idx, id, handler, payload, o.priority, Clock::ticks(), epoch)) [[unlikely]] {
+    const std::uint64_t now = Clock::ticks();
+    if (!fill_slot(idx, id, handler, payload, o.priority, now, now, epoch)) [[unlikely]] {
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
       return out_of_memory_status(payload.size());
@@ -411,9 +501,78 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kInternal, "submit(): out of memory growing the job queue");
     }
     bump(ps.submitted);
+    bump(ps.by_handler[handler]);
     leave_intake(ps);
     wake_after_enqueue(1);
     return id;
+  }
+
+  // Everything submit()'s fast path does not do: errors, delays, unique keys,
+  // own deadlines, and requeue_dead() (id != 0: reuse that id).
+  Result<JobId> submit_special(HandlerId handler, std::string_view payload,
+                               const SubmitOptions& o, JobId reuse_id,
+                               std::uint16_t attempts = 0) {
+    if (Status st = check_job(handler, payload, o); !st.ok()) return st;
+    std::unique_lock<std::mutex> key_lock;
+    if (!o.unique_key.empty()) {
+      key_lock = std::unique_lock<std::mutex>(keys_mu_);
+      auto it = keys_.find(o.unique_key);
+      if (it != keys_.end()) return it->second;  // the pending job with this key
+    }
+    ProducerState* psp = producer_state();
+    if (psp == nullptr) return stopped_status();
+    ProducerState& ps = *psp;
+    const std::uint64_t now = vnow();
+    const std::uint64_t run_at = run_at_ticks(o, now);
+    const std::uint64_t epoch = enter_intake(ps);
+    if (epoch == 0) return stopped_status();
+    SlotIndex idx;
+    if (!take_slots(ps, &idx, 1)) {
+      bump(ps.rejected);
+      leave_intake(ps);
+      return queue_full_status();
+    }
+    const JobId id = reuse_id != 0 ? reuse_id : next_id(ps);
+    const bool delayed = run_at > now;
+    if (!fill_slot(idx, id, handler, payload, o.priority, now, run_at, epoch,
+                   delayed ? SlotState::kDelayed : SlotState::kQueued, o.unique_key,
+                   static_cast<std::uint64_t>(o.deadline.count()))) {
+      give_back_slots(ps, &idx, 1);
+      leave_intake(ps);
+      return out_of_memory_status(payload.size());
+    }
+    table_.slot(idx).attempts.store(attempts, std::memory_order_relaxed);
+    bool ok;
+    if (delayed) {
+      ok = schedule(idx, run_at);
+    } else {
+      ok = queues_[o.priority].enqueue(ps.tokens[o.priority], idx);
+    }
+    if (!ok) {
+      JobTable::retire(table_.slot(idx), epoch);
+      JobTable::reclaim(table_.slot(idx));
+      give_back_slots(ps, &idx, 1);
+      leave_intake(ps);
+      return Status(StatusCode::kInternal, "submit(): out of memory growing a job queue");
+    }
+    bump(ps.submitted);
+    bump(ps.by_handler[handler]);
+    leave_intake(ps);
+    if (!o.unique_key.empty()) keys_.emplace(std::string(o.unique_key), id);
+    if (!delayed) wake_after_enqueue(1);
+    return id;
+  }
+
+  // When a job submitted now with `o` may run, in ticks.
+  static std::uint64_t run_at_ticks(const SubmitOptions& o, std::uint64_t now) {
+    if (o.delay.count() > 0) return now + Clock::ticks_in_ns(o.delay.count());
+    if (o.run_at != std::chrono::system_clock::time_point{}) {
+      const auto ahead = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             o.run_at - std::chrono::system_clock::now())
+                             .count();
+      if (ahead > 0) return now + Clock::ticks_in_ns(ahead);
+    }
+    return now;
   }
 
   Result<JobId> submit(std::string_view name, std::string_view payload, SubmitOptions o) {
@@ -434,8 +593,15 @@ class Engine::Impl final : public detail::CutSource {
       if (Status s = check_job(jobs[i].handler, jobs[i].payload, jobs[i].options); !s.ok()) {
         return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + std::string(s.message()));
       }
+      if (!plain(jobs[i].options)) {
+        return Status(StatusCode::kInvalidArgument,
+                      "submit_batch(): job " + std::to_string(i) +
+                          ": delay, run_at, deadline and unique_key are for submit() only");
+      }
     }
-    ProducerState& ps = producer_state();
+    ProducerState* psp = producer_state();
+    if (psp == nullptr) return stopped_status();
+    ProducerState& ps = *psp;
     const std::uint64_t epoch = enter_intake(ps);
     if (epoch == 0) return stopped_status();
     if (jobs.empty()) {
@@ -456,7 +622,7 @@ class Engine::Impl final : public detail::CutSource {
     for (std::size_t i = 0; i < n; ++i) {
       JobId id = next_id(ps);
       if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload, jobs[i].options.priority,
-                     t, epoch)) [[unlikely]] {
+                     t, t, epoch)) [[unlikely]] {
         for (std::size_t j = 0; j < i; ++j) {
           JobTable::retire(table_.slot(slots[j]), epoch);
           JobTable::reclaim(table_.slot(slots[j]));
@@ -497,6 +663,7 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kInternal, "submit_batch(): out of memory growing a job queue");
     }
     bump(ps.submitted, n);
+    for (std::size_t i = 0; i < n; ++i) bump(ps.by_handler[jobs[i].handler]);
     leave_intake(ps);
     wake_after_enqueue(n);
     return n;
@@ -523,6 +690,8 @@ class Engine::Impl final : public detail::CutSource {
                     "stop(kSnapshotAndExit): needs snapshots with a disk store "
                     "(options.snapshot.enabled and options.snapshot.dir)");
     }
+    stop_mode_.store(static_cast<std::uint8_t>(mode), std::memory_order_relaxed);
+    stop_ticks_ = vnow();
     // I2: close intake, then wait for submitters inside it to leave.
     state_.store(EngineState::kStopping, std::memory_order_seq_cst);
     asymmetric_fence_heavy();
@@ -538,6 +707,7 @@ class Engine::Impl final : public detail::CutSource {
     // Wake every worker, sleeping or about to sleep (I3: they re-check
     // intake_closed_ after their heavy fence, and these permits cover the rest).
     sleep_sem_.release(static_cast<std::ptrdiff_t>(workers_.size()));
+    poke_scheduler();  // kDrain: it splits off the delayed jobs it holds back
 
     StopReport report;
     Status final_status;
@@ -551,6 +721,7 @@ class Engine::Impl final : public detail::CutSource {
           std::this_thread::sleep_for(std::chrono::microseconds(200));
         }
       }
+      stop_scheduler();  // delayed jobs stay in the table, so in the snapshot
       persistence_->stop();
       auto info = persistence_->final_snapshot();
       if (info) {
@@ -565,13 +736,16 @@ class Engine::Impl final : public detail::CutSource {
       for (auto& w : workers_) {
         if (w->thread.joinable()) w->thread.join();
       }
+      stop_scheduler();
       // No cut may run while stop() reclaims dropped slots, so the snapshot
       // thread stops first; the final snapshot then records what is left
-      // (nothing, after a drain) so a restart does not run finished jobs again.
+      // (nothing after an abandon; after a drain, the delayed jobs not yet
+      // due) so a restart does not run finished jobs again.
       if (persistence_) persistence_->stop();
       std::uint64_t dropped_here = 0;
       if (mode == StopMode::kAbandon) dropped_here = drop_queued();
       dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
+      if (mode == StopMode::kDrain) report.delayed_left = held_.load(std::memory_order_relaxed);
       if (persistence_) {
         auto info = persistence_->final_snapshot();
         if (!info) final_status = info.status();
@@ -583,6 +757,7 @@ class Engine::Impl final : public detail::CutSource {
     report.submitted = h.submitted;
     report.done = h.done;
     report.failed = h.failed;
+    report.cancelled = h.cancelled;
     report.dropped = h.dropped;
     report.recovered = h.recovered;
     report.took = std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -665,6 +840,7 @@ class Engine::Impl final : public detail::CutSource {
       wait_out(p->active);
     }
     for (const auto& w : workers_) wait_out(w->announce);
+    wait_out(sched_announce_);
     return cut;
   }
 
@@ -678,17 +854,26 @@ class Engine::Impl final : public detail::CutSource {
       const std::uint64_t e = s.submit_epoch.load(std::memory_order_relaxed);
       if (e == 0 || e > cut) continue;
       detail::CutJob j;
-      j.id = s.id;
+      const std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
+      j.id = word & kIdMask;
+      j.cancel_requested = (word & kCancelBit) != 0;
       j.handler = s.handler;
       j.priority = s.priority;
-      j.state = s.state.load(std::memory_order_relaxed) == SlotState::kRunning
-                    ? snapshot::JobState::kRunningAtCut
-                    : snapshot::JobState::kPending;
+      switch (s.state.load(std::memory_order_relaxed)) {
+        case SlotState::kRunning: j.state = snapshot::JobState::kRunningAtCut; break;
+        case SlotState::kDelayed: j.state = snapshot::JobState::kDelayed; break;
+        case SlotState::kWaitingRetry: j.state = snapshot::JobState::kWaitingRetry; break;
+        default: j.state = snapshot::JobState::kPending; break;
+      }
       j.attempts = s.attempts.load(std::memory_order_relaxed);
       j.recoveries = s.recoveries;
       j.submit_ticks = s.submit_ticks;
-      j.run_at_ticks = s.run_at_ticks;
+      j.run_at_ticks = s.run_at_ticks.load(std::memory_order_relaxed);
       j.payload = std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size);
+      if (const ExtraHeader* x = s.extra()) {
+        j.deadline_ns = x->deadline_ns;
+        j.key = s.key();
+      }
       fn(j);
     }
   }
@@ -703,7 +888,7 @@ class Engine::Impl final : public detail::CutSource {
   JobId next_job_id() const override { return next_id_.load(std::memory_order_acquire); }
   std::vector<detail::DeadJob> dead_jobs() const override {
     std::lock_guard<std::mutex> lock(dead_mu_);
-    return dead_;
+    return std::vector<detail::DeadJob>(dead_.begin(), dead_.end());
   }
   // Submitted + recovered. Acquire: pending() relies on it after stop()
   // closed intake (I4).
@@ -723,11 +908,17 @@ class Engine::Impl final : public detail::CutSource {
     h.state = state_.load(std::memory_order_acquire);
     h.capacity = options_.capacity;
     h.workers = options_.workers;
+    h.queue_high_water = high_water();
     for (std::uint8_t p = 0; p < kPriorityLevels; ++p) h.depth[p] = queues_[p].size_approx();
     for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
       h.submitted += p->submitted.load(std::memory_order_relaxed);
       h.rejected += p->rejected.load(std::memory_order_relaxed);
     }
+    const std::uint64_t now = Clock::ticks();
+    const std::uint64_t vnow_ticks = vnow();
+    std::uint64_t oldest_head = 0;
+    JobId stuck_id = 0;
+    std::uint64_t stuck_for = 0;
     // Workers are created by start() and never removed until the engine dies;
     // workers_ may only be read once start() published them (state != kOpen).
     if (h.state != EngineState::kOpen) {
@@ -737,15 +928,39 @@ class Engine::Impl final : public detail::CutSource {
         h.retried += w->retried.load(std::memory_order_relaxed);
         h.exceptions += w->exceptions.load(std::memory_order_relaxed);
         h.dropped += w->dropped.load(std::memory_order_relaxed);
+        h.cancelled += w->cancelled.load(std::memory_order_relaxed);
+        h.stuck_total += w->stuck_total.load(std::memory_order_relaxed);
         h.running += w->running.load(std::memory_order_relaxed);
         h.workers_alive += w->alive.load(std::memory_order_relaxed) ? 1 : 0;
+        const std::uint64_t d = w->run_deadline.load(std::memory_order_relaxed);
+        if (d != 0 && vnow_ticks > d) {
+          ++h.stuck;
+          if (vnow_ticks - d > stuck_for) {
+            stuck_for = vnow_ticks - d;
+            stuck_id = w->running_id.load(std::memory_order_relaxed) & kIdMask;
+          }
+        }
+        const std::uint64_t head = w->head_ticks.load(std::memory_order_relaxed);
+        if (head != 0 && (oldest_head == 0 || head < oldest_head)) oldest_head = head;
       }
     }
+    h.cancelled += sched_cancelled_.load(std::memory_order_relaxed);
     h.dropped += dropped_by_stop_.load(std::memory_order_relaxed);
     h.recovered = recovered_.load(std::memory_order_relaxed);
-    const std::uint64_t finished = h.done + h.failed + h.dropped;
+    const std::uint64_t in = scheduled_in_.load(std::memory_order_relaxed);
+    const std::uint64_t out = scheduled_out_.load(std::memory_order_relaxed) +
+                              sched_dropped_.load(std::memory_order_relaxed);
+    h.delayed = in > out ? in - out : 0;
+    h.dead = dead_count_.load(std::memory_order_relaxed);
+    h.dead_total = dead_total_.load(std::memory_order_relaxed);
+    h.dead_discarded = dead_discarded_.load(std::memory_order_relaxed);
+    const std::uint64_t finished = h.done + h.failed + h.dropped + h.cancelled;
     const std::uint64_t accepted = h.submitted + h.recovered;
     h.pending = accepted > finished ? accepted - finished : 0;
+    const std::uint64_t queued = h.depth[0] + h.depth[1] + h.depth[2];
+    if (queued != 0 && oldest_head != 0 && now > oldest_head) {
+      h.oldest_pending_age = std::chrono::nanoseconds(Clock::ns_in_ticks(now - oldest_head));
+    }
     if (persistence_) {
       detail::SnapshotHealth sh = persistence_->health();
       h.last_snapshot_generation = sh.last_generation;
@@ -758,8 +973,114 @@ class Engine::Impl final : public detail::CutSource {
       h.snapshot_failures = sh.failures;
       h.at_risk = accepted > sh.accepted_at_last_durable ? accepted - sh.accepted_at_last_durable : 0;
     }
-    h.ok = h.state == EngineState::kRunning && h.workers_alive == h.workers;
+    // The reasons (allocating only when something is wrong).
+    if (h.state != EngineState::kRunning) {
+      h.reasons.push_back("engine is " + std::string(engine_state_name(h.state)));
+    } else if (h.workers_alive != h.workers) {
+      h.reasons.push_back(std::to_string(h.workers - h.workers_alive) + " of " +
+                          std::to_string(h.workers) + " workers not running");
+    }
+    if (h.stuck != 0) {
+      h.reasons.push_back(std::to_string(h.stuck) + " job(s) running past their deadline; job " +
+                          std::to_string(stuck_id) + " by " +
+                          std::to_string(Clock::ns_in_ticks(stuck_for) / 1000000) + " ms");
+    }
+    if (persistence_ && h.state == EngineState::kRunning) {
+      if (!h.last_snapshot_error.empty()) {
+        h.reasons.push_back("last snapshot failed: " + h.last_snapshot_error);
+      }
+      const auto& so = options_.snapshot;
+      auto check_age = [&](std::chrono::milliseconds interval, std::chrono::nanoseconds age,
+                           std::uint64_t generation, const char* what) {
+        if (interval.count() <= 0 || generation == 0) return;
+        if (age > 2 * interval + std::chrono::milliseconds(1000)) {
+          h.reasons.push_back(std::string(what) + " snapshot is " +
+                              std::to_string(age.count() / 1000000) + " ms old, interval " +
+                              std::to_string(interval.count()) + " ms");
+        }
+      };
+      if (!so.shm_name.empty()) {
+        check_age(so.shm_interval, h.last_snapshot_age, h.last_snapshot_generation, "newest");
+      }
+      if (!so.dir.empty()) {
+        check_age(so.disk_interval, h.last_durable_age, h.last_durable_generation, "newest durable");
+      }
+    }
+    if (options_.dead_growth_window.count() > 0) {
+      const std::int64_t last = last_dead_at_ns_.load(std::memory_order_relaxed);
+      const std::int64_t ago = wall_now_ns() - last;
+      if (last != 0 && ago < std::chrono::nanoseconds(options_.dead_growth_window).count()) {
+        h.reasons.push_back("dead-letter set growing: " + std::to_string(h.dead_total) +
+                            " dead in all, the newest " + std::to_string(ago / 1000000) + " ms ago");
+      }
+    }
+    if (h.pending > h.queue_high_water) {
+      h.reasons.push_back("pending " + std::to_string(h.pending) + " above the high-water mark " +
+                          std::to_string(h.queue_high_water));
+    }
+    h.ok = h.reasons.empty();
     return h;
+  }
+
+  std::size_t high_water() const {
+    return options_.queue_high_water != 0 ? options_.queue_high_water
+                                          : options_.capacity - options_.capacity / 10;
+  }
+
+  // ----------------------------------------------------------------- metrics
+
+  detail::MetricsData metrics_data() const {
+    detail::MetricsData m;
+    const Health h = health();
+    m.handlers.resize(handlers_.size());
+    for (std::size_t i = 0; i < handlers_.size(); ++i) m.handlers[i].name = handlers_[i].name;
+    for (ProducerState* p = producers_.load(std::memory_order_acquire); p != nullptr; p = p->next) {
+      for (std::size_t i = 0; i < handlers_.size(); ++i) {
+        m.handlers[i].submitted += p->by_handler[i].load(std::memory_order_relaxed);
+      }
+    }
+    if (h.state != EngineState::kOpen) {
+      for (const auto& w : workers_) {
+        for (std::size_t i = 0; i < handlers_.size(); ++i) {
+          const HandlerStats& hs = w->by_handler[i];
+          detail::HandlerMetricsData& d = m.handlers[i];
+          d.started += hs.started.load(std::memory_order_relaxed);
+          d.done += hs.done.load(std::memory_order_relaxed);
+          d.retried += hs.retried.load(std::memory_order_relaxed);
+          d.failed += hs.failed.load(std::memory_order_relaxed);
+          d.dead += hs.failed.load(std::memory_order_relaxed);
+          d.cancelled += hs.cancelled.load(std::memory_order_relaxed);
+          d.stuck += hs.stuck.load(std::memory_order_relaxed);
+          hs.queue_wait.add_to(d.queue_wait);
+          hs.run_time.add_to(d.run_time);
+        }
+      }
+    }
+    for (std::uint8_t p = 0; p < kPriorityLevels; ++p) m.pending[p] = h.depth[p];
+    m.delayed = h.delayed;
+    m.running = h.running;
+    m.dead = h.dead;
+    m.stuck_now = h.stuck;
+    m.oldest_pending_age_seconds = static_cast<double>(h.oldest_pending_age.count()) / 1e9;
+    m.capacity = h.capacity;
+    m.workers = h.workers;
+    m.workers_alive = h.workers_alive;
+    m.healthy = h.ok;
+    m.rejected = h.rejected;
+    m.exceptions = h.exceptions;
+    m.dropped = h.dropped;
+    m.recovered = h.recovered;
+    lateness_.add_to(m.scheduler_lateness);
+    if (persistence_) {
+      m.has_snapshots = true;
+      m.snapshot_generation = h.last_snapshot_generation;
+      m.snapshot_age_seconds = static_cast<double>(h.last_snapshot_age.count()) / 1e9;
+      m.snapshot_duration_seconds = static_cast<double>(h.last_snapshot_duration.count()) / 1e9;
+      m.snapshot_bytes = h.last_snapshot_bytes;
+      m.snapshot_failures = h.snapshot_failures;
+      m.durable_age_seconds = static_cast<double>(h.last_durable_age.count()) / 1e9;
+    }
+    return m;
   }
 
   EngineState state() const noexcept { return state_.load(std::memory_order_acquire); }
@@ -769,6 +1090,9 @@ class Engine::Impl final : public detail::CutSource {
   struct HandlerEntry {
     std::string name;
     Handler fn;
+    std::uint32_t max_attempts = 3;
+    RetryPolicy retry;
+    std::uint64_t deadline_ticks = 0;  // per-run deadline in Clock ticks; 0 none
   };
 
   // ----------------------------------------------------------- submit parts
@@ -779,7 +1103,29 @@ class Engine::Impl final : public detail::CutSource {
            payload.size() <= options_.max_payload;
   }
 
+  // No delay, run_at, deadline or unique key: the fast path applies.
+  static bool plain(const SubmitOptions& o) noexcept {
+    return o.delay.count() == 0 && o.run_at == std::chrono::system_clock::time_point{} &&
+           o.deadline.count() == 0 && o.unique_key.empty();
+  }
+
   Status check_job(HandlerId handler, std::string_view payload, const SubmitOptions& o) const {
+    if (o.delay.count() < 0) {
+      return Status(StatusCode::kInvalidArgument,
+                    "delay must be >= 0, got " + std::to_string(o.delay.count()) + " ns");
+    }
+    if (o.delay.count() > 0 && o.run_at != std::chrono::system_clock::time_point{}) {
+      return Status(StatusCode::kInvalidArgument, "give delay or run_at, not both");
+    }
+    if (o.deadline.count() < 0) {
+      return Status(StatusCode::kInvalidArgument,
+                    "deadline must be >= 0, got " + std::to_string(o.deadline.count()) + " ns");
+    }
+    if (o.unique_key.size() > kMaxUniqueKey) {
+      return Status(StatusCode::kInvalidArgument,
+                    "unique_key of " + std::to_string(o.unique_key.size()) +
+                        " bytes exceeds " + std::to_string(kMaxUniqueKey));
+    }
     if (job_ok(handler, payload, o)) [[likely]] return Status();
     if (handler >= handlers_.size()) {
       return Status(StatusCode::kNotFound, "no handler with id " + std::to_string(handler) +
@@ -878,12 +1224,28 @@ class Engine::Impl final : public detail::CutSource {
     return ps.next_id++;
   }
 
-  // Writes the job into its slot. False only when a heap payload cannot be
-  // allocated (out of memory).
+  // Writes the job into its slot and stamps it (state `initial`). False only
+  // when a heap block cannot be allocated (out of memory). A unique key or an
+  // own deadline puts the payload in a heap block with them (job_table.h).
   bool fill_slot(SlotIndex idx, JobId id, HandlerId handler, std::string_view payload,
-                 std::uint8_t priority, std::uint64_t t, std::uint64_t epoch) noexcept {
+                 std::uint8_t priority, std::uint64_t t, std::uint64_t run_at,
+                 std::uint64_t epoch, SlotState initial = SlotState::kQueued,
+                 std::string_view key = {}, std::uint64_t deadline_ns = 0) noexcept {
     Slot& s = table_.slot(idx);
-    if (payload.size() > kInlinePayloadBytes) {
+    if (!key.empty() || deadline_ns != 0) [[unlikely]] {
+      const std::size_t bytes = key.size() + sizeof(ExtraHeader) + payload.size();
+      unsigned char* block = new (std::nothrow) unsigned char[bytes];
+      if (block == nullptr) return false;
+      if (!key.empty()) std::memcpy(block, key.data(), key.size());
+      ExtraHeader x;
+      x.deadline_ns = deadline_ns;
+      x.key_len = static_cast<std::uint32_t>(key.size());
+      std::memcpy(block + key.size(), &x, sizeof(x));
+      unsigned char* p = block + key.size() + sizeof(ExtraHeader);
+      if (!payload.empty()) std::memcpy(p, payload.data(), payload.size());
+      s.heap_payload = p;
+      s.flags = kSlotHasExtra;
+    } else if (payload.size() > kInlinePayloadBytes) {
       unsigned char* heap = new (std::nothrow) unsigned char[payload.size()];
       if (heap == nullptr) return false;
       std::memcpy(heap, payload.data(), payload.size());
@@ -892,13 +1254,13 @@ class Engine::Impl final : public detail::CutSource {
       copy_small(s.inline_payload, payload.data(), payload.size());
     }
     s.payload_size = static_cast<std::uint32_t>(payload.size());
-    s.id = id;
+    s.id_word.store(id, std::memory_order_relaxed);
     s.handler = handler;
     s.priority = priority;
     s.submit_ticks = t;
-    s.run_at_ticks = t;
+    s.run_at_ticks.store(run_at, std::memory_order_relaxed);
     s.recoveries = 0;
-    JobTable::claim(s, epoch);
+    JobTable::claim(s, epoch, initial);
     return true;
   }
 
@@ -907,18 +1269,21 @@ class Engine::Impl final : public detail::CutSource {
                                              std::to_string(payload_size) + " bytes");
   }
 
-  ProducerState& producer_state() {
-    if (t_last.uid == uid_) [[likely]] return *t_last.state;
+  // The calling thread's state, or nullptr before start() (the handler table
+  // is fixed only then, and a producer state is sized for it).
+  ProducerState* producer_state() {
+    if (t_last.uid == uid_) [[likely]] return t_last.state;
     return producer_state_slow();
   }
 
-  ProducerState& producer_state_slow() {
+  ProducerState* producer_state_slow() {
     for (auto& e : t_producers.entries) {
       if (e.uid == uid_) {
         t_last = {uid_, e.state};
-        return *e.state;
+        return e.state;
       }
     }
+    if (state_.load(std::memory_order_acquire) == EngineState::kOpen) return nullptr;
     ProducerState* ps = nullptr;
     {
       std::lock_guard<std::mutex> lock(registry_mu_);
@@ -932,7 +1297,7 @@ class Engine::Impl final : public detail::CutSource {
         }
       }
       if (ps == nullptr) {
-        ps = new ProducerState(queues_);
+        ps = new ProducerState(queues_, handlers_.size());
         ps->next = producers_.load(std::memory_order_relaxed);
         // Release: readers walking the list see a fully built state.
         producers_.store(ps, std::memory_order_release);
@@ -940,7 +1305,7 @@ class Engine::Impl final : public detail::CutSource {
     }
     t_producers.entries.push_back({uid_, ps, life_});
     t_last = {uid_, ps};
-    return *ps;
+    return ps;
   }
 
   // I3, submitter side.
@@ -1010,11 +1375,14 @@ class Engine::Impl final : public detail::CutSource {
       }
       // Idle for a moment: hand back a partial magazine too, so submitters
       // waiting on a full table get the last slots.
-      if (idle_polls == kIdleFlushPolls) w.retired.flush(table_);
+      if (idle_polls == kIdleFlushPolls) {
+        w.retired.flush(table_);
+        w.head_ticks.store(0, std::memory_order_relaxed);
+      }
       // Acquire: pairs with stop()'s release (abandon_, final counters).
       if (intake_closed_.load(std::memory_order_acquire)) {
         if (abandon_.load(std::memory_order_relaxed) || exit_now_.load(std::memory_order_relaxed) ||
-            pending() == 0) {
+            drained()) {
           break;
         }
         std::this_thread::yield();
@@ -1070,6 +1438,9 @@ class Engine::Impl final : public detail::CutSource {
     // The slots were last written by their submitters: start every miss now
     // so they overlap instead of stalling one job at a time.
     for (std::size_t i = 0; i < n; ++i) __builtin_prefetch(&table_.slot(batch[i]), 1, 3);
+    std::uint64_t now = Clock::ticks();
+    w.head_ticks.store(table_.slot(batch[n - 1]).run_at_ticks.load(std::memory_order_relaxed),
+                       std::memory_order_relaxed);
     for (std::size_t i = 0; i < n; ++i) {
       if (exit_now_.load(std::memory_order_relaxed)) [[unlikely]] {
         // stop(kSnapshotAndExit): the rest of this batch stays queued in the
@@ -1085,80 +1456,511 @@ class Engine::Impl final : public detail::CutSource {
       // A magazine's worth of retired slots goes back before the next
       // handler runs, however long that handler takes.
       if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
-      run_one(w, batch[i]);
+      run_one(w, batch[i], now);
     }
   }
 
-  // The per-job path, inlined into the batch loop; everything but kDone goes
-  // through the out-of-line after_handler().
-  [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx) {
+  // The per-job path, inlined into the batch loop; everything but a plain
+  // kDone goes through the out-of-line after_handler().
+  [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx, std::uint64_t& now) {
     Slot& s = table_.slot(idx);
     // The worker is the only writer of state and attempts while it holds the
     // job (I1); relaxed: snapshot readers only need each value untorn.
     s.state.store(SlotState::kRunning, std::memory_order_relaxed);
+    // I8: pairs with cancel()'s heavy fence. Either cancel() sees kRunning
+    // or this load sees its bit.
+    asymmetric_fence_light();
+    const std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
+    if ((word & kCancelBit) != 0) [[unlikely]] {
+      finish_cancelled(w, idx);
+      return;
+    }
     const std::uint16_t attempt =
         static_cast<std::uint16_t>(s.attempts.load(std::memory_order_relaxed) + 1);
     s.attempts.store(attempt, std::memory_order_relaxed);
     const HandlerEntry& h = handlers_[s.handler];
-    JobContext ctx(s.id, s.handler, h.name,
+    HandlerStats& hs = w.by_handler[s.handler];
+    std::uint64_t deadline = h.deadline_ticks;
+    if ((s.flags & kSlotHasExtra) != 0) [[unlikely]] {
+      const std::uint64_t own = s.extra()->deadline_ns;
+      if (own != 0) deadline = Clock::ticks_in_ns(static_cast<std::int64_t>(own));
+    }
+    const std::uint64_t start = now;
+    if (deadline != 0) [[unlikely]] {
+      deadline += vnow();
+      w.running_id.store(word, std::memory_order_relaxed);
+      w.run_deadline.store(deadline, std::memory_order_relaxed);
+    }
+    JobContext ctx(word, s.handler, h.name,
                    std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size),
-                   attempt, s.priority, s.submit_ticks);
+                   attempt, s.priority, s.submit_ticks, &s.id_word, deadline);
     Outcome outcome;
     w.running.store(1, std::memory_order_relaxed);
     try {
       outcome = h.fn(ctx);
     } catch (...) {
-      outcome = handler_threw(w, s, h);
+      outcome = handler_threw(w, s, h, ctx);
     }
     w.running.store(0, std::memory_order_relaxed);
-    if (outcome == Outcome::kDone) [[likely]] {
+    // One clock read per job: this run's end is the next run's start.
+    now = Clock::ticks();
+#if JOBENGINE_METRICS
+    bump(hs.started);
+    const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
+    hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0);
+    hs.run_time.record(Clock::ns_in_ticks(now - start));
+#endif
+    if (deadline != 0) [[unlikely]] {
+      w.run_deadline.store(0, std::memory_order_relaxed);
+      if (vnow() > deadline) {
+        bump(w.stuck_total);
+        bump(hs.stuck);
+        log_job(LogLevel::kWarning, s, h,
+                "ran " + std::to_string(Clock::ns_in_ticks(now - start) / 1000) +
+                    " us, past its deadline");
+      }
+    }
+    if (outcome == Outcome::kDone && (s.flags & kSlotHasExtra) == 0) [[likely]] {
       retire(w, idx);
       bump(w.done);
+      bump(hs.done);
       return;
     }
-    after_handler(w, idx, attempt, outcome);
+    after_handler(w, idx, attempt, outcome, ctx, now);
   }
 
   // Called from a catch block: counts and logs the exception; the attempt
-  // then counts as kRetry.
-  [[gnu::noinline]] Outcome handler_threw(WorkerState& w, const Slot& s, const HandlerEntry& h) {
+  // then counts as kRetry, with the exception's text as its error.
+  [[gnu::noinline]] Outcome handler_threw(WorkerState& w, const Slot& s, const HandlerEntry& h,
+                                          JobContext& ctx) {
     bump(w.exceptions);
     try {
       throw;
     } catch (const std::exception& e) {
-      log_job(LogLevel::kWarning, s, h, std::string("handler threw: ") + e.what());
+      ctx.set_error(std::string("handler threw: ") + e.what());
     } catch (...) {
-      log_job(LogLevel::kWarning, s, h, "handler threw a non-std::exception");
+      ctx.set_error("handler threw a non-std::exception");
     }
+    log_job(LogLevel::kWarning, s, h, ctx.error());
     return Outcome::kRetry;
   }
 
-  // kRetry (or an exception) and kFail.
+  // The wait before attempt `attempt` + 1 under `p`, in ns (jittered).
+  static std::uint64_t backoff_ns(const RetryPolicy& p, std::uint32_t attempt, std::uint64_t& rng) {
+    double base = static_cast<double>(p.initial_backoff.count());
+    if (base <= 0) return 0;
+    const double cap = static_cast<double>(p.max_backoff.count());
+    for (std::uint32_t i = 1; i < attempt && base < cap; ++i) base *= p.multiplier;
+    base = std::min(base, cap);
+    if (p.jitter > 0) {
+      rng ^= rng << 13;
+      rng ^= rng >> 7;
+      rng ^= rng << 17;
+      const double u = static_cast<double>(rng >> 11) * 0x1.0p-53;  // [0, 1)
+      base *= 1.0 + p.jitter * (2 * u - 1);
+    }
+    return base <= 0 ? 0 : static_cast<std::uint64_t>(base);
+  }
+
+  // Everything but a plain kDone: retries, failures, cancellation, keys.
   [[gnu::noinline]] void after_handler(WorkerState& w, SlotIndex idx, std::uint16_t attempt,
-                                       Outcome outcome) {
+                                       Outcome outcome, const JobContext& ctx, std::uint64_t now) {
     Slot& s = table_.slot(idx);
     const HandlerEntry& h = handlers_[s.handler];
+    HandlerStats& hs = w.by_handler[s.handler];
+    if (outcome == Outcome::kDone) {
+      release_key(s);
+      retire(w, idx);
+      bump(w.done);
+      bump(hs.done);
+      return;
+    }
+    if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+      // Cancelled while it ran: never retried.
+      log_job(LogLevel::kInfo, s, h, "cancelled while running; not retried");
+      finish_cancelled(w, idx);
+      return;
+    }
+    std::string error = ctx.error();
     if (outcome == Outcome::kRetry) {
       const bool abandoning = abandon_.load(std::memory_order_relaxed);
-      if (attempt < options_.max_attempts && !abandoning) {
-        s.state.store(SlotState::kQueued, std::memory_order_relaxed);
-        if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
-          bump(w.retried);
-          wake_after_enqueue(1);
-          return;
+      if (attempt < h.max_attempts && !abandoning) {
+        const std::uint64_t wait_ns =
+            ctx.has_retry_after()
+                ? static_cast<std::uint64_t>(std::max<std::int64_t>(0, ctx.retry_after_delay().count()))
+                : backoff_ns(h.retry, attempt, w.rng);
+        if (wait_ns == 0) {
+          s.run_at_ticks.store(now, std::memory_order_relaxed);
+          s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+          if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
+            bump(w.retried);
+            bump(hs.retried);
+            wake_after_enqueue(1);
+            return;
+          }
+        } else {
+          const std::uint64_t at = vnow() + Clock::ticks_in_ns(static_cast<std::int64_t>(wait_ns));
+          s.run_at_ticks.store(at, std::memory_order_relaxed);
+          s.state.store(SlotState::kWaitingRetry, std::memory_order_relaxed);
+          if (schedule(idx, at)) {
+            bump(w.retried);
+            bump(hs.retried);
+            return;
+          }
         }
         log_job(LogLevel::kError, s, h, "out of memory re-queueing a retry; job fails");
-      } else if (abandoning && attempt < options_.max_attempts) {
+        error = "out of memory re-queueing a retry";
+      } else if (abandoning && attempt < h.max_attempts) {
         // stop(kAbandon): a retry is a queued job, and queued jobs are dropped.
+        release_key(s);
         retire(w, idx);
         bump(w.dropped);
         return;
       }
-      log_job(LogLevel::kWarning, s, h, "failed after " + std::to_string(attempt) + " attempt(s)");
+      if (error.empty()) error = "handler returned kRetry";
+      log_job(LogLevel::kWarning, s, h,
+              "failed after " + std::to_string(attempt) + " attempt(s): " + error);
+    } else {
+      if (error.empty()) error = "handler returned kFail";
+      log_job(LogLevel::kWarning, s, h, "failed: " + error);
     }
+    add_dead(s, snapshot::DeadReason::kFailed, std::move(error));
+    release_key(s);
     retire(w, idx);
     bump(w.failed);
+    bump(hs.failed);
   }
+
+  // A job cancel() reached: retired without running (again).
+  [[gnu::noinline]] void finish_cancelled(WorkerState& w, SlotIndex idx) {
+    Slot& s = table_.slot(idx);
+    release_key(s);
+    retire(w, idx);
+    bump(w.cancelled);
+    bump(w.by_handler[s.handler].cancelled);
+  }
+
+  // Frees the job's unique key, if it has one and still owns it.
+  void release_key(const Slot& s) {
+    const std::string_view key = s.key();
+    if (key.empty()) return;
+    std::lock_guard<std::mutex> lock(keys_mu_);
+    auto it = keys_.find(key);
+    if (it != keys_.end() && it->second == s.id()) keys_.erase(it);
+  }
+
+  // "Now" for scheduling decisions: real ticks plus the test clock's offset.
+  std::uint64_t vnow() const noexcept {
+    const std::uint64_t t = Clock::ticks();
+    if (!options_.test_clock) [[likely]] return t;
+    const std::int64_t off = options_.test_clock->offset().count();
+    return off > 0 ? t + Clock::ticks_in_ns(off) : t;
+  }
+
+  static std::int64_t wall_now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+  // A tick timestamp as Unix-epoch ns.
+  static std::int64_t ticks_to_wall_ns(std::uint64_t t) {
+    return wall_now_ns() - (Clock::steady_ns() - Clock::to_steady_ns(t));
+  }
+
+  // Copies a job that died into the dead letters (bounded by max_dead).
+  void add_dead(const Slot& s, snapshot::DeadReason reason, std::string error) {
+    detail::DeadJob d;
+    d.id = s.id();
+    d.handler = handlers_[s.handler].name;
+    d.priority = s.priority;
+    d.attempts = s.attempts.load(std::memory_order_relaxed);
+    d.recoveries = s.recoveries;
+    d.submit_ns = ticks_to_wall_ns(s.submit_ticks);
+    d.run_at_ns = ticks_to_wall_ns(s.run_at_ticks.load(std::memory_order_relaxed));
+    d.dead_at_ns = wall_now_ns();
+    d.reason = reason;
+    d.payload.assign(reinterpret_cast<const char*>(s.payload()), s.payload_size);
+    d.error = std::move(error);
+    push_dead(std::move(d));
+  }
+
+  void push_dead(detail::DeadJob d) {
+    dead_total_.fetch_add(1, std::memory_order_relaxed);
+    last_dead_at_ns_.store(d.dead_at_ns, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    if (options_.max_dead == 0) {
+      dead_discarded_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    while (dead_.size() >= options_.max_dead) {
+      log(LogLevel::kWarning, "dead letters full (max_dead " + std::to_string(options_.max_dead) +
+                                  "): discarding job " + std::to_string(dead_.front().id) + " (" +
+                                  dead_.front().handler + ")");
+      dead_.pop_front();
+      dead_discarded_.fetch_add(1, std::memory_order_relaxed);
+    }
+    dead_.push_back(std::move(d));
+    dead_count_.store(dead_.size(), std::memory_order_relaxed);
+  }
+
+  // ------------------------------------------------------------- scheduler
+  //
+  // One thread, off the worker cores, owns a binary min-heap of (run_at,
+  // slot) for delayed jobs and retries in backoff. Why a heap and not a timer
+  // wheel: it needs no tick granularity or horizon, costs O(log n) per job
+  // (20 levels at 1M jobs, ~1 us), and 16 bytes per job; a hierarchical wheel
+  // would save the log factor but costs a sweep per tick even when idle.
+  // Submitters and workers hand jobs over through sched_inbox_ under
+  // sched_mu_ (the slow path of a delayed submit, not the hot path); the
+  // scheduler moves due jobs to their priority queue. It sleeps on
+  // sched_sem_ until the earliest run_at (sched_next_), and a hand-over of an
+  // earlier job releases the semaphore (under sched_mu_, so no wake-up is lost).
+
+  // Hands a job (state kDelayed or kWaitingRetry, run_at set) to the scheduler.
+  bool schedule(SlotIndex idx, std::uint64_t at) {
+    std::lock_guard<std::mutex> lock(sched_mu_);
+    try {
+      sched_inbox_.push_back({at, idx});
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+    scheduled_in_.fetch_add(1, std::memory_order_relaxed);
+    // While a drain waits for it to count what it holds, look at once.
+    if (at < sched_next_.load(std::memory_order_relaxed) ||
+        intake_closed_.load(std::memory_order_relaxed)) {
+      sched_next_.store(at, std::memory_order_relaxed);
+      sched_sem_.release();
+    }
+    return true;
+  }
+
+  void poke_scheduler() { sched_sem_.release(); }
+
+  void stop_scheduler() {
+    sched_stop_.store(true, std::memory_order_release);
+    sched_sem_.release();
+    if (scheduler_thread_.joinable()) scheduler_thread_.join();
+  }
+
+  void scheduler_main() {
+    while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
+    QueueProducerToken tokens[kPriorityLevels] = {QueueProducerToken(queues_[0]),
+                                                  QueueProducerToken(queues_[1]),
+                                                  QueueProducerToken(queues_[2])};
+    detail::RetireBuffer retired(kSlotCacheSize * 2);
+    std::vector<Timer> heap;
+    std::vector<Timer> inbox;
+    const std::greater<Timer> later;
+    for (;;) {
+      const bool stopping = sched_stop_.load(std::memory_order_acquire);
+      {
+        std::lock_guard<std::mutex> lock(sched_mu_);
+        inbox.swap(sched_inbox_);
+      }
+      for (const Timer& t : inbox) {
+        heap.push_back(t);
+        std::push_heap(heap.begin(), heap.end(), later);
+      }
+      inbox.clear();
+      if (stopping) break;
+      if (sched_purge_.exchange(false, std::memory_order_acq_rel)) purge_cancelled(heap, retired);
+      // Fire what is due.
+      const std::uint64_t now = vnow();
+      std::size_t fired = 0;
+      while (!heap.empty() && heap.front().at <= now) {
+        std::pop_heap(heap.begin(), heap.end(), later);
+        const Timer t = heap.back();
+        heap.pop_back();
+        Slot& s = table_.slot(t.idx);
+        lateness_.record(Clock::ns_in_ticks(now - t.at));
+        s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+        while (!queues_[s.priority].enqueue(tokens[s.priority], t.idx)) {
+          log(LogLevel::kError, "scheduler: out of memory queueing a due job; retrying");
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+        ++fired;
+      }
+      if (fired != 0) wake_after_enqueue(fired);
+      // stop(kDrain): what is still scheduled is not due (retries in
+      // backoff included); it is left, and the workers finish once nothing
+      // else is pending (drained()).
+      if (intake_closed_.load(std::memory_order_acquire) &&
+          stop_mode_.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(StopMode::kDrain)) {
+        held_.store(heap.size(), std::memory_order_relaxed);
+        held_final_.store(true, std::memory_order_release);
+      }
+      if (retired.size() != 0 && table_.reclaim_horizon() == detail::kNoHorizon) retired.flush(table_);
+      // Sleep until the earliest run_at, a hand-over of an earlier job, a
+      // cancel or stop. Capped at 100 ms so a retired-slot flush and clock
+      // re-anchoring are never far off.
+      std::uint64_t next = heap.empty() ? ~std::uint64_t{0} : heap.front().at;
+      {
+        std::lock_guard<std::mutex> lock(sched_mu_);
+        if (!sched_inbox_.empty()) continue;
+        sched_next_.store(next, std::memory_order_relaxed);
+      }
+      const std::uint64_t now2 = vnow();
+      // A test clock can jump: then look again every millisecond.
+      const std::int64_t cap = options_.test_clock ? 1'000'000 : 100'000'000;
+      std::int64_t wait_ns = cap;
+      if (next != ~std::uint64_t{0}) {
+        wait_ns = next > now2 ? static_cast<std::int64_t>(Clock::ns_in_ticks(next - now2)) : 0;
+        wait_ns = std::min<std::int64_t>(wait_ns, cap);
+      }
+      if (wait_ns > 0) (void)sched_sem_.try_acquire_for(std::chrono::nanoseconds(wait_ns));
+    }
+    // Stopped: what is left stays in the table (a final snapshot records it)
+    // unless stop() drops it.
+    sched_left_ = std::move(heap);
+    retired.flush(table_);
+    sched_retired_ = std::move(retired);
+  }
+
+  // Takes cancelled jobs out of the heap and retires them.
+  void purge_cancelled(std::vector<Timer>& heap, detail::RetireBuffer& retired) {
+    std::vector<Timer> keep;
+    keep.reserve(heap.size());
+    for (const Timer& t : heap) {
+      Slot& s = table_.slot(t.idx);
+      if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) == 0) {
+        keep.push_back(t);
+        continue;
+      }
+      release_key(s);
+      const std::uint64_t e = announce(sched_announce_);
+      JobTable::retire(s, e);
+      sched_announce_.store(0, std::memory_order_release);
+      retired.add(t.idx, e);
+      scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+      sched_cancelled_.fetch_add(1, std::memory_order_relaxed);
+    }
+    heap.swap(keep);
+    std::make_heap(heap.begin(), heap.end(), std::greater<Timer>());
+  }
+
+  // ---------------------------------------------------------------- cancel
+ public:
+  //
+  // I8. cancel() sets kCancelBit in the job's id word with a CAS that expects
+  // the exact id (ids are never reused, so a slot reused meanwhile fails it),
+  // issues the heavy fence, then reads the state. A worker stores kRunning,
+  // issues the light fence, then reads the id word. So either cancel() reads
+  // kRunning (the job runs or is about to: kCancelRequested) or the worker
+  // sees the bit and does not run it (kCancelled). Jobs in the scheduler are
+  // purged by it; queued ones are dropped by the worker that dequeues them.
+  Result<CancelResult> cancel(JobId id) {
+    const EngineState st = state_.load(std::memory_order_acquire);
+    if (st != EngineState::kRunning && st != EngineState::kStopping) {
+      return Status(StatusCode::kFailedPrecondition,
+                    "cancel(): engine is " + std::string(engine_state_name(st)));
+    }
+    if (id == 0 || id > kIdMask) return Status(StatusCode::kNotFound, "cancel(): no job 0");
+    for (std::size_t i = 0; i < table_.capacity(); ++i) {
+      Slot& s = table_.slot(static_cast<SlotIndex>(i));
+      std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
+      if ((word & kIdMask) != id) continue;
+      const SlotState before = s.state.load(std::memory_order_acquire);
+      if (before == SlotState::kFree || before == SlotState::kRetired) break;
+      if ((word & kCancelBit) == 0 &&
+          !s.id_word.compare_exchange_strong(word, word | kCancelBit, std::memory_order_acq_rel)) {
+        break;  // the slot was reused: the job finished
+      }
+      asymmetric_fence_heavy();
+      const SlotState now = s.state.load(std::memory_order_acquire);
+      if ((s.id_word.load(std::memory_order_acquire) & kIdMask) != id) break;  // finished
+      switch (now) {
+        case SlotState::kDelayed:
+        case SlotState::kWaitingRetry:
+          sched_purge_.store(true, std::memory_order_release);
+          poke_scheduler();
+          return CancelResult::kCancelled;
+        case SlotState::kQueued:
+          return CancelResult::kCancelled;
+        case SlotState::kRunning:
+          return CancelResult::kCancelRequested;
+        default:
+          break;
+      }
+      break;
+    }
+    return Status(StatusCode::kNotFound,
+                  "cancel(): no pending job " + std::to_string(id) +
+                      " (finished, dead, or never submitted)");
+  }
+
+  // ----------------------------------------------------------- dead letters
+
+  std::vector<DeadLetter> dead_letters(std::size_t limit) const {
+    std::vector<DeadLetter> out;
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    out.reserve(std::min(limit, dead_.size()));
+    for (const detail::DeadJob& d : dead_) {
+      if (out.size() >= limit) break;
+      DeadLetter l;
+      l.id = d.id;
+      l.handler = d.handler;
+      l.priority = d.priority;
+      l.attempts = d.attempts;
+      l.recoveries = d.recoveries;
+      l.reason = static_cast<DeadReason>(d.reason);
+      l.error = d.error;
+      l.payload = d.payload;
+      l.submitted_at = std::chrono::system_clock::time_point(
+          std::chrono::duration_cast<std::chrono::system_clock::duration>(
+              std::chrono::nanoseconds(d.submit_ns)));
+      l.died_at = std::chrono::system_clock::time_point(
+          std::chrono::duration_cast<std::chrono::system_clock::duration>(
+              std::chrono::nanoseconds(d.dead_at_ns)));
+      out.push_back(std::move(l));
+    }
+    return out;
+  }
+
+  Result<JobId> requeue_dead(JobId id) {
+    detail::DeadJob d;
+    {
+      std::lock_guard<std::mutex> lock(dead_mu_);
+      auto it = std::find_if(dead_.begin(), dead_.end(), [id](const auto& x) { return x.id == id; });
+      if (it == dead_.end()) {
+        return Status(StatusCode::kNotFound, "requeue_dead(): no dead letter " + std::to_string(id));
+      }
+      auto h = by_name_.find(it->handler);
+      if (h == by_name_.end()) {
+        return Status(StatusCode::kNotFound, "requeue_dead(): job " + std::to_string(id) +
+                                                 ": handler \"" + it->handler +
+                                                 "\" is not registered");
+      }
+      d = std::move(*it);
+      dead_.erase(it);
+      dead_count_.store(dead_.size(), std::memory_order_relaxed);
+    }
+    SubmitOptions o;
+    o.priority = d.priority;
+    auto r = submit_special(by_name_.find(d.handler)->second, d.payload, o, d.id);
+    if (!r.ok()) {
+      std::lock_guard<std::mutex> lock(dead_mu_);
+      dead_.push_front(std::move(d));  // put it back: nothing is lost
+      dead_count_.store(dead_.size(), std::memory_order_relaxed);
+      return r.status();
+    }
+    log(LogLevel::kInfo, "job " + std::to_string(id) + " (" + d.handler + "): requeued from the dead letters");
+    return r;
+  }
+
+  Status drop_dead(JobId id) {
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    auto it = std::find_if(dead_.begin(), dead_.end(), [id](const auto& x) { return x.id == id; });
+    if (it == dead_.end()) {
+      return Status(StatusCode::kNotFound, "drop_dead(): no dead letter " + std::to_string(id));
+    }
+    log(LogLevel::kInfo, "job " + std::to_string(id) + " (" + it->handler + "): dropped from the dead letters");
+    dead_.erase(it);
+    dead_count_.store(dead_.size(), std::memory_order_relaxed);
+    return Status();
+  }
+
+ private:
 
   // I5, worker side: announce, stamp, leave.
   [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx) {
@@ -1189,7 +1991,7 @@ class Engine::Impl final : public detail::CutSource {
       return back < now_ticks ? now_ticks - back : 0;
     };
     auto keep_dead = [&](const snapshot::JobRecordView& j, std::uint16_t recoveries,
-                         std::string error) {
+                         snapshot::DeadReason reason, std::string error) {
       detail::DeadJob d;
       d.id = j.id;
       d.handler = std::string(v.handlers[j.handler]);
@@ -1198,6 +2000,8 @@ class Engine::Impl final : public detail::CutSource {
       d.recoveries = recoveries;
       d.submit_ns = j.submit_ns;
       d.run_at_ns = j.run_at_ns;
+      d.dead_at_ns = j.dead_at_ns != 0 ? j.dead_at_ns : now_wall;
+      d.reason = reason;
       d.payload = std::string(j.payload);
       d.error = std::move(error);
       dead_.push_back(std::move(d));
@@ -1209,7 +2013,7 @@ class Engine::Impl final : public detail::CutSource {
       const std::uint16_t rec = static_cast<std::uint16_t>(
           j.recoveries + (j.state == snapshot::JobState::kRunningAtCut ? 1 : 0));
       if (j.state != snapshot::JobState::kDead && map[j.handler] &&
-          rec <= options_.snapshot.max_recoveries) {
+          rec <= options_.snapshot.max_recoveries && !j.cancel_requested) {
         ++live;
       }
       if (j.payload.size() > options_.max_payload) {
@@ -1236,13 +2040,18 @@ class Engine::Impl final : public detail::CutSource {
       const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
       const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (was_running ? 1 : 0));
       if (j.state == snapshot::JobState::kDead) {
-        keep_dead(j, j.recoveries, std::string(j.error));
+        keep_dead(j, j.recoveries, j.dead_reason, std::string(j.error));
         ++r.dead;
         continue;
       }
+      if (j.cancel_requested) {
+        // cancel() reached it before the cut: it must not run (again).
+        ++r.cancelled;
+        continue;
+      }
       if (!map[j.handler]) {
-        keep_dead(j, rec, "handler \"" + std::string(v.handlers[j.handler]) +
-                              "\" is not registered");
+        keep_dead(j, rec, snapshot::DeadReason::kNoHandler,
+                  "handler \"" + std::string(v.handlers[j.handler]) + "\" is not registered");
         ++r.unknown_handler;
         log(LogLevel::kWarning, "job " + std::to_string(j.id) + " (" +
                                     std::string(v.handlers[j.handler]) +
@@ -1250,7 +2059,8 @@ class Engine::Impl final : public detail::CutSource {
         continue;
       }
       if (rec > options_.snapshot.max_recoveries) {
-        keep_dead(j, rec, "poison job: running at " + std::to_string(rec) +
+        keep_dead(j, rec, snapshot::DeadReason::kPoison,
+                  "poison job: running at " + std::to_string(rec) +
                               " snapshots that a crash followed (max_recoveries " +
                               std::to_string(options_.snapshot.max_recoveries) + ")");
         ++r.poisoned;
@@ -1266,28 +2076,50 @@ class Engine::Impl final : public detail::CutSource {
       // Live jobs keep their id, attempts and times; a restored job has never
       // been seen by a cut of this process, so any epoch <= now stamps it.
       const std::uint64_t submit_ticks = wall_to_ticks(j.submit_ns);
-      if (!fill_slot(idx, j.id, *map[j.handler], j.payload, j.priority, submit_ticks, epoch)) {
+      // Delayed jobs and retries keep their wall-clock run_at: one due while
+      // the process was down runs at once.
+      const bool scheduled = (j.state == snapshot::JobState::kDelayed ||
+                              j.state == snapshot::JobState::kWaitingRetry) &&
+                             j.run_at_ns > now_wall;
+      const std::uint64_t run_at = scheduled ? vnow() + Clock::ticks_in_ns(j.run_at_ns - now_wall)
+                                             : wall_to_ticks(j.run_at_ns);
+      const SlotState initial = !scheduled ? SlotState::kQueued
+                                : j.state == snapshot::JobState::kDelayed ? SlotState::kDelayed
+                                                                          : SlotState::kWaitingRetry;
+      if (!fill_slot(idx, j.id, *map[j.handler], j.payload, j.priority, submit_ticks, run_at, epoch,
+                     initial, j.key, j.deadline_ns)) {
         return Status(StatusCode::kInternal, "start(): out of memory restoring job " +
                                                  std::to_string(j.id));
       }
       Slot& s = table_.slot(idx);
-      s.run_at_ticks = wall_to_ticks(j.run_at_ns);
       s.attempts.store(j.attempts, std::memory_order_relaxed);
       s.recoveries = rec;
-      if (!queues_[j.priority].enqueue(tokens[j.priority], idx)) {
+      if (!j.key.empty()) {
+        std::lock_guard<std::mutex> key_lock(keys_mu_);
+        keys_.emplace(std::string(j.key), j.id);
+      }
+      if (scheduled) {
+        if (!schedule(idx, run_at)) {
+          return Status(StatusCode::kInternal, "start(): out of memory scheduling restored jobs");
+        }
+      } else if (!queues_[j.priority].enqueue(tokens[j.priority], idx)) {
         return Status(StatusCode::kInternal, "start(): out of memory queueing restored jobs");
       }
       recovered_.fetch_add(1, std::memory_order_relaxed);
       if (was_running) {
         ++r.running_at_cut;
+      } else if (scheduled) {
+        ++r.delayed;
       } else {
         ++r.pending;
       }
     }
     if (cached != 0) (void)table_.put_free(cache, cached);
+    dead_count_.store(dead_.size(), std::memory_order_relaxed);
     log(LogLevel::kInfo,
         "recovered generation " + std::to_string(r.generation) + " from " + r.source + ": " +
-            std::to_string(r.pending) + " pending, " + std::to_string(r.running_at_cut) +
+            std::to_string(r.pending) + " pending, " + std::to_string(r.delayed) + " delayed, " +
+            std::to_string(r.running_at_cut) +
             " running at the cut (run again), " + std::to_string(r.poisoned) + " poisoned, " +
             std::to_string(r.unknown_handler) + " with no handler, " + std::to_string(r.dead) +
             " dead");
@@ -1314,7 +2146,36 @@ class Engine::Impl final : public detail::CutSource {
         dropped += n;
       }
     }
+    // And the scheduler's (delayed jobs, retries in backoff).
+    const std::uint64_t e = table_.epoch();
+    std::vector<SlotIndex> left;
+    left.reserve(sched_left_.size());
+    for (const Timer& t : sched_left_) {
+      Slot& s = table_.slot(t.idx);
+      JobTable::retire(s, e);
+      JobTable::reclaim(s);
+      left.push_back(t.idx);
+      ++dropped;
+    }
+    // Whole magazines: one descriptor per kSlotCacheSize slots.
+    for (std::size_t put = 0; put < left.size();) {
+      const std::size_t n = table_.put_free(left.data() + put, left.size() - put);
+      put += n;
+      if (n == 0) std::this_thread::yield();
+    }
+    sched_dropped_.store(sched_left_.size(), std::memory_order_relaxed);
+    sched_left_.clear();
+    {
+      std::lock_guard<std::mutex> lock(keys_mu_);
+      keys_.clear();
+    }
     return dropped;
+  }
+
+  // kDrain is done: nothing pending but the delayed jobs the scheduler holds back.
+  bool drained() const {
+    return held_final_.load(std::memory_order_acquire) &&
+           pending() == held_.load(std::memory_order_relaxed);
   }
 
   std::uint64_t pending() const {
@@ -1323,8 +2184,10 @@ class Engine::Impl final : public detail::CutSource {
     for (const auto& w : workers_) {
       finished += w->done.load(std::memory_order_acquire) +
                   w->failed.load(std::memory_order_acquire) +
-                  w->dropped.load(std::memory_order_acquire);
+                  w->dropped.load(std::memory_order_acquire) +
+                  w->cancelled.load(std::memory_order_acquire);
     }
+    finished += sched_cancelled_.load(std::memory_order_acquire);
     return submitted > finished ? submitted - finished : 0;
   }
 
@@ -1333,7 +2196,7 @@ class Engine::Impl final : public detail::CutSource {
   }
   void log_job(LogLevel level, const Slot& s, const HandlerEntry& h, const std::string& what) const {
     if (options_.log) {
-      options_.log(level, "job " + std::to_string(s.id) + " (" + h.name + "): " + what);
+      options_.log(level, "job " + std::to_string(s.id()) + " (" + h.name + "): " + what);
     }
   }
 
@@ -1365,8 +2228,39 @@ class Engine::Impl final : public detail::CutSource {
   RecoveryReport recovery_;
   std::uint64_t recovered_generation_ = 0;
   std::vector<std::string> handler_names_;
+
+  // Dead letters (I9: under dead_mu_; the counters are read without it).
   mutable std::mutex dead_mu_;
-  std::vector<detail::DeadJob> dead_;
+  std::deque<detail::DeadJob> dead_;
+  std::atomic<std::uint64_t> dead_count_{0};
+  std::atomic<std::uint64_t> dead_total_{0};
+  std::atomic<std::uint64_t> dead_discarded_{0};
+  std::atomic<std::int64_t> last_dead_at_ns_{0};
+
+  // Unique keys of pending jobs -> their ids.
+  std::mutex keys_mu_;
+  std::unordered_map<std::string, JobId, StringHash, std::equal_to<>> keys_;
+
+  // The scheduler (delayed jobs and retry backoff), see scheduler_main().
+  std::thread scheduler_thread_;
+  std::mutex sched_mu_;             // guards sched_inbox_ and orders sched_next_ (no lost wake-up)
+  std::vector<Timer> sched_inbox_;  // handed over, not yet in the heap
+  std::counting_semaphore<> sched_sem_{0};
+  std::atomic<bool> sched_stop_{false};
+  std::atomic<bool> sched_purge_{false};        // cancel() hit a scheduled job
+  std::atomic<std::uint64_t> sched_next_{~std::uint64_t{0}};  // tick it sleeps until
+  std::atomic<std::uint64_t> scheduled_in_{0};  // jobs handed to the scheduler
+  std::atomic<std::uint64_t> scheduled_out_{0}; // ... and taken out (fired, cancelled, dropped)
+  std::atomic<std::uint64_t> held_{0};          // kDrain: scheduled jobs not due (counted once held_final_)
+  std::atomic<bool> held_final_{false};
+  std::atomic<std::uint64_t> sched_announce_{0};  // I5, the scheduler's stamps
+  std::atomic<std::uint64_t> sched_cancelled_{0};
+  std::atomic<std::uint64_t> sched_dropped_{0};
+  alignas(kCacheLine) detail::LatencyHistogram lateness_;  // scheduler-written
+  std::uint64_t stop_ticks_ = 0;  // when stop() closed intake (kDrain's line for delayed jobs)
+  std::vector<Timer> sched_left_;               // after the scheduler stopped: still scheduled
+  detail::RetireBuffer sched_retired_{0};
+  std::atomic<std::uint8_t> stop_mode_{0};
 
   alignas(kCacheLine) std::atomic<int> sleepers_{0};
   alignas(kCacheLine) std::atomic<JobId> next_id_{1};
@@ -1379,6 +2273,30 @@ std::chrono::steady_clock::time_point JobContext::submitted_at() const noexcept 
       std::chrono::nanoseconds(Clock::to_steady_ns(submit_ticks_)));
 }
 
+bool JobContext::cancelled() const noexcept {
+  if (cancel_word_ == nullptr) return false;
+  return (static_cast<const std::atomic<std::uint64_t>*>(cancel_word_)->load(std::memory_order_relaxed) &
+          kCancelBit) != 0;
+}
+
+std::chrono::steady_clock::time_point JobContext::deadline() const noexcept {
+  if (deadline_ticks_ == 0) return std::chrono::steady_clock::time_point::max();
+  return std::chrono::steady_clock::time_point(
+      std::chrono::nanoseconds(Clock::to_steady_ns(deadline_ticks_)));
+}
+
+std::string_view cancel_result_name(CancelResult r) noexcept {
+  switch (r) {
+    case CancelResult::kCancelled: return "cancelled";
+    case CancelResult::kCancelRequested: return "cancel-requested";
+  }
+  return "unknown";
+}
+
+std::string_view dead_reason_name(DeadReason r) noexcept {
+  return snapshot::dead_reason_name(static_cast<snapshot::DeadReason>(r));
+}
+
 std::string_view engine_state_name(EngineState state) noexcept {
   switch (state) {
     case EngineState::kOpen: return "open";
@@ -1387,6 +2305,23 @@ std::string_view engine_state_name(EngineState state) noexcept {
     case EngineState::kStopped: return "stopped";
   }
   return "unknown";
+}
+
+Status check_retry_policy(const RetryPolicy& p, const std::string& prefix) {
+  auto bad = [&](const std::string& what) { return Status(StatusCode::kInvalidArgument, prefix + what); };
+  if (p.initial_backoff.count() < 0) return bad("initial_backoff must be >= 0");
+  if (p.max_backoff.count() < 0) return bad("max_backoff must be >= 0");
+  if (p.initial_backoff > p.max_backoff) {
+    return bad("initial_backoff (" + std::to_string(p.initial_backoff.count()) +
+               " ns) exceeds max_backoff (" + std::to_string(p.max_backoff.count()) + " ns)");
+  }
+  if (!(p.multiplier >= 1.0) || !std::isfinite(p.multiplier)) {
+    return bad("multiplier must be a finite number >= 1, got " + std::to_string(p.multiplier));
+  }
+  if (!(p.jitter >= 0.0 && p.jitter <= 1.0)) {
+    return bad("jitter must be in 0..1, got " + std::to_string(p.jitter));
+  }
+  return Status();
 }
 
 namespace {
@@ -1407,6 +2342,22 @@ Status validate(const EngineOptions& o) {
   }
   if (o.max_attempts < 1 || o.max_attempts > 65535) {
     return bad("max_attempts must be 1..65535, got " + std::to_string(o.max_attempts));
+  }
+  if (Status st = check_retry_policy(o.retry, "retry."); !st.ok()) return st;
+  if (o.run_deadline.count() < 0) return bad("run_deadline must be >= 0");
+  if (o.dead_growth_window.count() < 0) return bad("dead_growth_window must be >= 0");
+  if (o.scheduler_cpu >= 0) {
+    for (int c : o.cpus) {
+      if (c == o.scheduler_cpu) {
+        return bad("scheduler_cpu " + std::to_string(c) +
+                   " is a worker's cpu; the scheduler must not run on worker cores");
+      }
+    }
+    if (Status st = detail::check_cpus({o.scheduler_cpu}); !st.ok()) {
+      return bad("scheduler_cpu: " + std::string(st.message()));
+    }
+  } else if (o.scheduler_cpu < -1) {
+    return bad("scheduler_cpu must be -1 (unpinned) or a cpu, got " + std::to_string(o.scheduler_cpu));
   }
   if (o.dequeue_batch < 1 || o.dequeue_batch > 256) {
     return bad("dequeue_batch must be 1..256, got " + std::to_string(o.dequeue_batch));
@@ -1479,8 +2430,20 @@ Engine& Engine::operator=(Engine&&) noexcept = default;
 Engine::~Engine() = default;
 
 Result<HandlerId> Engine::register_handler(std::string_view name, Handler handler) {
-  return impl_->register_handler(name, std::move(handler));
+  return impl_->register_handler(name, std::move(handler), HandlerOptions{});
 }
+Result<HandlerId> Engine::register_handler(std::string_view name, Handler handler,
+                                           const HandlerOptions& options) {
+  return impl_->register_handler(name, std::move(handler), options);
+}
+Result<CancelResult> Engine::cancel(JobId id) { return impl_->cancel(id); }
+std::vector<DeadLetter> Engine::dead_letters(std::size_t limit) const {
+  return impl_->dead_letters(limit);
+}
+Result<JobId> Engine::requeue_dead(JobId id) { return impl_->requeue_dead(id); }
+Status Engine::drop_dead(JobId id) { return impl_->drop_dead(id); }
+std::string Engine::metrics_text() const { return detail::format_prometheus(impl_->metrics_data()); }
+std::string Engine::metrics_json() const { return detail::format_json(impl_->metrics_data()); }
 Result<HandlerId> Engine::handler_id(std::string_view name) const { return impl_->handler_id(name); }
 Result<StartReport> Engine::start() { return impl_->start(); }
 Result<JobId> Engine::submit(HandlerId handler, std::string_view payload, SubmitOptions options) {

@@ -86,7 +86,7 @@ std::size_t JobTable::put_free(const SlotIndex* in, std::size_t n) noexcept {
 }
 
 JobTable::~JobTable() {
-  for (std::size_t i = 0; i < capacity_; ++i) delete[] slots_[i].heap_payload;
+  for (std::size_t i = 0; i < capacity_; ++i) slots_[i].free_heap();
   delete[] slots_;
 }
 

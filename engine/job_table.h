@@ -40,6 +40,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <string_view>
 #include <vector>
 
 #include "engine/job_queue.h"  // SlotIndex
@@ -50,7 +51,30 @@ namespace jobengine::detail {
 inline constexpr std::size_t kCacheLine = 64;
 inline constexpr std::uint64_t kNoHorizon = std::numeric_limits<std::uint64_t>::max();
 
-enum class SlotState : std::uint8_t { kFree, kQueued, kRunning, kRetired };
+enum class SlotState : std::uint8_t {
+  kFree,
+  kQueued,        // in a priority queue (or a worker's dequeued batch)
+  kRunning,       // a handler runs it
+  kRetired,       // finished for good; waiting for the reclaim horizon
+  kDelayed,       // submitted with a delay: in the scheduler
+  kWaitingRetry,  // backoff before its next attempt: in the scheduler
+};
+
+// The id word: the job's id, and the bit cancel() sets. Ids never reach it.
+inline constexpr std::uint64_t kCancelBit = std::uint64_t{1} << 63;
+inline constexpr std::uint64_t kIdMask = kCancelBit - 1;
+
+// Slot::flags.
+inline constexpr std::uint8_t kSlotHasExtra = 1;  // payload lives in an extra block
+
+// A job's rare extras (unique key, own deadline) share one heap block with
+// its payload: [key bytes][ExtraHeader][payload], heap_payload pointing at the
+// payload. Jobs without them never allocate for them.
+struct ExtraHeader {
+  std::uint64_t deadline_ns = 0;  // SubmitOptions::deadline, 0 none
+  std::uint32_t key_len = 0;
+  std::uint32_t reserved = 0;
+};
 
 // One job. 64-byte header + inline payload = kSlotBytes, cache-line aligned.
 struct alignas(kCacheLine) Slot {
@@ -60,17 +84,41 @@ struct alignas(kCacheLine) Slot {
   HandlerId handler = 0;
   std::uint32_t payload_size = 0;
   std::uint16_t recoveries = 0;               // set at restore; immutable while queued
-  std::uint16_t reserved = 0;
-  JobId id = 0;
+  std::uint8_t flags = 0;                     // kSlotHasExtra
+  std::uint8_t reserved = 0;
+  std::atomic<std::uint64_t> id_word{0};      // id | kCancelBit once cancel() reached it
   std::uint64_t submit_ticks = 0;             // Clock::ticks() at submit (engine/clock.h)
-  std::uint64_t run_at_ticks = 0;             // when it may run (== submit_ticks for now)
+  std::atomic<std::uint64_t> run_at_ticks{0}; // when it may run (delay, retry backoff)
   std::atomic<std::uint64_t> submit_epoch{0};
   std::atomic<std::uint64_t> finish_epoch{0};
-  unsigned char* heap_payload = nullptr;      // owned; set iff payload_size > inline
+  unsigned char* heap_payload = nullptr;      // owned; set iff payload_size > inline or extras
   unsigned char inline_payload[kInlinePayloadBytes];
 
+  JobId id() const noexcept { return id_word.load(std::memory_order_relaxed) & kIdMask; }
   const unsigned char* payload() const noexcept {
     return heap_payload != nullptr ? heap_payload : inline_payload;
+  }
+  const ExtraHeader* extra() const noexcept {
+    return (flags & kSlotHasExtra) != 0
+               ? reinterpret_cast<const ExtraHeader*>(heap_payload - sizeof(ExtraHeader))
+               : nullptr;
+  }
+  std::string_view key() const noexcept {
+    const ExtraHeader* x = extra();
+    if (x == nullptr || x->key_len == 0) return {};
+    return {reinterpret_cast<const char*>(x) - x->key_len, x->key_len};
+  }
+  // Frees the heap block, if any.
+  void free_heap() noexcept {
+    if (heap_payload == nullptr) return;
+    if ((flags & kSlotHasExtra) != 0) {
+      const ExtraHeader* x = extra();
+      delete[] (heap_payload - sizeof(ExtraHeader) - x->key_len);
+    } else {
+      delete[] heap_payload;
+    }
+    heap_payload = nullptr;
+    flags = 0;
   }
 };
 static_assert(sizeof(Slot) == kSlotBytes, "slot header must stay 64 bytes");
@@ -173,12 +221,12 @@ class JobTable {
   // zero attempts. Stores only (4). The caller fills the other fields before
   // publishing the index to a queue (the queue's enqueue/dequeue pair orders
   // those writes for the worker).
-  static void claim(Slot& s, std::uint64_t epoch) noexcept {
+  static void claim(Slot& s, std::uint64_t epoch, SlotState initial = SlotState::kQueued) noexcept {
     // Relaxed, then release (3): submit_epoch is visible before the 0.
     s.submit_epoch.store(epoch, std::memory_order_relaxed);
     s.finish_epoch.store(0, std::memory_order_release);
     s.attempts.store(0, std::memory_order_relaxed);
-    s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+    s.state.store(initial, std::memory_order_relaxed);
   }
 
   // Ends a job: stamps finish_epoch, state kRetired. The payload stays until
@@ -192,10 +240,7 @@ class JobTable {
   // Puts a retired slot back to kFree so it can be reused, freeing any heap
   // payload. Only once no snapshot can still read it (2).
   static void reclaim(Slot& s) noexcept {
-    if (s.heap_payload != nullptr) {
-      delete[] s.heap_payload;
-      s.heap_payload = nullptr;
-    }
+    s.free_heap();
     s.state.store(SlotState::kFree, std::memory_order_relaxed);
   }
 

@@ -34,7 +34,10 @@ struct CutJob {
   std::uint16_t recoveries = 0;
   std::uint64_t submit_ticks = 0;   // Clock ticks
   std::uint64_t run_at_ticks = 0;
+  bool cancel_requested = false;
+  std::uint64_t deadline_ns = 0;    // the job's own deadline, 0 none
   std::string_view payload;
+  std::string_view key;
 };
 
 // A job the engine keeps dead (quarantined), with everything a snapshot
@@ -47,6 +50,8 @@ struct DeadJob {
   std::uint16_t recoveries = 0;
   std::int64_t submit_ns = 0;   // Unix epoch
   std::int64_t run_at_ns = 0;
+  std::int64_t dead_at_ns = 0;  // Unix epoch
+  snapshot::DeadReason reason = snapshot::DeadReason::kFailed;
   std::string payload;
   std::string error;
 };

@@ -325,7 +325,10 @@ class Snapshotter final : public Persistence {
       r.recoveries = j.recoveries;
       r.submit_ns = to_wall(j.submit_ticks);
       r.run_at_ns = to_wall(j.run_at_ticks);
+      r.cancel_requested = j.cancel_requested;
+      r.deadline_ns = j.deadline_ns;
       r.payload = j.payload;
+      r.key = j.key;
       encoder_.add_job(r);
       ++jobs;
     });
@@ -341,6 +344,8 @@ class Snapshotter final : public Persistence {
       r.recoveries = d.recoveries;
       r.submit_ns = d.submit_ns;
       r.run_at_ns = d.run_at_ns;
+      r.dead_reason = d.reason;
+      r.dead_at_ns = d.dead_at_ns;
       r.payload = d.payload;
       r.error = d.error;
       encoder_.add_job(r);

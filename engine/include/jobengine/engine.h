@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
 #include <string>
@@ -36,8 +37,12 @@
 namespace jobengine {
 
 enum class StopMode : std::uint8_t {
-  // Stop intake, run every job already queued (retries included), then join
-  // the workers.
+  // Stop intake, run every job already queued (and retries that requeue at
+  // once or fall due meanwhile), then join the workers. Delayed jobs and
+  // retries in backoff that are not due yet are not waited for: with a disk
+  // store they are in the final snapshot (the next start runs them on
+  // time), without one they are lost with the engine; StopReport::delayed_left
+  // counts them.
   kDrain,
   // Stop intake, let the jobs already running finish, drop every queued job
   // (counted in StopReport::dropped), then join the workers.
@@ -76,7 +81,9 @@ struct RecoveryReport {
   std::chrono::system_clock::time_point taken_at;  // the snapshot's wall time
   std::vector<SkippedSnapshot> skipped;  // newer candidates that did not verify
   std::uint64_t pending = 0;        // jobs queued again as they were
+  std::uint64_t delayed = 0;        // delayed or waiting to retry: back in the scheduler
   std::uint64_t running_at_cut = 0; // jobs that were running: queued again, recoveries + 1
+  std::uint64_t cancelled = 0;      // running at the cut with a cancel requested: not run again
   std::uint64_t poisoned = 0;       // quarantined as dead: past max_recoveries
   std::uint64_t unknown_handler = 0;  // kept as dead: their handler is not registered
   std::uint64_t dead = 0;           // dead in the snapshot and still dead
@@ -103,17 +110,61 @@ struct StopReport {
   std::uint64_t submitted = 0;  // jobs accepted by submit()/submit_batch()
   std::uint64_t done = 0;       // jobs whose handler returned kDone
   std::uint64_t failed = 0;     // jobs that failed for good (kFail or attempts used up)
-  std::uint64_t dropped = 0;    // queued jobs dropped by kAbandon
+  std::uint64_t cancelled = 0;  // jobs cancel() stopped (never ran, or ran and saw it)
+  std::uint64_t dropped = 0;    // queued jobs dropped by kAbandon (delayed ones included)
+  // kDrain: delayed jobs and retries in backoff not yet due when the drain
+  // finished, so not run. With a disk store they are in the final snapshot
+  // (the next start runs them on time); without one they are lost with the
+  // engine, and counted here.
+  std::uint64_t delayed_left = 0;
   std::uint64_t recovered = 0;  // jobs restored from a snapshot at start()
   std::uint64_t left_in_snapshot = 0;  // kSnapshotAndExit: jobs in the final snapshot
   std::chrono::nanoseconds took{0};  // how long stop() took
 };
 
+// What cancel() did.
+enum class CancelResult : std::uint8_t {
+  // The job was queued, delayed or waiting to retry: it will never run (again).
+  kCancelled,
+  // The job was running (or just starting): JobContext::cancelled() is now
+  // true for it; if it had not started yet it will not run. It is not retried.
+  kCancelRequested,
+};
+std::string_view cancel_result_name(CancelResult r) noexcept;
+
+// Why a dead letter is dead.
+enum class DeadReason : std::uint8_t {
+  kFailed = 1,     // kFail, or its attempts ran out (error says the last error)
+  kPoison = 2,     // running at more than max_recoveries cuts a crash followed
+  kNoHandler = 3,  // its handler was not registered when it was recovered
+};
+std::string_view dead_reason_name(DeadReason r) noexcept;
+
+// One dead job (Engine::dead_letters()).
+struct DeadLetter {
+  JobId id = 0;
+  std::string handler;
+  std::uint8_t priority = 0;
+  std::uint32_t attempts = 0;
+  std::uint32_t recoveries = 0;
+  DeadReason reason = DeadReason::kFailed;
+  std::string error;
+  std::string payload;
+  std::chrono::system_clock::time_point submitted_at;
+  std::chrono::system_clock::time_point died_at;
+};
+
 // The engine's health and basic counters, read without locks. Cheap enough to
 // poll every millisecond (it reads one padded counter block per worker and per
-// submitting thread).
+// submitting thread, and allocates only when something is wrong).
 struct Health {
-  bool ok = false;                              // running, and every worker alive
+  // Running, every worker alive, and none of the problems in `reasons`.
+  bool ok = false;
+  // Why ok is false, one line each, with the figure behind it: not running,
+  // a worker down, a job stuck past its deadline, the last snapshot failed,
+  // the newest snapshot older than twice its interval, dead-letter set
+  // growing, pending above the high-water mark. Empty when ok.
+  std::vector<std::string> reasons;
   std::chrono::system_clock::time_point checked_at;
   EngineState state = EngineState::kOpen;
   std::uint64_t depth[kPriorityLevels] = {};    // queued (not running) jobs per level, approximate
@@ -129,6 +180,17 @@ struct Health {
   std::uint64_t exceptions = 0;                 // handler calls that threw
   std::uint64_t dropped = 0;
   std::uint64_t recovered = 0;                  // restored from a snapshot at start()
+  std::uint64_t cancelled = 0;
+  std::uint64_t delayed = 0;                    // delayed + waiting to retry, in the scheduler
+  std::uint64_t dead = 0;                       // dead letters kept now
+  std::uint64_t dead_total = 0;                 // jobs that became dead, ever (this process)
+  std::uint64_t dead_discarded = 0;             // dead letters evicted past max_dead
+  std::uint64_t stuck = 0;                      // jobs running past their deadline now
+  std::uint64_t stuck_total = 0;                // runs that ended past their deadline
+  // Age of the oldest queued job, approximated by what the workers dequeued
+  // last (0 when nothing is queued).
+  std::chrono::nanoseconds oldest_pending_age{0};
+  std::size_t queue_high_water = 0;
   std::size_t capacity = 0;
   // Snapshots (zero / empty when disabled).
   std::uint64_t last_snapshot_generation = 0;   // newest published anywhere
@@ -165,6 +227,10 @@ class Engine {
   // kAlreadyExists for a name taken; kInvalidArgument for a bad name or an
   // empty handler. Not thread-safe with other calls.
   Result<HandlerId> register_handler(std::string_view name, Handler handler);
+  // The same with per-handler retry policy, attempts and deadline.
+  // kInvalidArgument names a bad option.
+  Result<HandlerId> register_handler(std::string_view name, Handler handler,
+                                     const HandlerOptions& options);
 
   // The id of a registered handler, or kNotFound. Thread-safe after start().
   Result<HandlerId> handler_id(std::string_view name) const;
@@ -204,8 +270,37 @@ class Engine {
   // kIoError when the publish failed (the previous generation stays valid).
   Result<SnapshotInfo> snapshot_now();
 
-  // Thread-safe, lock-free. Allocates only for last_snapshot_error's text.
+  // Cancels a pending job (queued, delayed, waiting to retry: it never runs)
+  // or asks a running one to stop (JobContext::cancelled()). Thread-safe; costs
+  // a scan of the job table (about 1 ms per million slots of capacity... see
+  // README), so it is meant for the odd job, not for every one. kNotFound when
+  // no pending job has that id (finished, dead, or never existed);
+  // kFailedPrecondition when the engine is not running.
+  Result<CancelResult> cancel(JobId id);
+
+  // The dead letters, oldest first (at most `limit`). Thread-safe (a lock;
+  // copies payloads).
+  std::vector<DeadLetter> dead_letters(std::size_t limit = SIZE_MAX) const;
+  // Moves a dead job back to its queue as a fresh job with the same id
+  // (attempts and recoveries reset). kNotFound: no dead letter with that id;
+  // kNotFound too when its handler is not registered; kQueueFull, kStopped as
+  // for submit().
+  Result<JobId> requeue_dead(JobId id);
+  // Discards a dead letter. kNotFound when there is none with that id.
+  Status drop_dead(JobId id);
+
+  // Thread-safe, lock-free. Allocates only for last_snapshot_error's text and
+  // the reasons when not ok.
   Health health() const;
+
+  // Counters per handler (submitted, started, done, retried, failed, dead,
+  // cancelled, stuck), gauges (pending per priority, delayed, running, dead,
+  // oldest pending age, snapshot age) and latency histograms per handler
+  // (queue wait, run time; p50/p90/p99/p99.9/max), in the Prometheus text
+  // exposition format (version 0.0.4), or as one JSON object. Thread-safe;
+  // merges every worker's histograms (a few KiB per worker and handler).
+  std::string metrics_text() const;
+  std::string metrics_json() const;
 
   EngineState state() const noexcept;
   const EngineOptions& options() const noexcept;

@@ -8,10 +8,14 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "jobengine/job.h"
 
 namespace jobengine {
 
@@ -27,6 +31,24 @@ enum class IdleStrategy : std::uint8_t {
   // wakes it. An idle engine uses no CPU; a wake-up from sleep costs a futex
   // wake (tens of microseconds). Submits never lose a wake-up.
   kSpinThenBlock,
+};
+
+// A clock tests move by hand (EngineOptions::test_clock). The engine's
+// scheduling decisions -- when a delayed job or a retry falls due, when a run
+// is past its deadline -- read real time plus this clock's offset, so a test
+// can make an hour pass at once instead of sleeping. Latency figures keep
+// using real time.
+class ManualClock {
+ public:
+  void advance(std::chrono::nanoseconds d) noexcept {
+    offset_ns_.fetch_add(d.count(), std::memory_order_acq_rel);
+  }
+  std::chrono::nanoseconds offset() const noexcept {
+    return std::chrono::nanoseconds(offset_ns_.load(std::memory_order_acquire));
+  }
+
+ private:
+  std::atomic<std::int64_t> offset_ns_{0};
 };
 
 // Severity of a log line passed to EngineOptions::log.
@@ -111,9 +133,38 @@ struct EngineOptions {
   std::size_t max_payload = 1 << 20;
 
   // How many times a job may be attempted (run) in all. A handler returning
-  // Outcome::kRetry is queued again at once until this many attempts were
-  // made, after which the job counts as failed. Default 3. Must be 1..65535.
+  // Outcome::kRetry (or throwing) is run again after the retry backoff until
+  // this many attempts were made; then the job fails for good and becomes
+  // dead, with its last error. Default 3. Must be 1..65535. Per handler:
+  // HandlerOptions::max_attempts.
   std::uint32_t max_attempts = 3;
+
+  // Backoff between attempts (see RetryPolicy). Default 10 ms doubling up to
+  // 10 s, +-20% jitter. Per handler: HandlerOptions::retry.
+  RetryPolicy retry;
+
+  // Default most one run may take before the job counts as stuck (health()
+  // and the stuck counter); 0 (default): no deadline. Per handler and per job
+  // it can be set too (HandlerOptions::deadline, SubmitOptions::deadline).
+  std::chrono::nanoseconds run_deadline{0};
+
+  // Dead letters (jobs that failed for good, poison jobs, jobs whose handler
+  // is gone) kept at most; past this the oldest is discarded (counted in
+  // Health::dead_discarded and logged). Default 10000. 0 keeps none (each
+  // dead job is then only counted and logged).
+  std::size_t max_dead = 10000;
+
+  // health() is not ok while pending jobs exceed this many. 0 (default):
+  // 90% of capacity.
+  std::size_t queue_high_water = 0;
+
+  // health() is not ok while a job died within this window ("dead-letter set
+  // growing"). Default 60 s; 0 disables the check.
+  std::chrono::milliseconds dead_growth_window{60000};
+
+  // CPU for the scheduler thread (delayed jobs and retry backoff); -1
+  // (default) leaves it unpinned. Must not be one of the workers' cpus.
+  int scheduler_cpu = -1;
 
   // Starvation guard. A worker normally takes jobs from the most urgent
   // non-empty priority level. On every `fairness_period`-th dequeue attempt it
@@ -131,6 +182,10 @@ struct EngineOptions {
 
   // Snapshots and recovery; off by default.
   SnapshotOptions snapshot;
+
+  // Tests only: scheduling reads real time plus this clock's offset (see
+  // ManualClock). Null (the default) in production.
+  std::shared_ptr<ManualClock> test_clock;
 
   // Where the engine's log lines go. Empty (the default): the engine is silent.
   // Called from the engine's threads, so it must be thread-safe, and it must

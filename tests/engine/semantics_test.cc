@@ -1,0 +1,751 @@
+// Job semantics (issue #4): delays, retries with backoff, dead letters,
+// cancellation, deadlines, unique keys, stop modes with delayed jobs, metrics,
+// logging, health reasons, and their snapshot round trip.
+//
+// Time is driven by a ManualClock (EngineOptions::test_clock): a job due in an
+// hour runs when the test advances the clock by an hour, never because the
+// test slept. Where a test checks that something did *not* happen yet, it
+// first lets the scheduler make a few passes (it looks every millisecond under
+// a test clock), so a job fired early would be seen.
+#include "jobengine/engine.h"
+#include "jobengine/snapshot_format.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace jobengine {
+namespace {
+
+using std::chrono::hours;
+using std::chrono::milliseconds;
+using std::chrono::minutes;
+using std::chrono::seconds;
+using std::chrono::steady_clock;
+
+constexpr milliseconds kWaitTimeout{30000};
+
+template <typename Pred>
+bool WaitUntil(Pred pred, milliseconds timeout = kWaitTimeout) {
+  const auto deadline = steady_clock::now() + timeout;
+  while (!pred()) {
+    if (steady_clock::now() > deadline) return pred();
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
+}
+
+// Lets the scheduler (which looks every millisecond under a test clock) make
+// several passes, so that a job it would wrongly fire has fired.
+void LetSchedulerRun() { std::this_thread::sleep_for(milliseconds(30)); }
+
+class Gate {
+ public:
+  void open() {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  bool wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, kWaitTimeout, [this] { return open_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+struct GateOpener {
+  Gate& gate;
+  ~GateOpener() { gate.open(); }
+};
+
+EngineOptions TestOptions(std::shared_ptr<ManualClock> clock) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 1024;
+  o.test_clock = std::move(clock);
+  o.retry.jitter = 0;
+  return o;
+}
+
+class Tmp {
+ public:
+  Tmp() {
+    path_ = std::filesystem::temp_directory_path() /
+            ("jobengine-semantics-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
+    std::filesystem::remove_all(path_);
+  }
+  ~Tmp() { std::filesystem::remove_all(path_); }
+  std::string str() const { return path_.string(); }
+
+ private:
+  static inline int counter_ = 0;
+  std::filesystem::path path_;
+};
+
+// ---- delays -------------------------------------------------------------------
+
+TEST(DelayTest, DelayedJobRunsOnlyWhenItsTimeComes) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  auto h = engine->register_handler("later", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "x", {.delay = hours(1)});
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }));
+  clock->advance(minutes(59));
+  LetSchedulerRun();
+  EXPECT_EQ(runs.load(), 0) << "a job due in 1 h ran after 59 min";
+  EXPECT_EQ(engine->health().pending, 1u);
+  clock->advance(minutes(1));
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 1; }));
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().delayed == 0; }));
+  // Lateness is measured: the scheduler histogram has one sample.
+  EXPECT_NE(engine->metrics_text().find("jobengine_scheduler_lateness_seconds_count 1"),
+            std::string::npos);
+}
+
+TEST(DelayTest, RunAtInThePastRunsAtOnceAndInTheFutureWaits) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  auto h = engine->register_handler("at", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  const auto now = std::chrono::system_clock::now();
+  ASSERT_TRUE(engine->submit(*h, "", {.run_at = now - seconds(5)}).ok());
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 1; }));
+  ASSERT_TRUE(engine->submit(*h, "", {.run_at = now + hours(2)}).ok());
+  clock->advance(hours(1));
+  LetSchedulerRun();
+  EXPECT_EQ(runs.load(), 1);
+  clock->advance(hours(1) + seconds(1));
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
+}
+
+TEST(DelayTest, BadDelayOptionsAreInvalidArgument) {
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("h", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(engine->start().ok());
+  auto both = engine->submit(*h, "", {.delay = seconds(1), .run_at = std::chrono::system_clock::now()});
+  EXPECT_EQ(both.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(both.status().to_string().find("not both"), std::string::npos);
+  auto negative = engine->submit(*h, "", {.delay = seconds(-1)});
+  EXPECT_EQ(negative.status().code(), StatusCode::kInvalidArgument);
+  const JobSpec batch[] = {{*h, "", {.delay = seconds(1)}}};
+  EXPECT_EQ(engine->submit_batch(batch).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(DelayTest, ManyDelayedJobsFireInRunAtOrder) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  std::mutex mu;
+  std::vector<std::string> order;
+  auto h = engine->register_handler("o", [&](JobContext& job) {
+    std::lock_guard<std::mutex> lock(mu);
+    order.emplace_back(job.payload());
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  // Submitted in scrambled order, due one minute apart.
+  for (int m : {7, 3, 9, 1, 5, 2, 8, 4, 6}) {
+    ASSERT_TRUE(engine->submit(*h, std::to_string(m), {.delay = minutes(m)}).ok());
+  }
+  for (int m = 1; m <= 9; ++m) {
+    clock->advance(minutes(1));
+    ASSERT_TRUE(WaitUntil([&] {
+      std::lock_guard<std::mutex> lock(mu);
+      return order.size() == static_cast<std::size_t>(m);
+    }));
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"1", "2", "3", "4", "5", "6", "7", "8", "9"}));
+}
+
+// ---- retries and backoff ---------------------------------------------------------
+
+TEST(RetryTest, BackoffDoublesUpToItsCapThenTheJobDiesWithItsLastError) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.max_attempts = 4;
+  o.retry.initial_backoff = minutes(1);
+  o.retry.multiplier = 2;
+  o.retry.max_backoff = minutes(3);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  auto h = engine->register_handler("flaky", [&](JobContext& job) {
+    runs.fetch_add(1);
+    job.set_error("attempt " + std::to_string(job.attempt()) + " failed");
+    return Outcome::kRetry;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "p");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 1; }));
+  // Waits of 1 min, 2 min, then 4 min capped to 3 min. The test clock adds
+  // to real time, which passes too: the margins are 10 s of it.
+  int expected_runs = 1;
+  for (milliseconds wait : {milliseconds(60000), milliseconds(120000), milliseconds(180000)}) {
+    ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }));
+    clock->advance(wait - seconds(10));
+    LetSchedulerRun();
+    EXPECT_EQ(runs.load(), expected_runs) << "retry ran before its " << wait.count() << " ms backoff";
+    clock->advance(seconds(10));
+    ++expected_runs;
+    ASSERT_TRUE(WaitUntil([&] { return runs.load() == expected_runs; }))
+        << "retry did not run after its " << wait.count() << " ms backoff";
+  }
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().dead == 1; }));
+  const auto dead = engine->dead_letters();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].id, *id);
+  EXPECT_EQ(dead[0].handler, "flaky");
+  EXPECT_EQ(dead[0].reason, DeadReason::kFailed);
+  EXPECT_EQ(dead[0].attempts, 4u);
+  EXPECT_EQ(dead[0].error, "attempt 4 failed");
+  EXPECT_EQ(dead[0].payload, "p");
+  const Health health = engine->health();
+  EXPECT_EQ(health.retried, 3u);
+  EXPECT_EQ(health.failed, 1u);
+  EXPECT_EQ(health.pending, 0u);
+}
+
+TEST(RetryTest, JitterStaysWithinItsBounds) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.max_attempts = 2;
+  o.retry.initial_backoff = minutes(10);
+  o.retry.max_backoff = hours(1);
+  o.retry.jitter = 0.5;  // 5 min .. 15 min
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  auto h = engine->register_handler("j", [&](JobContext& job) {
+    runs.fetch_add(1);
+    return job.attempt() == 1 ? Outcome::kRetry : Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*h, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 1 && engine->health().delayed == 1; }));
+  clock->advance(minutes(5) - seconds(10));
+  LetSchedulerRun();
+  EXPECT_EQ(runs.load(), 1) << "jittered backoff below initial * (1 - jitter)";
+  clock->advance(minutes(10) + seconds(10));
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 2; })) << "jittered backoff above initial * (1 + jitter)";
+}
+
+TEST(RetryTest, HandlerPolicyAndRetryAfterOverrideTheEngineDefaults) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.max_attempts = 2;
+  o.retry.initial_backoff = hours(1);
+  o.retry.max_backoff = hours(1);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> quick_runs{0}, custom_runs{0};
+  HandlerOptions ho;
+  ho.max_attempts = 5;
+  ho.has_retry_policy = true;
+  ho.retry.initial_backoff = std::chrono::nanoseconds(0);  // at once
+  auto quick = engine->register_handler("quick", [&](JobContext&) {
+    quick_runs.fetch_add(1);
+    return Outcome::kRetry;
+  }, ho);
+  auto custom = engine->register_handler("custom", [&](JobContext& job) {
+    custom_runs.fetch_add(1);
+    if (job.attempt() == 1) {
+      job.retry_after(minutes(2));
+      return Outcome::kRetry;
+    }
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(quick.ok() && custom.ok());
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*quick, "").ok());
+  // Five attempts at once (handler policy), not two an hour apart.
+  EXPECT_TRUE(WaitUntil([&] { return quick_runs.load() == 5 && engine->health().dead == 1; }));
+  ASSERT_TRUE(engine->submit(*custom, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return custom_runs.load() == 1 && engine->health().delayed == 1; }));
+  clock->advance(minutes(2));
+  EXPECT_TRUE(WaitUntil([&] { return custom_runs.load() == 2; })) << "retry_after(2 min) not honoured";
+}
+
+TEST(RetryTest, BadRetryPoliciesAreInvalidArgument) {
+  EngineOptions o;
+  o.retry.multiplier = 0.5;
+  auto e1 = Engine::open(o);
+  EXPECT_EQ(e1.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(e1.status().to_string().find("retry.multiplier"), std::string::npos);
+  o = EngineOptions{};
+  o.retry.jitter = 1.5;
+  EXPECT_EQ(Engine::open(o).status().code(), StatusCode::kInvalidArgument);
+  o = EngineOptions{};
+  o.retry.initial_backoff = minutes(1);  // above the default 10 s cap
+  auto e2 = Engine::open(o);
+  EXPECT_EQ(e2.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(e2.status().to_string().find("exceeds max_backoff"), std::string::npos);
+  auto engine = Engine::open(EngineOptions{});
+  ASSERT_TRUE(engine.ok());
+  HandlerOptions ho;
+  ho.has_retry_policy = true;
+  ho.retry.initial_backoff = seconds(-1);
+  auto r = engine->register_handler("h", [](JobContext&) { return Outcome::kDone; }, ho);
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(r.status().to_string().find("initial_backoff"), std::string::npos);
+}
+
+// ---- dead letters -----------------------------------------------------------------
+
+TEST(DeadLetterTest, FailedJobsAreKeptListedRequeuedAndDropped) {
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  std::atomic<bool> heal{false};
+  std::atomic<int> ok_runs{0};
+  auto h = engine->register_handler("ledger", [&](JobContext& job) {
+    if (!heal.load()) {
+      job.set_error("ledger down");
+      return Outcome::kFail;
+    }
+    ok_runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto a = engine->submit(*h, "a");
+  auto b = engine->submit(*h, "b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->dead_letters().size() == 2; }));
+  auto dead = engine->dead_letters();
+  EXPECT_EQ(dead[0].id, *a);
+  EXPECT_EQ(dead[0].error, "ledger down");
+  EXPECT_EQ(dead[0].attempts, 1u);
+  EXPECT_GE(dead[0].died_at, dead[0].submitted_at);
+  EXPECT_EQ(engine->dead_letters(1).size(), 1u);
+  heal.store(true);
+  auto again = engine->requeue_dead(*a);
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  EXPECT_EQ(*again, *a) << "a requeued job keeps its id";
+  EXPECT_TRUE(WaitUntil([&] { return ok_runs.load() == 1; }));
+  EXPECT_TRUE(engine->drop_dead(*b).ok());
+  EXPECT_TRUE(engine->dead_letters().empty());
+  EXPECT_EQ(engine->requeue_dead(*b).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(engine->drop_dead(*b).code(), StatusCode::kNotFound);
+  const Health health = engine->health();
+  EXPECT_EQ(health.dead, 0u);
+  EXPECT_EQ(health.dead_total, 2u);
+  // A job died within dead_growth_window: health says so.
+  EXPECT_FALSE(health.ok);
+}
+
+TEST(DeadLetterTest, TheSetIsBoundedOldestFirstOut) {
+  EngineOptions o = TestOptions(nullptr);
+  o.max_dead = 3;
+  std::mutex log_mu;
+  std::vector<std::string> lines;
+  o.log = [&](LogLevel, std::string_view line) {
+    std::lock_guard<std::mutex> lock(log_mu);
+    lines.emplace_back(line);
+  };
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("bad", [](JobContext&) { return Outcome::kFail; });
+  ASSERT_TRUE(engine->start().ok());
+  std::vector<JobId> ids;
+  for (int i = 0; i < 5; ++i) ids.push_back(*engine->submit(*h, std::to_string(i)));
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().dead_total == 5; }));
+  const auto dead = engine->dead_letters();
+  ASSERT_EQ(dead.size(), 3u);
+  EXPECT_EQ(dead[0].id, ids[2]);
+  EXPECT_EQ(dead[2].id, ids[4]);
+  EXPECT_EQ(engine->health().dead_discarded, 2u);
+  // Every log line about a job names its id and its handler.
+  std::lock_guard<std::mutex> lock(log_mu);
+  bool named = false;
+  for (const auto& line : lines) {
+    if (line.find("job " + std::to_string(ids[0]) + " (bad)") != std::string::npos) named = true;
+  }
+  EXPECT_TRUE(named);
+}
+
+// ---- cancellation ---------------------------------------------------------------
+
+TEST(CancelTest, QueuedDelayedAndRunningJobsEachSayWhatHappened) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  Gate gate;
+  GateOpener opener{gate};
+  std::atomic<bool> started{false}, saw_cancel{false};
+  std::atomic<int> other_runs{0};
+  auto blocker = engine->register_handler("blocker", [&](JobContext& job) {
+    started.store(true);
+    // Cooperative: poll until cancelled (bounded by the gate's timeout).
+    const auto until = steady_clock::now() + kWaitTimeout;
+    while (!job.cancelled() && steady_clock::now() < until) std::this_thread::yield();
+    saw_cancel.store(job.cancelled());
+    gate.wait();
+    return Outcome::kRetry;  // not retried: it was cancelled
+  });
+  auto other = engine->register_handler("other", [&](JobContext&) {
+    other_runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto running = engine->submit(*blocker, "");
+  ASSERT_TRUE(WaitUntil([&] { return started.load(); }));
+  auto queued = engine->submit(*other, "");             // behind the blocker (1 worker)
+  auto delayed = engine->submit(*other, "", {.delay = hours(1)});
+  ASSERT_TRUE(running.ok() && queued.ok() && delayed.ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }));
+
+  auto c1 = engine->cancel(*queued);
+  ASSERT_TRUE(c1.ok()) << c1.status().to_string();
+  EXPECT_EQ(*c1, CancelResult::kCancelled);
+  auto c2 = engine->cancel(*delayed);
+  ASSERT_TRUE(c2.ok());
+  EXPECT_EQ(*c2, CancelResult::kCancelled);
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().delayed == 0; }))
+      << "a cancelled delayed job stays in the scheduler";
+  auto c3 = engine->cancel(*running);
+  ASSERT_TRUE(c3.ok());
+  EXPECT_EQ(*c3, CancelResult::kCancelRequested);
+  EXPECT_TRUE(WaitUntil([&] { return saw_cancel.load(); })) << "the handler never saw cancelled()";
+  gate.open();
+  clock->advance(hours(2));
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().pending == 0; }));
+  LetSchedulerRun();
+  EXPECT_EQ(other_runs.load(), 0) << "a cancelled job ran";
+  const Health health = engine->health();
+  EXPECT_EQ(health.cancelled, 3u);
+  EXPECT_EQ(health.retried, 0u);
+  // Finished, unknown and zero ids are not found.
+  EXPECT_EQ(engine->cancel(*queued).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(engine->cancel(987654321).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(engine->cancel(0).status().code(), StatusCode::kNotFound);
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->cancelled, 3u);
+  EXPECT_EQ(engine->cancel(*running).status().code(), StatusCode::kFailedPrecondition);
+}
+
+// ---- deadlines -------------------------------------------------------------------
+
+TEST(DeadlineTest, AJobPastItsDeadlineIsReportedStuckAndCounted) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  Gate gate;
+  GateOpener opener{gate};
+  std::atomic<bool> started{false};
+  std::atomic<bool> had_deadline{false};
+  auto h = engine->register_handler("slow", [&](JobContext& job) {
+    had_deadline.store(job.deadline() != steady_clock::time_point::max());
+    started.store(true);
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "", {.deadline = minutes(5)});
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(WaitUntil([&] { return started.load(); }));
+  EXPECT_TRUE(had_deadline.load());
+  Health before = engine->health();
+  EXPECT_EQ(before.stuck, 0u);
+  EXPECT_TRUE(before.ok);
+  clock->advance(minutes(6));
+  Health after = engine->health();
+  EXPECT_EQ(after.stuck, 1u);
+  EXPECT_FALSE(after.ok);
+  ASSERT_FALSE(after.reasons.empty());
+  EXPECT_NE(after.reasons[0].find("job " + std::to_string(*id)), std::string::npos) << after.reasons[0];
+  gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().stuck_total == 1; }));
+  EXPECT_EQ(engine->health().stuck, 0u);
+  EXPECT_TRUE(engine->health().ok);
+}
+
+TEST(DeadlineTest, HandlerDeadlineAppliesAndNoDeadlineMeansNone) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> with{0}, without{0};
+  HandlerOptions ho;
+  ho.deadline = seconds(30);
+  auto a = engine->register_handler("a", [&](JobContext& job) {
+    if (job.deadline() != steady_clock::time_point::max()) with.fetch_add(1);
+    return Outcome::kDone;
+  }, ho);
+  auto b = engine->register_handler("b", [&](JobContext& job) {
+    if (job.deadline() == steady_clock::time_point::max()) without.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*a, "").ok());
+  ASSERT_TRUE(engine->submit(*b, "").ok());
+  EXPECT_TRUE(WaitUntil([&] { return with.load() == 1 && without.load() == 1; }));
+}
+
+// ---- unique keys -----------------------------------------------------------------
+
+TEST(UniqueKeyTest, ASecondSubmitWhileTheFirstIsPendingReturnsTheFirstId) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  auto h = engine->register_handler("k", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto first = engine->submit(*h, "1", {.delay = hours(1), .unique_key = "invoice-7"});
+  auto second = engine->submit(*h, "2", {.unique_key = "invoice-7"});
+  auto other = engine->submit(*h, "3", {.delay = hours(1), .unique_key = "invoice-8"});
+  ASSERT_TRUE(first.ok() && second.ok() && other.ok());
+  EXPECT_EQ(*second, *first);
+  EXPECT_NE(*other, *first);
+  EXPECT_EQ(engine->health().submitted, 2u);
+  // Cancelled: the key is free again.
+  ASSERT_TRUE(engine->cancel(*other).ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }));
+  auto third = engine->submit(*h, "4", {.unique_key = "invoice-8"});
+  ASSERT_TRUE(third.ok());
+  EXPECT_NE(*third, *other);
+  // Finished: free again too.
+  clock->advance(hours(1));
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
+  auto fourth = engine->submit(*h, "5", {.unique_key = "invoice-7"});
+  ASSERT_TRUE(fourth.ok());
+  EXPECT_NE(*fourth, *first);
+  EXPECT_EQ(engine->submit(*h, "", {.unique_key = std::string(256, 'k')}).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// ---- stop modes --------------------------------------------------------------------
+
+TEST(StopModeTest, DrainRunsQueuedJobsAndLeavesWhatIsNotDueYet) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.retry.initial_backoff = minutes(1);
+  o.retry.max_backoff = minutes(1);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  std::atomic<int> runs{0};
+  Gate gate;
+  GateOpener opener{gate};
+  auto h = engine->register_handler("d", [&](JobContext& job) {
+    runs.fetch_add(1);
+    if (job.payload() == "first") gate.wait();
+    return job.payload() == "retry" ? Outcome::kRetry : Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*h, "first").ok());
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 1; }));
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(engine->submit(*h, "queued").ok());
+  ASSERT_TRUE(engine->submit(*h, "retry").ok());  // fails during the drain: backoff 1 min
+  ASSERT_TRUE(engine->submit(*h, "later", {.delay = hours(3)}).ok());
+  std::thread opener_thread([&] {
+    std::this_thread::sleep_for(milliseconds(20));
+    gate.open();
+  });
+  auto report = engine->stop(StopMode::kDrain);
+  opener_thread.join();
+  ASSERT_TRUE(report.ok()) << report.status().to_string();
+  EXPECT_EQ(runs.load(), 7) << "first, 5 queued, and the retry's first attempt";
+  EXPECT_EQ(report->done, 6u);
+  EXPECT_EQ(report->delayed_left, 2u) << "the retry in backoff and the delayed job";
+  EXPECT_EQ(engine->submit(*h, "").status().code(), StatusCode::kStopped);
+}
+
+TEST(StopModeTest, AbandonDropsDelayedJobsToo) {
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("a", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(engine->start().ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(engine->submit(*h, "", {.delay = hours(1)}).ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 3; }));
+  auto report = engine->stop(StopMode::kAbandon);
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->dropped, 3u);
+  EXPECT_EQ(report->delayed_left, 0u);
+}
+
+// ---- snapshot round trip ----------------------------------------------------------
+
+std::vector<unsigned char> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST(SemanticsSnapshotTest, EveryStateAttemptRunAtKeyDeadlineAndDeadReasonSurvive) {
+  Tmp dir;
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir.str();
+  o.snapshot.disk_interval = milliseconds(0);
+  o.snapshot.shm_interval = milliseconds(0);
+  o.retry.initial_backoff = hours(2);
+  o.retry.max_backoff = hours(2);
+  JobId delayed_id = 0, retry_id = 0, dead_id = 0;
+  std::int64_t delayed_run_at = 0;
+  {
+    auto engine = Engine::open(o);
+    ASSERT_TRUE(engine.ok()) << engine.status().to_string();
+    auto h = engine->register_handler("job", [](JobContext& job) {
+      if (job.payload() == "dies") {
+        job.set_error("no such account");
+        return Outcome::kFail;
+      }
+      return Outcome::kRetry;
+    });
+    ASSERT_TRUE(engine->start().ok());
+    const auto before = std::chrono::system_clock::now();
+    delayed_id = *engine->submit(*h, "later",
+                                 {.delay = hours(1), .deadline = seconds(9), .unique_key = "k1"});
+    delayed_run_at = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                         (before + hours(1)).time_since_epoch())
+                         .count();
+    retry_id = *engine->submit(*h, "retries");
+    dead_id = *engine->submit(*h, "dies");
+    ASSERT_TRUE(WaitUntil([&] {
+      const Health hh = engine->health();
+      return hh.delayed == 2 && hh.dead == 1;
+    })) << "delayed " << engine->health().delayed << " dead " << engine->health().dead
+        << " pending " << engine->health().pending;
+    auto report = engine->stop(StopMode::kSnapshotAndExit);
+    ASSERT_TRUE(report.ok()) << report.status().to_string();
+    EXPECT_EQ(report->left_in_snapshot, 3u);
+  }
+  // The newest generation holds each job as it was.
+  std::string newest;
+  for (const auto& e : std::filesystem::directory_iterator(dir.str())) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("gen-", 0) == 0 && name > std::filesystem::path(newest).filename().string()) {
+      newest = e.path().string();
+    }
+  }
+  ASSERT_FALSE(newest.empty());
+  const auto bytes = ReadFile(newest);
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(view.ok()) << view.status().to_string();
+  std::map<JobId, snapshot::JobRecordView> by_id;
+  for (const auto& j : view->jobs) by_id[j.id] = j;
+  ASSERT_EQ(by_id.size(), 3u);
+  const auto& d = by_id[delayed_id];
+  EXPECT_EQ(d.state, snapshot::JobState::kDelayed);
+  EXPECT_EQ(d.key, "k1");
+  EXPECT_EQ(d.deadline_ns, 9'000'000'000u);
+  EXPECT_NEAR(static_cast<double>(d.run_at_ns), static_cast<double>(delayed_run_at), 2e9);
+  const auto& r = by_id[retry_id];
+  EXPECT_EQ(r.state, snapshot::JobState::kWaitingRetry);
+  EXPECT_EQ(r.attempts, 1u);
+  const auto& x = by_id[dead_id];
+  EXPECT_EQ(x.state, snapshot::JobState::kDead);
+  EXPECT_EQ(x.dead_reason, snapshot::DeadReason::kFailed);
+  EXPECT_EQ(x.error, "no such account");
+  EXPECT_NE(x.dead_at_ns, 0);
+
+  // A new engine resumes them: delayed ones wait again, keys hold, dead stay dead.
+  auto clock2 = std::make_shared<ManualClock>();
+  o.test_clock = clock2;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok()) << engine.status().to_string();
+  std::atomic<int> later_runs{0};
+  auto h = engine->register_handler("job", [&](JobContext& job) {
+    if (job.payload() == "later") later_runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  auto start = engine->start();
+  ASSERT_TRUE(start.ok()) << start.status().to_string();
+  EXPECT_EQ(start->recovery.delayed, 2u);
+  EXPECT_EQ(start->recovery.dead, 1u);
+  auto dead = engine->dead_letters();
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].id, dead_id);
+  EXPECT_EQ(dead[0].error, "no such account");
+  auto same = engine->submit(*h, "dup", {.unique_key = "k1"});
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(*same, delayed_id) << "the unique key did not survive the restore";
+  LetSchedulerRun();
+  EXPECT_EQ(later_runs.load(), 0);
+  clock2->advance(hours(1) + seconds(5));
+  EXPECT_TRUE(WaitUntil([&] { return later_runs.load() == 1; }));
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }))  // the retry, 2 h out
+      << "delayed " << engine->health().delayed << " done " << engine->health().done << " retry run_at - now (s) "
+      << (r.run_at_ns - std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count()) / 1e9;
+}
+
+// ---- metrics and health -------------------------------------------------------------
+
+TEST(MetricsTest, CountersPerHandlerAndHistogramsReachTheExposition) {
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  auto ok = engine->register_handler("thumb", [](JobContext&) { return Outcome::kDone; });
+  auto bad = engine->register_handler("mail", [](JobContext&) { return Outcome::kFail; });
+  ASSERT_TRUE(engine->start().ok());
+  for (int i = 0; i < 7; ++i) ASSERT_TRUE(engine->submit(*ok, "").ok());
+  ASSERT_TRUE(engine->submit(*bad, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().pending == 0; }));
+  const std::string text = engine->metrics_text();
+  for (const char* line : {"jobengine_jobs_submitted_total{handler=\"thumb\"} 7",
+                           "jobengine_jobs_done_total{handler=\"thumb\"} 7",
+                           "jobengine_jobs_started_total{handler=\"mail\"} 1",
+                           "jobengine_jobs_failed_total{handler=\"mail\"} 1",
+                           "jobengine_run_seconds_count{handler=\"thumb\"} 7",
+                           "jobengine_queue_wait_seconds_count{handler=\"thumb\"} 7",
+                           "jobengine_dead 1"}) {
+    EXPECT_NE(text.find(line), std::string::npos) << "missing: " << line << "\n" << text;
+  }
+  const std::string json = engine->metrics_json();
+  EXPECT_NE(json.find("\"thumb\""), std::string::npos);
+  EXPECT_EQ(json.front(), '{');
+}
+
+TEST(HealthTest, PendingAboveTheHighWaterMarkIsAReason) {
+  EngineOptions o = TestOptions(nullptr);
+  o.queue_high_water = 2;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  Gate gate;
+  GateOpener opener{gate};
+  auto h = engine->register_handler("h", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(engine->submit(*h, "").ok());
+  const Health health = engine->health();
+  EXPECT_FALSE(health.ok);
+  bool found = false;
+  for (const auto& r : health.reasons) found = found || r.find("high-water") != std::string::npos;
+  EXPECT_TRUE(found);
+  gate.open();
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().ok; }));
+}
+
+}  // namespace
+}  // namespace jobengine
