@@ -401,7 +401,7 @@ Result<Image> decode_image(std::string source, std::vector<unsigned char> bytes,
   auto view = snapshot::decode(image.bytes, &err);
   if (!view) {
     if (d != nullptr) *d = Diagnosis{failure_of_decode(err.problem), true, err.offset};
-    return Status(view.status().code(), image.source + ": " + std::string(view.status().message()));
+    return view.status();  // "<class> at offset N: what"
   }
   image.view = std::move(*view);
   return image;
@@ -751,6 +751,15 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
       if (f.generation > from) newer.push_back(f);
       auto other = load_file(f.path);
       if (other) next_id = std::max(next_id, other->view.header.next_job_id);
+    }
+  }
+  if (!dir && !request.source.path.empty()) {
+    // Into the segment only, from a directory the engine presumably also
+    // uses: above that directory's generations too, or they would win.
+    SysResult<FileInfo> info = fs().lstat(request.source.path);
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
+      auto files = persist::list_generations(request.source.path, fs());
+      if (files && !files->empty()) above = std::max(above, files->front().generation);
     }
   }
   if (shm) above = std::max(above, shm_generation(shm->read_active(), &next_id));

@@ -232,14 +232,20 @@ struct Options {
   bool json = false;
 };
 
+// "<class>: <message>", unless the message starts with its class already (the
+// decoder's "corrupt at offset N: ..." does).
+std::string describe(st::Failure f, const std::string& message) {
+  const std::string_view name = st::failure_name(f);
+  if (message.rfind(name, 0) == 0) return message;
+  return std::string(name) + ": " + message;
+}
+
 // Prints a failure (stderr; with --json also as an object on stdout) and
 // returns its exit code.
 int report_failure(const jobengine::Status& status, const st::Diagnosis& d, const Options& o) {
   const st::Failure f = d.failure == st::Failure::kNone ? st::Failure::kIoError : d.failure;
   std::string msg(status.message());
-  std::cerr << "jobsnap: " << st::failure_name(f);
-  if (d.has_offset) std::cerr << " at byte offset " << d.offset;
-  std::cerr << ": " << msg << "\n";
+  std::cerr << "jobsnap: " << describe(f, msg) << "\n";
   if (o.json) {
     json e{{"error", {{"class", std::string(st::failure_name(f))}, {"exit_code", exit_code(f)},
                       {"message", msg}}}};
@@ -302,12 +308,11 @@ int cmd_list(const std::string& dir, const std::string& shm, const Options& o) {
                   static_cast<unsigned long long>(g.bytes), "valid", where.c_str(),
                   g.loaded_next ? "  (the next engine start loads this)" : "");
     } else {
-      std::string why(st::failure_name(g.diagnosis.failure));
-      if (g.diagnosis.has_offset) why += " at offset " + std::to_string(g.diagnosis.offset);
+      const std::string why = describe(g.diagnosis.failure, g.reason);
       std::printf("%-3s %10llu  %-30s %8s %8s %8s %8s %8s %8s %8s %12llu  %s %s: %s\n", mark,
                   static_cast<unsigned long long>(g.generation), "-", "-", "-", "-", "-", "-", "-",
                   "-", static_cast<unsigned long long>(g.bytes), "INVALID", where.c_str(),
-                  (why + ": " + g.reason).c_str());
+                  why.c_str());
     }
   }
   return kExitOk;
@@ -482,12 +487,8 @@ int cmd_verify(const st::Source& src, const Options& o) {
                   static_cast<unsigned long long>(g.counts.total),
                   static_cast<unsigned long long>(g.bytes));
     } else {
-      std::string what(st::failure_name(g.diagnosis.failure));
-      std::printf("FAILED   %s: %s", g.source.c_str(), what.c_str());
-      if (g.diagnosis.has_offset) {
-        std::printf(" at byte offset %llu", static_cast<unsigned long long>(g.diagnosis.offset));
-      }
-      std::printf(": %s\n", g.reason.c_str());
+      std::printf("FAILED   %s: %s\n", g.source.c_str(),
+                  describe(g.diagnosis.failure, g.reason).c_str());
     }
   }
   std::printf("%s\n", code == kExitOk ? "sound" : "NOT sound");
@@ -504,12 +505,17 @@ st::Source parse_source_spec(const std::string& spec) {
   return s;
 }
 
+// The status with " (in SPEC)" added: which of two sources failed.
+jobengine::Status in_source(const jobengine::Status& s, const std::string& spec) {
+  return jobengine::Status(s.code(), std::string(s.message()) + " (in " + spec + ")");
+}
+
 int cmd_diff(const std::string& a_spec, const std::string& b_spec, const Options& o) {
   st::Diagnosis d;
   auto a = st::load(parse_source_spec(a_spec), &d);
-  if (!a) return report_failure(a.status(), d, o);
+  if (!a) return report_failure(in_source(a.status(), a_spec), d, o);
   auto b = st::load(parse_source_spec(b_spec), &d);
-  if (!b) return report_failure(b.status(), d, o);
+  if (!b) return report_failure(in_source(b.status(), b_spec), d, o);
   const st::Diff diff = st::diff(a->view, b->view);
   if (o.json) {
     json changed = json::array();
