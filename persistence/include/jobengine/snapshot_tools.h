@@ -19,6 +19,7 @@
 // and, for a damaged image, the byte offset of the first problem.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <span>
