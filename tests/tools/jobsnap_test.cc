@@ -801,6 +801,22 @@ TEST(JobsnapDiffTest, ComparesADirectorysNewestWithASegment) {
   EXPECT_EQ(Jobsnap({"diff", tmp.snap(), kGolden + "/nope"}).code, kNotFound);
 }
 
+TEST(JobsnapDiffTest, DamagedSnapshotFailsWithItsClassNamingTheSide) {
+  TempDir tmp;
+  const std::string good = tmp.path() + "/good.jobsnap", bad = tmp.path() + "/bad.jobsnap";
+  WriteBytes(good, MakeImage(1, {Job(1)}));
+  auto bytes = MakeImage(2, {Job(1), Job(2)});
+  bytes.resize(bytes.size() - 1);
+  WriteBytes(bad, bytes);
+  auto r = Jobsnap({"diff", good, bad});
+  EXPECT_EQ(r.code, kTruncated) << r;
+  EXPECT_TRUE(Contains(r.err, "(in " + bad + ")")) << r;
+  FlipByte(good, 100);
+  r = Jobsnap({"diff", good, bad});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.err, "(in " + good + ")")) << r;
+}
+
 // ---- requeue and drop ------------------------------------------------------------------
 
 TEST(JobsnapEditTest, RequeueMovesADeadJobBackToPendingInANewGeneration) {
@@ -870,6 +886,36 @@ TEST(JobsnapEditTest, EditStartsFromTheNewestValidGenerationOrTheOneGiven) {
   ASSERT_EQ(r.code, kOk) << r;
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 5))), std::set<JobId>{1});
   EXPECT_EQ(Jobsnap({"drop", tmp.snap(), "1", "--from", "3"}).code, kCorrupt);
+}
+
+TEST(JobsnapEditTest, EditOfADirectoryWhereNothingVerifiesIsCorruptAndWritesNothing) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {DeadJob(7, DeadReason::kFailed, "boom")});
+  auto bytes = ReadBytes(GenPath(tmp.snap(), 1));
+  WriteBytes(GenPath(tmp.snap(), 1), std::vector<unsigned char>(bytes.begin(), bytes.begin() + 90));
+  auto r = Jobsnap({"requeue", tmp.snap(), "7"});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.err, "verifies")) << r;
+  EXPECT_TRUE(Contains(r.err, GenPath(tmp.snap(), 1))) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2)));
+  TempDir empty;
+  EXPECT_EQ(Jobsnap({"drop", empty.snap(), "7"}).code, kNotFound);
+  EXPECT_EQ(Jobsnap({"drop", empty.path() + "/missing", "7"}).code, kNotFound);
+  EXPECT_FALSE(fs::exists(empty.path() + "/missing")) << "an edit created a directory";
+}
+
+TEST(JobsnapRestoreTest, RestoreFromATruncatedOrHostileFileIsRefused) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  const std::string cut = tmp.path() + "/cut.jobsnap";
+  auto bytes = MakeImage(5, {Job(2)});
+  WriteBytes(cut, std::vector<unsigned char>(bytes.begin(), bytes.begin() + 150));
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", cut}).code, kTruncated);
+  const std::string fifo = tmp.path() + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", fifo}).code, kRefusedInput);
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", "/dev/null"}).code, kRefusedInput);
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2)));
 }
 
 TEST(JobsnapEditTest, EditsAndRestoreAreRefusedWhileAnEngineHoldsTheDirectory) {
