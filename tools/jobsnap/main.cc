@@ -605,7 +605,8 @@ int run(int argc, char** argv) {
   auto add_json = [&o](CLI::App* c) {
     c->add_flag("--json", o.json, "Print JSON for scripts instead of text");
   };
-  auto gen_validator = CLI::Range(std::uint64_t{1}, UINT64_MAX);
+  const CLI::Validator gen_validator =
+      CLI::Range(std::uint64_t{1}, UINT64_MAX).description("at least 1");
 
   // list
   std::string list_dir, list_shm;
@@ -614,7 +615,7 @@ int run(int argc, char** argv) {
               "counts, bytes, and valid or exactly why not; '=>' marks the one the next engine "
               "start loads");
   list->add_option("DIR", list_dir, "Snapshot directory");
-  list->add_option("--shm", list_shm, "Shared-memory segment name");
+  list->add_option("--shm", list_shm, "Shared-memory segment name")->type_name("NAME");
   add_json(list);
 
   // inspect / dump / verify share a source
@@ -625,8 +626,11 @@ int run(int argc, char** argv) {
                   "Snapshot file, or directory (its newest valid generation, as the engine loads "
                   "it)");
     c->add_option("--shm", src.shm,
-                  "Shared-memory segment name (alone: its image; with a DIR: the newest of both)");
-    c->add_option("--generation,-g", src_gen, "With a DIR: this generation")->check(gen_validator);
+                  "Shared-memory segment name (alone: its image; with a DIR: the newest of both)")
+        ->type_name("NAME");
+    c->add_option("--generation,-g", src_gen, "With a DIR: this generation")
+        ->check(gen_validator)
+        ->type_name("N");
   };
   CLI::App* inspect = app.add_subcommand(
       "inspect", "Header, counts by handler, state and priority, the oldest live job, and the "
@@ -639,10 +643,11 @@ int run(int argc, char** argv) {
       "dump", "The jobs as JSON, one object per line (payload as text when printable, else "
               "base64: see payload_encoding)");
   add_source(dump);
-  dump->add_option("--handler", filter.handlers, "Only jobs of this handler (repeatable)");
+  dump->add_option("--handler", filter.handlers, "Only jobs of this handler (repeatable)")
+      ->type_name("NAME");
   dump->add_option("--state", filter.states, "Only jobs in this state (repeatable)")
       ->check(CLI::IsMember({"pending", "running-at-cut", "delayed", "waiting-retry", "dead"}));
-  dump->add_option("--id", filter.ids, "Only the job with this id (repeatable)");
+  dump->add_option("--id", filter.ids, "Only the job with this id (repeatable)")->type_name("ID");
   add_json(dump);
 
   CLI::App* verify = app.add_subcommand(
@@ -676,15 +681,20 @@ int run(int argc, char** argv) {
       "only");
   restore->add_option("PATH", restore_path, "Snapshot directory (or, with --to-shm, a file)");
   restore->add_option("--generation,-g", restore_gen, "The generation of DIR to restore")
-      ->check(gen_validator);
+      ->check(gen_validator)
+      ->type_name("N");
   restore->add_option("--shm", restore_shm,
-                      "The engine's segment: written too, so that it holds no newer image");
+                      "The engine's segment: written too, so that it holds no newer image")
+      ->type_name("NAME");
   auto* from_shm_opt =
-      restore->add_option("--from-shm", restore_from_shm, "Restore this segment's image into DIR");
+      restore->add_option("--from-shm", restore_from_shm, "Restore this segment's image into DIR")
+          ->type_name("NAME");
   auto* from_file_opt =
-      restore->add_option("--from-file", restore_from_file, "Restore this snapshot file into DIR");
+      restore->add_option("--from-file", restore_from_file, "Restore this snapshot file into DIR")
+          ->type_name("FILE");
   auto* to_shm_opt = restore->add_option("--to-shm", restore_to_shm,
-                                         "Write the chosen snapshot into this segment only");
+                                         "Write the chosen snapshot into this segment only")
+                        ->type_name("NAME");
   from_shm_opt->excludes(from_file_opt)->excludes(to_shm_opt);
   from_file_opt->excludes(to_shm_opt);
   add_json(restore);
@@ -695,13 +705,15 @@ int run(int argc, char** argv) {
   std::optional<std::uint64_t> edit_from;
   auto add_edit = [&](CLI::App* c) {
     c->add_option("DIR", edit_dir, "The engine's snapshot directory")->required();
-    c->add_option("ID", edit_ids, "Job ids")->required();
+    c->add_option("ID", edit_ids, "Job ids")->required()->type_name("ID");
     c->add_option("--shm", edit_shm,
                   "The engine's segment: its image counts as a source and the new generation is "
-                  "written there too");
+                  "written there too")
+        ->type_name("NAME");
     c->add_option("--from", edit_from,
                   "Start from this generation of DIR (default: what the engine would load)")
-        ->check(gen_validator);
+        ->check(gen_validator)
+        ->type_name("N");
     add_json(c);
   };
   CLI::App* requeue = app.add_subcommand(
