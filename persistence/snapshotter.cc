@@ -7,9 +7,9 @@
 // cut_mu_: the periodic thread, snapshot_now() callers (served by the thread)
 // and the final snapshot of stop() never overlap.
 //
-// Recovery (load_newest) takes the candidate with the highest generation that
-// verifies, from either store, and reports every newer candidate it skipped
-// with the reason and byte offset.
+// Recovery (persist::load_newest, recovery.h, shared with jobsnap) takes the
+// candidate with the highest generation that verifies, from either store, and
+// reports every newer candidate it skipped with the reason and byte offset.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -23,6 +23,7 @@
 #include "engine/thread_util.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/file_store.h"
+#include "persistence/recovery.h"
 #include "persistence/shm_store.h"
 
 namespace jobengine::detail {
@@ -32,7 +33,6 @@ using std::chrono::milliseconds;
 using std::chrono::nanoseconds;
 using std::chrono::steady_clock;
 
-constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB
 constexpr std::size_t kInitialShmBytes = std::size_t{1} << 20;
 
 std::int64_t wall_now_ns() {
@@ -55,107 +55,30 @@ class Snapshotter final : public Persistence {
   // ---------------------------------------------------------------- recovery
 
   Result<std::unique_ptr<LoadedSnapshot>> load_newest(RecoveryReport& report) override {
-    struct Candidate {
-      std::string source;
-      std::uint64_t generation;  // from the file name, or UINT64_MAX for shm (decoded later)
-      std::string path;          // empty for shm
-    };
-    std::vector<Candidate> candidates;
-    std::vector<unsigned char> shm_image;
-    if (shm_) {
-      auto image = shm_->read_active();
-      if (image) {
-        shm_image = std::move(*image);
-        candidates.push_back({"shm:" + options_.shm_name, ~std::uint64_t{0}, ""});
-      } else if (image.status().code() != StatusCode::kNotFound) {
-        report.skipped.push_back({"shm:" + options_.shm_name, 0, std::string(image.status().message())});
-      }
-    }
+    std::vector<persist::GenerationFile> files;
     if (disk_) {
-      auto files = disk_->list();
-      if (!files) return files.status();
-      for (const auto& f : *files) {
-        candidates.push_back({f.path, f.generation, f.path});
-      }
+      auto listed = disk_->list();
+      if (!listed) return listed.status();
+      files = std::move(*listed);
     }
-    // The shared-memory image's generation is in its header: decode it first
-    // to place it among the files.
-    std::unique_ptr<LoadedSnapshot> shm_loaded;
-    if (!shm_image.empty()) {
-      shm_loaded = std::make_unique<LoadedSnapshot>();
-      shm_loaded->bytes = std::move(shm_image);
-      snapshot::DecodeError err;
-      auto view = snapshot::decode(shm_loaded->bytes, &err);
-      if (view) {
-        shm_loaded->view = std::move(*view);
-        candidates.front().generation = shm_loaded->view.header.generation;
-      } else {
-        report.skipped.push_back({candidates.front().source, err.offset,
-                                  std::string(view.status().message())});
-        candidates.erase(candidates.begin());
-        shm_loaded.reset();
-      }
+    std::unique_ptr<LoadedSnapshot> loaded;
+    if (shm_) {
+      persist::ShmCandidate shm{"shm:" + options_.shm_name, shm_->read_active()};
+      loaded = persist::load_newest(&shm, files, *fs_for_reads(), report);
+    } else {
+      loaded = persist::load_newest(nullptr, files, *fs_for_reads(), report);
     }
-    // Newest first; on a tie the shared-memory copy (same bytes) wins.
-    std::stable_sort(candidates.begin(), candidates.end(),
-                     [](const Candidate& a, const Candidate& b) { return a.generation > b.generation; });
-    for (const Candidate& c : candidates) {
-      std::unique_ptr<LoadedSnapshot> loaded;
-      if (c.path.empty()) {
-        loaded = std::move(shm_loaded);
-      } else {
-        auto bytes = persist::FileStore::read(c.path, kMaxSnapshotFileBytes, *fs_for_reads());
-        if (!bytes) {
-          report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
-          continue;
-        }
-        loaded = std::make_unique<LoadedSnapshot>();
-        loaded->bytes = std::move(*bytes);
-        snapshot::DecodeError err;
-        auto view = snapshot::decode(loaded->bytes, &err);
-        if (!view) {
-          report.skipped.push_back({c.source, err.offset, std::string(view.status().message())});
-          continue;
-        }
-        loaded->view = std::move(*view);
-        if (loaded->view.header.generation != c.generation) {
-          report.skipped.push_back(
-              {c.source, 16,
-               "file name says generation " + std::to_string(c.generation) + ", header says " +
-                   std::to_string(loaded->view.header.generation)});
-          continue;
-        }
-      }
-      report.recovered = true;
-      report.source = c.source;
-      report.generation = loaded->view.header.generation;
-      report.taken_at = std::chrono::system_clock::time_point(
-          std::chrono::duration_cast<std::chrono::system_clock::duration>(
-              nanoseconds(loaded->view.header.wall_time_ns)));
-      report.why = "newest snapshot that verifies (generation " +
-                   std::to_string(report.generation) + ", " +
-                   std::to_string(loaded->view.jobs.size()) + " jobs)" +
-                   (report.skipped.empty()
-                        ? std::string()
-                        : "; skipped " + std::to_string(report.skipped.size()) + " that did not");
-      log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
-      for (const auto& s : report.skipped) {
-        log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
-                                    std::to_string(s.offset) + "): " + s.reason);
-      }
-      next_generation_ = report.generation + 1;
-      return loaded;
-    }
-    report.recovered = false;
-    report.why = candidates.empty() && report.skipped.empty()
-                     ? "no snapshot found: starting empty"
-                     : "no snapshot verified: starting empty";
+    if (loaded) log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
     for (const auto& s : report.skipped) {
       log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
                                   std::to_string(s.offset) + "): " + s.reason);
     }
-    log(LogLevel::kInfo, "recovery: " + report.why);
-    return std::unique_ptr<LoadedSnapshot>();
+    if (!loaded) {
+      log(LogLevel::kInfo, "recovery: " + report.why);
+      return std::unique_ptr<LoadedSnapshot>();
+    }
+    next_generation_ = report.generation + 1;
+    return loaded;
   }
 
   // ----------------------------------------------------------- the thread
@@ -447,6 +370,101 @@ class Snapshotter final : public Persistence {
 };
 
 }  // namespace
+
+}  // namespace jobengine::detail
+
+namespace jobengine::persist {
+
+std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
+                                                    std::span<const GenerationFile> files,
+                                                    FileSystem& fs, RecoveryReport& report) {
+  using detail::LoadedSnapshot;
+  struct Candidate {
+    std::string source;
+    std::uint64_t generation;  // from the file name, or UINT64_MAX for shm (decoded later)
+    std::string path;          // empty for shm
+  };
+  std::vector<Candidate> candidates;
+  std::vector<unsigned char> shm_image;
+  if (shm != nullptr) {
+    if (shm->image.ok()) {
+      shm_image = std::move(*shm->image);  // moved, not copied: it may be large
+      candidates.push_back({shm->source, ~std::uint64_t{0}, ""});
+    } else if (shm->image.status().code() != StatusCode::kNotFound) {
+      report.skipped.push_back({shm->source, 0, std::string(shm->image.status().message())});
+    }
+  }
+  for (const auto& f : files) candidates.push_back({f.path, f.generation, f.path});
+  // The shared-memory image's generation is in its header: decode it first
+  // to place it among the files.
+  std::unique_ptr<LoadedSnapshot> shm_loaded;
+  if (!shm_image.empty()) {
+    shm_loaded = std::make_unique<LoadedSnapshot>();
+    shm_loaded->bytes = std::move(shm_image);
+    snapshot::DecodeError err;
+    auto view = snapshot::decode(shm_loaded->bytes, &err);
+    if (view) {
+      shm_loaded->view = std::move(*view);
+      candidates.front().generation = shm_loaded->view.header.generation;
+    } else {
+      report.skipped.push_back(
+          {candidates.front().source, err.offset, std::string(view.status().message())});
+      candidates.erase(candidates.begin());
+      shm_loaded.reset();
+    }
+  }
+  // Newest first; on a tie the shared-memory copy (same bytes) wins.
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& a, const Candidate& b) { return a.generation > b.generation; });
+  for (const Candidate& c : candidates) {
+    std::unique_ptr<LoadedSnapshot> loaded;
+    if (c.path.empty()) {
+      loaded = std::move(shm_loaded);
+    } else {
+      auto bytes = FileStore::read(c.path, kMaxSnapshotFileBytes, fs);
+      if (!bytes) {
+        report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
+        continue;
+      }
+      loaded = std::make_unique<LoadedSnapshot>();
+      loaded->bytes = std::move(*bytes);
+      snapshot::DecodeError err;
+      auto view = snapshot::decode(loaded->bytes, &err);
+      if (!view) {
+        report.skipped.push_back({c.source, err.offset, std::string(view.status().message())});
+        continue;
+      }
+      loaded->view = std::move(*view);
+      if (loaded->view.header.generation != c.generation) {
+        report.skipped.push_back(
+            {c.source, 16,
+             "file name says generation " + std::to_string(c.generation) + ", header says " +
+                 std::to_string(loaded->view.header.generation)});
+        continue;
+      }
+    }
+    report.recovered = true;
+    report.source = c.source;
+    report.generation = loaded->view.header.generation;
+    report.taken_at = std::chrono::system_clock::time_point(
+        std::chrono::duration_cast<std::chrono::system_clock::duration>(
+            std::chrono::nanoseconds(loaded->view.header.wall_time_ns)));
+    report.why = "newest snapshot that verifies (generation " + std::to_string(report.generation) +
+                 ", " + std::to_string(loaded->view.jobs.size()) + " jobs)" +
+                 (report.skipped.empty()
+                      ? std::string()
+                      : "; skipped " + std::to_string(report.skipped.size()) + " that did not");
+    return loaded;
+  }
+  report.recovered = false;
+  report.why = candidates.empty() && report.skipped.empty() ? "no snapshot found: starting empty"
+                                                            : "no snapshot verified: starting empty";
+  return nullptr;
+}
+
+}  // namespace jobengine::persist
+
+namespace jobengine::detail {
 
 Result<std::unique_ptr<Persistence>> make_persistence(
     const SnapshotOptions& options, std::function<void(LogLevel, std::string_view)> log) {

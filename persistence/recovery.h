@@ -1,0 +1,41 @@
+// Recovery's choice of snapshot, shared by the engine (Snapshotter::load_newest
+// in snapshotter.cc) and jobsnap (snapshot_tools.cc), so that the tool shows
+// and edits exactly what the next engine start would load.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/persistence_hooks.h"
+#include "jobengine/engine.h"
+#include "jobengine/status.h"
+#include "persistence/file_store.h"
+#include "persistence/file_system.h"
+
+namespace jobengine::persist {
+
+// The shared-memory candidate as its reader got it: the active image, or why
+// there is none (kNotFound: no segment or no image yet, not reported).
+struct ShmCandidate {
+  std::string source;  // "shm:<name>"
+  Result<std::vector<unsigned char>> image;
+};
+
+// Takes the candidate with the highest generation that verifies, from the
+// segment (`shm`, may be null) and the directory's generation files (`files`,
+// as list_generations() gives them), reading files through `fs`. On a tie the
+// shared-memory copy wins. A file whose header generation differs from its
+// name is skipped. The segment's image is moved out of `shm`. Fills report.recovered/source/generation/taken_at/why and
+// report.skipped (every newer candidate that did not verify: source, byte
+// offset, reason). Returns the loaded image, or nullptr when none verified.
+// Logs nothing and modifies nothing.
+std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
+                                                    std::span<const GenerationFile> files,
+                                                    FileSystem& fs, RecoveryReport& report);
+
+// The largest file recovery reads (larger ones are skipped as refused).
+inline constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB
+
+}  // namespace jobengine::persist

@@ -1,0 +1,794 @@
+// Snapshot operations for tools: see jobengine/snapshot_tools.h.
+//
+// Built on the stores (FileStore, ShmStore) and the engine's own recovery
+// choice (persist::load_newest, recovery.h): nothing here re-implements the
+// format, the publish protocol or the loader.
+#include "jobengine/snapshot_tools.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <ctime>
+#include <functional>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "persistence/file_store.h"
+#include "persistence/file_system.h"
+#include "persistence/recovery.h"
+#include "persistence/shm_store.h"
+
+namespace jobengine::snapshot_tools {
+namespace {
+
+using persist::FileInfo;
+using persist::SysResult;
+
+// A write keeps every generation: retention is the engine's business.
+constexpr unsigned kKeepAll = UINT_MAX;
+
+Status fail(Diagnosis* d, Failure failure, Status status) {
+  if (d != nullptr) *d = Diagnosis{failure, false, 0};
+  return status;
+}
+
+Status fail(Diagnosis* d, Failure failure, StatusCode code, std::string message) {
+  return fail(d, failure, Status(code, std::move(message)));
+}
+
+Failure failure_of_decode(snapshot::Problem problem) {
+  switch (problem) {
+    case snapshot::Problem::kTruncated: return Failure::kTruncated;
+    case snapshot::Problem::kUnsupportedVersion: return Failure::kUnsupportedVersion;
+    case snapshot::Problem::kCorrupt:
+    case snapshot::Problem::kNone: break;
+  }
+  return Failure::kCorrupt;
+}
+
+// FileStore::read's codes (file_store.h).
+Failure failure_of_file_read(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kNotFound: return Failure::kNotFound;
+    case StatusCode::kInvalidArgument: return Failure::kRefusedInput;
+    default: return Failure::kIoError;
+  }
+}
+
+// ShmStore::read_existing's and open_or_create's codes (shm_store.h). Both
+// say kFailedPrecondition for a foreign segment and for a held writer lock;
+// the lock's message is the documented "another engine is writing".
+Failure failure_of_shm(const Status& s) {
+  switch (s.code()) {
+    case StatusCode::kNotFound: return Failure::kNotFound;
+    case StatusCode::kInvalidArgument: return Failure::kUsage;
+    case StatusCode::kCorruption: return Failure::kCorrupt;
+    case StatusCode::kFailedPrecondition:
+      return s.message().find("another engine") != std::string_view::npos ? Failure::kLocked
+                                                                           : Failure::kRefusedInput;
+    default: return Failure::kIoError;
+  }
+}
+
+persist::FileSystem& fs() { return *persist::default_file_system(); }
+
+std::string generation_path(const std::string& dir, std::uint64_t generation) {
+  char name[64];
+  std::snprintf(name, sizeof name, "/gen-%020llu.jobsnap",
+                static_cast<unsigned long long>(generation));
+  return dir + name;
+}
+
+const char* kind_text(FileInfo::Kind kind) {
+  switch (kind) {
+    case FileInfo::Kind::kRegular: return "a regular file";
+    case FileInfo::Kind::kDirectory: return "a directory";
+    case FileInfo::Kind::kSymlink: return "a symlink";
+    case FileInfo::Kind::kFifo: return "a FIFO";
+    case FileInfo::Kind::kOther: return "a device or socket";
+  }
+  return "of unknown type";
+}
+
+// An existing snapshot directory of ours: not a symlink, a directory, owned
+// by this uid (FileStore::open's own checks, made first so that its
+// kFailedPrecondition can only mean the lock). Reads nothing inside it.
+Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
+  SysResult<FileInfo> info = fs().lstat(dir);
+  if (!info.ok()) {
+    if (info.error == ENOENT && !must_exist) return Status();
+    if (info.error == ENOENT) {
+      return fail(d, Failure::kNotFound, StatusCode::kNotFound,
+                  "snapshot directory " + dir + " does not exist");
+    }
+    return fail(d, Failure::kIoError, StatusCode::kIoError,
+                "lstat " + dir + ": " + persist::errno_text(info.error));
+  }
+  if (info.value.kind == FileInfo::Kind::kSymlink) {
+    return fail(d, Failure::kRefusedInput, StatusCode::kInvalidArgument,
+                "snapshot directory " + dir + " is a symlink; refusing to follow it");
+  }
+  if (info.value.kind != FileInfo::Kind::kDirectory) {
+    return fail(d, Failure::kRefusedInput, StatusCode::kInvalidArgument,
+                "snapshot directory " + dir + " is not a directory (it is " +
+                    kind_text(info.value.kind) + ")");
+  }
+  const auto euid = static_cast<std::uint32_t>(::geteuid());
+  if (info.value.uid != euid) {
+    return fail(d, Failure::kRefusedInput, StatusCode::kFailedPrecondition,
+                "snapshot directory " + dir + " is owned by uid " +
+                    std::to_string(info.value.uid) + ", not by this process's uid " +
+                    std::to_string(euid));
+  }
+  return Status();
+}
+
+// shm_open() follows no symlink but would block opening a FIFO and open a
+// device: look at the name first. OK when it does not exist (the store says
+// kNotFound itself) or is a regular file (the store checks owner and mode).
+Status check_shm_entry(const std::string& name, Diagnosis* d) {
+  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
+    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                "bad shm segment name '" + name + "' (use [A-Za-z0-9._-], no '/')");
+  }
+  const std::string path = "/dev/shm/" + name;
+  SysResult<FileInfo> info = fs().lstat(path);
+  if (!info.ok()) return Status();
+  if (info.value.kind != FileInfo::Kind::kRegular) {
+    return fail(d, Failure::kRefusedInput, StatusCode::kFailedPrecondition,
+                "shm segment '" + name + "' (" + path + ") is " + kind_text(info.value.kind) +
+                    ", not a segment: refusing to open it");
+  }
+  return Status();
+}
+
+Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Diagnosis* d,
+                                                     bool must_exist) {
+  if (Status s = check_dir(dir, d, must_exist); !s.ok()) return s;
+  auto store = persist::FileStore::open(dir, kKeepAll);
+  if (!store) {
+    const Status& s = store.status();
+    Failure f = Failure::kIoError;
+    if (s.code() == StatusCode::kFailedPrecondition) f = Failure::kLocked;
+    if (s.code() == StatusCode::kInvalidArgument) f = Failure::kRefusedInput;
+    return fail(d, f, s);
+  }
+  return store;
+}
+
+Result<std::unique_ptr<persist::ShmStore>> lock_shm(const std::string& name, Diagnosis* d) {
+  if (Status s = check_shm_entry(name, d); !s.ok()) return s;
+  auto store = persist::ShmStore::open_or_create(name, 0);
+  if (!store) return fail(d, failure_of_shm(store.status()), store.status());
+  return store;
+}
+
+Image from_loaded(std::string source, detail::LoadedSnapshot&& loaded) {
+  Image image;
+  image.source = std::move(source);
+  image.bytes = std::move(loaded.bytes);  // the buffer moves, the views stay valid
+  image.view = std::move(loaded.view);
+  return image;
+}
+
+// Recovery found nothing: kNotFound if there was nothing to find, else the
+// candidates all failed (kCorrupt, naming each).
+Status nothing_loaded(const RecoveryReport& report, const std::string& where, Diagnosis* d) {
+  if (report.skipped.empty()) {
+    return fail(d, Failure::kNotFound, StatusCode::kNotFound, "no snapshot in " + where);
+  }
+  std::string msg = "no snapshot in " + where + " verifies:";
+  for (const auto& s : report.skipped) {
+    msg += "\n  " + s.source + " (offset " + std::to_string(s.offset) + "): " + s.reason;
+  }
+  return fail(d, Failure::kCorrupt, StatusCode::kCorruption, std::move(msg));
+}
+
+void copy_skipped(const RecoveryReport& report, std::vector<Skipped>* skipped) {
+  if (skipped == nullptr) return;
+  for (const auto& s : report.skipped) skipped->push_back({s.source, s.offset, s.reason});
+}
+
+// Re-encodes `view` under `header`, passing each job through `edit` (which
+// may change it, or return false to leave it out).
+std::vector<unsigned char> reencode(const snapshot::SnapshotView& view, snapshot::Header header,
+                                    const std::function<bool(snapshot::JobRecord&)>& edit) {
+  header.format_version = snapshot::kFormatVersion;
+  snapshot::Encoder encoder;
+  encoder.begin(header);
+  for (std::string_view name : view.handlers) encoder.add_handler(name);
+  for (const snapshot::JobRecordView& job : view.jobs) {
+    snapshot::JobRecord record = job;
+    if (edit(record)) encoder.add_job(record);
+  }
+  const std::span<const unsigned char> image = encoder.finish();
+  return std::vector<unsigned char>(image.begin(), image.end());
+}
+
+// Checks that every id is in `view` (kNotFound naming the missing ones).
+Status check_ids_present(const snapshot::SnapshotView& view, std::span<const JobId> ids,
+                         Diagnosis* d) {
+  std::set<JobId> present;
+  for (const auto& j : view.jobs) present.insert(j.id);
+  std::string missing;
+  for (JobId id : ids) {
+    if (present.count(id) != 0) continue;
+    if (!missing.empty()) missing += ", ";
+    missing += std::to_string(id);
+  }
+  if (!missing.empty()) {
+    return fail(d, Failure::kNotFound, StatusCode::kNotFound,
+                "no job with id " + missing + " in generation " +
+                    std::to_string(view.header.generation));
+  }
+  return Status();
+}
+
+std::int64_t wall_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The generation the segment's active image holds, 0 when none or unreadable
+// (recovery skips an unreadable image, so it cannot outrank anything).
+std::uint64_t shm_generation(const Result<std::vector<unsigned char>>& image,
+                             std::uint64_t* next_job_id = nullptr) {
+  if (!image.ok()) return 0;
+  auto view = snapshot::decode(*image);
+  if (!view) return 0;
+  if (next_job_id != nullptr) *next_job_id = std::max(*next_job_id, view->header.next_job_id);
+  return view->header.generation;
+}
+
+// fsync of a directory's entries.
+Status sync_dir(const std::string& dir) {
+  persist::FileSystem& f = fs();
+  SysResult<int> fd = f.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
+  if (!fd.ok()) {
+    return Status(StatusCode::kIoError, "open dir " + dir + ": " + persist::errno_text(fd.error));
+  }
+  const int err = f.fsync(fd.value);
+  (void)f.close(fd.value);
+  if (err != 0) {
+    return Status(StatusCode::kIoError, "fsync dir " + dir + ": " + persist::errno_text(err));
+  }
+  return Status();
+}
+
+// Moves `files` into a new subdirectory dir/aside-<UTC time>[-n]/ (0700),
+// durably. The engine lists only gen-*.jobsnap regular files directly in its
+// directory, so it never sees them there.
+Status move_aside(const std::string& dir, const std::vector<persist::GenerationFile>& files,
+                  WriteReport& report) {
+  if (files.empty()) return Status();
+  persist::FileSystem& f = fs();
+  char stamp[32];
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+  std::string aside;
+  for (int n = 1;; ++n) {
+    aside = dir;
+    aside += "/aside-";
+    aside += stamp;
+    if (n > 1) {
+      aside += '-';
+      aside += std::to_string(n);
+    }
+    const int err = f.mkdir(aside, 0700);
+    if (err == 0) break;
+    if (err != EEXIST || n > 1000) {
+      return Status(StatusCode::kIoError, "mkdir " + aside + ": " + persist::errno_text(err));
+    }
+  }
+  if (int err = f.chmod(aside, 0700); err != 0) {
+    return Status(StatusCode::kIoError, "chmod 0700 " + aside + ": " + persist::errno_text(err));
+  }
+  report.aside_dir = aside;
+  for (const auto& file : files) {
+    const std::size_t slash = file.path.rfind('/');
+    const std::string to = aside + file.path.substr(slash);
+    if (int err = f.rename(file.path, to); err != 0) {
+      return Status(StatusCode::kIoError, "rename " + file.path + " to " + to + ": " +
+                                              persist::errno_text(err));
+    }
+    report.moved.push_back(to);
+  }
+  if (Status s = sync_dir(aside); !s.ok()) return s;
+  return sync_dir(dir);
+}
+
+// requeue_jobs / drop_jobs: lock, take the source, transform, publish above
+// everything, to the directory and then the segment.
+using Transform = std::function<Result<std::vector<unsigned char>>(
+    const snapshot::SnapshotView&, std::uint64_t generation, Diagnosis*)>;
+
+Result<WriteReport> edit(const EditRequest& request, const Transform& transform, Diagnosis* d) {
+  if (request.dir.empty()) {
+    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument, "a snapshot directory is required");
+  }
+  auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
+  if (!dir) return dir.status();
+  std::unique_ptr<persist::ShmStore> shm;
+  if (!request.shm.empty()) {
+    auto s = lock_shm(request.shm, d);
+    if (!s) return s.status();
+    shm = std::move(*s);
+  }
+  auto files = (*dir)->list();
+  if (!files) return fail(d, Failure::kIoError, files.status());
+
+  Result<std::vector<unsigned char>> shm_image =
+      shm ? shm->read_active() : Result<std::vector<unsigned char>>(Status(StatusCode::kNotFound, ""));
+  std::uint64_t above = files->empty() ? 0 : files->front().generation;
+  above = std::max(above, shm_generation(shm_image));
+
+  Image source;
+  if (request.from_generation) {
+    auto loaded = load_generation((*dir)->dir(), *request.from_generation, d);
+    if (!loaded) return loaded.status();
+    source = std::move(*loaded);
+  } else {
+    RecoveryReport report;
+    std::unique_ptr<detail::LoadedSnapshot> loaded;
+    if (shm) {
+      persist::ShmCandidate candidate{"shm:" + request.shm, std::move(shm_image)};
+      loaded = persist::load_newest(&candidate, *files, fs(), report);
+    } else {
+      loaded = persist::load_newest(nullptr, *files, fs(), report);
+    }
+    if (!loaded) return nothing_loaded(report, request.dir, d);
+    source = from_loaded(report.source, std::move(*loaded));
+  }
+  const std::uint64_t generation = std::max(above, source.view.header.generation) + 1;
+  auto image = transform(source.view, generation, d);
+  if (!image) return image.status();
+
+  WriteReport report;
+  report.from_source = source.source;
+  report.from_generation = source.view.header.generation;
+  report.generation = generation;
+  if (Status s = (*dir)->publish(generation, *image); !s.ok()) return fail(d, Failure::kIoError, s);
+  report.path = generation_path((*dir)->dir(), generation);
+  if (shm) {
+    if (Status s = shm->publish(generation, *image); !s.ok()) {
+      return fail(d, Failure::kIoError,
+                  Status(s.code(), std::string(s.message()) + " (generation " +
+                                       std::to_string(generation) + " is in " + report.path +
+                                       ", which the engine loads)"));
+    }
+    report.shm = request.shm;
+  }
+  auto view = snapshot::decode(*image);
+  report.jobs = view ? view->jobs.size() : 0;
+  return report;
+}
+
+}  // namespace
+
+std::string_view failure_name(Failure failure) noexcept {
+  switch (failure) {
+    case Failure::kNone: return "ok";
+    case Failure::kCorrupt: return "corrupt";
+    case Failure::kTruncated: return "truncated";
+    case Failure::kUnsupportedVersion: return "unsupported-version";
+    case Failure::kNotFound: return "not-found";
+    case Failure::kRefusedInput: return "refused-input";
+    case Failure::kLocked: return "locked";
+    case Failure::kRefused: return "refused";
+    case Failure::kIoError: return "io-error";
+    case Failure::kUsage: return "usage";
+  }
+  return "unknown";
+}
+
+// ---------------------------------------------------------------- reading
+
+Result<Image> decode_image(std::string source, std::vector<unsigned char> bytes, Diagnosis* d) {
+  Image image;
+  image.source = std::move(source);
+  image.bytes = std::move(bytes);
+  snapshot::DecodeError err;
+  auto view = snapshot::decode(image.bytes, &err);
+  if (!view) {
+    if (d != nullptr) *d = Diagnosis{failure_of_decode(err.problem), true, err.offset};
+    return view.status();  // "<class> at offset N: what"
+  }
+  image.view = std::move(*view);
+  return image;
+}
+
+Result<Image> load_file(const std::string& path, Diagnosis* d) {
+  auto bytes = persist::FileStore::read(path, kMaxFileBytes, fs());
+  if (!bytes) return fail(d, failure_of_file_read(bytes.status()), bytes.status());
+  return decode_image(path, std::move(*bytes), d);
+}
+
+Result<Image> load_generation(const std::string& dir, std::uint64_t generation, Diagnosis* d) {
+  if (Status s = check_dir(dir, d); !s.ok()) return s;
+  const std::string path = generation_path(dir, generation);
+  auto image = load_file(path, d);
+  if (!image) {
+    if (image.status().code() == StatusCode::kNotFound) {
+      return fail(d, Failure::kNotFound, StatusCode::kNotFound,
+                  "no generation " + std::to_string(generation) + " in " + dir + " (" + path +
+                      " does not exist)");
+    }
+    return image.status();
+  }
+  if (image->view.header.generation != generation) {
+    if (d != nullptr) *d = Diagnosis{Failure::kCorrupt, true, 16};
+    return Status(StatusCode::kCorruption,
+                  path + ": file name says generation " + std::to_string(generation) +
+                      ", header says " + std::to_string(image->view.header.generation));
+  }
+  return image;
+}
+
+Result<Image> load_shm(const std::string& name, Diagnosis* d) {
+  if (Status s = check_shm_entry(name, d); !s.ok()) return s;
+  auto bytes = persist::ShmStore::read_existing(name);
+  if (!bytes) return fail(d, failure_of_shm(bytes.status()), bytes.status());
+  return decode_image("shm:" + name, std::move(*bytes), d);
+}
+
+Result<Image> load_newest(const std::string& dir, const std::string& shm_name, Diagnosis* d,
+                          std::vector<Skipped>* skipped) {
+  std::vector<persist::GenerationFile> files;
+  if (!dir.empty()) {
+    if (Status s = check_dir(dir, d); !s.ok()) return s;
+    auto listed = persist::list_generations(dir, fs());
+    if (!listed) return fail(d, Failure::kIoError, listed.status());
+    files = std::move(*listed);
+  }
+  RecoveryReport report;
+  std::unique_ptr<detail::LoadedSnapshot> loaded;
+  if (!shm_name.empty()) {
+    if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
+    persist::ShmCandidate candidate{"shm:" + shm_name, persist::ShmStore::read_existing(shm_name)};
+    loaded = persist::load_newest(&candidate, files, fs(), report);
+  } else {
+    loaded = persist::load_newest(nullptr, files, fs(), report);
+  }
+  copy_skipped(report, skipped);
+  const std::string where = dir.empty() ? "shm:" + shm_name
+                                        : (shm_name.empty() ? dir : dir + " or shm:" + shm_name);
+  if (!loaded) return nothing_loaded(report, where, d);
+  return from_loaded(report.source, std::move(*loaded));
+}
+
+Result<Image> load(const Source& source, Diagnosis* d) {
+  if (source.path.empty()) {
+    if (source.shm.empty()) {
+      return fail(d, Failure::kUsage, StatusCode::kInvalidArgument, "no snapshot source given");
+    }
+    if (source.generation) {
+      return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                  "--generation applies to a directory, not a segment");
+    }
+    return load_shm(source.shm, d);
+  }
+  SysResult<FileInfo> info = fs().lstat(source.path);
+  const bool is_dir = info.ok() && info.value.kind == FileInfo::Kind::kDirectory;
+  if (is_dir) {
+    if (source.generation) {
+      if (!source.shm.empty()) {
+        return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                    "give --generation or --shm with a directory, not both");
+      }
+      return load_generation(source.path, *source.generation, d);
+    }
+    return load_newest(source.path, source.shm, d);
+  }
+  if (source.generation || !source.shm.empty()) {
+    if (!info.ok() && info.error == ENOENT) {
+      return fail(d, Failure::kNotFound, StatusCode::kNotFound,
+                  "snapshot directory " + source.path + " does not exist");
+    }
+    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                source.path + " is not a directory: --generation and --shm go with a directory");
+  }
+  return load_file(source.path, d);
+}
+
+StateCounts count_states(const snapshot::SnapshotView& view) {
+  StateCounts c;
+  for (const auto& j : view.jobs) {
+    ++c.total;
+    ++c.by_state[static_cast<std::size_t>(j.state)];
+  }
+  return c;
+}
+
+Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::string& shm_name,
+                                         Diagnosis* d) {
+  if (dir.empty() && shm_name.empty()) {
+    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                "give a snapshot directory, a segment, or both");
+  }
+  std::vector<GenerationInfo> out;
+  auto fill = [](GenerationInfo& g, Result<Image> image, const Diagnosis& why) {
+    if (image) {
+      g.valid = true;
+      g.header = image->view.header;
+      g.counts = count_states(image->view);
+      g.bytes = image->bytes.size();
+    } else {
+      g.diagnosis = why;
+      g.reason = std::string(image.status().message());
+    }
+  };
+  if (!shm_name.empty()) {
+    if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
+    auto bytes = persist::ShmStore::read_existing(shm_name);
+    if (!bytes && bytes.status().code() == StatusCode::kNotFound && dir.empty()) {
+      return fail(d, Failure::kNotFound, bytes.status());
+    }
+    GenerationInfo g;
+    g.source = "shm:" + shm_name;
+    g.shm = true;
+    if (bytes) {
+      g.bytes = bytes->size();
+      Diagnosis why;
+      auto image = decode_image(g.source, std::move(*bytes), &why);
+      if (image) g.generation = image->view.header.generation;
+      fill(g, std::move(image), why);
+    } else {
+      g.diagnosis.failure = failure_of_shm(bytes.status());
+      g.reason = std::string(bytes.status().message());
+    }
+    out.push_back(std::move(g));
+  }
+  if (!dir.empty()) {
+    if (Status s = check_dir(dir, d); !s.ok()) return s;
+    auto files = persist::list_generations(dir, fs());
+    if (!files) return fail(d, Failure::kIoError, files.status());
+    for (const auto& f : *files) {
+      GenerationInfo g;
+      g.source = f.path;
+      g.generation = f.generation;
+      g.bytes = f.bytes;
+      Diagnosis why;
+      auto image = load_file(f.path, &why);
+      if (image && image->view.header.generation != f.generation) {
+        why = Diagnosis{Failure::kCorrupt, true, 16};
+        image = Status(StatusCode::kCorruption,
+                       "file name says generation " + std::to_string(f.generation) +
+                           ", header says " + std::to_string(image->view.header.generation));
+      }
+      fill(g, std::move(image), why);
+      out.push_back(std::move(g));
+    }
+  }
+  // Which one the next start takes: ask the engine's loader itself.
+  auto next = load_newest(dir, shm_name);
+  if (next) {
+    for (auto& g : out) g.loaded_next = g.source == next->source;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- analysis
+
+Summary summarize(const snapshot::SnapshotView& view) {
+  Summary s;
+  s.counts = count_states(view);
+  s.by_handler.resize(view.handlers.size());
+  for (std::size_t i = 0; i < view.handlers.size(); ++i) {
+    s.by_handler[i].name = std::string(view.handlers[i]);
+  }
+  for (const auto& j : view.jobs) {
+    ++s.by_handler[j.handler].jobs;
+    if (j.priority < kPriorityLevels) ++s.by_priority[j.priority];
+    if (j.state == snapshot::JobState::kDead) {
+      ++s.by_handler[j.handler].dead;
+      s.dead.push_back(&j);
+    } else if (s.oldest_live == nullptr || j.submit_ns < s.oldest_live->submit_ns) {
+      s.oldest_live = &j;
+    }
+  }
+  return s;
+}
+
+Diff diff(const snapshot::SnapshotView& a, const snapshot::SnapshotView& b) {
+  std::map<JobId, const snapshot::JobRecordView*> in_a, in_b;
+  for (const auto& j : a.jobs) in_a[j.id] = &j;
+  for (const auto& j : b.jobs) in_b[j.id] = &j;
+  Diff out;
+  for (const auto& [id, ja] : in_a) {
+    auto it = in_b.find(id);
+    if (it == in_b.end()) {
+      out.removed.push_back(id);
+      continue;
+    }
+    const snapshot::JobRecordView& x = *ja;
+    const snapshot::JobRecordView& y = *it->second;
+    Diff::Changed c;
+    c.id = id;
+    auto check = [&c](bool same, const char* field) {
+      if (!same) c.fields.emplace_back(field);
+    };
+    check(a.handlers[x.handler] == b.handlers[y.handler], "handler");
+    check(x.priority == y.priority, "priority");
+    check(x.state == y.state, "state");
+    check(x.attempts == y.attempts, "attempts");
+    check(x.recoveries == y.recoveries, "recoveries");
+    check(x.submit_ns == y.submit_ns, "submit_time");
+    check(x.run_at_ns == y.run_at_ns, "run_at");
+    check(x.cancel_requested == y.cancel_requested, "cancel_requested");
+    check(x.dead_reason == y.dead_reason, "dead_reason");
+    check(x.deadline_ns == y.deadline_ns, "deadline_ns");
+    check(x.dead_at_ns == y.dead_at_ns, "dead_at");
+    check(x.payload == y.payload, "payload");
+    check(x.error == y.error, "error");
+    check(x.key == y.key, "key");
+    if (!c.fields.empty()) out.changed.push_back(std::move(c));
+  }
+  for (const auto& [id, jb] : in_b) {
+    if (in_a.count(id) == 0) out.added.push_back(id);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------- transformations
+
+Result<std::vector<unsigned char>> requeue(const snapshot::SnapshotView& view,
+                                           std::span<const JobId> ids, std::uint64_t generation,
+                                           std::int64_t now_ns, Diagnosis* d) {
+  if (Status s = check_ids_present(view, ids, d); !s.ok()) return s;
+  const std::set<JobId> wanted(ids.begin(), ids.end());
+  std::string live;
+  for (const auto& j : view.jobs) {
+    if (wanted.count(j.id) != 0 && j.state != snapshot::JobState::kDead) {
+      if (!live.empty()) live += ", ";
+      live += std::to_string(j.id);
+      live += " (";
+      live += snapshot::job_state_name(j.state);
+      live += ')';
+    }
+  }
+  if (!live.empty()) {
+    return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
+                "only dead jobs can be requeued; not dead: " + live);
+  }
+  snapshot::Header header = view.header;
+  header.generation = generation;
+  return reencode(view, header, [&](snapshot::JobRecord& r) {
+    if (wanted.count(r.id) != 0) {
+      r.state = snapshot::JobState::kPending;
+      r.dead_reason = snapshot::DeadReason::kNone;
+      r.dead_at_ns = 0;
+      r.attempts = 0;
+      r.recoveries = 0;
+      r.cancel_requested = false;
+      r.run_at_ns = now_ns;
+    }
+    return true;
+  });
+}
+
+Result<std::vector<unsigned char>> drop(const snapshot::SnapshotView& view,
+                                        std::span<const JobId> ids, std::uint64_t generation,
+                                        Diagnosis* d) {
+  if (Status s = check_ids_present(view, ids, d); !s.ok()) return s;
+  const std::set<JobId> wanted(ids.begin(), ids.end());
+  snapshot::Header header = view.header;
+  header.generation = generation;
+  return reencode(view, header, [&](snapshot::JobRecord& r) { return wanted.count(r.id) == 0; });
+}
+
+std::vector<unsigned char> renumber(const snapshot::SnapshotView& view, std::uint64_t generation,
+                                    std::uint64_t next_job_id) {
+  snapshot::Header header = view.header;
+  header.generation = generation;
+  header.next_job_id = next_job_id;
+  return reencode(view, header, [](snapshot::JobRecord&) { return true; });
+}
+
+// ------------------------------------------------------------------ writing
+
+Result<WriteReport> requeue_jobs(const EditRequest& request, std::span<const JobId> ids,
+                                 Diagnosis* d) {
+  const std::int64_t now = wall_now_ns();
+  return edit(
+      request,
+      [&](const snapshot::SnapshotView& view, std::uint64_t generation, Diagnosis* dd) {
+        return requeue(view, ids, generation, now, dd);
+      },
+      d);
+}
+
+Result<WriteReport> drop_jobs(const EditRequest& request, std::span<const JobId> ids,
+                              Diagnosis* d) {
+  return edit(
+      request,
+      [&](const snapshot::SnapshotView& view, std::uint64_t generation, Diagnosis* dd) {
+        return drop(view, ids, generation, dd);
+      },
+      d);
+}
+
+Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
+  if (request.target_dir.empty() && request.target_shm.empty()) {
+    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
+                "restore needs a target: a directory, a segment, or both");
+  }
+  // Both locks before anything is read, so no engine starts in between.
+  std::unique_ptr<persist::FileStore> dir;
+  if (!request.target_dir.empty()) {
+    auto locked = lock_dir(request.target_dir, d, /*must_exist=*/false);
+    if (!locked) return locked.status();
+    dir = std::move(*locked);
+  }
+  std::unique_ptr<persist::ShmStore> shm;
+  if (!request.target_shm.empty()) {
+    auto locked = lock_shm(request.target_shm, d);
+    if (!locked) return locked.status();
+    shm = std::move(*locked);
+  }
+  auto source = load(request.source, d);
+  if (!source) return source.status();
+  const std::uint64_t from = source->view.header.generation;
+
+  // Above everything either store holds; ids above every id any of them used.
+  std::uint64_t above = from;
+  std::uint64_t next_id = source->view.header.next_job_id;
+  std::vector<persist::GenerationFile> newer;
+  if (dir) {
+    auto files = dir->list();
+    if (!files) return fail(d, Failure::kIoError, files.status());
+    for (const auto& f : *files) {
+      above = std::max(above, f.generation);
+      if (f.generation > from) newer.push_back(f);
+      auto other = load_file(f.path);
+      if (other) next_id = std::max(next_id, other->view.header.next_job_id);
+    }
+  }
+  if (!dir && !request.source.path.empty()) {
+    // Into the segment only, from a directory the engine presumably also
+    // uses: above that directory's generations too, or they would win.
+    SysResult<FileInfo> info = fs().lstat(request.source.path);
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
+      auto files = persist::list_generations(request.source.path, fs());
+      if (files && !files->empty()) above = std::max(above, files->front().generation);
+    }
+  }
+  if (shm) above = std::max(above, shm_generation(shm->read_active(), &next_id));
+  const std::uint64_t generation = above + 1;
+  const std::vector<unsigned char> image = renumber(source->view, generation, next_id);
+
+  WriteReport report;
+  report.from_source = source->source;
+  report.from_generation = from;
+  report.generation = generation;
+  report.jobs = source->view.jobs.size();
+  if (dir) {
+    // Publish first: from here on the next start loads the restored image,
+    // whatever happens to the moves below.
+    if (Status s = dir->publish(generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    report.path = generation_path(dir->dir(), generation);
+    if (Status s = move_aside(dir->dir(), newer, report); !s.ok()) {
+      return fail(d, Failure::kIoError,
+                  Status(s.code(), std::string(s.message()) + " (generation " +
+                                       std::to_string(generation) + " is published in " +
+                                       report.path + "; moved so far: " +
+                                       std::to_string(report.moved.size()) + ")"));
+    }
+  }
+  if (shm) {
+    if (Status s = shm->publish(generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    report.shm = request.target_shm;
+  }
+  return report;
+}
+
+}  // namespace jobengine::snapshot_tools

@@ -1,0 +1,1263 @@
+// jobsnap, run as the operator runs it: the built binary in a child process,
+// its stdout, stderr and exit status checked, on golden images of every format
+// version, images made with the Encoder, images written by a real Engine, and
+// damaged and hostile inputs (bit flips, truncation, a newer version, huge
+// lengths, symlinks, FIFOs, devices, directories, over-size files, foreign
+// shared-memory segments). The rollback is checked end to end: restore, then
+// an Engine start loads exactly the chosen generation.
+//
+// A child that hangs (e.g. blocked opening a FIFO) is killed by SIGALRM after
+// kChildSeconds and the test fails saying so; no timing decides a pass.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "jobengine/engine.h"
+#include "jobengine/snapshot_format.h"
+#include "jobengine/snapshot_tools.h"
+#include "persistence/shm_store.h"
+
+namespace jobengine {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using std::chrono::milliseconds;
+using snapshot::DeadReason;
+using snapshot::JobRecord;
+using snapshot::JobState;
+
+constexpr unsigned kChildSeconds = 60;
+const std::string kGolden = JOBENGINE_GOLDEN_DIR;
+
+// Exit codes, as tools/jobsnap.md documents them.
+constexpr int kOk = 0, kDiffers = 1, kCorrupt = 2, kTruncated = 3, kUnsupported = 4,
+              kNotFound = 5, kRefusedInput = 6, kLocked = 7, kRefused = 8, kUsage = 64;
+
+template <typename R>
+::testing::AssertionResult IsOk(const R& r) {
+  if (r.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << r.status().to_string();
+}
+
+// ---- running jobsnap ---------------------------------------------------------
+
+struct RunResult {
+  int code = -1;
+  std::string out;
+  std::string err;
+  std::string args;
+};
+
+std::ostream& operator<<(std::ostream& os, const RunResult& r) {
+  return os << "jobsnap" << r.args << "\n  exit " << r.code << "\n  stdout:\n"
+            << r.out << "\n  stderr:\n"
+            << r.err;
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Runs the jobsnap binary with `args`; exit code 128 + N if killed by signal N.
+RunResult Jobsnap(const std::vector<std::string>& args) {
+  RunResult r;
+  for (const auto& a : args) r.args += " " + a;
+  char out_tmpl[] = "/tmp/jobsnap-test-out-XXXXXX";
+  char err_tmpl[] = "/tmp/jobsnap-test-err-XXXXXX";
+  const int out_fd = ::mkstemp(out_tmpl);
+  const int err_fd = ::mkstemp(err_tmpl);
+  if (out_fd < 0 || err_fd < 0) {
+    r.err = "mkstemp failed";
+    return r;
+  }
+  std::vector<std::string> argv_s = {JOBSNAP_PATH};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const int in = ::open("/dev/null", O_RDONLY);
+    if (in < 0 || ::dup2(in, 0) < 0 || ::dup2(out_fd, 1) < 0 || ::dup2(err_fd, 2) < 0) ::_exit(125);
+    ::alarm(kChildSeconds);  // survives exec: a hang ends as SIGALRM
+    ::execv(argv[0], argv.data());
+    ::_exit(126);
+  }
+  int status = 0;
+  if (pid > 0) ::waitpid(pid, &status, 0);
+  ::close(out_fd);
+  ::close(err_fd);
+  r.out = Slurp(out_tmpl);
+  r.err = Slurp(err_tmpl);
+  ::unlink(out_tmpl);
+  ::unlink(err_tmpl);
+  if (pid < 0) return r;
+  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.code = 128 + WTERMSIG(status);
+  return r;
+}
+
+bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+json ParseJson(const RunResult& r) {
+  json j = json::parse(r.out, nullptr, /*allow_exceptions=*/false);
+  EXPECT_FALSE(j.is_discarded()) << r;
+  return j;
+}
+
+std::vector<json> ParseJsonLines(const RunResult& r) {
+  std::vector<json> out;
+  std::istringstream in(r.out);
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << "not JSON: " << line;
+    out.push_back(j);
+  }
+  return out;
+}
+
+// ---- files and images ----------------------------------------------------------
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "jobsnap-test-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()) == nullptr) std::abort();
+    path_ = tmpl;
+    snap_ = path_ + "/snap";
+    ::mkdir(snap_.c_str(), 0700);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+  const std::string& snap() const { return snap_; }  // an empty snapshot directory
+
+ private:
+  std::string path_;
+  std::string snap_;
+};
+
+std::string UniqueShmName() {
+  static std::atomic<int> n{0};
+  return "jobsnap-test-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
+}
+
+struct ShmCleanup {
+  std::string name = UniqueShmName();
+  ~ShmCleanup() { (void)::unlink(("/dev/shm/" + name).c_str()); }
+};
+
+std::vector<unsigned char> ReadBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<unsigned char>((std::istreambuf_iterator<char>(in)),
+                                    std::istreambuf_iterator<char>());
+}
+
+void WriteBytes(const std::string& path, const std::vector<unsigned char>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  ::chmod(path.c_str(), 0600);
+}
+
+std::string GenPath(const std::string& dir, std::uint64_t generation) {
+  char name[64];
+  std::snprintf(name, sizeof name, "/gen-%020llu.jobsnap",
+                static_cast<unsigned long long>(generation));
+  return dir + name;
+}
+
+JobRecord Job(JobId id, JobState state = JobState::kPending, std::uint32_t handler = 0,
+              std::string_view payload = "payload") {
+  JobRecord r;
+  r.id = id;
+  r.handler = handler;
+  r.priority = 1;
+  r.state = state;
+  r.submit_ns = 1'790'000'000'000'000'000 + static_cast<std::int64_t>(id) * 1000;
+  r.run_at_ns = r.submit_ns;
+  r.payload = payload;
+  return r;
+}
+
+JobRecord DeadJob(JobId id, DeadReason reason, std::string_view error, std::uint32_t handler = 0) {
+  JobRecord r = Job(id, JobState::kDead, handler);
+  r.dead_reason = reason;
+  r.error = error;
+  r.attempts = 3;
+  r.recoveries = reason == DeadReason::kPoison ? 4 : 0;
+  r.dead_at_ns = r.submit_ns + 5000;
+  return r;
+}
+
+// An image of `jobs` under handlers "work" (0) and "email" (1).
+std::vector<unsigned char> MakeImage(std::uint64_t generation, const std::vector<JobRecord>& jobs,
+                                     std::uint64_t next_job_id = 1000) {
+  snapshot::Encoder e;
+  snapshot::Header h;
+  h.generation = generation;
+  h.cut_epoch = generation * 2;
+  h.wall_time_ns = 1'790'000'000'000'000'000 + static_cast<std::int64_t>(generation);
+  h.next_job_id = next_job_id;
+  e.begin(h);
+  e.add_handler("work");
+  e.add_handler("email");
+  for (const auto& j : jobs) e.add_job(j);
+  auto image = e.finish();
+  return std::vector<unsigned char>(image.begin(), image.end());
+}
+
+void PutGeneration(const std::string& dir, std::uint64_t generation,
+                   const std::vector<JobRecord>& jobs) {
+  WriteBytes(GenPath(dir, generation), MakeImage(generation, jobs));
+}
+
+std::set<JobId> IdsOf(const std::vector<unsigned char>& bytes) {
+  std::set<JobId> ids;
+  auto view = snapshot::decode(bytes);
+  EXPECT_TRUE(IsOk(view));
+  if (view) {
+    for (const auto& j : view->jobs) ids.insert(j.id);
+  }
+  return ids;
+}
+
+// Everything an operator could see change in a directory: names, sizes,
+// modes, modification times, contents.
+std::map<std::string, std::string> Fingerprint(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  struct stat st{};
+  ::lstat(dir.c_str(), &st);
+  out["."] = std::to_string(st.st_mode) + "/" + std::to_string(st.st_mtim.tv_nsec);
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    ::lstat(e.path().c_str(), &st);
+    std::string v = std::to_string(st.st_mode) + "/" + std::to_string(st.st_size) + "/" +
+                    std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec);
+    if (S_ISREG(st.st_mode)) v += "/" + Slurp(e.path().string());
+    out[e.path().string()] = v;
+  }
+  return out;
+}
+
+void FlipByte(const std::string& path, std::uint64_t offset) {
+  auto bytes = ReadBytes(path);
+  ASSERT_LT(offset, bytes.size());
+  bytes[offset] ^= 0x5a;
+  WriteBytes(path, bytes);
+}
+
+void Put64(std::vector<unsigned char>& b, std::size_t at, std::uint64_t v) {
+  for (int i = 0; i < 8; ++i) b[at + i] = static_cast<unsigned char>(v >> (8 * i));
+}
+void Put32(std::vector<unsigned char>& b, std::size_t at, std::uint32_t v) {
+  for (int i = 0; i < 4; ++i) b[at + i] = static_cast<unsigned char>(v >> (8 * i));
+}
+// Makes the header checksum right again after a header field was changed, so
+// the decoder gets to check what the field says.
+void FixHeaderChecksum(std::vector<unsigned char>& b) { Put64(b, 88, snapshot::checksum(b.data(), 88)); }
+
+// ---- a real engine -------------------------------------------------------------
+
+EngineOptions DiskOptions(const std::string& dir) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 4096;
+  o.spin_iterations = 64;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir;
+  o.snapshot.shm_interval = milliseconds(0);
+  o.snapshot.disk_interval = milliseconds(0);  // only on demand
+  o.snapshot.exit_deadline = milliseconds(50);
+  o.snapshot.keep_generations = 10;
+  return o;
+}
+
+class Gate {
+ public:
+  void open() {
+    std::lock_guard<std::mutex> l(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  void wait() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait_for(l, std::chrono::seconds(30), [&] { return open_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+// ---- golden images ---------------------------------------------------------------
+
+TEST(JobsnapGoldenTest, VerifyAcceptsTheGoldenImageOfEveryVersion) {
+  for (const char* name : {"v1-small", "v1-mixed", "v2-small", "v2-mixed"}) {
+    auto r = Jobsnap({"verify", kGolden + "/" + name + ".jobsnap"});
+    EXPECT_EQ(r.code, kOk) << r;
+    EXPECT_TRUE(Contains(r.out, "ok ")) << r;
+    EXPECT_TRUE(Contains(r.out, "sound")) << r;
+  }
+}
+
+TEST(JobsnapGoldenTest, InspectShowsHeaderCountsAndDeadJobsWithReasons) {
+  auto r = Jobsnap({"inspect", kGolden + "/v2-mixed.jobsnap"});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "generation      42")) << r;
+  EXPECT_TRUE(Contains(r.out, "dead / quarantined jobs (7)")) << r;
+  EXPECT_TRUE(Contains(r.out, "reason poison")) << r;
+  EXPECT_TRUE(Contains(r.out, "reason no-handler")) << r;
+  EXPECT_TRUE(Contains(r.out, "oldest live job")) << r;
+
+  auto j = ParseJson(Jobsnap({"inspect", "--json", kGolden + "/v2-mixed.jobsnap"}));
+  auto bytes = ReadBytes(kGolden + "/v2-mixed.jobsnap");
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  const auto summary = snapshot_tools::summarize(*view);
+  EXPECT_EQ(j["header"]["generation"], 42);
+  EXPECT_EQ(j["jobs"]["total"], view->jobs.size());
+  EXPECT_EQ(j["jobs"]["dead"], summary.dead.size());
+  ASSERT_EQ(j["dead_jobs"].size(), summary.dead.size());
+  for (std::size_t i = 0; i < summary.dead.size(); ++i) {
+    EXPECT_EQ(j["dead_jobs"][i]["id"], summary.dead[i]->id);
+    EXPECT_EQ(j["dead_jobs"][i]["recoveries"], summary.dead[i]->recoveries);
+    EXPECT_EQ(j["dead_jobs"][i]["dead_reason"],
+              std::string(snapshot::dead_reason_name(summary.dead[i]->dead_reason)));
+  }
+  std::uint64_t by_priority = 0;
+  for (const auto& n : j["by_priority"]) by_priority += n.get<std::uint64_t>();
+  EXPECT_EQ(by_priority, view->jobs.size());
+  EXPECT_EQ(j["by_handler"].size(), view->handlers.size());
+}
+
+TEST(JobsnapGoldenTest, InspectReadsVersionOneAsVersionTwo) {
+  auto j = ParseJson(Jobsnap({"inspect", "--json", kGolden + "/v1-mixed.jobsnap"}));
+  EXPECT_EQ(j["header"]["format_version"], 1);
+  for (const auto& d : j["dead_jobs"]) EXPECT_EQ(d["dead_reason"], "failed");
+}
+
+TEST(JobsnapGoldenTest, DumpIsOneJsonObjectPerJobWithTextPayload) {
+  auto r = Jobsnap({"dump", kGolden + "/v2-small.jobsnap"});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto lines = ParseJsonLines(r);
+  ASSERT_EQ(lines.size(), 1u) << r;
+  const json& j = lines[0];
+  EXPECT_EQ(j["id"], 7);
+  EXPECT_EQ(j["handler"], "email");
+  EXPECT_EQ(j["priority"], 1);
+  EXPECT_EQ(j["state"], "pending");
+  EXPECT_EQ(j["payload"], "hi");
+  EXPECT_EQ(j["payload_encoding"], "text");
+  EXPECT_EQ(j["dead_reason"], "none");
+  EXPECT_EQ(j["submit_time"], "2026-09-21T14:13:19.000000000Z");
+  EXPECT_EQ(j["submit_ns"], 1789999999000000000LL);
+  for (const char* field : {"attempts", "recoveries", "run_at", "error", "key", "deadline_ns",
+                            "cancel_requested"}) {
+    EXPECT_TRUE(j.contains(field)) << field;
+  }
+}
+
+TEST(JobsnapGoldenTest, DumpFiltersByHandlerStateAndId) {
+  const std::string file = kGolden + "/v2-mixed.jobsnap";
+  auto bytes = ReadBytes(file);
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  std::size_t dead = 0, dead_ledger = 0;
+  for (const auto& j : view->jobs) {
+    if (j.state != JobState::kDead) continue;
+    ++dead;
+    dead_ledger += view->handlers[j.handler] == "ledger.post";
+  }
+  auto all = ParseJsonLines(Jobsnap({"dump", file}));
+  EXPECT_EQ(all.size(), view->jobs.size());
+  auto d = ParseJsonLines(Jobsnap({"dump", file, "--state", "dead"}));
+  EXPECT_EQ(d.size(), dead);
+  for (const auto& j : d) EXPECT_EQ(j["state"], "dead");
+  auto dl = ParseJsonLines(Jobsnap({"dump", file, "--state", "dead", "--handler", "ledger.post"}));
+  EXPECT_EQ(dl.size(), dead_ledger);
+  const JobId first = view->jobs.front().id, last = view->jobs.back().id;
+  auto ids = ParseJsonLines(Jobsnap({"dump", file, "--id", std::to_string(first), "--id",
+                                     std::to_string(last), "--json"}));
+  ASSERT_EQ(ids.size(), 2u);
+  EXPECT_EQ(ids[0]["id"], first);
+  EXPECT_EQ(ids[1]["id"], last);
+}
+
+TEST(JobsnapTest, DumpShowsABinaryPayloadAsBase64) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/bin.jobsnap";
+  const std::string payload("\x00\xff\x01", 3);
+  WriteBytes(file, MakeImage(1, {Job(1, JobState::kPending, 0, payload), Job(2, JobState::kPending, 0, "caf\xc3\xa9")}));
+  auto lines = ParseJsonLines(Jobsnap({"dump", file}));
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[0]["payload"], "AP8B");
+  EXPECT_EQ(lines[0]["payload_encoding"], "base64");
+  EXPECT_EQ(lines[1]["payload"], "caf\xc3\xa9");
+  EXPECT_EQ(lines[1]["payload_encoding"], "text");
+}
+
+// ---- damaged images ----------------------------------------------------------------
+
+TEST(JobsnapDamageTest, BitFlipInARecordIsCorruptAtThatRecordsOffset) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/flipped.jobsnap";
+  WriteBytes(file, ReadBytes(kGolden + "/v2-small.jobsnap"));
+  FlipByte(file, 96 + 7 + 68);  // the 'h' of the payload "hi" (FORMAT.md, worked example)
+  auto r = Jobsnap({"verify", file});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "corrupt at offset 103")) << r;  // the record's start
+  EXPECT_TRUE(Contains(r.out, "checksum mismatch")) << r;
+  auto j = ParseJson(Jobsnap({"verify", "--json", file}));
+  EXPECT_EQ(j["sound"], false);
+  EXPECT_EQ(j["exit_code"], kCorrupt);
+  EXPECT_EQ(j["images"][0]["offset"], 103);
+  EXPECT_EQ(j["images"][0]["failure"], "corrupt");
+  // The other read commands refuse it with the same class.
+  EXPECT_EQ(Jobsnap({"inspect", file}).code, kCorrupt);
+  auto dump = Jobsnap({"dump", file});
+  EXPECT_EQ(dump.code, kCorrupt) << dump;
+  EXPECT_TRUE(dump.out.empty()) << dump;
+  EXPECT_TRUE(Contains(dump.err, "offset 103")) << dump;
+}
+
+TEST(JobsnapDamageTest, HeaderBitFlipIsCorruptAtTheHeaderChecksum) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/flipped.jobsnap";
+  WriteBytes(file, ReadBytes(kGolden + "/v2-mixed.jobsnap"));
+  FlipByte(file, 20);  // inside the generation field
+  auto r = Jobsnap({"verify", file});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "offset 88")) << r;
+}
+
+TEST(JobsnapDamageTest, TruncatedImageIsTruncated) {
+  TempDir tmp;
+  auto bytes = ReadBytes(kGolden + "/v2-mixed.jobsnap");
+  const std::string half = tmp.path() + "/half.jobsnap";
+  WriteBytes(half, std::vector<unsigned char>(bytes.begin(), bytes.begin() + bytes.size() / 2));
+  auto r = Jobsnap({"verify", half});
+  EXPECT_EQ(r.code, kTruncated) << r;
+  EXPECT_TRUE(Contains(r.out, "truncated")) << r;
+  const std::string tiny = tmp.path() + "/tiny.jobsnap";
+  WriteBytes(tiny, std::vector<unsigned char>(bytes.begin(), bytes.begin() + 50));
+  r = Jobsnap({"verify", tiny});
+  EXPECT_EQ(r.code, kTruncated) << r;
+  EXPECT_TRUE(Contains(r.out, "offset 50")) << r;
+  const std::string empty = tmp.path() + "/empty.jobsnap";
+  WriteBytes(empty, {});
+  EXPECT_EQ(Jobsnap({"verify", empty}).code, kTruncated);
+  EXPECT_EQ(Jobsnap({"inspect", half}).code, kTruncated);
+}
+
+TEST(JobsnapDamageTest, NewerFormatVersionIsUnsupportedVersion) {
+  TempDir tmp;
+  auto bytes = ReadBytes(kGolden + "/v2-small.jobsnap");
+  bytes[8] = 3;
+  const std::string file = tmp.path() + "/v3.jobsnap";
+  WriteBytes(file, bytes);
+  auto r = Jobsnap({"verify", file});
+  EXPECT_EQ(r.code, kUnsupported) << r;
+  EXPECT_TRUE(Contains(r.out, "unsupported format version 3")) << r;
+  EXPECT_TRUE(Contains(r.out, "offset 8")) << r;
+  EXPECT_EQ(Jobsnap({"dump", file}).code, kUnsupported);
+}
+
+TEST(JobsnapDamageTest, HugeCountsAndLengthsAreRefusedAtOnce) {
+  TempDir tmp;
+  const auto good = MakeImage(1, {Job(1), Job(2)});
+  struct Case {
+    const char* name;
+    std::size_t at;
+    std::uint64_t value;
+    int width;
+    bool fix_header;
+    int code;
+  } cases[] = {
+      {"job_count", 56, ~std::uint64_t{0}, 8, true, kCorrupt},
+      {"body_bytes", 64, ~std::uint64_t{0} - 200, 8, true, kTruncated},
+      {"body_bytes_big", 64, std::uint64_t{1} << 40, 8, true, kTruncated},
+      {"handler_count", 48, 0xffffffff, 4, true, kCorrupt},
+      {"record_len", 96 + 6 + 7, 0xfffffff0, 4, false, kCorrupt},  // first record: after "work", "email"
+      {"payload_len", 96 + 6 + 7 + 56, 0x7fffffff, 4, false, kCorrupt},
+  };
+  for (const Case& c : cases) {
+    auto bytes = good;
+    if (c.width == 8) {
+      Put64(bytes, c.at, c.value);
+    } else {
+      Put32(bytes, c.at, static_cast<std::uint32_t>(c.value));
+    }
+    if (c.fix_header) FixHeaderChecksum(bytes);
+    const std::string file = tmp.path() + "/" + c.name + ".jobsnap";
+    WriteBytes(file, bytes);
+    auto r = Jobsnap({"verify", file});
+    EXPECT_EQ(r.code, c.code) << c.name << "\n" << r;
+    EXPECT_TRUE(Contains(r.out, "offset")) << r;
+  }
+}
+
+TEST(JobsnapDamageTest, NotASnapshotIsCorruptAtOffsetZero) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/notes.txt";
+  WriteBytes(file, std::vector<unsigned char>(300, 'x'));
+  auto r = Jobsnap({"verify", file});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "offset 0")) << r;
+  EXPECT_TRUE(Contains(r.out, "bad magic")) << r;
+}
+
+// ---- hostile inputs ----------------------------------------------------------------
+
+TEST(JobsnapHostileTest, SymlinkIsRefusedWithoutBeingFollowed) {
+  TempDir tmp;
+  const std::string link = tmp.path() + "/link.jobsnap";
+  ASSERT_EQ(::symlink((kGolden + "/v2-small.jobsnap").c_str(), link.c_str()), 0);
+  for (const char* cmd : {"verify", "inspect", "dump"}) {
+    auto r = Jobsnap({cmd, link});
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "symlink")) << r;
+  }
+  // A symlinked directory, too.
+  const std::string dir_link = tmp.path() + "/snap-link";
+  ASSERT_EQ(::symlink(tmp.snap().c_str(), dir_link.c_str()), 0);
+  auto r = Jobsnap({"list", dir_link});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "symlink")) << r;
+}
+
+TEST(JobsnapHostileTest, FifoIsRefusedWithoutBlocking) {
+  TempDir tmp;
+  const std::string fifo = tmp.path() + "/fifo.jobsnap";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const char* cmd : {"verify", "inspect", "dump"}) {
+    auto r = Jobsnap({cmd, fifo});
+    EXPECT_EQ(r.code, kRefusedInput) << r;  // 128 + SIGALRM if it blocked
+    EXPECT_TRUE(Contains(r.err, "FIFO")) << r;
+  }
+  // A FIFO named like a generation is not a generation (as for the engine).
+  ASSERT_EQ(::mkfifo(GenPath(tmp.snap(), 9).c_str(), 0600), 0);
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  auto r = Jobsnap({"list", "--json", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r).size(), 1u) << r;
+  auto g = Jobsnap({"inspect", tmp.snap(), "--generation", "9"});
+  EXPECT_EQ(g.code, kRefusedInput) << g;
+}
+
+TEST(JobsnapHostileTest, DeviceIsRefused) {
+  auto r = Jobsnap({"verify", "/dev/null"});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "not a regular file")) << r;
+  r = Jobsnap({"dump", "/dev/zero"});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+}
+
+TEST(JobsnapHostileTest, DirectoryWhereAFileIsExpectedIsRefused) {
+  TempDir tmp;
+  ASSERT_EQ(::mkdir(GenPath(tmp.snap(), 4).c_str(), 0700), 0);
+  auto r = Jobsnap({"inspect", tmp.snap(), "--generation", "4"});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "directory")) << r;
+  // A regular file where a directory is expected.
+  const std::string file = tmp.path() + "/file";
+  WriteBytes(file, ReadBytes(kGolden + "/v2-small.jobsnap"));
+  r = Jobsnap({"list", file});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  r = Jobsnap({"requeue", file, "7"});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+}
+
+TEST(JobsnapHostileTest, OverSizeFileIsRefusedBySizeWithoutReadingIt) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/huge.jobsnap";
+  const int fd = ::open(file.c_str(), O_CREAT | O_WRONLY, 0600);
+  ASSERT_GE(fd, 0);
+  const off_t size = static_cast<off_t>(snapshot_tools::kMaxFileBytes + 1);
+  const bool sparse = ::ftruncate(fd, size) == 0;
+  ::close(fd);
+  if (!sparse) GTEST_SKIP() << "this file system cannot hold a sparse 256 GiB file";
+  auto r = Jobsnap({"verify", file});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, std::to_string(snapshot_tools::kMaxFileBytes + 1))) << r;
+}
+
+TEST(JobsnapHostileTest, MissingInputsAreNotFound) {
+  TempDir tmp;
+  EXPECT_EQ(Jobsnap({"verify", tmp.path() + "/nope.jobsnap"}).code, kNotFound);
+  EXPECT_EQ(Jobsnap({"list", tmp.path() + "/nope"}).code, kNotFound);
+  EXPECT_EQ(Jobsnap({"inspect", tmp.snap(), "-g", "3"}).code, kNotFound);
+  EXPECT_EQ(Jobsnap({"verify", tmp.snap()}).code, kNotFound);  // no generations
+  EXPECT_EQ(Jobsnap({"inspect", "--shm", UniqueShmName()}).code, kNotFound);
+}
+
+TEST(JobsnapHostileTest, SegmentWithAWrongModeOrAnotherOwnerIsRefused) {
+  ShmCleanup shm;
+  const std::string path = "/dev/shm/" + shm.name;
+  WriteBytes(path, std::vector<unsigned char>(8192, 0));
+  ASSERT_EQ(::chmod(path.c_str(), 0644), 0);
+  auto r = Jobsnap({"inspect", "--shm", shm.name});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "mode")) << r;
+  if (::geteuid() == 0) {
+    ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+    ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0);
+    r = Jobsnap({"verify", "--shm", shm.name});
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "owned by uid 65534")) << r;
+    r = Jobsnap({"list", "--shm", shm.name});
+    EXPECT_EQ(r.code, kOk) << r;  // listed, with why it is not valid
+    EXPECT_TRUE(Contains(r.out, "refused-input")) << r;
+  }
+}
+
+TEST(JobsnapHostileTest, FifoInPlaceOfASegmentIsRefusedWithoutBlocking) {
+  ShmCleanup shm;
+  ASSERT_EQ(::mkfifo(("/dev/shm/" + shm.name).c_str(), 0600), 0);
+  auto r = Jobsnap({"inspect", "--shm", shm.name});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "FIFO")) << r;
+}
+
+TEST(JobsnapHostileTest, ReadCommandsChangeNothingAndTakeNoLock) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), DeadJob(2, DeadReason::kFailed, "boom")});
+  PutGeneration(tmp.snap(), 2, {Job(1)});
+  FlipByte(GenPath(tmp.snap(), 2), 150);
+  ASSERT_EQ(::chmod(tmp.snap().c_str(), 0750), 0);  // an engine would fix it to 0700
+  ShmCleanup shm;
+  const auto before = Fingerprint(tmp.snap());
+  const std::string g1 = GenPath(tmp.snap(), 1);
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"list", tmp.snap()},
+           {"list", "--json", tmp.snap(), "--shm", shm.name},
+           {"inspect", tmp.snap()},
+           {"inspect", "--json", tmp.snap(), "-g", "2"},
+           {"dump", tmp.snap()},
+           {"verify", tmp.snap()},
+           {"verify", "--json", g1},
+           {"diff", g1, tmp.snap()},
+           {"inspect", tmp.snap(), "--shm", shm.name}}) {
+    auto r = Jobsnap(args);
+    EXPECT_LT(r.code, kUsage) << r;
+  }
+  EXPECT_EQ(Fingerprint(tmp.snap()), before);
+  EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name)) << "a read command created the segment";
+}
+
+// ---- list and verify of a directory ------------------------------------------------
+
+TEST(JobsnapListTest, ListsEveryGenerationWithValidityAndMarksTheOneLoadedNext) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(1), Job(2), DeadJob(3, DeadReason::kPoison, "")});
+  PutGeneration(tmp.snap(), 3, {Job(1), Job(2), Job(4)});
+  FlipByte(GenPath(tmp.snap(), 3), 96 + 13 + 30);  // inside the first record
+  WriteBytes(tmp.snap() + "/notes.txt", {'h', 'i'});  // not a generation: ignored
+  auto r = Jobsnap({"list", tmp.snap()});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "INVALID")) << r;
+  EXPECT_TRUE(Contains(r.out, "corrupt at offset 109")) << r;
+  EXPECT_TRUE(Contains(r.out, "the next engine start loads this")) << r;
+  EXPECT_FALSE(Contains(r.out, "notes.txt")) << r;
+  auto j = ParseJson(Jobsnap({"list", "--json", tmp.snap()}));
+  ASSERT_EQ(j.size(), 3u);
+  EXPECT_EQ(j[0]["generation"], 3);
+  EXPECT_EQ(j[0]["valid"], false);
+  EXPECT_EQ(j[0]["failure"], "corrupt");
+  EXPECT_EQ(j[0]["offset"], 109);
+  EXPECT_EQ(j[1]["generation"], 2);
+  EXPECT_EQ(j[1]["valid"], true);
+  EXPECT_EQ(j[1]["loaded_next"], true);
+  EXPECT_EQ(j[1]["jobs"]["total"], 3);
+  EXPECT_EQ(j[1]["jobs"]["dead"], 1);
+  EXPECT_EQ(j[1]["cut_epoch"], 4);
+  EXPECT_EQ(j[1]["bytes"], fs::file_size(GenPath(tmp.snap(), 2)));
+  EXPECT_EQ(j[2]["loaded_next"], false);
+  EXPECT_TRUE(j[1]["time"].get<std::string>().ends_with("Z"));
+}
+
+TEST(JobsnapListTest, SegmentNewerThanTheDirectoryIsTheOneLoadedNext) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 4, {Job(1)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(9, MakeImage(9, {Job(1), Job(2)})).ok());
+  }
+  auto j = ParseJson(Jobsnap({"list", "--json", tmp.snap(), "--shm", shm.name}));
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0]["source"], "shm:" + shm.name);
+  EXPECT_EQ(j[0]["generation"], 9);
+  EXPECT_EQ(j[0]["loaded_next"], true);
+  EXPECT_EQ(j[1]["loaded_next"], false);
+  // inspect DIR --shm NAME takes the same one.
+  auto i = ParseJson(Jobsnap({"inspect", "--json", tmp.snap(), "--shm", shm.name}));
+  EXPECT_EQ(i["header"]["generation"], 9);
+  EXPECT_EQ(i["header"]["source"], "shm:" + shm.name);
+}
+
+TEST(JobsnapListTest, VerifyOfADirectoryChecksEveryGenerationAndExitsWithTheFirstFailure) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(1), Job(2)});
+  PutGeneration(tmp.snap(), 3, {Job(1), Job(2), Job(3)});
+  auto r = Jobsnap({"verify", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  auto bytes = ReadBytes(GenPath(tmp.snap(), 2));
+  WriteBytes(GenPath(tmp.snap(), 2), std::vector<unsigned char>(bytes.begin(), bytes.end() - 5));
+  r = Jobsnap({"verify", tmp.snap()});
+  EXPECT_EQ(r.code, kTruncated) << r;
+  EXPECT_TRUE(Contains(r.out, "NOT sound")) << r;
+  auto j = ParseJson(Jobsnap({"verify", "--json", tmp.snap()}));
+  ASSERT_EQ(j["images"].size(), 3u);
+  EXPECT_EQ(j["images"][0]["valid"], true);
+  EXPECT_EQ(j["images"][1]["valid"], false);
+  EXPECT_EQ(j["images"][1]["failure"], "truncated");
+  // One generation of it, by number.
+  EXPECT_EQ(Jobsnap({"verify", tmp.snap(), "-g", "3"}).code, kOk);
+  EXPECT_EQ(Jobsnap({"verify", tmp.snap(), "-g", "2"}).code, kTruncated);
+}
+
+TEST(JobsnapListTest, GenerationWhoseHeaderDisagreesWithItsNameIsCorrupt) {
+  TempDir tmp;
+  WriteBytes(GenPath(tmp.snap(), 5), MakeImage(4, {Job(1)}));
+  auto r = Jobsnap({"verify", tmp.snap()});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "header says 4")) << r;
+}
+
+// ---- diff ----------------------------------------------------------------------------
+
+TEST(JobsnapDiffTest, NamesAddedRemovedAndChangedJobs) {
+  TempDir tmp;
+  const std::string a = tmp.path() + "/a.jobsnap", b = tmp.path() + "/b.jobsnap";
+  JobRecord changed = Job(3);
+  changed.attempts = 2;
+  changed.payload = "other";
+  WriteBytes(a, MakeImage(1, {Job(1), Job(2), Job(3), Job(5)}));
+  WriteBytes(b, MakeImage(2, {DeadJob(2, DeadReason::kFailed, "x"), changed, Job(4), Job(5)}));
+  auto r = Jobsnap({"diff", a, b});
+  EXPECT_EQ(r.code, kDiffers) << r;
+  EXPECT_TRUE(Contains(r.out, "added   1: 4")) << r;
+  EXPECT_TRUE(Contains(r.out, "removed 1: 1")) << r;
+  EXPECT_TRUE(Contains(r.out, "3: attempts, payload")) << r;
+  auto j = ParseJson(Jobsnap({"diff", "--json", a, b}));
+  EXPECT_EQ(j["added"], json::array({4}));
+  EXPECT_EQ(j["removed"], json::array({1}));
+  ASSERT_EQ(j["changed"].size(), 2u);
+  EXPECT_EQ(j["changed"][0]["id"], 2);
+  const auto fields = j["changed"][0]["fields"].get<std::vector<std::string>>();
+  for (const char* f : {"state", "dead_reason", "error", "attempts", "dead_at"}) {
+    EXPECT_NE(std::find(fields.begin(), fields.end(), f), fields.end()) << f;
+  }
+  EXPECT_EQ(j["same"], false);
+  auto same = Jobsnap({"diff", a, a});
+  EXPECT_EQ(same.code, kOk) << same;
+  EXPECT_TRUE(Contains(same.out, "same jobs")) << same;
+}
+
+TEST(JobsnapDiffTest, ComparesADirectorysNewestWithASegment) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(2, MakeImage(2, {Job(2), Job(3)})).ok());
+  }
+  auto j = ParseJson(Jobsnap({"diff", "--json", tmp.snap(), "shm:" + shm.name}));
+  EXPECT_EQ(j["added"], json::array({3}));
+  EXPECT_EQ(j["removed"], json::array({1}));
+  EXPECT_EQ(Jobsnap({"diff", tmp.snap(), kGolden + "/nope"}).code, kNotFound);
+}
+
+TEST(JobsnapDiffTest, DamagedSnapshotFailsWithItsClassNamingTheSide) {
+  TempDir tmp;
+  const std::string good = tmp.path() + "/good.jobsnap", bad = tmp.path() + "/bad.jobsnap";
+  WriteBytes(good, MakeImage(1, {Job(1)}));
+  auto bytes = MakeImage(2, {Job(1), Job(2)});
+  bytes.resize(bytes.size() - 1);
+  WriteBytes(bad, bytes);
+  auto r = Jobsnap({"diff", good, bad});
+  EXPECT_EQ(r.code, kTruncated) << r;
+  EXPECT_TRUE(Contains(r.err, "(in " + bad + ")")) << r;
+  FlipByte(good, 100);
+  r = Jobsnap({"diff", good, bad});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.err, "(in " + good + ")")) << r;
+}
+
+// ---- requeue and drop ------------------------------------------------------------------
+
+TEST(JobsnapEditTest, RequeueMovesADeadJobBackToPendingInANewGeneration) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kPoison, "poison job: boom"), Job(8)});
+  const auto old_bytes = ReadBytes(GenPath(tmp.snap(), 5));
+  auto r = Jobsnap({"requeue", tmp.snap(), "7"});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, GenPath(tmp.snap(), 6))) << r;
+  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 5)), old_bytes) << "a generation was edited in place";
+  auto bytes = ReadBytes(GenPath(tmp.snap(), 6));
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  EXPECT_EQ(view->header.generation, 6u);
+  ASSERT_EQ(view->jobs.size(), 2u);
+  const auto& j = view->jobs[0];
+  EXPECT_EQ(j.id, 7u);
+  EXPECT_EQ(j.state, JobState::kPending);
+  EXPECT_EQ(j.dead_reason, DeadReason::kNone);
+  EXPECT_EQ(j.recoveries, 0u);
+  EXPECT_EQ(j.attempts, 0u);
+  EXPECT_EQ(j.dead_at_ns, 0);
+  EXPECT_EQ(j.error, "poison job: boom") << "the last error is kept";
+  EXPECT_EQ(j.payload, "payload");
+  EXPECT_EQ(view->jobs[1].id, 8u);
+  auto json_out = ParseJson(Jobsnap({"list", "--json", tmp.snap()}));
+  EXPECT_EQ(json_out[0]["loaded_next"], true);
+}
+
+TEST(JobsnapEditTest, RequeueOfALiveJobIsRefusedAndAnUnknownIdIsNotFound) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  auto r = Jobsnap({"requeue", tmp.snap(), "7", "8"});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_TRUE(Contains(r.err, "8 (pending)")) << r;
+  r = Jobsnap({"requeue", tmp.snap(), "7", "99"});
+  EXPECT_EQ(r.code, kNotFound) << r;
+  EXPECT_TRUE(Contains(r.err, "99")) << r;
+  r = Jobsnap({"drop", tmp.snap(), "99"});
+  EXPECT_EQ(r.code, kNotFound) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 6))) << "a refused edit wrote a generation";
+}
+
+TEST(JobsnapEditTest, DropRemovesJobsOfAnyStateInANewGeneration) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 2, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});
+  auto r = Jobsnap({"drop", "--json", tmp.snap(), "7", "9"});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["generation"], 3);
+  EXPECT_EQ(j["from_generation"], 2);
+  EXPECT_EQ(j["jobs"], 1);
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 3))), std::set<JobId>{8});
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 2))), (std::set<JobId>{7, 8, 9}));
+}
+
+TEST(JobsnapEditTest, EditStartsFromTheNewestValidGenerationOrTheOneGiven) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2)});
+  PutGeneration(tmp.snap(), 2, {Job(1), Job(2), Job(3)});
+  PutGeneration(tmp.snap(), 3, {Job(1)});
+  FlipByte(GenPath(tmp.snap(), 3), 120);  // the engine would skip it
+  auto r = Jobsnap({"drop", tmp.snap(), "3"});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 4))), (std::set<JobId>{1, 2}));
+  r = Jobsnap({"drop", tmp.snap(), "2", "--from", "1"});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 5))), std::set<JobId>{1});
+  EXPECT_EQ(Jobsnap({"drop", tmp.snap(), "1", "--from", "3"}).code, kCorrupt);
+}
+
+TEST(JobsnapEditTest, EditOfADirectoryWhereNothingVerifiesIsCorruptAndWritesNothing) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {DeadJob(7, DeadReason::kFailed, "boom")});
+  auto bytes = ReadBytes(GenPath(tmp.snap(), 1));
+  WriteBytes(GenPath(tmp.snap(), 1), std::vector<unsigned char>(bytes.begin(), bytes.begin() + 90));
+  auto r = Jobsnap({"requeue", tmp.snap(), "7"});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.err, "verifies")) << r;
+  EXPECT_TRUE(Contains(r.err, GenPath(tmp.snap(), 1))) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2)));
+  TempDir empty;
+  EXPECT_EQ(Jobsnap({"drop", empty.snap(), "7"}).code, kNotFound);
+  EXPECT_EQ(Jobsnap({"drop", empty.path() + "/missing", "7"}).code, kNotFound);
+  EXPECT_FALSE(fs::exists(empty.path() + "/missing")) << "an edit created a directory";
+}
+
+TEST(JobsnapRestoreTest, RestoreFromATruncatedOrHostileFileIsRefused) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  const std::string cut = tmp.path() + "/cut.jobsnap";
+  auto bytes = MakeImage(5, {Job(2)});
+  WriteBytes(cut, std::vector<unsigned char>(bytes.begin(), bytes.begin() + 150));
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", cut}).code, kTruncated);
+  const std::string fifo = tmp.path() + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", fifo}).code, kRefusedInput);
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "--from-file", "/dev/null"}).code, kRefusedInput);
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2)));
+}
+
+TEST(JobsnapEditTest, EditsAndRestoreAreRefusedWhileAnEngineHoldsTheDirectory) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  auto engine = Engine::open(DiskOptions(tmp.snap()));
+  ASSERT_TRUE(IsOk(engine));
+  const auto before = Fingerprint(tmp.snap());
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"requeue", tmp.snap(), "7"},
+           {"drop", tmp.snap(), "8"},
+           {"restore", tmp.snap(), "--generation", "5"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kLocked) << r;
+    EXPECT_TRUE(Contains(r.err, "another engine holds")) << r;
+  }
+  EXPECT_EQ(Fingerprint(tmp.snap()), before);
+  // Reading is fine while it runs.
+  EXPECT_EQ(Jobsnap({"list", tmp.snap()}).code, kOk);
+}
+
+TEST(JobsnapEditTest, EditIsRefusedWhileAnEngineWritesTheSegment) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom")});
+  auto writer = persist::ShmStore::open_or_create(shm.name, 0);
+  ASSERT_TRUE(IsOk(writer));
+  auto r = Jobsnap({"requeue", tmp.snap(), "7", "--shm", shm.name});
+  EXPECT_EQ(r.code, kLocked) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 6)));
+}
+
+TEST(JobsnapEditTest, RequeueWithASegmentStartsFromItsNewerImageAndWritesBothStores) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom")});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(9, MakeImage(9, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)})).ok());
+  }
+  auto r = Jobsnap({"requeue", "--json", tmp.snap(), "7", "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["from_source"], "shm:" + shm.name);
+  EXPECT_EQ(j["generation"], 10);
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{7, 8}));
+  auto in_shm = persist::ShmStore::read_existing(shm.name);
+  ASSERT_TRUE(IsOk(in_shm));
+  EXPECT_EQ(*in_shm, ReadBytes(GenPath(tmp.snap(), 10)));
+}
+
+TEST(JobsnapEditTest, RequeuedPoisonJobRunsAtTheNextEngineStart) {
+  TempDir tmp;
+  JobRecord poison = DeadJob(7, DeadReason::kPoison, "poison job: running at 4 snapshots");
+  poison.payload = "the job";
+  PutGeneration(tmp.snap(), 5, {poison});
+  ASSERT_EQ(Jobsnap({"requeue", tmp.snap(), "7"}).code, kOk);
+  auto e = Engine::open(DiskOptions(tmp.snap()));
+  ASSERT_TRUE(IsOk(e));
+  std::atomic<int> ran{0};
+  std::string seen;
+  std::mutex mu;
+  ASSERT_TRUE(IsOk(e->register_handler("work", [&](JobContext& job) {
+    std::lock_guard<std::mutex> l(mu);
+    seen = std::string(job.payload());
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.generation, 6u);
+  EXPECT_EQ(started->recovery.pending, 1u);
+  EXPECT_EQ(started->recovery.dead, 0u);
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  EXPECT_EQ(ran.load(), 1);
+  EXPECT_EQ(seen, "the job");
+}
+
+// ---- restore ---------------------------------------------------------------------------
+
+// Generations written by a real engine: 1, 2 and 3 with 3, 6 and 9 jobs of
+// handler "work", then 4, empty, by stop(kAbandon)'s final snapshot.
+struct EngineHistory {
+  std::vector<std::set<JobId>> ids;  // ids[g - 1]: the jobs of generation g
+  std::uint64_t next_job_id = 0;     // of the newest
+};
+
+EngineHistory WriteThreeGenerations(const std::string& dir) {
+  EngineHistory h;
+  auto e = Engine::open(DiskOptions(dir));
+  EXPECT_TRUE(IsOk(e));
+  if (!e) return h;
+  Gate gate;
+  auto work = e->register_handler("work", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  EXPECT_TRUE(IsOk(e->start()));
+  for (int g = 1; g <= 3; ++g) {
+    std::string payload = "g";
+    payload += std::to_string(g);
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(IsOk(e->submit(*work, payload)));
+    auto snap = e->snapshot_now();
+    EXPECT_TRUE(IsOk(snap));
+    if (!snap) return h;
+    EXPECT_EQ(snap->generation, static_cast<std::uint64_t>(g));
+    h.ids.push_back(IdsOf(ReadBytes(snap->path)));
+  }
+  gate.open();
+  EXPECT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+  auto bytes = ReadBytes(GenPath(dir, 4));
+  auto view = snapshot::decode(bytes);
+  EXPECT_TRUE(IsOk(view));
+  if (view) h.next_job_id = view->header.next_job_id;
+  return h;
+}
+
+// What an engine started on these stores loads: the recovery report and the
+// ids of the jobs it holds (from a snapshot it takes at once).
+struct Started {
+  RecoveryReport recovery;
+  std::set<JobId> ids;
+  JobId next_submitted = 0;
+};
+
+Started StartEngine(const std::string& dir, const std::string& shm = "") {
+  Started s;
+  EngineOptions o = DiskOptions(dir);
+  o.snapshot.shm_name = shm;
+  if (dir.empty()) o.snapshot.dir.clear();
+  auto e = Engine::open(o);
+  EXPECT_TRUE(IsOk(e));
+  if (!e) return s;
+  Gate gate;
+  auto work = e->register_handler("work", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  auto started = e->start();
+  EXPECT_TRUE(IsOk(started));
+  if (!started) return s;
+  s.recovery = started->recovery;
+  if (!dir.empty()) {
+    auto snap = e->snapshot_now();
+    EXPECT_TRUE(IsOk(snap));
+    if (snap) s.ids = IdsOf(ReadBytes(snap->path));
+  }
+  auto id = e->submit(*work, "after");
+  EXPECT_TRUE(IsOk(id));
+  if (id) s.next_submitted = *id;
+  gate.open();
+  EXPECT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+  return s;
+}
+
+TEST(JobsnapRestoreTest, RestoreThenEngineStartLoadsExactlyTheChosenGeneration) {
+  TempDir tmp;
+  const EngineHistory h = WriteThreeGenerations(tmp.snap());
+  ASSERT_EQ(h.ids.size(), 3u);
+  ASSERT_NE(h.ids[1], h.ids[2]);
+  const auto gen3 = ReadBytes(GenPath(tmp.snap(), 3));
+
+  auto r = Jobsnap({"restore", tmp.snap(), "--generation", "2"});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "written as generation 5")) << r;
+  EXPECT_TRUE(Contains(r.out, "kept aside in " + tmp.snap() + "/aside-")) << r;
+  EXPECT_TRUE(Contains(r.out, "--shm NAME")) << r << "\n(the note about a segment)";
+  // Generations 3 and 4 are kept, byte for byte, where the tool said.
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 3)));
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 4)));
+  std::string aside;
+  for (const auto& e : fs::directory_iterator(tmp.snap())) {
+    if (e.path().filename().string().rfind("aside-", 0) == 0) aside = e.path().string();
+  }
+  ASSERT_FALSE(aside.empty());
+  EXPECT_TRUE(Contains(r.out, aside + "/gen-00000000000000000003.jobsnap")) << r;
+  EXPECT_TRUE(Contains(r.out, aside + "/gen-00000000000000000004.jobsnap")) << r;
+  EXPECT_EQ(ReadBytes(GenPath(aside, 3)), gen3);
+  EXPECT_TRUE(fs::exists(GenPath(tmp.snap(), 1)));
+  EXPECT_TRUE(fs::exists(GenPath(tmp.snap(), 2)));
+
+  const Started s = StartEngine(tmp.snap());
+  EXPECT_TRUE(s.recovery.recovered);
+  EXPECT_EQ(s.recovery.generation, 5u);
+  EXPECT_EQ(s.recovery.source, GenPath(tmp.snap(), 5));
+  EXPECT_TRUE(s.recovery.skipped.empty());
+  EXPECT_EQ(s.ids, h.ids[1]) << "the engine did not load generation 2's jobs";
+  EXPECT_GE(s.next_submitted, h.next_job_id) << "an id of the set-aside generation was reused";
+}
+
+TEST(JobsnapRestoreTest, RestoreOfADamagedGenerationIsRefusedAndChangesNothing) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(2)});
+  FlipByte(GenPath(tmp.snap(), 1), 120);
+  const auto before = Fingerprint(tmp.snap());
+  auto r = Jobsnap({"restore", tmp.snap(), "-g", "1"});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_EQ(Jobsnap({"restore", tmp.snap(), "-g", "7"}).code, kNotFound);
+  // Only the lock file may have appeared.
+  auto after = Fingerprint(tmp.snap());
+  after.erase(tmp.snap() + "/LOCK");
+  after.erase(".");
+  auto expected = before;
+  expected.erase(".");
+  EXPECT_EQ(after, expected);
+}
+
+TEST(JobsnapRestoreTest, RestoreWithTheSegmentLeavesNoNewerImageThere) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2)});
+  PutGeneration(tmp.snap(), 2, {Job(3)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(5, MakeImage(5, {Job(3), Job(4)}, 2000)).ok());
+  }
+  auto r = Jobsnap({"restore", "--json", tmp.snap(), "-g", "1", "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["generation"], 6);
+  EXPECT_EQ(j["shm"], shm.name);
+  EXPECT_EQ(j["moved_aside"].size(), 1u);
+  const Started s = StartEngine(tmp.snap(), shm.name);
+  EXPECT_EQ(s.recovery.generation, 6u);
+  EXPECT_EQ(s.ids, (std::set<JobId>{1, 2}));
+  EXPECT_GE(s.next_submitted, 2000u) << "ids must not go back below the segment's counter";
+}
+
+TEST(JobsnapRestoreTest, RestoreFromTheSegmentToDisk) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(2)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(9, MakeImage(9, {Job(5), Job(6)})).ok());
+  }
+  auto r = Jobsnap({"restore", tmp.snap(), "--from-shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{5, 6}));
+  const Started s = StartEngine(tmp.snap());
+  EXPECT_EQ(s.recovery.generation, 10u);
+  EXPECT_EQ(s.ids, (std::set<JobId>{5, 6}));
+  // Into a directory that does not exist yet: it is created.
+  const std::string fresh = tmp.path() + "/fresh";
+  r = Jobsnap({"restore", fresh, "--from-shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(fresh, 10))), (std::set<JobId>{5, 6}));
+}
+
+TEST(JobsnapRestoreTest, RestoreFromDiskIntoTheSegmentOnly) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(2)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(4, MakeImage(4, {Job(3)})).ok());
+  }
+  const auto before = Fingerprint(tmp.snap());
+  auto r = Jobsnap({"restore", tmp.snap(), "-g", "1", "--to-shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(Fingerprint(tmp.snap()), before) << "--to-shm wrote to the directory";
+  const Started s = StartEngine("", shm.name);
+  EXPECT_EQ(s.recovery.source, "shm:" + shm.name);
+  EXPECT_EQ(s.recovery.generation, 5u);
+  EXPECT_EQ(s.recovery.pending, 1u);
+  // A file from anywhere (here a golden image of generation 3) goes above
+  // what the segment holds (the engine's final snapshot at stop: 6).
+  auto r2 = Jobsnap({"restore", kGolden + "/v2-small.jobsnap", "--to-shm", shm.name});
+  ASSERT_EQ(r2.code, kOk) << r2;
+  auto j = ParseJson(Jobsnap({"inspect", "--json", "--shm", shm.name}));
+  EXPECT_EQ(j["header"]["generation"], 7);
+  EXPECT_EQ(j["jobs"]["total"], 1);
+}
+
+TEST(JobsnapRestoreTest, RestoreFromAFileKeptAsideUndoesARestore) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 2, {Job(2)});
+  auto j = ParseJson(Jobsnap({"restore", "--json", tmp.snap(), "-g", "1"}));
+  ASSERT_EQ(j["moved_aside"].size(), 1u);
+  const std::string kept = j["moved_aside"][0];
+  auto r = Jobsnap({"restore", tmp.snap(), "--from-file", kept});
+  ASSERT_EQ(r.code, kOk) << r;
+  const Started s = StartEngine(tmp.snap());
+  EXPECT_EQ(s.recovery.generation, 4u);
+  EXPECT_EQ(s.ids, std::set<JobId>{2});
+}
+
+// ---- the command line ----------------------------------------------------------------
+
+TEST(JobsnapCliTest, HelpOnEveryCommandExitsZero) {
+  auto r = Jobsnap({"--help"});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "Exit status")) << r;
+  for (const char* cmd : {"list", "inspect", "dump", "verify", "diff", "restore", "requeue", "drop"}) {
+    r = Jobsnap({cmd, "--help"});
+    EXPECT_EQ(r.code, kOk) << r;
+    EXPECT_TRUE(Contains(r.out, "Usage")) << r;
+    EXPECT_TRUE(Contains(r.out, "--json")) << r;
+  }
+}
+
+TEST(JobsnapCliTest, UsageErrorsExitSixtyFour) {
+  TempDir tmp;
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {},
+           {"frobnicate"},
+           {"list"},
+           {"inspect"},
+           {"verify", "a", "b"},
+           {"dump", tmp.snap(), "--state", "asleep"},
+           {"requeue", tmp.snap()},
+           {"requeue", tmp.snap(), "seven"},
+           {"drop"},
+           {"diff", "a"},
+           {"restore", tmp.snap()},
+           {"restore", tmp.snap(), "-g", "0"},
+           {"restore", tmp.snap(), "-g", "1", "--from-shm", "x"},
+           {"restore", tmp.snap(), "--from-shm", "x", "--to-shm", "y"},
+           {"inspect", "--shm", "bad/name"},
+           {"inspect", kGolden + "/v2-small.jobsnap", "-g", "3"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kUsage) << r;
+    EXPECT_FALSE(r.err.empty()) << r;
+  }
+}
+
+TEST(JobsnapCliTest, ErrorsAreJsonWithJson) {
+  TempDir tmp;
+  auto r = Jobsnap({"inspect", "--json", tmp.path() + "/nope"});
+  EXPECT_EQ(r.code, kNotFound);
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["error"]["class"], "not-found");
+  EXPECT_EQ(j["error"]["exit_code"], kNotFound);
+}
+
+}  // namespace
+}  // namespace jobengine
