@@ -100,7 +100,7 @@ void report(benchmark::State& state, std::vector<std::uint64_t>& ticks) {
 void BM_WakeLatency_Engine(benchmark::State& state, IdleStrategy idle) {
   const auto gap = std::chrono::microseconds(state.range(0));
   // Long gaps (a sleeping worker) take fewer samples to keep the run short.
-  const std::size_t n = gap.count() >= 100 ? std::min<std::size_t>(samples_per_run(), 4000)
+  const std::size_t n = gap.count() >= 100 ? std::min<std::size_t>(samples_per_run(), 10000)
                                            : samples_per_run();
   std::vector<std::uint64_t> ticks(n);
   auto box = std::make_unique<Mailbox>();
