@@ -84,7 +84,7 @@ if [ "$mode" = quick ]; then
 else
   export JOBENGINE_BENCH_JOBS=1000000
   export JOBENGINE_BENCH_SWEEP=full
-  export JOBENGINE_BENCH_SWEEP_JOBS=200000
+  export JOBENGINE_BENCH_SWEEP_JOBS=100000
   export JOBENGINE_BENCH_PENDING_MAX=1000000
   reps_targets=5
   reps=3

@@ -13,7 +13,9 @@
 //       S submitting threads (the benchmark thread and S-1 helpers) share
 //       JOBENGINE_BENCH_SWEEP_JOBS jobs per iteration; the iteration ends once
 //       W workers have run them all (items_per_second = submit-to-completion
-//       rate). Threads are pinned round-robin over the allowed CPUs,
+//       rate), with at most 65536 jobs in flight for every system (the
+//       engine's default capacity; see kMaxInFlight). Threads are pinned
+//       round-robin over the allowed CPUs,
 //       submitters first, then workers, so S + W above the core count
 //       oversubscribes. Systems: engine_submit, engine_batch (submit_batch of
 //       64), bare, bare_bulk (enqueue_bulk of 64), mutex, asio, tbb. The
@@ -107,26 +109,68 @@ bool await(const Completed& completed, std::uint64_t target, bool yield) {
 
 // ---- throughput: S submitters x W workers --------------------------------------------
 
-// Submits `n` copies of `job`, one at a time or in bulks of kSubmitBulk.
-template <typename Pool, typename Job, bool kBulk>
-void submit_share(typename Pool::Producer& producer, const Job& job, std::size_t n) {
-  if constexpr (kBulk) {
-    Job batch[kSubmitBulk];
-    std::fill(std::begin(batch), std::end(batch), job);
-    while (n > 0) {
-      const std::size_t k = std::min(n, kSubmitBulk);
-      producer.submit_bulk(std::span<const Job>(batch, k));
-      n -= k;
+// Jobs a sweep run lets be queued or running at once, for every system: the
+// engine's table holds this many (EngineOptions::capacity default) and
+// refuses more with kQueueFull; the baselines' queues would grow without
+// bound (a submitter outrunning its workers queues the whole iteration:
+// gigabytes at 1 KiB, and a measure of the allocator, not of the pool), so
+// their submitters wait while this many are in flight (InFlightBound).
+constexpr std::uint64_t kMaxInFlight = std::uint64_t{1} << 16;
+constexpr std::size_t kBoundCheckEvery = 256;
+
+// Shared by a run's submitters: jobs submitted so far (in steps of
+// kBoundCheckEvery), checked against the pool's completions.
+struct InFlightBound {
+  alignas(64) std::atomic<std::uint64_t> submitted{0};
+
+  template <typename Pool>
+  void admit(const Pool& pool, std::uint64_t n, bool yield) {
+    const std::uint64_t after = submitted.fetch_add(n, std::memory_order_relaxed) + n;
+    while (after > pool.completed() + kMaxInFlight) {
+      if (yield) {
+        std::this_thread::yield();
+      } else {
+        for (int i = 0; i < 64; ++i) cpu_relax();
+      }
     }
-  } else {
-    for (std::size_t i = 0; i < n; ++i) producer.submit(job);
+  }
+};
+
+template <typename Pool>
+inline constexpr bool kIsEngine = false;
+template <typename Job>
+inline constexpr bool kIsEngine<EnginePool<Job>> = true;
+
+// Submits `n` copies of `job`, one at a time or in bulks of kSubmitBulk,
+// admitted kBoundCheckEvery at a time by `bound` (not for the engine, which
+// bounds itself).
+template <typename Pool, typename Job, bool kBulk>
+void submit_share(Pool& pool, typename Pool::Producer& producer, const Job& job, std::size_t n,
+                  InFlightBound* bound, bool yield) {
+  Job batch[kBulk ? kSubmitBulk : 1];
+  std::fill(std::begin(batch), std::end(batch), job);
+  while (n > 0) {
+    const std::size_t chunk = std::min(n, kBoundCheckEvery);
+    if constexpr (!kIsEngine<Pool>) {
+      if (bound != nullptr) bound->admit(pool, chunk, yield);
+    }
+    if constexpr (kBulk) {
+      for (std::size_t done = 0; done < chunk;) {
+        const std::size_t k = std::min(chunk - done, kSubmitBulk);
+        producer.submit_bulk(std::span<const Job>(batch, k));
+        done += k;
+      }
+    } else {
+      for (std::size_t i = 0; i < chunk; ++i) producer.submit(job);
+    }
+    n -= chunk;
   }
 }
 
 // Runs one throughput benchmark: `make(workers, cpus)` builds the pool.
 template <typename Pool, typename Job, bool kBulk, typename Make>
 void RunThroughput(benchmark::State& state, unsigned submitters, unsigned workers,
-                   std::size_t jobs, const Make& make) {
+                   std::size_t jobs, const Make& make, bool bounded = true) {
   std::vector<int> worker_cpus;
   for (unsigned w = 0; w < workers; ++w) worker_cpus.push_back(round_robin_cpu(submitters + w));
   const bool oversubscribed =
@@ -147,6 +191,8 @@ void RunThroughput(benchmark::State& state, unsigned submitters, unsigned worker
   // Helpers 1..S-1 wait at `start` for each iteration, submit their share,
   // and wait again; `stop` (set before the last arrival) ends them.
   std::barrier<> start(static_cast<std::ptrdiff_t>(submitters));
+  InFlightBound in_flight;
+  InFlightBound* bound = bounded ? &in_flight : nullptr;
   std::atomic<bool> stop{false};
   std::atomic<bool> helper_failed{false};
   std::vector<std::thread> helpers;
@@ -157,7 +203,7 @@ void RunThroughput(benchmark::State& state, unsigned submitters, unsigned worker
       for (;;) {
         start.arrive_and_wait();
         if (stop.load(std::memory_order_acquire)) return;
-        submit_share<Pool, Job, kBulk>(producer, job, share(s));
+        submit_share<Pool, Job, kBulk>(*pool, producer, job, share(s), bound, oversubscribed);
         if (producer.failed()) helper_failed.store(true);
       }
     });
@@ -169,7 +215,7 @@ void RunThroughput(benchmark::State& state, unsigned submitters, unsigned worker
     typename Pool::Producer producer(*pool);
     for (auto _ : state) {
       start.arrive_and_wait();
-      submit_share<Pool, Job, kBulk>(producer, job, share(0));
+      submit_share<Pool, Job, kBulk>(*pool, producer, job, share(0), bound, oversubscribed);
       target += jobs;
       if (producer.failed() || helper_failed.load()) {
         error = "submit failed";
@@ -247,12 +293,15 @@ void register_sweep_payload(unsigned s, unsigned w, std::size_t jobs) {
 
 void BM_Asio(benchmark::State& state) {
   using Job = SweepJob<sizeof(Payload)>;
-  RunThroughput<AsioPool<Job>, Job, false>(state, 1, 1, target_jobs(), pool_maker<AsioPool, Job>());
+  // Unbounded, like BM_BareQueue and BM_MutexPool beside it.
+  RunThroughput<AsioPool<Job>, Job, false>(state, 1, 1, target_jobs(), pool_maker<AsioPool, Job>(),
+                                           false);
 }
 
 void BM_Tbb(benchmark::State& state) {
   using Job = SweepJob<sizeof(Payload)>;
-  RunThroughput<TbbPool<Job>, Job, false>(state, 1, 1, target_jobs(), pool_maker<TbbPool, Job>());
+  RunThroughput<TbbPool<Job>, Job, false>(state, 1, 1, target_jobs(), pool_maker<TbbPool, Job>(),
+                                          false);
 }
 
 BENCHMARK(BM_Asio)->UseRealTime()->Unit(benchmark::kMillisecond);
