@@ -533,7 +533,7 @@ def plots(directory, res, machine):
     Returns the PNG names made."""
     label = f"{machine.get('cpu_model', '?')}, {machine.get('cpus_allowed', '?')} CPUs"
     label = label.replace('"', "'")
-    script = ['set terminal pngcairo size 1200,900 font ",10"', 'set datafile missing "?"',
+    script = ['set terminal pngcairo size 1200,900 font ",10" noenhanced', 'set datafile missing "?"',
               "set grid", "set key outside right top"]
     pngs = []
 
@@ -672,6 +672,18 @@ def main(argv):
             "Every ratio divides medians measured in the same process; absolute figures move "
             "with the machine's load (see the load average below), ratios much less.")
     rep.add()
+    try:
+        load = float(machine.get("load_before", "").split()[0])
+        cpus = int(machine.get("cpus_allowed", "0"))
+    except (ValueError, IndexError):
+        load, cpus = 0.0, 0
+    if cpus and load >= 0.5 * cpus:
+        rep.add(f"**Warning: the machine was busy** (load average {load:g} on {cpus} CPUs when the "
+                "run began): other processes took CPU time from the pinned threads, so latency "
+                "tails and the open-loop figures show their time slices (milliseconds) more than "
+                "the systems under test, and throughput ratios are noisier. Re-run on an idle "
+                "machine for figures to quote.")
+        rep.add()
     section_machine(rep, machine, res)
     section_targets(rep, res)
     section_throughput(rep, res)

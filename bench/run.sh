@@ -81,6 +81,7 @@ if [ "$mode" = quick ]; then
   reps_targets=1
   reps=1
   min_time=(--benchmark_min_time=0.05)
+  sweep_min_time=()
 else
   export JOBENGINE_BENCH_JOBS=1000000
   export JOBENGINE_BENCH_SWEEP=full
@@ -89,6 +90,7 @@ else
   reps_targets=5
   reps=3
   min_time=()
+  sweep_min_time=(--benchmark_min_time=0.1)
 fi
 export JOBENGINE_BENCH_DIR="${JOBENGINE_BENCH_DIR:-${TMPDIR:-/tmp}}"
 
@@ -120,15 +122,16 @@ flags="$(cache_get CMAKE_CXX_FLAGS) $(cache_get "CMAKE_CXX_FLAGS_$build_type_uc"
 } > "$out/machine.txt"
 
 # ---- the runs -------------------------------------------------------------------
-run() {  # run <name> <binary> <repetitions> <filter>
+run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
   local name="$1" binary="$2" repetitions="$3" filter="$4"
+  shift 4
   local t0=$SECONDS
   printf '== %-10s %s --benchmark_filter=%q (%s repetitions) ... ' "$name" "$binary" "$filter" \
     "$repetitions"
   "$bin/$binary" --benchmark_filter="$filter" \
     --benchmark_repetitions="$repetitions" \
     --benchmark_enable_random_interleaving=true \
-    "${min_time[@]}" \
+    "${min_time[@]}" "$@" \
     --benchmark_out="$out/$name.json" --benchmark_out_format=json \
     > "$out/$name.log" 2>&1 || { echo "FAILED (see $out/$name.log)"; tail -n 20 "$out/$name.log" >&2; exit 1; }
   echo "$((SECONDS - t0)) s"
@@ -137,10 +140,10 @@ run() {  # run <name> <binary> <repetitions> <filter>
 start=$SECONDS
 run throughput jobengine_bench "$reps_targets" '^BM_(Engine|Bare|Mutex|Asio|Tbb)'
 run wakeup jobengine_bench "$reps" '^BM_WakeLatency'
-run sweep jobengine_bench "$reps" '^Sweep/'
+run sweep jobengine_bench "$reps" '^Sweep/' "${sweep_min_time[@]}"
 run openloop jobengine_bench "$reps" '^OpenLoop/'
 run snapshot jobengine_snapshot_bench "$reps" '^BM_'
-run pending jobengine_snapshot_bench 1 '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
+run pending jobengine_snapshot_bench "$reps" '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
 run memory jobengine_memory_bench 1 '.'
 echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
 echo "suite_seconds=$((SECONDS - start))" >> "$out/machine.txt"

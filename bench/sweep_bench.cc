@@ -11,7 +11,8 @@
 //
 //   Sweep/<system>/<payload>B/s<S>/w<W>
 //       S submitting threads (the benchmark thread and S-1 helpers) share
-//       JOBENGINE_BENCH_SWEEP_JOBS jobs per iteration; the iteration ends once
+//       JOBENGINE_BENCH_SWEEP_JOBS jobs per iteration (iterations: as many as
+//       --benchmark_min_time asks); the iteration ends once
 //       W workers have run them all (items_per_second = submit-to-completion
 //       rate), with at most 65536 jobs in flight for every system (the
 //       engine's default capacity; see kMaxInFlight). Threads are pinned
@@ -259,10 +260,11 @@ void register_sweep_payload(unsigned s, unsigned w, std::size_t jobs) {
   const std::string tail = "/" + std::to_string(N) + "B/s" + std::to_string(s) + "/w" +
                            std::to_string(w);
   auto reg = [&](const std::string& system, auto fn) {
+    // Iterations as --benchmark_min_time asks (run.sh: 0.1 s in full mode),
+    // so that fast systems run many iterations and slow ones few.
     benchmark::RegisterBenchmark(("Sweep/" + system + tail).c_str(), fn)
         ->UseRealTime()
-        ->Unit(benchmark::kMillisecond)
-        ->Iterations(3);
+        ->Unit(benchmark::kMillisecond);
   };
   reg("engine_submit", [s, w, jobs](benchmark::State& st) {
     RunThroughput<EnginePool<Job>, Job, false>(st, s, w, jobs,
