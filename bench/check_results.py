@@ -26,7 +26,7 @@ JSON_FILES = {
                  "BM_Recover_1M/"],
     "pending": ["SnapshotCost/shm/", "SnapshotCost/disk/", "RecoverVsPending/",
                 "PlainReadVsPending/"],
-    "memory": ["Memory/engine/", "Memory/bare/", "Memory/mutex/"],
+    "memory": ["Memory/engine/", "Memory/bare/", "Memory/mutex/", "Memory/asio/", "Memory/tbb/"],
 }
 
 SECTIONS = ["## Machine", "## Targets", "## Throughput: 1 submitter + 1 worker",

@@ -38,7 +38,7 @@ METRICS = [
     ("p50_ns", False, 1e-3, "p50 us"),
     ("p99_ns", False, 1e-3, "p99 us"),
     ("p999_ns", False, 1e-3, "p99.9 us"),
-    ("heap_bytes_per_job", False, 1.0, "B/job"),
+    ("bytes_per_job", False, 1.0, "B/job"),
     ("seconds", False, 1e3, "ms"),
 ]
 
@@ -95,7 +95,7 @@ def main(argv):
                 worse += not good
             print(f"| {name} | {label} | {b * scale:,.3f} | {a * scale:,.3f} | {change:+.1f}% | {flag} |")
             shown = True
-            if metric in ("items_per_second", "heap_bytes_per_job"):
+            if metric in ("items_per_second", "bytes_per_job"):
                 break
     only = sorted(set(before) ^ set(after))
     if only:

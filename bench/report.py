@@ -472,23 +472,25 @@ def section_memory(rep, res):
     rep.add("## Memory per pending job")
     rep.add()
     rep.add(f"{r.context.get('jobengine_memory_jobs', '?')} jobs pending (the engine's table "
-            "exactly full), heap bytes per job (mallinfo2 delta; RSS agrees for the engine, see "
-            "memory.json), and the overhead beyond the payload. The engine reserves its table at "
+            "exactly full), bytes per job (heap delta from mallinfo2; oneTBB's own allocator is "
+            "invisible to it, so its figure is the RSS delta of a fresh child process), and the "
+            "engine's overhead beyond the payload (÷: engine divided by each baseline). The engine reserves its table at "
             "open(): `reserved/slot` is paid per slot of capacity whether used or not. Payloads "
             "above 192 bytes (kInlinePayloadBytes) go to the heap.")
     rep.add()
     rows = []
+    bases = ("bare", "mutex", "asio", "tbb")
     for p in MEMORY_PAYLOADS:
-        eng = r.median(f"Memory/engine/payload:{p}", "heap_bytes_per_job")
-        bare = r.median(f"Memory/bare/payload:{p}", "heap_bytes_per_job")
-        mutex = r.median(f"Memory/mutex/payload:{p}", "heap_bytes_per_job")
-        if eng is None and bare is None:
+        eng = r.median(f"Memory/engine/payload:{p}", "bytes_per_job")
+        if eng is None:
             continue
+        base = {b: r.median(f"Memory/{b}/payload:{p}", "bytes_per_job") for b in bases}
         rows.append([p, fmt(eng, 0), fmt(r.median(f"Memory/engine/payload:{p}", "overhead_per_job"), 0),
-                     fmt(r.median(f"Memory/engine/payload:{p}", "reserved_per_slot"), 0),
-                     fmt(bare, 0), fmt(mutex, 0), fmt(ratio(eng, bare)), fmt(ratio(eng, mutex))])
+                     fmt(r.median(f"Memory/engine/payload:{p}", "reserved_per_slot"), 0)]
+                    + [fmt(base[b], 0) for b in bases] + [fmt(ratio(eng, base[b])) for b in bases])
     rep.table(["payload B", "engine B/job", "engine overhead B", "engine reserved/slot",
-               "bare queue B/job", "mutex deque B/job", "engine ÷ bare", "engine ÷ mutex"], rows)
+               "bare B/job", "mutex B/job", "asio B/job", "tbb B/job", "÷bare", "÷mutex",
+               "÷asio", "÷tbb"], rows)
 
 
 def section_machine(rep, machine, res):
@@ -622,11 +624,11 @@ def plots(directory, res, machine):
     if r:
         rows = []
         for p in MEMORY_PAYLOADS:
-            rows.append([p] + [r.median(f"Memory/{s}/payload:{p}", "heap_bytes_per_job")
-                               for s in ("engine", "bare", "mutex")] + [float(p)])
+            rows.append([p] + [r.median(f"Memory/{s}/payload:{p}", "bytes_per_job")
+                               for s in ("engine", "bare", "mutex", "asio", "tbb")] + [float(p)])
         if any(row[1] is not None for row in rows):
             write_dat(os.path.join(directory, "memory.dat"),
-                      ["payload", "engine", "bare", "mutex", "payload_itself"], rows)
+                      ["payload", "engine", "bare", "mutex", "asio", "tbb", "payload_itself"], rows)
             script += ['set output "memory_vs_payload.png"',
                        f'set title "Memory per pending job against payload size ({label})"',
                        'set xlabel "payload bytes"', 'set ylabel "bytes per pending job"',
@@ -634,7 +636,9 @@ def plots(directory, res, machine):
                        'plot "memory.dat" using 1:2 with linespoints title "jobengine", '
                        '"memory.dat" using 1:3 with linespoints title "bare moodycamel queue", '
                        '"memory.dat" using 1:4 with linespoints title "deque<std::function>", '
-                       '"memory.dat" using 1:5 with lines dashtype 2 title "the payload itself"',
+                       '"memory.dat" using 1:5 with linespoints title "asio thread_pool", '
+                       '"memory.dat" using 1:6 with linespoints title "oneTBB arena", '
+                       '"memory.dat" using 1:7 with lines dashtype 2 title "the payload itself"',
                        "unset logscale xy"]
             pngs.append("memory_vs_payload.png")
 
