@@ -612,12 +612,12 @@ def plots(directory, res, machine):
             script += ['set output "snapshot_vs_pending.png"', "set size 1,1",
                        f'set title "Snapshot and recovery time against pending jobs ({label})"',
                        'set xlabel "pending jobs (64-byte payloads)"', 'set ylabel "ms"',
-                       "set logscale xy",
+                       "set logscale xy", "set xrange [500:2000000]",
                        'plot "pending.dat" using 1:2 with linespoints title "shm snapshot", '
                        '"pending.dat" using 1:3 with linespoints title "disk snapshot", '
                        '"pending.dat" using 1:4 with linespoints title "recovery", '
                        '"pending.dat" using 1:5 with linespoints title "plain read of the file"',
-                       "unset logscale xy"]
+                       "unset logscale xy", "set autoscale x"]
             pngs.append("snapshot_vs_pending.png")
 
     r = res.get("memory")
@@ -632,7 +632,7 @@ def plots(directory, res, machine):
             script += ['set output "memory_vs_payload.png"',
                        f'set title "Memory per pending job against payload size ({label})"',
                        'set xlabel "payload bytes"', 'set ylabel "bytes per pending job"',
-                       "set logscale xy",
+                       "set logscale xy", "set xrange [10:2000]",
                        'plot "memory.dat" using 1:2 with linespoints title "jobengine", '
                        '"memory.dat" using 1:3 with linespoints title "bare moodycamel queue", '
                        '"memory.dat" using 1:4 with linespoints title "deque<std::function>", '
