@@ -67,7 +67,7 @@ def main(argv):
         for section in SECTIONS:
             if section not in text:
                 problems.append(f"{report}: no section '{section}'")
-        if "| target | measured | goal | result |" not in text:
+        if "| target | measured | goal | result |" not in text:  # prefix of the header
             problems.append(f"{report}: no targets table")
     except OSError as err:
         problems.append(f"{report}: {err}")
