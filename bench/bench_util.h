@@ -131,10 +131,12 @@ inline const std::vector<int>& allowed_cpus() {
 }
 
 // The CPU for the k-th thread of a run that places its threads round-robin
-// over allowed_cpus() (submitters first, then workers): -1 when unknown.
+// over allowed_cpus() (submitters first, then workers): -1 (unpinned) when
+// fewer than two CPUs are allowed, as cpu_plan() does, since pinning every
+// thread to one CPU would measure the scheduler.
 inline int round_robin_cpu(unsigned k) {
   const std::vector<int>& cpus = allowed_cpus();
-  if (cpus.empty()) return -1;
+  if (cpus.size() < 2) return -1;
   return cpus[k % cpus.size()];
 }
 
