@@ -99,9 +99,14 @@ void report(benchmark::State& state, std::vector<std::uint64_t>& ticks) {
 
 void BM_WakeLatency_Engine(benchmark::State& state, IdleStrategy idle) {
   const auto gap = std::chrono::microseconds(state.range(0));
-  // Long gaps (a sleeping worker) take fewer samples to keep the run short.
-  const std::size_t n = gap.count() >= 100 ? std::min<std::size_t>(samples_per_run(), 4000)
-                                           : samples_per_run();
+  // Long gaps (a sleeping worker) take fewer samples to keep the run short:
+  // at most 10,000, and no more than 8 s of them (a busy machine makes each
+  // wake-up take milliseconds); the samples counter says how many were taken.
+  const bool long_gap = gap.count() >= 100;
+  const std::size_t n = long_gap ? std::min<std::size_t>(samples_per_run(), 10000)
+                                 : samples_per_run();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(8);
+  std::size_t taken = n;
   std::vector<std::uint64_t> ticks(n);
   auto box = std::make_unique<Mailbox>();
   box->out = ticks.data();
@@ -140,9 +145,14 @@ void BM_WakeLatency_Engine(benchmark::State& state, IdleStrategy idle) {
         return;
       }
       while (mb->seen.load(std::memory_order_acquire) <= i) cpu_relax();
+      if (long_gap && (i + 1) % 64 == 0 && std::chrono::steady_clock::now() > deadline) {
+        taken = i + 1;
+        break;
+      }
     }
   }
   (void)engine->stop();
+  ticks.resize(taken);
   report(state, ticks);
 }
 

@@ -42,6 +42,8 @@ import sys
 TARGETS = [
     ("engine / bare queue", "BM_Engine_Submit/spin", "BM_BareQueue", 0.5),
     ("engine / mutex pool", "BM_Engine_Submit/spin", "BM_MutexPool", 5.0),
+    ("engine / asio thread_pool", "BM_Engine_Submit/spin", "BM_Asio", 3.0),
+    ("engine / oneTBB arena", "BM_Engine_Submit/spin", "BM_Tbb", 2.0),
     ("submit_batch / bare bulk", "BM_Engine_SubmitBatch/spin", "BM_BareQueue_Bulk", 0.5),
 ]
 
@@ -69,6 +71,8 @@ ORDER = [
     "BM_BareQueue_Bulk",
     "BM_BareQueue_Bounded",
     "BM_MutexPool",
+    "BM_Asio",
+    "BM_Tbb",
 ]
 
 

@@ -123,6 +123,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -138,6 +139,7 @@
 #endif
 
 #include "baselines.h"
+#include "bench_util.h"
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 
@@ -240,74 +242,6 @@ void pause_for(int pauses) noexcept {
 }
 
 // ---- timestamps and the latency histogram ---------------------------------------
-
-inline std::uint64_t stamp() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  return __rdtsc();
-#else
-  return static_cast<std::uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
-          .count());
-#endif
-}
-
-// Log-linear histogram of tick counts: exact below 128, then 64 buckets per
-// power of two.
-class LatencyHistogram {
- public:
-  static constexpr unsigned kSubBits = 6;
-  static constexpr std::size_t kSub = std::size_t{1} << kSubBits;
-  static constexpr std::size_t kBuckets = kSub * (64 - kSubBits) + 2 * kSub;
-
-  void record(std::uint64_t v) noexcept {
-    if (v < 2 * kSub) {
-      ++counts_[v];
-      return;
-    }
-    const unsigned msb = 63u - static_cast<unsigned>(__builtin_clzll(v));
-    const unsigned shift = msb - kSubBits;
-    ++counts_[kSub * shift + (v >> shift)];
-  }
-
-  std::uint64_t total() const noexcept {
-    std::uint64_t n = 0;
-    for (std::uint64_t c : counts_) n += c;
-    return n;
-  }
-
-  // The value (bucket midpoint) at quantile q in [0, 1].
-  double quantile(double q) const noexcept {
-    const std::uint64_t n = total();
-    if (n == 0) return 0;
-    auto rank = static_cast<std::uint64_t>(q * static_cast<double>(n));
-    if (rank >= n) rank = n - 1;
-    std::uint64_t seen = 0;
-    for (std::size_t i = 0; i < kBuckets; ++i) {
-      seen += counts_[i];
-      if (seen > rank) return midpoint(i);
-    }
-    return midpoint(kBuckets - 1);
-  }
-
-  double max() const noexcept {
-    for (std::size_t i = kBuckets; i-- > 0;) {
-      if (counts_[i] != 0) return midpoint(i);
-    }
-    return 0;
-  }
-
- private:
-  static double midpoint(std::size_t i) noexcept {
-    if (i < 2 * kSub) return static_cast<double>(i);
-    const std::size_t shift = i / kSub - 1;
-    const std::size_t mantissa = i - kSub * shift;
-    const double low =
-        static_cast<double>(mantissa) * static_cast<double>(std::uint64_t{1} << shift);
-    return low + static_cast<double>(std::uint64_t{1} << shift) / 2.0;
-  }
-
-  std::array<std::uint64_t, kBuckets> counts_{};
-};
 
 // Converts stamp() ticks to nanoseconds with a rate measured over a run.
 struct TickRate {
@@ -784,12 +718,14 @@ struct RecoveryFixture {
   std::string error;  // non-empty when it could not be made
 };
 
-const RecoveryFixture& recovery_fixture() {
-  static const RecoveryFixture fixture = [] {
+// One fixture per job count, made on first use (benchmark thread only).
+const RecoveryFixture& recovery_fixture(std::size_t jobs) {
+  static std::map<std::size_t, RecoveryFixture> fixtures;
+  if (auto it = fixtures.find(jobs); it != fixtures.end()) return it->second;
+  const RecoveryFixture fixture = [jobs] {
     RecoveryFixture f;
-    const std::size_t jobs = snapshot_jobs();
     fs::path dir;
-    if (std::string err = fresh_dir("recover-src", dir); !err.empty()) {
+    if (std::string err = fresh_dir("recover-src-" + std::to_string(jobs), dir); !err.empty()) {
       f.error = err;
       return f;
     }
@@ -831,7 +767,7 @@ const RecoveryFixture& recovery_fixture() {
     if (f.file.empty()) f.error = "no generation file in " + dir.string();
     return f;
   }();
-  return fixture;
+  return fixtures.emplace(jobs, fixture).first->second;
 }
 
 // Drops the file's pages from the page cache (they are clean: written and
@@ -850,9 +786,8 @@ std::string drop_cached(const fs::path& file) {
 // recovers from and then writes its own final snapshot into at teardown. One
 // untimed round first, so that every timed one finds the process's memory
 // recycled rather than fresh (as the disk benchmarks do, see kKeepGenerations).
-void RunRecover(benchmark::State& state, bool cold, bool empty) {
-  const std::size_t jobs = snapshot_jobs();
-  const RecoveryFixture& fixture = recovery_fixture();
+void RunRecover(benchmark::State& state, bool cold, bool empty, std::size_t jobs) {
+  const RecoveryFixture& fixture = recovery_fixture(jobs);
   if (!empty && !fixture.error.empty()) {
     state.SkipWithError(("recovery fixture: " + fixture.error).c_str());
     return;
@@ -929,8 +864,10 @@ void RunRecover(benchmark::State& state, bool cold, bool empty) {
   }
 }
 
-void BM_Recover_1M(benchmark::State& state, bool cold) { RunRecover(state, cold, false); }
-void BM_OpenEmpty_1M(benchmark::State& state) { RunRecover(state, false, true); }
+void BM_Recover_1M(benchmark::State& state, bool cold) {
+  RunRecover(state, cold, false, snapshot_jobs());
+}
+void BM_OpenEmpty_1M(benchmark::State& state) { RunRecover(state, false, true, snapshot_jobs()); }
 
 // What a program does to have a file in memory: open, size it, allocate
 // (fresh pages: the engine's read allocates too), read. The bytes go to
@@ -965,8 +902,8 @@ std::string read_file(const std::string& path, std::unique_ptr<unsigned char[]>&
   return error;
 }
 
-void BM_PlainRead_1M(benchmark::State& state, bool cold) {
-  const RecoveryFixture& fixture = recovery_fixture();
+void RunPlainRead(benchmark::State& state, bool cold, std::size_t jobs) {
+  const RecoveryFixture& fixture = recovery_fixture(jobs);
   if (!fixture.error.empty()) {
     state.SkipWithError(("recovery fixture: " + fixture.error).c_str());
     return;
@@ -998,6 +935,148 @@ void BM_PlainRead_1M(benchmark::State& state, bool cold) {
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(fixture.bytes) * state.iterations());
   state.counters["file_MB"] = static_cast<double>(fixture.bytes) / 1e6;
+}
+
+void BM_PlainRead_1M(benchmark::State& state, bool cold) { RunPlainRead(state, cold, snapshot_jobs()); }
+
+// ---- 4. snapshot cost and recovery against the pending count -------------------------
+
+// SnapshotCost/{shm,disk}/pending:<n>: one engine with n parked jobs (64-byte
+// payloads, the worker blocked on one batch, nothing else running); each
+// iteration is one snapshot, its time set manually:
+//  - shm: the periodic shared-memory snapshot (every 10 ms, no disk store);
+//    the iteration waits for the next generation and takes the engine's own
+//    Health::last_snapshot_duration (cut + encode + publish). Two warm-up
+//    generations first.
+//  - disk: snapshot_now() (cut, encode, write, fsync, rename, fsync dir,
+//    prune the oldest of 3 generations), wall time around the call, after
+//    kWarmupWrites untimed ones (see kKeepGenerations).
+// Counters: bytes (per snapshot), bytes_per_job, pending.
+void RunSnapshotCost(benchmark::State& state, bool shm, std::size_t pending) {
+  fs::path dir;
+  EngineOptions options;
+  if (shm) {
+    options = base_options(pending);
+    options.snapshot.enabled = true;
+    options.snapshot.shm_name = unique_shm_name();
+    options.snapshot.shm_interval = std::chrono::milliseconds(10);
+    options.snapshot.disk_interval = std::chrono::milliseconds(0);
+  } else {
+    if (std::string err = fresh_dir("cost-" + std::to_string(pending), dir); !err.empty()) {
+      state.SkipWithError(err.c_str());
+      return;
+    }
+    options = disk_options(pending, dir);
+  }
+  std::uint64_t bytes = 0;
+  std::uint64_t snapshots = 0;
+  {
+    BenchEngine be;
+    if (Status st = be.open(std::move(options), Park::kBlock, false); !st.ok()) {
+      return skip(state, "open", st);
+    }
+    if (auto started = be.start(); !started) return skip(state, "start", started.status());
+    if (Status st = be.submit_parked(pending); !st.ok()) return skip(state, "setup", st);
+    if (!be.wait_parked()) {
+      state.SkipWithError("the worker never took a parked job");
+      return;
+    }
+    Engine& engine = be.engine();
+    if (shm) {
+      // Waits for a generation newer than `seen`; false after kStallLimit.
+      auto next_generation = [&engine](std::uint64_t seen, Health& h) {
+        const auto deadline = Clock::now() + kStallLimit;
+        for (;;) {
+          h = engine.health();
+          if (h.last_snapshot_generation > seen || Clock::now() > deadline) break;
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+        return h.last_snapshot_generation > seen && h.snapshot_failures == 0;
+      };
+      Health h = engine.health();
+      for (int warm = 0; warm < 2; ++warm) {
+        if (!next_generation(h.last_snapshot_generation, h)) {
+          state.SkipWithError(("no shm snapshot: " + h.last_snapshot_error).c_str());
+          return;
+        }
+      }
+      for (auto _ : state) {
+        if (!next_generation(h.last_snapshot_generation, h)) {
+          state.SkipWithError(("no shm snapshot: " + h.last_snapshot_error).c_str());
+          break;
+        }
+        state.SetIterationTime(std::chrono::duration<double>(h.last_snapshot_duration).count());
+        bytes += h.last_snapshot_bytes;
+        ++snapshots;
+      }
+    } else {
+      for (unsigned i = 0; i < kWarmupWrites; ++i) {
+        if (auto warm = engine.snapshot_now(); !warm) {
+          return skip(state, "warm-up snapshot_now", warm.status());
+        }
+      }
+      for (auto _ : state) {
+        const auto t0 = Clock::now();
+        auto info = engine.snapshot_now();
+        const auto t1 = Clock::now();
+        if (!info) {
+          skip(state, "snapshot_now", info.status());
+          break;
+        }
+        if (info->jobs != pending) {
+          state.SkipWithError(("snapshot holds " + std::to_string(info->jobs) + " jobs, expected " +
+                               std::to_string(pending))
+                                  .c_str());
+          break;
+        }
+        state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+        bytes += info->bytes;
+        ++snapshots;
+      }
+    }
+  }
+  if (!dir.empty()) remove_dir(dir);
+  if (snapshots == 0) return;
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes));
+  state.counters["pending"] = static_cast<double>(pending);
+  state.counters["bytes"] = static_cast<double>(bytes) / static_cast<double>(snapshots);
+  state.counters["bytes_per_job"] =
+      static_cast<double>(bytes) / static_cast<double>(snapshots) / static_cast<double>(pending);
+}
+
+// Pending counts of the *VsPending benchmarks: 1k, 10k, 100k, 1M, up to
+// JOBENGINE_BENCH_PENDING_MAX (default 1M).
+std::vector<std::size_t> pending_counts() {
+  const std::size_t max = env_size("JOBENGINE_BENCH_PENDING_MAX", 1'000'000);
+  std::vector<std::size_t> out;
+  for (std::size_t n = 1000; n <= max && n <= 1'000'000; n *= 10) out.push_back(n);
+  return out;
+}
+
+void register_vs_pending() {
+  for (std::size_t n : pending_counts()) {
+    const std::string tail = "/pending:" + std::to_string(n);
+    const benchmark::IterationCount iterations = n <= 10'000 ? 20 : n <= 100'000 ? 8 : 4;
+    for (bool shm : {true, false}) {
+      benchmark::RegisterBenchmark(
+          (std::string("SnapshotCost/") + (shm ? "shm" : "disk") + tail).c_str(),
+          [shm, n](benchmark::State& st) { RunSnapshotCost(st, shm, n); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(iterations);
+    }
+    const benchmark::IterationCount rounds = n <= 100'000 ? 5 : 3;
+    benchmark::RegisterBenchmark(("RecoverVsPending" + tail).c_str(),
+                                 [n](benchmark::State& st) { RunRecover(st, false, false, n); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(rounds);
+    benchmark::RegisterBenchmark(("PlainReadVsPending" + tail).c_str(),
+                                 [n](benchmark::State& st) { RunPlainRead(st, false, n); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(rounds);
+  }
 }
 
 // Not a target: snapshot::Encoder alone building the image of
@@ -1072,6 +1151,7 @@ int main(int argc, char** argv) {
   namespace jb = jobengine::bench;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  jb::register_vs_pending();
   benchmark::AddCustomContext("jobengine_snapshot_jobs", std::to_string(jb::snapshot_jobs()));
   benchmark::AddCustomContext("jobengine_shm_pending", std::to_string(jb::shm_pending()));
   benchmark::AddCustomContext("jobengine_submits_per_iteration",

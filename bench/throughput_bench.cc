@@ -50,6 +50,7 @@
 
 #include "baselines.h"
 #include "jobengine/engine.h"
+#include "sweep_bench.h"
 
 namespace jobengine::bench {
 namespace {
@@ -359,6 +360,13 @@ int main(int argc, char** argv) {
   using jobengine::bench::cpu_plan;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  jobengine::bench::register_sweep_and_open_loop();
+  std::string counts;
+  for (unsigned c : jobengine::bench::sweep_thread_counts()) {
+    if (!counts.empty()) counts += ',';
+    counts.append(std::to_string(c));
+  }
+  benchmark::AddCustomContext("jobengine_sweep_thread_counts", counts);
   // Recorded in the JSON output, so a result file says how it was produced.
   benchmark::AddCustomContext("jobengine_jobs_per_iteration",
                               std::to_string(jobengine::bench::jobs_per_iteration()));

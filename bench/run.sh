@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Builds the benchmarks (release preset) and runs the whole suite, writing
+# Google Benchmark JSON, report.md (machine, ratio tables, targets PASS/MISS)
+# and PNG plots into one results directory. See bench/README.md.
+#
+#   bench/run.sh [--quick | --full] [--out DIR] [--no-build] [--build-dir DIR] [--check]
+#
+#   --full        (default) every benchmark, repetitions; a few minutes on 2 cores
+#   --quick       CI smoke: small sizes, one repetition; well under a minute
+#   --out DIR     results directory (default build/bench-results/<UTC timestamp>-<mode>)
+#   --no-build    use the binaries already in the build directory
+#   --build-dir   where the binaries are (default build/release, the preset's)
+#   --check       after the report, check that every output exists and parses
+#                 (bench/check_results.py); timings never fail it
+#
+# Threads are pinned by the binaries themselves: the submitter to the first
+# allowed CPU and the worker to the second for the 1x1 figures, round-robin
+# over the allowed CPUs in the sweep. Restrict them with taskset if the
+# machine has cores to keep free (the suite follows sched_getaffinity).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mode=full
+out=""
+build=1
+build_dir="$root/build/release"
+check=0
+
+usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) mode=quick ;;
+    --full) mode=full ;;
+    --out) out="${2:?--out needs a directory}"; shift ;;
+    --out=*) out="${1#--out=}" ;;
+    --no-build) build=0 ;;
+    --build-dir) build_dir="${2:?--build-dir needs a directory}"; shift ;;
+    --build-dir=*) build_dir="${1#--build-dir=}" ;;
+    --check) check=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -z "$out" ]; then
+  out="$root/build/bench-results/$(date -u +%Y%m%dT%H%M%SZ)-$mode"
+fi
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+
+if [ "$build" = 1 ]; then
+  echo "== building (cmake --preset release) =="
+  (cd "$root" && cmake --preset release >/dev/null &&
+    cmake --build --preset release --target jobengine_bench jobengine_snapshot_bench \
+      jobengine_memory_bench)
+fi
+bin="$build_dir/bench"
+for b in jobengine_bench jobengine_snapshot_bench jobengine_memory_bench; do
+  if [ ! -x "$bin/$b" ]; then
+    echo "run.sh: $bin/$b is missing; build it (drop --no-build) or pass --build-dir" >&2
+    exit 2
+  fi
+done
+
+# ---- sizes per mode (each binary documents its variables) ----------------------
+if [ "$mode" = quick ]; then
+  export JOBENGINE_BENCH_JOBS=100000
+  export JOBENGINE_BENCH_SWEEP=quick
+  export JOBENGINE_BENCH_SWEEP_JOBS=10000
+  export JOBENGINE_BENCH_LATENCY_SAMPLES=2000
+  export JOBENGINE_BENCH_OPEN_MS=20
+  export JOBENGINE_BENCH_OPEN_MIN_SAMPLES=2000
+  export JOBENGINE_BENCH_OPEN_PEAK_JOBS=20000
+  export JOBENGINE_BENCH_SNAPSHOT_JOBS=20000
+  export JOBENGINE_BENCH_SHM_PENDING=10000
+  export JOBENGINE_BENCH_SUBMITS=100000
+  export JOBENGINE_BENCH_PENDING_MAX=10000
+  export JOBENGINE_BENCH_MEMORY_JOBS=10000
+  reps_targets=1
+  reps=1
+  min_time=(--benchmark_min_time=0.05)
+  sweep_min_time=()
+else
+  export JOBENGINE_BENCH_JOBS=1000000
+  export JOBENGINE_BENCH_SWEEP=full
+  export JOBENGINE_BENCH_SWEEP_JOBS=100000
+  export JOBENGINE_BENCH_PENDING_MAX=1000000
+  reps_targets=5
+  reps=3
+  min_time=()
+  sweep_min_time=(--benchmark_min_time=0.1)
+fi
+export JOBENGINE_BENCH_DIR="${JOBENGINE_BENCH_DIR:-${TMPDIR:-/tmp}}"
+
+# ---- the machine ----------------------------------------------------------------
+cache="$build_dir/CMakeCache.txt"
+cache_get() { sed -n "s/^$1:[A-Z]*=//p" "$cache" 2>/dev/null | head -n1; }
+cxx="$(cache_get CMAKE_CXX_COMPILER)"
+build_type="$(cache_get CMAKE_BUILD_TYPE)"
+build_type_uc="$(echo "$build_type" | tr '[:lower:]' '[:upper:]')"
+flags="$(cache_get CMAKE_CXX_FLAGS) $(cache_get "CMAKE_CXX_FLAGS_$build_type_uc")"
+{
+  echo "cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+  echo "cpus_online=$(getconf _NPROCESSORS_ONLN)"
+  echo "cpus_allowed=$(nproc)"
+  echo "cpus_allowed_list=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
+  echo "kernel=$(uname -r)"
+  echo "arch=$(uname -m)"
+  echo "os=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}")"
+  echo "virtualization=$(systemd-detect-virt 2>/dev/null || echo unknown)"
+  echo "memory=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+  echo "compiler=$("${cxx:-c++}" --version 2>/dev/null | head -n1)"
+  echo "build_type=$build_type"
+  echo "cxx_flags=$(echo "$flags" | xargs)"
+  echo "git_commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
+  echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "mode=$mode"
+  echo "command=bench/run.sh --$mode"
+  echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
+} > "$out/machine.txt"
+
+# ---- the runs -------------------------------------------------------------------
+run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
+  local name="$1" binary="$2" repetitions="$3" filter="$4"
+  shift 4
+  local t0=$SECONDS
+  printf '== %-10s %s --benchmark_filter=%q (%s repetitions) ... ' "$name" "$binary" "$filter" \
+    "$repetitions"
+  "$bin/$binary" --benchmark_filter="$filter" \
+    --benchmark_repetitions="$repetitions" \
+    --benchmark_enable_random_interleaving=true \
+    "${min_time[@]}" "$@" \
+    --benchmark_out="$out/$name.json" --benchmark_out_format=json \
+    > "$out/$name.log" 2>&1 || { echo "FAILED (see $out/$name.log)"; tail -n 20 "$out/$name.log" >&2; exit 1; }
+  echo "$((SECONDS - t0)) s"
+}
+
+start=$SECONDS
+run throughput jobengine_bench "$reps_targets" '^BM_(Engine|Bare|Mutex|Asio|Tbb)'
+run wakeup jobengine_bench "$reps" '^BM_WakeLatency'
+run sweep jobengine_bench "$reps" '^Sweep/' "${sweep_min_time[@]}"
+run openloop jobengine_bench "$reps" '^OpenLoop/'
+run snapshot jobengine_snapshot_bench "$reps" '^BM_'
+run pending jobengine_snapshot_bench "$reps" '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
+run memory jobengine_memory_bench 1 '.'
+echo "load_after=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
+echo "suite_seconds=$((SECONDS - start))" >> "$out/machine.txt"
+
+echo "== report"
+python3 "$root/bench/report.py" "$out"
+if [ "$check" = 1 ]; then
+  python3 "$root/bench/check_results.py" "$out"
+fi
+echo
+echo "results:  $out"
+echo "report:   $out/report.md"
+echo "plots:    $(cd "$out" && ls -1 ./*.png 2>/dev/null | tr '\n' ' ')"
+echo "compare:  python3 bench/compare.py <before-dir> $out"
