@@ -189,6 +189,7 @@ TEST(EngineOpenTest, OptionsAreKept) {
   o.capacity = 333;
   o.max_payload = 5000;
   o.max_attempts = 7;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   o.fairness_period = 3;
   o.dequeue_batch = 9;
   o.spin_iterations = 11;
@@ -265,6 +266,7 @@ TEST(EngineOpenTest, CapacityAboveTwoToThe31IsInvalidArgumentNamingCapacity) {
 TEST(EngineOpenTest, ZeroMaxAttemptsIsInvalidArgumentNamingMaxAttempts) {
   EngineOptions o = SmallOptions();
   o.max_attempts = 0;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   EXPECT_TRUE(HasError(Engine::open(o), StatusCode::kInvalidArgument, "max_attempts"));
 }
 
@@ -286,6 +288,7 @@ TEST(EngineOpenTest, BoundaryValuesAreAccepted) {
   EngineOptions o = SmallOptions();
   o.capacity = 1;
   o.max_attempts = 1;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   o.dequeue_batch = 1;
   o.fairness_period = 0;
   o.spin_iterations = 0;
@@ -1147,6 +1150,7 @@ TEST(EngineOutcomeTest, RetryRerunsUntilMaxAttemptsThenCountsFailed) {
   Recorder rec;
   EngineOptions o = SmallOptions();
   o.max_attempts = 4;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("retry", rec.handler(Outcome::kRetry));
@@ -1175,7 +1179,9 @@ TEST(EngineOutcomeTest, RetryRerunsUntilMaxAttemptsThenCountsFailed) {
 TEST(EngineOutcomeTest, RetryThenDoneCountsDone) {
   std::mutex mu;
   std::vector<std::uint32_t> attempts;
-  auto engine = Engine::open(SmallOptions());
+  EngineOptions o = SmallOptions();
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // the drain below runs the retry
+  auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("flaky", [&](JobContext& job) {
     std::lock_guard<std::mutex> lock(mu);
@@ -1197,6 +1203,7 @@ TEST(EngineOutcomeTest, MaxAttemptsOneNeverRetries) {
   Recorder rec;
   EngineOptions o = SmallOptions();
   o.max_attempts = 1;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("retry", rec.handler(Outcome::kRetry));
@@ -1232,6 +1239,7 @@ TEST(EngineOutcomeTest, HandlerExceptionIsCaughtCountedAndWorkerSurvives) {
   std::atomic<int> runs{0};
   EngineOptions o = SmallOptions();
   o.max_attempts = 1;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto thrower = engine->register_handler(
@@ -1264,6 +1272,7 @@ TEST(EngineOutcomeTest, NonStandardExceptionIsCaughtToo) {
   std::atomic<int> runs{0};
   EngineOptions o = SmallOptions();
   o.max_attempts = 1;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto thrower = engine->register_handler("throw", [](JobContext&) -> Outcome { throw 42; });
@@ -1285,6 +1294,7 @@ TEST(EngineOutcomeTest, ThrowingHandlerIsRetriedLikeRetryOutcome) {
   std::vector<std::uint32_t> attempts;
   EngineOptions o = SmallOptions();
   o.max_attempts = 3;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("flaky", [&](JobContext& job) -> Outcome {
@@ -1312,6 +1322,7 @@ TEST(EngineOutcomeTest, AlwaysThrowingHandlerFailsAfterMaxAttempts) {
   std::atomic<int> calls{0};
   EngineOptions o = SmallOptions();
   o.max_attempts = 3;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);  // retries requeue at once
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("throw", [&](JobContext&) -> Outcome {
@@ -1338,6 +1349,9 @@ TEST(EngineStopTest, DrainRunsEveryQueuedJobIncludingRetries) {
   EngineOptions o = SmallOptions();
   o.workers = 2;
   o.capacity = 4096;
+  // Retries that requeue at once are queued jobs, which a drain runs (one in
+  // backoff is left: semantics_test DrainRunsQueuedJobsAndLeavesWhatIsNotDueYet).
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   auto h = engine->register_handler("h", [&](JobContext& job) {

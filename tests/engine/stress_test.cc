@@ -446,6 +446,8 @@ void RunRound(const RoundParams& p, Totals* totals) {
   o.dequeue_batch = p.dequeue_batch;
   o.fairness_period = p.fairness_period;
   o.max_attempts = p.max_attempts;
+  // The model expects a drain to run every retry: retries requeue at once.
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);
   o.max_payload = 4096;
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok()) << engine.status().to_string();
