@@ -4,6 +4,7 @@
 // (PrometheusParser below), which is itself tested against broken texts so
 // that it cannot pass vacuously.
 #include "engine/metrics.h"
+#include "jobengine/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -1266,6 +1267,39 @@ TEST(JsonFormat, NonFiniteBecomesNullAndSnapshotsAreOmitted) {
   EXPECT_EQ(j.at("healthy"), false);
   EXPECT_TRUE(j.at("handlers").empty());
   expect_histogram_json(j.at("scheduler_lateness"), HistogramData{});
+}
+
+// ---- A live engine's output ---------------------------------------------------------
+
+TEST(EngineMetrics, LiveEngineTextPassesTheStrictParserAndJsonParses) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 256;
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  auto ok = engine->register_handler("img \"thumb\"", [](JobContext&) { return Outcome::kDone; });
+  auto bad = engine->register_handler("mail\\n", [](JobContext& job) {
+    return job.attempt() < 2 ? Outcome::kRetry : Outcome::kFail;
+  });
+  ASSERT_TRUE(ok.ok() && bad.ok());
+  ASSERT_TRUE(engine->start().ok());
+  for (int i = 0; i < 50; ++i) ASSERT_TRUE(engine->submit(*ok, "").ok());
+  ASSERT_TRUE(engine->submit(*bad, "").ok());
+  for (int i = 0; i < 2000 && engine->health().pending != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_EQ(engine->health().pending, 0u);
+  PromText parsed;
+  const std::string text = engine->metrics_text();
+  const std::string error = parse_prometheus(text, &parsed);
+  EXPECT_EQ(error, "") << text;
+  const auto j = nlohmann::json::parse(engine->metrics_json());
+  ASSERT_TRUE(j.contains("handlers"));
+  ASSERT_EQ(j.at("handlers").size(), 2u);
+  EXPECT_EQ(j.at("handlers")[0].at("done").get<std::uint64_t>(), 50u);
+  EXPECT_EQ(j.at("handlers")[1].at("retried").get<std::uint64_t>(), 1u);
+  EXPECT_EQ(j.at("handlers")[1].at("failed").get<std::uint64_t>(), 1u);
 }
 
 }  // namespace
