@@ -47,6 +47,20 @@
 //      after the bump) also sees the horizon and keeps the slot and its
 //      payload out of the pool until end_cut(): the cut's members stay intact
 //      while the snapshot thread copies them.
+//  I8. Cancellation. cancel() CASes kCancelBit into a slot's id word,
+//      expecting the exact id (ids are never reused, so a reused slot fails
+//      the CAS), issues the heavy fence, then reads the state. A worker stores
+//      kRunning, issues the light fence, then reads the id word. Either
+//      cancel() reads kRunning (kCancelRequested: the handler sees
+//      cancelled()) or the worker sees the bit and never runs the job. The
+//      scheduler purges cancelled jobs it holds; a retry of a cancelled job is
+//      never scheduled (after_handler checks the bit first).
+//  I9. Scheduled jobs (kDelayed, kWaitingRetry) are held by the scheduler: it
+//      alone moves them to a queue (state kQueued first) or retires them
+//      (cancelled), stamping finish epochs under its own announcement
+//      (sched_announce_, waited out by begin_cut like a worker's). Dead
+//      letters live outside the table, under dead_mu_, and are copied into
+//      every snapshot.
 #include <sched.h>
 
 #include <algorithm>
@@ -691,7 +705,6 @@ class Engine::Impl final : public detail::CutSource {
                     "(options.snapshot.enabled and options.snapshot.dir)");
     }
     stop_mode_.store(static_cast<std::uint8_t>(mode), std::memory_order_relaxed);
-    stop_ticks_ = vnow();
     // I2: close intake, then wait for submitters inside it to leave.
     state_.store(EngineState::kStopping, std::memory_order_seq_cst);
     asymmetric_fence_heavy();
@@ -2257,7 +2270,6 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<std::uint64_t> sched_cancelled_{0};
   std::atomic<std::uint64_t> sched_dropped_{0};
   alignas(kCacheLine) detail::LatencyHistogram lateness_;  // scheduler-written
-  std::uint64_t stop_ticks_ = 0;  // when stop() closed intake (kDrain's line for delayed jobs)
   std::vector<Timer> sched_left_;               // after the scheduler stopped: still scheduled
   detail::RetireBuffer sched_retired_{0};
   std::atomic<std::uint8_t> stop_mode_{0};
