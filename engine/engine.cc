@@ -1515,9 +1515,9 @@ class Engine::Impl final : public detail::CutSource {
       outcome = handler_threw(w, s, h, ctx);
     }
     w.running.store(0, std::memory_order_relaxed);
+#if JOBENGINE_METRICS
     // One clock read per job: this run's end is the next run's start.
     now = Clock::ticks();
-#if JOBENGINE_METRICS
     bump(hs.started);
     const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
     hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0);
