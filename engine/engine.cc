@@ -1880,8 +1880,14 @@ class Engine::Impl final : public detail::CutSource {
         break;  // the slot was reused: the job finished
       }
       asymmetric_fence_heavy();
+      // From here on the bit is ours: the job either never runs or was
+      // already starting, never "not found".
       const SlotState now = s.state.load(std::memory_order_acquire);
-      if ((s.id_word.load(std::memory_order_acquire) & kIdMask) != id) break;  // finished
+      if ((s.id_word.load(std::memory_order_relaxed) & kIdMask) != id) {
+        // Retired and reused since our CAS (the acquire above saw the new
+        // occupant's state, claim() stores it with release after its id).
+        return CancelResult::kCancelRequested;
+      }
       switch (now) {
         case SlotState::kDelayed:
         case SlotState::kWaitingRetry:
@@ -1893,9 +1899,11 @@ class Engine::Impl final : public detail::CutSource {
         case SlotState::kRunning:
           return CancelResult::kCancelRequested;
         default:
-          break;
+          // Retired after our CAS: a worker was starting it. Either it saw the
+          // bit and never ran it, or it ran it to the end: the answer that is
+          // true in both cases is kCancelRequested (I8).
+          return CancelResult::kCancelRequested;
       }
-      break;
     }
     return Status(StatusCode::kNotFound,
                   "cancel(): no pending job " + std::to_string(id) +

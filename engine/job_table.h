@@ -226,7 +226,9 @@ class JobTable {
     s.submit_epoch.store(epoch, std::memory_order_relaxed);
     s.finish_epoch.store(0, std::memory_order_release);
     s.attempts.store(0, std::memory_order_relaxed);
-    s.state.store(initial, std::memory_order_relaxed);
+    // Release: cancel() (engine.cc I8) that acquires this state sees the id
+    // stored before it. A plain store on x86.
+    s.state.store(initial, std::memory_order_release);
   }
 
   // Ends a job: stamps finish_epoch, state kRetired. The payload stays until

@@ -451,6 +451,78 @@ TEST(CancelTest, QueuedDelayedAndRunningJobsEachSayWhatHappened) {
   EXPECT_EQ(engine->cancel(*running).status().code(), StatusCode::kFailedPrecondition);
 }
 
+TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {
+  EngineOptions o;
+  o.workers = 2;
+  o.capacity = 1 << 14;
+  o.max_attempts = 1;
+  o.idle = IdleStrategy::kSpinThenBlock;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  constexpr int kJobs = 6000;
+  std::vector<std::atomic<int>> ran(kJobs);
+  auto h = engine->register_handler("c", [&](JobContext& job) {
+    const int i = std::stoi(std::string(job.payload()));
+    ran[static_cast<std::size_t>(i)].fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  std::vector<JobId> ids(kJobs);
+  std::vector<std::atomic<int>> outcome(kJobs);  // 0 none, 1 cancelled, 2 requested, 3 not found
+  std::atomic<int> submitted{0};
+  std::thread submitter([&] {
+    for (int i = 0; i < kJobs; ++i) {
+      SubmitOptions so;
+      if (i % 3 == 0) so.delay = std::chrono::microseconds(50 * (i % 40));
+      auto id = engine->submit(*h, std::to_string(i), so);
+      if (!id.ok()) {
+        ADD_FAILURE() << id.status().to_string();
+        return;
+      }
+      ids[static_cast<std::size_t>(i)] = *id;
+      submitted.store(i + 1, std::memory_order_release);
+    }
+  });
+  std::thread canceller([&] {
+    std::uint64_t x = 88172645463325252ull;
+    int done_cancels = 0;
+    while (done_cancels < kJobs / 3) {
+      const int n = submitted.load(std::memory_order_acquire);
+      if (n == 0) continue;
+      x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+      const int i = static_cast<int>(x % static_cast<std::uint64_t>(n));
+      if (outcome[static_cast<std::size_t>(i)].load() != 0) continue;
+      auto r = engine->cancel(ids[static_cast<std::size_t>(i)]);
+      int v = 3;
+      if (r.ok()) v = *r == CancelResult::kCancelled ? 1 : 2;
+      outcome[static_cast<std::size_t>(i)].store(v);
+      ++done_cancels;
+    }
+  });
+  submitter.join();
+  canceller.join();
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().pending == 0; }));
+  auto report = engine->stop(StopMode::kDrain);
+  ASSERT_TRUE(report.ok());
+  int cancelled = 0, requested_ran = 0;
+  for (int i = 0; i < kJobs; ++i) {
+    const int r = ran[static_cast<std::size_t>(i)].load();
+    const int c = outcome[static_cast<std::size_t>(i)].load();
+    ASSERT_LE(r, 1) << "job " << i << " ran twice";
+    if (c == 1) {
+      ASSERT_EQ(r, 0) << "job " << i << " ran after cancel() said kCancelled";
+      ++cancelled;
+    }
+    if (c == 3) {
+      ASSERT_EQ(r, 1) << "job " << i << ": cancel() said not found but it never ran";
+    }
+    if (c == 2 && r == 1) ++requested_ran;
+  }
+  EXPECT_EQ(report->done + report->cancelled, static_cast<std::uint64_t>(kJobs));
+  EXPECT_GE(report->cancelled, static_cast<std::uint64_t>(cancelled));
+  EXPECT_EQ(report->delayed_left, 0u);
+}
+
 // ---- deadlines -------------------------------------------------------------------
 
 TEST(DeadlineTest, AJobPastItsDeadlineIsReportedStuckAndCounted) {

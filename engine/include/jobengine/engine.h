@@ -126,8 +126,9 @@ struct StopReport {
 enum class CancelResult : std::uint8_t {
   // The job was queued, delayed or waiting to retry: it will never run (again).
   kCancelled,
-  // The job was running (or just starting): JobContext::cancelled() is now
-  // true for it; if it had not started yet it will not run. It is not retried.
+  // The job was running or just starting (it may even have finished by the
+  // time cancel() returns): JobContext::cancelled() is now true for it; if it
+  // had not started yet it will not run. It is not retried.
   kCancelRequested,
 };
 std::string_view cancel_result_name(CancelResult r) noexcept;
