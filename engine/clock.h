@@ -83,7 +83,7 @@ class Clock {
   static std::uint64_t ticks_in_ns(std::int64_t ns) noexcept {
     if (ns <= 0) return 0;
     if (source_ == Source::kSteady) return static_cast<std::uint64_t>(ns);
-    return static_cast<std::uint64_t>((static_cast<Uint128>(ns) << 32) / mult_);
+    return static_cast<std::uint64_t>((static_cast<Uint128>(ns) * inv_mult_) >> 32);
   }
 
  private:
@@ -92,6 +92,7 @@ class Clock {
   // orders it for them); plain reads afterwards.
   static inline Source source_ = Source::kSteady;
   static inline std::uint64_t mult_ = std::uint64_t{1} << 32;  // ns per tick << 32
+  static inline std::uint64_t inv_mult_ = std::uint64_t{1} << 32;  // 2^64 / mult_
   static inline std::uint64_t reanchor_ticks_ = 0;              // ~1 s of ticks
 
   static inline ClockAnchor anchor_;

@@ -1,6 +1,7 @@
 // JobTable and RetireBuffer: the slot arena's free pool, epoch stamps and
 // retirement horizon that the snapshot thread relies on.
 #include "engine/job_table.h"
+#include "engine/clock.h"
 
 #include <gtest/gtest.h>
 
@@ -232,6 +233,20 @@ TEST(RetireBufferTest, SlotsHeldByTheHorizonAreParkedWithTheTableNotKeptByTheWor
   EXPECT_EQ(t.release_parked(), 35u);
   EXPECT_EQ(take_all(t).size(), 35u);
   EXPECT_EQ(t.release_parked(), 0u);
+}
+
+// The clock's conversions (engine/clock.h): ns -> ticks -> ns round-trips
+// within the tick resolution plus 1e-9 relative, from 1 ns to a year.
+TEST(ClockTest, NanosecondsToTicksAndBackRoundTrip) {
+  Clock::init();
+  for (std::int64_t ns : {std::int64_t{1}, std::int64_t{999}, std::int64_t{1'000'000},
+                          std::int64_t{3'600'000'000'000}, std::int64_t{31'536'000'000'000'000}}) {
+    const std::uint64_t ticks = Clock::ticks_in_ns(ns);
+    const double back = static_cast<double>(Clock::ns_in_ticks(ticks));
+    EXPECT_NEAR(back, static_cast<double>(ns), 2.0 + 1e-9 * static_cast<double>(ns)) << ns << " ns";
+  }
+  EXPECT_EQ(Clock::ticks_in_ns(0), 0u);
+  EXPECT_EQ(Clock::ticks_in_ns(-5), 0u);
 }
 
 }  // namespace
