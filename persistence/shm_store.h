@@ -122,6 +122,17 @@ class ShmStore {
   // kFailedPrecondition as for open_or_create. Thread-safe.
   static Result<std::vector<unsigned char>> read_existing(const std::string& name);
 
+  // Validates `segment`, the bytes of a whole segment (as copied from
+  // /dev/shm/<name>), as read_existing() validates a mapped one (control
+  // block, active slot descriptor, image checksum), and returns a copy of its
+  // active image. No writer moves a copy on, so an active slot marked
+  // mid-write is kCorruption at once. kNotFound for an empty or never
+  // initialised segment. `verify_checksum` is false only in fuzzing builds
+  // (tests/fuzz/shm_segment_fuzzer.cc), so that mutations reach past the
+  // checksum. Messages name the segment "(copy)". Thread-safe.
+  static Result<std::vector<unsigned char>> parse_segment(std::span<const unsigned char> segment,
+                                                          bool verify_checksum = true);
+
   // Removes the segment's name (shm_unlink); processes that have it mapped
   // keep their mapping. OK if it did not exist. kIoError on any other failure.
   static Status remove(const std::string& name);
