@@ -1,8 +1,12 @@
-# FindXxHash: the xxHash library (XXH3), from Debian's libxxhash-dev.
+# FindXxHash: the xxHash headers (XXH3), from Debian's libxxhash-dev.
 # Defines the imported target XxHash::XxHash and XxHash_FOUND,
-# XxHash_INCLUDE_DIR, XxHash_LIBRARY, XxHash_VERSION.
+# XxHash_INCLUDE_DIR, XxHash_VERSION.
+#
+# Header-only: the one user (persistence/snapshot_format.cc) defines
+# XXH_INLINE_ALL, so nothing links libxxhash. That also lets a cross build
+# (cmake/aarch64-linux-gnu.cmake) use the host's architecture-independent
+# xxhash.h without a libxxhash for the target.
 find_path(XxHash_INCLUDE_DIR NAMES xxhash.h)
-find_library(XxHash_LIBRARY NAMES xxhash)
 
 if(XxHash_INCLUDE_DIR AND EXISTS "${XxHash_INCLUDE_DIR}/xxhash.h")
   file(STRINGS "${XxHash_INCLUDE_DIR}/xxhash.h" _xxh_lines
@@ -15,14 +19,13 @@ endif()
 
 include(FindPackageHandleStandardArgs)
 find_package_handle_standard_args(XxHash
-  REQUIRED_VARS XxHash_LIBRARY XxHash_INCLUDE_DIR
+  REQUIRED_VARS XxHash_INCLUDE_DIR
   VERSION_VAR XxHash_VERSION
   REASON_FAILURE_MESSAGE "install Debian's libxxhash-dev (tools/setup.sh does)")
 
 if(XxHash_FOUND AND NOT TARGET XxHash::XxHash)
-  add_library(XxHash::XxHash UNKNOWN IMPORTED)
+  add_library(XxHash::XxHash INTERFACE IMPORTED)
   set_target_properties(XxHash::XxHash PROPERTIES
-    IMPORTED_LOCATION "${XxHash_LIBRARY}"
     INTERFACE_INCLUDE_DIRECTORIES "${XxHash_INCLUDE_DIR}")
 endif()
-mark_as_advanced(XxHash_INCLUDE_DIR XxHash_LIBRARY)
+mark_as_advanced(XxHash_INCLUDE_DIR)

@@ -20,6 +20,10 @@ constexpr std::string_view kGenSuffix = ".jobsnap";
 constexpr std::size_t kGenDigits = 20;
 constexpr mode_t kDirMode = 0700;
 constexpr mode_t kFileMode = 0600;
+// EINTR means the call did nothing and may be repeated; a call interrupted
+// kMaxEintrRetries times in a row (a signal storm, a broken file system)
+// fails the publish with EINTR instead of spinning the snapshot thread
+// forever (file_system.h).
 
 // "<step> <path>: <errno text>", the shape of every I/O error of this file.
 Status io_error(std::string_view step, const std::string& path, int error) {
@@ -120,12 +124,14 @@ class ScopedFd {
 // retries (nothing was written). Returns 0 or the errno of the failed write.
 int write_all(FileSystem& fs, int fd, std::span<const unsigned char> bytes) {
   std::size_t done = 0;
+  int interrupted = 0;  // EINTRs in a row
   while (done < bytes.size()) {
     SysResult<std::size_t> r = fs.write(fd, bytes.data() + done, bytes.size() - done);
     if (!r.ok()) {
-      if (r.error == EINTR) continue;
+      if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
       return r.error;
     }
+    interrupted = 0;
     if (r.value == 0) return EIO;  // write(2) made no progress: never loop forever
     done += r.value;
   }
@@ -133,9 +139,9 @@ int write_all(FileSystem& fs, int fd, std::span<const unsigned char> bytes) {
 }
 
 int fsync_retrying_eintr(FileSystem& fs, int fd) {
-  for (;;) {
+  for (int interrupted = 1;; ++interrupted) {
     int err = fs.fsync(fd);
-    if (err != EINTR) return err;
+    if (err != EINTR || interrupted == kMaxEintrRetries) return err;
   }
 }
 
@@ -355,12 +361,14 @@ Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std:
 
   std::vector<unsigned char> bytes(static_cast<std::size_t>(st.value.size));
   std::size_t done = 0;
+  int interrupted = 0;  // EINTRs in a row
   while (done < bytes.size()) {
     SysResult<std::size_t> r = fs.read(fd.value, bytes.data() + done, bytes.size() - done);
     if (!r.ok()) {
-      if (r.error == EINTR) continue;
+      if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
       return io_error("read", path, r.error);
     }
+    interrupted = 0;
     if (r.value == 0) {
       return Status(StatusCode::kIoError, "read " + path + ": file shrank to " +
                                               std::to_string(done) + " of " +

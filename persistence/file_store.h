@@ -8,9 +8,10 @@
 //
 // Publish protocol (design.md "Atomic publish"): create the temp file in the
 // same directory with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0600 (fchmod,
-// whatever the umask); write all bytes (short writes and EINTR continue; any
-// other error fails); fsync the file; close it; rename it to its final name;
-// fsync the directory; only then return OK. On any failure the temp file is
+// whatever the umask); write all bytes (short writes and EINTR continue, up
+// to 1000 EINTRs in a row; any other error fails); fsync the file (EINTR
+// retried the same way); close it; rename it to its final name; fsync the
+// directory; only then return OK. On any failure the temp file is
 // removed, the previous generations are untouched and still verify, and the
 // error (kIoError) names the step ("write", "fsync", "close", "rename",
 // "fsync dir", ...), the path and the errno text; nothing is retried silently

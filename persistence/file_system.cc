@@ -53,26 +53,26 @@ std::string errno_text(int error) {
 SysResult<int> PosixFileSystem::open(const std::string& path, int flags, mode_t mode) {
   // open() of a FIFO or device may block; EINTR then means nothing was opened
   // and the call may be repeated.
-  for (;;) {
+  for (int tries = 1;; ++tries) {
     int fd = ::open(path.c_str(), flags | O_CLOEXEC, mode);
     if (fd >= 0) return {fd, 0};
-    if (errno != EINTR) return {-1, errno};
+    if (errno != EINTR || tries == kMaxEintrRetries) return {-1, errno};
   }
 }
 
 SysResult<std::size_t> PosixFileSystem::write(int fd, const void* data, std::size_t size) {
-  for (;;) {
+  for (int tries = 1;; ++tries) {
     ssize_t n = ::write(fd, data, size);
     if (n >= 0) return {static_cast<std::size_t>(n), 0};
-    if (errno != EINTR) return {0, errno};
+    if (errno != EINTR || tries == kMaxEintrRetries) return {0, errno};
   }
 }
 
 SysResult<std::size_t> PosixFileSystem::read(int fd, void* data, std::size_t size) {
-  for (;;) {
+  for (int tries = 1;; ++tries) {
     ssize_t n = ::read(fd, data, size);
     if (n >= 0) return {static_cast<std::size_t>(n), 0};
-    if (errno != EINTR) return {0, errno};
+    if (errno != EINTR || tries == kMaxEintrRetries) return {0, errno};
   }
 }
 
@@ -80,9 +80,9 @@ int PosixFileSystem::fsync(int fd) {
   // An interrupted fsync reported no I/O error, so asking again is safe. Any
   // other error is returned and never retried: after a failed fsync Linux may
   // have dropped the dirty pages and a second fsync could falsely succeed.
-  for (;;) {
+  for (int tries = 1;; ++tries) {
     if (::fsync(fd) == 0) return 0;
-    if (errno != EINTR) return errno;
+    if (errno != EINTR || tries == kMaxEintrRetries) return errno;
   }
 }
 
@@ -149,9 +149,9 @@ SysResult<std::vector<std::string>> PosixFileSystem::list_dir(const std::string&
 }
 
 int PosixFileSystem::lock_exclusive(int fd) {
-  for (;;) {
+  for (int tries = 1;; ++tries) {
     if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return 0;
-    if (errno != EINTR) return errno;
+    if (errno != EINTR || tries == kMaxEintrRetries) return errno;
   }
 }
 

@@ -10,8 +10,10 @@
 //   - Paths are used as given (no normalization); callers that must not
 //     follow a symlink pass O_NOFOLLOW or use lstat.
 //   - Each method is one system call, or a loop that retries only EINTR
-//     where POSIX allows a retry. A short write is returned to the caller,
-//     which continues it (FileStore does).
+//     where POSIX allows a retry, at most kMaxEintrRetries times in a row
+//     (then EINTR is returned: a signal storm or a broken file system must
+//     not spin the snapshot thread forever). A short write is returned to
+//     the caller, which continues it (FileStore does).
 #pragma once
 
 #include <sys/types.h>
@@ -42,6 +44,9 @@ struct FileInfo {
   std::uint64_t device = 0;
   std::uint64_t inode = 0;
 };
+
+// EINTRs in a row after which a retrying call gives up and returns EINTR.
+inline constexpr int kMaxEintrRetries = 1000;
 
 // The errno's text, as strerror() gives it but thread-safe ("Input/output error").
 std::string errno_text(int error);
@@ -85,8 +90,9 @@ class FileSystem {
 };
 
 // The real file layer: direct POSIX calls, every descriptor O_CLOEXEC, EINTR
-// retried inside write/read/fsync/lock (nothing happened, so a retry is what
-// POSIX allows) and reported as success by close (Linux releases the fd).
+// retried inside open/write/read/fsync/lock (nothing happened, so a retry is
+// what POSIX allows; at most kMaxEintrRetries times in a row) and reported
+// as success by close (Linux releases the fd).
 class PosixFileSystem final : public FileSystem {
  public:
   SysResult<int> open(const std::string& path, int flags, mode_t mode) override;

@@ -260,6 +260,28 @@ Status permission_refused(const std::string& name, const bip::interprocess_excep
                 label(name) + ": permission denied (" + e.what() + "): refusing to use it");
 }
 
+// shm_open (glibc adds O_NOFOLLOW) said ELOOP: /dev/shm/<name> is a symlink,
+// which a segment of ours never is.
+Status symlink_refused(const std::string& name) {
+  return Status(StatusCode::kFailedPrecondition,
+                label(name) + " (" + dev_shm_path(name) +
+                    ") is a symlink: refusing to follow it (remove it if it is stale)");
+}
+
+// Before opening an existing segment: /dev/shm/<name> must be a regular
+// file (lstat, so never followed). A FIFO there would block shm_open()
+// O_RDONLY forever, and a symlink or device is never a segment of ours. A
+// missing name is left to the open to report. /dev/shm is sticky, so once
+// the entry is a regular file only its owner can swap it before the open,
+// and the owner and mode are checked again on the descriptor.
+Status check_entry(const std::string& name) {
+  struct stat st;
+  if (::lstat(dev_shm_path(name).c_str(), &st) != 0) return Status();
+  if (S_ISLNK(st.st_mode)) return symlink_refused(name);
+  if (!S_ISREG(st.st_mode)) return check_stat(name, st);
+  return Status();
+}
+
 Result<std::size_t> file_size(const std::string& name, int fd) {
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -331,15 +353,19 @@ void backoff(int attempt) {
 // Copies the active image out of a segment whose header was checked. The
 // writer may publish concurrently (see the top). `current()` gives the
 // mapping to read through; `refresh()` maps the segment afresh if it grew
-// (true) for a reader in another process than the writer.
+// (true) for a reader in another process than the writer. `max_attempts` is
+// 1 for a copy of a segment (no writer can move it on); `verify_checksum` is
+// false only for fuzzing (ShmStore::parse_segment).
 template <typename CurrentFn, typename RefreshFn>
 Result<std::vector<unsigned char>> read_image(const std::string& name, const ControlBlock& c,
-                                              CurrentFn current, RefreshFn refresh) {
+                                              CurrentFn current, RefreshFn refresh,
+                                              int max_attempts = kMaxReadAttempts,
+                                              bool verify_checksum = true) {
   std::vector<unsigned char> out;
   int stuck = 0;  // attempts in a row that found the same active slot mid-write
   std::uint32_t stuck_slot = 2;
   std::uint64_t stuck_version = 0;
-  for (int attempt = 0; attempt < kMaxReadAttempts; ++attempt) {
+  for (int attempt = 0; attempt < max_attempts; ++attempt) {
     backoff(attempt);
     // Acquire: pairs with the writer's flip; the slot's writes before it are visible.
     const std::uint32_t a = c.active.load(std::memory_order_acquire);
@@ -383,6 +409,7 @@ Result<std::vector<unsigned char>> read_image(const std::string& name, const Con
     // Orders the copy before the version reload (seqlock read side).
     std::atomic_thread_fence(std::memory_order_acquire);
     if (d.version.load(std::memory_order_relaxed) != v1) continue;  // torn: retry
+    if (!verify_checksum) return out;
     const std::uint64_t sum = snapshot::checksum(out.data(), out.size());
     if (sum != s.checksum) {
       return corruption(name, "slot " + std::to_string(a) + " (generation " +
@@ -392,13 +419,13 @@ Result<std::vector<unsigned char>> read_image(const std::string& name, const Con
     }
     return out;
   }
-  if (stuck == kMaxReadAttempts) {
+  if (stuck == max_attempts) {
     return corruption(name, "active slot " + std::to_string(stuck_slot) +
                                 " is marked mid-write (version " + std::to_string(stuck_version) +
                                 ") and stays so");
   }
   return Status(StatusCode::kFailedPrecondition,
-                label(name) + ": gave up after " + std::to_string(kMaxReadAttempts) +
+                label(name) + ": gave up after " + std::to_string(max_attempts) +
                     " attempts: the writer rewrote the slot during every copy");
 }
 
@@ -624,6 +651,8 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
       } catch (const bip::interprocess_exception& e) {
         if (e.get_native_error() != EEXIST) return io_error(name, "cannot create", e.what());
       }
+      st = check_entry(name);
+      if (!st.ok()) return st;
       try {
         impl->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
         break;
@@ -631,6 +660,7 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
         const int err = e.get_native_error();
         if (err == ENOENT && tries < 3) continue;  // removed between our two calls
         if (err == EACCES || err == EPERM) return permission_refused(name, e);
+        if (err == ELOOP) return symlink_refused(name);
         return io_error(name, "cannot open", e.what());
       }
     }
@@ -693,7 +723,14 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
     SlotDescriptor& d = c.slots[i];
     // Outside the odd window, to keep it short.
     const std::uint64_t sum = snapshot::checksum(image.data(), image.size());
-    const std::uint64_t odd = d.version.load(std::memory_order_relaxed) | 1;
+    // The even version that completes the slot is odd + 1, which must not
+    // wrap to 0 ("never written"): a segment left with a version at the top
+    // of its range (damaged, or hostile) would otherwise publish an image
+    // that every reader takes for no image at all (found by
+    // shm_segment_fuzzer). Restarting at 1 is safe: a reader compares
+    // versions only across one copy.
+    std::uint64_t odd = d.version.load(std::memory_order_relaxed) | 1;
+    if (odd == UINT64_MAX) odd = 1;
     d.version.store(odd, std::memory_order_relaxed);
     // Release fence: a reader whose copy sees any write below sees `odd` (top).
     std::atomic_thread_fence(std::memory_order_release);
@@ -741,6 +778,8 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
   Status st = check_name(name);
   if (!st.ok()) return st;
   try {
+    st = check_entry(name);
+    if (!st.ok()) return st;
     bip::shared_memory_object shm;
     try {
       shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_only);
@@ -748,6 +787,7 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
       const int err = e.get_native_error();
       if (err == ENOENT) return Status(StatusCode::kNotFound, label(name) + " does not exist");
       if (err == EACCES || err == EPERM) return permission_refused(name, e);
+      if (err == ELOOP) return symlink_refused(name);
       return io_error(name, "cannot open read-only", e.what());
     }
     const int fd = shm.get_mapping_handle().handle;
@@ -784,6 +824,39 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
         });
   } catch (const bip::interprocess_exception& e) {
     return io_error(name, "read_existing", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(name);
+  }
+}
+
+Result<std::vector<unsigned char>> ShmStore::parse_segment(std::span<const unsigned char> segment,
+                                                          bool verify_checksum) {
+  const std::string name = "(copy)";
+  try {
+    if (segment.empty()) {
+      return Status(StatusCode::kNotFound, label(name) + " holds no image yet (never initialised)");
+    }
+    if (segment.size() < kControlBytes) {
+      return corruption(name, "truncated: " + std::to_string(segment.size()) +
+                                  " bytes, smaller than the 4096-byte control block");
+    }
+    // The control block is read through atomics, which need their alignment:
+    // copy the bytes to 8-byte-aligned storage (a segment is page-aligned).
+    std::vector<std::uint64_t> words((segment.size() + 7) / 8, 0);
+    std::memcpy(words.data(), segment.data(), segment.size());
+    Mapping m;
+    m.base = reinterpret_cast<unsigned char*>(words.data());
+    m.size = segment.size();
+    const ControlBlock& c = *reinterpret_cast<const ControlBlock*>(m.base);
+    bool uninitialised = false;
+    Status st = check_header(name, c, &uninitialised);
+    if (!st.ok()) return st;
+    if (uninitialised) {
+      return Status(StatusCode::kNotFound, label(name) + " holds no image yet (never initialised)");
+    }
+    return read_image(
+        name, c, [&m] { return static_cast<const Mapping*>(&m); },
+        []() -> Result<bool> { return false; }, /*max_attempts=*/1, verify_checksum);
   } catch (const std::bad_alloc&) {
     return out_of_memory(name);
   }

@@ -19,7 +19,8 @@
 //   128  slot 0 descriptor, 192 slot 1 descriptor, 48 bytes each:
 //        +0 version     even: the slot is complete; odd: being written;
 //                       0: never written. Bumped by the writer around every
-//                       change to the slot (a per-slot sequence lock).
+//                       change to the slot (a per-slot sequence lock); past
+//                       2^64 - 2 it restarts at 1, never at 0.
 //        +8 offset      of the slot's storage from the start of the segment
 //        +16 capacity   bytes of storage reserved for the slot
 //        +24 length     bytes of the image in it (<= capacity)
@@ -89,11 +90,13 @@ class ShmStore {
   // does not exist it is created exclusively with mode 0600 (fchmod after
   // creation, whatever the umask) and room for an image of `initial_bytes`
   // in each of its two slots (0 is valid: the first publish grows it). If it
-  // exists it must be owned by this uid with mode 0600 and carry a valid
-  // control block, else kFailedPrecondition naming the segment, its owner and
-  // mode (never attach to someone else's segment), or kCorruption (see the
-  // header comment); its image and storage are kept and `initial_bytes` is
-  // ignored. kIoError (segment name and error text) when a system call fails.
+  // exists it must be a regular file (a symlink, FIFO or directory at
+  // /dev/shm/<name> is never followed or opened), owned by this uid with mode
+  // 0600, and carry a valid control block, else kFailedPrecondition naming
+  // the segment, its owner and mode (never attach to someone else's
+  // segment), or kCorruption (see the header comment); its image and storage
+  // are kept and `initial_bytes` is ignored. kIoError (segment name and error
+  // text) when a system call fails.
   static Result<std::unique_ptr<ShmStore>> open_or_create(const std::string& name,
                                                           std::size_t initial_bytes);
   ~ShmStore();  // unmaps; does not remove the segment
@@ -121,6 +124,17 @@ class ShmStore {
   // when there is no such segment or it holds no image yet; kCorruption and
   // kFailedPrecondition as for open_or_create. Thread-safe.
   static Result<std::vector<unsigned char>> read_existing(const std::string& name);
+
+  // Validates `segment`, the bytes of a whole segment (as copied from
+  // /dev/shm/<name>), as read_existing() validates a mapped one (control
+  // block, active slot descriptor, image checksum), and returns a copy of its
+  // active image. No writer moves a copy on, so an active slot marked
+  // mid-write is kCorruption at once. kNotFound for an empty or never
+  // initialised segment. `verify_checksum` is false only in fuzzing builds
+  // (tests/fuzz/shm_segment_fuzzer.cc), so that mutations reach past the
+  // checksum. Messages name the segment "(copy)". Thread-safe.
+  static Result<std::vector<unsigned char>> parse_segment(std::span<const unsigned char> segment,
+                                                          bool verify_checksum = true);
 
   // Removes the segment's name (shm_unlink); processes that have it mapped
   // keep their mapping. OK if it did not exist. kIoError on any other failure.

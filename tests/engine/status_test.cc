@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <utility>
@@ -184,7 +185,12 @@ TEST(ResultTest, ResultCanBeMoved) {
 using ResultDeathTest = ::testing::Test;
 
 TEST_F(ResultDeathTest, ReadingValueOfFailedResultAbortsWithItsStatus) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // "threadsafe" re-executes this binary. Under qemu-user (the aarch64 run,
+  // no binfmt_misc) that exec fails, so that run sets the environment's
+  // GTEST_DEATH_TEST_STYLE=fast (fork only; this test has no threads).
+  if (std::getenv("GTEST_DEATH_TEST_STYLE") == nullptr) {
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+  }
   Result<int> r(Status(StatusCode::kQueueFull, "job table full (capacity 8)"));
   EXPECT_DEATH({ (void)r.value(); }, "QueueFull: job table full \\(capacity 8\\)");
   EXPECT_DEATH({ (void)*r; }, "QueueFull");

@@ -561,6 +561,168 @@ INSTANTIATE_TEST_SUITE_P(
              std::get<1>(param_info.param).name;
     });
 
+// The same faults, persistent: every matching call fails, from the first on
+// (a full disk or quota that stays full, a dead device). Each publish fails
+// the same visible way, nothing accumulates in the directory, the previous
+// generation keeps verifying, and once the fault clears the next publish
+// (the snapshot thread's next scheduled one) succeeds.
+class PersistentPublishFailureTest : public PublishFailureTest {
+ protected:
+  void add_persistent_fault(FaultFileSystem& faults, Step step, int error) {
+    switch (step) {
+      case Step::kOpenTemp:
+        faults.add_rule(fail_every_call(FaultOp::kOpen, error, ".tmp-"));
+        break;
+      case Step::kWrite:
+        faults.add_rule(fail_every_call(FaultOp::kWrite, error));
+        break;
+      case Step::kShortWriteThenError:
+        faults.add_rule(short_write(10));  // once; then every write fails
+        faults.add_rule(fail_every_call(FaultOp::kWrite, error));
+        break;
+      case Step::kFsync:
+        faults.add_rule(fail_every_call(FaultOp::kFsync, error));
+        break;
+      case Step::kClose:
+        faults.add_rule(fail_every_call(FaultOp::kClose, error, ".tmp-"));
+        break;
+      case Step::kRename:
+        faults.add_rule(fail_every_call(FaultOp::kRename, error));
+        break;
+      case Step::kDirFsync:
+        faults.add_rule(fail_every_call(FaultOp::kDirFsync, error));
+        break;
+    }
+  }
+  static std::string step_word(Step step) {
+    switch (step) {
+      case Step::kOpenTemp:
+        return "open ";
+      case Step::kWrite:
+      case Step::kShortWriteThenError:
+        return "write ";
+      case Step::kFsync:
+        return "fsync ";
+      case Step::kClose:
+        return "close ";
+      case Step::kRename:
+        return "rename ";
+      case Step::kDirFsync:
+        return "fsync dir ";
+    }
+    return "?";
+  }
+};
+
+TEST_P(PersistentPublishFailureTest, EveryPublishFailsVisiblyUntilTheFaultClears) {
+  const auto [step_case, errno_case] = GetParam();
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(3, faults);
+  ASSERT_NE(store, nullptr);
+  const Bytes previous = image(1, 5000);
+  ASSERT_TRUE(store->publish(1, previous).ok());
+  const std::size_t fds_before = count_fds();
+  add_persistent_fault(*faults, step_case.step, errno_case.error);
+  for (std::uint64_t generation = 2; generation <= 4; ++generation) {
+    SCOPED_TRACE(::testing::Message() << "attempt at generation " << generation);
+    Status s = store->publish(generation, image(generation, 5000));
+    ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+    EXPECT_EQ(s.message().rfind(step_word(step_case.step), 0), 0u) << s.message();
+    EXPECT_TRUE(contains(s.message(), errno_text(errno_case.error))) << s.message();
+    EXPECT_FALSE(has_temp_file(dir_));
+    EXPECT_EQ(names_in(dir_),
+              (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap"}));
+    Result<Bytes> back = FileStore::read(gen_path(1), kMaxRead, posix_);
+    ASSERT_TRUE(back.ok()) << back.status().to_string();
+    EXPECT_EQ(*back, previous);
+    EXPECT_EQ(count_fds(), fds_before);
+  }
+  faults->clear_rules();
+  ASSERT_TRUE(store->publish(5, image(5, 5000)).ok());
+  EXPECT_EQ(names_in(dir_),
+            (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap",
+                                      "gen-00000000000000000005.jobsnap"}));
+  Result<Bytes> now = FileStore::read(gen_path(5), kMaxRead, posix_);
+  ASSERT_TRUE(now.ok());
+  EXPECT_EQ(*now, image(5, 5000));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    EachStepAndErrno, PersistentPublishFailureTest,
+    ::testing::Combine(::testing::ValuesIn(kSteps), ::testing::ValuesIn(kErrnos)),
+    [](const ::testing::TestParamInfo<std::tuple<StepCase, ErrnoCase>>& param_info) {
+      return std::string(std::get<0>(param_info.param).name) + "_" +
+             std::get<1>(param_info.param).name;
+    });
+
+// EINTR on each call of a publish, once: write and fsync (file and
+// directory) repeat the interrupted call and the publish succeeds; open,
+// close and rename report it (the publish fails visibly, the store stays as
+// it was). Either way no temp file remains and the newest generation verifies.
+TEST_F(FileStoreTest, EintrOnceOnEachStepIsRetriedOrFailsVisibly) {
+  struct Case {
+    const char* name;
+    FaultRule rule;
+    bool succeeds;
+  };
+  const Case cases[] = {
+      {"open temp", fail_call(FaultOp::kOpen, EINTR, 1, ".tmp-"), false},
+      {"write", fail_call(FaultOp::kWrite, EINTR), true},
+      {"fsync", fail_call(FaultOp::kFsync, EINTR), true},
+      {"close", fail_call(FaultOp::kClose, EINTR, 1, ".tmp-"), false},
+      {"rename", fail_call(FaultOp::kRename, EINTR), false},
+      {"fsync dir", fail_call(FaultOp::kDirFsync, EINTR), true},
+  };
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(100, faults);
+  ASSERT_NE(store, nullptr);
+  std::uint64_t generation = 0;
+  std::uint64_t newest = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    faults->clear_rules();
+    faults->add_rule(c.rule);
+    ++generation;
+    Status s = store->publish(generation, image(generation, 3000));
+    if (c.succeeds) {
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      newest = generation;
+    } else {
+      ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+      EXPECT_TRUE(contains(s.message(), errno_text(EINTR))) << s.message();
+    }
+    EXPECT_FALSE(has_temp_file(dir_));
+    if (newest != 0) {
+      Result<Bytes> back = FileStore::read(gen_path(newest), kMaxRead, posix_);
+      ASSERT_TRUE(back.ok()) << back.status().to_string();
+      EXPECT_EQ(*back, image(newest, 3000));
+    }
+  }
+}
+
+// EINTR on every call (a signal storm): a write or fsync interrupted 1000
+// times in a row fails the publish instead of spinning the snapshot thread
+// forever; the previous generation stays, and the next publish succeeds.
+TEST_F(FileStoreTest, PersistentEintrFailsThePublishInsteadOfSpinning) {
+  for (FaultOp op : {FaultOp::kWrite, FaultOp::kFsync, FaultOp::kDirFsync}) {
+    SCOPED_TRACE(static_cast<int>(op));
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+    auto faults = std::make_shared<FaultFileSystem>();
+    auto store = open_store(3, faults);
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->publish(1, image(1, 100)).ok());
+    faults->add_rule(fail_every_call(op, EINTR));
+    Status s = store->publish(2, image(2, 100));
+    ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+    EXPECT_TRUE(contains(s.message(), errno_text(EINTR))) << s.message();
+    EXPECT_GE(faults->injected(op), 1000u);
+    EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap"}));
+    faults->clear_rules();
+    ASSERT_TRUE(store->publish(3, image(3, 100)).ok());
+  }
+}
+
 TEST_F(FileStoreTest, ShortWritesAreContinued) {
   auto faults = std::make_shared<FaultFileSystem>();
   auto store = open_store(3, faults);

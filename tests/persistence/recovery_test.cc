@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -25,6 +26,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "jobengine/engine.h"
@@ -127,6 +129,14 @@ std::vector<std::string> GenerationFiles(const std::string& dir) {
     if (name.rfind("gen-", 0) == 0) out.push_back(e.path().string());
   }
   std::sort(out.begin(), out.end());
+  return out;
+}
+
+// "<prefix><n>", built by appending: gcc 12's -Wrestrict misfires on
+// `"literal" + std::string&&` once inlined (GCC bug 105329).
+std::string Numbered(const char* prefix, long long n) {
+  std::string out(prefix);
+  out += std::to_string(n);
   return out;
 }
 
@@ -563,7 +573,7 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
     if (!e->start()) ::_exit(3);
     if (!e->snapshot_now()) ::_exit(4);  // disk: no jobs yet
     for (int i = 0; i < 10; ++i) {
-      if (!e->submit(*h, "j" + std::to_string(i))) ::_exit(5);
+      if (!e->submit(*h, Numbered("j", i))) ::_exit(5);
     }
     const std::uint64_t after = e->health().last_snapshot_generation;
     while (e->health().last_snapshot_generation < after + 2) std::this_thread::sleep_for(milliseconds(1));
@@ -594,6 +604,293 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
   EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 10u);
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
   EXPECT_EQ(ran.load(), 10);
+}
+
+// ---- hostile or damaged stores, descriptors, modes ----------------------------
+
+// Runs an engine on `dir` and segment `shm` (none if empty) whose one worker
+// hangs on the first of `jobs` jobs, and stops it with kSnapshotAndExit: the
+// final snapshot, in both stores, holds all `jobs` (one running at the cut).
+void LeaveSnapshotOfPendingJobs(const std::string& dir, const std::string& shm, int jobs) {
+  EngineOptions o = DiskOptions(dir);
+  o.snapshot.shm_name = shm;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  Gate never;
+  auto h = e->register_handler("w", [&](JobContext&) {
+    never.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(e->start()));
+  // One worker: the first job blocks it, the others stay queued.
+  for (int i = 0; i < jobs; ++i) ASSERT_TRUE(IsOk(e->submit(*h, Numbered("j", i))));
+  ASSERT_TRUE(IsOk(e->snapshot_now()));
+  // The hanging job outlives exit_deadline (50 ms): recorded as running.
+  std::thread release([&] {
+    std::this_thread::sleep_for(milliseconds(150));
+    never.open();
+  });
+  auto stopped = e->stop(StopMode::kSnapshotAndExit);
+  release.join();
+  ASSERT_TRUE(IsOk(stopped));
+}
+
+// Byte offset and length of the active image in a segment file (layout in
+// persistence/shm_store.h: `active` at 64, descriptors of 64 bytes at 128).
+std::pair<std::size_t, std::size_t> ActiveImageExtent(const std::vector<unsigned char>& seg) {
+  std::uint32_t active = 0;
+  std::memcpy(&active, seg.data() + 64, 4);
+  std::uint64_t offset = 0, length = 0;
+  std::memcpy(&offset, seg.data() + 128 + 64 * active + 8, 8);
+  std::memcpy(&length, seg.data() + 128 + 64 * active + 24, 8);
+  return {static_cast<std::size_t>(offset), static_cast<std::size_t>(length)};
+}
+
+void WriteFile(const std::string& path, const std::vector<unsigned char>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+// A segment whose image fails its checksum (scribbled on, or a hostile
+// process's) is skipped, with the reason, and recovery takes the disk
+// generation instead.
+TEST(RecoveryTest, SharedMemoryImageFailingItsChecksumFallsBackToDisk) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  LeaveSnapshotOfPendingJobs(tmp.dir(), shm.name, 5);
+  if (::testing::Test::HasFatalFailure()) return;
+  const std::string seg_path = "/dev/shm/" + shm.name;
+  std::vector<unsigned char> seg = ReadFile(seg_path);
+  ASSERT_GE(seg.size(), 4096u);
+  const auto [offset, length] = ActiveImageExtent(seg);
+  ASSERT_GT(length, 0u);
+  ASSERT_LE(offset + length, seg.size());
+  seg[offset + length / 2] ^= 0x40;
+  WriteFile(seg_path, seg);
+
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_TRUE(started->recovery.recovered);
+  EXPECT_EQ(started->recovery.source.rfind(tmp.dir(), 0), 0u) << started->recovery.source;
+  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 5u);
+  ASSERT_FALSE(started->recovery.skipped.empty());
+  EXPECT_EQ(started->recovery.skipped.front().source, "shm:" + shm.name);
+  EXPECT_NE(started->recovery.skipped.front().reason.find("checksum"), std::string::npos)
+      << started->recovery.skipped.front().reason;
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
+// A half-written segment -- its creator died before finishing the control
+// block (zero magic) or before sizing it (zero length) -- holds no image: it
+// is initialised afresh and recovery takes the disk generation.
+TEST(RecoveryTest, HalfWrittenSegmentIsReinitialisedAndRecoveryUsesTheDisk) {
+  for (const bool zero_length : {false, true}) {
+    SCOPED_TRACE(zero_length ? "zero length" : "zero magic");
+    TempDir tmp;
+    ShmCleanup shm{unique_shm_name()};
+    LeaveSnapshotOfPendingJobs(tmp.dir(), shm.name, 3);
+    if (::testing::Test::HasFatalFailure()) return;
+    const std::string seg_path = "/dev/shm/" + shm.name;
+    std::vector<unsigned char> seg = ReadFile(seg_path);
+    ASSERT_GE(seg.size(), 4096u);
+    if (zero_length) {
+      seg.clear();
+    } else {
+      std::fill(seg.begin(), seg.begin() + 8, 0);
+    }
+    WriteFile(seg_path, seg);
+
+    EngineOptions o = DiskOptions(tmp.dir());
+    o.snapshot.shm_name = shm.name;
+    auto e = Engine::open(o);
+    ASSERT_TRUE(IsOk(e));
+    ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+    auto started = e->start();
+    ASSERT_TRUE(IsOk(started));
+    EXPECT_EQ(started->recovery.source.rfind(tmp.dir(), 0), 0u) << started->recovery.source;
+    EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 3u);
+    ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  }
+}
+
+// A segment that is not ours to trust -- garbage in its control block, mode
+// 0644, or not a regular file -- makes open() fail at once with an error that
+// names it (never a hang, never a crash); the operator removes it
+// (ShmStore::remove / rm /dev/shm/<name>). The disk generations are untouched
+// and a later open() recovers from them.
+TEST(RecoveryTest, UntrustedSegmentFailsOpenNamingItAndLeavesTheDiskIntact) {
+  enum class Damage { kGarbage, kMode0644, kSymlink };
+  for (const Damage damage : {Damage::kGarbage, Damage::kMode0644, Damage::kSymlink}) {
+    SCOPED_TRACE(static_cast<int>(damage));
+    TempDir tmp;
+    ShmCleanup shm{unique_shm_name()};
+    LeaveSnapshotOfPendingJobs(tmp.dir(), shm.name, 2);
+    if (::testing::Test::HasFatalFailure()) return;
+    const std::string seg_path = "/dev/shm/" + shm.name;
+    const std::string decoy = tmp.dir("decoy");
+    StatusCode expected = StatusCode::kCorruption;
+    switch (damage) {
+      case Damage::kGarbage: {
+        std::vector<unsigned char> seg = ReadFile(seg_path);
+        std::mt19937_64 rng(7);
+        for (std::size_t i = 0; i < 256 && i < seg.size(); ++i) {
+          seg[i] = static_cast<unsigned char>(rng());
+        }
+        WriteFile(seg_path, seg);
+        break;
+      }
+      case Damage::kMode0644:
+        ASSERT_EQ(::chmod(seg_path.c_str(), 0644), 0);
+        expected = StatusCode::kFailedPrecondition;
+        break;
+      case Damage::kSymlink:
+        // Someone replaced the segment with a symlink to a file of theirs.
+        ASSERT_EQ(::unlink(seg_path.c_str()), 0);
+        WriteFile(decoy, std::vector<unsigned char>(8192, 0));
+        ASSERT_EQ(::chmod(decoy.c_str(), 0600), 0);
+        ASSERT_EQ(::symlink(decoy.c_str(), seg_path.c_str()), 0);
+        expected = StatusCode::kFailedPrecondition;
+        break;
+    }
+    EngineOptions o = DiskOptions(tmp.dir());
+    o.snapshot.shm_name = shm.name;
+    const auto t0 = steady_clock::now();
+    auto e = Engine::open(o);
+    ASSERT_FALSE(e.ok());
+    EXPECT_EQ(e.status().code(), expected) << e.status().to_string();
+    EXPECT_NE(e.status().message().find(shm.name), std::string::npos) << e.status().to_string();
+    EXPECT_LT(steady_clock::now() - t0, std::chrono::seconds(10)) << "open() must not wait";
+    if (damage == Damage::kSymlink) {
+      EXPECT_EQ(ReadFile(decoy), std::vector<unsigned char>(8192, 0)) << "the decoy was written";
+    }
+    // Removed, the next open recovers from disk.
+    ASSERT_EQ(::unlink(seg_path.c_str()), 0);
+    auto again = Engine::open(o);
+    ASSERT_TRUE(IsOk(again));
+    ASSERT_TRUE(IsOk(again->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+    auto started = again->start();
+    ASSERT_TRUE(IsOk(started));
+    EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 2u);
+    ASSERT_TRUE(IsOk(again->stop(StopMode::kDrain)));
+  }
+}
+
+// Files planted in the snapshot directory under a generation's name -- a
+// symlink to a valid image elsewhere, a FIFO, a directory -- are never
+// followed, opened or loaded: recovery takes the real newest generation and
+// does not block on the FIFO.
+TEST(RecoveryTest, PlantedSymlinkFifoAndDirectoryGenerationsAreIgnored) {
+  TempDir tmp;
+  LeaveSnapshotOfPendingJobs(tmp.dir(), "", 0);
+  if (::testing::Test::HasFatalFailure()) return;
+  // A second life adds 4 jobs, so the real newest generation differs.
+  LeaveSnapshotOfPendingJobs(tmp.dir(), "", 4);
+  if (::testing::Test::HasFatalFailure()) return;
+  const std::vector<std::string> gens = GenerationFiles(tmp.dir());
+  ASSERT_FALSE(gens.empty());
+  const std::string newest = gens.back();
+  // A valid image (the first life's, no jobs) outside the directory, linked
+  // in as generation 2^60: were it followed, it would win.
+  const std::string outside = tmp.dir("outside.jobsnap");
+  fs::copy_file(gens.front(), outside);
+  const std::string dir = tmp.dir();
+  ASSERT_EQ(::symlink(outside.c_str(), (dir + "/gen-01152921504606846976.jobsnap").c_str()), 0);
+  ASSERT_EQ(::mkfifo((dir + "/gen-01152921504606846977.jobsnap").c_str(), 0600), 0);
+  ASSERT_EQ(::mkdir((dir + "/gen-01152921504606846978.jobsnap").c_str(), 0700), 0);
+
+  auto e = Engine::open(DiskOptions(dir));
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.source, newest);
+  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 4u);
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
+// Whatever the umask (0 or 0777), the engine's directory is 0700 and its
+// files and segment 0600.
+TEST(RecoveryTest, ModesAre0700And0600WhateverTheUmask) {
+  for (const mode_t mask : {mode_t{0}, mode_t{0777}}) {
+    SCOPED_TRACE(Numbered("umask ", mask));
+    TempDir tmp;
+    ShmCleanup shm{unique_shm_name()};
+    const mode_t old = ::umask(mask);
+    {
+      EngineOptions o = DiskOptions(tmp.dir());
+      o.snapshot.shm_name = shm.name;
+      auto e = Engine::open(o);
+      ASSERT_TRUE(IsOk(e));
+      ASSERT_TRUE(IsOk(e->start()));
+      ASSERT_TRUE(IsOk(e->snapshot_now()));
+      ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+    }
+    ::umask(old);
+    auto mode = [](const std::string& path) {
+      struct stat st;
+      return ::lstat(path.c_str(), &st) == 0 ? static_cast<unsigned>(st.st_mode & 07777) : 0xffffu;
+    };
+    EXPECT_EQ(mode(tmp.dir()), 0700u);
+    EXPECT_EQ(mode(tmp.dir() + "/LOCK"), 0600u);
+    const std::vector<std::string> gens = GenerationFiles(tmp.dir());
+    ASSERT_FALSE(gens.empty());
+    for (const std::string& g : gens) EXPECT_EQ(mode(g), 0600u) << g;
+    EXPECT_EQ(mode("/dev/shm/" + shm.name), 0600u);
+  }
+}
+
+// No descriptor the engine opens (LOCK, generation and temp files, the
+// directory, the segment) leaks into a child that execs: every one is
+// FD_CLOEXEC, and an exec'd shell sees none of the engine's files.
+TEST(RecoveryTest, NoEngineDescriptorLeaksIntoAnExecdChild) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  auto inheritable = [] {
+    std::set<int> out;
+    for (const auto& entry : fs::directory_iterator("/proc/self/fd")) {
+      const int fd = std::stoi(entry.path().filename().string());
+      const int flags = ::fcntl(fd, F_GETFD);
+      if (flags >= 0 && (flags & FD_CLOEXEC) == 0) out.insert(fd);
+    }
+    return out;
+  };
+  const std::set<int> before = inheritable();
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  o.snapshot.shm_interval = milliseconds(1);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->start()));
+  ASSERT_TRUE(IsOk(e->snapshot_now()));
+  EXPECT_EQ(inheritable(), before) << "a descriptor opened by the engine lacks FD_CLOEXEC";
+
+  // The exec'd child lists what its descriptors point at.
+  int out[2];
+  ASSERT_EQ(::pipe2(out, O_CLOEXEC), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::dup2(out[1], 1);
+    ::execl("/bin/sh", "sh", "-c", "for f in /proc/self/fd/*; do readlink \"$f\"; done; exit 0",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  std::string listing;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof buf)) > 0;) listing.append(buf, static_cast<std::size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << listing;
+  EXPECT_EQ(listing.find(tmp.dir()), std::string::npos) << listing;
+  EXPECT_EQ(listing.find(shm.name), std::string::npos) << listing;
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
 // ---- the cut, against a model -------------------------------------------------

@@ -23,10 +23,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -564,6 +567,132 @@ TEST(ShmStorePermissionsTest, SegmentOwnedByAnotherUidIsRefused) {
   EXPECT_EQ(read.status().code(), StatusCode::kFailedPrecondition) << read.status().to_string();
 }
 
+// Something other than a segment at /dev/shm/<name> -- a symlink to a file
+// of someone's choosing, a FIFO (shm_open would block on it forever), a
+// directory -- is refused by the writer and by readers at once, and left as
+// it was (the symlink's target is not written).
+TEST(ShmStorePermissionsTest, SymlinkFifoOrDirectoryInPlaceOfTheSegmentIsRefusedWithoutBlocking) {
+  char tmpl[] = "/tmp/jobengine-shm-decoy-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string decoy = std::string(tmpl) + "/decoy";
+  {
+    const Bytes zeros(8192, 0);
+    const int fd = ::open(decoy.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, zeros.data(), zeros.size()), static_cast<ssize_t>(zeros.size()));
+    ::close(fd);
+  }
+  enum class Kind { kSymlink, kFifo, kDirectory };
+  for (const Kind kind : {Kind::kSymlink, Kind::kFifo, Kind::kDirectory}) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    const std::string name = unique_name();
+    const std::string path = path_of(name);
+    switch (kind) {
+      case Kind::kSymlink:
+        ASSERT_EQ(::symlink(decoy.c_str(), path.c_str()), 0);
+        break;
+      case Kind::kFifo:
+        ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+        break;
+      case Kind::kDirectory:
+        ASSERT_EQ(::mkdir(path.c_str(), 0700), 0);
+        break;
+    }
+    // A regression would block in open(2): fail loudly instead of hanging.
+    std::atomic<bool> done{false};
+    std::thread watchdog([&] {
+      for (int i = 0; i < 1000 && !done.load(); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+      if (!done.load()) {
+        std::cerr << "blocked opening " << path << "\n";
+        std::_Exit(1);
+      }
+    });
+    auto store = ShmStore::open_or_create(name, 4096);
+    auto read = ShmStore::read_existing(name);
+    done = true;
+    watchdog.join();
+    EXPECT_EQ(store.status().code(), StatusCode::kFailedPrecondition) << store.status().to_string();
+    EXPECT_TRUE(contains(store.status().message(), name)) << store.status().to_string();
+    EXPECT_EQ(read.status().code(), StatusCode::kFailedPrecondition) << read.status().to_string();
+    if (kind == Kind::kDirectory) {
+      EXPECT_EQ(::rmdir(path.c_str()), 0);
+    } else {
+      EXPECT_EQ(::unlink(path.c_str()), 0);
+    }
+  }
+  struct stat st;
+  ASSERT_EQ(::stat(decoy.c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 8192);
+  std::ifstream in(decoy, std::ios::binary);
+  const Bytes back((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(back, Bytes(8192, 0)) << "the symlink's target was written";
+  ::unlink(decoy.c_str());
+  ::rmdir(tmpl);
+}
+
+// ---- parsing a copy of a segment (jobsnap, the fuzzer) -------------------------
+
+Bytes segment_bytes(const std::string& name) {
+  std::ifstream in(path_of(name), std::ios::binary);
+  return Bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+TEST(ShmStoreParseTest, CopyOfASegmentParsesToItsActiveImage) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 0);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  ASSERT_TRUE((*store)->publish(1, make_image(1, 3000)).ok());
+  ASSERT_TRUE((*store)->publish(2, make_image(2, 7001)).ok());
+  auto parsed = ShmStore::parse_segment(segment_bytes(seg.name()));
+  ASSERT_TRUE(parsed.ok()) << parsed.status().to_string();
+  EXPECT_EQ(*parsed, make_image(2, 7001));
+  // Unaligned input is fine: parse_segment copies the control block.
+  Bytes shifted(1, 0);
+  const Bytes bytes = segment_bytes(seg.name());
+  shifted.insert(shifted.end(), bytes.begin(), bytes.end());
+  auto unaligned = ShmStore::parse_segment(std::span<const unsigned char>(shifted).subspan(1));
+  ASSERT_TRUE(unaligned.ok()) << unaligned.status().to_string();
+  EXPECT_EQ(*unaligned, make_image(2, 7001));
+}
+
+TEST(ShmStoreParseTest, EmptyShortAndZeroMagicCopiesAreRejected) {
+  EXPECT_EQ(ShmStore::parse_segment({}).status().code(), StatusCode::kNotFound);
+  const Bytes short_copy(4095, 0);
+  EXPECT_EQ(ShmStore::parse_segment(short_copy).status().code(), StatusCode::kCorruption);
+  const Bytes zero(8192, 0);
+  EXPECT_EQ(ShmStore::parse_segment(zero).status().code(), StatusCode::kNotFound);
+}
+
+TEST(ShmStoreParseTest, ActiveSlotMidWriteInACopyIsCorruptionAtOnce) {
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const std::uint64_t version = peek64(seg.name(), slot_field(active, kVersionField));
+  poke64(seg.name(), slot_field(active, kVersionField), version | 1);
+  const auto start = std::chrono::steady_clock::now();
+  auto parsed = ShmStore::parse_segment(segment_bytes(seg.name()));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(1));
+  ASSERT_EQ(parsed.status().code(), StatusCode::kCorruption) << parsed.status().to_string();
+  EXPECT_TRUE(contains(parsed.status().message(), "mid-write")) << parsed.status().to_string();
+}
+
+TEST(ShmStoreParseTest, ChecksumMismatchIsCorruptionUnlessTheFuzzerSkipsIt) {
+  ScopedSegment seg;
+  make_published_segment(seg.name(), 5000);
+  Bytes bytes = segment_bytes(seg.name());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const std::uint64_t offset = peek64(seg.name(), slot_field(active, 8));
+  bytes[offset + 100] ^= 1;
+  auto verified = ShmStore::parse_segment(bytes);
+  ASSERT_EQ(verified.status().code(), StatusCode::kCorruption) << verified.status().to_string();
+  EXPECT_TRUE(contains(verified.status().message(), "checksum")) << verified.status().to_string();
+  auto unverified = ShmStore::parse_segment(bytes, /*verify_checksum=*/false);
+  ASSERT_TRUE(unverified.ok()) << unverified.status().to_string();
+  EXPECT_EQ(unverified->size(), 5000u);
+}
+
 // ---- a creator that died early ---------------------------------------------
 
 TEST(ShmStoreRecoveryTest, ZeroLengthSegmentLeftByADeadCreatorIsInitialised) {
@@ -615,6 +744,36 @@ TEST(ShmStoreRecoveryTest, InactiveSlotLeftMidPlacementByADeadWriterIsReset) {
   auto existing = ShmStore::read_existing(seg.name());
   ASSERT_TRUE(existing.ok()) << existing.status().to_string();
   EXPECT_EQ(*existing, image);
+}
+
+// Regression (shm_segment_fuzzer, tests/fuzz/regressions/shm_segment/
+// version-wraps-to-zero): an inactive slot whose version is at the top of its
+// range, odd or even, made the publish complete it with version 0 ("never
+// written"), so every reader reported no image although publish() succeeded.
+TEST(ShmStoreRecoveryTest, SlotVersionAtTheTopOfItsRangeStillPublishesAReadableImage) {
+  for (const std::uint64_t version : {~std::uint64_t{0}, ~std::uint64_t{0} - 1}) {
+    SCOPED_TRACE(version);
+    ScopedSegment seg;
+    make_published_segment(seg.name());
+    const std::uint32_t inactive = 1 - peek32(seg.name(), kActiveAt);
+    poke64(seg.name(), slot_field(inactive, kVersionField), version);
+    auto store = ShmStore::open_or_create(seg.name(), 4096);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    const Bytes image = make_image(2, 6000);
+    ASSERT_TRUE((*store)->publish(2, image).ok());
+    auto active = (*store)->read_active();
+    ASSERT_TRUE(active.ok()) << active.status().to_string();
+    EXPECT_EQ(*active, image);
+    auto existing = ShmStore::read_existing(seg.name());
+    ASSERT_TRUE(existing.ok()) << existing.status().to_string();
+    EXPECT_EQ(*existing, image);
+    const Bytes next = make_image(3, 100);
+    ASSERT_TRUE((*store)->publish(3, next).ok());
+    ASSERT_TRUE((*store)->publish(4, image).ok());
+    auto last = ShmStore::read_existing(seg.name());
+    ASSERT_TRUE(last.ok()) << last.status().to_string();
+    EXPECT_EQ(*last, image);
+  }
 }
 
 // ---- hostile and damaged segments ------------------------------------------

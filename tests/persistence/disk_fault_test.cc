@@ -1,0 +1,311 @@
+// Disk faults under a running engine: write, fsync, rename and directory
+// fsync of its scheduled snapshots fail with EIO, ENOSPC or EDQUOT, once or
+// persistently, or are interrupted (EINTR). The engine must keep running
+// jobs, health() must report each failure (count and text), the newest
+// generation on disk must keep verifying, nothing half-written may remain,
+// and the next scheduled snapshot after the fault clears must succeed.
+//
+// The engine has no file-layer seam (persistence/file_system.h is injected
+// only into FileStore, whose own fault matrix is in file_store_test.cc), so
+// this test interposes the four libc calls for the whole test binary: the
+// definitions below take precedence over libc's (and over a sanitizer's weak
+// interceptors) and call the real function through dlsym(RTLD_NEXT). A fault
+// applies only to descriptors and paths inside the test's snapshot directory.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "jobengine/engine.h"
+#include "jobengine/snapshot_format.h"
+
+namespace {
+
+enum class Op : int { kNone, kWrite, kFsync, kRename, kDirFsync };
+
+// The armed fault. Set by the test thread while the engine runs, read by the
+// snapshot thread inside the interposed calls.
+std::atomic<Op> g_op{Op::kNone};
+std::atomic<int> g_errno{0};
+std::atomic<bool> g_every{false};
+std::atomic<int> g_fired{0};
+// A rename into the directory succeeded since the last directory fsync: the
+// next one is a publish's (not a prune's), which a once-only fault must hit.
+std::atomic<bool> g_renamed{false};
+char g_dir[4096];  // canonical snapshot directory; written before arming
+
+// Where `fd` points: 1 = the directory itself, 2 = a file inside it, 0 = elsewhere.
+int classify_fd(int fd) {
+  char link[64];
+  std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  char target[4096];
+  const ssize_t n = ::readlink(link, target, sizeof target);
+  if (n <= 0) return 0;
+  const std::string_view t(target, static_cast<std::size_t>(n));
+  const std::string_view d(g_dir);
+  if (t == d) return 1;
+  return t.size() > d.size() && t.substr(0, d.size()) == d && t[d.size()] == '/' ? 2 : 0;
+}
+
+bool inside_dir(const char* path) {
+  const std::string_view p(path);
+  const std::string_view d(g_dir);
+  return p.size() > d.size() && p.substr(0, d.size()) == d && p[d.size()] == '/';
+}
+
+// Whether this call (of kind `op`, on the snapshot directory) fails now.
+bool fire(Op op) {
+  if (g_op.load(std::memory_order_acquire) != op) return false;
+  if (!g_every.load(std::memory_order_relaxed) && g_fired.load(std::memory_order_relaxed) > 0) {
+    return false;
+  }
+  g_fired.fetch_add(1, std::memory_order_relaxed);
+  errno = g_errno.load(std::memory_order_relaxed);
+  return true;
+}
+
+template <typename Fn>
+Fn real(const char* name) {
+  void* sym = ::dlsym(RTLD_NEXT, name);
+  if (sym == nullptr) std::abort();
+  return reinterpret_cast<Fn>(sym);
+}
+
+}  // namespace
+
+extern "C" ssize_t write(int fd, const void* data, size_t size) {
+  static const auto real_write = real<ssize_t (*)(int, const void*, size_t)>("write");
+  if (g_op.load(std::memory_order_acquire) == Op::kWrite && classify_fd(fd) == 2 &&
+      fire(Op::kWrite)) {
+    return -1;
+  }
+  return real_write(fd, data, size);
+}
+
+extern "C" int fsync(int fd) {
+  static const auto real_fsync = real<int (*)(int)>("fsync");
+  const Op op = g_op.load(std::memory_order_acquire);
+  if (op == Op::kFsync || op == Op::kDirFsync) {
+    const int where = classify_fd(fd);
+    if (where == 2 && fire(Op::kFsync)) return -1;
+    if (where == 1 && op == Op::kDirFsync &&
+        (g_every.load(std::memory_order_relaxed) || g_renamed.exchange(false)) &&
+        fire(Op::kDirFsync)) {
+      return -1;
+    }
+  }
+  return real_fsync(fd);
+}
+
+extern "C" int rename(const char* from, const char* to) noexcept {
+  static const auto real_rename = real<int (*)(const char*, const char*)>("rename");
+  if (g_op.load(std::memory_order_acquire) == Op::kRename && inside_dir(from) &&
+      fire(Op::kRename)) {
+    return -1;
+  }
+  const int rc = real_rename(from, to);
+  if (rc == 0 && inside_dir(from)) g_renamed.store(true, std::memory_order_relaxed);
+  return rc;
+}
+
+namespace jobengine {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
+
+constexpr milliseconds kWait{30000};
+
+template <typename Pred>
+bool WaitUntil(Pred pred) {
+  const auto deadline = steady_clock::now() + kWait;
+  while (!pred()) {
+    if (steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  return true;
+}
+
+const char* OpName(Op op) {
+  switch (op) {
+    case Op::kWrite:
+      return "write";
+    case Op::kFsync:
+      return "fsync";
+    case Op::kRename:
+      return "rename";
+    case Op::kDirFsync:
+      return "fsync dir";
+    case Op::kNone:
+      break;
+  }
+  return "none";
+}
+
+struct Fault {
+  Op op;
+  int error;
+  bool every;
+};
+
+class DiskFaultTest : public ::testing::TestWithParam<Fault> {
+ protected:
+  void SetUp() override {
+    std::string tmpl = (fs::temp_directory_path() / "jobengine-diskfault-XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    root_ = fs::canonical(tmpl).string();
+    dir_ = root_ + "/snap";
+    ASSERT_LT(dir_.size(), sizeof g_dir);
+    std::memcpy(g_dir, dir_.c_str(), dir_.size() + 1);
+  }
+  void TearDown() override {
+    g_op.store(Op::kNone, std::memory_order_release);
+    std::error_code ec;
+    fs::remove_all(root_, ec);
+  }
+
+  std::vector<std::string> Names() const {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir_)) out.push_back(e.path().filename().string());
+    return out;
+  }
+
+  // Every generation file decodes with its checksums; no temp file is left.
+  void ExpectCleanDirectory() const {
+    for (const std::string& name : Names()) {
+      EXPECT_NE(name.rfind(".tmp-", 0), 0u) << "temp file left behind: " << name;
+      if (name.rfind("gen-", 0) != 0) continue;
+      std::ifstream in(dir_ + "/" + name, std::ios::binary);
+      const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
+                                             std::istreambuf_iterator<char>());
+      snapshot::DecodeError err;
+      EXPECT_TRUE(snapshot::decode(bytes, &err).ok()) << name << " does not verify";
+    }
+  }
+
+  std::string root_;
+  std::string dir_;
+};
+
+TEST_P(DiskFaultTest, EngineRunsJobsReportsTheFailureAndTheNextScheduledSnapshotSucceeds) {
+  const Fault fault = GetParam();
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 1024;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir_;
+  o.snapshot.shm_interval = milliseconds(0);
+  o.snapshot.disk_interval = milliseconds(10);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  std::atomic<int> ran{0};
+  auto h = e->register_handler("w", [&](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  ASSERT_TRUE(WaitUntil([&] { return e->health().last_durable_generation >= 1; }));
+
+  // Arm the fault.
+  g_errno.store(fault.error, std::memory_order_relaxed);
+  g_every.store(fault.every, std::memory_order_relaxed);
+  g_fired.store(0, std::memory_order_relaxed);
+  g_renamed.store(false, std::memory_order_relaxed);
+  const std::uint64_t failures_before = e->health().snapshot_failures;
+  g_op.store(fault.op, std::memory_order_release);
+
+  // Jobs keep running while the disk fails.
+  for (int i = 0; i < 100; ++i) ASSERT_TRUE(e->submit(*h, "x").ok());
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == 100; })) << ran.load() << " of 100 ran";
+
+  if (fault.error == EINTR) {
+    // Interrupted once: the file layer repeats the call (write, fsync) and
+    // the snapshot succeeds, or the publish fails visibly (rename) and the
+    // next one succeeds; no failure is ever hidden as a success.
+    ASSERT_TRUE(WaitUntil([&] { return g_fired.load() >= 1; }));
+    const std::uint64_t after_fault = e->health().last_durable_generation;
+    ASSERT_TRUE(WaitUntil([&] { return e->health().last_durable_generation > after_fault; }));
+    const Health health = e->health();
+    EXPECT_EQ(health.snapshot_failures - failures_before, fault.op == Op::kRename ? 1u : 0u);
+  } else if (!fault.every) {
+    // Once: one scheduled snapshot fails and says so; the next one succeeds.
+    ASSERT_TRUE(WaitUntil([&] { return e->health().snapshot_failures > failures_before; }));
+    ASSERT_TRUE(WaitUntil([&] {
+      const Health hl = e->health();
+      return hl.last_snapshot_error.empty() && hl.snapshot_failures == failures_before + 1;
+    })) << e->health().last_snapshot_error;
+  } else {
+    // Persistent: every scheduled snapshot fails, health says why, nothing
+    // new becomes durable; the newest generation keeps verifying.
+    ASSERT_TRUE(WaitUntil([&] { return e->health().snapshot_failures >= failures_before + 1; }));
+    const std::uint64_t durable = e->health().last_durable_generation;
+    ASSERT_TRUE(WaitUntil([&] { return e->health().snapshot_failures >= failures_before + 4; }))
+        << "the snapshot thread must keep retrying on its schedule";
+    const Health health = e->health();
+    EXPECT_EQ(health.last_durable_generation, durable);
+    EXPECT_NE(health.last_snapshot_error.find(std::strerror(fault.error)), std::string::npos)
+        << health.last_snapshot_error;
+    EXPECT_NE(health.last_snapshot_error.find(dir_), std::string::npos)
+        << health.last_snapshot_error;
+    EXPECT_GT(health.at_risk, 0u) << "the jobs since the last durable snapshot are at risk";
+    ExpectCleanDirectory();
+    // The fault clears: the next scheduled snapshot succeeds and health clears.
+    g_op.store(Op::kNone, std::memory_order_release);
+    ASSERT_TRUE(WaitUntil([&] {
+      const Health hl = e->health();
+      return hl.last_durable_generation > durable && hl.last_snapshot_error.empty();
+    })) << e->health().last_snapshot_error;
+  }
+  g_op.store(Op::kNone, std::memory_order_release);
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+  EXPECT_EQ(ran.load(), 100);
+  ExpectCleanDirectory();
+}
+
+std::vector<Fault> AllFaults() {
+  std::vector<Fault> out;
+  for (Op op : {Op::kWrite, Op::kFsync, Op::kRename, Op::kDirFsync}) {
+    for (int error : {EIO, ENOSPC, EDQUOT}) {
+      out.push_back({op, error, false});
+      out.push_back({op, error, true});
+    }
+    out.push_back({op, EINTR, false});
+  }
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(EachCallErrnoOnceAndPersistent, DiskFaultTest,
+                         ::testing::ValuesIn(AllFaults()),
+                         [](const ::testing::TestParamInfo<Fault>& param_info) {
+                           std::string name = OpName(param_info.param.op);
+                           for (char& c : name) {
+                             if (c == ' ') c = '_';
+                           }
+                           const int err = param_info.param.error;
+                           name += err == EIO      ? "_EIO"
+                                   : err == ENOSPC ? "_ENOSPC"
+                                   : err == EDQUOT ? "_EDQUOT"
+                                                   : "_EINTR";
+                           name += param_info.param.every ? "_Persistent" : "_Once";
+                           return name;
+                         });
+
+}  // namespace
+}  // namespace jobengine
