@@ -10,7 +10,11 @@
 // Recovery (persist::load_newest, recovery.h, shared with jobsnap) takes the
 // candidate with the highest generation that verifies, from either store, and
 // reports every newer candidate it skipped with the reason and byte offset.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -41,6 +45,44 @@ std::int64_t wall_now_ns() {
       .count();
 }
 
+// Copies a regular file (not following a symlink) to a new file created 0600
+// (O_EXCL), for keeping a damaged segment's bytes. False on any failure.
+bool copy_private(const char* from, const char* to) {
+  const int in = ::open(from, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  if (in < 0) return false;
+  const int out = ::open(to, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (out < 0) {
+    ::close(in);
+    return false;
+  }
+  bool ok = true;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::read(in, buf, sizeof(buf));
+    if (n == 0) break;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      ok = false;
+      break;
+    }
+    for (ssize_t done = 0; done < n;) {
+      const ssize_t w = ::write(out, buf + done, static_cast<std::size_t>(n - done));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        ok = false;
+        break;
+      }
+      done += w;
+    }
+    if (!ok) break;
+  }
+  ok = ::fsync(out) == 0 && ok;
+  ::close(out);
+  ::close(in);
+  if (!ok) ::unlink(to);
+  return ok;
+}
+
 class Snapshotter final : public Persistence {
  public:
   Snapshotter(SnapshotOptions options, std::function<void(LogLevel, std::string_view)> log,
@@ -52,6 +94,9 @@ class Snapshotter final : public Persistence {
 
   ~Snapshotter() override { stop(); }
 
+  // A segment whose control block was garbage, replaced by a fresh one.
+  void note_replaced_segment(SkippedSnapshot s) { replaced_.push_back(std::move(s)); }
+
   // ---------------------------------------------------------------- recovery
 
   Result<std::unique_ptr<LoadedSnapshot>> load_newest(RecoveryReport& report) override {
@@ -62,6 +107,8 @@ class Snapshotter final : public Persistence {
       files = std::move(*listed);
     }
     std::unique_ptr<LoadedSnapshot> loaded;
+    // A damaged segment replaced at open (make_persistence) was a candidate too.
+    for (const auto& s : replaced_) report.skipped.push_back(s);
     if (shm_) {
       persist::ShmCandidate shm{"shm:" + options_.shm_name, shm_->read_active()};
       loaded = persist::load_newest(&shm, files, *fs_for_reads(), report);
@@ -367,6 +414,7 @@ class Snapshotter final : public Persistence {
   std::atomic<bool> error_present_{false};
   mutable std::mutex error_mu_;
   std::string last_error_;
+  std::vector<SkippedSnapshot> replaced_;
 };
 
 }  // namespace
@@ -475,13 +523,36 @@ Result<std::unique_ptr<Persistence>> make_persistence(
     if (!store) return store.status();
     disk = std::move(*store);
   }
+  std::vector<SkippedSnapshot> replaced;
   if (!options.shm_name.empty()) {
     auto store = persist::ShmStore::open_or_create(options.shm_name, kInitialShmBytes);
+    if (!store && store.status().code() == StatusCode::kCorruption && disk) {
+      // Our own segment (owner and mode were checked: that is
+      // kFailedPrecondition) with a damaged control block: it holds no image
+      // anyone can trust, and the disk store can recover. Keep its bytes for
+      // an operator, replace it, and let recovery report it as skipped.
+      const std::string why(store.status().message());
+      std::string kept = options.dir + "/damaged-shm-" + options.shm_name + "-" +
+                         std::to_string(wall_now_ns()) + ".bin";
+      if (!copy_private(("/dev/shm/" + options.shm_name).c_str(), kept.c_str())) kept.clear();
+      if (log) {
+        log(LogLevel::kWarning, "shared-memory segment " + options.shm_name + " is damaged (" + why +
+                                    "); " + (kept.empty() ? "its bytes could not be kept"
+                                                          : "its bytes are kept in " + kept) +
+                                    "; replacing it and recovering from " + options.dir);
+      }
+      if (Status removed = persist::ShmStore::remove(options.shm_name); !removed.ok()) return removed;
+      replaced.push_back({"shm:" + options.shm_name, 0,
+                          why + (kept.empty() ? std::string() : " (bytes kept in " + kept + ")")});
+      store = persist::ShmStore::open_or_create(options.shm_name, kInitialShmBytes);
+    }
     if (!store) return store.status();
     shm = std::move(*store);
   }
-  return std::unique_ptr<Persistence>(
-      std::make_unique<Snapshotter>(options, std::move(log), std::move(disk), std::move(shm)));
+  auto snapshotter =
+      std::make_unique<Snapshotter>(options, std::move(log), std::move(disk), std::move(shm));
+  for (auto& r : replaced) snapshotter->note_replaced_segment(std::move(r));
+  return std::unique_ptr<Persistence>(std::move(snapshotter));
 }
 
 }  // namespace jobengine::detail

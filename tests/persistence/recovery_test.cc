@@ -723,6 +723,8 @@ TEST(RecoveryTest, HalfWrittenSegmentIsReinitialisedAndRecoveryUsesTheDisk) {
 // names it (never a hang, never a crash); the operator removes it
 // (ShmStore::remove / rm /dev/shm/<name>). The disk generations are untouched
 // and a later open() recovers from them.
+// A damaged segment of ours is replaced (recovery uses the disk); one that is
+// not ours, or not a plain 0600 file, fails open() naming it.
 TEST(RecoveryTest, UntrustedSegmentFailsOpenNamingItAndLeavesTheDiskIntact) {
   enum class Damage { kGarbage, kMode0644, kSymlink };
   for (const Damage damage : {Damage::kGarbage, Damage::kMode0644, Damage::kSymlink}) {
@@ -760,6 +762,30 @@ TEST(RecoveryTest, UntrustedSegmentFailsOpenNamingItAndLeavesTheDiskIntact) {
     EngineOptions o = DiskOptions(tmp.dir());
     o.snapshot.shm_name = shm.name;
     const auto t0 = steady_clock::now();
+    if (damage == Damage::kGarbage) {
+      // Our own segment, damaged: open() keeps its bytes in the snapshot
+      // directory, replaces it, and recovery falls back to the disk.
+      auto e = Engine::open(o);
+      ASSERT_TRUE(IsOk(e));
+      EXPECT_LT(steady_clock::now() - t0, std::chrono::seconds(10)) << "open() must not wait";
+      ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+      auto started = e->start();
+      ASSERT_TRUE(IsOk(started));
+      EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 2u);
+      ASSERT_FALSE(started->recovery.skipped.empty());
+      EXPECT_EQ(started->recovery.skipped[0].source, "shm:" + shm.name);
+      bool kept = false;
+      for (const auto& f : std::filesystem::directory_iterator(tmp.dir())) {
+        if (f.path().filename().string().rfind("damaged-shm-", 0) == 0) {
+          kept = true;
+          EXPECT_EQ(std::filesystem::status(f.path()).permissions() & std::filesystem::perms::all,
+                    std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+        }
+      }
+      EXPECT_TRUE(kept) << "the damaged segment's bytes were not kept";
+      ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+      continue;
+    }
     auto e = Engine::open(o);
     ASSERT_FALSE(e.ok());
     EXPECT_EQ(e.status().code(), expected) << e.status().to_string();
