@@ -6,13 +6,13 @@
 # regression test (tests/HARDENING.md, "Fuzzing").
 # Usage: tools/fuzz.sh [SECONDS] [FUZZER...]    e.g. tools/fuzz.sh 36000
 #        JOBS=2 tools/fuzz.sh 3600     runs JOBS processes per fuzzer (-fork)
-# Fuzzers: snapshot_decode_fuzzer shm_segment_fuzzer
+# Fuzzers: snapshot_decode_fuzzer shm_segment_fuzzer jobsnap_args_fuzzer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-3600}
 shift || true
 fuzzers=("$@")
-[ ${#fuzzers[@]} -gt 0 ] || fuzzers=(snapshot_decode_fuzzer shm_segment_fuzzer)
+[ ${#fuzzers[@]} -gt 0 ] || fuzzers=(snapshot_decode_fuzzer shm_segment_fuzzer jobsnap_args_fuzzer)
 jobs=${JOBS:-1}
 
 cmake --preset fuzz >/dev/null
@@ -22,12 +22,14 @@ for f in "${fuzzers[@]}"; do
   case $f in
     snapshot_decode_fuzzer) dirs=("$out/corpus" tests/persistence/golden) ;;
     shm_segment_fuzzer) dirs=("$out/corpus-shm" "$out/shm-seeds") ;;
+    jobsnap_args_fuzzer) dirs=("$out/corpus-jobsnap-args" tests/fuzz/jobsnap-args-seeds) ;;
     *) echo "fuzz.sh: unknown fuzzer $f" >&2; exit 2 ;;
   esac
   mkdir -p "${dirs[0]}"
   extra=()
   [ "$jobs" -le 1 ] || extra=(-fork="$jobs" -ignore_crashes=1)
   echo "=== $f: ${seconds} s, corpus ${dirs[0]} ($(ls "${dirs[0]}" | wc -l) inputs)"
+  [ "$f" != jobsnap_args_fuzzer ] || extra+=(-close_fd_mask=1)  # the tool's own output
   "$out/$f" -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
     -artifact_prefix="$out/" "${extra[@]}" "${dirs[@]}"
 done
