@@ -6,7 +6,8 @@
 #   headers under /usr/aarch64-linux-gnu; find_* looks only there for
 #   libraries, headers and packages (never in the host's /usr/lib or
 #   /usr/include, whose x86-64 objects cannot link).
-# - Header-only dependencies (moodycamel's ConcurrentQueue, Boost, xxhash.h)
+# - Header-only dependencies (moodycamel's ConcurrentQueue, Boost, xxhash.h,
+#   nlohmann-json for the metrics test)
 #   are architecture-independent, but live in the host's /usr/include, which
 #   must not be put on the cross compiler's path wholesale (its bits/ and
 #   asm/ headers are x86-64's). So a staging directory in the build tree gets
@@ -30,7 +31,7 @@ set(CMAKE_CXX_COMPILER ${JOBENGINE_CROSS_TRIPLE}-g++)
 # -> /usr/include/<dep>. CMAKE_BINARY_DIR is also set (to a scratch dir)
 # while CMake tests the compiler; staging there too is harmless.
 set(_je_stage ${CMAKE_BINARY_DIR}/cross-headers)
-foreach(_je_dep concurrentqueue boost xxhash.h)
+foreach(_je_dep concurrentqueue boost xxhash.h nlohmann)
   if(NOT EXISTS /usr/include/${_je_dep})
     message(FATAL_ERROR "${_je_dep} is missing from /usr/include: run tools/setup.sh")
   endif()
