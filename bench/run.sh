@@ -53,11 +53,11 @@ out="$(cd "$out" && pwd)"
 if [ "$build" = 1 ]; then
   echo "== building (cmake --preset release) =="
   (cd "$root" && cmake --preset release >/dev/null &&
-    cmake --build --preset release --target jobengine_bench jobengine_snapshot_bench \
-      jobengine_memory_bench)
+    cmake --build --preset release --target jobengine_bench jobengine_bench_nometrics \
+      jobengine_snapshot_bench jobengine_memory_bench)
 fi
 bin="$build_dir/bench"
-for b in jobengine_bench jobengine_snapshot_bench jobengine_memory_bench; do
+for b in jobengine_bench jobengine_bench_nometrics jobengine_snapshot_bench jobengine_memory_bench; do
   if [ ! -x "$bin/$b" ]; then
     echo "run.sh: $bin/$b is missing; build it (drop --no-build) or pass --build-dir" >&2
     exit 2
@@ -78,6 +78,10 @@ if [ "$mode" = quick ]; then
   export JOBENGINE_BENCH_SUBMITS=100000
   export JOBENGINE_BENCH_PENDING_MAX=10000
   export JOBENGINE_BENCH_MEMORY_JOBS=10000
+  export JOBENGINE_BENCH_DELAYED=20000
+  export JOBENGINE_BENCH_DELAYED_ITERATIONS=1
+  export JOBENGINE_BENCH_CANCELS=50
+  ab_rounds=2
   reps_targets=1
   reps=1
   min_time=(--benchmark_min_time=0.05)
@@ -87,6 +91,10 @@ else
   export JOBENGINE_BENCH_SWEEP=full
   export JOBENGINE_BENCH_SWEEP_JOBS=100000
   export JOBENGINE_BENCH_PENDING_MAX=1000000
+  export JOBENGINE_BENCH_DELAYED=1000000
+  export JOBENGINE_BENCH_DELAYED_ITERATIONS=3
+  export JOBENGINE_BENCH_CANCELS=200
+  ab_rounds=7
   reps_targets=5
   reps=3
   min_time=()
@@ -137,11 +145,41 @@ run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
   echo "$((SECONDS - t0)) s"
 }
 
+# run_ab <name> <filter>: the cost of metrics on the hot path. jobengine_bench
+# (library with metrics) and jobengine_bench_nometrics (JOBENGINE_METRICS=0, the
+# same benchmark source) cannot share a process, so they run alternately, one
+# repetition each, $ab_rounds times (on off on off ...: a slow phase of the
+# machine hits both alike), and merge_ab.py merges the files into <name>.json
+# as metrics_on/<benchmark> and metrics_off/<benchmark>.
+run_ab() {
+  local name="$1" filter="$2"
+  local t0=$SECONDS dir="$out/$name-rounds" files=()
+  mkdir -p "$dir"
+  : > "$out/$name.log"
+  printf '== %-10s jobengine_bench vs jobengine_bench_nometrics --benchmark_filter=%q (%s rounds) ... ' \
+    "$name" "$filter" "$ab_rounds"
+  for ((i = 1; i <= ab_rounds; i++)); do
+    for variant in on off; do
+      local binary=jobengine_bench
+      [ "$variant" = off ] && binary=jobengine_bench_nometrics
+      "$bin/$binary" --benchmark_filter="$filter" --benchmark_repetitions=1 \
+        "${min_time[@]}" \
+        --benchmark_out="$dir/$variant-$i.json" --benchmark_out_format=json \
+        >> "$out/$name.log" 2>&1 || { echo "FAILED (see $out/$name.log)"; tail -n 20 "$out/$name.log" >&2; exit 1; }
+      files+=("metrics_$variant=$dir/$variant-$i.json")
+    done
+  done
+  python3 "$root/bench/merge_ab.py" "$out/$name.json" "${files[@]}"
+  echo "$((SECONDS - t0)) s"
+}
+
 start=$SECONDS
 run throughput jobengine_bench "$reps_targets" '^BM_(Engine|Bare|Mutex|Asio|Tbb)'
 run wakeup jobengine_bench "$reps" '^BM_WakeLatency'
 run sweep jobengine_bench "$reps" '^Sweep/' "${sweep_min_time[@]}"
 run openloop jobengine_bench "$reps" '^OpenLoop/'
+run delayed jobengine_bench "$reps_targets" '^BM_(DelayedPending/|SubmitDelayed|Cancel/)'
+run_ab metrics '^BM_Engine_(Submit|SubmitBatch)/spin(/|$)'
 run snapshot jobengine_snapshot_bench "$reps" '^BM_'
 run pending jobengine_snapshot_bench "$reps" '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
 run memory jobengine_memory_bench 1 '.'
