@@ -4,6 +4,7 @@
 # and PNG plots into one results directory. See bench/README.md.
 #
 #   bench/run.sh [--quick | --full] [--out DIR] [--no-build] [--build-dir DIR] [--check]
+#                [--only NAME[,NAME...]]
 #
 #   --full        (default) every benchmark, repetitions; a few minutes on 2 cores
 #   --quick       CI smoke: small sizes, one repetition; well under a minute
@@ -12,6 +13,9 @@
 #   --build-dir   where the binaries are (default build/release, the preset's)
 #   --check       after the report, check that every output exists and parses
 #                 (bench/check_results.py); timings never fail it
+#   --only NAMES  run only these parts (comma-separated: throughput, wakeup, sweep,
+#                 openloop, delayed, metrics, snapshot, pending, memory); the
+#                 report then has only their sections (do not combine with --check)
 #
 # Threads are pinned by the binaries themselves: the submitter to the first
 # allowed CPU and the worker to the second for the 1x1 figures, round-robin
@@ -25,8 +29,9 @@ out=""
 build=1
 build_dir="$root/build/release"
 check=0
+only=""
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,6 +43,8 @@ while [ $# -gt 0 ]; do
     --build-dir) build_dir="${2:?--build-dir needs a directory}"; shift ;;
     --build-dir=*) build_dir="${1#--build-dir=}" ;;
     --check) check=1 ;;
+    --only) only="${2:?--only needs names}"; shift ;;
+    --only=*) only="${1#--only=}" ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -125,13 +132,16 @@ flags="$(cache_get CMAKE_CXX_FLAGS) $(cache_get "CMAKE_CXX_FLAGS_$build_type_uc"
   echo "git_commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
   echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode=$mode"
-  echo "command=bench/run.sh --$mode"
+  echo "command=bench/run.sh --$mode${only:+ --only $only}"
   echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$out/machine.txt"
 
 # ---- the runs -------------------------------------------------------------------
+wanted() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
+
 run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
   local name="$1" binary="$2" repetitions="$3" filter="$4"
+  wanted "$name" || return 0
   shift 4
   local t0=$SECONDS
   printf '== %-10s %s --benchmark_filter=%q (%s repetitions) ... ' "$name" "$binary" "$filter" \
@@ -153,6 +163,7 @@ run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
 # as metrics_on/<benchmark> and metrics_off/<benchmark>.
 run_ab() {
   local name="$1" filter="$2"
+  wanted "$name" || return 0
   local t0=$SECONDS dir="$out/$name-rounds" files=()
   mkdir -p "$dir"
   : > "$out/$name.log"

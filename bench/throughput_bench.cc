@@ -66,6 +66,12 @@
 #include "jobengine/engine.h"
 #include "sweep_bench.h"
 
+// Set by bench/CMakeLists.txt: 1 in jobengine_bench, 0 in
+// jobengine_bench_nometrics (linked against the library without metrics).
+#ifndef JOBENGINE_BENCH_METRICS
+#define JOBENGINE_BENCH_METRICS 1
+#endif
+
 namespace jobengine::bench {
 namespace {
 
@@ -498,7 +504,8 @@ void BM_Cancel(benchmark::State& state, bool hit, std::size_t capacity) {
     x ^= x << 17;
     std::swap(ids[i - 1], ids[x % i]);
   }
-  const JobId never_issued = ids.empty() ? 1 : *std::max_element(ids.begin(), ids.end()) + 1'000'000;
+  const JobId never_issued =
+      ids.empty() ? 1 : *std::max_element(ids.begin(), ids.end()) + 1'000'000;
   std::size_t next = 0;
   std::uint64_t cancelled = 0;
   std::uint64_t hit_not_found = 0;
