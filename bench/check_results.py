@@ -27,12 +27,24 @@ JSON_FILES = {
     "pending": ["SnapshotCost/shm/", "SnapshotCost/disk/", "RecoverVsPending/",
                 "PlainReadVsPending/"],
     "memory": ["Memory/engine/", "Memory/bare/", "Memory/mutex/", "Memory/asio/", "Memory/tbb/"],
+    "delayed": ["BM_DelayedPending/none", "BM_DelayedPending/delayed", "BM_SubmitDelayed",
+                "BM_Cancel/miss/", "BM_Cancel/hit/"],
+    "metrics": ["metrics_on/BM_Engine_Submit/spin", "metrics_off/BM_Engine_Submit/spin",
+                "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin"],
+}
+
+# Context entries that must hold these values: the A/B file must compare the
+# library with metrics against the one without (merge_ab.py records each side's).
+CONTEXT = {
+    "metrics": {"metrics_on:jobengine_metrics": "on", "metrics_off:jobengine_metrics": "off"},
 }
 
 SECTIONS = ["## Machine", "## Targets", "## Throughput: 1 submitter + 1 worker",
             "## Throughput sweep", "## Wake-up latency", "## End-to-end latency under steady load",
             "## Snapshots under load", "## Snapshot cost and recovery time against pending jobs",
-            "## Memory per pending job", "## Plots"]
+            "## Memory per pending job",
+            "## Job semantics: delayed jobs pending, submitting them, cancel()",
+            "## Metrics on the hot path", "## Plots"]
 
 PLOTS = ["throughput_vs_threads.png", "latency_vs_load.png", "snapshot_vs_pending.png",
          "memory_vs_payload.png"]
@@ -57,6 +69,10 @@ def main(argv):
         for prefix in prefixes:
             if not any(n.startswith(prefix) for n in names):
                 problems.append(f"{path}: no benchmark named {prefix}...")
+        context = data.get("context", {})
+        for key, want in CONTEXT.get(name, {}).items():
+            if context.get(key) != want:
+                problems.append(f"{path}: context {key} is {context.get(key)!r}, expected {want!r}")
         for b in benchmarks:
             if b.get("error_occurred"):
                 problems.append(f"{path}: {b.get('name')} failed: {b.get('error_message')}")

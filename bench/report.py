@@ -159,6 +159,16 @@ RATIO_TARGETS = [
      "BM_SnapshotToDisk_1M", "BM_PlainWriteFsync_1M", "bytes_per_second", ">=", 0.5),
     ("recovery of 1M jobs / plain read of the file (warm cache, time)", "snapshot",
      "BM_Recover_1M/warm", "BM_PlainRead_1M/warm", "seconds", "<=", 2.0),
+    # Issue #4. {delayed} is the run's jobengine_delayed_jobs (20,000 in quick mode).
+    ("engine submit with {delayed} delayed jobs pending / none pending (same table size)",
+     "delayed", "BM_DelayedPending/delayed", "BM_DelayedPending/none", "items_per_second",
+     ">=", 0.8),
+    ("engine submit with metrics / metrics compiled out (JOBENGINE_METRICS=0)", "metrics",
+     "metrics_on/BM_Engine_Submit/spin", "metrics_off/BM_Engine_Submit/spin",
+     "items_per_second", ">=", 0.95),
+    ("engine submit_batch(64) with metrics / metrics compiled out", "metrics",
+     "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin",
+     "items_per_second", ">=", 0.95),
 ]
 
 MEMORY_GOAL = 64.0
@@ -191,7 +201,7 @@ def section_targets(rep, res):
     rep.add("## Targets")
     rep.add()
     rep.add("Ratios of medians measured in the same process (same JSON file). "
-            "Goals from issue #6 and `../shared/targets.md`.")
+            "Goals from issues #4 and #6 and `../shared/targets.md`.")
     rep.add()
     rows = []
     summary = {"PASS": 0, "**MISS**": 0, "n/a": 0}
@@ -202,6 +212,8 @@ def section_targets(rep, res):
         value = ratio(a, b)
         v = verdict(value, op, goal)
         summary[v] += 1
+        delayed = r.context.get("jobengine_delayed_jobs", "") if r else ""
+        label = label.format(delayed=f"{int(delayed):,}" if delayed.isdigit() else "?")
         rows.append([label, fmt(value, 2), f"{op} {goal:g}", v,
                      f"{fmt_metric(a, metric)} vs {fmt_metric(b, metric)}"])
     mem = res.get("memory")
@@ -483,6 +495,102 @@ def section_pending(rep, res):
                "recovery ms", "plain read ms", "recovery ÷ read"], rows)
 
 
+DELAYED_ROWS = [
+    ("BM_DelayedPending/none", "none pending, table of {cap} slots"),
+    ("BM_DelayedPending/delayed", "{delayed} delayed jobs pending, table of {cap} slots"),
+    ("BM_DelayedPending/none_small_table", "none pending, table of {small} slots "
+                                           "(BM_Engine_Submit/spin's)"),
+]
+
+
+def section_delayed(rep, res):
+    r = res.get("delayed")
+    if not r:
+        return
+    ctx = r.context
+    delayed = int(ctx.get("jobengine_delayed_jobs", "0") or 0)
+    small = int(ctx.get("jobengine_capacity", "0") or 0)
+    names = {"cap": f"{delayed + small:,}", "delayed": f"{delayed:,}", "small": f"{small:,}"}
+    rep.add("## Job semantics: delayed jobs pending, submitting them, cancel()")
+    rep.add()
+    rep.add(f"Submit-to-completion rate of BM_Engine_Submit/spin's loop (1 submitter + 1 worker, "
+            f"{ctx.get('jobengine_jobs_per_iteration', '?')} empty jobs per iteration) with "
+            f"{delayed:,} jobs submitted with `delay` = 1 h before the timed loop (in the job "
+            "table and the scheduler's heap throughout) against none, in the same process, "
+            "repetitions interleaved; the third row is the suite's usual table size. Median "
+            f"(min-max) of {r.reps('BM_DelayedPending/delayed', 'items_per_second')} repetitions.")
+    rep.add()
+    none = r.median("BM_DelayedPending/none", "items_per_second")
+    rows = []
+    for name, label in DELAYED_ROWS:
+        values = r.samples.get(name, {}).get("items_per_second")
+        if not values:
+            continue
+        med = statistics.median(values)
+        rows.append([label.format(**names), fmt(med / 1e6),
+                     f"{min(values) / 1e6:.2f}-{max(values) / 1e6:.2f}", fmt(ratio(med, none))])
+    rep.table(["run", "Mjobs/s", "range", "÷ none pending"], rows)
+    sub_rate = r.median("BM_SubmitDelayed", "items_per_second")
+    sub_time = r.median("BM_SubmitDelayed", "seconds")
+    rep.add(f"Submitting the {delayed:,} delayed jobs (`BM_SubmitDelayed`, one pinned thread, "
+            f"empty table): {fmt(sub_time, 1, 1e3)} ms, {fmt(sub_rate, 2, 1e-6)} Mjobs/s "
+            f"(median of {r.reps('BM_SubmitDelayed', 'seconds')}).")
+    rep.add()
+    rep.add("`cancel()` scans the job table for the id. miss: an id never issued, so the whole "
+            "table is scanned (the same as cancelling a job that already finished); hit: a "
+            "delayed job picked at random, the scan stops at its slot. The table holds "
+            "capacity - 4,096 delayed jobs. Microseconds per call, medians over repetitions of "
+            "the mean of each run's calls.")
+    rep.add()
+    rows = []
+    cancel_re = re.compile(r"^BM_Cancel/(hit|miss)/capacity:(\d+)$")
+    found = sorted((int(m.group(2)), m.group(1), n) for n in r.names()
+                   for m in [cancel_re.match(n)] if m)
+    for capacity, kind, name in found:
+        sec = r.median(name, "seconds")
+        nf = r.samples.get(name, {}).get("hit_not_found")
+        rows.append([kind, f"{capacity:,}", fmt(sec, 1, 1e6),
+                     fmt(sec / capacity if sec is not None and kind == "miss" else None, 2, 1e9),
+                     r.reps(name, "seconds"), f"{sum(nf):g}" if nf else "-"])
+    rep.table(["cancel()", "capacity (slots)", "us per call", "ns per slot scanned", "reps",
+               "hits answered kNotFound"], rows)
+    rep.add("A hit answered kNotFound is a job that was pending and did get cancelled, but "
+            "cancel() lost a race with the scheduler purging an earlier cancel's job and "
+            "reported it as not found (an engine bug, counted here rather than failing the run).")
+    rep.add()
+
+
+def section_metrics(rep, res):
+    r = res.get("metrics")
+    if not r:
+        return
+    rep.add("## Metrics on the hot path: library built with and without them")
+    rep.add()
+    rep.add("The same benchmark source linked against the library (`jobengine_bench`) and "
+            "against the same sources built with `-DJOBENGINE_METRICS=0` (`jobengine_bench_"
+            "nometrics`: no per-job queue-wait / run-time histograms or per-handler started "
+            f"counter). The binaries ran alternately, {r.context.get('jobengine_ab_files', '?')} "
+            "runs in all, one repetition each; medians (min-max) over those runs. Library "
+            f"variants as reported by the binaries: on = "
+            f"{r.context.get('metrics_on:jobengine_metrics', '?')}, off = "
+            f"{r.context.get('metrics_off:jobengine_metrics', '?')}.")
+    rep.add()
+    rows = []
+    for bench, label in (("BM_Engine_Submit/spin", "submit(), kSpin"),
+                         ("BM_Engine_SubmitBatch/spin", "submit_batch(64), kSpin")):
+        on = r.samples.get(f"metrics_on/{bench}", {}).get("items_per_second")
+        off = r.samples.get(f"metrics_off/{bench}", {}).get("items_per_second")
+        if not on or not off:
+            continue
+        q = ratio(statistics.median(on), statistics.median(off))
+        rows.append([label, fmt(statistics.median(on) / 1e6),
+                     f"{min(on) / 1e6:.2f}-{max(on) / 1e6:.2f}", fmt(statistics.median(off) / 1e6),
+                     f"{min(off) / 1e6:.2f}-{max(off) / 1e6:.2f}", fmt(q, 3),
+                     fmt(None if q is None else (1 - q) * 100, 1)])
+    rep.table(["benchmark", "with metrics Mjobs/s", "range", "without Mjobs/s", "range",
+               "with ÷ without", "cost %"], rows)
+
+
 def section_memory(rep, res):
     r = res.get("memory")
     if not r:
@@ -715,6 +823,8 @@ def main(argv):
     section_snapshot(rep, res)
     section_pending(rep, res)
     section_memory(rep, res)
+    section_delayed(rep, res)
+    section_metrics(rep, res)
     errors = [(f, n, e) for f, r in res.items() for n, e in r.errors.items()]
     if errors:
         rep.add("## Benchmarks that failed")

@@ -4,6 +4,7 @@
 # and PNG plots into one results directory. See bench/README.md.
 #
 #   bench/run.sh [--quick | --full] [--out DIR] [--no-build] [--build-dir DIR] [--check]
+#                [--only NAME[,NAME...]]
 #
 #   --full        (default) every benchmark, repetitions; a few minutes on 2 cores
 #   --quick       CI smoke: small sizes, one repetition; well under a minute
@@ -12,6 +13,9 @@
 #   --build-dir   where the binaries are (default build/release, the preset's)
 #   --check       after the report, check that every output exists and parses
 #                 (bench/check_results.py); timings never fail it
+#   --only NAMES  run only these parts (comma-separated: throughput, wakeup, sweep,
+#                 openloop, delayed, metrics, snapshot, pending, memory); the
+#                 report then has only their sections (do not combine with --check)
 #
 # Threads are pinned by the binaries themselves: the submitter to the first
 # allowed CPU and the worker to the second for the 1x1 figures, round-robin
@@ -25,8 +29,9 @@ out=""
 build=1
 build_dir="$root/build/release"
 check=0
+only=""
 
-usage() { sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,6 +43,8 @@ while [ $# -gt 0 ]; do
     --build-dir) build_dir="${2:?--build-dir needs a directory}"; shift ;;
     --build-dir=*) build_dir="${1#--build-dir=}" ;;
     --check) check=1 ;;
+    --only) only="${2:?--only needs names}"; shift ;;
+    --only=*) only="${1#--only=}" ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
   esac
@@ -53,11 +60,11 @@ out="$(cd "$out" && pwd)"
 if [ "$build" = 1 ]; then
   echo "== building (cmake --preset release) =="
   (cd "$root" && cmake --preset release >/dev/null &&
-    cmake --build --preset release --target jobengine_bench jobengine_snapshot_bench \
-      jobengine_memory_bench)
+    cmake --build --preset release --target jobengine_bench jobengine_bench_nometrics \
+      jobengine_snapshot_bench jobengine_memory_bench)
 fi
 bin="$build_dir/bench"
-for b in jobengine_bench jobengine_snapshot_bench jobengine_memory_bench; do
+for b in jobengine_bench jobengine_bench_nometrics jobengine_snapshot_bench jobengine_memory_bench; do
   if [ ! -x "$bin/$b" ]; then
     echo "run.sh: $bin/$b is missing; build it (drop --no-build) or pass --build-dir" >&2
     exit 2
@@ -78,6 +85,10 @@ if [ "$mode" = quick ]; then
   export JOBENGINE_BENCH_SUBMITS=100000
   export JOBENGINE_BENCH_PENDING_MAX=10000
   export JOBENGINE_BENCH_MEMORY_JOBS=10000
+  export JOBENGINE_BENCH_DELAYED=20000
+  export JOBENGINE_BENCH_DELAYED_ITERATIONS=1
+  export JOBENGINE_BENCH_CANCELS=50
+  ab_rounds=2
   reps_targets=1
   reps=1
   min_time=(--benchmark_min_time=0.05)
@@ -87,6 +98,10 @@ else
   export JOBENGINE_BENCH_SWEEP=full
   export JOBENGINE_BENCH_SWEEP_JOBS=100000
   export JOBENGINE_BENCH_PENDING_MAX=1000000
+  export JOBENGINE_BENCH_DELAYED=1000000
+  export JOBENGINE_BENCH_DELAYED_ITERATIONS=3
+  export JOBENGINE_BENCH_CANCELS=200
+  ab_rounds=7
   reps_targets=5
   reps=3
   min_time=()
@@ -117,13 +132,16 @@ flags="$(cache_get CMAKE_CXX_FLAGS) $(cache_get "CMAKE_CXX_FLAGS_$build_type_uc"
   echo "git_commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
   echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "mode=$mode"
-  echo "command=bench/run.sh --$mode"
+  echo "command=bench/run.sh --$mode${only:+ --only $only}"
   echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$out/machine.txt"
 
 # ---- the runs -------------------------------------------------------------------
+wanted() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
+
 run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
   local name="$1" binary="$2" repetitions="$3" filter="$4"
+  wanted "$name" || return 0
   shift 4
   local t0=$SECONDS
   printf '== %-10s %s --benchmark_filter=%q (%s repetitions) ... ' "$name" "$binary" "$filter" \
@@ -137,11 +155,42 @@ run() {  # run <name> <binary> <repetitions> <filter> [extra flags]
   echo "$((SECONDS - t0)) s"
 }
 
+# run_ab <name> <filter>: the cost of metrics on the hot path. jobengine_bench
+# (library with metrics) and jobengine_bench_nometrics (JOBENGINE_METRICS=0, the
+# same benchmark source) cannot share a process, so they run alternately, one
+# repetition each, $ab_rounds times (on off on off ...: a slow phase of the
+# machine hits both alike), and merge_ab.py merges the files into <name>.json
+# as metrics_on/<benchmark> and metrics_off/<benchmark>.
+run_ab() {
+  local name="$1" filter="$2"
+  wanted "$name" || return 0
+  local t0=$SECONDS dir="$out/$name-rounds" files=()
+  mkdir -p "$dir"
+  : > "$out/$name.log"
+  printf '== %-10s jobengine_bench vs jobengine_bench_nometrics --benchmark_filter=%q (%s rounds) ... ' \
+    "$name" "$filter" "$ab_rounds"
+  for ((i = 1; i <= ab_rounds; i++)); do
+    for variant in on off; do
+      local binary=jobengine_bench
+      [ "$variant" = off ] && binary=jobengine_bench_nometrics
+      "$bin/$binary" --benchmark_filter="$filter" --benchmark_repetitions=1 \
+        "${min_time[@]}" \
+        --benchmark_out="$dir/$variant-$i.json" --benchmark_out_format=json \
+        >> "$out/$name.log" 2>&1 || { echo "FAILED (see $out/$name.log)"; tail -n 20 "$out/$name.log" >&2; exit 1; }
+      files+=("metrics_$variant=$dir/$variant-$i.json")
+    done
+  done
+  python3 "$root/bench/merge_ab.py" "$out/$name.json" "${files[@]}"
+  echo "$((SECONDS - t0)) s"
+}
+
 start=$SECONDS
 run throughput jobengine_bench "$reps_targets" '^BM_(Engine|Bare|Mutex|Asio|Tbb)'
 run wakeup jobengine_bench "$reps" '^BM_WakeLatency'
 run sweep jobengine_bench "$reps" '^Sweep/' "${sweep_min_time[@]}"
 run openloop jobengine_bench "$reps" '^OpenLoop/'
+run delayed jobengine_bench "$reps_targets" '^BM_(DelayedPending/|SubmitDelayed|Cancel/)'
+run_ab metrics '^BM_Engine_(Submit|SubmitBatch)/spin(/|$)'
 run snapshot jobengine_snapshot_bench "$reps" '^BM_'
 run pending jobengine_snapshot_bench "$reps" '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
 run memory jobengine_memory_bench 1 '.'

@@ -18,13 +18,27 @@
 //                                 back-pressure alone costs (not a target).
 //   BM_MutexPool                  mutex + condvar + deque<std::function>.
 //
+// Job semantics (issue #4; registered from main(), see register_semantics()):
+//   BM_DelayedPending/{none,delayed,none_small_table}  BM_Engine_Submit/spin's
+//                                 loop with JOBENGINE_BENCH_DELAYED jobs
+//                                 parked (delay 1 h) against none.
+//   BM_SubmitDelayed              submitting those delayed jobs.
+//   BM_Cancel/{hit,miss}/capacity:<slots>  cancel() latency (a table scan).
+// This file is also the whole of jobengine_bench_nometrics (with the sources it
+// shares with jobengine_bench), linked against the library built with
+// JOBENGINE_METRICS=0: run.sh compares BM_Engine_Submit/spin between the two.
+//
 // Targets (ratios of medians in the same run; bench/ratios.py prints them):
 // Engine_Submit >= 0.5x BareQueue and >= 5x MutexPool; Engine_SubmitBatch >=
 // 0.5x BareQueue_Bulk.
 //
 // Environment: JOBENGINE_BENCH_JOBS (jobs per iteration), and
 // JOBENGINE_BENCH_CAPACITY (EngineOptions::capacity, default 65536; also the
-// bare queue's preallocation and BM_BareQueue_Bounded's bound).
+// bare queue's preallocation and BM_BareQueue_Bounded's bound);
+// JOBENGINE_BENCH_DELAYED (delayed jobs parked, default 1,000,000),
+// JOBENGINE_BENCH_DELAYED_ITERATIONS (iterations per BM_DelayedPending run,
+// default 3), JOBENGINE_BENCH_CANCELS (cancel() calls per BM_Cancel run,
+// default 200).
 //
 // Run on an otherwise idle machine (another busy process takes one of the two
 // cores and the figures with it), interleaving repetitions so that a slow
@@ -51,6 +65,12 @@
 #include "baselines.h"
 #include "jobengine/engine.h"
 #include "sweep_bench.h"
+
+// Set by bench/CMakeLists.txt: 1 in jobengine_bench, 0 in
+// jobengine_bench_nometrics (linked against the library without metrics).
+#ifndef JOBENGINE_BENCH_METRICS
+#define JOBENGINE_BENCH_METRICS 1
+#endif
 
 namespace jobengine::bench {
 namespace {
@@ -149,12 +169,12 @@ struct StartedEngine {
 // Opens an engine with one worker pinned to the plan's worker CPU, registers
 // the empty handler and starts it. Runs on the unpinned benchmark thread, so
 // the engine's threads do not inherit the submitter's CPU.
-Result<StartedEngine> start_engine(IdleStrategy idle) {
+Result<StartedEngine> start_engine(IdleStrategy idle, std::size_t capacity = engine_capacity()) {
   EngineOptions options;
   options.workers = 1;
   if (cpu_plan().worker >= 0) options.cpus = {cpu_plan().worker};
   options.idle = idle;
-  options.capacity = engine_capacity();
+  options.capacity = capacity;
   options.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
   auto engine = Engine::open(std::move(options));
   if (!engine) return engine.status();
@@ -175,39 +195,35 @@ Result<StartedEngine> start_engine(IdleStrategy idle) {
 std::uint64_t engine_done(const Engine& engine) { return engine.health().done; }
 
 // Stops the engine after a run and checks that it ran exactly what was
-// submitted, so a lost or duplicated job fails the benchmark.
+// submitted, so a lost or duplicated job fails the benchmark. `parked` jobs
+// (delayed for an hour) are dropped by a kAbandon stop and must all be
+// counted as dropped; with none parked the engine drains.
 void finish_engine_run(benchmark::State& state, Engine& engine, std::uint64_t expected,
-                       std::uint64_t retries) {
+                       std::uint64_t retries, std::uint64_t parked = 0) {
   state.SetItemsProcessed(static_cast<std::int64_t>(expected));
   state.counters["retries"] =
       benchmark::Counter(static_cast<double>(retries), benchmark::Counter::kAvgIterations);
-  auto report = engine.stop(StopMode::kDrain);
+  auto report = engine.stop(parked == 0 ? StopMode::kDrain : StopMode::kAbandon);
   if (state.error_occurred()) return;
   if (!report) {
     state.SkipWithError(("stop failed: " + report.status().to_string()).c_str());
-  } else if (report->done != expected || report->failed != 0) {
+  } else if (report->done != expected || report->failed != 0 || report->dropped != parked) {
     const std::string message = "engine ran " + std::to_string(report->done) + " jobs (" +
-                                std::to_string(report->failed) + " failed), expected " +
-                                std::to_string(expected);
+                                std::to_string(report->failed) + " failed, " +
+                                std::to_string(report->dropped) + " dropped), expected " +
+                                std::to_string(expected) + " (" + std::to_string(parked) +
+                                " dropped)";
     state.SkipWithError(message.c_str());
   }
 }
 
-void BM_Engine_Submit(benchmark::State& state, IdleStrategy idle) {
+// The timed loop of BM_Engine_Submit: each iteration submits jobs_per_iteration()
+// jobs one by one (kQueueFull retried after a pause) and waits until the
+// worker has run them; `target` counts the jobs submitted (and awaited) so far.
+void submit_loop(benchmark::State& state, Engine& engine, HandlerId handler,
+                 std::uint64_t& target, std::uint64_t& retries) {
   const std::size_t jobs = jobs_per_iteration();
-  auto started = start_engine(idle);
-  if (!started) {
-    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
-    return;
-  }
-  Engine& engine = started->engine;
-  const HandlerId handler = started->handler;
   const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
-
-  ScopedPin pin(cpu_plan().submitter);
-  if (!check_pins(state, pin, true)) return;
-  std::uint64_t retries = 0;
-  std::uint64_t target = 0;
   std::string error;
   for (auto _ : state) {
     for (std::size_t i = 0; i < jobs && error.empty(); ++i) {
@@ -234,6 +250,20 @@ void BM_Engine_Submit(benchmark::State& state, IdleStrategy idle) {
       break;
     }
   }
+}
+
+void BM_Engine_Submit(benchmark::State& state, IdleStrategy idle) {
+  auto started = start_engine(idle);
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  std::uint64_t retries = 0;
+  std::uint64_t target = 0;
+  submit_loop(state, engine, started->handler, target, retries);
   finish_engine_run(state, engine, target, retries);
 }
 
@@ -336,6 +366,235 @@ void BM_MutexPool(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(target));
 }
 
+// ---- job semantics: delayed jobs pending, submitting them, cancel() ---------
+//
+// Issue #4: "throughput with 1M delayed jobs pending against none (target: at
+// least 80%)". The delayed jobs are submitted with SubmitOptions::delay = 1 h
+// before the timed loop, so for the whole run they sit in the job table and in
+// the scheduler's heap; the loop is BM_Engine_Submit/spin's. Both arms open a
+// table of delayed_jobs() + engine_capacity() slots, so only the parked jobs
+// differ (the delayed arm keeps engine_capacity() slots free for the working
+// set, the same as BM_Engine_Submit). A third arm runs BM_Engine_Submit's own
+// table size next to them, to show what the larger table costs by itself.
+// Every engine is stopped with kAbandon (the parked jobs count as dropped).
+
+constexpr auto kParkDelay = std::chrono::hours(1);
+
+// JOBENGINE_BENCH_DELAYED: delayed jobs parked (default 1,000,000).
+std::size_t delayed_jobs() {
+  static const std::size_t n = env_size("JOBENGINE_BENCH_DELAYED", 1'000'000);
+  return n;
+}
+
+// Submits `n` empty jobs delayed by kParkDelay from the calling thread; their
+// ids go to `ids` when given. Returns the error, empty on success.
+std::string park_delayed(Engine& engine, HandlerId handler, std::size_t n,
+                         std::vector<JobId>* ids = nullptr) {
+  const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
+  SubmitOptions options;
+  options.delay = kParkDelay;
+  if (ids != nullptr) ids->reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    auto id = engine.submit(handler, payload, options);
+    if (!id) {
+      return "delayed submit " + std::to_string(i) + " of " + std::to_string(n) +
+             " failed: " + id.status().to_string();
+    }
+    if (ids != nullptr) ids->push_back(*id);
+  }
+  return {};
+}
+
+enum class DelayedArm { kNone, kDelayed, kSmallTable };
+
+void BM_DelayedPending(benchmark::State& state, DelayedArm arm) {
+  const std::size_t parked = arm == DelayedArm::kDelayed ? delayed_jobs() : 0;
+  const std::size_t capacity =
+      arm == DelayedArm::kSmallTable ? engine_capacity() : delayed_jobs() + engine_capacity();
+  auto started = start_engine(IdleStrategy::kSpin, capacity);
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  if (const std::string error = park_delayed(engine, started->handler, parked); !error.empty()) {
+    state.SkipWithError(error.c_str());
+    (void)engine.stop(StopMode::kAbandon);
+    return;
+  }
+  const Health before = engine.health();
+  if (before.delayed != parked) {
+    state.SkipWithError(("health().delayed is " + std::to_string(before.delayed) + ", expected " +
+                         std::to_string(parked)).c_str());
+    (void)engine.stop(StopMode::kAbandon);
+    return;
+  }
+  std::uint64_t retries = 0;
+  std::uint64_t target = 0;
+  submit_loop(state, engine, started->handler, target, retries);
+  state.counters["delayed_pending"] = static_cast<double>(engine.health().delayed);
+  state.counters["capacity"] = static_cast<double>(capacity);
+  finish_engine_run(state, engine, target, retries, parked);
+}
+
+// What parking delayed_jobs() jobs costs: submit() with a delay (slot, then the
+// scheduler's lock and heap push) from the pinned submitter into an empty table
+// of delayed_jobs() + engine_capacity() slots. Manual time: only the submits.
+// One iteration per run (registered with Iterations(1)): a second would find
+// the table full; repetitions give the spread.
+void BM_SubmitDelayed(benchmark::State& state) {
+  const std::size_t n = delayed_jobs();
+  auto started = start_engine(IdleStrategy::kSpinThenBlock, n + engine_capacity());
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  std::uint64_t parked = 0;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string error = park_delayed(engine, started->handler, n);
+    const auto t1 = std::chrono::steady_clock::now();
+    if (!error.empty()) {
+      state.SkipWithError(error.c_str());
+      break;
+    }
+    parked += n;
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+  }
+  finish_engine_run(state, engine, 0, 0, parked);
+  state.SetItemsProcessed(static_cast<std::int64_t>(parked));  // not the 0 jobs run
+}
+
+// cancel() scans the job table for the id. `miss`: an id never issued (the
+// whole table is scanned; the same as cancelling a job that already finished,
+// whose slot was reused), `hit`: a delayed job picked at random (the scan stops
+// at its slot). The table holds `capacity - 4096` delayed jobs. Manual time per
+// call; ns per cancel() is the benchmark's time per iteration. `hit_not_found`
+// counts hits that returned kNotFound although the job was pending (an engine
+// race with the scheduler's purge, see below); they are timed like the others.
+void BM_Cancel(benchmark::State& state, bool hit, std::size_t capacity) {
+  // The worker sleeps (nothing is due); the scheduler wakes for each hit to
+  // purge the cancelled job from its heap.
+  auto started = start_engine(IdleStrategy::kSpinThenBlock, capacity);
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
+    return;
+  }
+  Engine& engine = started->engine;
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  const std::size_t parked = capacity > 4096 ? capacity - 4096 : capacity / 2;
+  std::vector<JobId> ids;
+  if (const std::string error = park_delayed(engine, started->handler, parked, &ids);
+      !error.empty()) {
+    state.SkipWithError(error.c_str());
+    (void)engine.stop(StopMode::kAbandon);
+    return;
+  }
+  // A fixed shuffle (xorshift), so hits land all over the table.
+  std::uint64_t x = 0x9e3779b97f4a7c15ULL;
+  for (std::size_t i = ids.size(); i > 1; --i) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    std::swap(ids[i - 1], ids[x % i]);
+  }
+  const JobId never_issued =
+      ids.empty() ? 1 : *std::max_element(ids.begin(), ids.end()) + 1'000'000;
+  std::size_t next = 0;
+  std::uint64_t cancelled = 0;
+  std::uint64_t hit_not_found = 0;
+  for (auto _ : state) {
+    if (hit && next == ids.size()) {
+      state.SkipWithError("more iterations than parked jobs");
+      break;
+    }
+    const JobId id = hit ? ids[next++] : never_issued;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = engine.cancel(id);
+    const auto t1 = std::chrono::steady_clock::now();
+    state.SetIterationTime(std::chrono::duration<double>(t1 - t0).count());
+    const bool not_found = !r && r.status().code() == StatusCode::kNotFound;
+    if (hit && not_found) {
+      // A known engine race, counted rather than failed: the scheduler's purge
+      // for an earlier cancel() retires this job between this call's CAS and
+      // its state check, so the job is cancelled but the call says kNotFound.
+      ++hit_not_found;
+      continue;
+    }
+    const bool as_expected = hit ? (r && *r == CancelResult::kCancelled) : not_found;
+    if (!as_expected) {
+      const Health h = engine.health();
+      state.SkipWithError(("cancel(" + std::to_string(id) + ") returned " +
+                           (r ? std::string(cancel_result_name(*r)) : r.status().to_string()) +
+                           " after " + std::to_string(cancelled) + " cancels of " +
+                           std::to_string(parked) + " parked jobs; health: done " +
+                           std::to_string(h.done) + ", delayed " + std::to_string(h.delayed) +
+                           ", cancelled " + std::to_string(h.cancelled))
+                              .c_str());
+      break;
+    }
+    if (hit) ++cancelled;
+  }
+  state.counters["capacity"] = static_cast<double>(capacity);
+  if (hit) state.counters["hit_not_found"] = static_cast<double>(hit_not_found);
+  auto report = engine.stop(StopMode::kAbandon);
+  if (state.error_occurred()) return;
+  if (!report) {
+    state.SkipWithError(("stop failed: " + report.status().to_string()).c_str());
+  } else if (report->cancelled + report->dropped != parked ||
+             report->cancelled > cancelled + hit_not_found) {
+    state.SkipWithError(("stop: " + std::to_string(report->cancelled) + " cancelled + " +
+                         std::to_string(report->dropped) + " dropped, expected " +
+                         std::to_string(parked) + " in all")
+                            .c_str());
+  }
+}
+
+// Registered from main(), once the sizes are read from the environment: the
+// delayed arms and the cancel() rows run a fixed number of iterations, so that
+// Google Benchmark does not repeat their (large) setup to size a run.
+// JOBENGINE_BENCH_DELAYED_ITERATIONS: iterations of each BM_DelayedPending arm
+// (default 3); JOBENGINE_BENCH_CANCELS: cancel() calls per BM_Cancel row
+// (default 200).
+void register_semantics() {
+  const auto iterations =
+      static_cast<benchmark::IterationCount>(env_size("JOBENGINE_BENCH_DELAYED_ITERATIONS", 3));
+  const auto cancels =
+      static_cast<benchmark::IterationCount>(env_size("JOBENGINE_BENCH_CANCELS", 200));
+  const std::pair<const char*, DelayedArm> arms[] = {{"none", DelayedArm::kNone},
+                                                     {"delayed", DelayedArm::kDelayed},
+                                                     {"none_small_table", DelayedArm::kSmallTable}};
+  for (const auto& [name, arm] : arms) {
+    benchmark::RegisterBenchmark((std::string("BM_DelayedPending/") + name).c_str(),
+                                 BM_DelayedPending, arm)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(iterations);
+  }
+  benchmark::RegisterBenchmark("BM_SubmitDelayed", BM_SubmitDelayed)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond)
+      ->Iterations(1);
+  const std::size_t small = engine_capacity();
+  const std::size_t large = delayed_jobs() + engine_capacity();
+  for (const bool hit : {false, true}) {
+    for (const std::size_t capacity : {small, large}) {
+      const std::string name = std::string("BM_Cancel/") + (hit ? "hit" : "miss") +
+                               "/capacity:" + std::to_string(capacity);
+      benchmark::RegisterBenchmark(name.c_str(), BM_Cancel, hit, capacity)
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond)
+          ->Iterations(cancels);
+    }
+  }
+}
+
 // Each iteration runs a million jobs, so milliseconds read best. Real time,
 // because the submitter's CPU time leaves out the wait for the worker.
 void configure(benchmark::internal::Benchmark* b) {
@@ -361,6 +620,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   jobengine::bench::register_sweep_and_open_loop();
+  jobengine::bench::register_semantics();
   std::string counts;
   for (unsigned c : jobengine::bench::sweep_thread_counts()) {
     if (!counts.empty()) counts += ',';
@@ -372,6 +632,11 @@ int main(int argc, char** argv) {
                               std::to_string(jobengine::bench::jobs_per_iteration()));
   benchmark::AddCustomContext("jobengine_capacity",
                               std::to_string(jobengine::bench::engine_capacity()));
+  benchmark::AddCustomContext("jobengine_delayed_jobs",
+                              std::to_string(jobengine::bench::delayed_jobs()));
+  // Which library this binary links: jobengine_bench the normal one,
+  // jobengine_bench_nometrics the one built with JOBENGINE_METRICS=0.
+  benchmark::AddCustomContext("jobengine_metrics", JOBENGINE_BENCH_METRICS ? "on" : "off");
   benchmark::AddCustomContext("jobengine_submitter_cpu", std::to_string(cpu_plan().submitter));
   benchmark::AddCustomContext("jobengine_worker_cpu", std::to_string(cpu_plan().worker));
   if (cpu_plan().worker < 0) {
