@@ -563,7 +563,7 @@ int run(int argc, char** argv) {
   }
 
   StatusLine status;
-  auto next_status = Clock::now();
+  auto next_status = Clock::now() + std::chrono::milliseconds(args.status_interval_ms);
   for (;;) {
     if (g_interrupted) break;
     const jobengine::Health h = engine->health();
