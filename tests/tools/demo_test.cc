@@ -146,7 +146,15 @@ class DemoTest : public ::testing::Test {
                                      "--journal", work_ + "/journal-" + name + ".log",
                                      "--report", work_ + "/report-" + name + ".json"};
     args.insert(args.end(), extra.begin(), extra.end());
-    return RunChild(args, work_ + "/output-" + name + ".txt");
+    RunResult r = RunChild(args, work_ + "/output-" + name + ".txt");
+    ExpectNoSanitizerReport(r);
+    return r;
+  }
+
+  // A sanitizer build reports into the child's output; a report from a child
+  // that was SIGKILLed afterwards would otherwise go unnoticed.
+  static void ExpectNoSanitizerReport(const RunResult& r) {
+    EXPECT_FALSE(Contains(r.output, "Sanitizer") || Contains(r.output, "runtime error:")) << r;
   }
 
   // What the next engine start loads, by the engine's own loader.
@@ -265,6 +273,7 @@ TEST_F(DemoTest, ScenarioStepByStep) {
   // 6. jobsnap drop removes it; the next start finds nothing, no dead letter.
   const RunResult drop = RunChild({JOBSNAP_PATH, "drop", dir_, std::to_string(poison), "--shm", shm_},
                              work_ + "/output-drop.txt");
+  ExpectNoSanitizerReport(drop);
   ASSERT_EQ(drop.code, 0) << drop;
   const st::Image dropped = LoadNext();
   EXPECT_EQ(dropped.view.jobs.size(), 0u);
@@ -286,6 +295,7 @@ TEST_F(DemoTest, ScriptTellsTheStoryAndItsChecksPass) {
   const RunResult r = RunChild({"/bin/bash", JOBENGINE_DEMO_SCRIPT, "--work", work_ + "/scenario",
                            "--shm", shm_, "--bin", bin},
                           work_ + "/output-script.txt");
+  ExpectNoSanitizerReport(r);
   ASSERT_EQ(r.code, 0) << r;
   for (const char* step : {"== 1. A fresh start", "The service runs under load, then crashes",
                            "jobsnap list", "jobsnap inspect", "crashes again on the same job",
