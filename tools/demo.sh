@@ -40,7 +40,7 @@ header() {
   step=$((step + 1))
   printf '\n== %d. %s %s\n' "$step" "$1" "$(printf '=%.0s' $(seq 1 $((70 - ${#1}))))"
 }
-say() { printf '%s\n' "$*" | fold -s -w 100; }
+say() { printf '%s\n' "$*" | fold -s -w 100 | sed 's/ *$//'; }
 echo_cmd() { printf '$ %s\n' "$(printf '%q ' "$@" | sed "s|$bin/||g; s| $||")"; }
 show() {  # prints the command as an operator would type it, then runs it
   echo_cmd "$@"

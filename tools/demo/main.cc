@@ -6,8 +6,9 @@
 // (delayed jobs) -- fed at a configurable rate, with snapshots to shared
 // memory every 10 ms and to disk every 150 ms. One optional poison job (a
 // thumbnail whose image crashes the decoder) kills the process with SIGKILL
-// while it runs, so it is running at a snapshot's cut every time, and after
-// max_recoveries restarts the engine quarantines it as dead.
+// while it runs, so it is running at a snapshot's cut every time; once it was
+// running at more than max_recoveries crashes, start() quarantines it as dead
+// (reason poison) instead of running it again.
 //
 // What it did goes to an append-only journal (--journal), one write(2) per
 // line, so that a script or test can check from outside the process which
@@ -139,9 +140,15 @@ jobengine::Outcome finish(jobengine::JobContext& job, int handler, jobengine::Ou
 }
 
 // The poison job: a malformed image that crashes the thumbnail decoder. It
-// waits until a snapshot whose cut began after it started has been published
-// (two generations later), so the snapshot that survives the crash holds it as
-// running at the cut, then kills the process.
+// kills the process only once a snapshot whose cut began after it started has
+// been published, so that the snapshot that survives the crash holds it as
+// running at the cut (and recovery counts the crash against it):
+//   - g1, the first generation published after the handler read g0, was
+//     published after the job was running (g0 may be 0: a restarted process
+//     publishes nothing before its first snapshot, and generation numbers
+//     continue from the recovered one, so g0 + 2 would prove nothing);
+//   - the snapshot thread cuts one snapshot after the other, so the cut of
+//     g1 + 1 began after g1's publish; g1 + 2 leaves a margin.
 [[noreturn]] void crash_on_poison(jobengine::JobContext& job) {
   journal("X %llu thumbnail %u", static_cast<unsigned long long>(job.id()), job.attempt());
   for (int i = 0; i < 1000 && !g_story_told.load(std::memory_order_acquire); ++i) {
@@ -151,11 +158,15 @@ jobengine::Outcome finish(jobengine::JobContext& job, int handler, jobengine::Ou
                "\njobengine-demo: thumbnail job %llu: the image decoder crashed on a malformed "
                "image (attempt %u): the process dies with SIGKILL\n",
                static_cast<unsigned long long>(job.id()), job.attempt());
-  const std::uint64_t g0 = g_engine->health().last_snapshot_generation;
-  const auto give_up = Clock::now() + 10s;
-  while (g_engine->health().last_snapshot_generation < g0 + 2 && Clock::now() < give_up) {
+  const auto generation = [] { return g_engine->health().last_snapshot_generation; };
+  const auto give_up = Clock::now() + 10s;  // no snapshot for 10 s: crash anyway
+  const std::uint64_t g0 = generation();
+  std::uint64_t g1 = g0;
+  while (g1 == g0 && Clock::now() < give_up) {
     std::this_thread::sleep_for(1ms);
+    g1 = generation();
   }
+  while (generation() < g1 + 2 && Clock::now() < give_up) std::this_thread::sleep_for(1ms);
   ::kill(::getpid(), SIGKILL);
   std::abort();  // not reached
 }
@@ -421,7 +432,8 @@ int run(int argc, char** argv) {
       ->type_name("NAME")
       ->capture_default_str();
   app.add_option("--rate", args.rate, "Jobs submitted per second")
-      ->check(CLI::Range(1.0, 1e7))
+      ->check(CLI::Range(1.0, 1e7).description("1 to 10^7"))
+      ->type_name("N")
       ->capture_default_str();
   app.add_option("--jobs", args.jobs, "Jobs to submit (then drain and exit)")
       ->type_name("N")
@@ -430,7 +442,8 @@ int run(int argc, char** argv) {
       ->type_name("SECONDS")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--workers", args.workers, "Worker threads")
-      ->check(CLI::Range(1u, 64u))
+      ->check(CLI::Range(1u, 64u).description("1 to 64"))
+      ->type_name("N")
       ->capture_default_str();
   app.add_flag("--poison", args.poison,
                "Submit one poison job: a thumbnail whose image crashes the process (SIGKILL)");
@@ -439,7 +452,8 @@ int run(int argc, char** argv) {
       ->type_name("N");
   app.add_option("--max-recoveries", args.max_recoveries,
                  "Crashes a job may be running at before it is quarantined as poison")
-      ->check(CLI::Range(0u, 65535u))
+      ->check(CLI::Range(0u, 65535u).description("0 to 65535"))
+      ->type_name("N")
       ->capture_default_str();
   app.add_option("--status-interval", args.status_interval_ms,
                  "Milliseconds between status lines on stderr (0: none)")
@@ -458,6 +472,12 @@ int run(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 64;
+  }
+  if (args.poison && args.poison_at != 0 && args.poison_at >= args.jobs) {
+    std::fprintf(stderr, "jobengine-demo: --poison-at %llu: must be below --jobs %llu\n",
+                 static_cast<unsigned long long>(args.poison_at),
+                 static_cast<unsigned long long>(args.jobs));
+    return 64;
   }
   g_crash_after = args.crash_after;
   // Line-buffered even into a pipe or file: the story's lines and the status
