@@ -180,13 +180,10 @@ TEST_F(DemoTest, ScenarioStepByStep) {
       Demo("1", {"--jobs", "3000", "--rate", "3000", "--poison", "--poison-at", "800"});
   ASSERT_EQ(first.code, kKilled) << first;
   JobId poison = 0;
-  std::set<JobId> submitted;
   for (const auto& w : Journal(work_ + "/journal-1.log")) {
     if (w[0] == "X" && poison == 0) poison = std::stoull(w[1]);
-    if (w[0] == "S") submitted.insert(std::stoull(w[1]));
   }
   ASSERT_NE(poison, 0u) << "no poison job ran:\n" << first;
-  ASSERT_TRUE(submitted.count(poison));
   EXPECT_TRUE(Contains(first.output, "crashed on a malformed image")) << first;
 
   // 2. The snapshot the restart will load holds it as running at the cut.
@@ -200,7 +197,6 @@ TEST_F(DemoTest, ScenarioStepByStep) {
   ASSERT_NE(p, nullptr) << "generation " << held.view.header.generation << " lacks the poison job";
   EXPECT_EQ(p->state, JobState::kRunningAtCut);
   EXPECT_EQ(p->recoveries, 0u);
-  for (JobId id : live) EXPECT_TRUE(submitted.count(id)) << "job " << id << " was never submitted";
 
   // 3. Restarts crash on it again, max_recoveries times; the next one
   //    quarantines it and drains.
