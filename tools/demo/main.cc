@@ -529,16 +529,17 @@ int run(int argc, char** argv) {
   std::signal(SIGINT, on_sigint);
   std::signal(SIGTERM, on_sigint);
 
+  // Before start(): the engine logs what recovery quarantines while it starts.
+  std::printf("jobengine-demo: pid %d, %u workers; snapshots every 10 ms to shm '%s' and every "
+              "150 ms to %s (keep 5); max_recoveries %u\n",
+              static_cast<int>(::getpid()), args.workers, args.shm.c_str(), args.dir.c_str(),
+              args.max_recoveries);
   auto started = engine->start();
   if (!started) {
     std::fprintf(stderr, "jobengine-demo: start failed: %s\n", started.status().to_string().c_str());
     return 1;
   }
   const jobengine::RecoveryReport& rec = started->recovery;
-  std::printf("jobengine-demo: pid %d, %u workers; snapshots every 10 ms to shm '%s' and every "
-              "150 ms to %s (keep 5); max_recoveries %u\n",
-              static_cast<int>(::getpid()), started->workers, args.shm.c_str(), args.dir.c_str(),
-              args.max_recoveries);
   std::printf("jobengine-demo: %s\n", recovery_story(rec, args.max_recoveries).c_str());
   for (const auto& d : engine->dead_letters()) {
     std::printf("jobengine-demo: dead letter: job %llu (%s), reason %s, %u recoveries: %s\n",
