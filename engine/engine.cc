@@ -1246,15 +1246,16 @@ class Engine::Impl final : public detail::CutSource {
                  std::string_view key = {}, std::uint64_t deadline_ns = 0) noexcept {
     Slot& s = table_.slot(idx);
     if (!key.empty() || deadline_ns != 0) [[unlikely]] {
-      const std::size_t bytes = key.size() + sizeof(ExtraHeader) + payload.size();
+      const std::size_t key_bytes = detail::padded_key_bytes(key.size());
+      const std::size_t bytes = key_bytes + sizeof(ExtraHeader) + payload.size();
       unsigned char* block = new (std::nothrow) unsigned char[bytes];
       if (block == nullptr) return false;
       if (!key.empty()) std::memcpy(block, key.data(), key.size());
       ExtraHeader x;
       x.deadline_ns = deadline_ns;
       x.key_len = static_cast<std::uint32_t>(key.size());
-      std::memcpy(block + key.size(), &x, sizeof(x));
-      unsigned char* p = block + key.size() + sizeof(ExtraHeader);
+      std::memcpy(block + key_bytes, &x, sizeof(x));
+      unsigned char* p = block + key_bytes + sizeof(ExtraHeader);
       if (!payload.empty()) std::memcpy(p, payload.data(), payload.size());
       s.heap_payload = p;
       s.flags = kSlotHasExtra;

@@ -68,13 +68,20 @@ inline constexpr std::uint64_t kIdMask = kCancelBit - 1;
 inline constexpr std::uint8_t kSlotHasExtra = 1;  // payload lives in an extra block
 
 // A job's rare extras (unique key, own deadline) share one heap block with
-// its payload: [key bytes][ExtraHeader][payload], heap_payload pointing at the
-// payload. Jobs without them never allocate for them.
+// its payload: [key bytes][padding][ExtraHeader][payload], heap_payload
+// pointing at the payload. The key is padded to padded_key_bytes() so that the
+// header after it is aligned (new[] aligns the block itself). Jobs without
+// extras never allocate for them.
 struct ExtraHeader {
   std::uint64_t deadline_ns = 0;  // SubmitOptions::deadline, 0 none
   std::uint32_t key_len = 0;
   std::uint32_t reserved = 0;
 };
+
+// Bytes a key of `key_len` takes in the extra block, ExtraHeader's padding included.
+constexpr std::size_t padded_key_bytes(std::size_t key_len) noexcept {
+  return (key_len + alignof(ExtraHeader) - 1) / alignof(ExtraHeader) * alignof(ExtraHeader);
+}
 
 // One job. 64-byte header + inline payload = kSlotBytes, cache-line aligned.
 struct alignas(kCacheLine) Slot {
@@ -106,14 +113,14 @@ struct alignas(kCacheLine) Slot {
   std::string_view key() const noexcept {
     const ExtraHeader* x = extra();
     if (x == nullptr || x->key_len == 0) return {};
-    return {reinterpret_cast<const char*>(x) - x->key_len, x->key_len};
+    return {reinterpret_cast<const char*>(x) - padded_key_bytes(x->key_len), x->key_len};
   }
   // Frees the heap block, if any.
   void free_heap() noexcept {
     if (heap_payload == nullptr) return;
     if ((flags & kSlotHasExtra) != 0) {
       const ExtraHeader* x = extra();
-      delete[] (heap_payload - sizeof(ExtraHeader) - x->key_len);
+      delete[] (heap_payload - sizeof(ExtraHeader) - padded_key_bytes(x->key_len));
     } else {
       delete[] heap_payload;
     }

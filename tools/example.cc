@@ -3,9 +3,10 @@
 // Registers three handlers of different costs, submits jobs at three
 // priorities from two threads (singles and batches), lets one handler retry
 // and one fail, prints the health figures while it runs, and stops with
-// kDrain. Until the demo service exists it is what the README's main command
-// runs. Options: --jobs N (default 200000), --workers N (default: cores - 1,
-// at least 1), --idle spin|yield|block (default block).
+// kDrain. A short tour of the API; the README's main command runs the demo
+// service instead (tools/demo.md). Options: --jobs N (default 200000),
+// --workers N (default: cores - 1, at least 1), --idle spin|yield|block
+// (default block).
 #include <jobengine/engine.h>
 
 #include <atomic>
