@@ -101,9 +101,10 @@ class Tmp {
 
 TEST(DelayTest, DelayedJobRunsOnlyWhenItsTimeComes) {
   auto clock = std::make_shared<ManualClock>();
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> runs{0};
   auto engine = Engine::open(TestOptions(clock));
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> runs{0};
   auto h = engine->register_handler("later", [&](JobContext&) {
     runs.fetch_add(1);
     return Outcome::kDone;
@@ -126,9 +127,10 @@ TEST(DelayTest, DelayedJobRunsOnlyWhenItsTimeComes) {
 
 TEST(DelayTest, RunAtInThePastRunsAtOnceAndInTheFutureWaits) {
   auto clock = std::make_shared<ManualClock>();
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> runs{0};
   auto engine = Engine::open(TestOptions(clock));
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> runs{0};
   auto h = engine->register_handler("at", [&](JobContext&) {
     runs.fetch_add(1);
     return Outcome::kDone;
@@ -161,10 +163,11 @@ TEST(DelayTest, BadDelayOptionsAreInvalidArgument) {
 
 TEST(DelayTest, ManyDelayedJobsFireInRunAtOrder) {
   auto clock = std::make_shared<ManualClock>();
-  auto engine = Engine::open(TestOptions(clock));
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
   std::mutex mu;
   std::vector<std::string> order;
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
   auto h = engine->register_handler("o", [&](JobContext& job) {
     std::lock_guard<std::mutex> lock(mu);
     order.emplace_back(job.payload());
@@ -194,9 +197,10 @@ TEST(RetryTest, BackoffDoublesUpToItsCapThenTheJobDiesWithItsLastError) {
   o.retry.initial_backoff = minutes(1);
   o.retry.multiplier = 2;
   o.retry.max_backoff = minutes(3);
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> runs{0};
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> runs{0};
   auto h = engine->register_handler("flaky", [&](JobContext& job) {
     runs.fetch_add(1);
     job.set_error("attempt " + std::to_string(job.attempt()) + " failed");
@@ -241,9 +245,10 @@ TEST(RetryTest, JitterStaysWithinItsBounds) {
   o.retry.initial_backoff = minutes(10);
   o.retry.max_backoff = hours(1);
   o.retry.jitter = 0.5;  // 5 min .. 15 min
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> runs{0};
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> runs{0};
   auto h = engine->register_handler("j", [&](JobContext& job) {
     runs.fetch_add(1);
     return job.attempt() == 1 ? Outcome::kRetry : Outcome::kDone;
@@ -264,9 +269,10 @@ TEST(RetryTest, HandlerPolicyAndRetryAfterOverrideTheEngineDefaults) {
   o.max_attempts = 2;
   o.retry.initial_backoff = hours(1);
   o.retry.max_backoff = hours(1);
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> quick_runs{0}, custom_runs{0};
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> quick_runs{0}, custom_runs{0};
   HandlerOptions ho;
   ho.max_attempts = 5;
   ho.has_retry_policy = true;
@@ -321,10 +327,11 @@ TEST(RetryTest, BadRetryPoliciesAreInvalidArgument) {
 // ---- dead letters -----------------------------------------------------------------
 
 TEST(DeadLetterTest, FailedJobsAreKeptListedRequeuedAndDropped) {
-  auto engine = Engine::open(TestOptions(nullptr));
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
   std::atomic<bool> heal{false};
   std::atomic<int> ok_runs{0};
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
   auto h = engine->register_handler("ledger", [&](JobContext& job) {
     if (!heal.load()) {
       job.set_error("ledger down");
@@ -394,12 +401,13 @@ TEST(DeadLetterTest, TheSetIsBoundedOldestFirstOut) {
 
 TEST(CancelTest, QueuedDelayedAndRunningJobsEachSayWhatHappened) {
   auto clock = std::make_shared<ManualClock>();
-  auto engine = Engine::open(TestOptions(clock));
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
   Gate gate;
-  GateOpener opener{gate};
   std::atomic<bool> started{false}, saw_cancel{false};
   std::atomic<int> other_runs{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
   auto blocker = engine->register_handler("blocker", [&](JobContext& job) {
     started.store(true);
     // Cooperative: poll until cancelled (bounded by the gate's timeout).
@@ -457,10 +465,12 @@ TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob)
   o.capacity = 1 << 14;
   o.max_attempts = 1;
   o.idle = IdleStrategy::kSpinThenBlock;
-  auto engine = Engine::open(o);
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> submitted{0};
   constexpr int kJobs = 6000;
   std::vector<std::atomic<int>> ran(kJobs);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
   auto h = engine->register_handler("c", [&](JobContext& job) {
     const int i = std::stoi(std::string(job.payload()));
     ran[static_cast<std::size_t>(i)].fetch_add(1);
@@ -469,7 +479,6 @@ TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob)
   ASSERT_TRUE(engine->start().ok());
   std::vector<JobId> ids(kJobs);
   std::vector<std::atomic<int>> outcome(kJobs);  // 0 none, 1 cancelled, 2 requested, 3 not found
-  std::atomic<int> submitted{0};
   std::thread submitter([&] {
     for (int i = 0; i < kJobs; ++i) {
       SubmitOptions so;
@@ -527,12 +536,13 @@ TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob)
 
 TEST(DeadlineTest, AJobPastItsDeadlineIsReportedStuckAndCounted) {
   auto clock = std::make_shared<ManualClock>();
-  auto engine = Engine::open(TestOptions(clock));
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
   Gate gate;
-  GateOpener opener{gate};
   std::atomic<bool> started{false};
   std::atomic<bool> had_deadline{false};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
   auto h = engine->register_handler("slow", [&](JobContext& job) {
     had_deadline.store(job.deadline() != steady_clock::time_point::max());
     started.store(true);
@@ -561,9 +571,10 @@ TEST(DeadlineTest, AJobPastItsDeadlineIsReportedStuckAndCounted) {
 
 TEST(DeadlineTest, HandlerDeadlineAppliesAndNoDeadlineMeansNone) {
   auto clock = std::make_shared<ManualClock>();
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> with{0}, without{0};
   auto engine = Engine::open(TestOptions(clock));
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> with{0}, without{0};
   HandlerOptions ho;
   ho.deadline = seconds(30);
   auto a = engine->register_handler("a", [&](JobContext& job) {
@@ -584,9 +595,10 @@ TEST(DeadlineTest, HandlerDeadlineAppliesAndNoDeadlineMeansNone) {
 
 TEST(UniqueKeyTest, ASecondSubmitWhileTheFirstIsPendingReturnsTheFirstId) {
   auto clock = std::make_shared<ManualClock>();
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  std::atomic<int> runs{0};
   auto engine = Engine::open(TestOptions(clock));
   ASSERT_TRUE(engine.ok());
-  std::atomic<int> runs{0};
   auto h = engine->register_handler("k", [&](JobContext&) {
     runs.fetch_add(1);
     return Outcome::kDone;
@@ -622,10 +634,11 @@ TEST(StopModeTest, DrainRunsQueuedJobsAndLeavesWhatIsNotDueYet) {
   EngineOptions o = TestOptions(clock);
   o.retry.initial_backoff = minutes(1);
   o.retry.max_backoff = minutes(1);
-  auto engine = Engine::open(o);
-  ASSERT_TRUE(engine.ok());
+  // Used by handlers: declared before the engine, so they outlive its drain.
   std::atomic<int> runs{0};
   Gate gate;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
   GateOpener opener{gate};
   auto h = engine->register_handler("d", [&](JobContext& job) {
     runs.fetch_add(1);
@@ -684,6 +697,8 @@ TEST(SemanticsSnapshotTest, EveryStateAttemptRunAtKeyDeadlineAndDeadReasonSurviv
   o.retry.max_backoff = hours(2);
   JobId delayed_id = 0, retry_id = 0, dead_id = 0;
   std::int64_t delayed_run_at = 0;
+  // Used by the second engine's handler: declared before it.
+  std::atomic<int> later_runs{0};
   {
     auto engine = Engine::open(o);
     ASSERT_TRUE(engine.ok()) << engine.status().to_string();
@@ -746,7 +761,6 @@ TEST(SemanticsSnapshotTest, EveryStateAttemptRunAtKeyDeadlineAndDeadReasonSurviv
   o.test_clock = clock2;
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok()) << engine.status().to_string();
-  std::atomic<int> later_runs{0};
   auto h = engine->register_handler("job", [&](JobContext& job) {
     if (job.payload() == "later") later_runs.fetch_add(1);
     return Outcome::kDone;
@@ -800,9 +814,10 @@ TEST(MetricsTest, CountersPerHandlerAndHistogramsReachTheExposition) {
 TEST(HealthTest, PendingAboveTheHighWaterMarkIsAReason) {
   EngineOptions o = TestOptions(nullptr);
   o.queue_high_water = 2;
+  // Used by handlers: declared before the engine, so they outlive its drain.
+  Gate gate;
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
-  Gate gate;
   GateOpener opener{gate};
   auto h = engine->register_handler("h", [&](JobContext&) {
     gate.wait();
