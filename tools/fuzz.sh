@@ -17,7 +17,7 @@ jobs=${JOBS:-1}
 
 cmake --preset fuzz >/dev/null
 cmake --build --preset fuzz
-out=build/fuzz/tests/fuzz
+out=$PWD/build/fuzz/tests/fuzz
 for f in "${fuzzers[@]}"; do
   case $f in
     snapshot_decode_fuzzer) dirs=("$out/corpus" tests/persistence/golden) ;;

@@ -15,6 +15,7 @@
 // Build: cmake --preset fuzz && cmake --build --preset fuzz
 // Run:   build/fuzz/tests/fuzz/jobsnap_args_fuzzer -close_fd_mask=1 -max_total_time=3600 \
 //            build/fuzz/tests/fuzz/jobsnap-args-corpus
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstddef>
@@ -33,6 +34,7 @@
 namespace {
 
 std::filesystem::path g_sandbox;
+int g_home = -1;  // the directory libFuzzer runs in (its corpus paths may be relative)
 
 void remove_sandbox() {
   std::error_code ec;
@@ -53,7 +55,8 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     std::filesystem::copy_file(e.path(), g_sandbox / "snap" / name);
     if (gen == 2) std::filesystem::copy_file(e.path(), g_sandbox / "one.jobsnap");
   }
-  std::filesystem::current_path(g_sandbox);
+  g_home = ::open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (g_home < 0) std::abort();
   std::atexit(remove_sandbox);
   return 0;
 }
@@ -76,12 +79,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // Only the tool runs in the sandbox; libFuzzer's own files stay where it was started.
+  if (::chdir(g_sandbox.c_str()) != 0) std::abort();
   int code;
   try {
     code = run(static_cast<int>(args.size()), argv.data());
   } catch (...) {
     std::abort();  // main() would report this as an internal error: a bug either way
   }
+  if (::fchdir(g_home) != 0) std::abort();
   static const std::set<int> kDocumented = {0, 1, 2, 3, 4, 5, 6, 7, 8, 64, 70, 74};
   if (kDocumented.count(code) == 0) std::abort();
   return 0;
