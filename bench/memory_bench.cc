@@ -100,6 +100,8 @@ void BM_MemoryEngine(benchmark::State& state) {
     o.workers = 1;
     o.capacity = jobs;
     o.max_attempts = 65535;
+    // Retried jobs requeue at once, not held in the scheduler for a backoff.
+    o.retry.initial_backoff = std::chrono::nanoseconds(0);
     o.idle = IdleStrategy::kSpinThenBlock;
     auto engine = Engine::open(std::move(o));
     if (!engine) {

@@ -415,6 +415,8 @@ EngineOptions base_options(std::size_t capacity) {
   o.fairness_period = 0;
   o.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
   o.max_attempts = 65535;
+  // Parked jobs are requeued at once (see above), not held in the scheduler for a backoff.
+  o.retry.initial_backoff = std::chrono::nanoseconds(0);
   return o;
 }
 
@@ -832,9 +834,11 @@ void RunRecover(benchmark::State& state, bool cold, bool empty, std::size_t jobs
       const RecoveryReport& r = (**started).recovery;
       const std::uint64_t want = empty ? 0 : jobs;
       // A job the fixture's worker had just taken is in it as running at the
-      // cut: it comes back too (running_at_cut), so both count.
-      if (r.pending + r.running_at_cut != want || r.recovered == empty) {
-        error = "recovery restored " + std::to_string(r.pending) + " pending and " +
+      // cut, and one it had released and seen retried is waiting for its
+      // backoff: they come back too (running_at_cut, delayed), so all count.
+      if (r.pending + r.running_at_cut + r.delayed != want || r.recovered == empty) {
+        error = "recovery restored " + std::to_string(r.pending) + " pending, " +
+                std::to_string(r.delayed) + " delayed and " +
                 std::to_string(r.running_at_cut) + " running jobs from \"" + r.source +
                 "\", expected " + std::to_string(want) + " pending";
       }
