@@ -1221,12 +1221,27 @@ class Engine::Impl final : public detail::CutSource {
   void give_back_slots(ProducerState& ps, const SlotIndex* in, std::size_t n) {
     std::size_t i = 0;
     while (i < n && ps.cached < kSlotCacheSize) ps.cache[ps.cached++] = in[i++];
-    // The pool has a descriptor for every magazine the table can fill, so
-    // this loop waits only while other threads hold descriptors in hand.
-    while (i < n) {
-      i += table_.put_free(in + i, n - i);
-      if (i < n) std::this_thread::yield();
+    put_all_free(in + i, n - i);
+  }
+
+  // Returns free slots to the pool in whole magazines. The pool has a
+  // descriptor for every magazine the table can fill, so this waits only while
+  // other threads hold descriptors in hand.
+  void put_all_free(const SlotIndex* in, std::size_t n) {
+    for (std::size_t put = 0; put < n;) {
+      put += table_.put_free(in + put, n - put);
+      if (put < n) std::this_thread::yield();
     }
+  }
+
+  // stop(kAbandon): ends jobs that will not run and frees their slots.
+  void drop_slots(const SlotIndex* in, std::size_t n) {
+    const std::uint64_t e = table_.epoch();
+    for (std::size_t i = 0; i < n; ++i) {
+      JobTable::retire(table_.slot(in[i]), e);
+      JobTable::reclaim(table_.slot(in[i]));
+    }
+    put_all_free(in, n);
   }
 
   JobId next_id(ProducerState& ps) {
@@ -2156,35 +2171,16 @@ class Engine::Impl final : public detail::CutSource {
     for (auto& q : queues_) {
       std::size_t n;
       while ((n = q.try_dequeue_bulk(buf, 256)) != 0) {
-        const std::uint64_t e = table_.epoch();
-        for (std::size_t i = 0; i < n; ++i) {
-          JobTable::retire(table_.slot(buf[i]), e);
-          JobTable::reclaim(table_.slot(buf[i]));
-        }
-        for (std::size_t put = 0; put < n;) {
-          put += table_.put_free(buf + put, n - put);
-          if (put < n) std::this_thread::yield();
-        }
+        drop_slots(buf, n);
         dropped += n;
       }
     }
     // And the scheduler's (delayed jobs, retries in backoff).
-    const std::uint64_t e = table_.epoch();
     std::vector<SlotIndex> left;
     left.reserve(sched_left_.size());
-    for (const Timer& t : sched_left_) {
-      Slot& s = table_.slot(t.idx);
-      JobTable::retire(s, e);
-      JobTable::reclaim(s);
-      left.push_back(t.idx);
-      ++dropped;
-    }
-    // Whole magazines: one descriptor per kSlotCacheSize slots.
-    for (std::size_t put = 0; put < left.size();) {
-      const std::size_t n = table_.put_free(left.data() + put, left.size() - put);
-      put += n;
-      if (n == 0) std::this_thread::yield();
-    }
+    for (const Timer& t : sched_left_) left.push_back(t.idx);
+    drop_slots(left.data(), left.size());
+    dropped += left.size();
     sched_dropped_.store(sched_left_.size(), std::memory_order_relaxed);
     sched_left_.clear();
     {
