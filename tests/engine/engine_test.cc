@@ -6,6 +6,7 @@
 // waited for. Sleeps only make a scenario likely (workers asleep, a stop in
 // progress); the checks hold whatever the scheduler does.
 #include "jobengine/engine.h"
+#include "tests/engine/test_support.h"
 
 #include <gtest/gtest.h>
 #include <pthread.h>
@@ -37,7 +38,10 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::steady_clock;
 
-constexpr milliseconds kWaitTimeout{30000};
+using testing_support::Gate;
+using testing_support::GateOpener;
+using testing_support::kWaitTimeout;
+using testing_support::WaitUntil;
 
 // ---- helpers ----------------------------------------------------------------
 
@@ -68,50 +72,6 @@ template <typename R>
   }
   return ::testing::AssertionSuccess();
 }
-
-// Polls `pred` until it holds or `timeout` passes; returns its last value.
-template <typename Pred>
-bool WaitUntil(Pred pred, milliseconds timeout = kWaitTimeout) {
-  const auto deadline = steady_clock::now() + timeout;
-  while (!pred()) {
-    if (steady_clock::now() > deadline) return pred();
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
-
-// A one-shot gate a handler can wait on. The wait is bounded so that a failed
-// test cannot keep a worker (and the engine's destructor) waiting forever.
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  bool wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, kWaitTimeout, [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
-
-// Opens the gate when it goes out of scope: declared after the engine, it
-// runs before the engine's destructor, which drains and so needs the gate.
-class GateOpener {
- public:
-  explicit GateOpener(Gate& gate) : gate_(gate) {}
-  ~GateOpener() { gate_.open(); }
-  GateOpener(const GateOpener&) = delete;
-  GateOpener& operator=(const GateOpener&) = delete;
-
- private:
-  Gate& gate_;
-};
 
 // A handler that counts its runs.
 Handler Counting(std::atomic<int>& runs) {

@@ -9,6 +9,7 @@
 // a test clock), so a job fired early would be seen.
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
+#include "tests/engine/test_support.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -34,44 +35,14 @@ using std::chrono::minutes;
 using std::chrono::seconds;
 using std::chrono::steady_clock;
 
-constexpr milliseconds kWaitTimeout{30000};
-
-template <typename Pred>
-bool WaitUntil(Pred pred, milliseconds timeout = kWaitTimeout) {
-  const auto deadline = steady_clock::now() + timeout;
-  while (!pred()) {
-    if (steady_clock::now() > deadline) return pred();
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
+using testing_support::Gate;
+using testing_support::GateOpener;
+using testing_support::kWaitTimeout;
+using testing_support::WaitUntil;
 
 // Lets the scheduler (which looks every millisecond under a test clock) make
 // several passes, so that a job it would wrongly fire has fired.
 void LetSchedulerRun() { std::this_thread::sleep_for(milliseconds(30)); }
-
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> lock(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  bool wait() {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, kWaitTimeout, [this] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
-
-struct GateOpener {
-  Gate& gate;
-  ~GateOpener() { gate.open(); }
-};
 
 EngineOptions TestOptions(std::shared_ptr<ManualClock> clock) {
   EngineOptions o;
