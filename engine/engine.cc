@@ -123,6 +123,10 @@ constexpr std::size_t kMaxHandlerName = 255;
 // Empty polls after which an idle worker returns a partly filled magazine of
 // retired slots to the pool (about a microsecond of spinning).
 constexpr std::uint32_t kIdleFlushPolls = 64;
+// How many submits ahead a submitter prefetches the slot it will fill.
+constexpr std::uint32_t kPrefetchAhead = 4;
+// How many jobs ahead a worker prefetches the slots of its batch.
+constexpr std::size_t kRunAhead = 8;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -134,6 +138,18 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+
+// Asks for a cache line in exclusive state, so a store to it soon does not
+// wait for another core's copy to go. PREFETCHW (x86-64: every Intel core
+// since Broadwell and every AMD one; a no-op on older ones) by hand, since
+// GCC emits it for __builtin_prefetch(p, 1) only under -mprfchw.
+[[gnu::always_inline]] inline void prefetch_for_write(const void* p) noexcept {
+#if defined(__x86_64__)
+  asm volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 1, 3);  // aarch64: PRFM PSTL1KEEP
+#endif
+}
 
 // memcpy for payloads of at most kInlinePayloadBytes, without the library
 // call for the common small sizes: two overlapping fixed-size moves cover any
@@ -154,7 +170,7 @@ inline void copy_small(unsigned char* dst, const char* src, std::size_t n) noexc
 }
 
 // A counter written by one thread only (I4): no read-modify-write needed.
-inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
+[[gnu::always_inline]] inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
 
@@ -210,8 +226,9 @@ struct alignas(kCacheLine) ProducerState {
 
 // One worker's counters and histograms for one handler (I4: written by that
 // worker only).
+// Handler calls begun are not counted apart: each records its queue wait
+// once, so that histogram's count is the number started.
 struct HandlerStats {
-  std::atomic<std::uint64_t> started{0};
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::uint64_t> retried{0};
   std::atomic<std::uint64_t> failed{0};     // failed for good (became dead)
@@ -255,8 +272,9 @@ struct alignas(kCacheLine) WorkerState {
   // as stuck at (0: no deadline).
   std::atomic<std::uint64_t> running_id{0};
   std::atomic<std::uint64_t> run_deadline{0};
-  // run_at ticks of the last job dequeued: the age of the queue's head, for
-  // Health::oldest_pending_age (0 once the queues looked empty).
+  // run_at ticks of the first job of the last batch dequeued (the oldest job
+  // still pending in it), for Health::oldest_pending_age (0 once the queues
+  // looked empty).
   std::atomic<std::uint64_t> head_ticks{0};
   alignas(kCacheLine) std::atomic<std::uint64_t> announce{0};  // I5, 0 = not stamping
 };
@@ -483,29 +501,45 @@ class Engine::Impl final : public detail::CutSource {
 
   // ------------------------------------------------------------------ submit
 
-  Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions o) {
+  Result<JobId> submit(HandlerId handler, std::string_view payload, const SubmitOptions& o) {
     if (!job_ok(handler, payload, o) || !plain(o)) [[unlikely]] {
       return submit_special(handler, payload, o, /*id=*/0);
     }
+    return submit_plain(handler, payload, o.priority);
+  }
+  // submit() with default options: no SubmitOptions to build, copy or test.
+  Result<JobId> submit(HandlerId handler, std::string_view payload) {
+    if (!job_ok(handler, payload)) [[unlikely]] return submit(handler, payload, SubmitOptions{});
+    return submit_plain(handler, payload, kNormalPriority);
+  }
+
+  // The fast path: a valid job without delay, deadline or key. Every store it
+  // makes counts: they queue up in the store buffer behind the one that waits
+  // for the queue's tail line (which the polling worker keeps taking back), so
+  // the helpers are inlined (no register spills) and the slot's lines were
+  // prefetched a few submits ago (take_slots).
+  Result<JobId> submit_plain(HandlerId handler, std::string_view payload, std::uint8_t priority) {
     ProducerState* psp = producer_state();
     if (psp == nullptr) [[unlikely]] return stopped_status();
     ProducerState& ps = *psp;
     const std::uint64_t epoch = enter_intake(ps);
-    if (epoch == 0) return stopped_status();
+    if (epoch == 0) [[unlikely]] return stopped_status();
     SlotIndex idx;
-    if (!take_slots(ps, &idx, 1)) {
+    if (!take_slots(ps, &idx, 1)) [[unlikely]] {
       bump(ps.rejected);
       leave_intake(ps);
       return queue_full_status();
     }
     JobId id = next_id(ps);
     const std::uint64_t now = Clock::ticks();
-    if (!fill_slot(idx, id, handler, payload, o.priority, now, now, epoch)) [[unlikely]] {
+    if (payload.size() <= kInlinePayloadBytes) [[likely]] {
+      fill_inline(table_.slot(idx), id, handler, payload, priority, now, epoch);
+    } else if (!fill_slot(idx, id, handler, payload, priority, now, now, epoch)) [[unlikely]] {
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
       return out_of_memory_status(payload.size());
     }
-    if (!queues_[o.priority].enqueue(ps.tokens[o.priority], idx)) {
+    if (!queues_[priority].enqueue(ps.tokens[priority], idx)) [[unlikely]] {
       // Stamped with our own announced epoch (I5), so a cut either never
       // saw it submitted or sees it finished: safe to reuse at once.
       JobTable::retire(table_.slot(idx), epoch);
@@ -604,6 +638,10 @@ class Engine::Impl final : public detail::CutSource {
                         " entries for " + std::to_string(jobs.size()) + " jobs");
     }
     for (std::size_t i = 0; i < jobs.size(); ++i) {
+      if (job_ok(jobs[i].handler, jobs[i].payload, jobs[i].options) && plain(jobs[i].options))
+          [[likely]] {
+        continue;
+      }
       if (Status s = check_job(jobs[i].handler, jobs[i].payload, jobs[i].options); !s.ok()) {
         return Status(s.code(), "submit_batch(): job " + std::to_string(i) + ": " + std::string(s.message()));
       }
@@ -633,10 +671,21 @@ class Engine::Impl final : public detail::CutSource {
                         " free slots (capacity " + std::to_string(options_.capacity) + ")");
     }
     const std::uint64_t t = Clock::ticks();
+    // As in submit_plain: every slot's lines asked for exclusive, a few ahead.
+    const auto prefetch_slot = [this](SlotIndex idx) {
+      const auto* p = reinterpret_cast<const char*>(&table_.slot(idx));
+      prefetch_for_write(p);
+      prefetch_for_write(p + kCacheLine);
+    };
+    for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_slot(slots[i]);
     for (std::size_t i = 0; i < n; ++i) {
+      if (i + kRunAhead < n) prefetch_slot(slots[i + kRunAhead]);
       JobId id = next_id(ps);
-      if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload, jobs[i].options.priority,
-                     t, t, epoch)) [[unlikely]] {
+      if (jobs[i].payload.size() <= kInlinePayloadBytes) [[likely]] {
+        fill_inline(table_.slot(slots[i]), id, jobs[i].handler, jobs[i].payload,
+                    jobs[i].options.priority, t, epoch);
+      } else if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload,
+                            jobs[i].options.priority, t, t, epoch)) [[unlikely]] {
         for (std::size_t j = 0; j < i; ++j) {
           JobTable::retire(table_.slot(slots[j]), epoch);
           JobTable::reclaim(table_.slot(slots[j]));
@@ -1057,7 +1106,6 @@ class Engine::Impl final : public detail::CutSource {
         for (std::size_t i = 0; i < handlers_.size(); ++i) {
           const HandlerStats& hs = w->by_handler[i];
           detail::HandlerMetricsData& d = m.handlers[i];
-          d.started += hs.started.load(std::memory_order_relaxed);
           d.done += hs.done.load(std::memory_order_relaxed);
           d.retried += hs.retried.load(std::memory_order_relaxed);
           d.failed += hs.failed.load(std::memory_order_relaxed);
@@ -1068,6 +1116,7 @@ class Engine::Impl final : public detail::CutSource {
           hs.run_time.add_to(d.run_time);
         }
       }
+      for (detail::HandlerMetricsData& d : m.handlers) d.started = d.queue_wait.count;
     }
     for (std::uint8_t p = 0; p < kPriorityLevels; ++p) m.pending[p] = h.depth[p];
     m.delayed = h.delayed;
@@ -1112,8 +1161,10 @@ class Engine::Impl final : public detail::CutSource {
 
   // The hot-path test; check_job() says what is wrong.
   bool job_ok(HandlerId handler, std::string_view payload, const SubmitOptions& o) const noexcept {
-    return handler < handlers_.size() && o.priority < kPriorityLevels &&
-           payload.size() <= options_.max_payload;
+    return o.priority < kPriorityLevels && job_ok(handler, payload);
+  }
+  bool job_ok(HandlerId handler, std::string_view payload) const noexcept {
+    return handler < handlers_.size() && payload.size() <= options_.max_payload;
   }
 
   // No delay, run_at, deadline or unique key: the fast path applies.
@@ -1200,7 +1251,7 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // Takes n free slots (all or none) into out, from the thread's cache first.
-  bool take_slots(ProducerState& ps, SlotIndex* out, std::size_t n) {
+  [[gnu::always_inline]] bool take_slots(ProducerState& ps, SlotIndex* out, std::size_t n) {
     std::size_t got = 0;
     while (got < n) {
       if (ps.cached == 0) {
@@ -1214,6 +1265,17 @@ class Engine::Impl final : public detail::CutSource {
       std::size_t take = std::min<std::size_t>(ps.cached, n - got);
       for (std::size_t i = 0; i < take; ++i) out[got + i] = ps.cache[--ps.cached];
       got += take;
+    }
+    // The slot taken kPrefetchAhead submits from now was last written by a
+    // worker (retire): ask for its line now, with write intent, so the fill
+    // finds it here instead of stalling on the other core's copy.
+    // Both lines: the header the worker wrote, and the inline payload it read
+    // (shared now, so writing it would wait for the worker's copy to go).
+    if (ps.cached >= kPrefetchAhead) {
+      const auto* ahead =
+          reinterpret_cast<const char*>(&table_.slot(ps.cache[ps.cached - kPrefetchAhead]));
+      prefetch_for_write(ahead);
+      prefetch_for_write(ahead + kCacheLine);
     }
     return true;
   }
@@ -1244,12 +1306,27 @@ class Engine::Impl final : public detail::CutSource {
     put_all_free(in, n);
   }
 
-  JobId next_id(ProducerState& ps) {
-    if (ps.next_id == ps.id_end) {
+  [[gnu::always_inline]] JobId next_id(ProducerState& ps) {
+    if (ps.next_id == ps.id_end) [[unlikely]] {
       ps.next_id = next_id_.fetch_add(kIdBlock, std::memory_order_relaxed);
       ps.id_end = ps.next_id + kIdBlock;
     }
     return ps.next_id++;
+  }
+
+  // fill_slot() for a plain job whose payload fits inline, without a call.
+  [[gnu::always_inline]] static void fill_inline(Slot& s, JobId id, HandlerId handler,
+                                                 std::string_view payload, std::uint8_t priority,
+                                                 std::uint64_t now, std::uint64_t epoch) noexcept {
+    copy_small(s.inline_payload, payload.data(), payload.size());
+    s.payload_size = static_cast<std::uint32_t>(payload.size());
+    s.id_word.store(id, std::memory_order_relaxed);
+    s.handler = handler;
+    s.priority = priority;
+    s.submit_ticks = now;
+    s.run_at_ticks.store(now, std::memory_order_relaxed);
+    s.recoveries = 0;
+    JobTable::claim(s, epoch);
   }
 
   // Writes the job into its slot and stamps it (state `initial`). False only
@@ -1398,7 +1475,7 @@ class Engine::Impl final : public detail::CutSource {
           wake_sleepers(1);
         }
         run_batch(w, batch, n);
-        // Whole magazines only while busy: one pool operation per 32 jobs.
+        // Whole magazines only while busy: one pool operation per kSlotCacheSize (64) jobs.
         if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
         continue;
       }
@@ -1464,11 +1541,21 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   void run_batch(WorkerState& w, const SlotIndex* batch, std::size_t n) {
-    // The slots were last written by their submitters: start every miss now
-    // so they overlap instead of stalling one job at a time.
-    for (std::size_t i = 0; i < n; ++i) __builtin_prefetch(&table_.slot(batch[i]), 1, 3);
+    // The slots were last written by their submitters: keep the misses for
+    // the next kRunAhead jobs in flight so they overlap instead of stalling one
+    // job at a time (all of a batch at once would fill the line-fill buffers
+    // and stall on the prefetches themselves). The header line is written
+    // here (state, epochs): ask for it exclusive; the payload is only read.
+    const auto prefetch_slot = [this](SlotIndex idx) {
+      const auto* p = reinterpret_cast<const char*>(&table_.slot(idx));
+      prefetch_for_write(p);
+      __builtin_prefetch(p + kCacheLine, 0, 3);
+    };
+    for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_slot(batch[i]);
     std::uint64_t now = Clock::ticks();
-    w.head_ticks.store(table_.slot(batch[n - 1]).run_at_ticks.load(std::memory_order_relaxed),
+    // The batch's first job is the oldest one pending now (its line is the
+    // first this batch needs anyway; the last one's would be a miss of its own).
+    w.head_ticks.store(table_.slot(batch[0]).run_at_ticks.load(std::memory_order_relaxed),
                        std::memory_order_relaxed);
     for (std::size_t i = 0; i < n; ++i) {
       if (exit_now_.load(std::memory_order_relaxed)) [[unlikely]] {
@@ -1485,6 +1572,7 @@ class Engine::Impl final : public detail::CutSource {
       // A magazine's worth of retired slots goes back before the next
       // handler runs, however long that handler takes.
       if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
+      if (i + kRunAhead < n) prefetch_slot(batch[i + kRunAhead]);
       run_one(w, batch[i], now);
     }
   }
@@ -1534,7 +1622,6 @@ class Engine::Impl final : public detail::CutSource {
 #if JOBENGINE_METRICS
     // One clock read per job: this run's end is the next run's start.
     now = Clock::ticks();
-    bump(hs.started);
     const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
     hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0);
     hs.run_time.record(Clock::ns_in_ticks(now - start));
@@ -2463,6 +2550,9 @@ std::string Engine::metrics_text() const { return detail::format_prometheus(impl
 std::string Engine::metrics_json() const { return detail::format_json(impl_->metrics_data()); }
 Result<HandlerId> Engine::handler_id(std::string_view name) const { return impl_->handler_id(name); }
 Result<StartReport> Engine::start() { return impl_->start(); }
+Result<JobId> Engine::submit(HandlerId handler, std::string_view payload) {
+  return impl_->submit(handler, payload);
+}
 Result<JobId> Engine::submit(HandlerId handler, std::string_view payload, SubmitOptions options) {
   return impl_->submit(handler, payload, options);
 }

@@ -90,9 +90,9 @@ class alignas(64) LatencyHistogram {
   // Only the owning thread may call it. Never allocates, never blocks.
   void record(std::uint64_t ns) noexcept {
     // Relaxed loads: this thread is the only writer (invariant 1).
-    const std::uint64_t max = max_ns_.load(std::memory_order_relaxed);
-    // Relaxed: ordered before readers by the release store below.
-    max_ns_.store(std::max(max, ns), std::memory_order_relaxed);
+    // Relaxed: ordered before readers by the release store below. Stored
+    // only when it grows: most records leave the line untouched.
+    if (ns > max_ns_.load(std::memory_order_relaxed)) max_ns_.store(ns, std::memory_order_relaxed);
     sum_ns_.store(sum_ns_.load(std::memory_order_relaxed) + ns, std::memory_order_relaxed);
     std::atomic<std::uint64_t>& c = counts_[HistogramData::bucket_of(ns)];
     // Release: publishes the max/sum stores above with the count (invariant 2).

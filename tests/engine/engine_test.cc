@@ -712,7 +712,7 @@ TEST(EngineSubmitTest, LargePayloadBufferMayBeReusedRightAfterSubmit) {
 // ---- kQueueFull -------------------------------------------------------------
 
 TEST(EngineQueueFullTest, SubmitReturnsQueueFullWhenTableIsFull) {
-  constexpr std::size_t kCapacity = 64;
+  constexpr std::size_t kCapacity = 128;
   static_assert(kCapacity > kSlotCacheSize);
   Gate gate;
   std::atomic<int> started{0};
