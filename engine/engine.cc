@@ -67,6 +67,7 @@
 #include <cassert>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -127,6 +128,11 @@ constexpr std::uint32_t kIdleFlushPolls = 64;
 constexpr std::uint32_t kPrefetchAhead = 4;
 // How many jobs ahead a worker prefetches the slots of its batch.
 constexpr std::size_t kRunAhead = 8;
+// Sampled run timing (EngineOptions::time_every_run): one run in
+// kTimedRunEvery of a handler is timed, every run once its last timed one
+// took kTimeEveryRunFromNs or more.
+constexpr std::uint32_t kTimedRunEvery = 32;
+constexpr std::uint64_t kTimeEveryRunFromNs = 1000;
 
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)
@@ -226,9 +232,14 @@ struct alignas(kCacheLine) ProducerState {
 
 // One worker's counters and histograms for one handler (I4: written by that
 // worker only).
-// Handler calls begun are not counted apart: each records its queue wait
-// once, so that histogram's count is the number started.
 struct HandlerStats {
+  // Sampled timing (EngineOptions::time_every_run), worker-private: runs to
+  // go before the next timed one, and runs not timed since the last timed
+  // one (that one's weight, less one). On the line of the counters every run
+  // bumps.
+  std::uint32_t untimed_left = 0;
+  std::uint32_t skipped = 0;
+  std::atomic<std::uint64_t> started{0};
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::uint64_t> retried{0};
   std::atomic<std::uint64_t> failed{0};     // failed for good (became dead)
@@ -236,6 +247,13 @@ struct HandlerStats {
   std::atomic<std::uint64_t> stuck{0};
   detail::LatencyHistogram queue_wait;      // ns from run_at to run start
   detail::LatencyHistogram run_time;        // ns in the handler
+};
+
+// A worker's last clock read in the batch it runs; `fresh` while no handler
+// ran since, so that it can serve as the next run's start.
+struct RunClock {
+  std::uint64_t now;
+  bool fresh;
 };
 
 struct alignas(kCacheLine) WorkerState {
@@ -1106,6 +1124,7 @@ class Engine::Impl final : public detail::CutSource {
         for (std::size_t i = 0; i < handlers_.size(); ++i) {
           const HandlerStats& hs = w->by_handler[i];
           detail::HandlerMetricsData& d = m.handlers[i];
+          d.started += hs.started.load(std::memory_order_relaxed);
           d.done += hs.done.load(std::memory_order_relaxed);
           d.retried += hs.retried.load(std::memory_order_relaxed);
           d.failed += hs.failed.load(std::memory_order_relaxed);
@@ -1116,7 +1135,6 @@ class Engine::Impl final : public detail::CutSource {
           hs.run_time.add_to(d.run_time);
         }
       }
-      for (detail::HandlerMetricsData& d : m.handlers) d.started = d.queue_wait.count;
     }
     for (std::uint8_t p = 0; p < kPriorityLevels; ++p) m.pending[p] = h.depth[p];
     m.delayed = h.delayed;
@@ -1552,7 +1570,7 @@ class Engine::Impl final : public detail::CutSource {
       __builtin_prefetch(p + kCacheLine, 0, 3);
     };
     for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_slot(batch[i]);
-    std::uint64_t now = Clock::ticks();
+    RunClock clock{Clock::ticks(), true};
     // The batch's first job is the oldest one pending now (its line is the
     // first this batch needs anyway; the last one's would be a miss of its own).
     w.head_ticks.store(table_.slot(batch[0]).run_at_ticks.load(std::memory_order_relaxed),
@@ -1573,13 +1591,13 @@ class Engine::Impl final : public detail::CutSource {
       // handler runs, however long that handler takes.
       if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
       if (i + kRunAhead < n) prefetch_slot(batch[i + kRunAhead]);
-      run_one(w, batch[i], now);
+      run_one(w, batch[i], clock);
     }
   }
 
   // The per-job path, inlined into the batch loop; everything but a plain
   // kDone goes through the out-of-line after_handler().
-  [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx, std::uint64_t& now) {
+  [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx, RunClock& clock) {
     Slot& s = table_.slot(idx);
     // The worker is the only writer of state and attempts while it holds the
     // job (I1); relaxed: snapshot readers only need each value untorn.
@@ -1602,7 +1620,15 @@ class Engine::Impl final : public detail::CutSource {
       const std::uint64_t own = s.extra()->deadline_ns;
       if (own != 0) deadline = Clock::ticks_in_ns(static_cast<std::int64_t>(own));
     }
-    const std::uint64_t start = now;
+    // Timed runs read the clock before (unless the last read is fresh) and
+    // after; see EngineOptions::time_every_run for which runs are timed.
+#if JOBENGINE_METRICS
+    const bool timed = hs.untimed_left == 0 || deadline != 0;
+#else
+    const bool timed = deadline != 0;
+#endif
+    std::uint64_t start = clock.now;
+    if (timed && !clock.fresh) start = Clock::ticks();
     if (deadline != 0) [[unlikely]] {
       deadline += vnow();
       w.running_id.store(word, std::memory_order_relaxed);
@@ -1620,19 +1646,29 @@ class Engine::Impl final : public detail::CutSource {
     }
     w.running.store(0, std::memory_order_relaxed);
 #if JOBENGINE_METRICS
-    // One clock read per job: this run's end is the next run's start.
-    now = Clock::ticks();
-    const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
-    hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0);
-    hs.run_time.record(Clock::ns_in_ticks(now - start));
+    bump(hs.started);
 #endif
+    if (timed) {
+      // This run's end is the next run's start.
+      clock.now = Clock::ticks();
+      clock.fresh = true;
+#if JOBENGINE_METRICS
+      record_run(hs, s, start, clock.now);
+#endif
+    } else {
+      clock.fresh = false;
+#if JOBENGINE_METRICS
+      --hs.untimed_left;
+      ++hs.skipped;
+#endif
+    }
     if (deadline != 0) [[unlikely]] {
       w.run_deadline.store(0, std::memory_order_relaxed);
       if (vnow() > deadline) {
         bump(w.stuck_total);
         bump(hs.stuck);
         log_job(LogLevel::kWarning, s, h,
-                "ran " + std::to_string(Clock::ns_in_ticks(now - start) / 1000) +
+                "ran " + std::to_string(Clock::ns_in_ticks(clock.now - start) / 1000) +
                     " us, past its deadline");
       }
     }
@@ -1642,7 +1678,20 @@ class Engine::Impl final : public detail::CutSource {
       bump(hs.done);
       return;
     }
-    after_handler(w, idx, attempt, outcome, ctx, now);
+    after_handler(w, idx, attempt, outcome, ctx);
+  }
+
+  // A timed run into the handler's histograms, standing for itself and the
+  // runs skipped since the last timed one; picks when the next timed run is.
+  void record_run(HandlerStats& hs, const Slot& s, std::uint64_t start, std::uint64_t end) {
+    const std::uint64_t weight = std::uint64_t{hs.skipped} + 1;
+    const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
+    const std::uint64_t run_ns = Clock::ns_in_ticks(end - start);
+    hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0, weight);
+    hs.run_time.record(run_ns, weight);
+    hs.skipped = 0;
+    hs.untimed_left =
+        options_.time_every_run || run_ns >= kTimeEveryRunFromNs ? 0 : kTimedRunEvery - 1;
   }
 
   // Called from a catch block: counts and logs the exception; the attempt
@@ -1680,7 +1729,7 @@ class Engine::Impl final : public detail::CutSource {
 
   // Everything but a plain kDone: retries, failures, cancellation, keys.
   [[gnu::noinline]] void after_handler(WorkerState& w, SlotIndex idx, std::uint16_t attempt,
-                                       Outcome outcome, const JobContext& ctx, std::uint64_t now) {
+                                       Outcome outcome, const JobContext& ctx) {
     Slot& s = table_.slot(idx);
     const HandlerEntry& h = handlers_[s.handler];
     HandlerStats& hs = w.by_handler[s.handler];
@@ -1706,7 +1755,7 @@ class Engine::Impl final : public detail::CutSource {
                 ? static_cast<std::uint64_t>(std::max<std::int64_t>(0, ctx.retry_after_delay().count()))
                 : backoff_ns(h.retry, attempt, w.rng);
         if (wait_ns == 0) {
-          s.run_at_ticks.store(now, std::memory_order_relaxed);
+          s.run_at_ticks.store(Clock::ticks(), std::memory_order_relaxed);
           s.state.store(SlotState::kQueued, std::memory_order_relaxed);
           if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
             bump(w.retried);

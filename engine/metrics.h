@@ -88,15 +88,19 @@ struct HistogramData {
 class alignas(64) LatencyHistogram {
  public:
   // Only the owning thread may call it. Never allocates, never blocks.
-  void record(std::uint64_t ns) noexcept {
+  // `weight`: how many runs this value stands for (sampled timing, see
+  // EngineOptions::time_every_run); it adds weight to the bucket and
+  // ns * weight to the sum.
+  void record(std::uint64_t ns, std::uint64_t weight = 1) noexcept {
     // Relaxed loads: this thread is the only writer (invariant 1).
     // Relaxed: ordered before readers by the release store below. Stored
     // only when it grows: most records leave the line untouched.
     if (ns > max_ns_.load(std::memory_order_relaxed)) max_ns_.store(ns, std::memory_order_relaxed);
-    sum_ns_.store(sum_ns_.load(std::memory_order_relaxed) + ns, std::memory_order_relaxed);
+    sum_ns_.store(sum_ns_.load(std::memory_order_relaxed) + ns * weight,
+                  std::memory_order_relaxed);
     std::atomic<std::uint64_t>& c = counts_[HistogramData::bucket_of(ns)];
     // Release: publishes the max/sum stores above with the count (invariant 2).
-    c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    c.store(c.load(std::memory_order_relaxed) + weight, std::memory_order_release);
   }
   // Adds a copy of this histogram to out (merge). Thread-safe beside record().
   void add_to(HistogramData& out) const noexcept;

@@ -249,6 +249,22 @@ TEST(HistogramMerge, MergedCopiesEqualOneHistogramOfAllValues) {
   EXPECT_EQ(expected.count, 50'000u);
 }
 
+TEST(HistogramWeights, AWeightedRecordCountsAsThatManyRecordsOfItsValue) {
+  LatencyHistogram weighted, repeated;
+  weighted.record(700, 5);
+  weighted.record(90'000, 1);
+  for (int i = 0; i < 5; ++i) repeated.record(700);
+  repeated.record(90'000);
+  HistogramData a, b;
+  weighted.add_to(a);
+  repeated.add_to(b);
+  EXPECT_EQ(a.count, 6u);
+  EXPECT_EQ(a.sum_ns, 5u * 700 + 90'000);
+  EXPECT_EQ(a.max_ns, 90'000u);
+  EXPECT_EQ(a.counts, b.counts);
+  EXPECT_EQ(a.sum_ns, b.sum_ns);
+}
+
 TEST(HistogramMerge, MergeWithEmptyIsIdentity) {
   const HistogramData d = snapshot_of({1, 2, 3000, 4'000'000});
   HistogramData m = d;
@@ -1300,6 +1316,74 @@ TEST(EngineMetrics, LiveEngineTextPassesTheStrictParserAndJsonParses) {
   EXPECT_EQ(j.at("handlers")[0].at("done").get<std::uint64_t>(), 50u);
   EXPECT_EQ(j.at("handlers")[1].at("retried").get<std::uint64_t>(), 1u);
   EXPECT_EQ(j.at("handlers")[1].at("failed").get<std::uint64_t>(), 1u);
+}
+
+// Runs `jobs` jobs of one handler on one worker and returns its metrics_json()
+// entry once they all ran.
+nlohmann::json RunAndReadHandler(EngineOptions o, Handler handler, int jobs) {
+  o.workers = 1;
+  o.capacity = 4096;
+  auto engine = Engine::open(o);
+  EXPECT_TRUE(engine.ok());
+  if (!engine.ok()) return {};
+  auto h = engine->register_handler("h", std::move(handler));
+  EXPECT_TRUE(h.ok());
+  EXPECT_TRUE(engine->start().ok());
+  for (int i = 0; i < jobs; ++i) EXPECT_TRUE(engine->submit(*h, "").ok());
+  for (int i = 0; i < 2000 && engine->health().done != static_cast<std::uint64_t>(jobs); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(engine->health().done, static_cast<std::uint64_t>(jobs));
+  EXPECT_TRUE(engine->stop().ok());
+  return nlohmann::json::parse(engine->metrics_json()).at("handlers")[0];
+}
+
+std::uint64_t Count(const nlohmann::json& handler, const char* histogram) {
+  return handler.at(histogram).at("count").get<std::uint64_t>();
+}
+
+TEST(EngineMetrics, TimeEveryRunTimesEveryRunExactly) {
+  EngineOptions o;
+  o.time_every_run = true;
+  const auto h = RunAndReadHandler(o, [](JobContext&) { return Outcome::kDone; }, 1000);
+  EXPECT_EQ(h.at("started").get<std::uint64_t>(), 1000u);
+  EXPECT_EQ(Count(h, "run_time"), 1000u);
+  EXPECT_EQ(Count(h, "queue_wait"), 1000u);
+}
+
+// Fast runs are timed one in 32, each timed run weighted by the runs it
+// stands for: the histograms count every run but the (under 32) untimed ones
+// since the last timed run.
+TEST(EngineMetrics, SampledTimingWeighsTimedRunsByTheRunsTheyStandFor) {
+  const auto h = RunAndReadHandler({}, [](JobContext&) { return Outcome::kDone; }, 1000);
+  EXPECT_EQ(h.at("started").get<std::uint64_t>(), 1000u);
+  const std::uint64_t runs = Count(h, "run_time");
+  EXPECT_LE(runs, 1000u);
+  EXPECT_GT(runs, 1000u - 32);
+  EXPECT_EQ(Count(h, "queue_wait"), runs);
+  // When no timed run reached 1 us (a native build; not always under a
+  // sanitizer or an emulator), runs 0, 32, ..., 992 were the timed ones:
+  // the 7 after the last are not counted yet.
+  if (h.at("run_time").at("max_ns").get<std::uint64_t>() < 1000) {
+    EXPECT_EQ(runs, 993u);
+  }
+}
+
+// A handler whose runs take over a microsecond has every run timed.
+TEST(EngineMetrics, SlowRunsAreAllTimed) {
+  const auto h = RunAndReadHandler(
+      {},
+      [](JobContext&) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(3);
+        while (std::chrono::steady_clock::now() < until) {
+        }
+        return Outcome::kDone;
+      },
+      200);
+  EXPECT_EQ(Count(h, "run_time"), 200u);
+  EXPECT_EQ(Count(h, "queue_wait"), 200u);
+  // Every one of them at least the 3 us it spun (p50 is a bucket's upper bound).
+  EXPECT_GE(h.at("run_time").at("p50_ns").get<std::uint64_t>(), 3000u);
 }
 
 }  // namespace

@@ -759,7 +759,9 @@ TEST(SemanticsSnapshotTest, EveryStateAttemptRunAtKeyDeadlineAndDeadReasonSurviv
 // ---- metrics and health -------------------------------------------------------------
 
 TEST(MetricsTest, CountersPerHandlerAndHistogramsReachTheExposition) {
-  auto engine = Engine::open(TestOptions(nullptr));
+  EngineOptions o = TestOptions(nullptr);
+  o.time_every_run = true;  // exact histogram counts (else fast runs are sampled)
+  auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
   auto ok = engine->register_handler("thumb", [](JobContext&) { return Outcome::kDone; });
   auto bad = engine->register_handler("mail", [](JobContext&) { return Outcome::kFail; });
@@ -770,6 +772,7 @@ TEST(MetricsTest, CountersPerHandlerAndHistogramsReachTheExposition) {
   const std::string text = engine->metrics_text();
   for (const char* line : {"jobengine_jobs_submitted_total{handler=\"thumb\"} 7",
                            "jobengine_jobs_done_total{handler=\"thumb\"} 7",
+                           "jobengine_jobs_started_total{handler=\"thumb\"} 7",
                            "jobengine_jobs_started_total{handler=\"mail\"} 1",
                            "jobengine_jobs_failed_total{handler=\"mail\"} 1",
                            "jobengine_run_seconds_count{handler=\"thumb\"} 7",

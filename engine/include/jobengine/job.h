@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -127,12 +128,18 @@ class JobContext {
   // The error recorded with the attempt (kept with the job if it dies).
   // Default for kRetry/kFail: "handler returned kRetry"/"...kFail"; for an
   // exception, its what().
-  void set_error(std::string_view error) { error_.assign(error.substr(0, 4096)); }
+  void set_error(std::string_view error) {
+    if (!error_) error_ = std::make_unique<std::string>();
+    error_->assign(error.substr(0, 4096));
+  }
 
   // Engine side.
   bool has_retry_after() const noexcept { return has_retry_after_; }
   std::chrono::nanoseconds retry_after_delay() const noexcept { return retry_after_; }
-  const std::string& error() const noexcept { return error_; }
+  const std::string& error() const noexcept {
+    static const std::string none;
+    return error_ ? *error_ : none;
+  }
 
  private:
   JobId id_;
@@ -146,7 +153,9 @@ class JobContext {
   std::uint64_t deadline_ticks_;
   bool has_retry_after_ = false;
   std::chrono::nanoseconds retry_after_{0};
-  std::string error_;
+  // Allocated by the first set_error() only: a context is built and torn
+  // down for every job run, and almost none of them fail.
+  std::unique_ptr<std::string> error_;
 };
 
 // A job handler. Called on a worker thread, possibly on several workers at
