@@ -30,7 +30,8 @@ JSON_FILES = {
     "delayed": ["BM_DelayedPending/none", "BM_DelayedPending/delayed", "BM_SubmitDelayed",
                 "BM_Cancel/miss/", "BM_Cancel/hit/"],
     "metrics": ["metrics_on/BM_Engine_Submit/spin", "metrics_off/BM_Engine_Submit/spin",
-                "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin"],
+                "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin",
+                "metrics_on/BM_Engine_Drain/spin", "metrics_off/BM_Engine_Drain/spin"],
 }
 
 # Context entries that must hold these values: the A/B file must compare the

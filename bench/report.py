@@ -169,6 +169,9 @@ RATIO_TARGETS = [
     ("engine submit_batch(64) with metrics / metrics compiled out", "metrics",
      "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin",
      "items_per_second", ">=", 0.95),
+    ("worker draining queued jobs with metrics / metrics compiled out", "metrics",
+     "metrics_on/BM_Engine_Drain/spin", "metrics_off/BM_Engine_Drain/spin",
+     "items_per_second", ">=", 0.95),
 ]
 
 MEMORY_GOAL = 64.0
@@ -577,7 +580,8 @@ def section_metrics(rep, res):
     rep.add()
     rows = []
     for bench, label in (("BM_Engine_Submit/spin", "submit(), kSpin"),
-                         ("BM_Engine_SubmitBatch/spin", "submit_batch(64), kSpin")):
+                         ("BM_Engine_SubmitBatch/spin", "submit_batch(64), kSpin"),
+                         ("BM_Engine_Drain/spin", "worker drain (queued jobs), kSpin")):
         on = r.samples.get(f"metrics_on/{bench}", {}).get("items_per_second")
         off = r.samples.get(f"metrics_off/{bench}", {}).get("items_per_second")
         if not on or not off:

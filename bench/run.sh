@@ -190,7 +190,7 @@ run wakeup jobengine_bench "$reps" '^BM_WakeLatency'
 run sweep jobengine_bench "$reps" '^Sweep/' "${sweep_min_time[@]}"
 run openloop jobengine_bench "$reps" '^OpenLoop/'
 run delayed jobengine_bench "$reps_targets" '^BM_(DelayedPending/|SubmitDelayed|Cancel/)'
-run_ab metrics '^BM_Engine_(Submit|SubmitBatch)/spin(/|$)'
+run_ab metrics '^BM_Engine_(Submit|SubmitBatch|Drain)/spin(/|$)'
 run snapshot jobengine_snapshot_bench "$reps" '^BM_'
 run pending jobengine_snapshot_bench "$reps" '^(SnapshotCost|RecoverVsPending|PlainReadVsPending)/'
 run memory jobengine_memory_bench 1 '.'

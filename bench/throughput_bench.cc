@@ -10,6 +10,10 @@
 //   BM_Engine_Submit/<idle>       Engine::submit() per job; kQueueFull is
 //                                 retried after a short pause (counted).
 //   BM_Engine_SubmitBatch/<idle>  Engine::submit_batch() of 64 JobSpecs.
+//   BM_Engine_Drain/<idle>        the worker alone: capacity/2 queued jobs run
+//                                 from a gate, nothing submitted meanwhile
+//                                 (manual time; the metrics A/B's worker-bound
+//                                 figure).
 //   BM_BareQueue                  the ceiling: moodycamel queue of function
 //                                 pointers, tokens, bulk dequeue, spinning.
 //   BM_BareQueue_Bulk             the same with enqueue_bulk(64).
@@ -313,6 +317,82 @@ void BM_Engine_SubmitBatch(benchmark::State& state, IdleStrategy idle) {
   finish_engine_run(state, engine, target, retries);
 }
 
+// The worker alone: each iteration holds the worker in a gate job, fills the
+// table with kDrainJobs empty jobs, then opens the gate and times (manual
+// time) until the worker has run them all. Nothing is submitted meanwhile, so
+// the figure is the worker's per-job path (dequeue, run, metrics, retire)
+// without the submitter's cache-line traffic: where JOBENGINE_METRICS costs
+// what it costs (run.sh's metrics A/B).
+void BM_Engine_Drain(benchmark::State& state, IdleStrategy idle) {
+  const std::size_t capacity = engine_capacity();
+  // Room for the gate job, the submitter's cached magazine and the worker's
+  // retire buffer: half the table.
+  const std::size_t jobs = capacity / 2;
+  EngineOptions options;
+  options.workers = 1;
+  if (cpu_plan().worker >= 0) options.cpus = {cpu_plan().worker};
+  options.idle = idle;
+  options.capacity = capacity;
+  options.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
+  auto engine = Engine::open(std::move(options));
+  if (!engine) {
+    state.SkipWithError(("engine open failed: " + engine.status().to_string()).c_str());
+    return;
+  }
+  std::atomic<bool> gate_open{false};
+  auto gate = engine->register_handler("bench.gate", [&gate_open](JobContext&) {
+    while (!gate_open.load(std::memory_order_acquire)) cpu_relax();
+    return Outcome::kDone;
+  });
+  auto empty = engine->register_handler("bench.empty", [](JobContext& job) {
+    benchmark::DoNotOptimize(job.payload().data());
+    return Outcome::kDone;
+  });
+  if (!gate || !empty || !engine->start()) {
+    state.SkipWithError("engine did not start");
+    return;
+  }
+  ScopedPin pin(cpu_plan().submitter);
+  if (!check_pins(state, pin, true)) return;
+  const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
+  const std::vector<JobSpec> specs(kSubmitBulk, JobSpec{*empty, payload, {}});
+  std::uint64_t target = 0;
+  std::string error;
+  for (auto _ : state) {
+    gate_open.store(false, std::memory_order_relaxed);
+    if (!engine->submit(*gate, "")) {
+      error = "gate submit failed";
+    }
+    while (error.empty() && engine->health().running == 0) std::this_thread::yield();
+    for (std::size_t submitted = 0; submitted < jobs && error.empty();) {
+      auto n = engine->submit_batch(
+          std::span<const JobSpec>(specs.data(), std::min(jobs - submitted, specs.size())));
+      if (!n) {
+        error = "submit_batch failed: " + n.status().to_string();
+        break;
+      }
+      submitted += *n;
+    }
+    if (!error.empty()) {
+      gate_open.store(true, std::memory_order_release);
+      state.SkipWithError(error.c_str());
+      break;
+    }
+    target += jobs + 1;
+    const auto t0 = std::chrono::steady_clock::now();
+    gate_open.store(true, std::memory_order_release);
+    if (!wait_for_completion([&engine] { return engine_done(*engine); }, target)) {
+      report_stall(state, engine_done(*engine), target);
+      break;
+    }
+    state.SetIterationTime(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  gate_open.store(true, std::memory_order_release);
+  finish_engine_run(state, *engine, target, 0);
+  // Items: the drained jobs only (not the gates).
+  state.SetItemsProcessed(static_cast<std::int64_t>(state.iterations() * jobs));
+}
+
 // ---- baselines --------------------------------------------------------------
 
 enum class BareMode { kSingle, kBulk, kBounded };
@@ -608,6 +688,9 @@ BENCHMARK_CAPTURE(BM_Engine_Submit, spin_then_block, IdleStrategy::kSpinThenBloc
 BENCHMARK_CAPTURE(BM_Engine_SubmitBatch, spin, IdleStrategy::kSpin)->Apply(configure);
 BENCHMARK_CAPTURE(BM_Engine_SubmitBatch, spin_then_block, IdleStrategy::kSpinThenBlock)
     ->Apply(configure);
+BENCHMARK_CAPTURE(BM_Engine_Drain, spin, IdleStrategy::kSpin)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_BareQueue)->Apply(configure);
 BENCHMARK(BM_BareQueue_Bulk)->Apply(configure);
 BENCHMARK(BM_BareQueue_Bounded)->Apply(configure);

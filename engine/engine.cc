@@ -233,12 +233,12 @@ struct alignas(kCacheLine) ProducerState {
 // One worker's counters and histograms for one handler (I4: written by that
 // worker only).
 struct HandlerStats {
-  // Sampled timing (EngineOptions::time_every_run), worker-private: runs to
-  // go before the next timed one, and runs not timed since the last timed
-  // one (that one's weight, less one). On the line of the counters every run
-  // bumps.
-  std::uint32_t untimed_left = 0;
+  // Sampled timing (EngineOptions::time_every_run), worker-private: runs not
+  // timed since the last timed one (the next timed run's weight, less one),
+  // and how many to skip between timed runs (0: time every run). On the line
+  // of the counters every run bumps.
   std::uint32_t skipped = 0;
+  std::uint32_t skip_period = 0;
   std::atomic<std::uint64_t> started{0};
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::uint64_t> retried{0};
@@ -1623,7 +1623,7 @@ class Engine::Impl final : public detail::CutSource {
     // Timed runs read the clock before (unless the last read is fresh) and
     // after; see EngineOptions::time_every_run for which runs are timed.
 #if JOBENGINE_METRICS
-    const bool timed = hs.untimed_left == 0 || deadline != 0;
+    const bool timed = hs.skipped >= hs.skip_period || deadline != 0;
 #else
     const bool timed = deadline != 0;
 #endif
@@ -1658,7 +1658,6 @@ class Engine::Impl final : public detail::CutSource {
     } else {
       clock.fresh = false;
 #if JOBENGINE_METRICS
-      --hs.untimed_left;
       ++hs.skipped;
 #endif
     }
@@ -1683,14 +1682,15 @@ class Engine::Impl final : public detail::CutSource {
 
   // A timed run into the handler's histograms, standing for itself and the
   // runs skipped since the last timed one; picks when the next timed run is.
-  void record_run(HandlerStats& hs, const Slot& s, std::uint64_t start, std::uint64_t end) {
+  [[gnu::noinline]] void record_run(HandlerStats& hs, const Slot& s, std::uint64_t start,
+                                    std::uint64_t end) {
     const std::uint64_t weight = std::uint64_t{hs.skipped} + 1;
     const std::uint64_t run_at = s.run_at_ticks.load(std::memory_order_relaxed);
     const std::uint64_t run_ns = Clock::ns_in_ticks(end - start);
     hs.queue_wait.record(start > run_at ? Clock::ns_in_ticks(start - run_at) : 0, weight);
     hs.run_time.record(run_ns, weight);
     hs.skipped = 0;
-    hs.untimed_left =
+    hs.skip_period =
         options_.time_every_run || run_ns >= kTimeEveryRunFromNs ? 0 : kTimedRunEvery - 1;
   }
 
