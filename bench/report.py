@@ -571,8 +571,8 @@ def section_metrics(rep, res):
     rep.add()
     rep.add("The same benchmark source linked against the library (`jobengine_bench`) and "
             "against the same sources built with `-DJOBENGINE_METRICS=0` (`jobengine_bench_"
-            "nometrics`: no per-job queue-wait / run-time histograms or per-handler started "
-            f"counter). The binaries ran alternately, {r.context.get('jobengine_ab_files', '?')} "
+            "nometrics`: no queue-wait / run-time histograms). The binaries ran alternately, "
+            f"{r.context.get('jobengine_ab_files', '?')} "
             "runs in all, one repetition each; medians (min-max) over those runs. Library "
             f"variants as reported by the binaries: on = "
             f"{r.context.get('metrics_on:jobengine_metrics', '?')}, off = "
@@ -602,8 +602,9 @@ def section_memory(rep, res):
     rep.add("## Memory per pending job")
     rep.add()
     rep.add(f"{r.context.get('jobengine_memory_jobs', '?')} jobs pending (the engine's table "
-            "exactly full), bytes per job (heap delta from mallinfo2; oneTBB's own allocator is "
-            "invisible to it, so its figure is the RSS delta of a fresh child process), and the "
+            "exactly full), bytes per job (heap delta from mallinfo2; the engine maps its job "
+            "table itself and oneTBB has its own allocator, both invisible to it, so their "
+            "figures are RSS deltas, oneTBB's in a fresh child process), and the "
             "engine's overhead beyond the payload (÷: engine divided by each baseline). The engine reserves its table at "
             "open(): `reserved/slot` is paid per slot of capacity whether used or not. Payloads "
             "above 192 bytes (kInlinePayloadBytes) go to the heap.")

@@ -239,7 +239,11 @@ struct HandlerStats {
   // of the counters every run bumps.
   std::uint32_t skipped = 0;
   std::uint32_t skip_period = 0;
-  std::atomic<std::uint64_t> started{0};
+  // Runs begun are not counted on their own: every run ends in exactly one of
+  // done, retried, failed or ran_other (cancelled while it ran, or a retry
+  // that stop(kAbandon) dropped), so their sum is the started counter --
+  // exact, and one store per run less.
+  std::atomic<std::uint64_t> ran_other{0};
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::uint64_t> retried{0};
   std::atomic<std::uint64_t> failed{0};     // failed for good (became dead)
@@ -445,6 +449,8 @@ class Engine::Impl final : public detail::CutSource {
       log(LogLevel::kError, restored.to_string());
       return restored;
     }
+    sched_cancelled_by_handler_ =
+        std::make_unique<std::atomic<std::uint64_t>[]>(handlers_.size());
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
       workers_.push_back(
@@ -1124,16 +1130,22 @@ class Engine::Impl final : public detail::CutSource {
         for (std::size_t i = 0; i < handlers_.size(); ++i) {
           const HandlerStats& hs = w->by_handler[i];
           detail::HandlerMetricsData& d = m.handlers[i];
-          d.started += hs.started.load(std::memory_order_relaxed);
-          d.done += hs.done.load(std::memory_order_relaxed);
-          d.retried += hs.retried.load(std::memory_order_relaxed);
-          d.failed += hs.failed.load(std::memory_order_relaxed);
-          d.dead += hs.failed.load(std::memory_order_relaxed);
+          const std::uint64_t done = hs.done.load(std::memory_order_relaxed);
+          const std::uint64_t retried = hs.retried.load(std::memory_order_relaxed);
+          const std::uint64_t failed = hs.failed.load(std::memory_order_relaxed);
+          d.started += done + retried + failed + hs.ran_other.load(std::memory_order_relaxed);
+          d.done += done;
+          d.retried += retried;
+          d.failed += failed;
+          d.dead += failed;
           d.cancelled += hs.cancelled.load(std::memory_order_relaxed);
           d.stuck += hs.stuck.load(std::memory_order_relaxed);
           hs.queue_wait.add_to(d.queue_wait);
           hs.run_time.add_to(d.run_time);
         }
+      }
+      for (std::size_t i = 0; i < handlers_.size(); ++i) {
+        m.handlers[i].cancelled += sched_cancelled_by_handler_[i].load(std::memory_order_relaxed);
       }
     }
     for (std::uint8_t p = 0; p < kPriorityLevels; ++p) m.pending[p] = h.depth[p];
@@ -1645,9 +1657,6 @@ class Engine::Impl final : public detail::CutSource {
       outcome = handler_threw(w, s, h, ctx);
     }
     w.running.store(0, std::memory_order_relaxed);
-#if JOBENGINE_METRICS
-    bump(hs.started);
-#endif
     if (timed) {
       // This run's end is the next run's start.
       clock.now = Clock::ticks();
@@ -1743,6 +1752,7 @@ class Engine::Impl final : public detail::CutSource {
     if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
       // Cancelled while it ran: never retried.
       log_job(LogLevel::kInfo, s, h, "cancelled while running; not retried");
+      bump(hs.ran_other);
       finish_cancelled(w, idx);
       return;
     }
@@ -1780,6 +1790,7 @@ class Engine::Impl final : public detail::CutSource {
         release_key(s);
         retire(w, idx);
         bump(w.dropped);
+        bump(hs.ran_other);
         return;
       }
       if (error.empty()) error = "handler returned kRetry";
@@ -1999,6 +2010,7 @@ class Engine::Impl final : public detail::CutSource {
       retired.add(t.idx, e);
       scheduled_out_.fetch_add(1, std::memory_order_relaxed);
       sched_cancelled_.fetch_add(1, std::memory_order_relaxed);
+      bump(sched_cancelled_by_handler_[s.handler]);  // only the scheduler writes it
     }
     heap.swap(keep);
     std::make_heap(heap.begin(), heap.end(), std::greater<Timer>());
@@ -2409,6 +2421,8 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<bool> held_final_{false};
   std::atomic<std::uint64_t> sched_announce_{0};  // I5, the scheduler's stamps
   std::atomic<std::uint64_t> sched_cancelled_{0};
+  // The same per handler (sized at start(), written by the scheduler only).
+  std::unique_ptr<std::atomic<std::uint64_t>[]> sched_cancelled_by_handler_;
   std::atomic<std::uint64_t> sched_dropped_{0};
   alignas(kCacheLine) detail::LatencyHistogram lateness_;  // scheduler-written
   std::vector<Timer> sched_left_;               // after the scheduler stopped: still scheduled

@@ -317,7 +317,7 @@ struct HandlerCounter {
 constexpr HandlerCounter kHandlerCounters[] = {
     {"jobengine_jobs_submitted_total", "Jobs submitted, per handler.",
      &HandlerMetricsData::submitted},
-    {"jobengine_jobs_started_total", "Handler calls begun (attempts), per handler.",
+    {"jobengine_jobs_started_total", "Handler calls (attempts), per handler, counted as each call returns.",
      &HandlerMetricsData::started},
     {"jobengine_jobs_done_total", "Jobs finished successfully, per handler.",
      &HandlerMetricsData::done},

@@ -117,7 +117,7 @@ static_assert(alignof(LatencyHistogram) == 64);
 struct HandlerMetricsData {
   std::string name;  // any bytes; escaped by the formatters
   std::uint64_t submitted = 0;
-  std::uint64_t started = 0;  // handler calls begun (attempts)
+  std::uint64_t started = 0;  // handler calls (attempts), counted as each returns
   std::uint64_t done = 0;
   std::uint64_t retried = 0;
   std::uint64_t failed = 0;  // attempts that failed (kFail, kRetry, exception)

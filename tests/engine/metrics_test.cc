@@ -1316,6 +1316,9 @@ TEST(EngineMetrics, LiveEngineTextPassesTheStrictParserAndJsonParses) {
   EXPECT_EQ(j.at("handlers")[0].at("done").get<std::uint64_t>(), 50u);
   EXPECT_EQ(j.at("handlers")[1].at("retried").get<std::uint64_t>(), 1u);
   EXPECT_EQ(j.at("handlers")[1].at("failed").get<std::uint64_t>(), 1u);
+  // Every handler call is counted once, whatever it ended in.
+  EXPECT_EQ(j.at("handlers")[0].at("started").get<std::uint64_t>(), 50u);
+  EXPECT_EQ(j.at("handlers")[1].at("started").get<std::uint64_t>(), 2u);
 }
 
 // Runs `jobs` jobs of one handler on one worker and returns its metrics_json()

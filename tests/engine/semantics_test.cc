@@ -22,6 +22,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -420,6 +421,12 @@ TEST(CancelTest, QueuedDelayedAndRunningJobsEachSayWhatHappened) {
   const Health health = engine->health();
   EXPECT_EQ(health.cancelled, 3u);
   EXPECT_EQ(health.retried, 0u);
+  // The run cancel() reached is one handler call; the two jobs cancelled before
+  // they ran are none.
+  const auto metrics = nlohmann::json::parse(engine->metrics_json()).at("handlers");
+  EXPECT_EQ(metrics[0].at("started").get<std::uint64_t>(), 1u);
+  EXPECT_EQ(metrics[1].at("started").get<std::uint64_t>(), 0u);
+  EXPECT_EQ(metrics[1].at("cancelled").get<std::uint64_t>(), 2u);
   // Finished, unknown and zero ids are not found.
   EXPECT_EQ(engine->cancel(*queued).status().code(), StatusCode::kNotFound);
   EXPECT_EQ(engine->cancel(987654321).status().code(), StatusCode::kNotFound);
