@@ -2219,6 +2219,17 @@ class Engine::Impl final : public detail::CutSource {
                                                   QueueProducerToken(queues_[2])};
     SlotIndex cache[kSlotCacheSize];
     std::size_t cached = 0;
+    std::uint64_t restored = 0;
+    constexpr std::size_t kRestoreBulk = 256;
+    std::vector<SlotIndex> to_queue[kPriorityLevels];
+    for (auto& level : to_queue) level.reserve(kRestoreBulk);
+    const auto flush_level = [&](std::uint8_t p) {
+      std::vector<SlotIndex>& level = to_queue[p];
+      if (level.empty()) return true;
+      const bool ok = queues_[p].enqueue_bulk(tokens[p], level.data(), level.size());
+      level.clear();
+      return ok;
+    };
     const std::uint64_t epoch = table_.epoch();
     std::lock_guard<std::mutex> lock(dead_mu_);
     for (const auto& j : v.jobs) {
@@ -2287,10 +2298,15 @@ class Engine::Impl final : public detail::CutSource {
         if (!schedule(idx, run_at)) {
           return Status(StatusCode::kInternal, "start(): out of memory scheduling restored jobs");
         }
-      } else if (!queues_[j.priority].enqueue(tokens[j.priority], idx)) {
-        return Status(StatusCode::kInternal, "start(): out of memory queueing restored jobs");
+      } else {
+        // Queued in order, a bulk enqueue per level every kRestoreBulk jobs.
+        std::vector<SlotIndex>& level = to_queue[j.priority];
+        level.push_back(idx);
+        if (level.size() == kRestoreBulk && !flush_level(j.priority)) {
+          return Status(StatusCode::kInternal, "start(): out of memory queueing restored jobs");
+        }
       }
-      recovered_.fetch_add(1, std::memory_order_relaxed);
+      ++restored;
       if (was_running) {
         ++r.running_at_cut;
       } else if (scheduled) {
@@ -2299,6 +2315,12 @@ class Engine::Impl final : public detail::CutSource {
         ++r.pending;
       }
     }
+    for (std::uint8_t p = 0; p < kPriorityLevels; ++p) {
+      if (!flush_level(p)) {
+        return Status(StatusCode::kInternal, "start(): out of memory queueing restored jobs");
+      }
+    }
+    recovered_.store(restored, std::memory_order_release);
     if (cached != 0) (void)table_.put_free(cache, cached);
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
     log(LogLevel::kInfo,

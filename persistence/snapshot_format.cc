@@ -47,6 +47,11 @@ std::string hex64(std::uint64_t v) {
 
 }  // namespace
 
+// Bytes of records between two feeds of the streaming image hash: small
+// enough to still be in cache after their record checksums, large enough that
+// the per-call overhead does not show.
+constexpr std::size_t kImageHashChunk = std::size_t{64} << 10;
+
 std::uint64_t checksum(const void* data, std::size_t size) noexcept {
   return XXH3_64bits(data, size);
 }
@@ -147,12 +152,8 @@ std::span<const unsigned char> Encoder::finish() {
   grow(kTrailerBytes);
   unsigned char* h = buf_.data();  // grow() may have moved it
   unsigned char* t = buf_.data() + size_ - kTrailerBytes;
-  // Record checksums, in one pass over the records.
-  for (std::size_t at = first_record_, j = 0; j < jobs_; ++j) {
-    const std::uint32_t len = get32(h + at);
-    put64(h + at + 4 + len - 8, checksum(h + at + 4, len - 8));
-    at += 4 + len;
-  }
+  // The header first: everything it says is known now, and the image
+  // checksum below streams over it in order.
   std::memcpy(h, kMagic, 8);
   put16(h + 8, kFormatVersion);
   put16(h + 10, static_cast<std::uint16_t>(kHeaderBytes));
@@ -167,8 +168,28 @@ std::span<const unsigned char> Encoder::finish() {
   put64(h + 64, size_ - kHeaderBytes - kTrailerBytes);
   std::memset(h + 72, 0, 16);
   put64(h + 88, checksum(h, 88));
+  // Record checksums and the image checksum in one pass over memory: each
+  // ~64 KiB run of records gets its record checksums, then goes through the
+  // streaming image hash while it is still in cache (XXH3's streaming result
+  // equals the one-shot XXH3_64bits of the same bytes). Two separate passes
+  // read the whole image from memory twice.
+  XXH3_state_t state;
+  XXH3_64bits_reset(&state);
+  std::size_t hashed = 0;  // image bytes fed to the image hash so far
+  std::size_t at = first_record_;
+  for (std::uint64_t j = 0; j < jobs_; ++j) {
+    const std::uint32_t len = get32(h + at);
+    put64(h + at + 4 + len - 8, checksum(h + at + 4, len - 8));
+    at += 4 + len;
+    if (at - hashed >= kImageHashChunk) {
+      XXH3_64bits_update(&state, h + hashed, at - hashed);
+      hashed = at;
+    }
+  }
+  const std::size_t end = size_ - kTrailerBytes;
+  XXH3_64bits_update(&state, h + hashed, end - hashed);
   std::memcpy(t, kTrailerMagic, 8);
-  put64(t + 8, checksum(h, size_ - kTrailerBytes));
+  put64(t + 8, XXH3_64bits_digest(&state));
   return {buf_.data(), size_};
 }
 
@@ -281,6 +302,11 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
   }
 
   out.jobs.reserve(h.job_count);
+  // The image checksum streams over the records as they are checked (see
+  // Encoder::finish): one pass over memory instead of two.
+  XXH3_state_t image_hash;
+  if (verify_checksums) XXH3_64bits_reset(&image_hash);
+  std::uint64_t hashed = 0;  // image bytes fed to image_hash so far
   for (std::uint64_t j = 0; j < h.job_count; ++j) {
     const std::uint64_t rec = at;
     // Built only on a failure path: no allocation per record on success.
@@ -371,13 +397,18 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     v.key = std::string_view(var + payload_len + error_len, key_len);
     out.jobs.push_back(v);
     at += 4 + record_len;
+    if (verify_checksums && at - hashed >= kImageHashChunk) {
+      XXH3_64bits_update(&image_hash, d + hashed, at - hashed);
+      hashed = at;
+    }
   }
   if (at != trailer) {
     return fail(error, Problem::kCorrupt, at,
                 std::to_string(trailer - at) + " unparsed bytes between the last record and the trailer");
   }
   out.image_checksum = get64(d + trailer + 8);
-  if (verify_checksums && out.image_checksum != checksum(d, trailer)) {
+  if (verify_checksums) XXH3_64bits_update(&image_hash, d + hashed, trailer - hashed);
+  if (verify_checksums && out.image_checksum != XXH3_64bits_digest(&image_hash)) {
     return fail(error, Problem::kCorrupt, trailer + 8, "image checksum mismatch");
   }
   return out;

@@ -213,6 +213,37 @@ void write_golden_if_asked(const std::string& path, const Bytes& b) {
 
 // Version-1 images were written by the version-1 encoder; they are never
 // regenerated, and must keep loading (FORMAT.md, "Version policy").
+// The encoder and the decoder hash the image in ~64 KiB pieces as they go
+// (one pass over memory): across many pieces the trailer must still hold the
+// one-shot XXH3 of everything before it, each record its own, and a flipped
+// byte in any piece must still be caught.
+TEST(SnapshotChecksumTest, StreamedImageChecksumIsTheOneShotHashAcrossManyChunks) {
+  const Bytes image = mixed_image(3000, 77);  // ~900 KiB: some 14 pieces
+  ASSERT_GT(image.size(), std::size_t{512} << 10);
+  const std::size_t t = image.size() - kTrailerBytes;
+  std::uint64_t stored = 0;
+  for (int i = 0; i < 8; ++i) stored |= std::uint64_t{image[t + 8 + i]} << (8 * i);
+  EXPECT_EQ(stored, checksum(image.data(), t));
+  auto view = decode(image);
+  ASSERT_TRUE(view.ok()) << view.status().to_string();
+  EXPECT_EQ(view->jobs.size(), 3000u);
+  // A byte of submit_ns changed in the first, a middle and the last record,
+  // that record's own checksum resealed: only the image checksum can tell.
+  for (std::size_t k : {std::size_t{0}, view->jobs.size() / 2, view->jobs.size() - 1}) {
+    Bytes bad = image;
+    const std::size_t rec = view->jobs[k].offset;
+    bad[rec + 24] ^= 0x40;
+    reseal_record(bad, rec);
+    DecodeError e;
+    auto r = decode(bad, &e);
+    ASSERT_FALSE(r.ok()) << "record " << k;
+    EXPECT_NE(r.status().to_string().find("image checksum mismatch"), std::string::npos)
+        << r.status().to_string();
+    reseal_image(bad);
+    EXPECT_TRUE(decode(bad).ok()) << "record " << k;
+  }
+}
+
 TEST(SnapshotGoldenTest, GoldenV1SmallStillLoads) {
   Bytes golden = read_golden(golden_path("v1-small.jobsnap"));
   ASSERT_EQ(golden.size(), 177u);
