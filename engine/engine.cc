@@ -690,9 +690,7 @@ class Engine::Impl final : public detail::CutSource {
     if (!take_slots(ps, slots, n)) {
       bump(ps.rejected, n);
       leave_intake(ps);
-      return Status(StatusCode::kQueueFull,
-                    "submit_batch(): job table has fewer than " + std::to_string(n) +
-                        " free slots (capacity " + std::to_string(options_.capacity) + ")");
+      return batch_full_status();
     }
     const std::uint64_t t = Clock::ticks();
     // As in submit_plain: every slot's lines asked for exclusive, a few ahead.
@@ -1247,6 +1245,15 @@ class Engine::Impl final : public detail::CutSource {
   }
   static Status queue_full_status() {
     static constexpr Status::Rep kRep{StatusCode::kQueueFull, false, "job table full"};
+    return Status(kRep);
+  }
+  // A producer retrying a full table meets this at the rate the workers free
+  // slots: formatting the batch size and capacity into it allocated on every
+  // retry (and, in a busy retry loop, slowed the workers it waits for).
+  static Status batch_full_status() {
+    static constexpr Status::Rep kRep{
+        StatusCode::kQueueFull, false,
+        "submit_batch(): the job table has fewer free slots than the batch holds"};
     return Status(kRep);
   }
 
