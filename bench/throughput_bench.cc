@@ -59,6 +59,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -171,9 +172,11 @@ struct StartedEngine {
 };
 
 // Opens an engine with one worker pinned to the plan's worker CPU, registers
-// the empty handler and starts it. Runs on the unpinned benchmark thread, so
-// the engine's threads do not inherit the submitter's CPU.
-Result<StartedEngine> start_engine(IdleStrategy idle, std::size_t capacity = engine_capacity()) {
+// the empty handler (and whatever `more` registers) and starts it. Runs on the
+// unpinned benchmark thread, so the engine's threads do not inherit the
+// submitter's CPU.
+Result<StartedEngine> start_engine(IdleStrategy idle, std::size_t capacity = engine_capacity(),
+                                   const std::function<Status(Engine&)>& more = {}) {
   EngineOptions options;
   options.workers = 1;
   if (cpu_plan().worker >= 0) options.cpus = {cpu_plan().worker};
@@ -187,6 +190,9 @@ Result<StartedEngine> start_engine(IdleStrategy idle, std::size_t capacity = eng
     return Outcome::kDone;
   });
   if (!handler) return handler.status();
+  if (more) {
+    if (Status st = more(*engine); !st.ok()) return st;
+  }
   auto started = engine->start();
   if (!started) return started.status();
   if (cpu_plan().worker >= 0 && started->pinned_cpus != std::vector<int>{cpu_plan().worker}) {
@@ -328,39 +334,33 @@ void BM_Engine_Drain(benchmark::State& state, IdleStrategy idle) {
   // Room for the gate job, the submitter's cached magazine and the worker's
   // retire buffer: half the table.
   const std::size_t jobs = capacity / 2;
-  EngineOptions options;
-  options.workers = 1;
-  if (cpu_plan().worker >= 0) options.cpus = {cpu_plan().worker};
-  options.idle = idle;
-  options.capacity = capacity;
-  options.dequeue_batch = static_cast<std::uint32_t>(kDequeueBulk);
-  auto engine = Engine::open(std::move(options));
-  if (!engine) {
-    state.SkipWithError(("engine open failed: " + engine.status().to_string()).c_str());
-    return;
-  }
+  // Declared before the engine: the gate handler reads it until the engine stops.
   std::atomic<bool> gate_open{false};
-  auto gate = engine->register_handler("bench.gate", [&gate_open](JobContext&) {
-    while (!gate_open.load(std::memory_order_acquire)) cpu_relax();
-    return Outcome::kDone;
+  HandlerId gate = 0;
+  auto started = start_engine(idle, capacity, [&](Engine& e) -> Status {
+    auto h = e.register_handler("bench.gate", [&gate_open](JobContext&) {
+      while (!gate_open.load(std::memory_order_acquire)) cpu_relax();
+      return Outcome::kDone;
+    });
+    if (!h) return h.status();
+    gate = *h;
+    return Status();
   });
-  auto empty = engine->register_handler("bench.empty", [](JobContext& job) {
-    benchmark::DoNotOptimize(job.payload().data());
-    return Outcome::kDone;
-  });
-  if (!gate || !empty || !engine->start()) {
-    state.SkipWithError("engine did not start");
+  if (!started) {
+    state.SkipWithError(("engine start failed: " + started.status().to_string()).c_str());
     return;
   }
+  Engine* engine = &started->engine;
+  const HandlerId empty = started->handler;
   ScopedPin pin(cpu_plan().submitter);
   if (!check_pins(state, pin, true)) return;
   const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
-  const std::vector<JobSpec> specs(kSubmitBulk, JobSpec{*empty, payload, {}});
+  const std::vector<JobSpec> specs(kSubmitBulk, JobSpec{empty, payload, {}});
   std::uint64_t target = 0;
   std::string error;
   for (auto _ : state) {
     gate_open.store(false, std::memory_order_relaxed);
-    if (!engine->submit(*gate, "")) {
+    if (!engine->submit(gate, "")) {
       error = "gate submit failed";
     }
     while (error.empty() && engine->health().running == 0) std::this_thread::yield();

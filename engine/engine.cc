@@ -694,14 +694,9 @@ class Engine::Impl final : public detail::CutSource {
     }
     const std::uint64_t t = Clock::ticks();
     // As in submit_plain: every slot's lines asked for exclusive, a few ahead.
-    const auto prefetch_slot = [this](SlotIndex idx) {
-      const auto* p = reinterpret_cast<const char*>(&table_.slot(idx));
-      prefetch_for_write(p);
-      prefetch_for_write(p + kCacheLine);
-    };
-    for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_slot(slots[i]);
+    for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_for_fill(slots[i]);
     for (std::size_t i = 0; i < n; ++i) {
-      if (i + kRunAhead < n) prefetch_slot(slots[i + kRunAhead]);
+      if (i + kRunAhead < n) prefetch_for_fill(slots[i + kRunAhead]);
       JobId id = next_id(ps);
       if (jobs[i].payload.size() <= kInlinePayloadBytes) [[likely]] {
         fill_inline(table_.slot(slots[i]), id, jobs[i].handler, jobs[i].payload,
@@ -1306,15 +1301,17 @@ class Engine::Impl final : public detail::CutSource {
     // The slot taken kPrefetchAhead submits from now was last written by a
     // worker (retire): ask for its line now, with write intent, so the fill
     // finds it here instead of stalling on the other core's copy.
-    // Both lines: the header the worker wrote, and the inline payload it read
-    // (shared now, so writing it would wait for the worker's copy to go).
-    if (ps.cached >= kPrefetchAhead) {
-      const auto* ahead =
-          reinterpret_cast<const char*>(&table_.slot(ps.cache[ps.cached - kPrefetchAhead]));
-      prefetch_for_write(ahead);
-      prefetch_for_write(ahead + kCacheLine);
-    }
+    if (ps.cached >= kPrefetchAhead) prefetch_for_fill(ps.cache[ps.cached - kPrefetchAhead]);
     return true;
+  }
+
+  // Both lines of a slot about to be filled, asked for exclusive: the header
+  // the worker wrote, and the inline payload it read (shared now, so writing
+  // it would wait for the worker's copy to go).
+  [[gnu::always_inline]] void prefetch_for_fill(SlotIndex idx) noexcept {
+    const auto* p = reinterpret_cast<const char*>(&table_.slot(idx));
+    prefetch_for_write(p);
+    prefetch_for_write(p + kCacheLine);
   }
 
   void give_back_slots(ProducerState& ps, const SlotIndex* in, std::size_t n) {
@@ -1351,19 +1348,27 @@ class Engine::Impl final : public detail::CutSource {
     return ps.next_id++;
   }
 
+  // Everything but the payload's bytes, then the stamp (state `initial`).
+  [[gnu::always_inline]] static void write_header(Slot& s, JobId id, HandlerId handler,
+                                                  std::size_t payload_size, std::uint8_t priority,
+                                                  std::uint64_t t, std::uint64_t run_at,
+                                                  std::uint64_t epoch, SlotState initial) noexcept {
+    s.payload_size = static_cast<std::uint32_t>(payload_size);
+    s.id_word.store(id, std::memory_order_relaxed);
+    s.handler = handler;
+    s.priority = priority;
+    s.submit_ticks = t;
+    s.run_at_ticks.store(run_at, std::memory_order_relaxed);
+    s.recoveries = 0;
+    JobTable::claim(s, epoch, initial);
+  }
+
   // fill_slot() for a plain job whose payload fits inline, without a call.
   [[gnu::always_inline]] static void fill_inline(Slot& s, JobId id, HandlerId handler,
                                                  std::string_view payload, std::uint8_t priority,
                                                  std::uint64_t now, std::uint64_t epoch) noexcept {
     copy_small(s.inline_payload, payload.data(), payload.size());
-    s.payload_size = static_cast<std::uint32_t>(payload.size());
-    s.id_word.store(id, std::memory_order_relaxed);
-    s.handler = handler;
-    s.priority = priority;
-    s.submit_ticks = now;
-    s.run_at_ticks.store(now, std::memory_order_relaxed);
-    s.recoveries = 0;
-    JobTable::claim(s, epoch);
+    write_header(s, id, handler, payload.size(), priority, now, now, epoch, SlotState::kQueued);
   }
 
   // Writes the job into its slot and stamps it (state `initial`). False only
@@ -1396,14 +1401,7 @@ class Engine::Impl final : public detail::CutSource {
     } else {
       copy_small(s.inline_payload, payload.data(), payload.size());
     }
-    s.payload_size = static_cast<std::uint32_t>(payload.size());
-    s.id_word.store(id, std::memory_order_relaxed);
-    s.handler = handler;
-    s.priority = priority;
-    s.submit_ticks = t;
-    s.run_at_ticks.store(run_at, std::memory_order_relaxed);
-    s.recoveries = 0;
-    JobTable::claim(s, epoch, initial);
+    write_header(s, id, handler, payload.size(), priority, t, run_at, epoch, initial);
     return true;
   }
 

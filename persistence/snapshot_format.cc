@@ -47,10 +47,39 @@ std::string hex64(std::uint64_t v) {
 
 }  // namespace
 
-// Bytes of records between two feeds of the streaming image hash: small
-// enough to still be in cache after their record checksums, large enough that
-// the per-call overhead does not show.
-constexpr std::size_t kImageHashChunk = std::size_t{64} << 10;
+namespace {
+
+// The image checksum (XXH3 of every byte before the trailer), fed piece by
+// piece while the encoder seals and the decoder checks the records: a piece
+// goes in once ~64 KiB of records have been handled, still in cache then, so
+// the image is read from memory once, not twice. XXH3's streaming digest
+// equals the one-shot XXH3_64bits of the same bytes.
+class StreamedImageHash {
+ public:
+  explicit StreamedImageHash(const unsigned char* image) : image_(image) {
+    XXH3_64bits_reset(&state_);
+  }
+  // Bytes [0, end) are final: hashes them once a piece's worth has gathered.
+  void advance(std::size_t end) noexcept {
+    if (end - hashed_ < kPiece) return;
+    XXH3_64bits_update(&state_, image_ + hashed_, end - hashed_);
+    hashed_ = end;
+  }
+  // The checksum of [0, end).
+  std::uint64_t finish(std::size_t end) noexcept {
+    XXH3_64bits_update(&state_, image_ + hashed_, end - hashed_);
+    hashed_ = end;
+    return XXH3_64bits_digest(&state_);
+  }
+
+ private:
+  static constexpr std::size_t kPiece = std::size_t{64} << 10;
+  const unsigned char* image_;
+  std::size_t hashed_ = 0;
+  XXH3_state_t state_;
+};
+
+}  // namespace
 
 std::uint64_t checksum(const void* data, std::size_t size) noexcept {
   return XXH3_64bits(data, size);
@@ -168,28 +197,17 @@ std::span<const unsigned char> Encoder::finish() {
   put64(h + 64, size_ - kHeaderBytes - kTrailerBytes);
   std::memset(h + 72, 0, 16);
   put64(h + 88, checksum(h, 88));
-  // Record checksums and the image checksum in one pass over memory: each
-  // ~64 KiB run of records gets its record checksums, then goes through the
-  // streaming image hash while it is still in cache (XXH3's streaming result
-  // equals the one-shot XXH3_64bits of the same bytes). Two separate passes
-  // read the whole image from memory twice.
-  XXH3_state_t state;
-  XXH3_64bits_reset(&state);
-  std::size_t hashed = 0;  // image bytes fed to the image hash so far
+  // Record checksums and the image checksum in one pass over memory.
+  StreamedImageHash image_hash(h);
   std::size_t at = first_record_;
   for (std::uint64_t j = 0; j < jobs_; ++j) {
     const std::uint32_t len = get32(h + at);
     put64(h + at + 4 + len - 8, checksum(h + at + 4, len - 8));
     at += 4 + len;
-    if (at - hashed >= kImageHashChunk) {
-      XXH3_64bits_update(&state, h + hashed, at - hashed);
-      hashed = at;
-    }
+    image_hash.advance(at);
   }
-  const std::size_t end = size_ - kTrailerBytes;
-  XXH3_64bits_update(&state, h + hashed, end - hashed);
   std::memcpy(t, kTrailerMagic, 8);
-  put64(t + 8, XXH3_64bits_digest(&state));
+  put64(t + 8, image_hash.finish(size_ - kTrailerBytes));
   return {buf_.data(), size_};
 }
 
@@ -302,11 +320,8 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
   }
 
   out.jobs.reserve(h.job_count);
-  // The image checksum streams over the records as they are checked (see
-  // Encoder::finish): one pass over memory instead of two.
-  XXH3_state_t image_hash;
-  if (verify_checksums) XXH3_64bits_reset(&image_hash);
-  std::uint64_t hashed = 0;  // image bytes fed to image_hash so far
+  // The image checksum streams over the records as they are checked.
+  StreamedImageHash image_hash(d);
   for (std::uint64_t j = 0; j < h.job_count; ++j) {
     const std::uint64_t rec = at;
     // Built only on a failure path: no allocation per record on success.
@@ -397,18 +412,14 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     v.key = std::string_view(var + payload_len + error_len, key_len);
     out.jobs.push_back(v);
     at += 4 + record_len;
-    if (verify_checksums && at - hashed >= kImageHashChunk) {
-      XXH3_64bits_update(&image_hash, d + hashed, at - hashed);
-      hashed = at;
-    }
+    if (verify_checksums) image_hash.advance(at);
   }
   if (at != trailer) {
     return fail(error, Problem::kCorrupt, at,
                 std::to_string(trailer - at) + " unparsed bytes between the last record and the trailer");
   }
   out.image_checksum = get64(d + trailer + 8);
-  if (verify_checksums) XXH3_64bits_update(&image_hash, d + hashed, trailer - hashed);
-  if (verify_checksums && out.image_checksum != XXH3_64bits_digest(&image_hash)) {
+  if (verify_checksums && out.image_checksum != image_hash.finish(trailer)) {
     return fail(error, Problem::kCorrupt, trailer + 8, "image checksum mismatch");
   }
   return out;
