@@ -103,6 +103,8 @@ SNAPSHOT_INFO = [
      "BM_OpenEmpty_1M", "BM_PlainRead_1M/warm", "seconds"),
     ("decode of the 1M-job image in memory / plain read (time, warm)",
      "BM_Decode_1M", "BM_PlainRead_1M/warm", "seconds"),
+    ("verify (recovery's decoder) of the same image / plain read (time, warm)",
+     "BM_Verify_1M", "BM_PlainRead_1M/warm", "seconds"),
     ("encode of the 1M-job image in memory / plain write+fsync (time)",
      "BM_Encode_1M", "BM_PlainWriteFsync_1M", "seconds"),
 ]
@@ -119,6 +121,7 @@ SNAPSHOT_ORDER = [
     "BM_PlainRead_1M/cold",
     "BM_OpenEmpty_1M",
     "BM_Decode_1M",
+    "BM_Verify_1M",
 ]
 
 # Values kept per repetition for the snapshot tables.

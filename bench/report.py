@@ -427,6 +427,7 @@ SNAPSHOT_ROWS = [
     ("BM_PlainRead_1M/cold", "plain read, cold"),
     ("BM_OpenEmpty_1M", "open + start over an empty directory"),
     ("BM_Decode_1M", "decoder alone, in memory"),
+    ("BM_Verify_1M", "recovery's verify alone, in memory"),
 ]
 
 

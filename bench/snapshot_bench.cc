@@ -44,10 +44,13 @@
 //   BM_OpenEmpty_1M                Not targets, to read the others by:
 //   BM_Encode_1M                   open() + register + start() of the same
 //   BM_Decode_1M                   engine over an empty snapshot directory
-//                                  (what recovery costs before it reads a
+//   BM_Verify_1M                   (what recovery costs before it reads a
 //                                  byte: allocating and touching the
-//                                  capacity * 256-byte job table), and
-//                                  snapshot::Encoder / snapshot::decode() alone
+//                                  capacity * 256-byte job table, two threads
+//                                  sharing it), and snapshot::Encoder /
+//                                  snapshot::decode() (tools: every record
+//                                  materialized) / snapshot::verify()
+//                                  (recovery: checked, not materialized) alone
 //                                  on the same 1M-job image in memory.
 //
 // Parked jobs. The pending jobs must stay pending while the measured jobs run
@@ -1131,6 +1134,21 @@ void BM_Decode_1M(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(image.size()) * state.iterations());
 }
 
+// snapshot::verify(), recovery's decoder: the same checks without
+// materializing the records (the engine reads them with a RecordReader).
+void BM_Verify_1M(benchmark::State& state) {
+  const std::vector<unsigned char>& image = reference_image();
+  for (auto _ : state) {
+    auto view = snapshot::verify(image);
+    if (!view) {
+      skip(state, "verify", view.status());
+      break;
+    }
+    benchmark::DoNotOptimize(view->live_records);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(image.size()) * state.iterations());
+}
+
 // Milliseconds read best; real time, because the submitter's CPU time leaves
 // out the wait for the worker and the snapshot thread's work.
 template <benchmark::IterationCount kIterations>
@@ -1149,6 +1167,7 @@ BENCHMARK_CAPTURE(BM_PlainRead_1M, cold, true)->Apply(configure<kRecoverIteratio
 BENCHMARK(BM_OpenEmpty_1M)->Apply(configure<kRecoverIterations>);
 BENCHMARK(BM_Encode_1M)->Apply(configure<kDiskIterations>);
 BENCHMARK(BM_Decode_1M)->Apply(configure<kDiskIterations>);
+BENCHMARK(BM_Verify_1M)->Apply(configure<kDiskIterations>);
 
 }  // namespace
 }  // namespace jobengine::bench

@@ -74,6 +74,7 @@
 #include <optional>
 #include <semaphore>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -873,6 +874,32 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kFailedPrecondition, "snapshot_now(): engine is not running");
     }
     return persistence_->snapshot_now();
+  }
+
+  // Engine::open() after the constructor: populates the job table (see
+  // JobTable::populate) with a helper thread while this one opens the stores
+  // and loads (maps and verifies) the newest snapshot, then helps with the
+  // rest of the table. Both jobs are memory-bound and independent, so on two
+  // or more cores open() takes about the longer of them, not their sum. The
+  // helper is joined before this returns: no thread outlives open().
+  Status populate_and_load() {
+    std::thread helper;
+    try {
+      helper = std::thread([this] { table_.populate(); });
+    } catch (const std::system_error&) {
+      // No thread to spare: this one populates it all below.
+    }
+    Status s;
+    try {
+      s = init_persistence();
+    } catch (...) {
+      table_.populate();
+      if (helper.joinable()) helper.join();
+      throw;
+    }
+    table_.populate();
+    if (helper.joinable()) helper.join();
+    return s;
   }
 
   // Opens the stores and loads the newest snapshot (Engine::open()).
@@ -2198,26 +2225,38 @@ class Engine::Impl final : public detail::CutSource {
     };
     // Count first: a snapshot holding more live jobs than the table is an
     // operator error to fix (raise capacity), never a reason to drop jobs.
-    std::uint64_t live = 0;
-    for (const auto& j : v.jobs) {
-      const std::uint16_t rec = static_cast<std::uint16_t>(
-          j.recoveries + (j.state == snapshot::JobState::kRunningAtCut ? 1 : 0));
-      if (j.state != snapshot::JobState::kDead && map[j.handler] &&
-          rec <= options_.snapshot.max_recoveries && !j.cancel_requested) {
-        ++live;
-      }
-      if (j.payload.size() > options_.max_payload) {
-        return Status(StatusCode::kFailedPrecondition,
-                      "start(): recovered job " + std::to_string(j.id) + " has a payload of " +
-                          std::to_string(j.payload.size()) + " bytes, above max_payload " +
-                          std::to_string(options_.max_payload) + "; raise max_payload");
+    // verify() counted the jobs neither dead nor cancelled and the largest
+    // payload; only when those could overflow does this pass over the records
+    // for the exact figures (an unregistered handler or a poison job makes a
+    // live record dead here).
+    const std::span<const unsigned char> image = loaded_->bytes.span();
+    snapshot::JobRecordView j;
+    if (v.max_payload_bytes > options_.max_payload) {
+      for (snapshot::RecordReader reader(image, v); reader.next(j);) {
+        if (j.payload.size() > options_.max_payload) {
+          return Status(StatusCode::kFailedPrecondition,
+                        "start(): recovered job " + std::to_string(j.id) + " has a payload of " +
+                            std::to_string(j.payload.size()) + " bytes, above max_payload " +
+                            std::to_string(options_.max_payload) + "; raise max_payload");
+        }
       }
     }
-    if (live > options_.capacity) {
-      return Status(StatusCode::kFailedPrecondition,
-                    "start(): the snapshot from " + r.source + " holds " + std::to_string(live) +
-                        " live jobs but capacity is " + std::to_string(options_.capacity) +
-                        "; raise capacity (no job is dropped)");
+    if (v.live_records > options_.capacity) {
+      std::uint64_t live = 0;
+      for (snapshot::RecordReader reader(image, v); reader.next(j);) {
+        const std::uint16_t rec = static_cast<std::uint16_t>(
+            j.recoveries + (j.state == snapshot::JobState::kRunningAtCut ? 1 : 0));
+        if (j.state != snapshot::JobState::kDead && map[j.handler] &&
+            rec <= options_.snapshot.max_recoveries && !j.cancel_requested) {
+          ++live;
+        }
+      }
+      if (live > options_.capacity) {
+        return Status(StatusCode::kFailedPrecondition,
+                      "start(): the snapshot from " + r.source + " holds " + std::to_string(live) +
+                          " live jobs but capacity is " + std::to_string(options_.capacity) +
+                          "; raise capacity (no job is dropped)");
+      }
     }
     QueueProducerToken tokens[kPriorityLevels] = {QueueProducerToken(queues_[0]),
                                                   QueueProducerToken(queues_[1]),
@@ -2237,7 +2276,7 @@ class Engine::Impl final : public detail::CutSource {
     };
     const std::uint64_t epoch = table_.epoch();
     std::lock_guard<std::mutex> lock(dead_mu_);
-    for (const auto& j : v.jobs) {
+    for (snapshot::RecordReader reader(image, v); reader.next(j);) {
       const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
       const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (was_running ? 1 : 0));
       if (j.state == snapshot::JobState::kDead) {
@@ -2608,7 +2647,7 @@ Result<Engine> Engine::open(EngineOptions options) {
   detail::Clock::init();
   try {
     auto impl = std::make_unique<Impl>(std::move(options));
-    if (Status s = impl->init_persistence(); !s.ok()) return s;
+    if (Status s = impl->populate_and_load(); !s.ok()) return s;
     return Engine(std::move(impl));
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kInvalidArgument,

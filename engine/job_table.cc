@@ -78,6 +78,7 @@ std::size_t mapped_bytes(std::size_t capacity) {
   return (bytes + kHugePage - 1) / kHugePage * kHugePage;
 }
 
+// Maps the table; populate() constructs the slots and faults the pages in.
 Slot* map_slots(std::size_t capacity) {
   const std::size_t bytes = mapped_bytes(capacity);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -85,20 +86,30 @@ Slot* map_slots(std::size_t capacity) {
 #ifdef MADV_HUGEPAGE
   if (bytes >= kHugePage) ::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: failure is fine
 #endif
-  Slot* slots = static_cast<Slot*>(p);
-  // Constructing writes every header, and touching the payload line maps the
-  // whole table now, so the first submits do not page-fault.
-  for (std::size_t i = 0; i < capacity; ++i) {
-    new (&slots[i]) Slot();
-    slots[i].inline_payload[0] = 0;
-  }
-  return slots;
+  return static_cast<Slot*>(p);
 }
 
 }  // namespace
 
+bool JobTable::populate_chunk() noexcept {
+  // Relaxed: the chunks are disjoint, and whoever uses the slots afterwards
+  // has joined every populating thread (populate()'s contract).
+  const std::size_t chunk = next_chunk_.fetch_add(1, std::memory_order_relaxed);
+  const std::size_t begin = chunk * kPopulateChunk;
+  if (begin >= capacity_) return false;
+  const std::size_t end = std::min(capacity_, begin + kPopulateChunk);
+  // Constructing writes every header, and touching the payload line maps the
+  // whole slot now, so the first submits do not page-fault.
+  for (std::size_t i = begin; i < end; ++i) {
+    new (&slots_[i]) Slot();
+    slots_[i].inline_payload[0] = 0;
+  }
+  return true;
+}
+
 JobTable::JobTable(std::size_t capacity)
     : capacity_(capacity), slots_(map_slots(capacity)), pool_(capacity) {
+  // The pool holds indices only: no slot is touched before populate().
   // Pushed highest first, so the first magazines taken hold slots 0, 1, ...
   SlotIndex mag[SlotPool::kMagazine];
   for (std::size_t end = capacity; end > 0;) {

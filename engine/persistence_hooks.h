@@ -77,9 +77,47 @@ class CutSource {
   virtual std::uint64_t accepted_total() const = 0;
 };
 
-// What recovery found: the image it keeps alive and the decoded view into it.
+// The bytes of a snapshot image: a buffer (a shared-memory image is copied
+// out of the segment) or a read-only mapping of a generation file (recovery
+// maps a file instead of reading it: no copy, no fresh pages to fault in;
+// generation files are never modified in place, see FileStore::map).
+class ImageBytes {
+ public:
+  ImageBytes() = default;
+  explicit ImageBytes(std::vector<unsigned char> buffer) noexcept
+      : buffer_(std::move(buffer)), data_(buffer_.data()), size_(buffer_.size()) {}
+  // Takes a mapping of `size` bytes made with mmap(2); munmap(2)s it at the end.
+  static ImageBytes adopt_mapping(const void* data, std::size_t size) noexcept {
+    ImageBytes b;
+    b.data_ = static_cast<const unsigned char*>(data);
+    b.size_ = size;
+    b.mapped_ = true;
+    return b;
+  }
+  ImageBytes(ImageBytes&& o) noexcept { *this = std::move(o); }
+  ImageBytes& operator=(ImageBytes&& o) noexcept;
+  ImageBytes(const ImageBytes&) = delete;
+  ImageBytes& operator=(const ImageBytes&) = delete;
+  ~ImageBytes() { release(); }
+
+  std::span<const unsigned char> span() const noexcept { return {data_, size_}; }
+  std::size_t size() const noexcept { return size_; }
+  bool mapped() const noexcept { return mapped_; }
+  // The bytes as an owned buffer (copied out of a mapping).
+  std::vector<unsigned char> to_vector() &&;
+
+ private:
+  void release() noexcept;
+  std::vector<unsigned char> buffer_;
+  const unsigned char* data_ = nullptr;
+  std::size_t size_ = 0;
+  bool mapped_ = false;
+};
+
+// What recovery found: the image it keeps alive and the verified view into
+// it (view.jobs empty: the records are read with snapshot::RecordReader).
 struct LoadedSnapshot {
-  std::vector<unsigned char> bytes;
+  ImageBytes bytes;
   snapshot::SnapshotView view;
 };
 

@@ -1,6 +1,7 @@
 #include "persistence/file_store.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,6 +10,40 @@
 #include <cstdio>
 #include <string_view>
 #include <utility>
+
+namespace jobengine::detail {
+
+ImageBytes& ImageBytes::operator=(ImageBytes&& o) noexcept {
+  if (this == &o) return *this;
+  release();
+  buffer_ = std::move(o.buffer_);  // a moved vector keeps its buffer: data_ stays valid
+  data_ = std::exchange(o.data_, nullptr);
+  size_ = std::exchange(o.size_, 0);
+  mapped_ = std::exchange(o.mapped_, false);
+  return *this;
+}
+
+std::vector<unsigned char> ImageBytes::to_vector() && {
+  if (!mapped_) {
+    std::vector<unsigned char> out = std::move(buffer_);
+    data_ = nullptr;
+    size_ = 0;
+    return out;
+  }
+  std::vector<unsigned char> out(data_, data_ + size_);
+  release();
+  return out;
+}
+
+void ImageBytes::release() noexcept {
+  if (mapped_) (void)::munmap(const_cast<unsigned char*>(data_), size_);
+  buffer_ = {};
+  data_ = nullptr;
+  size_ = 0;
+  mapped_ = false;
+}
+
+}  // namespace jobengine::detail
 
 namespace jobengine::persist {
 namespace {
@@ -311,8 +346,15 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
 
 Result<std::vector<GenerationFile>> FileStore::list() const { return list_generations(dir_, *fs_); }
 
-Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std::uint64_t max_bytes,
-                                                   FileSystem& fs) {
+namespace {
+
+// A generation file opened for reading, after every check of FileStore::read.
+struct OpenedFile {
+  int fd = -1;
+  std::uint64_t size = 0;
+};
+
+Result<OpenedFile> open_for_read(const std::string& path, std::uint64_t max_bytes, FileSystem& fs) {
   // lstat first so that a FIFO or a device is never even opened (opening
   // some devices has effects); the open below repeats every check on the
   // descriptor itself, and O_NONBLOCK keeps a FIFO swapped in meanwhile from
@@ -359,11 +401,22 @@ Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std:
                       " bytes, more than the limit of " + std::to_string(max_bytes));
   }
 
-  std::vector<unsigned char> bytes(static_cast<std::size_t>(st.value.size));
+  return OpenedFile{closer.release(), st.value.size};
+}
+
+}  // namespace
+
+Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std::uint64_t max_bytes,
+                                                   FileSystem& fs) {
+  Result<OpenedFile> opened = open_for_read(path, max_bytes, fs);
+  if (!opened) return opened.status();
+  ScopedFd closer(fs, opened->fd);
+  const int fd_value = opened->fd;
+  std::vector<unsigned char> bytes(static_cast<std::size_t>(opened->size));
   std::size_t done = 0;
   int interrupted = 0;  // EINTRs in a row
   while (done < bytes.size()) {
-    SysResult<std::size_t> r = fs.read(fd.value, bytes.data() + done, bytes.size() - done);
+    SysResult<std::size_t> r = fs.read(fd_value, bytes.data() + done, bytes.size() - done);
     if (!r.ok()) {
       if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
       return io_error("read", path, r.error);
@@ -378,6 +431,24 @@ Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std:
   }
   // The descriptor was only read: a close error loses nothing.
   return bytes;
+}
+
+Result<detail::ImageBytes> FileStore::map(const std::string& path, std::uint64_t max_bytes,
+                                          FileSystem& fs) {
+  Result<OpenedFile> opened = open_for_read(path, max_bytes, fs);
+  if (!opened) return opened.status();
+  ScopedFd closer(fs, opened->fd);
+  if (opened->size == 0) return detail::ImageBytes(std::vector<unsigned char>());  // mmap refuses 0
+  int interrupted = 0;  // EINTRs in a row
+  for (;;) {
+    SysResult<const void*> m = fs.map_read(opened->fd, static_cast<std::size_t>(opened->size));
+    if (m.ok()) {
+      // The mapping outlives the descriptor; a close error loses nothing.
+      return detail::ImageBytes::adopt_mapping(m.value, static_cast<std::size_t>(opened->size));
+    }
+    if (m.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
+    return io_error("mmap", path, m.error);
+  }
 }
 
 Result<std::vector<GenerationFile>> list_generations(const std::string& dir_arg, FileSystem& fs) {

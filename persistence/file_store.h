@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/persistence_hooks.h"  // ImageBytes
 #include "jobengine/status.h"
 #include "persistence/file_system.h"
 
@@ -83,6 +84,15 @@ class FileStore {
   // Modifies nothing. Thread-safe.
   static Result<std::vector<unsigned char>> read(const std::string& path, std::uint64_t max_bytes,
                                                  FileSystem& fs);
+  // The same file, the same checks and errors, mapped read-only instead of
+  // read (FileSystem::map_read; kIoError "mmap <path>: ..." if that fails):
+  // what recovery uses, since a mapping of a file in the page cache costs
+  // ~1% of reading it into fresh memory. Safe because a generation file is
+  // never modified once renamed into place (publish() writes a new file); as
+  // with leveldb's mmap'd tables, truncating one by hand while an engine
+  // holds it mapped (from open() to start()) would fault the engine (SIGBUS).
+  static Result<detail::ImageBytes> map(const std::string& path, std::uint64_t max_bytes,
+                                        FileSystem& fs);
 
   const std::string& dir() const noexcept { return dir_; }
 

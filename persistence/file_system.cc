@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -74,6 +75,12 @@ SysResult<std::size_t> PosixFileSystem::read(int fd, void* data, std::size_t siz
     if (n >= 0) return {static_cast<std::size_t>(n), 0};
     if (errno != EINTR || tries == kMaxEintrRetries) return {0, errno};
   }
+}
+
+SysResult<const void*> PosixFileSystem::map_read(int fd, std::size_t size) {
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+  if (p == MAP_FAILED) return {nullptr, errno};
+  return {p, 0};
 }
 
 int PosixFileSystem::fsync(int fd) {

@@ -63,6 +63,10 @@ class FileSystem {
   virtual SysResult<std::size_t> write(int fd, const void* data, std::size_t size) = 0;
   // One read(2): returns the count read, 0 at end of file. EINTR may be returned.
   virtual SysResult<std::size_t> read(int fd, void* data, std::size_t size) = 0;
+  // mmap(2) of the first `size` (> 0) bytes of `fd`, read-only, private, its
+  // pages populated at once (MAP_POPULATE). The caller munmap(2)s it. EINTR
+  // may be returned (nothing mapped).
+  virtual SysResult<const void*> map_read(int fd, std::size_t size) = 0;
   // fsync(2) of a file or a directory descriptor. Returns 0 or an errno.
   [[nodiscard]] virtual int fsync(int fd) = 0;
   // close(2). The descriptor is released whatever is returned (Linux); EINTR
@@ -98,6 +102,7 @@ class PosixFileSystem final : public FileSystem {
   SysResult<int> open(const std::string& path, int flags, mode_t mode) override;
   SysResult<std::size_t> write(int fd, const void* data, std::size_t size) override;
   SysResult<std::size_t> read(int fd, void* data, std::size_t size) override;
+  SysResult<const void*> map_read(int fd, std::size_t size) override;
   int fsync(int fd) override;
   int close(int fd) override;
   int rename(const std::string& from, const std::string& to) override;

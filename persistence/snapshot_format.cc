@@ -227,10 +227,79 @@ Status fail(DecodeError* error, Problem problem, std::uint64_t offset, const std
                           ": " + what);
 }
 
-}  // namespace
 
-Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error,
-                            bool verify_checksums) {
+// How much of the checksumming a decode does.
+enum class Checks : std::uint8_t {
+  kEvery,       // each record checksum as its record is checked, then the image checksum
+  kImageFirst,  // the image checksum; the record checksums only if it fails
+  kNone,        // fuzzing builds only
+};
+
+// Parses the fields of the record at r (its record_len field), which the
+// caller has bounds-checked (or verified) already. Checks nothing.
+struct RawRecord {
+  std::uint8_t state = 0;
+  std::uint8_t flags = 0;
+  std::uint8_t reason = 0;
+  std::uint32_t record_len = 0;
+  std::uint32_t payload_len = 0;
+  std::uint32_t error_len = 0;
+  std::uint32_t key_len = 0;
+  std::size_t fixed = 0;
+};
+inline void parse_record(const unsigned char* r, bool v1, JobRecordView& v, RawRecord& raw) noexcept {
+  raw.record_len = get32(r);
+  v.id = get64(r + 4);
+  v.handler = get32(r + 12);
+  v.priority = r[16];
+  raw.state = r[17];
+  v.attempts = get16(r + 18);
+  v.recoveries = get16(r + 20);
+  v.submit_ns = static_cast<std::int64_t>(get64(r + 24));
+  v.run_at_ns = static_cast<std::int64_t>(get64(r + 32));
+  if (v1) {
+    raw.fixed = kRecordFixedBytesV1;
+    raw.flags = 0;
+    raw.payload_len = get32(r + 40);
+    raw.error_len = get32(r + 44);
+    raw.key_len = 0;
+    raw.reason = raw.state == static_cast<std::uint8_t>(JobState::kDead)
+                     ? static_cast<std::uint8_t>(DeadReason::kFailed)
+                     : 0;
+    v.deadline_ns = 0;
+    v.dead_at_ns = 0;
+  } else {
+    raw.fixed = kRecordFixedBytes;
+    raw.flags = r[22];
+    raw.reason = r[23];
+    v.deadline_ns = get64(r + 40);
+    v.dead_at_ns = static_cast<std::int64_t>(get64(r + 48));
+    raw.payload_len = get32(r + 56);
+    raw.error_len = get32(r + 60);
+    raw.key_len = get16(r + 64);
+  }
+}
+// Sets the views and the enums from a parsed record.
+inline void finish_record(const unsigned char* r, const RawRecord& raw, JobRecordView& v) noexcept {
+  v.state = static_cast<JobState>(raw.state);
+  v.cancel_requested = (raw.flags & 1u) != 0;
+  v.dead_reason = static_cast<DeadReason>(raw.reason);
+  const char* var = reinterpret_cast<const char*>(r + raw.fixed);
+  v.payload = std::string_view(var, raw.payload_len);
+  v.error = std::string_view(var + raw.payload_len, raw.error_len);
+  v.key = std::string_view(var + raw.payload_len + raw.error_len, raw.key_len);
+}
+
+// Reading rules 6-8 over the records of an image whose header and handler
+// table passed (rules 1-5); `out` holds them. Fills out.jobs when
+// `materialize`, and the record statistics either way.
+Status check_records(const unsigned char* d, std::uint64_t at, std::uint64_t trailer,
+                     DecodeError* error, bool every_checksum, bool image_checksum,
+                     bool materialize, SnapshotView& out);
+
+Result<SnapshotView> decode_image(std::span<const unsigned char> image, DecodeError* error,
+                                  Checks checks, bool materialize) {
+  const bool verify_checksums = checks != Checks::kNone;
   if (error != nullptr) *error = {};
   const unsigned char* d = image.data();
   const std::uint64_t size = image.size();
@@ -319,7 +388,33 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     at += 2 + len;
   }
 
-  out.jobs.reserve(h.job_count);
+  out.records_offset = at;
+  if (materialize) out.jobs.reserve(h.job_count);
+  // Failures are reported into `located` and copied out once final.
+  DecodeError located;
+  Status st = check_records(d, at, trailer, &located, checks == Checks::kEvery,
+                            verify_checksums, materialize, out);
+  if (!st.ok() && checks == Checks::kImageFirst) {
+    // A record check or the image checksum failed with the record checksums
+    // unchecked: check again with them, in order, so that the failure is the
+    // one kEvery reports (a damaged record's checksum comes before its other
+    // checks, and before the image checksum).
+    out.jobs.clear();
+    st = check_records(d, at, trailer, &located, true, true, materialize, out);
+  }
+  if (!st.ok() && error != nullptr) *error = located;
+  if (!st.ok()) return st;
+  return out;
+}
+
+Status check_records(const unsigned char* d, std::uint64_t at, std::uint64_t trailer,
+                     DecodeError* error, bool every_checksum, bool image_checksum,
+                     bool materialize, SnapshotView& out) {
+  const Header& h = out.header;
+  const bool v1 = h.format_version == 1;
+  const std::uint64_t min_record = v1 ? kMinRecordBytesV1 : kMinRecordBytes;
+  out.live_records = 0;
+  out.max_payload_bytes = 0;
   // The image checksum streams over the records as they are checked.
   StreamedImageHash image_hash(d);
   for (std::uint64_t j = 0; j < h.job_count; ++j) {
@@ -329,54 +424,28 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     if (trailer - at < min_record) {
       return fail(error, Problem::kCorrupt, rec, job() + " runs past the body");
     }
-    const std::uint32_t record_len = get32(d + at);
+    const unsigned char* r = d + at;
+    JobRecordView v;
+    RawRecord raw;
+    parse_record(r, v1, v, raw);
+    const std::uint32_t record_len = raw.record_len;
     if (record_len < min_record - 4 || record_len > trailer - at - 4) {
       return fail(error, Problem::kCorrupt, rec,
                   job() + " length " + std::to_string(record_len) + " out of bounds");
     }
-    const unsigned char* r = d + at;
-    JobRecordView v;
-    v.offset = rec;
-    v.id = get64(r + 4);
-    v.handler = get32(r + 12);
-    v.priority = r[16];
-    const std::uint8_t state = r[17];
-    v.attempts = get16(r + 18);
-    v.recoveries = get16(r + 20);
-    v.submit_ns = static_cast<std::int64_t>(get64(r + 24));
-    v.run_at_ns = static_cast<std::int64_t>(get64(r + 32));
-    std::uint32_t payload_len, error_len, key_len = 0;
-    std::size_t fixed;
-    std::uint8_t flags = 0, reason = 0;
-    if (h.format_version == 1) {
-      fixed = kRecordFixedBytesV1;
-      payload_len = get32(r + 40);
-      error_len = get32(r + 44);
-      if (get16(r + 22) != 0) {
-        return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
-      }
-      reason = state == static_cast<std::uint8_t>(JobState::kDead)
-                   ? static_cast<std::uint8_t>(DeadReason::kFailed)
-                   : 0;
-    } else {
-      fixed = kRecordFixedBytes;
-      flags = r[22];
-      reason = r[23];
-      v.deadline_ns = get64(r + 40);
-      v.dead_at_ns = static_cast<std::int64_t>(get64(r + 48));
-      payload_len = get32(r + 56);
-      error_len = get32(r + 60);
-      key_len = get16(r + 64);
+    if (v1 && get16(r + 22) != 0) {
+      return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
     }
-    if (payload_len > kMaxPayload || error_len > kMaxError || key_len > kMaxKey ||
-        std::uint64_t{fixed} - 4 + payload_len + error_len + key_len + 8 != record_len) {
+    if (raw.payload_len > kMaxPayload || raw.error_len > kMaxError || raw.key_len > kMaxKey ||
+        std::uint64_t{raw.fixed} - 4 + raw.payload_len + raw.error_len + raw.key_len + 8 !=
+            record_len) {
       return fail(error, Problem::kCorrupt, rec,
-                  job() + ": payload " + std::to_string(payload_len) + " + error " +
-                      std::to_string(error_len) + " + key " + std::to_string(key_len) +
+                  job() + ": payload " + std::to_string(raw.payload_len) + " + error " +
+                      std::to_string(raw.error_len) + " + key " + std::to_string(raw.key_len) +
                       " bytes do not match its length " + std::to_string(record_len));
     }
     const std::uint64_t body = record_len - 8;
-    if (verify_checksums && get64(r + 4 + body) != checksum(r + 4, body)) {
+    if (every_checksum && get64(r + 4 + body) != checksum(r + 4, body)) {
       return fail(error, Problem::kCorrupt, rec, job() + " (id " + std::to_string(v.id) + "): checksum mismatch");
     }
     if (v.id == 0) return fail(error, Problem::kCorrupt, rec + 4, job() + ": id 0");
@@ -388,41 +457,71 @@ Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* e
     if (v.priority >= kPriorityLevels) {
       return fail(error, Problem::kCorrupt, rec + 16, job() + ": priority " + std::to_string(v.priority));
     }
+    const std::uint8_t state = raw.state;
     if (state < 1 || state > 5) {
       return fail(error, Problem::kCorrupt, rec + 17, job() + ": state " + std::to_string(state));
     }
-    if (h.format_version >= 2) {
-      if ((flags & ~1u) != 0) {
-        return fail(error, Problem::kCorrupt, rec + 22, job() + ": unknown flags " + std::to_string(flags));
+    const bool dead = state == static_cast<std::uint8_t>(JobState::kDead);
+    if (!v1) {
+      if ((raw.flags & ~1u) != 0) {
+        return fail(error, Problem::kCorrupt, rec + 22,
+                    job() + ": unknown flags " + std::to_string(raw.flags));
       }
-      const bool dead = state == static_cast<std::uint8_t>(JobState::kDead);
-      if (reason > 3 || (reason != 0) != dead) {
+      if (raw.reason > 3 || (raw.reason != 0) != dead) {
         return fail(error, Problem::kCorrupt, rec + 23,
-                    job() + ": dead_reason " + std::to_string(reason) + " with state " +
+                    job() + ": dead_reason " + std::to_string(raw.reason) + " with state " +
                         std::to_string(state));
       }
       if (get16(r + 66) != 0) return fail(error, Problem::kCorrupt, rec + 66, job() + ": reserved bytes set");
     }
-    v.state = static_cast<JobState>(state);
-    v.cancel_requested = (flags & 1u) != 0;
-    v.dead_reason = static_cast<DeadReason>(reason);
-    const char* var = reinterpret_cast<const char*>(r + fixed);
-    v.payload = std::string_view(var, payload_len);
-    v.error = std::string_view(var + payload_len, error_len);
-    v.key = std::string_view(var + payload_len + error_len, key_len);
-    out.jobs.push_back(v);
+    if (!dead && (raw.flags & 1u) == 0) ++out.live_records;
+    if (raw.payload_len > out.max_payload_bytes) out.max_payload_bytes = raw.payload_len;
+    if (materialize) {
+      v.offset = rec;
+      finish_record(r, raw, v);
+      out.jobs.push_back(v);
+    }
     at += 4 + record_len;
-    if (verify_checksums) image_hash.advance(at);
+    if (image_checksum) image_hash.advance(at);
   }
   if (at != trailer) {
     return fail(error, Problem::kCorrupt, at,
                 std::to_string(trailer - at) + " unparsed bytes between the last record and the trailer");
   }
   out.image_checksum = get64(d + trailer + 8);
-  if (verify_checksums && out.image_checksum != image_hash.finish(trailer)) {
+  if (image_checksum && out.image_checksum != image_hash.finish(trailer)) {
     return fail(error, Problem::kCorrupt, trailer + 8, "image checksum mismatch");
   }
-  return out;
+  return Status();
+}
+
+}  // namespace
+
+Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error,
+                            bool verify_checksums) {
+  return decode_image(image, error, verify_checksums ? Checks::kEvery : Checks::kNone, true);
+}
+
+Result<SnapshotView> verify(std::span<const unsigned char> image, DecodeError* error) {
+  return decode_image(image, error, Checks::kImageFirst, false);
+}
+
+RecordReader::RecordReader(std::span<const unsigned char> image, const SnapshotView& view) noexcept
+    : image_(image.data()),
+      at_(view.records_offset),
+      left_(view.header.job_count),
+      v1_(view.header.format_version == 1) {}
+
+bool RecordReader::next(JobRecordView& out) noexcept {
+  if (left_ == 0) return false;
+  --left_;
+  const unsigned char* r = image_ + at_;
+  RawRecord raw;
+  parse_record(r, v1_, out, raw);
+  finish_record(r, raw, out);
+  out.offset = at_;
+  at_ += 4 + std::uint64_t{raw.record_len};
+  return true;
 }
 
 }  // namespace jobengine::snapshot

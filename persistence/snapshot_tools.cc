@@ -170,11 +170,19 @@ Result<std::unique_ptr<persist::ShmStore>> lock_shm(const std::string& name, Dia
   return store;
 }
 
-Image from_loaded(std::string source, detail::LoadedSnapshot&& loaded) {
+Result<Image> from_loaded(std::string source, detail::LoadedSnapshot&& loaded) {
   Image image;
   image.source = std::move(source);
-  image.bytes = std::move(loaded.bytes);  // the buffer moves, the views stay valid
-  image.view = std::move(loaded.view);
+  // Recovery maps files and leaves the records unread (verify()); a tool
+  // owns its bytes and wants every record, so copy, and view them again. The
+  // bytes verified a moment ago, so this verifies again by construction.
+  image.bytes = std::move(loaded.bytes).to_vector();
+  auto view = snapshot::verify(image.bytes);
+  if (!view) return view.status();
+  snapshot::RecordReader reader(image.bytes, *view);
+  view->jobs.resize(view->header.job_count);
+  for (auto& job : view->jobs) (void)reader.next(job);
+  image.view = std::move(*view);
   return image;
 }
 
@@ -347,7 +355,9 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
       loaded = persist::load_newest(nullptr, *files, fs(), report);
     }
     if (!loaded) return nothing_loaded(report, request.dir, d);
-    source = from_loaded(report.source, std::move(*loaded));
+    auto image = from_loaded(report.source, std::move(*loaded));
+    if (!image) return fail(d, Failure::kCorrupt, image.status());
+    source = std::move(*image);
   }
   const std::uint64_t generation = std::max(above, source.view.header.generation) + 1;
   auto image = transform(source.view, generation, d);
@@ -463,7 +473,9 @@ Result<Image> load_newest(const std::string& dir, const std::string& shm_name, D
   const std::string where = dir.empty() ? "shm:" + shm_name
                                         : (shm_name.empty() ? dir : dir + " or shm:" + shm_name);
   if (!loaded) return nothing_loaded(report, where, d);
-  return from_loaded(report.source, std::move(*loaded));
+  auto image = from_loaded(report.source, std::move(*loaded));
+  if (!image) return fail(d, Failure::kCorrupt, image.status());
+  return image;
 }
 
 Result<Image> load(const Source& source, Diagnosis* d) {

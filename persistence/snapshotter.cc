@@ -448,9 +448,9 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
   std::unique_ptr<LoadedSnapshot> shm_loaded;
   if (!shm_image.empty()) {
     shm_loaded = std::make_unique<LoadedSnapshot>();
-    shm_loaded->bytes = std::move(shm_image);
+    shm_loaded->bytes = detail::ImageBytes(std::move(shm_image));
     snapshot::DecodeError err;
-    auto view = snapshot::decode(shm_loaded->bytes, &err);
+    auto view = snapshot::verify(shm_loaded->bytes.span(), &err);
     if (view) {
       shm_loaded->view = std::move(*view);
       candidates.front().generation = shm_loaded->view.header.generation;
@@ -469,7 +469,7 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
     if (c.path.empty()) {
       loaded = std::move(shm_loaded);
     } else {
-      auto bytes = FileStore::read(c.path, kMaxSnapshotFileBytes, fs);
+      auto bytes = FileStore::map(c.path, kMaxSnapshotFileBytes, fs);
       if (!bytes) {
         report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
         continue;
@@ -477,7 +477,7 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
       loaded = std::make_unique<LoadedSnapshot>();
       loaded->bytes = std::move(*bytes);
       snapshot::DecodeError err;
-      auto view = snapshot::decode(loaded->bytes, &err);
+      auto view = snapshot::verify(loaded->bytes.span(), &err);
       if (!view) {
         report.skipped.push_back({c.source, err.offset, std::string(view.status().message())});
         continue;
@@ -498,7 +498,7 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
         std::chrono::duration_cast<std::chrono::system_clock::duration>(
             std::chrono::nanoseconds(loaded->view.header.wall_time_ns)));
     report.why = "newest snapshot that verifies (generation " + std::to_string(report.generation) +
-                 ", " + std::to_string(loaded->view.jobs.size()) + " jobs)" +
+                 ", " + std::to_string(loaded->view.header.job_count) + " jobs)" +
                  (report.skipped.empty()
                       ? std::string()
                       : "; skipped " + std::to_string(report.skipped.size()) + " that did not");

@@ -177,6 +177,12 @@ SysResult<std::size_t> FaultFileSystem::read(int fd, void* data, std::size_t siz
   return base_->read(fd, data, size);
 }
 
+SysResult<const void*> FaultFileSystem::map_read(int fd, std::size_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (const FaultRule* rule = check(FaultOp::kRead, fd_path(fd))) return {nullptr, rule->error};
+  return base_->map_read(fd, size);
+}
+
 int FaultFileSystem::fsync(int fd) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = open_files_.find(fd);

@@ -122,6 +122,8 @@ class FaultFileSystem final : public FileSystem {
   SysResult<int> open(const std::string& path, int flags, mode_t mode) override;
   SysResult<std::size_t> write(int fd, const void* data, std::size_t size) override;
   SysResult<std::size_t> read(int fd, void* data, std::size_t size) override;
+  // A mapping counts as a read (FaultOp::kRead): a rule that fires fails it.
+  SysResult<const void*> map_read(int fd, std::size_t size) override;
   int fsync(int fd) override;
   int close(int fd) override;
   int rename(const std::string& from, const std::string& to) override;

@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
@@ -922,6 +923,100 @@ TEST_F(FileStoreTest, ReadErrorNamesThePathAndErrno) {
   EXPECT_EQ(r.status().code(), StatusCode::kIoError);
   EXPECT_EQ(r.status().message(), "read " + gen_path(1) + ": " + errno_text(EIO));
   EXPECT_EQ(faults.open_descriptors(), 0u);
+}
+
+// ---- map(): recovery's read -------------------------------------------------------
+
+// map()'s bytes as a vector, or its Status.
+Result<Bytes> map_bytes(const std::string& path, std::uint64_t max_bytes, FileSystem& fs) {
+  Result<detail::ImageBytes> m = FileStore::map(path, max_bytes, fs);
+  if (!m) return m.status();
+  return std::move(*m).to_vector();
+}
+
+TEST_F(FileStoreTest, MapGivesTheBytesReadGives) {
+  auto store = open_store(10);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1, 1 << 20)).ok());  // 1 MiB: many pages
+  ASSERT_TRUE(store->publish(2, image(2, 1)).ok());
+  for (std::uint64_t g : {1, 2}) {
+    Result<detail::ImageBytes> m = FileStore::map(gen_path(g), kMaxRead, posix_);
+    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    EXPECT_TRUE(m->mapped());
+    Result<Bytes> r = FileStore::read(gen_path(g), kMaxRead, posix_);
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ(m->size(), r->size());
+    EXPECT_TRUE(std::equal(r->begin(), r->end(), m->span().begin()));
+    // Moving keeps the mapping; the moved-from object owns nothing.
+    detail::ImageBytes moved = std::move(*m);
+    EXPECT_EQ(m->size(), 0u);
+    EXPECT_EQ(std::move(moved).to_vector(), *r);
+  }
+  // An empty file maps to no bytes (mmap refuses a length of 0).
+  const std::string empty = root_ + "/empty.jobsnap";
+  { std::ofstream(empty, std::ios::binary); }
+  Result<detail::ImageBytes> e = FileStore::map(empty, kMaxRead, posix_);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  EXPECT_EQ(e->size(), 0u);
+}
+
+TEST_F(FileStoreTest, MapRefusesWhatReadRefusesWithTheSameErrors) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1, 100)).ok());
+  const std::string link = root_ + "/link.jobsnap";
+  ASSERT_EQ(::symlink(gen_path(1).c_str(), link.c_str()), 0);
+  const std::string fifo = root_ + "/fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  struct Case {
+    std::string path;
+    std::uint64_t max_bytes;
+    StatusCode code;
+  };
+  const Case cases[] = {
+      {link, kMaxRead, StatusCode::kInvalidArgument},
+      {fifo, kMaxRead, StatusCode::kInvalidArgument},
+      {root_, kMaxRead, StatusCode::kInvalidArgument},
+      {"/dev/null", kMaxRead, StatusCode::kInvalidArgument},
+      {gen_path(1), 99, StatusCode::kInvalidArgument},
+      {root_ + "/absent.jobsnap", kMaxRead, StatusCode::kNotFound},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.path);
+    FaultFileSystem faults;
+    Result<Bytes> read = FileStore::read(c.path, c.max_bytes, faults);
+    Result<Bytes> mapped = map_bytes(c.path, c.max_bytes, faults);
+    ASSERT_FALSE(read.ok());
+    ASSERT_FALSE(mapped.ok());
+    EXPECT_EQ(mapped.status().code(), c.code);
+    EXPECT_EQ(mapped.status().to_string(), read.status().to_string());
+    EXPECT_EQ(faults.open_descriptors(), 0u);
+  }
+  EXPECT_TRUE(map_bytes(gen_path(1), 100, posix_).ok());  // the bound is inclusive
+}
+
+TEST_F(FileStoreTest, MapErrorNamesThePathAndErrnoAndEintrIsRetried) {
+  auto store = open_store();
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1)).ok());
+  {
+    FaultFileSystem faults;
+    faults.add_rule(fail_call(FaultOp::kRead, ENOMEM));
+    Result<Bytes> r = map_bytes(gen_path(1), kMaxRead, faults);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kIoError);
+    EXPECT_EQ(r.status().message(), "mmap " + gen_path(1) + ": " + errno_text(ENOMEM));
+    EXPECT_EQ(faults.open_descriptors(), 0u);
+  }
+  {
+    FaultFileSystem faults;
+    faults.add_rule(fail_call(FaultOp::kRead, EINTR));
+    Result<Bytes> r = map_bytes(gen_path(1), kMaxRead, faults);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(*r, image(1));
+    EXPECT_EQ(faults.calls(FaultOp::kRead), 2u);
+    EXPECT_EQ(faults.open_descriptors(), 0u);
+  }
 }
 
 // ---- power loss -----------------------------------------------------------------

@@ -96,8 +96,12 @@ struct JobRecordView : JobRecord {
 struct SnapshotView {
   Header header;
   std::vector<std::string_view> handlers;
-  std::vector<JobRecordView> jobs;
+  std::vector<JobRecordView> jobs;  // decode() fills it; verify() leaves it empty
   std::uint64_t image_checksum = 0;
+  // Filled by decode() and verify() alike:
+  std::uint64_t records_offset = 0;     // of the first job record
+  std::uint64_t live_records = 0;       // records neither dead nor cancel_requested
+  std::uint32_t max_payload_bytes = 0;  // the largest payload_len of any record
 };
 
 // How a decode failed, for tools that report failure classes (jobsnap verify).
@@ -117,6 +121,33 @@ struct DecodeError {
 // reach the decoder past the checksums.
 Result<SnapshotView> decode(std::span<const unsigned char> image, DecodeError* error = nullptr,
                             bool verify_checksums = true);
+
+// The same checks as decode() without materializing the records (jobs stays
+// empty; read them with RecordReader), for recovery, where a 1M-job image
+// would otherwise be copied into ~120 MB of JobRecordViews first. One
+// difference in the checksums (FORMAT.md, "Reading rules"): the image
+// checksum, which covers every record byte, is checked first, and the record
+// checksums are recomputed only when it fails, so that the failure still names
+// the first damaged record. An image that decode() accepts, verify() accepts;
+// the converse fails only for a record checksum that its writer got wrong
+// while sealing the image over it (an encoder bug, not damage).
+Result<SnapshotView> verify(std::span<const unsigned char> image, DecodeError* error = nullptr);
+
+// Reads the job records of an image that verify() or decode() accepted, in
+// order, without checking anything again. `image` and `view` must be those
+// it accepted and must outlive the reader.
+class RecordReader {
+ public:
+  RecordReader(std::span<const unsigned char> image, const SnapshotView& view) noexcept;
+  // The next record (its views point into the image), or false after the last.
+  bool next(JobRecordView& out) noexcept;
+
+ private:
+  const unsigned char* image_;
+  std::uint64_t at_;
+  std::uint64_t left_;
+  bool v1_;
+};
 
 // Builds an image in a buffer it owns and reuses: begin(), handlers, jobs,
 // finish(). Grows its buffer only when an image is larger than any before.
