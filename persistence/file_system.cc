@@ -2,12 +2,13 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
 
 namespace jobengine::persist {
@@ -83,6 +84,14 @@ SysResult<const void*> PosixFileSystem::map_read(int fd, std::size_t size) {
   return {p, 0};
 }
 
+int PosixFileSystem::start_writeback(int fd, std::uint64_t offset, std::uint64_t size) {
+  if (::sync_file_range(fd, static_cast<off_t>(offset), static_cast<off_t>(size),
+                        SYNC_FILE_RANGE_WRITE) != 0) {
+    return errno;
+  }
+  return 0;
+}
+
 int PosixFileSystem::fsync(int fd) {
   // An interrupted fsync reported no I/O error, so asking again is safe. Any
   // other error is returned and never retried: after a failed fsync Linux may
@@ -102,6 +111,15 @@ int PosixFileSystem::close(int fd) {
 
 int PosixFileSystem::rename(const std::string& from, const std::string& to) {
   return ::rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
+}
+
+int PosixFileSystem::rename_noreplace(const std::string& from, const std::string& to) {
+  return ::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0 ? 0
+                                                                                          : errno;
+}
+
+int PosixFileSystem::ftruncate(int fd, std::uint64_t size) {
+  return ::ftruncate(fd, static_cast<off_t>(size)) == 0 ? 0 : errno;
 }
 
 int PosixFileSystem::unlink(const std::string& path) {

@@ -67,6 +67,10 @@ class FileSystem {
   // pages populated at once (MAP_POPULATE). The caller munmap(2)s it. EINTR
   // may be returned (nothing mapped).
   virtual SysResult<const void*> map_read(int fd, std::size_t size) = 0;
+  // sync_file_range(2) with SYNC_FILE_RANGE_WRITE: starts writing the range
+  // to the device, waits for nothing, makes nothing durable (fsync does).
+  // Returns 0 or an errno; callers treat it as advice.
+  virtual int start_writeback(int fd, std::uint64_t offset, std::uint64_t size) = 0;
   // fsync(2) of a file or a directory descriptor. Returns 0 or an errno.
   [[nodiscard]] virtual int fsync(int fd) = 0;
   // close(2). The descriptor is released whatever is returned (Linux); EINTR
@@ -74,6 +78,11 @@ class FileSystem {
   [[nodiscard]] virtual int close(int fd) = 0;
   // rename(2): atomically replaces `to`.
   [[nodiscard]] virtual int rename(const std::string& from, const std::string& to) = 0;
+  // renameat2(2) with RENAME_NOREPLACE: fails with EEXIST if `to` exists (of
+  // any kind, a symlink included), as O_CREAT|O_EXCL does for a new file.
+  [[nodiscard]] virtual int rename_noreplace(const std::string& from, const std::string& to) = 0;
+  // ftruncate(2). Returns 0 or an errno (EINTR possible).
+  [[nodiscard]] virtual int ftruncate(int fd, std::uint64_t size) = 0;
   // unlink(2) of a non-directory.
   [[nodiscard]] virtual int unlink(const std::string& path) = 0;
   // mkdir(2): the mode is filtered by the umask; the caller fixes it with chmod.
@@ -103,9 +112,12 @@ class PosixFileSystem final : public FileSystem {
   SysResult<std::size_t> write(int fd, const void* data, std::size_t size) override;
   SysResult<std::size_t> read(int fd, void* data, std::size_t size) override;
   SysResult<const void*> map_read(int fd, std::size_t size) override;
+  int start_writeback(int fd, std::uint64_t offset, std::uint64_t size) override;
   int fsync(int fd) override;
   int close(int fd) override;
   int rename(const std::string& from, const std::string& to) override;
+  int rename_noreplace(const std::string& from, const std::string& to) override;
+  int ftruncate(int fd, std::uint64_t size) override;
   int unlink(const std::string& path) override;
   int mkdir(const std::string& path, mode_t mode) override;
   int fchmod(int fd, mode_t mode) override;

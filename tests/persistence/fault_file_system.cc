@@ -88,6 +88,10 @@ const char* fault_op_name(FaultOp op) {
       return "list_dir";
     case FaultOp::kLock:
       return "lock";
+    case FaultOp::kWriteback:
+      return "writeback";
+    case FaultOp::kTruncate:
+      return "truncate";
   }
   return "?";
 }
@@ -183,6 +187,12 @@ SysResult<const void*> FaultFileSystem::map_read(int fd, std::size_t size) {
   return base_->map_read(fd, size);
 }
 
+int FaultFileSystem::start_writeback(int fd, std::uint64_t offset, std::uint64_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (const FaultRule* rule = check(FaultOp::kWriteback, fd_path(fd))) return rule->error;
+  return base_->start_writeback(fd, offset, size);
+}
+
 int FaultFileSystem::fsync(int fd) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = open_files_.find(fd);
@@ -222,6 +232,18 @@ int FaultFileSystem::rename(const std::string& from, const std::string& to) {
   std::lock_guard<std::mutex> lock(mu_);
   if (const FaultRule* rule = check(FaultOp::kRename, from, to)) return rule->error;
   return base_->rename(from, to);
+}
+
+int FaultFileSystem::rename_noreplace(const std::string& from, const std::string& to) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (const FaultRule* rule = check(FaultOp::kRename, from, to)) return rule->error;
+  return base_->rename_noreplace(from, to);
+}
+
+int FaultFileSystem::ftruncate(int fd, std::uint64_t size) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (const FaultRule* rule = check(FaultOp::kTruncate, fd_path(fd))) return rule->error;
+  return base_->ftruncate(fd, size);
 }
 
 int FaultFileSystem::unlink(const std::string& path) {

@@ -45,6 +45,8 @@ enum class FaultOp : std::uint8_t {
   kChmod,
   kListDir,
   kLock,
+  kWriteback,  // start_writeback (sync_file_range): advice, makes nothing durable
+  kTruncate,
 };
 const char* fault_op_name(FaultOp op);
 
@@ -124,9 +126,14 @@ class FaultFileSystem final : public FileSystem {
   SysResult<std::size_t> read(int fd, void* data, std::size_t size) override;
   // A mapping counts as a read (FaultOp::kRead): a rule that fires fails it.
   SysResult<const void*> map_read(int fd, std::size_t size) override;
+  // Passed through, counted as kWriteback; it makes nothing durable, so the
+  // power-loss model ignores it (only fsync counts).
+  int start_writeback(int fd, std::uint64_t offset, std::uint64_t size) override;
   int fsync(int fd) override;
   int close(int fd) override;
   int rename(const std::string& from, const std::string& to) override;
+  int rename_noreplace(const std::string& from, const std::string& to) override;  // kRename
+  int ftruncate(int fd, std::uint64_t size) override;                             // kTruncate
   int unlink(const std::string& path) override;
   int mkdir(const std::string& path, mode_t mode) override;
   int fchmod(int fd, mode_t mode) override;

@@ -925,6 +925,152 @@ TEST_F(FileStoreTest, ReadErrorNamesThePathAndErrno) {
   EXPECT_EQ(faults.open_descriptors(), 0u);
 }
 
+// ---- recycling the oldest generation -----------------------------------------------
+
+std::uint64_t inode_of(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_ino;
+}
+
+TEST_F(FileStoreTest, SteadyStateRewritesTheOldestGenerationsFileInPlace) {
+  auto store = open_store(3);
+  ASSERT_NE(store, nullptr);
+  const std::size_t sizes[] = {5000, 7000, 3000, 4000, 9000, 1};
+  for (std::uint64_t g = 1; g <= 3; ++g) ASSERT_TRUE(store->publish(g, image(g, sizes[g - 1])).ok());
+  for (std::uint64_t g = 4; g <= 6; ++g) {
+    SCOPED_TRACE("generation " + std::to_string(g));
+    // Shorter (4 over 1's 5000 bytes), longer (5 over 2's 7000), one byte (6).
+    const std::uint64_t oldest_inode = inode_of(gen_path(g - 3));
+    ASSERT_TRUE(store->publish(g, image(g, sizes[g - 1])).ok());
+    EXPECT_EQ(inode_of(gen_path(g)), oldest_inode);  // the same file, renamed and rewritten
+    EXPECT_EQ(slurp(gen_path(g)), image(g, sizes[g - 1]));  // exactly: no old tail
+    Result<std::vector<GenerationFile>> list = store->list();
+    ASSERT_TRUE(list.ok());
+    ASSERT_EQ(list->size(), 3u);
+    for (std::size_t i = 0; i < 3; ++i) {
+      EXPECT_EQ((*list)[i].generation, g - i);
+      EXPECT_EQ(slurp((*list)[i].path), image(g - i, sizes[g - i - 1]));
+    }
+    EXPECT_FALSE(has_temp_file(dir_));
+    struct stat st {};
+    ASSERT_EQ(::stat(gen_path(g).c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0600u);
+  }
+}
+
+TEST_F(FileStoreTest, TheOnlyGenerationIsNeverRecycled) {
+  // keep 1: rewriting the one generation in place would leave none while the
+  // new one is written; it stays until the new one is durable.
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(1, faults);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1)).ok());
+  const std::uint64_t inode = inode_of(gen_path(1));
+  faults->add_rule(fail_call(FaultOp::kWrite, EIO));
+  ASSERT_FALSE(store->publish(2, image(2)).ok());
+  EXPECT_EQ(slurp(gen_path(1)), image(1));
+  EXPECT_EQ(inode_of(gen_path(1)), inode);
+  faults->clear_rules();
+  ASSERT_TRUE(store->publish(3, image(3)).ok());
+  EXPECT_EQ(names_in(dir_),
+            (std::vector<std::string>{"LOCK", "gen-00000000000000000003.jobsnap"}));
+  EXPECT_EQ(slurp(gen_path(3)), image(3));
+}
+
+TEST_F(FileStoreTest, RecycledPublishFailuresNameTheStepAndKeepTheNewerGenerations) {
+  // keep 2 with 2 present: publish 3 recycles 1's file. A failure at any step
+  // loses generation 1 (it was leaving anyway) and nothing else; the next
+  // publish succeeds. A failed rename to the temp name is no failure: the
+  // publish writes a new file instead.
+  struct Case {
+    const char* name;
+    FaultRule rule;
+    std::string prefix;  // of the message; empty: the publish succeeds
+  };
+  const std::string temp = dir_ + "/.tmp-00000000000000000003-" + std::to_string(::getpid());
+  const Case cases[] = {
+      {"rename to temp", fail_call(FaultOp::kRename, EIO), ""},
+      {"fsync dir after it", fail_call(FaultOp::kDirFsync, EIO), "fsync dir " + dir_ + ": "},
+      {"open", fail_call(FaultOp::kOpen, EIO, 1, ".tmp-"), "open " + temp + ": "},
+      {"ftruncate", fail_call(FaultOp::kTruncate, EIO), "ftruncate " + temp + ": "},
+      {"write", fail_call(FaultOp::kWrite, ENOSPC), "write " + temp + ": "},
+      {"fsync", fail_call(FaultOp::kFsync, EIO), "fsync " + temp + ": "},
+      {"close", fail_call(FaultOp::kClose, EIO, 1, ".tmp-"), "close " + temp + ": "},
+      {"rename to final", fail_call(FaultOp::kRename, EIO, 2),
+       "rename " + temp + " to " + gen_path(3) + ": "},
+      {"fsync dir at the end", fail_call(FaultOp::kDirFsync, EIO, 2), "fsync dir " + dir_ + ": "},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+    auto faults = std::make_shared<FaultFileSystem>();
+    auto store = open_store(2, faults);
+    ASSERT_NE(store, nullptr);
+    ASSERT_TRUE(store->publish(1, image(1, 6000)).ok());
+    ASSERT_TRUE(store->publish(2, image(2, 6000)).ok());
+    const std::size_t descriptors = faults->open_descriptors();  // the LOCK's
+    faults->add_rule(c.rule);
+    Status s = store->publish(3, image(3, 2000));
+    if (c.prefix.empty()) {
+      ASSERT_TRUE(s.ok()) << s.to_string();
+      EXPECT_EQ(slurp(gen_path(3)), image(3, 2000));
+      EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
+                                                          "gen-00000000000000000003.jobsnap"}));
+    } else {
+      ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+      EXPECT_TRUE(s.message().rfind(c.prefix, 0) == 0) << s.message();
+      EXPECT_EQ(names_in(dir_),
+                (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap"}));
+    }
+    EXPECT_EQ(slurp(gen_path(2)), image(2, 6000));
+    EXPECT_EQ(faults->open_descriptors(), descriptors);
+    faults->clear_rules();
+    ASSERT_TRUE(store->publish(4, image(4)).ok());
+    EXPECT_EQ(slurp(gen_path(4)), image(4));
+  }
+}
+
+TEST_F(FileStoreTest, PowerLossDuringARecycledPublishNeverLeavesAGenerationHalfRewritten) {
+  // The process dies (a failed step stands in for the kill) after each step
+  // of a recycled publish, then the power goes: every generation name left
+  // holds exactly its own image, generation 2 (acknowledged) is among them,
+  // and a reopened store publishes again.
+  for (FaultOp op : {FaultOp::kOpen, FaultOp::kTruncate, FaultOp::kWrite, FaultOp::kFsync,
+                     FaultOp::kClose, FaultOp::kDirFsync}) {
+    for (std::uint64_t nth : {1, 2}) {
+      SCOPED_TRACE(std::string(fault_op_name(op)) + " #" + std::to_string(nth));
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+      auto faults = std::make_shared<FaultFileSystem>();
+      auto store = open_store(2, faults);
+      ASSERT_NE(store, nullptr);
+      std::string error;
+      ASSERT_TRUE(faults->mark_durable(dir_, &error)) << error;
+      ASSERT_TRUE(store->publish(1, image(1, 6000)).ok());
+      ASSERT_TRUE(store->publish(2, image(2, 6000)).ok());
+      faults->add_rule(fail_call(op, EIO, nth, op == FaultOp::kOpen ? ".tmp-" : ""));
+      (void)store->publish(3, image(3, 2000));
+      store.reset();
+      ASSERT_TRUE(faults->simulate_power_loss(dir_, &error)) << error;
+      faults->clear_rules();
+      store = open_store(2, faults);  // removes a stale temp file
+      ASSERT_NE(store, nullptr);
+      EXPECT_FALSE(has_temp_file(dir_));
+      Result<std::vector<GenerationFile>> list = store->list();
+      ASSERT_TRUE(list.ok());
+      bool has_two = false;
+      for (const GenerationFile& f : *list) {
+        EXPECT_EQ(slurp(f.path), image(f.generation, f.generation == 3 ? 2000 : 6000)) << f.path;
+        has_two = has_two || f.generation == 2;
+      }
+      EXPECT_TRUE(has_two);
+      ASSERT_TRUE(store->publish(4, image(4)).ok());
+    }
+  }
+}
+
 // ---- map(): recovery's read -------------------------------------------------------
 
 // map()'s bytes as a vector, or its Status.

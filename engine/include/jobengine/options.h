@@ -81,6 +81,9 @@ struct SnapshotOptions {
   std::chrono::milliseconds disk_interval{1000};
 
   // Disk generations kept (older ones are deleted after a publish). Default 3.
+  // Once this many exist, a snapshot rewrites the oldest file in place
+  // instead of deleting it afterwards, so a failed snapshot leaves one fewer
+  // (never none; persistence/file_store.h, "Recycling").
   unsigned keep_generations = 3;
 
   // A job found running at a cut comes back with recoveries + 1; past this
