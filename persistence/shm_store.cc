@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cassert>
 #include <bit>
 #include <boost/interprocess/exceptions.hpp>
 #include <boost/interprocess/mapped_region.hpp>
@@ -700,6 +701,12 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
 }
 
 Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char> image) {
+  return publish(generation, image, snapshot::checksum(image.data(), image.size()));
+}
+
+Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char> image,
+                         std::uint64_t image_checksum) {
+  assert(image_checksum == snapshot::checksum(image.data(), image.size()));
   Impl& s = *impl_;
   if (image.size() > kMaxImageBytes) {
     return Status(StatusCode::kInvalidArgument,
@@ -721,8 +728,7 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
     }
     const std::uint32_t i = 1 - a;
     SlotDescriptor& d = c.slots[i];
-    // Outside the odd window, to keep it short.
-    const std::uint64_t sum = snapshot::checksum(image.data(), image.size());
+    const std::uint64_t sum = image_checksum;
     // The even version that completes the slot is odd + 1, which must not
     // wrap to 0 ("never written"): a segment left with a version at the top
     // of its range (damaged, or hostile) would otherwise publish an image

@@ -109,6 +109,12 @@ class ShmStore {
   // run while any number of threads call read_active(). Allocates nothing
   // unless the segment grows.
   Status publish(std::uint64_t generation, std::span<const unsigned char> image);
+  // The same, with the slot checksum given: `image_checksum` must be
+  // snapshot::checksum(image) (every byte), as snapshot::Encoder computes it
+  // while it seals the image, which saves hashing it here again (~15% of a
+  // shared-memory snapshot). Debug builds check it.
+  Status publish(std::uint64_t generation, std::span<const unsigned char> image,
+                 std::uint64_t image_checksum);
 
   // A copy of the active image, its checksum verified, or kNotFound when none
   // was ever published. kCorruption when the control block or the image's

@@ -65,7 +65,7 @@ class StreamedImageHash {
     XXH3_64bits_update(&state_, image_ + hashed_, end - hashed_);
     hashed_ = end;
   }
-  // The checksum of [0, end).
+  // The checksum of [0, end); may be called again with a larger end.
   std::uint64_t finish(std::size_t end) noexcept {
     XXH3_64bits_update(&state_, image_ + hashed_, end - hashed_);
     hashed_ = end;
@@ -208,6 +208,8 @@ std::span<const unsigned char> Encoder::finish() {
   }
   std::memcpy(t, kTrailerMagic, 8);
   put64(t + 8, image_hash.finish(size_ - kTrailerBytes));
+  // The same stream over the 16 trailer bytes: the checksum of every byte.
+  whole_checksum_ = image_hash.finish(size_);
   return {buf_.data(), size_};
 }
 

@@ -329,7 +329,9 @@ class Snapshotter final : public Persistence {
     info.bytes = image.size();
     Status failure;
     if (to_shm && shm_) {
-      if (Status s = shm_->publish(generation, image); !s.ok()) failure = s;
+      if (Status s = shm_->publish(generation, image, encoder_.whole_checksum()); !s.ok()) {
+        failure = s;
+      }
     }
     if (to_disk && disk_) {
       if (Status s = disk_->publish(generation, image); !s.ok()) {

@@ -245,6 +245,25 @@ TEST(SnapshotChecksumTest, StreamedImageChecksumIsTheOneShotHashAcrossManyChunks
   }
 }
 
+TEST(SnapshotChecksumTest, EncoderGivesTheChecksumOfEveryByteForTheSharedMemoryStore) {
+  Encoder e;
+  for (int jobs : {0, 1, 3000}) {
+    Header h;
+    h.generation = 9;
+    e.begin(h);
+    e.add_handler("a");
+    std::string payload(100, 'p');
+    for (int i = 0; i < jobs; ++i) {
+      JobRecord j;
+      j.id = 1 + static_cast<JobId>(i);
+      j.payload = payload;
+      e.add_job(j);
+    }
+    const std::span<const unsigned char> image = e.finish();
+    EXPECT_EQ(e.whole_checksum(), checksum(image.data(), image.size())) << jobs << " jobs";
+  }
+}
+
 TEST(SnapshotGoldenTest, GoldenV1SmallStillLoads) {
   Bytes golden = read_golden(golden_path("v1-small.jobsnap"));
   ASSERT_EQ(golden.size(), 177u);

@@ -163,6 +163,10 @@ class Encoder {
   std::span<const unsigned char> finish();
 
   std::size_t size() const noexcept { return size_; }
+  // checksum() of every byte of the image finish() returned, trailer
+  // included (what the shared-memory store keeps per slot), from the same
+  // streaming pass that computed the image checksum.
+  std::uint64_t whole_checksum() const noexcept { return whole_checksum_; }
 
  private:
   unsigned char* grow(std::size_t n);
@@ -172,6 +176,7 @@ class Encoder {
   std::uint32_t handlers_ = 0;
   std::uint64_t jobs_ = 0;
   std::size_t first_record_ = 0;  // offset of the first job record
+  std::uint64_t whole_checksum_ = 0;
 };
 
 // XXH3-64, the checksum the format uses.
