@@ -22,11 +22,12 @@
 //                                  an fsync(). Both in steady state with the
 //                                  default 3 generations kept (see
 //                                  kKeepGenerations): the engine's time
-//                                  includes deleting the oldest generation,
-//                                  which FileStore::publish does before
-//                                  snapshot_now() returns. bytes_per_second;
-//                                  target: the snapshot >= 0.5x the plain
-//                                  write.
+//                                  includes getting rid of the oldest
+//                                  generation, which FileStore::publish does
+//                                  before snapshot_now() returns (it rewrites
+//                                  that file in place: "Recycling" in
+//                                  file_store.h). bytes_per_second; target:
+//                                  the snapshot >= 0.5x the plain write.
 //   BM_Recover_1M/{warm,cold}      Engine::open() + register_handler() +
 //   BM_PlainRead_1M/{warm,cold}    start() recovering the 1M jobs from a disk
 //                                  snapshot (StartReport::recovery must say 1M
@@ -173,10 +174,10 @@ constexpr auto kSettle = std::chrono::milliseconds(50);
 // Disk generations kept (the default). The disk benchmarks first write one
 // more than this many files (untimed), so that every timed snapshot is in the
 // steady state of a running service: the directory holds kKeepGenerations
-// files, a snapshot writes a new one and then deletes the oldest
-// (FileStore::publish prunes after the write). The plain-write baseline keeps
-// its files the same way, writing a new one (timed) and then deleting the
-// oldest (untimed: the engine's prune is part of its time, the baseline's
+// files and a snapshot replaces the oldest (FileStore::publish rewrites that
+// file in place as the new generation). The plain-write baseline keeps its
+// files the same way, writing a new one (timed) and then deleting the oldest
+// (untimed: the engine's recycling is part of its time, the baseline's
 // delete is not). Why it matters on the 2-vCPU VMs: write() into page cache
 // that grows, instead of into pages freed shortly before, costs up to ~10x
 // the CPU (~320 instead of ~30 ms per 120 MB, all of it in the kernel's copy
