@@ -744,7 +744,15 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kInternal, "submit_batch(): out of memory growing a job queue");
     }
     bump(ps.submitted, n);
-    for (std::size_t i = 0; i < n; ++i) bump(ps.by_handler[jobs[i].handler]);
+    // Once per run of one handler (a batch is usually one run), not once per
+    // job: each bump is a load and a store of the same counter.
+    for (std::size_t i = 0; i < n;) {
+      const HandlerId h = jobs[i].handler;
+      std::size_t run = 1;
+      while (i + run < n && jobs[i + run].handler == h) ++run;
+      bump(ps.by_handler[h], run);
+      i += run;
+    }
     leave_intake(ps);
     wake_after_enqueue(n);
     return n;
