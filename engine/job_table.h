@@ -157,6 +157,12 @@ class SlotPool {
   // kMagazine). Returns how many; 0 when no free slot is pooled. Lock-free.
   std::size_t take(SlotIndex* out) noexcept;
 
+  // Whether a full (possibly partly filled) magazine is pooled now. One
+  // relaxed load of the stack head: a hint, stale as soon as it returns.
+  bool has_magazine() const noexcept {
+    return static_cast<std::uint32_t>(full_.load(std::memory_order_relaxed)) != kNil;
+  }
+
   // Pushes n (1..kMagazine) indices as one magazine. Returns false, adding
   // nothing, only if every descriptor is in use (the caller keeps the
   // indices and tries again later). Lock-free.
@@ -204,6 +210,8 @@ class JobTable {
   // Takes one magazine of free slot indices (out must hold kSlotCacheSize).
   // Lock-free; returns how many, 0 when no free slot is pooled.
   std::size_t take_free(SlotIndex* out) noexcept { return pool_.take(out); }
+  // Whether take_free() would find slots now (a hint, see SlotPool::has_magazine).
+  bool has_free_magazine() const noexcept { return pool_.has_magazine(); }
   // Returns free slots (state kFree already) to the pool, any number.
   // Returns how many went in; fewer than n only if the pool ran out of
   // magazine descriptors (the caller keeps the rest).
