@@ -122,8 +122,9 @@ namespace {
 // Ids are handed to submitters in blocks so that taking one is thread-local.
 constexpr JobId kIdBlock = 1024;
 constexpr std::size_t kMaxHandlerName = 255;
-// Empty polls after which an idle worker returns a partly filled magazine of
-// retired slots to the pool (about a microsecond of spinning).
+// Every this many empty polls (~2 us of spinning) an idle worker clears its
+// oldest-pending stamp and, if the pool has run out of magazines, returns its
+// partly filled one (worker_main).
 constexpr std::uint32_t kIdleFlushPolls = 64;
 // How many submits ahead a submitter prefetches the slot it will fill.
 constexpr std::uint32_t kPrefetchAhead = 4;
