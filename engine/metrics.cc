@@ -440,9 +440,9 @@ std::string format_prometheus(const MetricsData& m) {
     }
   };
   handler_histograms("jobengine_queue_wait_seconds",
-                     "Time from a job's due time to the start of its run, per handler (runs under 1 us timed one in 32, weighted; EngineOptions::time_every_run).",
+                     "Time from a job's due time to the start of its run, per handler (runs under 1 us timed one in 128, weighted; EngineOptions::time_every_run).",
                      &HandlerMetricsData::queue_wait);
-  handler_histograms("jobengine_run_seconds", "Handler call duration, per handler (runs under 1 us timed one in 32, weighted; EngineOptions::time_every_run).",
+  handler_histograms("jobengine_run_seconds", "Handler call duration, per handler (runs under 1 us timed one in 128, weighted; EngineOptions::time_every_run).",
                      &HandlerMetricsData::run_time);
 
   family(out, "jobengine_pending", "gauge", "Jobs queued and not running, per priority level.");

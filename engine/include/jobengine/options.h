@@ -187,9 +187,9 @@ struct EngineOptions {
   // Timing a run costs two reads of the CPU's clock, ~10 ns each on x86 (a
   // ~20-uop RDTSC): as much as the rest of an empty job's path. So by default
   // a worker times every run of a handler whose last timed run took at least
-  // 1 us (a cost under 1%), and one run in 32 of a faster handler, that run
+  // 1 us (a cost under 1%), and one run in 128 of a faster handler, that run
   // counting for the runs it stood for (bucket counts and sums weighted; a
-  // histogram's count lags the started counter by under 32 per handler and
+  // histogram's count lags the started counter by under 128 per handler and
   // worker; max is the largest timed run). Runs with a deadline are always
   // timed. true: time every run, exactly, at that cost.
   bool time_every_run = false;
