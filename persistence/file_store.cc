@@ -333,10 +333,14 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
 
   // Recycling (see the header): when this publish will push the oldest
   // generation out and another stays, that file becomes the temp file.
+  // A file with another name too (an operator's hard-linked backup) is not
+  // rewritten: that name would see the new bytes.
   const GenerationFile* recycled = nullptr;
   if (present->size() >= keep_ && present->size() >= 2) {
     const GenerationFile& oldest = present->back();
-    if (fs.rename_noreplace(oldest.path, temp) == 0) {
+    SysResult<FileInfo> info = fs.lstat(oldest.path);
+    if (info.ok() && info.value.kind == FileInfo::Kind::kRegular && info.value.links == 1 &&
+        fs.rename_noreplace(oldest.path, temp) == 0) {
       recycled = &oldest;
     }  // else: write a new file, as when nothing is recycled
   }

@@ -38,8 +38,9 @@
 // above, a 1M-job (140 MB) snapshot_now() went from ~190 to ~130 ms. The one
 // difference a failure makes: the oldest generation, which this publish was
 // about to delete, is already gone, so keep - 1 generations remain (never
-// fewer than one: the only generation is never recycled). If the rename to
-// the temp name fails, the publish writes a new file instead.
+// fewer than one: the only generation is never recycled). A file with more
+// than one link (say an operator's hard-linked backup) is never recycled, and
+// if the rename to the temp name fails the publish writes a new file instead.
 //
 // All files of the store are opened O_CLOEXEC through the injected
 // FileSystem; the paths a store reports are dir + "/" + name with the

@@ -39,6 +39,7 @@ FileInfo to_info(const struct stat& st) {
   info.uid = static_cast<std::uint32_t>(st.st_uid);
   info.device = static_cast<std::uint64_t>(st.st_dev);
   info.inode = static_cast<std::uint64_t>(st.st_ino);
+  info.links = static_cast<std::uint64_t>(st.st_nlink);
   return info;
 }
 

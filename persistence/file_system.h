@@ -43,6 +43,7 @@ struct FileInfo {
   std::uint32_t uid = 0;
   std::uint64_t device = 0;
   std::uint64_t inode = 0;
+  std::uint64_t links = 0;  // st_nlink: names this file has
 };
 
 // EINTRs in a row after which a retrying call gives up and returns EINTR.

@@ -959,6 +959,29 @@ TEST_F(FileStoreTest, SteadyStateRewritesTheOldestGenerationsFileInPlace) {
   }
 }
 
+TEST_F(FileStoreTest, AGenerationWithAnotherNameIsNeverRewritten) {
+  // An operator's hard-linked backup of the oldest generation keeps its
+  // bytes: that file is deleted from the directory as before, not recycled.
+  auto store = open_store(2);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1, 4000)).ok());
+  ASSERT_TRUE(store->publish(2, image(2, 4000)).ok());
+  const std::string backup = root_ + "/backup-of-1.jobsnap";
+  ASSERT_EQ(::link(gen_path(1).c_str(), backup.c_str()), 0) << errno_text(errno);
+  const std::uint64_t inode = inode_of(gen_path(1));
+  ASSERT_TRUE(store->publish(3, image(3, 3000)).ok());
+  EXPECT_EQ(slurp(backup), image(1, 4000));
+  EXPECT_NE(inode_of(gen_path(3)), inode);
+  EXPECT_EQ(slurp(gen_path(3)), image(3, 3000));
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
+                                                      "gen-00000000000000000003.jobsnap"}));
+  // With the backup gone, the next publish recycles again.
+  ASSERT_EQ(::unlink(backup.c_str()), 0);
+  const std::uint64_t oldest = inode_of(gen_path(2));
+  ASSERT_TRUE(store->publish(4, image(4, 3000)).ok());
+  EXPECT_EQ(inode_of(gen_path(4)), oldest);
+}
+
 TEST_F(FileStoreTest, TheOnlyGenerationIsNeverRecycled) {
   // keep 1: rewriting the one generation in place would leave none while the
   // new one is written; it stays until the new one is durable.
