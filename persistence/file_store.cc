@@ -412,7 +412,25 @@ namespace {
 struct OpenedFile {
   int fd = -1;
   std::uint64_t size = 0;
+  std::uint64_t device = 0;
+  std::uint64_t inode = 0;
 };
+
+// After the bytes are in: kNotFound if `path` no longer names the file that
+// was read. A running engine recycles its oldest generation (publish()
+// renames that file away, then rewrites it): a reader that opened it before
+// the rename may have read half-rewritten bytes, and the generation it asked
+// for is gone, as if pruned. If the path still names the same file, the
+// rename had not happened when the read ended, so neither had any rewrite.
+Status still_named(const std::string& path, const OpenedFile& opened, FileSystem& fs) {
+  SysResult<FileInfo> now = fs.lstat(path);
+  if (now.ok() && now.value.device == opened.device && now.value.inode == opened.inode) {
+    return Status();
+  }
+  return Status(StatusCode::kNotFound,
+                "snapshot file " + path + " was replaced while it was read (a newer generation "
+                                          "reused it)");
+}
 
 Result<OpenedFile> open_for_read(const std::string& path, std::uint64_t max_bytes, FileSystem& fs) {
   // lstat first so that a FIFO or a device is never even opened (opening
@@ -461,7 +479,7 @@ Result<OpenedFile> open_for_read(const std::string& path, std::uint64_t max_byte
                       " bytes, more than the limit of " + std::to_string(max_bytes));
   }
 
-  return OpenedFile{closer.release(), st.value.size};
+  return OpenedFile{closer.release(), st.value.size, st.value.device, st.value.inode};
 }
 
 }  // namespace
@@ -483,12 +501,15 @@ Result<std::vector<unsigned char>> FileStore::read(const std::string& path, std:
     }
     interrupted = 0;
     if (r.value == 0) {
+      // Recycled under us (still_named) is "gone"; shrunk in place is an error.
+      if (Status s = still_named(path, *opened, fs); !s.ok()) return s;
       return Status(StatusCode::kIoError, "read " + path + ": file shrank to " +
                                               std::to_string(done) + " of " +
                                               std::to_string(bytes.size()) + " bytes while read");
     }
     done += r.value;
   }
+  if (Status s = still_named(path, *opened, fs); !s.ok()) return s;
   // The descriptor was only read: a close error loses nothing.
   return bytes;
 }
@@ -504,7 +525,10 @@ Result<detail::ImageBytes> FileStore::map(const std::string& path, std::uint64_t
     SysResult<const void*> m = fs.map_read(opened->fd, static_cast<std::size_t>(opened->size));
     if (m.ok()) {
       // The mapping outlives the descriptor; a close error loses nothing.
-      return detail::ImageBytes::adopt_mapping(m.value, static_cast<std::size_t>(opened->size));
+      detail::ImageBytes bytes =
+          detail::ImageBytes::adopt_mapping(m.value, static_cast<std::size_t>(opened->size));
+      if (Status s = still_named(path, *opened, fs); !s.ok()) return s;
+      return bytes;
     }
     if (m.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
     return io_error("mmap", path, m.error);

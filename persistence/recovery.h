@@ -31,9 +31,16 @@ struct ShmCandidate {
 // report.skipped (every newer candidate that did not verify: source, byte
 // offset, reason). Returns the loaded image, or nullptr when none verified.
 // Logs nothing and modifies nothing.
+//
+// Files are read (FileStore::read), or mapped (FileStore::map) when
+// `map_files`: only for a caller holding the directory's lock (the engine), so
+// that no publish can recycle, and truncate, a file while it is mapped (a
+// tool that mapped one would die of SIGBUS). A file that vanished or was
+// recycled between the listing and the read is passed over like a pruned one.
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
-                                                    FileSystem& fs, RecoveryReport& report);
+                                                    FileSystem& fs, RecoveryReport& report,
+                                                    bool map_files = false);
 
 // The largest file recovery reads (larger ones are skipped as refused).
 inline constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB

@@ -571,6 +571,9 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
       g.bytes = f.bytes;
       Diagnosis why;
       auto image = load_file(f.path, &why);
+      // Pruned, or recycled by a running engine's publish, since the listing:
+      // not a generation any more, so not listed (FileStore::read).
+      if (!image && image.status().code() == StatusCode::kNotFound) continue;
       if (image && image->view.header.generation != f.generation) {
         why = Diagnosis{Failure::kCorrupt, true, 16};
         image = Status(StatusCode::kCorruption,

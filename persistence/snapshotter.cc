@@ -111,9 +111,9 @@ class Snapshotter final : public Persistence {
     for (const auto& s : replaced_) report.skipped.push_back(s);
     if (shm_) {
       persist::ShmCandidate shm{"shm:" + options_.shm_name, shm_->read_active()};
-      loaded = persist::load_newest(&shm, files, *fs_for_reads(), report);
+      loaded = persist::load_newest(&shm, files, *fs_for_reads(), report, /*map_files=*/true);
     } else {
-      loaded = persist::load_newest(nullptr, files, *fs_for_reads(), report);
+      loaded = persist::load_newest(nullptr, files, *fs_for_reads(), report, /*map_files=*/true);
     }
     if (loaded) log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
     for (const auto& s : report.skipped) {
@@ -427,7 +427,8 @@ namespace jobengine::persist {
 
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
-                                                    FileSystem& fs, RecoveryReport& report) {
+                                                    FileSystem& fs, RecoveryReport& report,
+                                                    bool map_files) {
   using detail::LoadedSnapshot;
   struct Candidate {
     std::string source;
@@ -471,8 +472,17 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
     if (c.path.empty()) {
       loaded = std::move(shm_loaded);
     } else {
-      auto bytes = FileStore::map(c.path, kMaxSnapshotFileBytes, fs);
+      Result<detail::ImageBytes> bytes = Status();
+      if (map_files) {
+        bytes = FileStore::map(c.path, kMaxSnapshotFileBytes, fs);
+      } else {
+        auto read = FileStore::read(c.path, kMaxSnapshotFileBytes, fs);
+        bytes = read ? Result<detail::ImageBytes>(detail::ImageBytes(std::move(*read)))
+                     : Result<detail::ImageBytes>(read.status());
+      }
       if (!bytes) {
+        // Pruned or recycled since it was listed: gone, not damaged.
+        if (bytes.status().code() == StatusCode::kNotFound) continue;
         report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
         continue;
       }

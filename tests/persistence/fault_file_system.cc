@@ -175,15 +175,22 @@ SysResult<std::size_t> FaultFileSystem::write(int fd, const void* data, std::siz
   return base_->write(fd, data, size);
 }
 
+void FaultFileSystem::set_before_read(std::function<void(const std::string&)> hook) {
+  std::lock_guard<std::mutex> lock(mu_);
+  before_read_ = std::move(hook);
+}
+
 SysResult<std::size_t> FaultFileSystem::read(int fd, void* data, std::size_t size) {
   std::lock_guard<std::mutex> lock(mu_);
   if (const FaultRule* rule = check(FaultOp::kRead, fd_path(fd))) return {0, rule->error};
+  if (before_read_) before_read_(fd_path(fd));
   return base_->read(fd, data, size);
 }
 
 SysResult<const void*> FaultFileSystem::map_read(int fd, std::size_t size) {
   std::lock_guard<std::mutex> lock(mu_);
   if (const FaultRule* rule = check(FaultOp::kRead, fd_path(fd))) return {nullptr, rule->error};
+  if (before_read_) before_read_(fd_path(fd));
   return base_->map_read(fd, size);
 }
 

@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -101,6 +102,10 @@ class FaultFileSystem final : public FileSystem {
   // call, and the first one due fires.
   void add_rule(FaultRule rule);
   void clear_rules();
+  // Called with the file's path before every read() and map_read() goes to
+  // the real file system, to act out what another process does meanwhile (a
+  // publish recycling the file). It must not call back into this object.
+  void set_before_read(std::function<void(const std::string&)> hook);
 
   std::uint64_t calls(FaultOp op) const;     // calls made, failed or not
   std::uint64_t injected(FaultOp op) const;  // faults (and short writes) injected
@@ -164,6 +169,7 @@ class FaultFileSystem final : public FileSystem {
 
   std::shared_ptr<FileSystem> base_;
   mutable std::mutex mu_;
+  std::function<void(const std::string&)> before_read_;
   std::vector<RuleState> rules_;
   std::map<FaultOp, std::uint64_t> calls_;
   std::map<FaultOp, std::uint64_t> injected_;

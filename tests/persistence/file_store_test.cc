@@ -1103,6 +1103,44 @@ Result<Bytes> map_bytes(const std::string& path, std::uint64_t max_bytes, FileSy
   return std::move(*m).to_vector();
 }
 
+TEST_F(FileStoreTest, AFileRecycledWhileItIsReadIsGoneNotCorrupt) {
+  // jobsnap reads generations while the engine publishes: a publish that
+  // recycles the file being read renames it away and rewrites it. The reader
+  // must not hand out those bytes: the generation is reported gone
+  // (kNotFound), as if pruned, by read() and map() alike.
+  auto store = open_store(2);
+  ASSERT_NE(store, nullptr);
+  const Bytes one = image(1, 5000);
+  ASSERT_TRUE(store->publish(1, one).ok());
+  for (bool mapped : {false, true}) {
+    SCOPED_TRACE(mapped ? "map" : "read");
+    const std::string moved = root_ + "/moved.jobsnap";
+    FaultFileSystem faults;
+    bool acted = false;
+    faults.set_before_read([&](const std::string& path) {
+      if (acted) return;
+      acted = true;
+      // What publish() does to the oldest generation: away, then rewritten.
+      ASSERT_EQ(::rename(path.c_str(), moved.c_str()), 0);
+      std::ofstream(moved, std::ios::binary | std::ios::trunc) << "rewritten";
+    });
+    Result<Bytes> r = mapped ? map_bytes(gen_path(1), kMaxRead, faults)
+                             : FileStore::read(gen_path(1), kMaxRead, faults);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kNotFound) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), "was replaced while it was read"))
+        << r.status().to_string();
+    EXPECT_EQ(faults.open_descriptors(), 0u);
+    // Put generation 1 back for the other reader.
+    ASSERT_EQ(::unlink(moved.c_str()), 0);
+    std::ofstream(gen_path(1), std::ios::binary) << std::string(one.begin(), one.end());
+  }
+  // Left alone, both read it.
+  FaultFileSystem faults;
+  EXPECT_TRUE(FileStore::read(gen_path(1), kMaxRead, faults).ok());
+  EXPECT_TRUE(map_bytes(gen_path(1), kMaxRead, faults).ok());
+}
+
 TEST_F(FileStoreTest, MapGivesTheBytesReadGives) {
   auto store = open_store(10);
   ASSERT_NE(store, nullptr);
