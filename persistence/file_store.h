@@ -97,19 +97,24 @@ class FileStore {
 
   // Reads one generation file: opened O_RDONLY|O_NOFOLLOW|O_CLOEXEC, must be a
   // regular file no larger than `max_bytes`. Errors name the path: kNotFound
-  // if it does not exist; kInvalidArgument for a symlink ("is a symlink"), a
-  // directory, FIFO or device ("not a regular file"; never opened, so never
-  // blocks) or an over-size file (its size); kIoError for a failed call.
-  // Modifies nothing. Thread-safe.
+  // if it does not exist, or if the path no longer names the file read once
+  // the read ends (recycled by a publish meanwhile: "was replaced while it was
+  // read"); kInvalidArgument for a symlink ("is a symlink"), a directory, FIFO
+  // or device ("not a regular file"; never opened, so never blocks) or an
+  // over-size file (its size); kIoError for a failed call. Modifies nothing.
+  // Thread-safe; safe beside a running engine (no lock needed).
   static Result<std::vector<unsigned char>> read(const std::string& path, std::uint64_t max_bytes,
                                                  FileSystem& fs);
   // The same file, the same checks and errors, mapped read-only instead of
   // read (FileSystem::map_read; kIoError "mmap <path>: ..." if that fails):
   // what recovery uses, since a mapping of a file in the page cache costs
-  // ~1% of reading it into fresh memory. Safe because a generation file is
-  // never modified once renamed into place (publish() writes a new file); as
-  // with leveldb's mmap'd tables, truncating one by hand while an engine
-  // holds it mapped (from open() to start()) would fault the engine (SIGBUS).
+  // ~1% of reading it into fresh memory. Only for a caller that holds the
+  // directory's lock (the engine, from open() to start()): a generation file
+  // is rewritten only by a publish that recycles it, and publishing takes that
+  // lock, so nothing rewrites or truncates a file while the lock holder has it
+  // mapped. As with leveldb's mmap'd tables, truncating one by hand meanwhile
+  // would fault the engine (SIGBUS). Like read(), kNotFound if the path no
+  // longer names the mapped file once mapped.
   static Result<detail::ImageBytes> map(const std::string& path, std::uint64_t max_bytes,
                                         FileSystem& fs);
 
