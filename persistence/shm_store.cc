@@ -406,7 +406,9 @@ Result<std::vector<unsigned char>> read_image(const std::string& name, const Con
                                   "-byte segment");
     }
     out.resize(s.length);
-    load_bytes(out.data(), m->base + s.offset, s.length);
+    // A slot without storage (capacity 0, so length 0) may carry any offset:
+    // no pointer is formed from it (found by shm_segment_fuzzer).
+    if (s.length != 0) load_bytes(out.data(), m->base + s.offset, s.length);
     // Orders the copy before the version reload (seqlock read side).
     std::atomic_thread_fence(std::memory_order_acquire);
     if (d.version.load(std::memory_order_relaxed) != v1) continue;  // torn: retry

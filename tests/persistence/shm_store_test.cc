@@ -850,6 +850,23 @@ TEST(ShmStoreCorruptionTest, DescriptorPointingOutsideTheSegmentIsCorruption) {
   EXPECT_EQ(ShmStore::open_or_create(seg.name(), 4096).status().code(), StatusCode::kCorruption);
 }
 
+TEST(ShmStoreCorruptionTest, SlotWithoutStorageAndAWildOffsetIsReadWithoutTouchingIt) {
+  // Capacity 0 and length 0 pass the extent check whatever the offset says;
+  // the reader must not even form a pointer from that offset (UBSan caught
+  // base + offset wrapping around; found by shm_segment_fuzzer). The image is
+  // empty, so its checksum cannot match the descriptor's: corruption.
+  ScopedSegment seg;
+  make_published_segment(seg.name());
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  poke64(seg.name(), slot_field(active, kCapacityField), 0);
+  poke64(seg.name(), slot_field(active, kLengthField), 0);
+  poke64(seg.name(), slot_field(active, kOffsetField), ~std::uint64_t{0} - 4095);  // wraps
+  auto parsed = ShmStore::parse_segment(segment_bytes(seg.name()));
+  ASSERT_EQ(parsed.status().code(), StatusCode::kCorruption) << parsed.status().to_string();
+  EXPECT_TRUE(contains(parsed.status().message(), "checksum")) << parsed.status().to_string();
+  EXPECT_EQ(ShmStore::read_existing(seg.name()).status().code(), StatusCode::kCorruption);
+}
+
 TEST(ShmStoreCorruptionTest, LengthBeyondCapacityIsCorruption) {
   ScopedSegment seg;
   make_published_segment(seg.name());
