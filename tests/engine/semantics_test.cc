@@ -195,7 +195,12 @@ TEST(RetryTest, BackoffDoublesUpToItsCapThenTheJobDiesWithItsLastError) {
     ASSERT_TRUE(WaitUntil([&] { return runs.load() == expected_runs; }))
         << "retry did not run after its " << wait.count() << " ms backoff";
   }
-  ASSERT_TRUE(WaitUntil([&] { return engine->health().dead == 1; }));
+  // The job enters the dead set before its worker retires it and counts it
+  // failed (a snapshot must never find it in neither place): wait for both.
+  ASSERT_TRUE(WaitUntil([&] {
+    const Health now = engine->health();
+    return now.dead == 1 && now.failed == 1 && now.pending == 0;
+  }));
   const auto dead = engine->dead_letters();
   ASSERT_EQ(dead.size(), 1u);
   EXPECT_EQ(dead[0].id, *id);
