@@ -62,9 +62,12 @@ class CutSource {
   // Starts a cut and returns its epoch C once no thread can still act in an
   // epoch <= C. One cut at a time.
   virtual std::uint64_t begin_cut() = 0;
-  // Calls `fn` for every job in the cut (submitted in an epoch <= C and not
-  // finished in one). Between begin_cut() and end_cut() only.
-  virtual void for_each_cut_job(std::uint64_t cut, const std::function<void(const CutJob&)>& fn) = 0;
+  // Calls `fn` with every job in the cut (submitted in an epoch <= C and not
+  // finished in one), in batches of up to kCutBatch (one indirect call per
+  // batch, not per job). Between begin_cut() and end_cut() only.
+  static constexpr std::size_t kCutBatch = 64;
+  virtual void for_each_cut_job(std::uint64_t cut,
+                                const std::function<void(std::span<const CutJob>)>& fn) = 0;
   // Ends the cut: finished slots may be reused again.
   virtual void end_cut() = 0;
   // Handler names, by HandlerId.

@@ -448,6 +448,9 @@ struct ShmStore::Impl {
   // The newest mapping. Release store after it is complete, acquire load.
   std::atomic<const Mapping*> current{nullptr};
   ControlBlock* control = nullptr;  // in mappings.front(), valid in all of them
+  // The slot begin_image() opened (-1: none) and the odd version it set.
+  int writing = -1;
+  std::uint64_t writing_odd = 0;
 
   const Mapping& writer_mapping() const noexcept {
     return *current.load(std::memory_order_relaxed);  // the writer's own store
@@ -709,10 +712,20 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
 Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char> image,
                          std::uint64_t image_checksum) {
   assert(image_checksum == snapshot::checksum(image.data(), image.size()));
+  Result<std::span<unsigned char>> room = begin_image(image.size());
+  if (!room.ok()) return room.status();
+  // Relaxed atomic stores: an in-process read_active() may be copying these
+  // bytes (the slot it loaded became inactive); it will retry (see the top).
+  store_bytes(room->data(), image.data(), image.size());
+  return commit_image(generation, image.size(), image_checksum);
+}
+
+Result<std::span<unsigned char>> ShmStore::begin_image(std::size_t size) {
   Impl& s = *impl_;
-  if (image.size() > kMaxImageBytes) {
+  s.writing = -1;
+  if (size > kMaxImageBytes) {
     return Status(StatusCode::kInvalidArgument,
-                  label(s.name) + ": image of " + std::to_string(image.size()) +
+                  label(s.name) + ": image of " + std::to_string(size) +
                       " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
   }
   try {
@@ -730,7 +743,6 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
     }
     const std::uint32_t i = 1 - a;
     SlotDescriptor& d = c.slots[i];
-    const std::uint64_t sum = image_checksum;
     // The even version that completes the slot is odd + 1, which must not
     // wrap to 0 ("never written"): a segment left with a version at the top
     // of its range (damaged, or hostile) would otherwise publish an image
@@ -743,27 +755,88 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
     // Release fence: a reader whose copy sees any write below sees `odd` (top).
     std::atomic_thread_fence(std::memory_order_release);
     SlotView in = load_slot(d);
-    if (!extent_ok(in, s.writer_mapping().size) || overlaps(in, act) ||
-        image.size() > in.capacity) {
-      Status st = s.place_slot(i, image.size(), act);
+    if (!extent_ok(in, s.writer_mapping().size) || overlaps(in, act) || size > in.capacity) {
+      Status st = s.place_slot(i, size, act);
       if (!st.ok()) return st;  // the slot stays odd; the previous image stays active
       in = load_slot(d);
     }
-    store_bytes(s.writer_mapping().base + in.offset, image.data(), image.size());
-    // Relaxed: published by the release store of the version.
-    d.length.store(image.size(), std::memory_order_relaxed);
-    d.generation.store(generation, std::memory_order_relaxed);
-    d.checksum.store(sum, std::memory_order_relaxed);
-    // Release: a reader that acquires the even version sees the whole slot.
-    d.version.store(odd + 1, std::memory_order_release);
-    // Release: a reader that acquires `active` sees the complete slot.
-    c.active.store(i, std::memory_order_release);
-    return Status();
+    s.writing = static_cast<int>(i);
+    s.writing_odd = odd;
+    return std::span<unsigned char>(s.writer_mapping().base + in.offset, in.capacity);
   } catch (const bip::interprocess_exception& e) {
     return io_error(s.name, "publish", e.what());
   } catch (const std::bad_alloc&) {
     return out_of_memory(s.name);
   }
+}
+
+Result<std::span<unsigned char>> ShmStore::grow_image(std::size_t size, std::size_t keep) {
+  Impl& s = *impl_;
+  if (s.writing < 0) {
+    return Status(StatusCode::kFailedPrecondition,
+                  label(s.name) + ": grow_image() without a successful begin_image()");
+  }
+  if (size > kMaxImageBytes) {
+    return Status(StatusCode::kInvalidArgument,
+                  label(s.name) + ": image of " + std::to_string(size) +
+                      " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
+  }
+  try {
+    ControlBlock& c = *s.control;
+    const auto i = static_cast<std::uint32_t>(s.writing);
+    SlotDescriptor& d = c.slots[i];
+    const SlotView old = load_slot(d);
+    if (keep > old.capacity) {
+      return Status(StatusCode::kInvalidArgument,
+                    label(s.name) + ": grow_image() keeping " + std::to_string(keep) +
+                        " bytes of a " + std::to_string(old.capacity) + "-byte slot");
+    }
+    if (size <= old.capacity) {
+      return std::span<unsigned char>(s.writer_mapping().base + old.offset, old.capacity);
+    }
+    Status st = s.place_slot(i, size, load_slot(c.slots[1 - i]));
+    if (!st.ok()) return st;  // the slot and its bytes stay where they were
+    const SlotView moved = load_slot(d);
+    // Both extents through the newest mapping (the segment only grows, so it
+    // covers the old one too): memmove sees any overlap.
+    unsigned char* base = s.writer_mapping().base;
+    if (keep != 0 && moved.offset != old.offset) {
+      std::memmove(base + moved.offset, base + old.offset, keep);
+    }
+    return std::span<unsigned char>(base + moved.offset, moved.capacity);
+  } catch (const bip::interprocess_exception& e) {
+    return io_error(s.name, "publish", e.what());
+  } catch (const std::bad_alloc&) {
+    return out_of_memory(s.name);
+  }
+}
+
+Status ShmStore::commit_image(std::uint64_t generation, std::size_t length,
+                              std::uint64_t image_checksum) {
+  Impl& s = *impl_;
+  if (s.writing < 0) {
+    return Status(StatusCode::kFailedPrecondition,
+                  label(s.name) + ": commit_image() without a successful begin_image()");
+  }
+  ControlBlock& c = *s.control;
+  const auto i = static_cast<std::uint32_t>(s.writing);
+  SlotDescriptor& d = c.slots[i];
+  if (length > d.capacity.load(std::memory_order_relaxed)) {
+    return Status(StatusCode::kInvalidArgument,
+                  label(s.name) + ": commit_image() of " + std::to_string(length) +
+                      " bytes exceeds the slot's capacity of " +
+                      std::to_string(d.capacity.load(std::memory_order_relaxed)));
+  }
+  s.writing = -1;
+  // Relaxed: published by the release store of the version.
+  d.length.store(length, std::memory_order_relaxed);
+  d.generation.store(generation, std::memory_order_relaxed);
+  d.checksum.store(image_checksum, std::memory_order_relaxed);
+  // Release: a reader that acquires the even version sees the whole slot.
+  d.version.store(s.writing_odd + 1, std::memory_order_release);
+  // Release: a reader that acquires `active` sees the complete slot.
+  c.active.store(i, std::memory_order_release);
+  return Status();
 }
 
 Result<std::vector<unsigned char>> ShmStore::read_active() const {

@@ -29,8 +29,9 @@
 //   every other byte of the control block is zero (reserved).
 //
 // Invariants (single writer; readers in any thread or process):
-//  1. The active slot is never written. publish() writes only the inactive
-//     slot, and only between making its version odd and making it even again;
+//  1. The active slot is never written. publish() (and begin_image() ...
+//     commit_image()) writes only the inactive slot, and only between making
+//     its version odd and making it even again;
 //     `active` flips to it (release store) after it is even and complete.
 //  2. The two slots' storage extents [offset, offset + capacity) never overlap
 //     each other or the control block, and lie inside the segment.
@@ -115,6 +116,26 @@ class ShmStore {
   // shared-memory snapshot). Debug builds check it.
   Status publish(std::uint64_t generation, std::span<const unsigned char> image,
                  std::uint64_t image_checksum);
+
+  // In-place publishing, for an image built straight in the segment (the
+  // engine's snapshot encoder writes into the slot, saving publish()'s copy):
+  //  - begin_image() opens the inactive slot for writing (its version odd, so
+  //    readers pass it over) and returns its storage: at least `size` bytes,
+  //    all of its capacity;
+  //  - grow_image() gives it at least `size` bytes, the first `keep` bytes
+  //    carried over; the storage may move (use the span it returns; the old
+  //    span stays readable until the next call, the segment is never unmapped);
+  //  - commit_image() publishes the first `length` bytes as `generation`,
+  //    exactly as publish() would (`image_checksum`: checksum() of them).
+  // Errors as publish(); until commit_image() returns OK the previous image
+  // stays active, and a begin_image() or publish() after an abandoned or
+  // failed one starts afresh. The caller writes the storage with plain
+  // stores: the engine never calls read_active() meanwhile (only while it
+  // opens); readers in other processes are safe as for publish() (they pass
+  // over an odd slot, and a copy the writer overtakes is retried).
+  Result<std::span<unsigned char>> begin_image(std::size_t size);
+  Result<std::span<unsigned char>> grow_image(std::size_t size, std::size_t keep);
+  Status commit_image(std::uint64_t generation, std::size_t length, std::uint64_t image_checksum);
 
   // A copy of the active image, its checksum verified, or kNotFound when none
   // was ever published. kCorruption when the control block or the image's

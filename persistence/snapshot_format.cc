@@ -49,11 +49,12 @@ std::string hex64(std::uint64_t v) {
 
 namespace {
 
-// The image checksum (XXH3 of every byte before the trailer), fed piece by
-// piece while the encoder seals and the decoder checks the records: a piece
-// goes in once ~64 KiB of records have been handled, still in cache then, so
-// the image is read from memory once, not twice. XXH3's streaming digest
-// equals the one-shot XXH3_64bits of the same bytes.
+// The image checksum (XXH3 of every byte before the trailer). The decoder
+// feeds it piece by piece while it checks the records: a piece goes in once
+// ~64 KiB of records have been handled, still in cache then, so the image is
+// read from memory once, not twice. The encoder streams it in finish(), once
+// the header it starts with is known. XXH3's streaming digest equals the
+// one-shot XXH3_64bits of the same bytes.
 class StreamedImageHash {
  public:
   explicit StreamedImageHash(const unsigned char* image) : image_(image) {
@@ -118,19 +119,35 @@ std::string_view problem_name(Problem problem) noexcept {
 
 // ------------------------------------------------------------------ encoder
 
-unsigned char* Encoder::grow(std::size_t n) {
-  if (size_ + n > buf_.size()) buf_.resize(std::max(size_ + n, buf_.size() * 2));
-  unsigned char* p = buf_.data() + size_;
-  size_ += n;
-  return p;
+void Encoder::reserve(std::size_t need) {
+  if (sink_ != nullptr) {
+    const std::span<unsigned char> room = sink_->reserve(std::max(need, cap_ + cap_ / 4), size_);
+    if (room.size() >= need) {
+      data_ = room.data();
+      cap_ = room.size();
+      return;
+    }
+    // The sink cannot hold the image: go on in our own buffer. The sink's
+    // storage still holds what was written so far (Sink::reserve's contract).
+    if (own_.size() < need) own_.resize(std::max(need, size_ + size_ / 2));
+    if (size_ != 0) std::memcpy(own_.data(), data_, size_);
+    sink_ = nullptr;
+  } else if (own_.size() < need) {
+    own_.resize(std::max(need, own_.size() * 2));  // keeps the bytes written so far
+  }
+  data_ = own_.data();
+  cap_ = own_.size();
 }
 
-void Encoder::begin(const Header& header) {
+void Encoder::begin(const Header& header, Sink* sink, std::size_t size_hint) {
   header_ = header;
   handlers_ = 0;
   jobs_ = 0;
-  first_record_ = 0;
   size_ = 0;
+  sink_ = sink;
+  data_ = own_.data();
+  cap_ = sink == nullptr ? own_.size() : 0;
+  if (sink != nullptr) reserve(std::max(size_hint, kHeaderBytes + kTrailerBytes));
   unsigned char* h = grow(kHeaderBytes);
   std::memset(h, 0, kHeaderBytes);  // counts and checksum are written by finish()
 }
@@ -171,16 +188,17 @@ void Encoder::add_job(const JobRecord& job) {
   if (!error.empty()) std::memcpy(v, error.data(), error.size());
   v += error.size();
   if (!key.empty()) std::memcpy(v, key.data(), key.size());
-  // The record checksum is written by finish(): a snapshot calls add_job()
-  // while it holds its cut, and hashing is work that can wait until after.
-  if (jobs_ == 0) first_record_ = size_ - (4 + body + 8);
+  // The record checksum now, while the record is in L1: a snapshot's scan
+  // of the job table is bound by memory latency, so hashing here costs
+  // about nothing, where a second pass in finish() would read the image again.
+  put64(r + 4 + body, checksum(r + 4, body));
   ++jobs_;
 }
 
 std::span<const unsigned char> Encoder::finish() {
   grow(kTrailerBytes);
-  unsigned char* h = buf_.data();  // grow() may have moved it
-  unsigned char* t = buf_.data() + size_ - kTrailerBytes;
+  unsigned char* h = data_;  // grow() may have moved it
+  unsigned char* t = data_ + size_ - kTrailerBytes;
   // The header first: everything it says is known now, and the image
   // checksum below streams over it in order.
   std::memcpy(h, kMagic, 8);
@@ -197,20 +215,13 @@ std::span<const unsigned char> Encoder::finish() {
   put64(h + 64, size_ - kHeaderBytes - kTrailerBytes);
   std::memset(h + 72, 0, 16);
   put64(h + 88, checksum(h, 88));
-  // Record checksums and the image checksum in one pass over memory.
+  // The image checksum (the record checksums are in place already).
   StreamedImageHash image_hash(h);
-  std::size_t at = first_record_;
-  for (std::uint64_t j = 0; j < jobs_; ++j) {
-    const std::uint32_t len = get32(h + at);
-    put64(h + at + 4 + len - 8, checksum(h + at + 4, len - 8));
-    at += 4 + len;
-    image_hash.advance(at);
-  }
   std::memcpy(t, kTrailerMagic, 8);
   put64(t + 8, image_hash.finish(size_ - kTrailerBytes));
   // The same stream over the 16 trailer bytes: the checksum of every byte.
   whole_checksum_ = image_hash.finish(size_);
-  return {buf_.data(), size_};
+  return {data_, size_};
 }
 
 // ------------------------------------------------------------------ decoder

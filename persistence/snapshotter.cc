@@ -3,7 +3,12 @@
 //
 // One snapshot = one cut of the engine's table (CutSource, engine.cc I5-I7),
 // encoded once (persistence/FORMAT.md) and published to the shared-memory
-// store and, when due or asked for, to the disk store. Cuts are serialised by
+// store and, when due or asked for, to the disk store. With shared memory the
+// encoder writes the image straight into the segment's inactive slot
+// (ShmStore::begin_image), each record checksummed as it is written, so a
+// snapshot touches its bytes twice (encode, image checksum) rather than four
+// times (encode, record checksums, image checksum, copy into the segment);
+// the disk store then writes from that slot. Cuts are serialised by
 // cut_mu_: the periodic thread, snapshot_now() callers (served by the thread)
 // and the final snapshot of stop() never overlap.
 //
@@ -82,6 +87,36 @@ bool copy_private(const char* from, const char* to) {
   if (!ok) ::unlink(to);
   return ok;
 }
+
+// Lends an Encoder the shared-memory store's inactive slot (ShmStore::
+// begin_image / grow_image), remembering why it could not when it cannot.
+class ShmSink final : public snapshot::Encoder::Sink {
+ public:
+  explicit ShmSink(persist::ShmStore* store) noexcept : store_(store) {}
+  std::span<unsigned char> reserve(std::size_t size, std::size_t keep) noexcept override {
+    try {
+      Result<std::span<unsigned char>> room =
+          begun_ ? store_->grow_image(size, keep) : store_->begin_image(size);
+      begun_ = true;
+      if (room.ok()) return *room;
+      error_ = room.status();
+    } catch (const std::bad_alloc&) {  // a Status allocates its message
+      out_of_memory_ = true;
+    }
+    return {};
+  }
+  // Why reserve() last returned nothing (OK if it never did).
+  Status error() const {
+    if (out_of_memory_) return Status(StatusCode::kIoError, store_->name() + ": out of memory");
+    return error_;
+  }
+
+ private:
+  persist::ShmStore* store_;
+  bool begun_ = false;
+  bool out_of_memory_ = false;
+  Status error_;
+};
 
 class Snapshotter final : public Persistence {
  public:
@@ -264,7 +299,11 @@ class Snapshotter final : public Persistence {
     header.cut_epoch = cut;
     header.wall_time_ns = wall_at_cut;
     header.next_job_id = source_->next_job_id();
-    encoder_.begin(header);
+    // With shared memory, the image is encoded straight into the segment's
+    // inactive slot (ShmStore::begin_image), sized for the last image.
+    const bool in_place = to_shm && shm_ != nullptr;
+    ShmSink sink(shm_.get());
+    encoder_.begin(header, in_place ? &sink : nullptr, last_image_bytes_);
     const auto names = source_->handler_names();
     for (const auto& n : names) encoder_.add_handler(n);
     // Dead jobs are stored under their handler's name, which may not be
@@ -285,22 +324,24 @@ class Snapshotter final : public Persistence {
     std::vector<std::uint32_t> dead_handler(dead.size());
     for (std::size_t i = 0; i < dead.size(); ++i) dead_handler[i] = handler_index(dead[i].handler);
     std::uint64_t jobs = 0;
-    source_->for_each_cut_job(cut, [&](const CutJob& j) {
+    source_->for_each_cut_job(cut, [&](std::span<const CutJob> batch) {
       snapshot::JobRecord r;
-      r.id = j.id;
-      r.handler = j.handler;
-      r.priority = j.priority;
-      r.state = j.state;
-      r.attempts = j.attempts;
-      r.recoveries = j.recoveries;
-      r.submit_ns = to_wall(j.submit_ticks);
-      r.run_at_ns = to_wall(j.run_at_ticks);
-      r.cancel_requested = j.cancel_requested;
-      r.deadline_ns = j.deadline_ns;
-      r.payload = j.payload;
-      r.key = j.key;
-      encoder_.add_job(r);
-      ++jobs;
+      for (const CutJob& j : batch) {
+        r.id = j.id;
+        r.handler = j.handler;
+        r.priority = j.priority;
+        r.state = j.state;
+        r.attempts = j.attempts;
+        r.recoveries = j.recoveries;
+        r.submit_ns = to_wall(j.submit_ticks);
+        r.run_at_ns = to_wall(j.run_at_ticks);
+        r.cancel_requested = j.cancel_requested;
+        r.deadline_ns = j.deadline_ns;
+        r.payload = j.payload;
+        r.key = j.key;
+        encoder_.add_job(r);
+      }
+      jobs += batch.size();
     });
     source_->end_cut();
     for (std::size_t i = 0; i < dead.size(); ++i) {
@@ -328,10 +369,14 @@ class Snapshotter final : public Persistence {
     info.jobs = jobs;
     info.bytes = image.size();
     Status failure;
-    if (to_shm && shm_) {
-      if (Status s = shm_->publish(generation, image, encoder_.whole_checksum()); !s.ok()) {
-        failure = s;
-      }
+    last_image_bytes_ = image.size();
+    if (in_place) {
+      // The image is in the slot unless the slot could not grow (then the
+      // encoder finished it in its own buffer): commit it, or report why not.
+      Status s = encoder_.in_sink()
+                     ? shm_->commit_image(generation, image.size(), encoder_.whole_checksum())
+                     : sink.error();
+      if (!s.ok()) failure = s;
     }
     if (to_disk && disk_) {
       if (Status s = disk_->publish(generation, image); !s.ok()) {
@@ -344,6 +389,7 @@ class Snapshotter final : public Persistence {
       }
     }
     info.took = std::chrono::duration_cast<nanoseconds>(steady_clock::now() - t0);
+
     if (!failure.ok()) {
       failures_.fetch_add(1, std::memory_order_relaxed);
       {
@@ -394,6 +440,7 @@ class Snapshotter final : public Persistence {
   std::mutex cut_mu_;  // one cut at a time; guards encoder_ and next_generation_
   snapshot::Encoder encoder_;
   std::uint64_t next_generation_ = 1;
+  std::size_t last_image_bytes_ = 0;  // of the last image encoded; guarded by cut_mu_
 
   std::mutex mu_;  // the thread's schedule and snapshot_now() requests
   std::condition_variable cv_;

@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -31,6 +32,7 @@
 
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
+#include "persistence/shm_store.h"
 
 namespace jobengine {
 namespace {
@@ -382,6 +384,86 @@ TEST(RecoveryTest, AFailedDiskPublishIsReportedInHealthAndTheEngineKeepsRunning)
   EXPECT_TRUE(health.last_snapshot_error.empty());
   EXPECT_EQ(health.last_durable_generation, again->generation);
   ASSERT_TRUE(IsOk(e->stop()));
+}
+
+Result<std::vector<unsigned char>> persist_read_shm(const std::string& name) {
+  return persist::ShmStore::read_existing(name);
+}
+
+// The shared-memory image is encoded straight into the segment; when the
+// segment cannot grow for a larger image (a full /dev/shm, here
+// RLIMIT_FSIZE), the snapshot reports the shared-memory failure, yet the
+// disk generation still gets the whole image and the previous shared-memory
+// image stays readable; once there is room again both stores take the next.
+TEST(RecoveryTest, ASharedMemorySegmentThatCannotGrowStillLetsTheDiskGenerationHaveEveryJob) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  Gate gate;
+  auto h = e->register_handler("w", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(e->start()));
+  ASSERT_TRUE(IsOk(e->snapshot_now()));  // a small image in both stores
+  auto small = persist_read_shm(shm.name);
+  ASSERT_TRUE(small.ok()) << small.status().to_string();
+  // ~1.2 MB of payloads: more than a slot of the 1 MiB segment holds, so the
+  // next image needs a larger slot, placed past the end of the segment.
+  constexpr int kJobs = 150;
+  const std::string payload(8000, 'p');
+  for (int i = 0; i < kJobs; ++i) ASSERT_TRUE(IsOk(e->submit(*h, payload)));
+
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct rlimit limit = old;
+  limit.rlim_cur = std::size_t{2200} << 10;  // the segment is ~2 MiB; the file ~1.2 MB
+  void (*old_handler)(int) = ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  auto failed = e->snapshot_now();
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::signal(SIGXFSZ, old_handler);
+
+  ASSERT_FALSE(failed.ok()) << "the segment grew past RLIMIT_FSIZE?";
+  EXPECT_EQ(failed.status().code(), StatusCode::kIoError) << failed.status().to_string();
+  EXPECT_NE(failed.status().message().find(shm.name), std::string::npos)
+      << failed.status().to_string();
+  EXPECT_NE(failed.status().message().find("cannot grow"), std::string::npos)
+      << failed.status().to_string();
+  EXPECT_EQ(e->health().snapshot_failures, 1u);
+  // The previous shared-memory image is intact.
+  auto still = persist_read_shm(shm.name);
+  ASSERT_TRUE(still.ok()) << still.status().to_string();
+  EXPECT_EQ(*still, *small);
+  // The disk generation written by that snapshot holds every job.
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(tmp.dir())) {
+    if (entry.path().extension() == ".jobsnap") files.push_back(entry.path());
+  }
+  ASSERT_FALSE(files.empty());
+  std::sort(files.begin(), files.end());
+  std::ifstream in(files.back(), std::ios::binary);
+  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)),
+                                         std::istreambuf_iterator<char>());
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(view.ok()) << files.back() << ": " << view.status().to_string();
+  EXPECT_EQ(view->jobs.size(), static_cast<std::size_t>(kJobs));
+
+  // Room again: the next snapshot reaches both stores.
+  auto next = e->snapshot_now();
+  ASSERT_TRUE(IsOk(next));
+  auto grown = persist_read_shm(shm.name);
+  ASSERT_TRUE(grown.ok()) << grown.status().to_string();
+  auto shm_view = snapshot::decode(*grown);
+  ASSERT_TRUE(shm_view.ok()) << shm_view.status().to_string();
+  EXPECT_EQ(shm_view->header.generation, next->generation);
+  EXPECT_EQ(shm_view->jobs.size(), static_cast<std::size_t>(kJobs));
+  gate.open();
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
 // ---- poison jobs, unknown handlers, dead jobs -------------------------------

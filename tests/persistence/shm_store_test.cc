@@ -6,6 +6,7 @@
 //
 // Randomized tests print their seed; JOBENGINE_TEST_SEED=<n> replays one.
 #include "persistence/shm_store.h"
+#include "jobengine/snapshot_format.h"  // snapshot::checksum
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -342,6 +343,132 @@ TEST(ShmStoreTest, GrowthFailureReturnsIoErrorAndKeepsThePreviousImage) {
   ASSERT_EQ(grown.code(), StatusCode::kIoError) << grown.to_string();
   EXPECT_TRUE(contains(grown.message(), seg.name())) << grown.to_string();
   EXPECT_TRUE(contains(grown.message(), "cannot grow")) << grown.to_string();
+  for (auto read : {(*store)->read_active(), ShmStore::read_existing(seg.name())}) {
+    ASSERT_TRUE(read.ok()) << read.status().to_string();
+    EXPECT_EQ(*read, first);
+  }
+  const Bytes third = make_image(3, 4 << 20);
+  ASSERT_TRUE((*store)->publish(3, third).ok());
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, third);
+}
+
+// ---- in-place publishing (begin_image / grow_image / commit_image) ----------
+
+// An image written straight into the slot, its storage grown (moved, and the
+// segment grown and mapped afresh) while it is written, publishes exactly as
+// publish() would; readers see the previous image until the commit.
+TEST(ShmStoreInPlaceTest, ImageWrittenInTheSlotAndGrownMidWayPublishesLikePublish) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes first = make_image(1, 3000);
+  ASSERT_TRUE((*store)->publish(1, first).ok());
+  for (std::uint64_t gen = 2; gen <= 7; ++gen) {
+    const Bytes image = make_image(gen, std::size_t{5000} << gen);  // 20 KiB .. 640 KiB
+    auto room = (*store)->begin_image(1000);
+    ASSERT_TRUE(room.ok()) << room.status().to_string();
+    ASSERT_GE(room->size(), 1000u);
+    // Writes in pieces, growing the storage whenever the next piece does not fit.
+    std::size_t written = 0;
+    while (written < image.size()) {
+      const std::size_t piece = std::min<std::size_t>(image.size() - written, 1500);
+      if (room->size() < written + piece) {
+        room = (*store)->grow_image(written + piece, written);
+        ASSERT_TRUE(room.ok()) << room.status().to_string();
+        ASSERT_GE(room->size(), written + piece);
+        ASSERT_TRUE(std::equal(image.begin(), image.begin() + static_cast<std::ptrdiff_t>(written),
+                               room->begin()))
+            << "generation " << gen << ": bytes lost when the slot grew at " << written;
+      }
+      std::memcpy(room->data() + written, image.data() + written, piece);
+      written += piece;
+      auto before = ShmStore::read_existing(seg.name());
+      ASSERT_TRUE(before.ok()) << before.status().to_string();
+      std::uint64_t seen = 0;
+      ASSERT_TRUE(intact(*before, &seen));
+      EXPECT_EQ(seen, gen - 1) << "an uncommitted image became visible";
+    }
+    ASSERT_TRUE((*store)->commit_image(gen, image.size(), snapshot::checksum(image.data(), image.size())).ok());
+    for (auto read : {(*store)->read_active(), ShmStore::read_existing(seg.name())}) {
+      ASSERT_TRUE(read.ok()) << read.status().to_string();
+      EXPECT_EQ(*read, image) << "generation " << gen;
+    }
+  }
+}
+
+TEST(ShmStoreInPlaceTest, AnAbandonedImageLeavesThePreviousOneAndTheNextPublishWorks) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes first = make_image(1, 2000);
+  ASSERT_TRUE((*store)->publish(1, first).ok());
+  auto room = (*store)->begin_image(2000);
+  ASSERT_TRUE(room.ok()) << room.status().to_string();
+  std::memset(room->data(), 0xee, 2000);  // never committed
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, first);
+  const Bytes second = make_image(2, 2500);
+  ASSERT_TRUE((*store)->publish(2, second).ok());
+  read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, second);
+}
+
+TEST(ShmStoreInPlaceTest, MisuseIsRefusedWithAClearErrorAndPublishesNothing) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes first = make_image(1, 2000);
+  ASSERT_TRUE((*store)->publish(1, first).ok());
+  Status s = (*store)->commit_image(2, 10, 0);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.to_string();
+  EXPECT_TRUE(contains(s.message(), "without a successful begin_image")) << s.to_string();
+  auto grown = (*store)->grow_image(100, 0);
+  EXPECT_EQ(grown.status().code(), StatusCode::kFailedPrecondition) << grown.status().to_string();
+  auto room = (*store)->begin_image(100);
+  ASSERT_TRUE(room.ok()) << room.status().to_string();
+  s = (*store)->commit_image(2, room->size() + 1, 0);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.to_string();
+  EXPECT_TRUE(contains(s.message(), "exceeds the slot's capacity")) << s.to_string();
+  grown = (*store)->grow_image(200, room->size() + 1);
+  EXPECT_EQ(grown.status().code(), StatusCode::kInvalidArgument) << grown.status().to_string();
+  EXPECT_EQ((*store)->begin_image(std::size_t{1} << 62).status().code(),
+            StatusCode::kInvalidArgument);
+  auto read = ShmStore::read_existing(seg.name());
+  ASSERT_TRUE(read.ok()) << read.status().to_string();
+  EXPECT_EQ(*read, first);
+}
+
+// A slot that cannot grow (a full /dev/shm, here RLIMIT_FSIZE) fails the
+// grow_image() with kIoError; the bytes written so far stay readable where
+// they were (the encoder copies them out) and the previous image stays active.
+TEST(ShmStoreInPlaceTest, GrowthFailureKeepsTheBytesWrittenAndThePreviousImage) {
+  ScopedSegment seg;
+  auto store = ShmStore::open_or_create(seg.name(), 4096);
+  ASSERT_TRUE(store.ok()) << store.status().to_string();
+  const Bytes first = make_image(1, 4000);
+  ASSERT_TRUE((*store)->publish(1, first).ok());
+  auto room = (*store)->begin_image(4000);
+  ASSERT_TRUE(room.ok()) << room.status().to_string();
+  const Bytes partial = make_image(2, 4000);
+  std::memcpy(room->data(), partial.data(), partial.size());
+
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct rlimit small = old;
+  small.rlim_cur = 1 << 20;
+  void (*old_handler)(int) = ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  auto grown = (*store)->grow_image(4 << 20, partial.size());
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::signal(SIGXFSZ, old_handler);
+
+  ASSERT_EQ(grown.status().code(), StatusCode::kIoError) << grown.status().to_string();
+  EXPECT_TRUE(contains(grown.status().message(), "cannot grow")) << grown.status().to_string();
+  EXPECT_TRUE(std::equal(partial.begin(), partial.end(), room->begin()));
   for (auto read : {(*store)->read_active(), ShmStore::read_existing(seg.name())}) {
     ASSERT_TRUE(read.ok()) << read.status().to_string();
     EXPECT_EQ(*read, first);

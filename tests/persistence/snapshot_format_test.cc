@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -191,6 +193,92 @@ TEST(SnapshotFormatTest, EncoderReusesItsBufferAcrossImages) {
   ASSERT_TRUE(decode(first).ok());
   ASSERT_TRUE(decode(second).ok());
   EXPECT_LT(second.size(), first.size());
+}
+
+// Storage for an Encoder that moves on every reserve(): each call gets a fresh
+// buffer (the bytes kept copied over, the rest poisoned), the old ones kept
+// readable as Sink's contract says. Fails every call from `fail_from` on.
+class MovingSink final : public Encoder::Sink {
+ public:
+  explicit MovingSink(std::size_t fail_from = SIZE_MAX) : fail_from_(fail_from) {}
+  std::span<unsigned char> reserve(std::size_t size, std::size_t keep) noexcept override {
+    if (calls_++ >= fail_from_) return {};
+    auto next = std::make_unique<Bytes>(size + 7, 0xa5);
+    if (keep != 0) {
+      EXPECT_FALSE(buffers_.empty());
+      EXPECT_LE(keep, buffers_.back()->size());
+      std::memcpy(next->data(), buffers_.back()->data(), keep);
+    }
+    buffers_.push_back(std::move(next));
+    return *buffers_.back();
+  }
+  std::size_t calls() const { return calls_; }
+  const Bytes& last() const { return *buffers_.back(); }
+
+ private:
+  std::size_t fail_from_;
+  std::size_t calls_ = 0;
+  std::vector<std::unique_ptr<Bytes>> buffers_;
+};
+
+// Encodes `jobs` jobs of varied sizes into `e` (with `sink`, if any).
+std::span<const unsigned char> encode_varied(Encoder& e, Encoder::Sink* sink, int jobs,
+                                             std::size_t size_hint = 0) {
+  Header h;
+  h.generation = 5;
+  h.next_job_id = 77;
+  e.begin(h, sink, size_hint);
+  e.add_handler("a");
+  e.add_handler("b.c");
+  for (int i = 0; i < jobs; ++i) {
+    const std::string payload(static_cast<std::size_t>(i * 37 % 700), static_cast<char>('a' + i % 26));
+    JobRecord j;
+    j.id = 1 + static_cast<JobId>(i);
+    j.handler = static_cast<std::uint32_t>(i % 2);
+    j.attempts = static_cast<std::uint16_t>(i % 5);
+    j.payload = payload;
+    e.add_job(j);
+  }
+  return e.finish();
+}
+
+// With a sink, the image is built in the sink's storage, byte for byte the one
+// an encoder builds in its own buffer, however often the storage moves.
+TEST(SnapshotEncoderSinkTest, ImageBuiltInTheSinkIsTheSameAsInTheEncodersOwnBuffer) {
+  Encoder own;
+  const Bytes expected = to_bytes(encode_varied(own, nullptr, 2000));
+  for (std::size_t hint : {std::size_t{0}, std::size_t{100}, std::size_t{4096}, expected.size(),
+                           expected.size() * 2}) {
+    MovingSink sink;
+    Encoder e;
+    const std::span<const unsigned char> image = encode_varied(e, &sink, 2000, hint);
+    EXPECT_TRUE(e.in_sink()) << "hint " << hint;
+    EXPECT_EQ(image.data(), sink.last().data()) << "hint " << hint;
+    EXPECT_EQ(to_bytes(image), expected) << "hint " << hint;
+    EXPECT_EQ(e.whole_checksum(), checksum(image.data(), image.size()));
+    if (hint < expected.size()) {
+      EXPECT_GT(sink.calls(), 1u) << "hint " << hint << ": the storage should have moved";
+    } else {
+      EXPECT_EQ(sink.calls(), 1u) << "hint " << hint;
+    }
+  }
+}
+
+// A sink that cannot provide more room (the shared-memory segment cannot
+// grow) loses nothing: the encoder carries on in its own buffer.
+TEST(SnapshotEncoderSinkTest, ASinkThatRunsOutHandsTheImageBackToTheEncodersOwnBuffer) {
+  Encoder own;
+  const Bytes expected = to_bytes(encode_varied(own, nullptr, 2000));
+  for (std::size_t fail_from : {0, 1, 2, 5}) {
+    MovingSink sink(fail_from);
+    Encoder e;
+    const std::span<const unsigned char> image = encode_varied(e, &sink, 2000, 256);
+    EXPECT_FALSE(e.in_sink()) << "failing from call " << fail_from;
+    EXPECT_EQ(to_bytes(image), expected) << "failing from call " << fail_from;
+    EXPECT_EQ(e.whole_checksum(), checksum(image.data(), image.size()));
+    // The next image without a sink reuses that buffer.
+    EXPECT_EQ(to_bytes(encode_varied(e, nullptr, 2000)), expected);
+  }
 }
 
 // ---- golden files ----------------------------------------------------------

@@ -149,13 +149,30 @@ class RecordReader {
   bool v1_;
 };
 
-// Builds an image in a buffer it owns and reuses: begin(), handlers, jobs,
-// finish(). Grows its buffer only when an image is larger than any before.
+// Builds an image in a buffer it owns and reuses, or in memory a Sink
+// provides: begin(), handlers, jobs, finish(). Grows its buffer only when an
+// image is larger than any before.
 class Encoder {
  public:
+  // Memory an encoder may build its image in instead of its own buffer (the
+  // shared-memory store's inactive slot: the image is then encoded where it
+  // is published, not copied there afterwards).
+  class Sink {
+   public:
+    virtual ~Sink() = default;
+    // Storage of at least `size` bytes whose first `keep` bytes hold what the
+    // previous storage's first `keep` bytes held (the storage may move);
+    // empty when the sink cannot provide it. The previous storage must stay
+    // readable until the next call.
+    virtual std::span<unsigned char> reserve(std::size_t size, std::size_t keep) noexcept = 0;
+  };
+
   // Starts an image. Handler names must then all be added, in index order,
-  // before the first job.
-  void begin(const Header& header);
+  // before the first job. With a sink the image is built in its storage
+  // (first asking for `size_hint` bytes); if the sink cannot provide enough,
+  // the encoder copies what it has to its own buffer and goes on there
+  // (in_sink() turns false). The sink must outlive finish().
+  void begin(const Header& header, Sink* sink = nullptr, std::size_t size_hint = 0);
   void add_handler(std::string_view name);
   void add_job(const JobRecord& job);
   // Writes counts, lengths and checksums; returns the finished image, valid
@@ -163,19 +180,29 @@ class Encoder {
   std::span<const unsigned char> finish();
 
   std::size_t size() const noexcept { return size_; }
+  // Whether the image is in the sink's storage (else in the encoder's own).
+  bool in_sink() const noexcept { return sink_ != nullptr; }
   // checksum() of every byte of the image finish() returned, trailer
   // included (what the shared-memory store keeps per slot), from the same
   // streaming pass that computed the image checksum.
   std::uint64_t whole_checksum() const noexcept { return whole_checksum_; }
 
  private:
-  unsigned char* grow(std::size_t n);
-  std::vector<unsigned char> buf_;
+  unsigned char* grow(std::size_t n) {
+    if (cap_ - size_ < n) [[unlikely]] reserve(size_ + n);
+    unsigned char* p = data_ + size_;
+    size_ += n;
+    return p;
+  }
+  void reserve(std::size_t need);
+  std::vector<unsigned char> own_;
+  Sink* sink_ = nullptr;
+  unsigned char* data_ = nullptr;  // own_.data() or the sink's storage
+  std::size_t cap_ = 0;
   std::size_t size_ = 0;
   Header header_;
   std::uint32_t handlers_ = 0;
   std::uint64_t jobs_ = 0;
-  std::size_t first_record_ = 0;  // offset of the first job record
   std::uint64_t whole_checksum_ = 0;
 };
 
