@@ -173,16 +173,23 @@ Result<std::unique_ptr<persist::ShmStore>> lock_shm(const std::string& name, Dia
 Result<Image> from_loaded(std::string source, detail::LoadedSnapshot&& loaded) {
   Image image;
   image.source = std::move(source);
-  // Recovery maps files and leaves the records unread (verify()); a tool
-  // owns its bytes and wants every record, so copy, and view them again. The
-  // bytes verified a moment ago, so this verifies again by construction.
+  // Recovery leaves the records unread (verify()); a tool owns its bytes and
+  // wants every record. The tools read files (load_newest without
+  // map_files), so the bytes are a buffer whose move keeps its address and
+  // the verified view stays valid: only the records are left to read. Were
+  // they a mapping, to_vector() would copy them, and the copy is viewed anew.
+  const unsigned char* const verified_at = loaded.bytes.span().data();
   image.bytes = std::move(loaded.bytes).to_vector();
-  auto view = snapshot::verify(image.bytes);
-  if (!view) return view.status();
-  snapshot::RecordReader reader(image.bytes, *view);
-  view->jobs.resize(view->header.job_count);
-  for (auto& job : view->jobs) (void)reader.next(job);
-  image.view = std::move(*view);
+  if (image.bytes.data() == verified_at) {
+    image.view = std::move(loaded.view);
+  } else {
+    auto view = snapshot::verify(image.bytes);
+    if (!view) return view.status();
+    image.view = std::move(*view);
+  }
+  snapshot::RecordReader reader(image.bytes, image.view);
+  image.view.jobs.resize(image.view.header.job_count);
+  for (auto& job : image.view.jobs) (void)reader.next(job);
   return image;
 }
 
