@@ -14,9 +14,14 @@
 //    fences synchronise and the reload sees the newer (odd) version, so a
 //    torn copy is always discarded (Boehm, "Can seqlocks get along with
 //    programming language memory models?", 2012).
-//  - Image bytes are moved with relaxed 8-byte atomic loads and stores, not
-//    memcpy: a slow reader and the writer may touch the same bytes, and the
-//    atomics make that race defined (and visible to ThreadSanitizer as none).
+//  - publish() and readers move image bytes with relaxed 8-byte atomic loads
+//    and stores, not memcpy: a slow reader and the writer may touch the same
+//    bytes, and the atomics make that race defined (and visible to
+//    ThreadSanitizer as none). An image built in place (begin_image) is
+//    written with plain stores by its encoder: a race only with an
+//    in-process read_active(), which the engine never runs meanwhile
+//    (shm_store.h); the fences above still order it for readers in other
+//    processes, which the C++ memory model does not cover anyway.
 #include "persistence/shm_store.h"
 
 #include <fcntl.h>
@@ -795,7 +800,12 @@ Result<std::span<unsigned char>> ShmStore::grow_image(std::size_t size, std::siz
       return std::span<unsigned char>(s.writer_mapping().base + old.offset, old.capacity);
     }
     Status st = s.place_slot(i, size, load_slot(c.slots[1 - i]));
-    if (!st.ok()) return st;  // the slot and its bytes stay where they were
+    if (!st.ok()) {
+      // The slot and its bytes stay where they were (readable: nothing is
+      // unmapped), the slot odd; this image can no longer be committed.
+      s.writing = -1;
+      return st;
+    }
     const SlotView moved = load_slot(d);
     // Both extents through the newest mapping (the segment only grows, so it
     // covers the old one too): memmove sees any overlap.

@@ -127,8 +127,9 @@ class ShmStore {
   //    span stays readable until the next call, the segment is never unmapped);
   //  - commit_image() publishes the first `length` bytes as `generation`,
   //    exactly as publish() would (`image_checksum`: checksum() of them).
-  // Errors as publish(); until commit_image() returns OK the previous image
-  // stays active, and a begin_image() or publish() after an abandoned or
+  // Errors as publish(); a failed grow_image() ends the image (the bytes stay
+  // readable, but commit_image() refuses it). Until commit_image() returns OK
+  // the previous image stays active, and a begin_image() or publish() after an abandoned or
   // failed one starts afresh. The caller writes the storage with plain
   // stores: the engine never calls read_active() meanwhile (only while it
   // opens); readers in other processes are safe as for publish() (they pass
@@ -139,8 +140,9 @@ class ShmStore {
 
   // A copy of the active image, its checksum verified, or kNotFound when none
   // was ever published. kCorruption when the control block or the image's
-  // checksum is wrong. Thread-safe, also while publish() runs: it returns
-  // either image, never a mix (a copy the writer overtook is retried; after
+  // checksum is wrong. Thread-safe, also while publish() runs (not while an
+  // image is built in place, begin_image() to commit_image(): see there): it
+  // returns either image, never a mix (a copy the writer overtook is retried; after
   // about 100 overtaken copies it gives up with kFailedPrecondition). A
   // reader's successive reads never go back to an older generation.
   Result<std::vector<unsigned char>> read_active() const;

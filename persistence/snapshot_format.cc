@@ -121,7 +121,8 @@ std::string_view problem_name(Problem problem) noexcept {
 
 void Encoder::reserve(std::size_t need) {
   if (sink_ != nullptr) {
-    const std::span<unsigned char> room = sink_->reserve(std::max(need, cap_ + cap_ / 4), size_);
+    // Twice the room: each growth may map a grown segment afresh.
+    const std::span<unsigned char> room = sink_->reserve(std::max(need, cap_ * 2), size_);
     if (room.size() >= need) {
       data_ = room.data();
       cap_ = room.size();
@@ -139,7 +140,7 @@ void Encoder::reserve(std::size_t need) {
   cap_ = own_.size();
 }
 
-void Encoder::begin(const Header& header, Sink* sink, std::size_t size_hint) {
+void Encoder::begin(const Header& header, Sink* sink) {
   header_ = header;
   handlers_ = 0;
   jobs_ = 0;
@@ -147,7 +148,8 @@ void Encoder::begin(const Header& header, Sink* sink, std::size_t size_hint) {
   sink_ = sink;
   data_ = own_.data();
   cap_ = sink == nullptr ? own_.size() : 0;
-  if (sink != nullptr) reserve(std::max(size_hint, kHeaderBytes + kTrailerBytes));
+  in_sink_ = false;
+  if (sink != nullptr) reserve(kHeaderBytes + kTrailerBytes);  // the sink's storage as it is
   unsigned char* h = grow(kHeaderBytes);
   std::memset(h, 0, kHeaderBytes);  // counts and checksum are written by finish()
 }
@@ -221,6 +223,8 @@ std::span<const unsigned char> Encoder::finish() {
   put64(t + 8, image_hash.finish(size_ - kTrailerBytes));
   // The same stream over the 16 trailer bytes: the checksum of every byte.
   whole_checksum_ = image_hash.finish(size_);
+  in_sink_ = sink_ != nullptr;
+  sink_ = nullptr;
   return {data_, size_};
 }
 

@@ -300,10 +300,11 @@ class Snapshotter final : public Persistence {
     header.wall_time_ns = wall_at_cut;
     header.next_job_id = source_->next_job_id();
     // With shared memory, the image is encoded straight into the segment's
-    // inactive slot (ShmStore::begin_image), sized for the last image.
+    // inactive slot (ShmStore::begin_image), which grows only if the image
+    // outgrows it.
     const bool in_place = to_shm && shm_ != nullptr;
     ShmSink sink(shm_.get());
-    encoder_.begin(header, in_place ? &sink : nullptr, last_image_bytes_);
+    encoder_.begin(header, in_place ? &sink : nullptr);
     const auto names = source_->handler_names();
     for (const auto& n : names) encoder_.add_handler(n);
     // Dead jobs are stored under their handler's name, which may not be
@@ -369,7 +370,6 @@ class Snapshotter final : public Persistence {
     info.jobs = jobs;
     info.bytes = image.size();
     Status failure;
-    last_image_bytes_ = image.size();
     if (in_place) {
       // The image is in the slot unless the slot could not grow (then the
       // encoder finished it in its own buffer): commit it, or report why not.
@@ -440,7 +440,6 @@ class Snapshotter final : public Persistence {
   std::mutex cut_mu_;  // one cut at a time; guards encoder_ and next_generation_
   snapshot::Encoder encoder_;
   std::uint64_t next_generation_ = 1;
-  std::size_t last_image_bytes_ = 0;  // of the last image encoded; guarded by cut_mu_
 
   std::mutex mu_;  // the thread's schedule and snapshot_now() requests
   std::condition_variable cv_;

@@ -168,11 +168,11 @@ class Encoder {
   };
 
   // Starts an image. Handler names must then all be added, in index order,
-  // before the first job. With a sink the image is built in its storage
-  // (first asking for `size_hint` bytes); if the sink cannot provide enough,
-  // the encoder copies what it has to its own buffer and goes on there
-  // (in_sink() turns false). The sink must outlive finish().
-  void begin(const Header& header, Sink* sink = nullptr, std::size_t size_hint = 0);
+  // before the first job. With a sink the image is built in its storage,
+  // asked for twice as much whenever it is full; if the sink cannot provide
+  // enough, the encoder copies what it has to its own buffer and goes on
+  // there. The sink must outlive finish().
+  void begin(const Header& header, Sink* sink = nullptr);
   void add_handler(std::string_view name);
   void add_job(const JobRecord& job);
   // Writes counts, lengths and checksums; returns the finished image, valid
@@ -180,8 +180,9 @@ class Encoder {
   std::span<const unsigned char> finish();
 
   std::size_t size() const noexcept { return size_; }
-  // Whether the image is in the sink's storage (else in the encoder's own).
-  bool in_sink() const noexcept { return sink_ != nullptr; }
+  // Whether the image finish() returned is in the sink's storage (else in
+  // the encoder's own buffer).
+  bool in_sink() const noexcept { return in_sink_; }
   // checksum() of every byte of the image finish() returned, trailer
   // included (what the shared-memory store keeps per slot), from the same
   // streaming pass that computed the image checksum.
@@ -196,7 +197,8 @@ class Encoder {
   }
   void reserve(std::size_t need);
   std::vector<unsigned char> own_;
-  Sink* sink_ = nullptr;
+  Sink* sink_ = nullptr;  // between begin() and finish(), while the sink holds the image
+  bool in_sink_ = false;
   unsigned char* data_ = nullptr;  // own_.data() or the sink's storage
   std::size_t cap_ = 0;
   std::size_t size_ = 0;
