@@ -128,6 +128,9 @@ constexpr std::size_t kMaxHandlerName = 255;
 constexpr std::uint32_t kIdleFlushPolls = 64;
 // How many submits ahead a submitter prefetches the slot it will fill.
 constexpr std::uint32_t kPrefetchAhead = 4;
+// How many slots ahead restore() prefetches the slot it will fill (they come
+// from the free pool in order, so the next ones are known).
+constexpr std::size_t kRestoreAhead = 8;
 // How many slots ahead a snapshot's scan of the table prefetches.
 constexpr std::size_t kScanAhead = 32;
 // How many jobs ahead a worker prefetches the slots of its batch.
@@ -2353,6 +2356,7 @@ class Engine::Impl final : public detail::CutSource {
       if (cached == 0) cached = table_.take_free(cache);
       if (cached == 0) return Status(StatusCode::kInternal, "start(): job table ran out during restore");
       const SlotIndex idx = cache[--cached];
+      if (cached >= kRestoreAhead) prefetch_for_fill(cache[cached - kRestoreAhead]);
       // Live jobs keep their id, attempts and times; a restored job has never
       // been seen by a cut of this process, so any epoch <= now stamps it.
       const std::uint64_t submit_ticks = wall_to_ticks(j.submit_ns);
