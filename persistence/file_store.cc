@@ -1,6 +1,7 @@
 #include "persistence/file_store.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,6 +10,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <string_view>
+#include <system_error>
+#include <thread>
 #include <utility>
 
 namespace jobengine::detail {
@@ -20,7 +23,54 @@ ImageBytes& ImageBytes::operator=(ImageBytes&& o) noexcept {
   data_ = std::exchange(o.data_, nullptr);
   size_ = std::exchange(o.size_, 0);
   mapped_ = std::exchange(o.mapped_, false);
+  populator_ = std::move(o.populator_);  // its thread works on the mapping, not on `o`
   return *this;
+}
+
+namespace {
+
+// Reads [data, data + size) of a file mapping into the page cache and the
+// page tables, front to back, until done or `stop`. A page that cannot be
+// read (I/O error, file truncated underneath) is left for the reader to fault
+// on, as MAP_POPULATE left it.
+void populate_mapping(const unsigned char* data, std::size_t size, const std::atomic<bool>& stop) {
+  constexpr std::size_t kChunk = std::size_t{4} << 20;
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  const std::size_t page = page_size > 0 ? static_cast<std::size_t>(page_size) : 4096;
+  // Relaxed: only a request to stop early; the join orders everything else.
+  for (std::size_t at = 0; at < size && !stop.load(std::memory_order_relaxed);) {
+    const std::size_t len = std::min(kChunk, size - at);
+    auto* chunk = const_cast<unsigned char*>(data + at);
+#ifdef MADV_POPULATE_READ
+    if (::madvise(chunk, len, MADV_POPULATE_READ) == 0) {
+      at += len;
+      continue;
+    }
+    if (errno == EINTR) continue;
+    if (errno != EINVAL) return;  // EFAULT, EIO, ENOMEM: leave it to the reader
+#endif
+    // Kernels before 5.14: one read per page.
+    for (std::size_t p = 0; p < len; p += page) {
+      (void)*static_cast<volatile const unsigned char*>(chunk + p);
+    }
+    at += len;
+  }
+}
+
+}  // namespace
+
+void ImageBytes::populate_in_background() {
+  if (!mapped_ || populator_ != nullptr) return;
+  auto populator = std::make_unique<Populator>();
+  try {
+    populator->thread = std::thread(
+        [data = data_, size = size_, stop = &populator->stop] { populate_mapping(data, size, *stop); });
+  } catch (const std::system_error&) {
+    populate_mapping(data_, size_, populator->stop);  // no thread to spare: here, now
+    return;
+  }
+  (void)::pthread_setname_np(populator->thread.native_handle(), "jobengine-load");
+  populator_ = std::move(populator);
 }
 
 std::vector<unsigned char> ImageBytes::to_vector() && {
@@ -36,6 +86,11 @@ std::vector<unsigned char> ImageBytes::to_vector() && {
 }
 
 void ImageBytes::release() noexcept {
+  if (populator_ != nullptr) {
+    populator_->stop.store(true, std::memory_order_relaxed);
+    populator_->thread.join();
+    populator_.reset();
+  }
   if (mapped_) (void)::munmap(const_cast<unsigned char*>(data_), size_);
   buffer_ = {};
   data_ = nullptr;
@@ -528,6 +583,7 @@ Result<detail::ImageBytes> FileStore::map(const std::string& path, std::uint64_t
       detail::ImageBytes bytes =
           detail::ImageBytes::adopt_mapping(m.value, static_cast<std::size_t>(opened->size));
       if (Status s = still_named(path, *opened, fs); !s.ok()) return s;
+      bytes.populate_in_background();
       return bytes;
     }
     if (m.error == EINTR && ++interrupted < kMaxEintrRetries) continue;

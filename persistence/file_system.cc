@@ -80,7 +80,7 @@ SysResult<std::size_t> PosixFileSystem::read(int fd, void* data, std::size_t siz
 }
 
 SysResult<const void*> PosixFileSystem::map_read(int fd, std::size_t size) {
-  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
   if (p == MAP_FAILED) return {nullptr, errno};
   return {p, 0};
 }

@@ -64,9 +64,10 @@ class FileSystem {
   virtual SysResult<std::size_t> write(int fd, const void* data, std::size_t size) = 0;
   // One read(2): returns the count read, 0 at end of file. EINTR may be returned.
   virtual SysResult<std::size_t> read(int fd, void* data, std::size_t size) = 0;
-  // mmap(2) of the first `size` (> 0) bytes of `fd`, read-only, private, its
-  // pages populated at once (MAP_POPULATE). The caller munmap(2)s it. EINTR
-  // may be returned (nothing mapped).
+  // mmap(2) of the first `size` (> 0) bytes of `fd`, read-only, private,
+  // nothing read yet (FileStore::map has its pages read in on a thread,
+  // ImageBytes::populate_in_background). The caller munmap(2)s it. EINTR may
+  // be returned (nothing mapped).
   virtual SysResult<const void*> map_read(int fd, std::size_t size) = 0;
   // sync_file_range(2) with SYNC_FILE_RANGE_WRITE: starts writing the range
   // to the device, waits for nothing, makes nothing durable (fsync does).

@@ -1167,6 +1167,47 @@ TEST_F(FileStoreTest, MapGivesTheBytesReadGives) {
   EXPECT_EQ(e->size(), 0u);
 }
 
+// Threads of this process now (/proc/self/task).
+std::size_t thread_count() {
+  std::size_t n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+    (void)entry;
+    ++n;
+  }
+  return n;
+}
+
+// map() reads the file in on a thread of its own while the caller goes
+// through the bytes; that thread is stopped and joined before the mapping
+// goes, however early (here: at once, half-way, after a move), and the bytes
+// are the file's throughout.
+TEST_F(FileStoreTest, AMappingIsReadInOnAThreadThatIsJoinedBeforeTheMappingGoes) {
+  auto store = open_store(10);
+  ASSERT_NE(store, nullptr);
+  const Bytes big = image(1, std::size_t{48} << 20);  // 48 MiB: a dozen 4 MiB chunks
+  ASSERT_TRUE(store->publish(1, big).ok());
+  const std::size_t threads_before = thread_count();
+  for (int round = 0; round < 3; ++round) {
+    Result<detail::ImageBytes> m = FileStore::map(gen_path(1), big.size(), posix_);
+    ASSERT_TRUE(m.ok()) << m.status().to_string();
+    ASSERT_EQ(m->size(), big.size());
+    if (round == 0) {
+      // Dropped at once: the populating thread may still be in its first chunk.
+    } else if (round == 1) {
+      // Read while the thread populates, then moved and dropped half-way.
+      EXPECT_TRUE(std::equal(big.begin(), big.begin() + (std::ptrdiff_t{24} << 20),
+                             m->span().begin()));
+      detail::ImageBytes moved = std::move(*m);
+      EXPECT_EQ(m->size(), 0u);
+      EXPECT_EQ(moved.size(), big.size());
+    } else {
+      EXPECT_TRUE(std::equal(big.begin(), big.end(), m->span().begin()));
+      EXPECT_EQ(std::move(*m).to_vector(), big);
+    }
+  }
+  EXPECT_EQ(thread_count(), threads_before) << "a populating thread outlived its mapping";
+}
+
 TEST_F(FileStoreTest, MapRefusesWhatReadRefusesWithTheSameErrors) {
   auto store = open_store();
   ASSERT_NE(store, nullptr);
