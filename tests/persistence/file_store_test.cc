@@ -1167,12 +1167,13 @@ TEST_F(FileStoreTest, MapGivesTheBytesReadGives) {
   EXPECT_EQ(e->size(), 0u);
 }
 
-// Threads of this process now (/proc/self/task).
-std::size_t thread_count() {
+// Threads of this process named `name` now (/proc/self/task/*/comm).
+std::size_t threads_named(const std::string& name) {
   std::size_t n = 0;
   for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
-    (void)entry;
-    ++n;
+    std::ifstream comm(entry.path() / "comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) ++n;
   }
   return n;
 }
@@ -1186,8 +1187,9 @@ TEST_F(FileStoreTest, AMappingIsReadInOnAThreadThatIsJoinedBeforeTheMappingGoes)
   ASSERT_NE(store, nullptr);
   const Bytes big = image(1, std::size_t{48} << 20);  // 48 MiB: a dozen 4 MiB chunks
   ASSERT_TRUE(store->publish(1, big).ok());
-  const std::size_t threads_before = thread_count();
   for (int round = 0; round < 3; ++round) {
+    EXPECT_EQ(threads_named("jobengine-load"), 0u)
+        << "round " << round - 1 << "'s populating thread outlived its mapping";
     Result<detail::ImageBytes> m = FileStore::map(gen_path(1), big.size(), posix_);
     ASSERT_TRUE(m.ok()) << m.status().to_string();
     ASSERT_EQ(m->size(), big.size());
@@ -1205,7 +1207,7 @@ TEST_F(FileStoreTest, AMappingIsReadInOnAThreadThatIsJoinedBeforeTheMappingGoes)
       EXPECT_EQ(std::move(*m).to_vector(), big);
     }
   }
-  EXPECT_EQ(thread_count(), threads_before) << "a populating thread outlived its mapping";
+  EXPECT_EQ(threads_named("jobengine-load"), 0u) << "a populating thread outlived its mapping";
 }
 
 TEST_F(FileStoreTest, MapRefusesWhatReadRefusesWithTheSameErrors) {
