@@ -386,6 +386,147 @@ TEST(RecoveryTest, AFailedDiskPublishIsReportedInHealthAndTheEngineKeepsRunning)
   ASSERT_TRUE(IsOk(e->stop()));
 }
 
+// A large snapshot with every kind of record, restored into a table with
+// exactly as many slots as it has live jobs: the counts, dead letters (in
+// image order), unique keys, the scheduler's jobs, and run order within a
+// priority (one worker: FIFO per level, in image order) all come back.
+TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExactCapacity) {
+  TempDir tmp;
+  const std::string dir = tmp.dir();
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  constexpr int kRecords = 100'000;
+  const std::int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count();
+  snapshot::Encoder encoder;
+  snapshot::Header header;
+  header.generation = 1;
+  header.wall_time_ns = now_ns;
+  header.next_job_id = kRecords + 1;
+  encoder.begin(header);
+  encoder.add_handler("work");
+  encoder.add_handler("gone");  // not registered below
+  std::vector<std::string> payloads(kRecords);
+  std::vector<std::string> keys(kRecords);
+  std::map<std::string, std::uint64_t> expect;
+  std::map<int, std::uint64_t> queued_at;  // priority -> jobs expected to run
+  for (int i = 0; i < kRecords; ++i) {
+    snapshot::JobRecord j;
+    j.id = static_cast<JobId>(i) + 1;
+    j.priority = static_cast<std::uint8_t>(i % 3);
+    j.submit_ns = now_ns - 1'000'000;
+    j.run_at_ns = j.submit_ns;
+    payloads[i] = std::to_string(i);
+    j.payload = payloads[i];
+    switch (i % 10) {
+      case 0:
+        j.state = snapshot::JobState::kDead;
+        j.dead_reason = snapshot::DeadReason::kFailed;
+        j.dead_at_ns = now_ns;
+        j.error = "failed";
+        ++expect["dead"];
+        break;
+      case 1:
+        j.state = snapshot::JobState::kRunningAtCut;
+        j.cancel_requested = true;
+        ++expect["cancelled"];
+        break;
+      case 2:
+        j.handler = 1;
+        ++expect["unknown_handler"];
+        break;
+      case 3:
+        j.state = snapshot::JobState::kRunningAtCut;
+        j.recoveries = 3;  // a 4th recovery: past max_recoveries (3)
+        ++expect["poisoned"];
+        break;
+      case 4:
+        j.state = snapshot::JobState::kDelayed;
+        j.run_at_ns = now_ns + 3'600'000'000'000;  // in an hour
+        ++expect["delayed"];
+        break;
+      case 5:
+        j.state = snapshot::JobState::kRunningAtCut;
+        ++expect["running_at_cut"];
+        ++queued_at[j.priority];
+        break;
+      case 6:
+        keys[i] = "key-" + std::to_string(i);
+        j.key = keys[i];
+        ++expect["pending"];
+        ++queued_at[j.priority];
+        break;
+      default:
+        ++expect["pending"];
+        ++queued_at[j.priority];
+        break;
+    }
+    encoder.add_job(j);
+  }
+  const std::span<const unsigned char> image = encoder.finish();
+  {
+    const std::string path = dir + "/gen-00000000000000000001.jobsnap";
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::write(fd, image.data(), image.size()), static_cast<ssize_t>(image.size()));
+    ::close(fd);
+  }
+
+  // Exactly as many slots as live jobs.
+  EngineOptions o = DiskOptions(dir);
+  o.capacity = expect["pending"] + expect["delayed"] + expect["running_at_cut"];
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  Gate gate;
+  std::mutex ran_mu;
+  std::vector<std::vector<int>> ran(3);
+  std::atomic<bool> first{true};
+  auto h = e->register_handler("work", [&](JobContext& ctx) {
+    if (first.exchange(false)) gate.wait();  // everything else stays queued meanwhile
+    std::lock_guard<std::mutex> l(ran_mu);
+    ran[ctx.priority()].push_back(std::stoi(std::string(ctx.payload())));
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(h));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  const RecoveryReport& r = started->recovery;
+  EXPECT_EQ(r.pending, expect["pending"]);
+  EXPECT_EQ(r.delayed, expect["delayed"]);
+  EXPECT_EQ(r.running_at_cut, expect["running_at_cut"]);
+  EXPECT_EQ(r.cancelled, expect["cancelled"]);
+  EXPECT_EQ(r.poisoned, expect["poisoned"]);
+  EXPECT_EQ(r.unknown_handler, expect["unknown_handler"]);
+  EXPECT_EQ(r.dead, expect["dead"]);
+  // Dead letters in image order: dead, no handler and poison records alike.
+  const std::vector<DeadLetter> dead = e->dead_letters();
+  ASSERT_EQ(dead.size(), expect["dead"] + expect["unknown_handler"] + expect["poisoned"]);
+  for (std::size_t k = 1; k < dead.size(); ++k) {
+    ASSERT_LT(dead[k - 1].id, dead[k].id) << "dead letters out of image order at " << k;
+  }
+  // Unique keys of jobs from both halves still point at their jobs.
+  for (int i : {6, 16, kRecords / 2 + 6, kRecords - 4}) {
+    ASSERT_EQ(i % 10, 6);
+    SubmitOptions so;
+    so.unique_key = keys[i];
+    auto id = e->submit(*h, "duplicate", so);
+    ASSERT_TRUE(IsOk(id));
+    EXPECT_EQ(*id, static_cast<JobId>(i) + 1) << keys[i];
+  }
+  EXPECT_EQ(e->health().delayed, expect["delayed"]);
+  gate.open();
+  const std::uint64_t to_run = queued_at[0] + queued_at[1] + queued_at[2];
+  ASSERT_TRUE(WaitUntil([&] { return e->health().done >= to_run; }));
+  std::lock_guard<std::mutex> l(ran_mu);
+  for (int p = 0; p < 3; ++p) {
+    ASSERT_EQ(ran[p].size(), queued_at[p]) << "priority " << p;
+    // The first job run may be any level's head; after it, FIFO per level.
+    for (std::size_t k = 1; k < ran[p].size(); ++k) {
+      ASSERT_LT(ran[p][k - 1], ran[p][k]) << "priority " << p << " out of image order at " << k;
+    }
+  }
+}
+
 Result<std::vector<unsigned char>> persist_read_shm(const std::string& name) {
   return persist::ShmStore::read_existing(name);
 }
