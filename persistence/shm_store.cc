@@ -215,6 +215,13 @@ Status corruption(const std::string& name, const std::string& what) {
   return Status(StatusCode::kCorruption, label(name) + ": " + what);
 }
 
+// kInvalidArgument for an image too large for any slot (publish, begin_image, grow_image).
+Status image_too_large(const std::string& name, std::size_t size) {
+  return Status(StatusCode::kInvalidArgument,
+                label(name) + ": image of " + std::to_string(size) +
+                    " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
+}
+
 Status out_of_memory(const std::string& name) {
   return Status(StatusCode::kIoError, label(name) + ": out of memory");
 }
@@ -728,11 +735,7 @@ Status ShmStore::publish(std::uint64_t generation, std::span<const unsigned char
 Result<std::span<unsigned char>> ShmStore::begin_image(std::size_t size) {
   Impl& s = *impl_;
   s.writing = -1;
-  if (size > kMaxImageBytes) {
-    return Status(StatusCode::kInvalidArgument,
-                  label(s.name) + ": image of " + std::to_string(size) +
-                      " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
-  }
+  if (size > kMaxImageBytes) return image_too_large(s.name, size);
   try {
     ControlBlock& c = *s.control;
     // Relaxed: this thread is the only one that stores it.
@@ -781,11 +784,7 @@ Result<std::span<unsigned char>> ShmStore::grow_image(std::size_t size, std::siz
     return Status(StatusCode::kFailedPrecondition,
                   label(s.name) + ": grow_image() without a successful begin_image()");
   }
-  if (size > kMaxImageBytes) {
-    return Status(StatusCode::kInvalidArgument,
-                  label(s.name) + ": image of " + std::to_string(size) +
-                      " bytes exceeds the limit of " + std::to_string(kMaxImageBytes));
-  }
+  if (size > kMaxImageBytes) return image_too_large(s.name, size);
   try {
     ControlBlock& c = *s.control;
     const auto i = static_cast<std::uint32_t>(s.writing);

@@ -24,6 +24,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -144,12 +145,10 @@ class Snapshotter final : public Persistence {
     std::unique_ptr<LoadedSnapshot> loaded;
     // A damaged segment replaced at open (make_persistence) was a candidate too.
     for (const auto& s : replaced_) report.skipped.push_back(s);
-    if (shm_) {
-      persist::ShmCandidate shm{"shm:" + options_.shm_name, shm_->read_active()};
-      loaded = persist::load_newest(&shm, files, *fs_for_reads(), report, /*map_files=*/true);
-    } else {
-      loaded = persist::load_newest(nullptr, files, *fs_for_reads(), report, /*map_files=*/true);
-    }
+    std::optional<persist::ShmCandidate> shm;
+    if (shm_) shm.emplace(persist::ShmCandidate{"shm:" + options_.shm_name, shm_->read_active()});
+    loaded = persist::load_newest(shm ? &*shm : nullptr, files, *fs_for_reads(), report,
+                                  /*map_files=*/true);
     if (loaded) log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
     for (const auto& s : report.skipped) {
       log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +

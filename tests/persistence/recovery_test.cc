@@ -527,10 +527,6 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
   }
 }
 
-Result<std::vector<unsigned char>> persist_read_shm(const std::string& name) {
-  return persist::ShmStore::read_existing(name);
-}
-
 // The shared-memory image is encoded straight into the segment; when the
 // segment cannot grow for a larger image (a full /dev/shm, here
 // RLIMIT_FSIZE), the snapshot reports the shared-memory failure, yet the
@@ -551,7 +547,7 @@ TEST(RecoveryTest, ASharedMemorySegmentThatCannotGrowStillLetsTheDiskGenerationH
   ASSERT_TRUE(IsOk(h));
   ASSERT_TRUE(IsOk(e->start()));
   ASSERT_TRUE(IsOk(e->snapshot_now()));  // a small image in both stores
-  auto small = persist_read_shm(shm.name);
+  auto small = persist::ShmStore::read_existing(shm.name);
   ASSERT_TRUE(small.ok()) << small.status().to_string();
   // ~1.2 MB of payloads: more than a slot of the 1 MiB segment holds, so the
   // next image needs a larger slot, placed past the end of the segment.
@@ -577,7 +573,7 @@ TEST(RecoveryTest, ASharedMemorySegmentThatCannotGrowStillLetsTheDiskGenerationH
       << failed.status().to_string();
   EXPECT_EQ(e->health().snapshot_failures, 1u);
   // The previous shared-memory image is intact.
-  auto still = persist_read_shm(shm.name);
+  auto still = persist::ShmStore::read_existing(shm.name);
   ASSERT_TRUE(still.ok()) << still.status().to_string();
   EXPECT_EQ(*still, *small);
   // The disk generation written by that snapshot holds every job.
@@ -597,7 +593,7 @@ TEST(RecoveryTest, ASharedMemorySegmentThatCannotGrowStillLetsTheDiskGenerationH
   // Room again: the next snapshot reaches both stores.
   auto next = e->snapshot_now();
   ASSERT_TRUE(IsOk(next));
-  auto grown = persist_read_shm(shm.name);
+  auto grown = persist::ShmStore::read_existing(shm.name);
   ASSERT_TRUE(grown.ok()) << grown.status().to_string();
   auto shm_view = snapshot::decode(*grown);
   ASSERT_TRUE(shm_view.ok()) << shm_view.status().to_string();

@@ -356,6 +356,36 @@ TEST(ShmStoreTest, GrowthFailureReturnsIoErrorAndKeepsThePreviousImage) {
 
 // ---- in-place publishing (begin_image / grow_image / commit_image) ----------
 
+// Grows an in-place image's storage `room` to at least `need` bytes, keeping
+// the first `written` bytes of `image` already in it, and checks they came
+// along wherever the storage went.
+::testing::AssertionResult GrowKeeping(ShmStore& store, Result<std::span<unsigned char>>& room,
+                                       const Bytes& image, std::size_t written, std::size_t need) {
+  room = store.grow_image(need, written);
+  if (!room.ok()) return ::testing::AssertionFailure() << room.status().to_string();
+  if (room->size() < need) {
+    return ::testing::AssertionFailure() << "grew to " << room->size() << " < " << need;
+  }
+  if (!std::equal(image.begin(), image.begin() + static_cast<std::ptrdiff_t>(written),
+                  room->begin())) {
+    return ::testing::AssertionFailure() << "bytes lost when the slot grew at " << written;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Commits an in-place `image` as `generation` and checks that a reader of the
+// segment then gets exactly it.
+::testing::AssertionResult CommitAndReadBack(ShmStore& store, const std::string& segment,
+                                             std::uint64_t generation, const Bytes& image) {
+  Status s = store.commit_image(generation, image.size(),
+                                snapshot::checksum(image.data(), image.size()));
+  if (!s.ok()) return ::testing::AssertionFailure() << s.to_string();
+  auto read = ShmStore::read_existing(segment);
+  if (!read.ok()) return ::testing::AssertionFailure() << read.status().to_string();
+  if (*read != image) return ::testing::AssertionFailure() << "read back a different image";
+  return ::testing::AssertionSuccess();
+}
+
 // An image written straight into the slot, its storage grown (moved, and the
 // segment grown and mapped afresh) while it is written, publishes exactly as
 // publish() would; readers see the previous image until the commit.
@@ -375,12 +405,8 @@ TEST(ShmStoreInPlaceTest, ImageWrittenInTheSlotAndGrownMidWayPublishesLikePublis
     while (written < image.size()) {
       const std::size_t piece = std::min<std::size_t>(image.size() - written, 1500);
       if (room->size() < written + piece) {
-        room = (*store)->grow_image(written + piece, written);
-        ASSERT_TRUE(room.ok()) << room.status().to_string();
-        ASSERT_GE(room->size(), written + piece);
-        ASSERT_TRUE(std::equal(image.begin(), image.begin() + static_cast<std::ptrdiff_t>(written),
-                               room->begin()))
-            << "generation " << gen << ": bytes lost when the slot grew at " << written;
+        ASSERT_TRUE(GrowKeeping(**store, room, image, written, written + piece))
+            << "generation " << gen;
       }
       std::memcpy(room->data() + written, image.data() + written, piece);
       written += piece;
@@ -390,11 +416,10 @@ TEST(ShmStoreInPlaceTest, ImageWrittenInTheSlotAndGrownMidWayPublishesLikePublis
       ASSERT_TRUE(intact(*before, &seen));
       EXPECT_EQ(seen, gen - 1) << "an uncommitted image became visible";
     }
-    ASSERT_TRUE((*store)->commit_image(gen, image.size(), snapshot::checksum(image.data(), image.size())).ok());
-    for (auto read : {(*store)->read_active(), ShmStore::read_existing(seg.name())}) {
-      ASSERT_TRUE(read.ok()) << read.status().to_string();
-      EXPECT_EQ(*read, image) << "generation " << gen;
-    }
+    ASSERT_TRUE(CommitAndReadBack(**store, seg.name(), gen, image)) << "generation " << gen;
+    auto active = (*store)->read_active();
+    ASSERT_TRUE(active.ok()) << active.status().to_string();
+    EXPECT_EQ(*active, image) << "generation " << gen;
   }
 }
 
@@ -423,8 +448,8 @@ TEST(ShmStoreInPlaceTest, RandomInPlaceImagesSurviveEveryKindOfSlotMove) {
         const std::size_t piece = std::min<std::size_t>(image.size() - written, 1 + rng() % 9000);
         if (room->size() < written + piece) {
           const std::uint64_t old_offset = peek64(seg.name(), kSlotAt[slot] + kOffsetField);
-          room = (*store)->grow_image(written + piece, written);
-          ASSERT_TRUE(room.ok()) << room.status().to_string();
+          ASSERT_TRUE(GrowKeeping(**store, room, image, written, written + piece))
+              << "seed " << seed << ", round " << round << ", generation " << gen;
           const std::uint64_t new_offset = peek64(seg.name(), kSlotAt[slot] + kOffsetField);
           if (new_offset != old_offset) {
             ++moves;
@@ -432,22 +457,12 @@ TEST(ShmStoreInPlaceTest, RandomInPlaceImagesSurviveEveryKindOfSlotMove) {
             const std::uint64_t hi = std::max(old_offset, new_offset);
             if (hi - lo < written) ++overlapping_moves;
           }
-          ASSERT_TRUE(std::equal(image.begin(),
-                                 image.begin() + static_cast<std::ptrdiff_t>(written),
-                                 room->begin()))
-              << "seed " << seed << ", round " << round << ", generation " << gen
-              << ": bytes lost in a move";
         }
         std::memcpy(room->data() + written, image.data() + written, piece);
         written += piece;
       }
-      ASSERT_TRUE((*store)
-                      ->commit_image(gen, image.size(),
-                                     snapshot::checksum(image.data(), image.size()))
-                      .ok());
-      auto read = ShmStore::read_existing(seg.name());
-      ASSERT_TRUE(read.ok()) << read.status().to_string();
-      ASSERT_EQ(*read, image) << "seed " << seed << ", round " << round << ", generation " << gen;
+      ASSERT_TRUE(CommitAndReadBack(**store, seg.name(), gen, image))
+          << "seed " << seed << ", round " << round << ", generation " << gen;
     }
   }
   std::cout << "[ info ] " << moves << " slot moves, " << overlapping_moves
@@ -476,19 +491,12 @@ TEST(ShmStoreInPlaceTest, ASlotThatMovesOntoPartOfItsOwnStorageKeepsItsBytes) {
   const std::size_t kept = room->size();
   ASSERT_LT(kept, image.size());
   std::memcpy(room->data(), image.data(), kept);
-  room = (*store)->grow_image(image.size(), kept);
-  ASSERT_TRUE(room.ok()) << room.status().to_string();
+  ASSERT_TRUE(GrowKeeping(**store, room, image, kept, image.size()));
   const std::uint64_t new_offset = peek64(seg.name(), kSlotAt[slot] + kOffsetField);
   ASSERT_LT(new_offset, old_offset) << "the placement rule changed: update this test";
   ASSERT_LT(old_offset - new_offset, kept) << "the placement rule changed: update this test";
-  ASSERT_TRUE(std::equal(image.begin(), image.begin() + static_cast<std::ptrdiff_t>(kept),
-                         room->begin()));
   std::memcpy(room->data() + kept, image.data() + kept, image.size() - kept);
-  ASSERT_TRUE(
-      (*store)->commit_image(4, image.size(), snapshot::checksum(image.data(), image.size())).ok());
-  auto read = ShmStore::read_existing(seg.name());
-  ASSERT_TRUE(read.ok()) << read.status().to_string();
-  EXPECT_EQ(*read, image);
+  ASSERT_TRUE(CommitAndReadBack(**store, seg.name(), 4, image));
 }
 
 TEST(ShmStoreInPlaceTest, AnAbandonedImageLeavesThePreviousOneAndTheNextPublishWorks) {
