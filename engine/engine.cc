@@ -46,7 +46,10 @@
 //      worker that stamped a finish epoch > C (which it can only have read
 //      after the bump) also sees the horizon and keeps the slot and its
 //      payload out of the pool until end_cut(): the cut's members stay intact
-//      while the snapshot thread copies them.
+//      while the snapshot thread copies them. A job submitted and finished in
+//      the same epoch is in no cut (I6): its slot skips the horizon (the
+//      argument is in job_table.h (2)), so the jobs that come and go during
+//      a snapshot do not use up a bounded table until it ends.
 //  I8. Cancellation. cancel() CASes kCancelBit into a slot's id word,
 //      expecting the exact id (ids are never reused, so a reused slot fails
 //      the CAS), issues the heavy fence, then reads the state. A worker stores
@@ -2236,13 +2239,19 @@ class Engine::Impl final : public detail::CutSource {
 
  private:
 
-  // I5, worker side: announce, stamp, leave.
+  // I5, worker side: announce, stamp, leave. A job submitted in the epoch it
+  // finished in was in no cut: its slot skips the horizon (I7).
   [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx) {
     const std::uint64_t e = announce(w.announce);
-    JobTable::retire(table_.slot(idx), e);
+    Slot& s = table_.slot(idx);
+    JobTable::retire(s, e);
     // Release: begin_cut() acquires the 0 and then sees the stamp.
     w.announce.store(0, std::memory_order_release);
-    w.retired.add(idx, e);
+    if (JobTable::in_no_cut(s, e)) [[likely]] {
+      w.retired.add_unheld(idx);
+    } else {
+      w.retired.add(idx, e);
+    }
   }
 
   // start(): puts the jobs of the snapshot loaded at open() back into the

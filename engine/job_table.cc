@@ -163,8 +163,19 @@ std::size_t JobTable::release_parked() {
   return put;
 }
 
+std::size_t RetireBuffer::flush_unheld(JobTable& table) {
+  if (unheld_.empty()) return 0;
+  for (SlotIndex i : unheld_) JobTable::reclaim(table.slot(i));
+  const std::size_t put = table.put_free(unheld_.data(), unheld_.size());
+  // Whatever the pool could not take (out of descriptors) stays, already
+  // reclaimed, for the next flush.
+  unheld_.erase(unheld_.begin(), unheld_.begin() + static_cast<std::ptrdiff_t>(put));
+  return put;
+}
+
 std::size_t RetireBuffer::flush(JobTable& table) {
-  if (head_ == pending_.size()) return 0;
+  const std::size_t unheld = flush_unheld(table);
+  if (head_ == pending_.size()) return unheld;
   const std::uint64_t horizon = table.reclaim_horizon();
   // The releasable prefix ends where the first run at or above the horizon starts.
   std::size_t run = run_head_;
@@ -202,7 +213,7 @@ std::size_t RetireBuffer::flush(JobTable& table) {
     head_ = 0;
     run_head_ = 0;
   }
-  return put;
+  return unheld + put;
 }
 
 }  // namespace jobengine::detail

@@ -19,6 +19,25 @@
 //     kNoHorizon (everything is reclaimable at once); a snapshot that cuts at
 //     epoch C sets it to C + 1 for its duration, so no slot finished in or
 //     after the cut epoch is reused under the snapshot's reader.
+//     One exception: a slot whose job was submitted and finished in the same
+//     epoch (submit_epoch == finish_epoch, in_no_cut()) returns at once,
+//     whatever the horizon (RetireBuffer::add_unheld), so that a snapshot
+//     does not hold every slot that the jobs submitted during it go through
+//     (on a bounded table, submitters met kQueueFull until it ended). It is
+//     safe because a reader of cut C only ever copies a slot whose job is in
+//     C and is held: say it accepts the pair (f, s), f loaded first (3) and
+//     either 0 or > C, then s in 1..C. s is the submit stamp of some
+//     occupant X of the slot; being <= C, X's claim was made before the cut
+//     began (engine.cc I5), so the finish load returned X's claim (0) or
+//     something later. It was not from a later occupant Y either: Y's claim
+//     (0) and Y's retire (f) are release stores after Y's submit stamp, so a
+//     reader that acquired one of them would then load Y's stamp or a later
+//     one, not X's. So both values are X's: X was pending at the cut, or
+//     finished in an epoch > C; it cannot finish in an epoch <= C after the
+//     cut began (I5). Its finish epoch is then > C >= its submit epoch, the
+//     exception does not apply, and the horizon holds its slot as before. A
+//     job in no cut is therefore never copied, whether its slot is reused
+//     or not.
 //  3. A snapshot reader decides whether a slot belongs to its cut from
 //     (finish_epoch, submit_epoch), loading finish_epoch first (acquire). A
 //     claimer stores the new submit_epoch *before* resetting finish_epoch to
@@ -265,6 +284,14 @@ class JobTable {
     s.finish_epoch.store(epoch, std::memory_order_release);
   }
 
+  // Whether a job that finished in `finish_epoch` was in no cut at all: it
+  // was submitted in the same epoch (2). Its slot need not wait for the
+  // horizon. Relaxed: the caller holds the job (its submitter's stamp reached
+  // it with the job, engine.cc I1).
+  static bool in_no_cut(const Slot& s, std::uint64_t finish_epoch) noexcept {
+    return s.submit_epoch.load(std::memory_order_relaxed) == finish_epoch;
+  }
+
   // Puts a retired slot back to kFree so it can be reused, freeing any heap
   // payload. Only once no snapshot can still read it (2).
   static void reclaim(Slot& s) noexcept {
@@ -293,7 +320,14 @@ class JobTable {
 // and a flush releases a prefix without looking at the slots again.
 class RetireBuffer {
  public:
-  explicit RetireBuffer(std::size_t reserve) { pending_.reserve(reserve); }
+  explicit RetireBuffer(std::size_t reserve) {
+    pending_.reserve(reserve);
+    unheld_.reserve(reserve);
+  }
+
+  // A slot whose job was in no cut (JobTable::in_no_cut): the next flush
+  // returns it to the pool whatever the horizon (job_table.h (2)).
+  void add_unheld(SlotIndex i) { unheld_.push_back(i); }
 
   void add(SlotIndex i, std::uint64_t finish_epoch) {
     if (runs_.size() == run_head_ || runs_.back().epoch != finish_epoch) {
@@ -301,10 +335,11 @@ class RetireBuffer {
     }
     pending_.push_back(i);
   }
-  std::size_t size() const noexcept { return pending_.size() - head_; }
+  std::size_t size() const noexcept { return pending_.size() - head_ + unheld_.size(); }
 
   // Moves every retired slot that finished below the reclaim horizon back to
-  // the pool (all of them while no snapshot holds the horizon), and parks the
+  // the pool (all of them while no snapshot holds the horizon), and every
+  // unheld one whatever the horizon, and parks the
   // rest with the table (JobTable::park_retired) when there are many. Returns
   // how many went back. Cost: proportional to what it moves.
   std::size_t flush(JobTable& table);
@@ -314,6 +349,9 @@ class RetireBuffer {
     std::uint64_t epoch;
     std::size_t start;  // index in pending_ of the run's first slot
   };
+  std::size_t flush_unheld(JobTable& table);
+
+  std::vector<SlotIndex> unheld_;  // in no cut: reusable whatever the horizon
   std::vector<SlotIndex> pending_;
   std::size_t head_ = 0;  // pending_[0, head_) were released
   std::vector<Run> runs_;

@@ -183,6 +183,47 @@ TEST(RetireBufferTest, SlotsFinishedAtOrAfterTheHorizonWaitUntilItIsRaised) {
   EXPECT_EQ(take_all(t).size(), 3u);
 }
 
+TEST(RetireBufferTest, SlotsOfJobsInNoCutGoBackWhateverTheHorizon) {
+  JobTable t(6);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), 6u);
+  RetireBuffer rb(6);
+  // Jobs 0-2 were submitted and finished in epoch 5: no cut holds them (a cut
+  // C holds a job iff submit <= C < finish). Jobs 3-5 were submitted in epoch
+  // 4 and finished in 5: the cut at 4 holds them.
+  for (int k = 0; k < 6; ++k) {
+    Slot& s = t.slot(all[k]);
+    JobTable::claim(s, k < 3 ? 5 : 4);
+    JobTable::retire(s, 5);
+    if (k < 3) {
+      EXPECT_TRUE(JobTable::in_no_cut(s, 5));
+      rb.add_unheld(all[k]);
+    } else {
+      EXPECT_FALSE(JobTable::in_no_cut(s, 5));
+      rb.add(all[k], 5);
+    }
+  }
+  EXPECT_EQ(rb.size(), 6u);
+  // A snapshot cutting at epoch 4 holds everything finished in epoch >= 5,
+  // except the jobs that were in no cut.
+  t.set_reclaim_horizon(5);
+  EXPECT_EQ(rb.flush(t), 3u);
+  EXPECT_EQ(rb.size(), 3u);
+  std::vector<SlotIndex> reused = take_all(t);
+  std::sort(reused.begin(), reused.end());
+  std::vector<SlotIndex> expect = {all[0], all[1], all[2]};
+  std::sort(expect.begin(), expect.end());
+  EXPECT_EQ(reused, expect);
+  for (int k : {0, 1, 2}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kFree);
+  for (int k : {3, 4, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
+  EXPECT_EQ(rb.flush(t), 0u);
+  // The snapshot ends: the held ones go back too.
+  t.set_reclaim_horizon(kNoHorizon);
+  EXPECT_EQ(rb.flush(t), 3u);
+  EXPECT_EQ(rb.size(), 0u);
+  EXPECT_EQ(take_all(t).size(), 3u);
+}
+
 TEST(RetireBufferTest, ALongHeldHorizonReleasesPrefixesAndNeverLosesASlot) {
   // Many epochs under a moving horizon, as a worker sees across snapshots.
   JobTable t(5000);
