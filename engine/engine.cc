@@ -750,28 +750,25 @@ class Engine::Impl final : public detail::CutSource {
     for (std::size_t i = 1; i < n && single_level; ++i) {
       single_level = jobs[i].options.priority == jobs[0].options.priority;
     }
-    bool ok = true;
+    // Levels go in in order; `failed` is the first one moodycamel could not
+    // queue (only when memory runs out), kPriorityLevels if none.
+    std::uint8_t failed = kPriorityLevels;
     if (single_level) {
       std::uint8_t p = jobs[0].options.priority;
-      ok = queues_[p].enqueue_bulk(ps.tokens[p], slots, n);
+      if (!queues_[p].enqueue_bulk(ps.tokens[p], slots, n)) [[unlikely]] failed = p;
     } else {
       for (auto& v : ps.batch_by_level) v.clear();
       for (std::size_t i = 0; i < n; ++i) ps.batch_by_level[jobs[i].options.priority].push_back(slots[i]);
-      // Enqueue is all-or-nothing per call; a failure after an earlier level
-      // succeeded would half-accept the batch, so this path checks capacity
-      // by construction: the queues were sized for every slot at open, and
-      // enqueue_bulk only allocates for a producer's block index.
-      for (std::uint8_t p = 0; p < kPriorityLevels && ok; ++p) {
+      // Enqueue is all-or-nothing per call, but not across calls: the queues
+      // were sized for every slot at open, so only a producer's block index
+      // can need memory, and if it cannot get it the levels queued before
+      // stay queued (batch_not_queued says so).
+      for (std::uint8_t p = 0; p < kPriorityLevels && failed == kPriorityLevels; ++p) {
         auto& v = ps.batch_by_level[p];
-        if (!v.empty()) ok = queues_[p].enqueue_bulk(ps.tokens[p], v.data(), v.size());
+        if (!v.empty() && !queues_[p].enqueue_bulk(ps.tokens[p], v.data(), v.size())) failed = p;
       }
     }
-    if (!ok) {
-      // Only reachable when memory runs out; report it loudly.
-      leave_intake(ps);
-      log(LogLevel::kError, "submit_batch(): out of memory growing a job queue");
-      return Status(StatusCode::kInternal, "submit_batch(): out of memory growing a job queue");
-    }
+    if (failed != kPriorityLevels) [[unlikely]] return batch_not_queued(ps, jobs, slots, epoch, failed);
     bump(ps.submitted, n);
     // Once per run of one handler (a batch is usually one run), not once per
     // job: each bump is a load and a store of the same counter.
@@ -785,6 +782,42 @@ class Engine::Impl final : public detail::CutSource {
     leave_intake(ps);
     wake_after_enqueue(n);
     return n;
+  }
+
+  // submit_batch() could not queue the jobs at level `failed` and above, i.e.
+  // of that priority and lower (out of memory). No worker saw them, and they are stamped with this
+  // producer's announced epoch: in no cut (I6), so, as in submit_plain, their
+  // slots go back at once. The jobs at the levels queued before `failed` were
+  // accepted: counted (I4) and woken for, and the error says how many.
+  [[gnu::noinline]] Status batch_not_queued(ProducerState& ps, std::span<const JobSpec> jobs,
+                                            SlotIndex* slots, std::uint64_t epoch,
+                                            std::uint8_t failed) {
+    std::size_t accepted = 0;
+    std::size_t back = 0;
+    for (std::size_t i = 0; i < jobs.size(); ++i) {
+      if (jobs[i].options.priority < failed) {
+        ++accepted;
+        bump(ps.by_handler[jobs[i].handler]);
+        continue;
+      }
+      Slot& s = table_.slot(slots[i]);
+      JobTable::retire(s, epoch);
+      JobTable::reclaim(s);
+      slots[back++] = slots[i];
+    }
+    give_back_slots(ps, slots, back);
+    bump(ps.submitted, accepted);
+    leave_intake(ps);
+    if (accepted != 0) wake_after_enqueue(accepted);
+    std::string what = "submit_batch(): out of memory growing the job queue of priority level " +
+                       std::to_string(failed) + ": " + std::to_string(back) +
+                       " job(s) from that level on were not accepted";
+    if (accepted != 0) {
+      what += "; the " + std::to_string(accepted) +
+              " job(s) at higher priorities (lower levels) were queued before it and were accepted";
+    }
+    log(LogLevel::kError, what);
+    return Status(StatusCode::kInternal, what);
   }
 
   // -------------------------------------------------------------------- stop

@@ -26,6 +26,7 @@
 // 128-byte pairs that Intel's adjacent-line prefetcher fetches together.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdlib>
 
@@ -37,7 +38,17 @@ inline constexpr std::size_t kQueueAllocOffset = 32;
 // At least `bytes` starting kQueueAllocOffset bytes into a kNoFalseSharing-
 // aligned region whose size is a multiple of kNoFalseSharing; nullptr when out
 // of memory. Free with queue_free().
+// Tests only (fault injection): n >= 0 makes the queue allocation n from now
+// (0: the next one) return nullptr, as if memory ran out; later ones succeed.
+// -1, the default, never fails. One relaxed load per allocation, and queue
+// allocations are rare (producers, block indices, blocks beyond capacity).
+inline std::atomic<long> g_fail_queue_alloc_in{-1};
+
 inline void* queue_malloc(std::size_t bytes) noexcept {
+  if (g_fail_queue_alloc_in.load(std::memory_order_relaxed) >= 0 &&
+      g_fail_queue_alloc_in.fetch_sub(1, std::memory_order_relaxed) == 0) {
+    return nullptr;
+  }
   const std::size_t total =
       (bytes + kQueueAllocOffset + kNoFalseSharing - 1) / kNoFalseSharing * kNoFalseSharing;
   auto* base = static_cast<unsigned char*>(std::aligned_alloc(kNoFalseSharing, total));

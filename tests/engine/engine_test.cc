@@ -6,6 +6,7 @@
 // waited for. Sleeps only make a scenario likely (workers asleep, a stop in
 // progress); the checks hold whatever the scheduler does.
 #include "jobengine/engine.h"
+#include "engine/padded.h"  // g_fail_queue_alloc_in
 #include "tests/engine/test_support.h"
 
 #include <gtest/gtest.h>
@@ -973,6 +974,141 @@ TEST(EngineBatchTest, BatchTooBigForFreeSlotsAcceptsNothing) {
   ASSERT_TRUE(IsOk(report));
   EXPECT_EQ(report->submitted, 91u);
   EXPECT_EQ(runs.load(), 90);
+}
+
+// Out of memory in a queue, made to happen. Each level's queue starts with
+// blocks for every slot (capacity/64 + 1 blocks of 64 indices), and a
+// producer keeps the blocks it used until its thread goes away. Two helper
+// threads that each queue 4096 jobs at a level (which then run) leave that
+// level's pool without blocks, so the test thread's 4096-job batch there must
+// allocate, and detail::g_fail_queue_alloc_in makes that allocation fail.
+class QueueOutOfMemoryTest : public ::testing::Test {
+ protected:
+  static constexpr std::size_t kCapacity = 8192;
+  static constexpr std::size_t kBig = 4096;
+
+  void SetUp() override {
+    EngineOptions o = SmallOptions();
+    o.capacity = kCapacity;
+    auto e = Engine::open(o);
+    ASSERT_TRUE(IsOk(e));
+    engine_ = std::make_unique<Engine>(std::move(*e));
+    auto block = engine_->register_handler("block", Blocking(started_, gate_));
+    auto count = engine_->register_handler("count", Counting(runs_));
+    ASSERT_TRUE(IsOk(block));
+    ASSERT_TRUE(IsOk(count));
+    block_ = *block;
+    count_ = *count;
+    ASSERT_TRUE(IsOk(engine_->start()));
+  }
+  void TearDown() override {
+    detail::g_fail_queue_alloc_in.store(-1);
+    gate_.open();
+    helpers_done_.open();
+    for (auto& t : helpers_) t.join();
+    engine_.reset();
+  }
+
+  // Two threads queue kBig jobs each at `priority`, which all run; the
+  // threads stay (keeping their blocks) until the test ends. Then the worker
+  // is blocked, so that nothing else finishes, and this thread has made its
+  // producers (its first submit).
+  void UseUpTheBlocksOf(std::uint8_t priority) {
+    for (int t = 0; t < 2; ++t) {
+      helpers_.emplace_back([this, priority] {
+        std::vector<JobSpec> specs(kBig, JobSpec{count_, "helper", {.priority = priority}});
+        EXPECT_TRUE(IsOk(engine_->submit_batch(specs)));
+        helpers_done_.wait();
+      });
+    }
+    ASSERT_TRUE(WaitUntil([&] { return runs_.load() == static_cast<int>(2 * kBig); }));
+    ASSERT_TRUE(IsOk(engine_->submit(block_, "", {.priority = kHighPriority})));
+    ASSERT_TRUE(WaitUntil([&] { return started_.load() == 1; })) << "blocker never started";
+  }
+
+  // Submits single jobs until the table is full; returns how many went in.
+  std::size_t FillTable() {
+    std::size_t accepted = 0;
+    for (;;) {
+      auto id = engine_->submit(count_, "fill");
+      if (!id) {
+        EXPECT_TRUE(HasError(id, StatusCode::kQueueFull));
+        return accepted;
+      }
+      ++accepted;
+    }
+  }
+
+  Gate gate_;
+  Gate helpers_done_;
+  std::vector<std::thread> helpers_;
+  std::atomic<int> started_{0};
+  std::atomic<int> runs_{0};
+  HandlerId block_ = 0;
+  HandlerId count_ = 0;
+  std::unique_ptr<Engine> engine_;
+};
+
+// The slots the worker keeps (finished, not yet handed back) when it blocks:
+// under one magazine.
+constexpr std::size_t kWorkerKeeps = kSlotCacheSize - 1;
+
+TEST_F(QueueOutOfMemoryTest, ABatchThatCannotBeQueuedIsRefusedAndItsSlotsAreFreeAgain) {
+  UseUpTheBlocksOf(kNormalPriority);
+  std::vector<JobSpec> big(kBig, JobSpec{count_, "big", {}});
+  detail::g_fail_queue_alloc_in.store(0);
+  auto refused = engine_->submit_batch(big);
+  ASSERT_EQ(detail::g_fail_queue_alloc_in.load(), -1) << "the batch made no queue allocation";
+  ASSERT_TRUE(HasError(refused, StatusCode::kInternal));
+  const std::string text = refused.status().to_string();
+  EXPECT_NE(text.find("out of memory growing the job queue of priority level 1"),
+            std::string::npos) << text;
+  EXPECT_NE(text.find("4096 job(s) from that level on were not accepted"), std::string::npos)
+      << text;
+  EXPECT_EQ(text.find("accepted;"), std::string::npos) << text;
+  EXPECT_EQ(engine_->health().submitted, 2 * kBig + 1);
+  // The same batch goes in once memory is there, and every other slot is
+  // still free: none was lost to the refused batch.
+  ASSERT_TRUE(IsOk(engine_->submit_batch(big)));
+  const std::size_t filled = FillTable();
+  EXPECT_LE(filled, kCapacity - 1 - kBig);
+  EXPECT_GE(filled, kCapacity - 1 - kBig - kWorkerKeeps);
+  gate_.open();
+  auto report = engine_->stop();
+  ASSERT_TRUE(IsOk(report));
+  EXPECT_EQ(report->submitted, 2 * kBig + 1 + kBig + filled);
+  EXPECT_EQ(report->done, report->submitted);
+  EXPECT_EQ(runs_.load(), static_cast<int>(report->submitted - 1));
+}
+
+TEST_F(QueueOutOfMemoryTest, AMixedBatchKeepsTheLevelsQueuedBeforeTheOneThatFailed) {
+  UseUpTheBlocksOf(kLowPriority);
+  // 10 normal-priority jobs (queued first, from blocks the pool still has),
+  // then 4096 low ones, which need new blocks.
+  std::vector<JobSpec> mixed;
+  for (int i = 0; i < 10; ++i) mixed.push_back(JobSpec{count_, "normal", {}});
+  for (std::size_t i = 0; i < kBig; ++i) {
+    mixed.push_back(JobSpec{count_, "low", {.priority = kLowPriority}});
+  }
+  detail::g_fail_queue_alloc_in.store(0);
+  auto partial = engine_->submit_batch(mixed);
+  ASSERT_EQ(detail::g_fail_queue_alloc_in.load(), -1) << "the batch made no queue allocation";
+  ASSERT_TRUE(HasError(partial, StatusCode::kInternal));
+  const std::string text = partial.status().to_string();
+  EXPECT_NE(text.find("priority level 2: 4096 job(s) from that level on were not accepted"),
+            std::string::npos) << text;
+  EXPECT_NE(text.find("the 10 job(s) at higher priorities"), std::string::npos) << text;
+  EXPECT_EQ(engine_->health().submitted, 2 * kBig + 1 + 10);
+  detail::g_fail_queue_alloc_in.store(-1);
+  const std::size_t filled = FillTable();
+  EXPECT_LE(filled, kCapacity - 1 - 10);
+  EXPECT_GE(filled, kCapacity - 1 - 10 - kWorkerKeeps);
+  gate_.open();
+  auto report = engine_->stop();
+  ASSERT_TRUE(IsOk(report));
+  EXPECT_EQ(report->submitted, 2 * kBig + 1 + 10 + filled);
+  EXPECT_EQ(report->done, report->submitted);
+  EXPECT_EQ(runs_.load(), static_cast<int>(report->submitted - 1));
 }
 
 // ---- priorities -------------------------------------------------------------

@@ -258,7 +258,11 @@ class Engine {
   // few free slots, fails the whole batch and accepts nothing). On success the
   // ids are written to `ids` when it is non-empty (it must then hold
   // jobs.size() entries) and the count is returned. Thread-safe; one bulk
-  // enqueue per priority level present in the batch.
+  // enqueue per priority level present in the batch, highest priority first.
+  // One exception to all-or-none: when memory runs out growing a queue
+  // (kInternal), a batch that mixes priorities keeps the jobs at the levels
+  // already queued (they run; the error says how many); the others are not
+  // accepted and their slots are free again.
   Result<std::size_t> submit_batch(std::span<const JobSpec> jobs, std::span<JobId> ids = {});
 
   // Stops intake (later submits get kStopped), then drains, abandons or
