@@ -1372,12 +1372,15 @@ class Engine::Impl final : public detail::CutSource {
   // until the announcement and the epoch agree. Relaxed store + light fence:
   // ordered before the re-read by the fence pair with stop()'s / begin_cut()'s
   // heavy fence, so a cut that missed the announcement is seen on the re-read.
+  // The re-read acquires: a worker that stamps epoch C+1 then also sees the
+  // horizon begin_cut() raised before bumping the epoch to C+1 (I7). (x86 and
+  // ARMv8 order it anyway; the language needs the acquire. Free on x86.)
   [[gnu::always_inline]] std::uint64_t announce(std::atomic<std::uint64_t>& slot) noexcept {
     std::uint64_t e = table_.epoch_relaxed();
     for (;;) {
       slot.store(e, std::memory_order_relaxed);
       asymmetric_fence_light();
-      const std::uint64_t again = table_.epoch_relaxed();
+      const std::uint64_t again = table_.epoch();
       if (again == e) [[likely]] return e;
       e = again;
     }

@@ -27,17 +27,19 @@
 //     safe because a reader of cut C only ever copies a slot whose job is in
 //     C and is held: say it accepts the pair (f, s), f loaded first (3) and
 //     either 0 or > C, then s in 1..C. s is the submit stamp of some
-//     occupant X of the slot; being <= C, X's claim was made before the cut
-//     began (engine.cc I5), so the finish load returned X's claim (0) or
-//     something later. It was not from a later occupant Y either: Y's claim
-//     (0) and Y's retire (f) are release stores after Y's submit stamp, so a
-//     reader that acquired one of them would then load Y's stamp or a later
-//     one, not X's. So both values are X's: X was pending at the cut, or
-//     finished in an epoch > C; it cannot finish in an epoch <= C after the
-//     cut began (I5). Its finish epoch is then > C >= its submit epoch, the
-//     exception does not apply, and the horizon holds its slot as before. A
-//     job in no cut is therefore never copied, whether its slot is reused
-//     or not.
+//     occupant X of the slot; being <= C, X's claim happened before
+//     begin_cut() returned (engine.cc I5; possibly after the epoch bump, and
+//     then X may carry an older epoch than the slot's previous occupant
+//     finished in, which nothing here relies on), so the finish load
+//     returned X's claim (0) or something later. It was not from a later
+//     occupant Y either: Y's claim (0) and Y's retire (f) are release stores
+//     after Y's submit stamp, so a reader that acquired one of them would
+//     then load Y's stamp or a later one, not X's. So both values are X's:
+//     X was pending at the cut, or finished in an epoch > C; it cannot
+//     finish in an epoch <= C once begin_cut() has returned (I5). Its finish
+//     epoch is then > C >= its submit epoch, the exception does not apply,
+//     and the horizon holds its slot as before. A job in no cut is therefore
+//     never copied, whether its slot is reused or not.
 //  3. A snapshot reader decides whether a slot belongs to its cut from
 //     (finish_epoch, submit_epoch), loading finish_epoch first (acquire). A
 //     claimer stores the new submit_epoch *before* resetting finish_epoch to
