@@ -11,8 +11,15 @@
 //                                  JOBENGINE_BENCH_SUBMITS empty high-priority
 //                                  jobs (16-byte payload) and ends once the
 //                                  worker ran them all. Counters p50_ns,
-//                                  p99_ns, p999_ns: see "Submit latency".
-//                                  Targets: throughput >= 0.9x, p99.9 <= 1.2x.
+//                                  p99_ns, p999_ns, max_us: see "Submit
+//                                  latency"; queue_full: kQueueFull retries
+//                                  per iteration (the table is full: the
+//                                  worker is behind, or a snapshot holds
+//                                  slots, see engine/job_table.h (2));
+//                                  snapshots per iteration; snap_ms and
+//                                  snap_MB: the last snapshot's wall time
+//                                  and size. Targets: throughput >= 0.9x,
+//                                  p99.9 <= 1.2x.
 //   BM_SnapshotToDisk_1M           Engine::snapshot_now() of 1,000,000 pending
 //   BM_PlainWriteFsync_1M          jobs with 64-byte payloads (shm off,
 //                                  periodic disk off), against creating a file
