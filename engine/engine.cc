@@ -464,6 +464,10 @@ class Engine::Impl final : public detail::CutSource {
     }
     RecoveryReport recovery = recovery_;
     if (Status restored = restore(recovery); !restored.ok()) {
+      // Part of the snapshot may be in the table and queues already: a
+      // second start() would restore it all again (jobs twice). The engine
+      // stays stopped; its snapshot is untouched for the next open().
+      state_.store(EngineState::kStopped, std::memory_order_release);
       log(LogLevel::kError, restored.to_string());
       return restored;
     }
@@ -708,14 +712,28 @@ class Engine::Impl final : public detail::CutSource {
     ProducerState* psp = producer_state();
     if (psp == nullptr) return stopped_status();
     ProducerState& ps = *psp;
+    const std::size_t n = jobs.size();
+    bool single_level = true;
+    for (std::size_t i = 1; i < n && single_level; ++i) {
+      single_level = jobs[i].options.priority == jobs[0].options.priority;
+    }
+    // Scratch space first, outside intake: nothing between enter_intake()
+    // and leave_intake() may throw (stop() and every cut would wait forever).
+    try {
+      if (ps.batch_slots.size() < n) ps.batch_slots.resize(n);
+      if (!single_level) {
+        for (auto& v : ps.batch_by_level) v.reserve(n);
+      }
+    } catch (const std::bad_alloc&) {
+      return Status(StatusCode::kInternal,
+                    "submit_batch(): out of memory for a batch of " + std::to_string(n) + " jobs");
+    }
     const std::uint64_t epoch = enter_intake(ps);
     if (epoch == 0) return stopped_status();
     if (jobs.empty()) {
       leave_intake(ps);
       return std::size_t{0};
     }
-    const std::size_t n = jobs.size();
-    if (ps.batch_slots.size() < n) ps.batch_slots.resize(n);
     SlotIndex* slots = ps.batch_slots.data();
     if (!take_slots(ps, slots, n)) {
       bump(ps.rejected, n);
@@ -746,10 +764,6 @@ class Engine::Impl final : public detail::CutSource {
     }
     // One bulk enqueue per level present. The common single-level batch goes
     // straight from the slot array.
-    bool single_level = true;
-    for (std::size_t i = 1; i < n && single_level; ++i) {
-      single_level = jobs[i].options.priority == jobs[0].options.priority;
-    }
     // Levels go in in order; `failed` is the first one moodycamel could not
     // queue (only when memory runs out), kPriorityLevels if none.
     std::uint8_t failed = kPriorityLevels;
@@ -895,7 +909,9 @@ class Engine::Impl final : public detail::CutSource {
       std::uint64_t dropped_here = 0;
       if (mode == StopMode::kAbandon) dropped_here = drop_queued();
       dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
-      if (mode == StopMode::kDrain) report.delayed_left = held_.load(std::memory_order_relaxed);
+      if (mode == StopMode::kDrain) {
+        report.delayed_left = held_.load(std::memory_order_relaxed) + left_in_queues();
+      }
       if (persistence_) {
         auto info = persistence_->final_snapshot();
         if (!info) final_status = info.status();
@@ -1812,7 +1828,11 @@ class Engine::Impl final : public detail::CutSource {
                     " us, past its deadline");
       }
     }
-    if (outcome == Outcome::kDone && (s.flags & kSlotHasExtra) == 0) [[likely]] {
+    // A job cancel() reached while it ran counts as cancelled, whatever it
+    // returned (JobContext::cancelled()): after_handler() takes it. The id
+    // word's line is this worker's since run_one() began.
+    if (outcome == Outcome::kDone && (s.flags & kSlotHasExtra) == 0 &&
+        (s.id_word.load(std::memory_order_relaxed) & kCancelBit) == 0) [[likely]] {
       retire(w, idx);
       bump(w.done);
       bump(hs.done);
@@ -1874,18 +1894,21 @@ class Engine::Impl final : public detail::CutSource {
     Slot& s = table_.slot(idx);
     const HandlerEntry& h = handlers_[s.handler];
     HandlerStats& hs = w.by_handler[s.handler];
+    if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+      // Cancelled while it ran: never retried, and counted as cancelled
+      // whatever it returned (JobContext::cancelled()).
+      log_job(LogLevel::kInfo, s, h,
+              outcome == Outcome::kDone ? "cancelled while running; it returned done"
+                                        : "cancelled while running; not retried");
+      bump(hs.ran_other);
+      finish_cancelled(w, idx);
+      return;
+    }
     if (outcome == Outcome::kDone) {
       release_key(s);
       retire(w, idx);
       bump(w.done);
       bump(hs.done);
-      return;
-    }
-    if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
-      // Cancelled while it ran: never retried.
-      log_job(LogLevel::kInfo, s, h, "cancelled while running; not retried");
-      bump(hs.ran_other);
-      finish_cancelled(w, idx);
       return;
     }
     std::string error = ctx.error();
@@ -2170,11 +2193,18 @@ class Engine::Impl final : public detail::CutSource {
       std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
       if ((word & kIdMask) != id) continue;
       const SlotState before = s.state.load(std::memory_order_acquire);
-      if (before == SlotState::kFree || before == SlotState::kRetired) break;
-      if ((word & kCancelBit) == 0 &&
-          !s.id_word.compare_exchange_strong(word, word | kCancelBit, std::memory_order_acq_rel)) {
-        break;  // the slot was reused: the job finished
+      // Not this job's live slot, but maybe an old one: requeue_dead() puts
+      // a dead job back under its own id, in another slot, while the slot it
+      // died in may still hold the id. Keep looking.
+      if (before == SlotState::kFree || before == SlotState::kRetired) continue;
+      // Another cancel() may set the bit first: then the job is cancelled
+      // all the same. A failed CAS that shows another id: the slot was
+      // reused, the job finished (or lives on in another slot).
+      while ((word & kCancelBit) == 0 &&
+             !s.id_word.compare_exchange_weak(word, word | kCancelBit, std::memory_order_acq_rel)) {
+        if ((word & kIdMask) != id) break;
       }
+      if ((word & kIdMask) != id) continue;
       asymmetric_fence_heavy();
       // From here on the bit is ours: the job either never runs or was
       // already starting, never "not found".
@@ -2486,6 +2516,22 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // After the workers joined (kAbandon): empty the queues, count and free.
+  // kDrain, once the workers and the scheduler are joined: jobs still in a
+  // queue. A delayed job (or retry) that falls due as the drain ends can be
+  // fired into a queue after the last worker saw drained() (which counted it
+  // as held back) and left. It is not run: it stays in the table, so the
+  // final snapshot keeps it like the jobs held back, and it is counted with
+  // them in StopReport::delayed_left.
+  std::uint64_t left_in_queues() {
+    std::uint64_t left = 0;
+    SlotIndex buf[256];
+    for (auto& q : queues_) {
+      std::size_t n;
+      while ((n = q.try_dequeue_bulk(buf, 256)) != 0) left += n;
+    }
+    return left;
+  }
+
   std::uint64_t drop_queued() {
     std::uint64_t dropped = 0;
     SlotIndex buf[256];

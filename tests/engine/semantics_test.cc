@@ -303,6 +303,48 @@ TEST(RetryTest, BadRetryPoliciesAreInvalidArgument) {
 
 // ---- dead letters -----------------------------------------------------------------
 
+// requeue_dead() puts the job back under its own id, in a new slot, while the
+// slot it died in (earlier in the table) may still hold that id, retired or
+// free: cancel() must look past it.
+TEST(DeadLetterTest, ARequeuedJobCanBeCancelledWhileItsOldSlotStillHoldsItsId) {
+  Gate gate;
+  std::atomic<int> runs{0};
+  std::atomic<int> blocked{0};
+  EngineOptions o = TestOptions(nullptr);
+  o.workers = 1;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto fails = engine->register_handler("fails", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kFail;
+  });
+  auto block = engine->register_handler("block", [&](JobContext&) {
+    blocked.fetch_add(1);
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(fails.ok() && block.ok());
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*fails, "x");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->dead_letters().size() == 1; }));
+  // The worker holds the dead job's old slot (retired, id intact) while it
+  // runs the blocker; the requeued job waits behind it in a newer slot.
+  ASSERT_TRUE(engine->submit(*block, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return blocked.load() == 1; }));
+  auto again = engine->requeue_dead(*id);
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  auto cancelled = engine->cancel(*id);
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status().to_string();
+  EXPECT_EQ(*cancelled, CancelResult::kCancelled);
+  gate.open();
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(runs.load(), 1) << "the cancelled job ran again";
+  EXPECT_EQ(report->cancelled, 1u);
+}
+
 TEST(DeadLetterTest, FailedJobsAreKeptListedRequeuedAndDropped) {
   // Used by handlers: declared before the engine, so they outlive its drain.
   std::atomic<bool> heal{false};
@@ -440,6 +482,32 @@ TEST(CancelTest, QueuedDelayedAndRunningJobsEachSayWhatHappened) {
   ASSERT_TRUE(report.ok());
   EXPECT_EQ(report->cancelled, 3u);
   EXPECT_EQ(engine->cancel(*running).status().code(), StatusCode::kFailedPrecondition);
+}
+
+// JobContext::cancelled(): "any outcome; a cancelled job is never retried and
+// counts as cancelled" -- kDone included.
+TEST(CancelTest, ARunningJobThatSeesItsCancelAndReturnsDoneCountsAsCancelled) {
+  std::atomic<bool> started{false};
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("polls", [&](JobContext& job) {
+    started.store(true);
+    const auto until = steady_clock::now() + kWaitTimeout;
+    while (!job.cancelled() && steady_clock::now() < until) std::this_thread::yield();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "");
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(WaitUntil([&] { return started.load(); }));
+  auto c = engine->cancel(*id);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(*c, CancelResult::kCancelRequested);
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->cancelled, 1u);
+  EXPECT_EQ(report->done, 0u);
 }
 
 TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {

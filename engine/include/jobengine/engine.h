@@ -200,8 +200,11 @@ struct Health {
   std::uint64_t last_snapshot_bytes = 0;
   std::uint64_t last_durable_generation = 0;    // newest on disk
   std::chrono::nanoseconds last_durable_age{0};
-  std::string last_snapshot_error;              // empty when the last attempt succeeded
-  std::uint64_t snapshot_failures = 0;
+  // Empty when each store's last publish succeeded; else the failing one's
+  // error (the disk's first). A shared-memory success does not clear a disk
+  // failure, nor the other way round.
+  std::string last_snapshot_error;
+  std::uint64_t snapshot_failures = 0;          // failed publishes, per store
   // Jobs accepted since the newest durable snapshot's cut: what power loss
   // could lose now (approximate).
   std::uint64_t at_risk = 0;
@@ -239,7 +242,9 @@ class Engine {
   // Starts the workers (pinned to options.cpus when given) and returns once
   // every one of them runs, so health().ok holds on return. kFailedPrecondition
   // unless the engine is open and not started; kIoError when a thread cannot be
-  // created or pinned (the engine is then stopped again).
+  // created or pinned. Any failure, restoring the recovered snapshot's jobs
+  // included, leaves the engine stopped: open a new one (the snapshot it
+  // recovered from is untouched).
   Result<StartReport> start();
 
   // Submits one job. Thread-safe, lock-free; does not allocate for payloads up
@@ -275,7 +280,9 @@ class Engine {
   // Takes a snapshot now and writes it to disk; returns once the file and its
   // directory entry are durable. Thread-safe (concurrent calls may share one
   // snapshot). kFailedPrecondition without a disk store or when not running;
-  // kIoError when the publish failed (the previous generation stays valid).
+  // kIoError when the disk publish failed (the previous generation stays
+  // valid). A shared-memory failure of the same snapshot does not fail it (the
+  // generation is durable): it is logged and shown in health().
   Result<SnapshotInfo> snapshot_now();
 
   // Cancels a pending job (queued, delayed, waiting to retry: it never runs)
