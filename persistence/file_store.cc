@@ -390,8 +390,14 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   // generation out and another stays, that file becomes the temp file.
   // A file with another name too (an operator's hard-linked backup) is not
   // rewritten: that name would see the new bytes.
+  // And only while another generation present is known to verify: with
+  // the newer ones damaged, rewriting the oldest and failing would leave none.
   const GenerationFile* recycled = nullptr;
-  if (present->size() >= keep_ && present->size() >= 2) {
+  const bool another_verifies =
+      known_good_ != 0 && !present->empty() && known_good_ != present->back().generation &&
+      std::any_of(present->begin(), present->end(),
+                  [&](const GenerationFile& g) { return g.generation == known_good_; });
+  if (present->size() >= keep_ && present->size() >= 2 && another_verifies) {
     const GenerationFile& oldest = present->back();
     SysResult<FileInfo> info = fs.lstat(oldest.path);
     if (info.ok() && info.value.kind == FileInfo::Kind::kRegular && info.value.links == 1 &&
@@ -447,6 +453,7 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
     return s;
   }
 
+  known_good_ = generation;
   // Retention. The image is durable already, so a failure here does not fail
   // the publish; the next publish prunes again.
   bool pruned = false;
@@ -457,6 +464,11 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   }
   if (pruned) (void)sync_dir(fs, dir_);
   return Status();
+}
+
+void FileStore::note_verified(std::uint64_t generation) {
+  std::lock_guard<std::mutex> guard(publish_mutex_);
+  if (generation > known_good_) known_good_ = generation;
 }
 
 Result<std::vector<GenerationFile>> FileStore::list() const { return list_generations(dir_, *fs_); }

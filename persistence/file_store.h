@@ -38,9 +38,14 @@
 // above, a 1M-job (140 MB) snapshot_now() went from ~190 to ~130 ms. The one
 // difference a failure makes: the oldest generation, which this publish was
 // about to delete, is already gone, so keep - 1 generations remain (never
-// fewer than one: the only generation is never recycled). A file with more
-// than one link (say an operator's hard-linked backup) is never recycled, and
-// if the rename to the temp name fails the publish writes a new file instead.
+// fewer than one: the only generation is never recycled). So a file is
+// recycled only while another generation in the directory is known to verify
+// (one this store published, or the one recovery loaded: note_verified()):
+// were the newer files all damaged, rewriting the oldest and failing would
+// leave no generation that loads. Until then the publish writes a new file.
+// A file with more than one link (say an operator's hard-linked backup) is
+// never recycled, and if the rename to the temp name fails the publish writes
+// a new file instead.
 //
 // All files of the store are opened O_CLOEXEC through the injected
 // FileSystem; the paths a store reports are dir + "/" + name with the
@@ -90,6 +95,11 @@ class FileStore {
   // concurrent publishes are serialized.
   Status publish(std::uint64_t generation, std::span<const unsigned char> image);
 
+  // Says that generation `generation`, in the directory, verified (recovery
+  // loaded it), so that the next publish may recycle an older file
+  // ("Recycling" above). Thread-safe.
+  void note_verified(std::uint64_t generation);
+
   // The generation files present, newest first: regular files named exactly
   // gen-<20 digits>.jobsnap, with their sizes (temp files and other names
   // excluded). kIoError if the directory cannot be listed. Thread-safe.
@@ -127,6 +137,9 @@ class FileStore {
   std::shared_ptr<FileSystem> fs_;
   int lock_fd_;
   std::mutex publish_mutex_;
+  // A generation known to verify: the last one published here, or the one
+  // note_verified() named; 0 none. Under publish_mutex_.
+  std::uint64_t known_good_ = 0;
 };
 
 // Lists generation files of a directory without locking it (for recovery

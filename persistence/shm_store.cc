@@ -694,17 +694,26 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
     // One writer per segment: two engines configured with the same name
     // would overwrite each other's images. flock on the segment's own open
     // file description; released when the store closes it or the process dies.
-    if (st.ok() && ::flock(impl->fd, LOCK_EX | LOCK_NB) != 0) {
-      const int err = errno;
-      st = err == EWOULDBLOCK
-               ? Status(StatusCode::kFailedPrecondition,
-                        label(name) + ": another engine is writing this segment (it holds its lock)")
-               : io_error(name, "flock", errno_text(err));
+    bool locked = false;
+    if (st.ok()) {
+      if (::flock(impl->fd, LOCK_EX | LOCK_NB) == 0) {
+        locked = true;
+      } else {
+        const int err = errno;
+        st = err == EWOULDBLOCK
+                 ? Status(StatusCode::kFailedPrecondition,
+                          label(name) + ": another engine is writing this segment (it holds its lock)")
+                 : io_error(name, "flock", errno_text(err));
+      }
     }
     if (st.ok()) st = created ? impl->initialise(initial_bytes) : impl->attach(initial_bytes);
     if (!st.ok()) {
-      // A segment we created and could not set up holds nothing: drop it.
-      if (created) bip::shared_memory_object::remove(name.c_str());
+      // A segment we created and could not set up holds nothing: drop it,
+      // unless another engine opened it meanwhile and holds its lock (it
+      // lost the race to create it but won the lock, and writes there now).
+      if (created && (locked || ::flock(impl->fd, LOCK_EX | LOCK_NB) == 0)) {
+        bip::shared_memory_object::remove(name.c_str());
+      }
       return st;
     }
     return std::unique_ptr<ShmStore>(new ShmStore(std::move(impl)));

@@ -149,7 +149,13 @@ class Snapshotter final : public Persistence {
     if (shm_) shm.emplace(persist::ShmCandidate{"shm:" + options_.shm_name, shm_->read_active()});
     loaded = persist::load_newest(shm ? &*shm : nullptr, files, *fs_for_reads(), report,
                                   /*map_files=*/true);
-    if (loaded) log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
+    if (loaded) {
+      log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
+      // A generation file that verified: the disk store may recycle older ones.
+      if (disk_ && report.source.rfind("shm:", 0) != 0) {
+        disk_->note_verified(loaded->view.header.generation);
+      }
+    }
     for (const auto& s : report.skipped) {
       log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
                                   std::to_string(s.offset) + "): " + s.reason);
@@ -182,12 +188,17 @@ class Snapshotter final : public Persistence {
     } catch (const std::system_error& e) {
       return Status(StatusCode::kIoError, std::string("starting the snapshot thread: ") + e.what());
     }
-    return place_thread(thread_.native_handle(), "jobengine-snap", options_.cpu);
+    Status placed = place_thread(thread_.native_handle(), "jobengine-snap", options_.cpu);
+    // The engine unwinds a failed start(): no snapshot thread may outlive it.
+    if (!placed.ok()) stop();
+    return placed;
   }
 
   Result<SnapshotInfo> snapshot_now() override {
     std::unique_lock<std::mutex> lock(mu_);
-    if (!thread_.joinable() || stopping_) {
+    // stopping_ first: once it is set, stop() may be joining thread_ outside
+    // mu_, and thread_ must not be looked at.
+    if (stopping_ || !thread_.joinable()) {
       return Status(StatusCode::kFailedPrecondition, "snapshot_now(): snapshot thread not running");
     }
     // A request is served by the first durable snapshot that *starts* after
@@ -198,8 +209,11 @@ class Snapshotter final : public Persistence {
     if (served_ < ticket) {
       return Status(StatusCode::kFailedPrecondition, "snapshot_now(): engine stopping");
     }
-    if (!served_status_.ok()) return served_status_;
-    return served_info_;
+    // Any durable snapshot of a batch >= ticket cut after the request: the
+    // newest success answers it if it is one (a later batch may already
+    // have replaced the result of ours); else every batch since failed.
+    if (served_ok_batch_ >= ticket) return served_ok_info_;
+    return served_status_;
   }
 
   void stop() override {
@@ -233,10 +247,7 @@ class Snapshotter final : public Persistence {
     h.failures = failures_.load(std::memory_order_relaxed);
     h.accepted_at_last_durable = accepted_at_durable_.load(std::memory_order_relaxed);
     // The lock is taken only while the last attempt failed.
-    if (error_present_.load(std::memory_order_acquire)) {
-      std::lock_guard<std::mutex> lock(error_mu_);
-      h.last_error = last_error_;
-    }
+    if (error_present_.load(std::memory_order_acquire)) h.last_error = last_error_copy();
     return h;
   }
 
@@ -272,8 +283,12 @@ class Snapshotter final : public Persistence {
       if (disk_due || asked) next_disk = now + options_.disk_interval;
       if (asked) {
         served_ = batch;
-        served_status_ = result ? Status() : result.status();
-        if (result) served_info_ = *result;
+        if (result) {
+          served_ok_batch_ = batch;
+          served_ok_info_ = *result;
+        } else {
+          served_status_ = result.status();
+        }
         cv_.notify_all();
       }
     }
@@ -285,10 +300,13 @@ class Snapshotter final : public Persistence {
     const auto t0 = steady_clock::now();
     const std::uint64_t generation = next_generation_++;
 
+    // Jobs accepted so far, read before the cut: all of them are in this
+    // snapshot (or finished), so once it is durable none of them is at risk.
+    // Read after, it would count jobs accepted after the cut as safe.
+    const std::uint64_t accepted = source_->accepted_total();
     const std::uint64_t cut = source_->begin_cut();
     const std::int64_t steady_at_cut = Clock::steady_ns();
     const std::int64_t wall_at_cut = wall_now_ns();
-    const std::uint64_t accepted = source_->accepted_total();
     const Clock::Converter to_steady = Clock::converter();
     auto to_wall = [&](std::uint64_t ticks) {
       return wall_at_cut - (steady_at_cut - to_steady(ticks));
@@ -368,19 +386,23 @@ class Snapshotter final : public Persistence {
     info.generation = generation;
     info.jobs = jobs;
     info.bytes = image.size();
-    Status failure;
+    // Each store succeeds or fails on its own: a generation durable on disk
+    // is recorded as such even if shared memory failed, and a shared-memory
+    // success does not hide a disk failure (health() keeps each store's
+    // error until that store publishes again).
+    Status shm_failure;
+    Status disk_failure;
     if (in_place) {
       // The image is in the slot unless the slot could not grow (then the
       // encoder finished it in its own buffer): commit it, or report why not.
-      Status s = encoder_.in_sink()
-                     ? shm_->commit_image(generation, image.size(), encoder_.whole_checksum())
-                     : sink.error();
-      if (!s.ok()) failure = s;
+      shm_failure = encoder_.in_sink()
+                        ? shm_->commit_image(generation, image.size(), encoder_.whole_checksum())
+                        : sink.error();
     }
-    if (to_disk && disk_) {
-      if (Status s = disk_->publish(generation, image); !s.ok()) {
-        failure = s;
-      } else {
+    const bool to_file = to_disk && disk_;
+    if (to_file) {
+      disk_failure = disk_->publish(generation, image);
+      if (disk_failure.ok()) {
         char name[64];
         std::snprintf(name, sizeof(name), "/gen-%020llu.jobsnap",
                       static_cast<unsigned long long>(generation));
@@ -388,23 +410,28 @@ class Snapshotter final : public Persistence {
       }
     }
     info.took = std::chrono::duration_cast<nanoseconds>(steady_clock::now() - t0);
-
-    if (!failure.ok()) {
-      failures_.fetch_add(1, std::memory_order_relaxed);
-      {
-        std::lock_guard<std::mutex> lock(error_mu_);
-        last_error_ = "generation " + std::to_string(generation) + ": " + failure.to_string();
-      }
-      error_present_.store(true, std::memory_order_release);
-      log(LogLevel::kError, "snapshot " + last_error_copy());
-      return failure;
+    const bool shm_ok = in_place && shm_failure.ok();
+    const bool disk_ok = to_file && disk_failure.ok();
+    {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      const std::string label = "generation " + std::to_string(generation) + ": ";
+      if (in_place) shm_error_ = shm_ok ? std::string() : label + shm_failure.to_string();
+      if (to_file) disk_error_ = disk_ok ? std::string() : label + disk_failure.to_string();
+      error_present_.store(!shm_error_.empty() || !disk_error_.empty(), std::memory_order_release);
     }
-    error_present_.store(false, std::memory_order_release);
-    last_generation_.store(generation, std::memory_order_relaxed);
-    last_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
-    last_duration_ns_.store(info.took.count(), std::memory_order_relaxed);
-    last_bytes_.store(info.bytes, std::memory_order_relaxed);
-    if (to_disk && disk_) {
+    for (const Status* f : {&shm_failure, &disk_failure}) {
+      if (f->ok()) continue;
+      failures_.fetch_add(1, std::memory_order_relaxed);
+      log(LogLevel::kError, "snapshot generation " + std::to_string(generation) + ": " +
+                                f->to_string());
+    }
+    if (shm_ok || disk_ok) {
+      last_generation_.store(generation, std::memory_order_relaxed);
+      last_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
+      last_duration_ns_.store(info.took.count(), std::memory_order_relaxed);
+      last_bytes_.store(info.bytes, std::memory_order_relaxed);
+    }
+    if (disk_ok) {
       last_durable_generation_.store(generation, std::memory_order_relaxed);
       last_durable_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
       accepted_at_durable_.store(accepted, std::memory_order_relaxed);
@@ -412,12 +439,22 @@ class Snapshotter final : public Persistence {
                                 std::to_string(jobs) + " jobs, " + std::to_string(info.bytes) +
                                 " bytes, durable in " + info.path);
     }
+    // What the caller asked for decides: a disk generation (snapshot_now(),
+    // final and periodic disk snapshots) is the result when one was asked
+    // for, with a shared-memory failure only logged and in health(); else the
+    // shared-memory publish.
+    if (to_file) {
+      if (!disk_failure.ok()) return disk_failure;
+    } else if (!shm_failure.ok()) {
+      return shm_failure;
+    }
     return info;
   }
 
+  // The failing store's error: the disk's first (durability), else shared memory's.
   std::string last_error_copy() const {
     std::lock_guard<std::mutex> lock(error_mu_);
-    return last_error_;
+    return disk_error_.empty() ? shm_error_ : disk_error_;
   }
 
   persist::FileSystem* fs_for_reads() {
@@ -444,9 +481,10 @@ class Snapshotter final : public Persistence {
   std::condition_variable cv_;
   bool stopping_ = false;
   std::uint64_t requested_ = 0;
-  std::uint64_t served_ = 0;
-  Status served_status_;
-  SnapshotInfo served_info_;
+  std::uint64_t served_ = 0;         // requests up to this ticket were served
+  std::uint64_t served_ok_batch_ = 0;  // the newest served batch that succeeded
+  SnapshotInfo served_ok_info_;       // ... and its result
+  Status served_status_;              // the newest failure of a served batch
   std::thread thread_;
 
   // Health, read without the locks above.
@@ -458,9 +496,12 @@ class Snapshotter final : public Persistence {
   std::atomic<std::int64_t> last_durable_cut_steady_ns_{0};
   std::atomic<std::uint64_t> accepted_at_durable_{0};
   std::atomic<std::uint64_t> failures_{0};
-  std::atomic<bool> error_present_{false};
+  std::atomic<bool> error_present_{false};  // either error below is set
   mutable std::mutex error_mu_;
-  std::string last_error_;
+  // Each store's error from its last publish ("" after a success), so that a
+  // success of one does not clear the other's failure.
+  std::string shm_error_;
+  std::string disk_error_;
   std::vector<SkippedSnapshot> replaced_;
 };
 

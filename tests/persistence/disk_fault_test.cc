@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -289,6 +290,53 @@ std::vector<Fault> AllFaults() {
     out.push_back({op, EINTR, false});
   }
   return out;
+}
+
+// With both stores, the shared-memory snapshots between two disk ones
+// succeed while the disk keeps failing: they must not clear the disk's error
+// from health() (a failing disk would then look healthy between attempts).
+TEST_F(DiskFaultTest, SharedMemorySuccessesDoNotHideAFailingDisk) {
+  const std::string shm_name = "jobengine-diskfault-" + std::to_string(::getpid());
+  struct Unlink {
+    std::string name;
+    ~Unlink() { ::shm_unlink(("/" + name).c_str()); }
+  } unlink_at_end{shm_name};
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 1024;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir_;
+  o.snapshot.shm_name = shm_name;
+  o.snapshot.shm_interval = milliseconds(2);
+  o.snapshot.disk_interval = milliseconds(50);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  ASSERT_TRUE(WaitUntil([&] { return e->health().last_durable_generation >= 1; }));
+  g_errno.store(EIO, std::memory_order_relaxed);
+  g_every.store(true, std::memory_order_relaxed);
+  g_fired.store(0, std::memory_order_relaxed);
+  g_op.store(Op::kFsync, std::memory_order_release);
+  ASSERT_TRUE(WaitUntil([&] { return g_fired.load() >= 1; }));
+  const std::uint64_t generation = e->health().last_snapshot_generation;
+  // Several shared-memory snapshots later the disk's failure still shows.
+  ASSERT_TRUE(WaitUntil([&] { return e->health().last_snapshot_generation >= generation + 5; }));
+  const Health health = e->health();
+  EXPECT_NE(health.last_snapshot_error.find(std::strerror(EIO)), std::string::npos)
+      << "'" << health.last_snapshot_error << "'";
+  EXPECT_NE(health.last_snapshot_error.find(dir_), std::string::npos) << health.last_snapshot_error;
+  EXPECT_FALSE(health.ok);
+  // The fault clears: the next disk snapshot clears the error.
+  g_op.store(Op::kNone, std::memory_order_release);
+  const std::uint64_t durable = health.last_durable_generation;
+  ASSERT_TRUE(WaitUntil([&] {
+    const Health hl = e->health();
+    return hl.last_durable_generation > durable && hl.last_snapshot_error.empty();
+  })) << e->health().last_snapshot_error;
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+  ExpectCleanDirectory();
 }
 
 INSTANTIATE_TEST_SUITE_P(EachCallErrnoOnceAndPersistent, DiskFaultTest,

@@ -982,6 +982,45 @@ TEST_F(FileStoreTest, AGenerationWithAnotherNameIsNeverRewritten) {
   EXPECT_EQ(inode_of(gen_path(4)), oldest);
 }
 
+TEST_F(FileStoreTest, NothingIsRecycledUntilAnotherGenerationIsKnownToVerify) {
+  // A restart finds generation 2 damaged and 1 good (recovery takes 1). With
+  // keep 2, the next publish would recycle 1, the only generation that
+  // loads: were that publish to fail, none would be left.
+  {
+    auto first = open_store(2);
+    ASSERT_NE(first, nullptr);
+    ASSERT_TRUE(first->publish(1, image(1)).ok());
+    ASSERT_TRUE(first->publish(2, image(2)).ok());
+  }
+  {
+    std::ofstream damage(gen_path(2), std::ios::binary | std::ios::trunc);
+    damage << "not a snapshot";
+  }
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(2, faults);
+  ASSERT_NE(store, nullptr);
+  const std::uint64_t inode1 = inode_of(gen_path(1));
+  faults->add_rule(fail_call(FaultOp::kWrite, ENOSPC));
+  EXPECT_FALSE(store->publish(3, image(3)).ok());
+  EXPECT_EQ(slurp(gen_path(1)), image(1)) << "the only good generation was rewritten";
+  // Recovery says 1 verified: still the oldest, so still not recycled.
+  store->note_verified(1);
+  faults->add_rule(fail_call(FaultOp::kWrite, ENOSPC));
+  EXPECT_FALSE(store->publish(4, image(4)).ok());
+  EXPECT_EQ(slurp(gen_path(1)), image(1));
+  EXPECT_EQ(inode_of(gen_path(1)), inode1);
+  faults->clear_rules();
+  // A success: 5 is known good, and retention keeps 5 and 2.
+  ASSERT_TRUE(store->publish(5, image(5)).ok());
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
+                                                      "gen-00000000000000000005.jobsnap"}));
+  // From now on the oldest is recycled again (5 stays and verifies).
+  const std::uint64_t inode2 = inode_of(gen_path(2));
+  ASSERT_TRUE(store->publish(6, image(6)).ok());
+  EXPECT_EQ(inode_of(gen_path(6)), inode2);
+  EXPECT_EQ(slurp(gen_path(6)), image(6));
+}
+
 TEST_F(FileStoreTest, TheOnlyGenerationIsNeverRecycled) {
   // keep 1: rewriting the one generation in place would leave none while the
   // new one is written; it stays until the new one is durable.
