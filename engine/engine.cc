@@ -63,7 +63,8 @@
 //      (cancelled), stamping finish epochs under its own announcement
 //      (sched_announce_, waited out by begin_cut like a worker's). Dead
 //      letters live outside the table, under dead_mu_, and are copied into
-//      every snapshot.
+//      every snapshot, at the cut's epoch bump (begin_cut), under dead_mu_:
+//      requeue_dead() holds it while it moves a job from them to the table.
 #include <sched.h>
 
 #include <algorithm>
@@ -1009,9 +1010,19 @@ class Engine::Impl final : public detail::CutSource {
 
   std::uint64_t begin_cut() override {
     const std::uint64_t cut = table_.epoch();
-    // I7: the horizon first, then the bump (release, then acq_rel).
-    table_.set_reclaim_horizon(cut + 1);
-    table_.advance_epoch();
+    {
+      // The dead letters as of the cut: copied with the bump under dead_mu_,
+      // which requeue_dead() holds from taking a dead letter out to stamping
+      // its job back into the table. So a requeue is wholly before the bump
+      // (its stamp <= C: the job is in the cut, the letter gone from the
+      // copy) or wholly after it (stamp > C: not in the cut, the letter in
+      // the copy), never in neither.
+      std::lock_guard<std::mutex> lock(dead_mu_);
+      cut_dead_.assign(dead_.begin(), dead_.end());
+      // I7: the horizon first, then the bump (release, then acq_rel).
+      table_.set_reclaim_horizon(cut + 1);
+      table_.advance_epoch();
+    }
     asymmetric_fence_heavy();
     // I5: wait out every announcement of an epoch <= cut. Acquire: pairs with
     // the release that clears an announcement, so the stamps are visible.
@@ -1097,10 +1108,8 @@ class Engine::Impl final : public detail::CutSource {
 
   std::span<const std::string> handler_names() const override { return handler_names_; }
   JobId next_job_id() const override { return next_id_.load(std::memory_order_acquire); }
-  std::vector<detail::DeadJob> dead_jobs() const override {
-    std::lock_guard<std::mutex> lock(dead_mu_);
-    return std::vector<detail::DeadJob>(dead_.begin(), dead_.end());
-  }
+  // Only the snapshot thread calls begin_cut() and this, one cut at a time.
+  std::vector<detail::DeadJob> dead_jobs() override { return std::move(cut_dead_); }
   // Submitted + recovered. Acquire: pending() relies on it after stop()
   // closed intake (I4).
   std::uint64_t accepted_total() const override {
@@ -1971,6 +1980,21 @@ class Engine::Impl final : public detail::CutSource {
     bump(w.by_handler[s.handler].cancelled);
   }
 
+  // cancel() said kCancelled: the job will never run, so its unique key is
+  // free now (SubmitOptions::unique_key), not only once a worker or the
+  // scheduler reaches the cancelled job. By id: the slot's key bytes may be
+  // freed under us. A scan of the keys, like cancel()'s of the table; the
+  // later release_key() of the same job finds another id (or nothing) there.
+  void release_key_of(JobId id) {
+    std::lock_guard<std::mutex> lock(keys_mu_);
+    for (auto it = keys_.begin(); it != keys_.end(); ++it) {
+      if (it->second == id) {
+        keys_.erase(it);
+        return;
+      }
+    }
+  }
+
   // Frees the job's unique key, if it has one and still owns it.
   void release_key(const Slot& s) {
     const std::string_view key = s.key();
@@ -2217,10 +2241,12 @@ class Engine::Impl final : public detail::CutSource {
       switch (now) {
         case SlotState::kDelayed:
         case SlotState::kWaitingRetry:
+          release_key_of(id);
           sched_purge_.store(true, std::memory_order_release);
           poke_scheduler();
           return CancelResult::kCancelled;
         case SlotState::kQueued:
+          release_key_of(id);
           return CancelResult::kCancelled;
         case SlotState::kRunning:
           return CancelResult::kCancelRequested;
@@ -2265,8 +2291,12 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   Result<JobId> requeue_dead(JobId id) {
-    detail::DeadJob d;
-    {
+    std::string handler;
+    Result<JobId> r = [&]() -> Result<JobId> {
+      // Held from finding the letter to erasing it, the job stamped back
+      // into the table in between: a cut copies the dead letters with its
+      // epoch bump under this lock (begin_cut), so it sees the job in exactly
+      // one place. Nothing below waits for a cut.
       std::lock_guard<std::mutex> lock(dead_mu_);
       auto it = std::find_if(dead_.begin(), dead_.end(), [id](const auto& x) { return x.id == id; });
       if (it == dead_.end()) {
@@ -2278,20 +2308,18 @@ class Engine::Impl final : public detail::CutSource {
                                                  ": handler \"" + it->handler +
                                                  "\" is not registered");
       }
-      d = std::move(*it);
+      SubmitOptions o;
+      o.priority = it->priority;
+      auto submitted = submit_special(h->second, it->payload, o, it->id);
+      if (!submitted.ok()) return submitted.status();  // the letter stays: nothing is lost
+      handler = std::move(it->handler);
       dead_.erase(it);
       dead_count_.store(dead_.size(), std::memory_order_relaxed);
+      return submitted;
+    }();
+    if (r.ok()) {
+      log(LogLevel::kInfo, "job " + std::to_string(id) + " (" + handler + "): requeued from the dead letters");
     }
-    SubmitOptions o;
-    o.priority = d.priority;
-    auto r = submit_special(by_name_.find(d.handler)->second, d.payload, o, d.id);
-    if (!r.ok()) {
-      std::lock_guard<std::mutex> lock(dead_mu_);
-      dead_.push_front(std::move(d));  // put it back: nothing is lost
-      dead_count_.store(dead_.size(), std::memory_order_relaxed);
-      return r.status();
-    }
-    log(LogLevel::kInfo, "job " + std::to_string(id) + " (" + d.handler + "): requeued from the dead letters");
     return r;
   }
 
@@ -2617,6 +2645,7 @@ class Engine::Impl final : public detail::CutSource {
   // Dead letters (I9: under dead_mu_; the counters are read without it).
   mutable std::mutex dead_mu_;
   std::deque<detail::DeadJob> dead_;
+  std::vector<detail::DeadJob> cut_dead_;  // dead_ as of the last begin_cut() (snapshot thread)
   std::atomic<std::uint64_t> dead_count_{0};
   std::atomic<std::uint64_t> dead_total_{0};
   std::atomic<std::uint64_t> dead_discarded_{0};

@@ -76,8 +76,11 @@ class CutSource {
   virtual std::span<const std::string> handler_names() const = 0;
   // The id counter: every id ever handed out is below it.
   virtual JobId next_job_id() const = 0;
-  // The dead jobs, copied under the engine's lock.
-  virtual std::vector<DeadJob> dead_jobs() const = 0;
+  // The dead jobs as of the last begin_cut() (copied there, atomically with
+  // the epoch bump, so that a job requeue_dead() moves back to the table is
+  // in exactly one of the two in the snapshot). Once per cut: hands the copy
+  // over.
+  virtual std::vector<DeadJob> dead_jobs() = 0;
   // Jobs accepted so far (submitted + recovered), for "at risk" figures.
   virtual std::uint64_t accepted_total() const = 0;
 };

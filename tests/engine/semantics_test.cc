@@ -510,6 +510,49 @@ TEST(CancelTest, ARunningJobThatSeesItsCancelAndReturnsDoneCountsAsCancelled) {
   EXPECT_EQ(report->done, 0u);
 }
 
+// SubmitOptions::unique_key: "free again once that job finishes, dies or is
+// cancelled" -- at once, not when a worker reaches the cancelled job.
+TEST(CancelTest, ACancelledQueuedJobFreesItsUniqueKeyAtOnce) {
+  Gate gate;
+  std::atomic<bool> started{false};
+  std::atomic<int> keyed_runs{0};
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto block = engine->register_handler("block", [&](JobContext&) {
+    started.store(true);
+    gate.wait();
+    return Outcome::kDone;
+  });
+  auto keyed = engine->register_handler("keyed", [&](JobContext&) {
+    keyed_runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(block.ok() && keyed.ok());
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*block, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return started.load(); }));
+  auto first = engine->submit(*keyed, "1", {.unique_key = "order-7"});
+  ASSERT_TRUE(first.ok());
+  auto c = engine->cancel(*first);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(*c, CancelResult::kCancelled);
+  // The worker has not reached the cancelled job (it is blocked), yet the
+  // key is free: a new job with it is accepted, under its own id.
+  auto second = engine->submit(*keyed, "2", {.unique_key = "order-7"});
+  ASSERT_TRUE(second.ok());
+  EXPECT_NE(*second, *first);
+  // And the key now belongs to the second job.
+  auto third = engine->submit(*keyed, "3", {.unique_key = "order-7"});
+  ASSERT_TRUE(third.ok());
+  EXPECT_EQ(*third, *second);
+  gate.open();
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(keyed_runs.load(), 1);
+  EXPECT_EQ(report->cancelled, 1u);
+}
+
 TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {
   EngineOptions o;
   o.workers = 2;

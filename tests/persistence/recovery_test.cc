@@ -610,6 +610,52 @@ TEST(RecoveryTest, ASharedMemorySegmentThatCannotGrowStillLetsTheDiskGenerationH
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
+// requeue_dead() moves a job from the dead letters back to the table while
+// snapshots are cut: every snapshot must hold it somewhere (dead, or pending
+// / running). A job that dies can briefly be in both (its letter is added
+// before its slot is retired), which at-least-once allows; never in neither.
+TEST(RecoveryTest, ASnapshotCutWhileAJobIsRequeuedFromTheDeadLettersStillHoldsIt) {
+  TempDir tmp;
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.disk_interval = std::chrono::milliseconds(0);  // snapshot_now() only
+  o.max_dead = 16;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  std::atomic<bool> run{true};
+  auto h = e->register_handler("dies", [&](JobContext& job) {
+    job.set_error("again");
+    return Outcome::kFail;
+  });
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(e->start()));
+  auto id = e->submit(*h, "p");
+  ASSERT_TRUE(IsOk(id));
+  std::atomic<std::uint64_t> requeues{0};
+  std::thread requeuer([&] {
+    while (run.load()) {
+      if (e->requeue_dead(*id).ok()) requeues.fetch_add(1);
+    }
+  });
+  int missing = 0;
+  constexpr int kSnapshots = 300;
+  for (int i = 0; i < kSnapshots; ++i) {
+    auto info = e->snapshot_now();
+    ASSERT_TRUE(IsOk(info));
+    auto bytes = ReadFile(info->path);
+    auto view = snapshot::decode(bytes);
+    ASSERT_TRUE(view.ok()) << view.status().to_string();
+    bool found = false;
+    for (const auto& j : view->jobs) found = found || j.id == *id;
+    if (!found) ++missing;
+  }
+  run.store(false);
+  requeuer.join();
+  EXPECT_EQ(missing, 0) << "snapshots without the job, of " << kSnapshots << " (" << requeues.load()
+                        << " requeues)";
+  EXPECT_GT(requeues.load(), static_cast<std::uint64_t>(kSnapshots)) << "too few requeues to tell";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+}
+
 // ---- poison jobs, unknown handlers, dead jobs -------------------------------
 
 // Runs one "life" of a service whose handler hangs on job `poison_payload`:
