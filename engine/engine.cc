@@ -621,10 +621,25 @@ class Engine::Impl final : public detail::CutSource {
                                std::uint16_t attempts = 0) {
     if (Status st = check_job(handler, payload, o); !st.ok()) return st;
     std::unique_lock<std::mutex> key_lock;
+    // The key's entry is made before anything is accepted (it allocates) and
+    // given the id at the end; every other way out takes it back.
+    struct KeyEntry {
+      decltype(keys_)* keys = nullptr;
+      decltype(keys_)::iterator it;
+      ~KeyEntry() {
+        if (keys != nullptr) keys->erase(it);
+      }
+    } key_entry;
     if (!o.unique_key.empty()) {
       key_lock = std::unique_lock<std::mutex>(keys_mu_);
       auto it = keys_.find(o.unique_key);
       if (it != keys_.end()) return it->second;  // the pending job with this key
+      try {
+        key_entry.it = keys_.emplace(std::string(o.unique_key), JobId{0}).first;
+        key_entry.keys = &keys_;
+      } catch (const std::bad_alloc&) {
+        return Status(StatusCode::kInternal, "submit(): out of memory recording a unique key");
+      }
     }
     ProducerState* psp = producer_state();
     if (psp == nullptr) return stopped_status();
@@ -665,7 +680,10 @@ class Engine::Impl final : public detail::CutSource {
     bump(ps.submitted);
     bump(ps.by_handler[handler]);
     leave_intake(ps);
-    if (!o.unique_key.empty()) keys_.emplace(std::string(o.unique_key), id);
+    if (key_entry.keys != nullptr) {
+      key_entry.it->second = id;  // under keys_mu_, still held
+      key_entry.keys = nullptr;
+    }
     if (!delayed) wake_after_enqueue(1);
     return id;
   }

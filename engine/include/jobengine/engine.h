@@ -291,7 +291,7 @@ class Engine {
   // measured: ~0.8 ms at 64k slots, ~31 ms at 1M), so it is meant for the odd
   // job, not for every one. kNotFound when
   // no pending job has that id (finished, dead, or never existed);
-  // kFailedPrecondition when the engine is not running.
+  // kFailedPrecondition when the engine is neither running nor stopping.
   Result<CancelResult> cancel(JobId id);
 
   // The dead letters, oldest first (at most `limit`). Thread-safe (a lock;
