@@ -587,11 +587,7 @@ class Engine::Impl final : public detail::CutSource {
       return out_of_memory_status(payload.size());
     }
     if (!queues_[priority].enqueue(ps.tokens[priority], idx)) [[unlikely]] {
-      // Stamped with our own announced epoch (I5), so a cut either never
-      // saw it submitted or sees it finished: safe to reuse at once.
-      JobTable::retire(table_.slot(idx), epoch);
-      JobTable::reclaim(table_.slot(idx));
-      give_back_slots(ps, &idx, 1);
+      unclaim(ps, &idx, 1, epoch);
       leave_intake(ps);
       return Status(StatusCode::kInternal, "submit(): out of memory growing the job queue");
     }
@@ -671,9 +667,7 @@ class Engine::Impl final : public detail::CutSource {
       ok = queues_[o.priority].enqueue(ps.tokens[o.priority], idx);
     }
     if (!ok) {
-      JobTable::retire(table_.slot(idx), epoch);
-      JobTable::reclaim(table_.slot(idx));
-      give_back_slots(ps, &idx, 1);
+      unclaim(ps, &idx, 1, epoch);
       leave_intake(ps);
       return Status(StatusCode::kInternal, "submit(): out of memory growing a job queue");
     }
@@ -770,11 +764,8 @@ class Engine::Impl final : public detail::CutSource {
                     jobs[i].options.priority, t, epoch);
       } else if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload,
                             jobs[i].options.priority, t, t, epoch)) [[unlikely]] {
-        for (std::size_t j = 0; j < i; ++j) {
-          JobTable::retire(table_.slot(slots[j]), epoch);
-          JobTable::reclaim(table_.slot(slots[j]));
-        }
-        give_back_slots(ps, slots, n);
+        unclaim(ps, slots, i, epoch);                 // filled
+        give_back_slots(ps, slots + i, n - i);        // not yet
         leave_intake(ps);
         return Status(StatusCode::kInternal, "submit_batch(): job " + std::to_string(i) + ": " +
                                                  std::string(out_of_memory_status(jobs[i].payload.size()).message()));
@@ -818,10 +809,9 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // submit_batch() could not queue the jobs at level `failed` and above, i.e.
-  // of that priority and lower (out of memory). No worker saw them, and they are stamped with this
-  // producer's announced epoch: in no cut (I6), so, as in submit_plain, their
-  // slots go back at once. The jobs at the levels queued before `failed` were
-  // accepted: counted (I4) and woken for, and the error says how many.
+  // of that priority and lower (out of memory): no worker saw them, and their
+  // slots go back (unclaim). The jobs at the levels queued before `failed`
+  // were accepted: counted (I4) and woken for, and the error says how many.
   [[gnu::noinline]] Status batch_not_queued(ProducerState& ps, std::span<const JobSpec> jobs,
                                             SlotIndex* slots, std::uint64_t epoch,
                                             std::uint8_t failed) {
@@ -833,12 +823,9 @@ class Engine::Impl final : public detail::CutSource {
         bump(ps.by_handler[jobs[i].handler]);
         continue;
       }
-      Slot& s = table_.slot(slots[i]);
-      JobTable::retire(s, epoch);
-      JobTable::reclaim(s);
       slots[back++] = slots[i];
     }
-    give_back_slots(ps, slots, back);
+    unclaim(ps, slots, back, epoch);
     bump(ps.submitted, accepted);
     leave_intake(ps);
     if (accepted != 0) wake_after_enqueue(accepted);
@@ -1474,6 +1461,17 @@ class Engine::Impl final : public detail::CutSource {
     const auto* p = reinterpret_cast<const char*>(&table_.slot(idx));
     prefetch_for_write(p);
     prefetch_for_write(p + kCacheLine);
+  }
+
+  // Slots this producer claimed (stamped `epoch`, its announced one) whose
+  // jobs no worker will see: the jobs were in no cut (I6), so the slots go
+  // back at once, to the producer's cache first.
+  void unclaim(ProducerState& ps, const SlotIndex* in, std::size_t n, std::uint64_t epoch) {
+    for (std::size_t i = 0; i < n; ++i) {
+      JobTable::retire(table_.slot(in[i]), epoch);
+      JobTable::reclaim(table_.slot(in[i]));
+    }
+    give_back_slots(ps, in, n);
   }
 
   void give_back_slots(ProducerState& ps, const SlotIndex* in, std::size_t n) {
@@ -2561,7 +2559,22 @@ class Engine::Impl final : public detail::CutSource {
     return Status();
   }
 
-  // After the workers joined (kAbandon): empty the queues, count and free.
+  // Once the workers are joined: takes every index left in the queues, a
+  // batch at a time, to `fn`; returns how many.
+  template <typename Fn>
+  std::uint64_t empty_queues(Fn fn) {
+    std::uint64_t taken = 0;
+    SlotIndex buf[256];
+    for (auto& q : queues_) {
+      std::size_t n;
+      while ((n = q.try_dequeue_bulk(buf, 256)) != 0) {
+        fn(buf, n);
+        taken += n;
+      }
+    }
+    return taken;
+  }
+
   // kDrain, once the workers and the scheduler are joined: jobs still in a
   // queue. A delayed job (or retry) that falls due as the drain ends can be
   // fired into a queue after the last worker saw drained() (which counted it
@@ -2569,25 +2582,13 @@ class Engine::Impl final : public detail::CutSource {
   // final snapshot keeps it like the jobs held back, and it is counted with
   // them in StopReport::delayed_left.
   std::uint64_t left_in_queues() {
-    std::uint64_t left = 0;
-    SlotIndex buf[256];
-    for (auto& q : queues_) {
-      std::size_t n;
-      while ((n = q.try_dequeue_bulk(buf, 256)) != 0) left += n;
-    }
-    return left;
+    return empty_queues([](const SlotIndex*, std::size_t) {});
   }
 
+  // After the workers joined (kAbandon): empty the queues, count and free.
   std::uint64_t drop_queued() {
-    std::uint64_t dropped = 0;
-    SlotIndex buf[256];
-    for (auto& q : queues_) {
-      std::size_t n;
-      while ((n = q.try_dequeue_bulk(buf, 256)) != 0) {
-        drop_slots(buf, n);
-        dropped += n;
-      }
-    }
+    std::uint64_t dropped =
+        empty_queues([this](const SlotIndex* in, std::size_t n) { drop_slots(in, n); });
     // And the scheduler's (delayed jobs, retries in backoff).
     std::vector<SlotIndex> left;
     left.reserve(sched_left_.size());

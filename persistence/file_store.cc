@@ -393,11 +393,9 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   // And only while another generation present is known to verify: with
   // the newer ones damaged, rewriting the oldest and failing would leave none.
   const GenerationFile* recycled = nullptr;
-  const bool another_verifies =
-      known_good_ != 0 && !present->empty() && known_good_ != present->back().generation &&
-      std::any_of(present->begin(), present->end(),
-                  [&](const GenerationFile& g) { return g.generation == known_good_; });
-  if (present->size() >= keep_ && present->size() >= 2 && another_verifies) {
+  if (present->size() >= keep_ && present->size() >= 2 &&
+      std::any_of(present->begin(), present->end() - 1,  // all but the oldest
+                  [&](const GenerationFile& g) { return g.generation == known_good_; })) {
     const GenerationFile& oldest = present->back();
     SysResult<FileInfo> info = fs.lstat(oldest.path);
     if (info.ok() && info.value.kind == FileInfo::Kind::kRegular && info.value.links == 1 &&

@@ -1026,6 +1026,37 @@ class QueueOutOfMemoryTest : public ::testing::Test {
     ASSERT_TRUE(WaitUntil([&] { return started_.load() == 1; })) << "blocker never started";
   }
 
+  // Submits `specs` while the next queue allocation fails; `allocated` says
+  // whether the batch made one (it must, for the test to mean anything).
+  Result<std::size_t> SubmitBatchAsMemoryRunsOut(const std::vector<JobSpec>& specs,
+                                                 bool* allocated) {
+    detail::g_fail_queue_alloc_in.store(0);
+    auto r = engine_->submit_batch(specs);
+    *allocated = detail::g_fail_queue_alloc_in.load() == -1;
+    detail::g_fail_queue_alloc_in.store(-1);
+    return r;
+  }
+
+  // Fills the table with single jobs; every slot the test did not take is
+  // still usable (up to the worker's kept magazine). Returns how many.
+  std::size_t ExpectTheRestOfTheTableFree(std::size_t taken) {
+    const std::size_t filled = FillTable();
+    EXPECT_LE(filled, kCapacity - taken);
+    EXPECT_GE(filled, kCapacity - taken - (kSlotCacheSize - 1));
+    return filled;
+  }
+
+  // Opens the gate and stops: `accepted` jobs were submitted and all ran (the
+  // blocker among them).
+  void StopAndExpectEveryAcceptedJobRan(std::uint64_t accepted) {
+    gate_.open();
+    auto report = engine_->stop();
+    ASSERT_TRUE(IsOk(report));
+    EXPECT_EQ(report->submitted, accepted);
+    EXPECT_EQ(report->done, report->submitted);
+    EXPECT_EQ(runs_.load(), static_cast<int>(report->submitted - 1));
+  }
+
   // Submits single jobs until the table is full; returns how many went in.
   std::size_t FillTable() {
     std::size_t accepted = 0;
@@ -1049,16 +1080,12 @@ class QueueOutOfMemoryTest : public ::testing::Test {
   std::unique_ptr<Engine> engine_;
 };
 
-// The slots the worker keeps (finished, not yet handed back) when it blocks:
-// under one magazine.
-constexpr std::size_t kWorkerKeeps = kSlotCacheSize - 1;
-
 TEST_F(QueueOutOfMemoryTest, ABatchThatCannotBeQueuedIsRefusedAndItsSlotsAreFreeAgain) {
   UseUpTheBlocksOf(kNormalPriority);
   std::vector<JobSpec> big(kBig, JobSpec{count_, "big", {}});
-  detail::g_fail_queue_alloc_in.store(0);
-  auto refused = engine_->submit_batch(big);
-  ASSERT_EQ(detail::g_fail_queue_alloc_in.load(), -1) << "the batch made no queue allocation";
+  bool allocated = false;
+  auto refused = SubmitBatchAsMemoryRunsOut(big, &allocated);
+  ASSERT_TRUE(allocated) << "the batch made no queue allocation";
   ASSERT_TRUE(HasError(refused, StatusCode::kInternal));
   const std::string text = refused.status().to_string();
   EXPECT_NE(text.find("out of memory growing the job queue of priority level 1"),
@@ -1070,15 +1097,8 @@ TEST_F(QueueOutOfMemoryTest, ABatchThatCannotBeQueuedIsRefusedAndItsSlotsAreFree
   // The same batch goes in once memory is there, and every other slot is
   // still free: none was lost to the refused batch.
   ASSERT_TRUE(IsOk(engine_->submit_batch(big)));
-  const std::size_t filled = FillTable();
-  EXPECT_LE(filled, kCapacity - 1 - kBig);
-  EXPECT_GE(filled, kCapacity - 1 - kBig - kWorkerKeeps);
-  gate_.open();
-  auto report = engine_->stop();
-  ASSERT_TRUE(IsOk(report));
-  EXPECT_EQ(report->submitted, 2 * kBig + 1 + kBig + filled);
-  EXPECT_EQ(report->done, report->submitted);
-  EXPECT_EQ(runs_.load(), static_cast<int>(report->submitted - 1));
+  const std::size_t filled = ExpectTheRestOfTheTableFree(1 + kBig);
+  StopAndExpectEveryAcceptedJobRan(2 * kBig + 1 + kBig + filled);
 }
 
 TEST_F(QueueOutOfMemoryTest, AMixedBatchKeepsTheLevelsQueuedBeforeTheOneThatFailed) {
@@ -1090,25 +1110,17 @@ TEST_F(QueueOutOfMemoryTest, AMixedBatchKeepsTheLevelsQueuedBeforeTheOneThatFail
   for (std::size_t i = 0; i < kBig; ++i) {
     mixed.push_back(JobSpec{count_, "low", {.priority = kLowPriority}});
   }
-  detail::g_fail_queue_alloc_in.store(0);
-  auto partial = engine_->submit_batch(mixed);
-  ASSERT_EQ(detail::g_fail_queue_alloc_in.load(), -1) << "the batch made no queue allocation";
+  bool allocated = false;
+  auto partial = SubmitBatchAsMemoryRunsOut(mixed, &allocated);
+  ASSERT_TRUE(allocated) << "the batch made no queue allocation";
   ASSERT_TRUE(HasError(partial, StatusCode::kInternal));
   const std::string text = partial.status().to_string();
   EXPECT_NE(text.find("priority level 2: 4096 job(s) from that level on were not accepted"),
             std::string::npos) << text;
   EXPECT_NE(text.find("the 10 job(s) at higher priorities"), std::string::npos) << text;
   EXPECT_EQ(engine_->health().submitted, 2 * kBig + 1 + 10);
-  detail::g_fail_queue_alloc_in.store(-1);
-  const std::size_t filled = FillTable();
-  EXPECT_LE(filled, kCapacity - 1 - 10);
-  EXPECT_GE(filled, kCapacity - 1 - 10 - kWorkerKeeps);
-  gate_.open();
-  auto report = engine_->stop();
-  ASSERT_TRUE(IsOk(report));
-  EXPECT_EQ(report->submitted, 2 * kBig + 1 + 10 + filled);
-  EXPECT_EQ(report->done, report->submitted);
-  EXPECT_EQ(runs_.load(), static_cast<int>(report->submitted - 1));
+  const std::size_t filled = ExpectTheRestOfTheTableFree(1 + 10);
+  StopAndExpectEveryAcceptedJobRan(2 * kBig + 1 + 10 + filled);
 }
 
 // ---- priorities -------------------------------------------------------------

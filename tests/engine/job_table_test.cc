@@ -13,6 +13,11 @@
 namespace jobengine::detail {
 namespace {
 
+std::vector<SlotIndex> sorted(std::vector<SlotIndex> v) {
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
 std::vector<SlotIndex> take_all(JobTable& t) {
   std::vector<SlotIndex> out;
   SlotIndex buf[kSlotCacheSize];
@@ -164,11 +169,7 @@ TEST(RetireBufferTest, SlotsFinishedAtOrAfterTheHorizonWaitUntilItIsRaised) {
   t.set_reclaim_horizon(5);
   EXPECT_EQ(rb.flush(t), 3u);  // finished at 2, 4, 4
   EXPECT_EQ(rb.size(), 3u);
-  std::vector<SlotIndex> reused = take_all(t);
-  std::sort(reused.begin(), reused.end());
-  std::vector<SlotIndex> expect = {all[0], all[1], all[2]};
-  std::sort(expect.begin(), expect.end());
-  EXPECT_EQ(reused, expect);
+  EXPECT_EQ(sorted(take_all(t)), sorted({all[0], all[1], all[2]}));
   for (int k : {3, 4, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
 
   // Flushing again under the same horizon releases nothing.
@@ -209,11 +210,7 @@ TEST(RetireBufferTest, SlotsOfJobsInNoCutGoBackWhateverTheHorizon) {
   t.set_reclaim_horizon(5);
   EXPECT_EQ(rb.flush(t), 3u);
   EXPECT_EQ(rb.size(), 3u);
-  std::vector<SlotIndex> reused = take_all(t);
-  std::sort(reused.begin(), reused.end());
-  std::vector<SlotIndex> expect = {all[0], all[1], all[2]};
-  std::sort(expect.begin(), expect.end());
-  EXPECT_EQ(reused, expect);
+  EXPECT_EQ(sorted(take_all(t)), sorted({all[0], all[1], all[2]}));
   for (int k : {0, 1, 2}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kFree);
   for (int k : {3, 4, 5}) EXPECT_EQ(t.slot(all[k]).state.load(), SlotState::kRetired);
   EXPECT_EQ(rb.flush(t), 0u);

@@ -200,20 +200,35 @@ class DiskFaultTest : public ::testing::TestWithParam<Fault> {
     }
   }
 
+  // One worker; snapshots to dir_ every `disk` and to shared memory every
+  // `shm` (0: none).
+  EngineOptions Options(milliseconds shm, milliseconds disk) const {
+    EngineOptions o;
+    o.workers = 1;
+    o.capacity = 1024;
+    o.snapshot.enabled = true;
+    o.snapshot.dir = dir_;
+    o.snapshot.shm_interval = shm;
+    o.snapshot.disk_interval = disk;
+    return o;
+  }
+
+  // Arms `fault` for the calls inside dir_, from now on.
+  static void Arm(const Fault& fault) {
+    g_errno.store(fault.error, std::memory_order_relaxed);
+    g_every.store(fault.every, std::memory_order_relaxed);
+    g_fired.store(0, std::memory_order_relaxed);
+    g_renamed.store(false, std::memory_order_relaxed);
+    g_op.store(fault.op, std::memory_order_release);
+  }
+
   std::string root_;
   std::string dir_;
 };
 
 TEST_P(DiskFaultTest, EngineRunsJobsReportsTheFailureAndTheNextScheduledSnapshotSucceeds) {
   const Fault fault = GetParam();
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 1024;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir_;
-  o.snapshot.shm_interval = milliseconds(0);
-  o.snapshot.disk_interval = milliseconds(10);
-  auto e = Engine::open(o);
+  auto e = Engine::open(Options(milliseconds(0), milliseconds(10)));
   ASSERT_TRUE(e.ok()) << e.status().to_string();
   std::atomic<int> ran{0};
   auto h = e->register_handler("w", [&](JobContext&) {
@@ -224,13 +239,8 @@ TEST_P(DiskFaultTest, EngineRunsJobsReportsTheFailureAndTheNextScheduledSnapshot
   ASSERT_TRUE(e->start().ok());
   ASSERT_TRUE(WaitUntil([&] { return e->health().last_durable_generation >= 1; }));
 
-  // Arm the fault.
-  g_errno.store(fault.error, std::memory_order_relaxed);
-  g_every.store(fault.every, std::memory_order_relaxed);
-  g_fired.store(0, std::memory_order_relaxed);
-  g_renamed.store(false, std::memory_order_relaxed);
   const std::uint64_t failures_before = e->health().snapshot_failures;
-  g_op.store(fault.op, std::memory_order_release);
+  Arm(fault);
 
   // Jobs keep running while the disk fails.
   for (int i = 0; i < 100; ++i) ASSERT_TRUE(e->submit(*h, "x").ok());
@@ -301,24 +311,15 @@ TEST_F(DiskFaultTest, SharedMemorySuccessesDoNotHideAFailingDisk) {
     std::string name;
     ~Unlink() { ::shm_unlink(("/" + name).c_str()); }
   } unlink_at_end{shm_name};
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 1024;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir_;
+  EngineOptions o = Options(milliseconds(2), milliseconds(50));
   o.snapshot.shm_name = shm_name;
-  o.snapshot.shm_interval = milliseconds(2);
-  o.snapshot.disk_interval = milliseconds(50);
   auto e = Engine::open(o);
   ASSERT_TRUE(e.ok()) << e.status().to_string();
   auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
   ASSERT_TRUE(h.ok());
   ASSERT_TRUE(e->start().ok());
   ASSERT_TRUE(WaitUntil([&] { return e->health().last_durable_generation >= 1; }));
-  g_errno.store(EIO, std::memory_order_relaxed);
-  g_every.store(true, std::memory_order_relaxed);
-  g_fired.store(0, std::memory_order_relaxed);
-  g_op.store(Op::kFsync, std::memory_order_release);
+  Arm({Op::kFsync, EIO, /*every=*/true});
   ASSERT_TRUE(WaitUntil([&] { return g_fired.load() >= 1; }));
   const std::uint64_t generation = e->health().last_snapshot_generation;
   // Several shared-memory snapshots later the disk's failure still shows.
