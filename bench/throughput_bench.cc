@@ -27,7 +27,7 @@
 //                                 loop with JOBENGINE_BENCH_DELAYED jobs
 //                                 parked (delay 1 h) against none.
 //   BM_SubmitDelayed              submitting those delayed jobs.
-//   BM_Cancel/{hit,miss}/capacity:<slots>  cancel() latency (a table scan).
+//   BM_Cancel/{hit,done,miss}/capacity:<slots>  cancel() latency.
 // This file is also the whole of jobengine_bench_nometrics (with the sources it
 // shares with jobengine_bench), linked against the library built with
 // JOBENGINE_METRICS=0: run.sh compares BM_Engine_Submit/spin between the two.
@@ -550,14 +550,41 @@ void BM_SubmitDelayed(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<std::int64_t>(parked));  // not the 0 jobs run
 }
 
-// cancel() scans the job table for the id. `miss`: an id never issued (the
-// whole table is scanned; the same as cancelling a job that already finished,
-// whose slot was reused), `hit`: a delayed job picked at random (the scan stops
-// at its slot). The table holds `capacity - 4096` delayed jobs. Manual time per
-// call; ns per cancel() is the benchmark's time per iteration. `hit_not_found`
-// counts hits that returned kNotFound although the job was pending (an engine
-// race with the scheduler's purge, see below); they are timed like the others.
-void BM_Cancel(benchmark::State& state, bool hit, std::size_t capacity) {
+// cancel() latency, in three cases (engine.cc cancel(), job_table.h "Finding a
+// job by id"). The table holds `capacity - 4096` delayed jobs.
+//   hit:  a delayed job picked at random: found through its id hint, then the
+//         cancel bit, the heavy fence and the scheduler's wake-up.
+//   done: a job that already ran (its slot may be reused since): its id hint
+//         says where it was, so "not found" is known at once.
+//   miss: an id never issued: no hint names it, so the whole table is
+//         scanned; the same as cancelling a job whose hint `capacity` later
+//         jobs took over (the worst case, and what every cancel() cost
+//         before the hints).
+// Manual time per call; ns per cancel() is the benchmark's time per iteration.
+// `hit_not_found` counts hits that returned kNotFound although the job was
+// pending (an engine race with the scheduler's purge, see below); they are
+// timed like the others.
+enum class CancelArm { kHit, kDone, kMiss };
+
+// Submits `n` jobs that run at once and waits until they all ran.
+std::string run_jobs(Engine& engine, HandlerId handler, std::size_t n, std::vector<JobId>* ids) {
+  const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
+  const std::uint64_t done_before = engine.health().done;
+  for (std::size_t i = 0; i < n; ++i) {
+    auto id = engine.submit(handler, payload);
+    if (!id) return "submit " + std::to_string(i) + " failed: " + id.status().to_string();
+    ids->push_back(*id);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (engine.health().done < done_before + n) {
+    if (std::chrono::steady_clock::now() > deadline) return "the jobs to cancel never ran";
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return {};
+}
+
+void BM_Cancel(benchmark::State& state, CancelArm arm, std::size_t capacity) {
+  const bool hit = arm == CancelArm::kHit;
   // The worker sleeps (nothing is due); the scheduler wakes for each hit to
   // purge the cancelled job from its heap.
   auto started = start_engine(IdleStrategy::kSpinThenBlock, capacity);
@@ -586,6 +613,16 @@ void BM_Cancel(benchmark::State& state, bool hit, std::size_t capacity) {
   }
   const JobId never_issued =
       ids.empty() ? 1 : *std::max_element(ids.begin(), ids.end()) + 1'000'000;
+  std::vector<JobId> ran;  // kDone: one job that ran per iteration
+  if (arm == CancelArm::kDone) {
+    const std::string error = run_jobs(engine, started->handler,
+                                       static_cast<std::size_t>(state.max_iterations), &ran);
+    if (!error.empty()) {
+      state.SkipWithError(error.c_str());
+      (void)engine.stop(StopMode::kAbandon);
+      return;
+    }
+  }
   std::size_t next = 0;
   std::uint64_t cancelled = 0;
   std::uint64_t hit_not_found = 0;
@@ -594,7 +631,7 @@ void BM_Cancel(benchmark::State& state, bool hit, std::size_t capacity) {
       state.SkipWithError("more iterations than parked jobs");
       break;
     }
-    const JobId id = hit ? ids[next++] : never_issued;
+    const JobId id = hit ? ids[next++] : arm == CancelArm::kDone ? ran[next++] : never_issued;
     const auto t0 = std::chrono::steady_clock::now();
     auto r = engine.cancel(id);
     const auto t1 = std::chrono::steady_clock::now();
@@ -664,11 +701,13 @@ void register_semantics() {
       ->Iterations(1);
   const std::size_t small = engine_capacity();
   const std::size_t large = delayed_jobs() + engine_capacity();
-  for (const bool hit : {false, true}) {
+  const std::pair<const char*, CancelArm> cancel_arms[] = {
+      {"miss", CancelArm::kMiss}, {"hit", CancelArm::kHit}, {"done", CancelArm::kDone}};
+  for (const auto& [arm_name, arm] : cancel_arms) {
     for (const std::size_t capacity : {small, large}) {
-      const std::string name = std::string("BM_Cancel/") + (hit ? "hit" : "miss") +
-                               "/capacity:" + std::to_string(capacity);
-      benchmark::RegisterBenchmark(name.c_str(), BM_Cancel, hit, capacity)
+      const std::string name =
+          std::string("BM_Cancel/") + arm_name + "/capacity:" + std::to_string(capacity);
+      benchmark::RegisterBenchmark(name.c_str(), BM_Cancel, arm, capacity)
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond)
           ->Iterations(cancels);

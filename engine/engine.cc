@@ -580,7 +580,7 @@ class Engine::Impl final : public detail::CutSource {
     JobId id = next_id(ps);
     const std::uint64_t now = Clock::ticks();
     if (payload.size() <= kInlinePayloadBytes) [[likely]] {
-      fill_inline(table_.slot(idx), id, handler, payload, priority, now, epoch);
+      fill_inline(idx, id, handler, payload, priority, now, epoch);
     } else if (!fill_slot(idx, id, handler, payload, priority, now, now, epoch)) [[unlikely]] {
       give_back_slots(ps, &idx, 1);
       leave_intake(ps);
@@ -760,7 +760,7 @@ class Engine::Impl final : public detail::CutSource {
       if (i + kRunAhead < n) prefetch_for_fill(slots[i + kRunAhead]);
       JobId id = next_id(ps);
       if (jobs[i].payload.size() <= kInlinePayloadBytes) [[likely]] {
-        fill_inline(table_.slot(slots[i]), id, jobs[i].handler, jobs[i].payload,
+        fill_inline(slots[i], id, jobs[i].handler, jobs[i].payload,
                     jobs[i].options.priority, t, epoch);
       } else if (!fill_slot(slots[i], id, jobs[i].handler, jobs[i].payload,
                             jobs[i].options.priority, t, t, epoch)) [[unlikely]] {
@@ -1509,10 +1509,11 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // Everything but the payload's bytes, then the stamp (state `initial`).
-  [[gnu::always_inline]] static void write_header(Slot& s, JobId id, HandlerId handler,
-                                                  std::size_t payload_size, std::uint8_t priority,
-                                                  std::uint64_t t, std::uint64_t run_at,
-                                                  std::uint64_t epoch, SlotState initial) noexcept {
+  [[gnu::always_inline]] void write_header(SlotIndex idx, JobId id, HandlerId handler,
+                                           std::size_t payload_size, std::uint8_t priority,
+                                           std::uint64_t t, std::uint64_t run_at,
+                                           std::uint64_t epoch, SlotState initial) noexcept {
+    Slot& s = table_.slot(idx);
     s.payload_size = static_cast<std::uint32_t>(payload_size);
     s.id_word.store(id, std::memory_order_relaxed);
     s.handler = handler;
@@ -1521,14 +1522,15 @@ class Engine::Impl final : public detail::CutSource {
     s.run_at_ticks.store(run_at, std::memory_order_relaxed);
     s.recoveries = 0;
     JobTable::claim(s, epoch, initial);
+    table_.note_id(id, idx);  // for cancel()
   }
 
   // fill_slot() for a plain job whose payload fits inline, without a call.
-  [[gnu::always_inline]] static void fill_inline(Slot& s, JobId id, HandlerId handler,
-                                                 std::string_view payload, std::uint8_t priority,
-                                                 std::uint64_t now, std::uint64_t epoch) noexcept {
-    copy_small(s.inline_payload, payload.data(), payload.size());
-    write_header(s, id, handler, payload.size(), priority, now, now, epoch, SlotState::kQueued);
+  [[gnu::always_inline]] void fill_inline(SlotIndex idx, JobId id, HandlerId handler,
+                                          std::string_view payload, std::uint8_t priority,
+                                          std::uint64_t now, std::uint64_t epoch) noexcept {
+    copy_small(table_.slot(idx).inline_payload, payload.data(), payload.size());
+    write_header(idx, id, handler, payload.size(), priority, now, now, epoch, SlotState::kQueued);
   }
 
   // Writes the job into its slot and stamps it (state `initial`). False only
@@ -1561,7 +1563,7 @@ class Engine::Impl final : public detail::CutSource {
     } else {
       copy_small(s.inline_payload, payload.data(), payload.size());
     }
-    write_header(s, id, handler, payload.size(), priority, t, run_at, epoch, initial);
+    write_header(idx, id, handler, payload.size(), priority, t, run_at, epoch, initial);
     return true;
   }
 
@@ -2228,56 +2230,74 @@ class Engine::Impl final : public detail::CutSource {
                     "cancel(): engine is " + std::string(engine_state_name(st)));
     }
     if (id == 0 || id > kIdMask) return Status(StatusCode::kNotFound, "cancel(): no job 0");
-    for (std::size_t i = 0; i < table_.capacity(); ++i) {
-      Slot& s = table_.slot(static_cast<SlotIndex>(i));
-      std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
-      if ((word & kIdMask) != id) continue;
-      const SlotState before = s.state.load(std::memory_order_acquire);
-      // Not this job's live slot, but maybe an old one: requeue_dead() puts
-      // a dead job back under its own id, in another slot, while the slot it
-      // died in may still hold the id. Keep looking.
-      if (before == SlotState::kFree || before == SlotState::kRetired) continue;
-      // Another cancel() may set the bit first: then the job is cancelled
-      // all the same. A failed CAS that shows another id: the slot was
-      // reused, the job finished (or lives on in another slot).
-      while ((word & kCancelBit) == 0 &&
-             !s.id_word.compare_exchange_weak(word, word | kCancelBit, std::memory_order_acq_rel)) {
-        if ((word & kIdMask) != id) break;
-      }
-      if ((word & kIdMask) != id) continue;
-      asymmetric_fence_heavy();
-      // From here on the bit is ours: the job either never runs or was
-      // already starting, never "not found".
-      const SlotState now = s.state.load(std::memory_order_acquire);
-      if ((s.id_word.load(std::memory_order_relaxed) & kIdMask) != id) {
-        // Retired and reused since our CAS (the acquire above saw the new
-        // occupant's state, claim() stores it with release after its id).
-        return CancelResult::kCancelRequested;
-      }
-      switch (now) {
-        case SlotState::kDelayed:
-        case SlotState::kWaitingRetry:
-          release_key_of(id);
-          sched_purge_.store(true, std::memory_order_release);
-          poke_scheduler();
-          return CancelResult::kCancelled;
-        case SlotState::kQueued:
-          release_key_of(id);
-          return CancelResult::kCancelled;
-        case SlotState::kRunning:
-          return CancelResult::kCancelRequested;
-        default:
-          // Retired after our CAS: a worker was starting it. Either it saw the
-          // bit and never ran it, or it ran it to the end: the answer that is
-          // true in both cases is kCancelRequested (I8).
-          return CancelResult::kCancelRequested;
-      }
+    // The slot of the id's latest stamp, if its hint says (job_table.h):
+    // then that slot is the only place the job can be. Else the whole table;
+    // at most one slot holds the id live, so the first answer is the answer.
+    if (const std::optional<SlotIndex> hinted = table_.hinted_slot(id)) {
+      if (auto r = cancel_in(table_.slot(*hinted), id)) return *r;
+      return cancel_not_found(id);
     }
-    return Status(StatusCode::kNotFound,
-                  "cancel(): no pending job " + std::to_string(id) +
-                      " (finished, dead, or never submitted)");
+    // No software prefetch: the hardware prefetcher streams this one line per slot
+    // (README, "Tried and not taken").
+    const std::size_t capacity = table_.capacity();
+    for (std::size_t i = 0; i < capacity; ++i) {
+      if (auto r = cancel_in(table_.slot(static_cast<SlotIndex>(i)), id)) return *r;
+    }
+    return cancel_not_found(id);
   }
 
+ private:
+  static Status cancel_not_found(JobId id) {
+    return Status(StatusCode::kNotFound, "cancel(): no pending job " + std::to_string(id) +
+                                             " (finished, dead, or never submitted)");
+  }
+
+  // cancel() on one slot. nullopt when the slot does not hold the job live:
+  // another job's, free, or an old slot of a job that requeue_dead() put
+  // back under its own id in another slot (the caller looks on).
+  std::optional<CancelResult> cancel_in(Slot& s, JobId id) {
+    std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
+    if ((word & kIdMask) != id) return std::nullopt;
+    const SlotState before = s.state.load(std::memory_order_acquire);
+    if (before == SlotState::kFree || before == SlotState::kRetired) return std::nullopt;
+    // Another cancel() may set the bit first: then the job is cancelled all
+    // the same. A failed CAS that shows another id: the slot was reused, the
+    // job finished (or lives on in another slot).
+    while ((word & kCancelBit) == 0 &&
+           !s.id_word.compare_exchange_weak(word, word | kCancelBit, std::memory_order_acq_rel)) {
+      if ((word & kIdMask) != id) break;
+    }
+    if ((word & kIdMask) != id) return std::nullopt;
+    asymmetric_fence_heavy();
+    // From here on the bit is ours: the job either never runs or was already
+    // starting, never "not found".
+    const SlotState now = s.state.load(std::memory_order_acquire);
+    if ((s.id_word.load(std::memory_order_relaxed) & kIdMask) != id) {
+      // Retired and reused since our CAS (the acquire above saw the new
+      // occupant's state, claim() stores it with release after its id).
+      return CancelResult::kCancelRequested;
+    }
+    switch (now) {
+      case SlotState::kDelayed:
+      case SlotState::kWaitingRetry:
+        release_key_of(id);
+        sched_purge_.store(true, std::memory_order_release);
+        poke_scheduler();
+        return CancelResult::kCancelled;
+      case SlotState::kQueued:
+        release_key_of(id);
+        return CancelResult::kCancelled;
+      case SlotState::kRunning:
+        return CancelResult::kCancelRequested;
+      default:
+        // Retired after our CAS: a worker was starting it. Either it saw the
+        // bit and never ran it, or it ran it to the end: the answer that is
+        // true in both cases is kCancelRequested (I8).
+        return CancelResult::kCancelRequested;
+    }
+  }
+
+ public:
   // ----------------------------------------------------------- dead letters
 
   std::vector<DeadLetter> dead_letters(std::size_t limit) const {

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <new>
 
@@ -108,7 +109,12 @@ bool JobTable::populate_chunk() noexcept {
 }
 
 JobTable::JobTable(std::size_t capacity)
-    : capacity_(capacity), slots_(map_slots(capacity)), pool_(capacity) {
+    : capacity_(capacity),
+      slots_(map_slots(capacity)),
+      pool_(capacity),
+      hint_mask_(std::bit_ceil(std::max<std::size_t>(capacity, 1)) - 1),
+      id_hint_(std::make_unique<std::atomic<std::uint64_t>[]>(hint_mask_ + 1)) {
+  for (std::size_t i = 0; i <= hint_mask_; ++i) id_hint_[i].store(kNoId, std::memory_order_relaxed);
   // The pool holds indices only: no slot is touched before populate().
   // Pushed highest first, so the first magazines taken hold slots 0, 1, ...
   SlotIndex mag[SlotPool::kMagazine];

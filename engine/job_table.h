@@ -52,6 +52,21 @@
 //  4. Nothing on the submit path *loads* from a slot: claiming and filling are
 //     stores only, so the submitter never stalls on the cache line the worker
 //     last wrote (the stores drain from the store buffer in the background).
+//
+// Finding a job by id (cancel()): every stamp of an id into a slot also
+// records (id, slot) in the id-hint entry id mod H, H the power of two >= the
+// capacity (note_id). An entry packs both into one word: the slot index in
+// its low log2(H) bits, the id's other bits above (the low ones are the
+// entry's position), so a reader knows exactly which id an entry is about.
+// The entry of id X then says one of two things:
+//  - it is about X: X's latest stamp went to that slot. If the slot does not
+//    hold X live, X is live nowhere (a later stamp of X, by requeue_dead(),
+//    would have rewritten the entry), and cancel() can say so at once;
+//  - it is about another id (a later one congruent to X overwrote it, or an
+//    earlier one stamped late by another submitter, or X was never stamped):
+//    no conclusion; cancel() scans the table.
+// So a job is found, or known gone, with one lookup unless H jobs were
+// submitted after it. 8 bytes per entry: 8-16 per slot.
 #pragma once
 
 #include <atomic>
@@ -61,6 +76,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -228,6 +244,21 @@ class JobTable {
   Slot& slot(SlotIndex i) noexcept { return slots_[i]; }
   const Slot& slot(SlotIndex i) const noexcept { return slots_[i]; }
 
+  // --- id hints (see the top) ---
+  // Records that `id` was stamped into slot i. Relaxed: a hint; whoever
+  // reads it checks the slot's id word.
+  // An entry about no id: its id bits have bit 63 set, which ids never do.
+  static constexpr std::uint64_t kNoId = ~std::uint64_t{0};
+  void note_id(JobId id, SlotIndex i) noexcept {
+    id_hint_[id & hint_mask_].store((id & ~hint_mask_) | i, std::memory_order_relaxed);
+  }
+  // The slot of id's latest stamp if its hint entry is still about id.
+  std::optional<SlotIndex> hinted_slot(JobId id) const noexcept {
+    const std::uint64_t e = id_hint_[id & hint_mask_].load(std::memory_order_relaxed);
+    if ((e & ~hint_mask_) != (id & ~hint_mask_)) return std::nullopt;
+    return static_cast<SlotIndex>(e & hint_mask_);
+  }
+
   // Takes one magazine of free slot indices (out must hold kSlotCacheSize).
   // Lock-free; returns how many, 0 when no free slot is pooled.
   std::size_t take_free(SlotIndex* out) noexcept { return pool_.take(out); }
@@ -308,6 +339,8 @@ class JobTable {
   std::size_t capacity_;
   Slot* slots_;
   SlotPool pool_;
+  std::uint64_t hint_mask_;                                 // H - 1
+  std::unique_ptr<std::atomic<std::uint64_t>[]> id_hint_;    // H entries; kNoId at first
   std::atomic<std::size_t> next_chunk_{0};
   std::mutex parked_mu_;
   std::vector<SlotIndex> parked_;

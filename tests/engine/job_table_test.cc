@@ -128,6 +128,30 @@ TEST(JobTableTest, RetireStampsFinishEpochAndReclaimFreesTheHeapPayload) {
   EXPECT_EQ(s.state.load(), SlotState::kFree);
 }
 
+TEST(JobTableTest, AnIdHintNamesItsIdExactlyAndTheLastNoteWins) {
+  JobTable table(100);  // 128 entries
+  EXPECT_EQ(table.hinted_slot(5), std::nullopt) << "no id noted yet";
+  EXPECT_EQ(table.hinted_slot(0), std::nullopt);
+  table.note_id(5, 99);
+  EXPECT_EQ(table.hinted_slot(5), std::optional<SlotIndex>(99));
+  EXPECT_EQ(table.hinted_slot(5 + 128), std::nullopt) << "an entry is about one id only";
+  EXPECT_EQ(table.hinted_slot(6), std::nullopt);
+  table.note_id(5 + 128, 7);
+  EXPECT_EQ(table.hinted_slot(5), std::nullopt) << "a later id took the entry over";
+  EXPECT_EQ(table.hinted_slot(5 + 128), std::optional<SlotIndex>(7));
+  table.note_id(5, 3);  // the same id stamped again (requeue_dead): its newest slot
+  EXPECT_EQ(table.hinted_slot(5), std::optional<SlotIndex>(3));
+  // The largest id and slot pack without loss.
+  JobTable big(1000);  // 1024 entries
+  const JobId top = (JobId{1} << 63) - 1;
+  big.note_id(top, 999);
+  EXPECT_EQ(big.hinted_slot(top), std::optional<SlotIndex>(999));
+  JobTable one(1);
+  one.note_id(12345, 0);
+  EXPECT_EQ(one.hinted_slot(12345), std::optional<SlotIndex>(0));
+  EXPECT_EQ(one.hinted_slot(777), std::nullopt);
+}
+
 TEST(JobTableTest, AdvanceEpochIsMonotonicFromOne) {
   JobTable t(1);
   EXPECT_EQ(t.epoch(), 1u);

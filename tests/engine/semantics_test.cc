@@ -553,6 +553,56 @@ TEST(CancelTest, ACancelledQueuedJobFreesItsUniqueKeyAtOnce) {
   EXPECT_EQ(report->cancelled, 1u);
 }
 
+// cancel() looks a job up through the id hint of the slot it was stamped
+// into; once enough later ids have overwritten that hint (the hint table has
+// one entry per slot, 64 here), only the scan of the table can find it.
+TEST(CancelTest, AJobWhoseIdHintLaterJobsTookOverIsStillFound) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.capacity = 64;
+  std::atomic<int> ran{0};
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("h", [&](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto delayed = engine->submit(*h, "later", {.delay = hours(1)});
+  auto recent = engine->submit(*h, "later too", {.delay = hours(1)});
+  ASSERT_TRUE(delayed.ok() && recent.ok());
+  // Four times the hint table's size in later jobs, each run at once: ids
+  // congruent to `delayed`'s are among them, whatever the id blocks.
+  int submitted = 0;
+  while (submitted < 4 * 64) {
+    auto id = engine->submit(*h, "now");
+    if (!id.ok()) {
+      ASSERT_EQ(id.status().code(), StatusCode::kQueueFull) << id.status().to_string();
+      std::this_thread::yield();
+      continue;
+    }
+    ++submitted;
+  }
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == 4 * 64; }));
+  auto c = engine->cancel(*delayed);
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(*c, CancelResult::kCancelled);
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }));
+  auto again = engine->cancel(*delayed);
+  EXPECT_EQ(again.status().code(), StatusCode::kNotFound)
+      << "a job cancelled and purged is still found";
+  auto other = engine->cancel(*recent);
+  ASSERT_TRUE(other.ok()) << other.status().to_string();
+  EXPECT_EQ(*other, CancelResult::kCancelled);
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 0; }));
+  clock->advance(hours(2));
+  LetSchedulerRun();
+  EXPECT_EQ(ran.load(), 4 * 64) << "a cancelled job ran";
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->cancelled, 2u);
+}
+
 TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {
   EngineOptions o;
   o.workers = 2;
