@@ -88,6 +88,7 @@
 #include "engine/job_table.h"
 #include "engine/metrics.h"
 #include "engine/persistence_hooks.h"
+#include "engine/test_hooks.h"
 #include "engine/thread_util.h"
 #include "jobengine/engine.h"
 
@@ -1931,6 +1932,13 @@ class Engine::Impl final : public detail::CutSource {
       finish_cancelled(w, idx);
       return;
     }
+    if (auto* hook = detail::g_after_cancel_check.load(std::memory_order_relaxed)) [[unlikely]] {
+      hook(s.id());
+    }
+    // A cancel() from here on finds the job kRunning (kCancelRequested) or
+    // already waiting for its retry; either way the scheduler, which takes
+    // every retry in, drops it as cancelled (scheduler_main). A retry that
+    // goes straight back to a queue is dropped by the worker that dequeues it.
     if (outcome == Outcome::kDone) {
       release_key(s);
       retire(w, idx);
@@ -2131,6 +2139,16 @@ class Engine::Impl final : public detail::CutSource {
         inbox.swap(sched_inbox_);
       }
       for (const Timer& t : inbox) {
+        // Cancelled before it got here: a retry whose handler was returning
+        // when cancel() reached it (after_handler), or a job whose purge ran
+        // before its hand-over. Seen here: cancel() set the bit before it set
+        // sched_purge_, or before its heavy fence, which orders the bit
+        // before the worker's hand-over (engine.cc I8); the hand-over's mutex
+        // orders it before this load.
+        if ((table_.slot(t.idx).id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+          retire_cancelled(t.idx, retired);
+          continue;
+        }
         heap.push_back(t);
         std::push_heap(heap.begin(), heap.end(), later);
       }
@@ -2200,17 +2218,23 @@ class Engine::Impl final : public detail::CutSource {
         keep.push_back(t);
         continue;
       }
-      release_key(s);
-      const std::uint64_t e = announce(sched_announce_);
-      JobTable::retire(s, e);
-      sched_announce_.store(0, std::memory_order_release);
-      retired.add(t.idx, e);
-      scheduled_out_.fetch_add(1, std::memory_order_relaxed);
-      sched_cancelled_.fetch_add(1, std::memory_order_relaxed);
-      bump(sched_cancelled_by_handler_[s.handler]);  // only the scheduler writes it
+      retire_cancelled(t.idx, retired);
     }
     heap.swap(keep);
     std::make_heap(heap.begin(), heap.end(), std::greater<Timer>());
+  }
+
+  // Ends a cancelled job the scheduler holds (or was handed): never runs.
+  void retire_cancelled(SlotIndex idx, detail::RetireBuffer& retired) {
+    Slot& s = table_.slot(idx);
+    release_key(s);
+    const std::uint64_t e = announce(sched_announce_);
+    JobTable::retire(s, e);
+    sched_announce_.store(0, std::memory_order_release);
+    retired.add(idx, e);
+    scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+    sched_cancelled_.fetch_add(1, std::memory_order_relaxed);
+    bump(sched_cancelled_by_handler_[s.handler]);  // only the scheduler writes it
   }
 
   // ---------------------------------------------------------------- cancel

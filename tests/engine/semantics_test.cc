@@ -7,6 +7,7 @@
 // test slept. Where a test checks that something did *not* happen yet, it
 // first lets the scheduler make a few passes (it looks every millisecond under
 // a test clock), so a job fired early would be seen.
+#include "engine/test_hooks.h"  // g_after_cancel_check
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 #include "tests/engine/test_support.h"
@@ -601,6 +602,49 @@ TEST(CancelTest, AJobWhoseIdHintLaterJobsTookOverIsStillFound) {
   auto report = engine->stop();
   ASSERT_TRUE(report.ok());
   EXPECT_EQ(report->cancelled, 2u);
+}
+
+// cancel() reaching a job between the worker's look at its cancel bit and
+// the retry it schedules (a hook at that point calls cancel()): cancel()
+// answers kCancelRequested, and the retry must not wait out its back-off,
+// hold its unique key, or count as delayed; it ends as cancelled.
+Engine* g_hook_engine = nullptr;
+std::atomic<int> g_hook_result{-1};
+
+TEST(CancelTest, ACancelThatMeetsARetryBeingScheduledDropsTheRetry) {
+  auto clock = std::make_shared<ManualClock>();
+  std::atomic<int> runs{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("retries", [&](JobContext& job) {
+    runs.fetch_add(1);
+    job.retry_after(hours(1));
+    return Outcome::kRetry;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(engine->start().ok());
+  g_hook_engine = &*engine;
+  g_hook_result.store(-1);
+  detail::g_after_cancel_check.store(+[](JobId id) {
+    auto r = g_hook_engine->cancel(id);
+    g_hook_result.store(r.ok() ? static_cast<int>(*r) : 100);
+  });
+  auto id = engine->submit(*h, "x", {.unique_key = "order-9"});
+  ASSERT_TRUE(id.ok());
+  ASSERT_TRUE(WaitUntil([&] { return g_hook_result.load() != -1; }));
+  detail::g_after_cancel_check.store(nullptr);
+  EXPECT_EQ(g_hook_result.load(), static_cast<int>(CancelResult::kCancelRequested));
+  EXPECT_TRUE(WaitUntil([&] {
+    const Health health = engine->health();
+    return health.delayed == 0 && health.cancelled == 1;
+  })) << "the cancelled job waits in the scheduler for its retry";
+  auto fresh = engine->submit(*h, "y", {.unique_key = "order-9"});
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_NE(*fresh, *id) << "the cancelled job still holds its unique key";
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
+  auto report = engine->stop(StopMode::kAbandon);
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->cancelled, 1u);
 }
 
 TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {

@@ -1,0 +1,16 @@
+// Test-only seams: points where the engine calls a hook so that a test can
+// force an interleaving that a race makes rare. Each is nullptr outside tests,
+// and read with one relaxed load on a path that is not the hot one.
+#pragma once
+
+#include <atomic>
+
+#include "jobengine/job.h"  // JobId
+
+namespace jobengine::detail {
+
+// Called by a worker in after_handler() once it found the job's cancel bit
+// clear, before it acts on the handler's outcome (a retry's scheduling, say).
+inline std::atomic<void (*)(JobId)> g_after_cancel_check{nullptr};
+
+}  // namespace jobengine::detail
