@@ -33,6 +33,13 @@ struct ClockAnchor {
   std::atomic<std::int64_t> ns{0};
 };
 
+// The longest span the engine places on its tick timeline: delays, retry
+// back-offs and run deadlines beyond it count as 100 years. So a tick count
+// "now + span" stays far from 2^64 at any counter rate up to 5.8 GHz, and
+// converts to wall-clock nanoseconds without overflow (a user's
+// nanoseconds::max() meaning "never" or "uncapped" stays that, in effect).
+inline constexpr std::int64_t kMaxSpanNs = std::int64_t{100} * 36525 * 24 * 3600 * 10'000'000;
+
 class Clock {
  public:
   // Chooses the source and calibrates it; idempotent and thread-safe.
@@ -78,10 +85,11 @@ class Clock {
     return static_cast<std::uint64_t>((static_cast<Uint128>(ticks) * mult_) >> 32);
   }
 
-  // Ticks in `ns` nanoseconds, for placing a
-  // time read from a snapshot on this process's tick timeline.
+  // Ticks in `ns` nanoseconds (at most kMaxSpanNs), for placing a delay, a
+  // deadline or a time read from a snapshot on this process's tick timeline.
   static std::uint64_t ticks_in_ns(std::int64_t ns) noexcept {
     if (ns <= 0) return 0;
+    if (ns > kMaxSpanNs) ns = kMaxSpanNs;
     if (source_ == Source::kSteady) return static_cast<std::uint64_t>(ns);
     return static_cast<std::uint64_t>((static_cast<Uint128>(ns) * inv_mult_) >> 32);
   }

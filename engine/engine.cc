@@ -1913,6 +1913,9 @@ class Engine::Impl final : public detail::CutSource {
       const double u = static_cast<double>(rng >> 11) * 0x1.0p-53;  // [0, 1)
       base *= 1.0 + p.jitter * (2 * u - 1);
     }
+    // Capped before the conversion: a double at or past 2^63 (nanoseconds::
+    // max() as max_backoff, "uncapped") would not fit the int64 it becomes.
+    base = std::min(base, static_cast<double>(detail::kMaxSpanNs));
     return base <= 0 ? 0 : static_cast<std::uint64_t>(base);
   }
 
@@ -2428,7 +2431,11 @@ class Engine::Impl final : public detail::CutSource {
                         .count();
     const std::uint64_t now_ticks = Clock::ticks();
     auto wall_to_ticks = [&](std::int64_t wall_ns) {
-      const std::uint64_t back = Clock::ticks_in_ns(now_wall - wall_ns);
+      if (wall_ns >= now_wall) return now_ticks;
+      // In unsigned arithmetic: any two int64 times are less than 2^64 apart.
+      const std::uint64_t ago = static_cast<std::uint64_t>(now_wall) - static_cast<std::uint64_t>(wall_ns);
+      const std::uint64_t back = Clock::ticks_in_ns(
+          static_cast<std::int64_t>(std::min<std::uint64_t>(ago, detail::kMaxSpanNs)));
       return back < now_ticks ? now_ticks - back : 0;
     };
     auto keep_dead = [&](const snapshot::JobRecordView& j, std::uint16_t recoveries,

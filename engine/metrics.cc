@@ -323,7 +323,8 @@ constexpr HandlerCounter kHandlerCounters[] = {
      &HandlerMetricsData::done},
     {"jobengine_jobs_retried_total", "Attempts that ended in a retry, per handler.",
      &HandlerMetricsData::retried},
-    {"jobengine_jobs_failed_total", "Attempts that failed (fail, retry or exception), per handler.",
+    {"jobengine_jobs_failed_total",
+     "Jobs that failed for good (kFail, or a retry or exception with no attempt left), per handler.",
      &HandlerMetricsData::failed},
     {"jobengine_jobs_dead_total", "Jobs that became dead, per handler.", &HandlerMetricsData::dead},
     {"jobengine_jobs_cancelled_total", "Jobs cancelled, per handler.",
@@ -482,7 +483,8 @@ std::string format_prometheus(const MetricsData& m) {
   sample(out, "jobengine_recovered_total", m.recovered);
 
   family(out, "jobengine_scheduler_lateness_seconds", "histogram",
-         "Time from a delayed job's due time to the start of its run.");
+         "Time from a delayed job's or retry's due time to the scheduler queueing it "
+         "(due time to run start, the queue included, is jobengine_queue_wait_seconds).");
   histogram_series(out, "jobengine_scheduler_lateness_seconds", "", m.scheduler_lateness);
 
   if (m.has_snapshots) {

@@ -120,7 +120,7 @@ struct HandlerMetricsData {
   std::uint64_t started = 0;  // handler calls (attempts), counted as each returns
   std::uint64_t done = 0;
   std::uint64_t retried = 0;
-  std::uint64_t failed = 0;  // attempts that failed (kFail, kRetry, exception)
+  std::uint64_t failed = 0;  // jobs failed for good: kFail, or kRetry/exception on the last attempt
   std::uint64_t dead = 0;    // jobs that became dead
   std::uint64_t cancelled = 0;
   std::uint64_t stuck = 0;   // runs that went past their deadline

@@ -216,6 +216,48 @@ TEST(RetryTest, BackoffDoublesUpToItsCapThenTheJobDiesWithItsLastError) {
   EXPECT_EQ(health.pending, 0u);
 }
 
+// nanoseconds::max() as a back-off ("uncapped") or a delay ("never") must
+// wait (capped at 100 years), not overflow into "due at once": the back-off
+// reached 2^63 as a double, which the int64 it became could not hold.
+TEST(RetryTest, HugeBackoffsAndDelaysWaitInsteadOfOverflowingIntoNow) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.max_attempts = 2;
+  o.retry.initial_backoff = std::chrono::nanoseconds::max();
+  o.retry.multiplier = 1;
+  o.retry.max_backoff = std::chrono::nanoseconds::max();
+  std::atomic<int> runs{0};
+  std::atomic<int> retry_after_runs{0};
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("flaky", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kRetry;
+  });
+  auto later = engine->register_handler("later", [&](JobContext& job) {
+    retry_after_runs.fetch_add(1);
+    job.retry_after(std::chrono::nanoseconds::max());
+    return Outcome::kRetry;
+  });
+  ASSERT_TRUE(h.ok() && later.ok());
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*h, "").ok());
+  ASSERT_TRUE(engine->submit(*later, "").ok());
+  ASSERT_TRUE(engine->submit(*h, "", {.delay = std::chrono::nanoseconds::max()}).ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 3; }))
+      << "delayed: " << engine->health().delayed << ", dead: " << engine->health().dead;
+  clock->advance(hours(24 * 365 * 50));
+  LetSchedulerRun();
+  EXPECT_EQ(runs.load(), 1) << "a retry or the delayed job ran within 50 years";
+  EXPECT_EQ(retry_after_runs.load(), 1);
+  EXPECT_EQ(engine->health().dead, 0u);
+  clock->advance(hours(24 * 366 * 51));
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 3 && retry_after_runs.load() == 2; }))
+      << "past the 100-year cap nothing ran: runs " << runs.load();
+  auto report = engine->stop(StopMode::kAbandon);
+  ASSERT_TRUE(report.ok());
+}
+
 TEST(RetryTest, JitterStaysWithinItsBounds) {
   auto clock = std::make_shared<ManualClock>();
   EngineOptions o = TestOptions(clock);
