@@ -1080,7 +1080,10 @@ class Engine::Impl final : public detail::CutSource {
       j.cancel_requested = (word & kCancelBit) != 0;
       j.handler = s.handler;
       j.priority = s.priority;
-      switch (s.state.load(std::memory_order_relaxed)) {
+      // Acquire: pairs with after_handler's release, so a retry's state is
+      // read with its own run_at below (on ARM the plain loads could pair a
+      // new kWaitingRetry with the old run_at: due at once after recovery).
+      switch (s.state.load(std::memory_order_acquire)) {
         case SlotState::kRunning: j.state = snapshot::JobState::kRunningAtCut; break;
         case SlotState::kDelayed: j.state = snapshot::JobState::kDelayed; break;
         case SlotState::kWaitingRetry: j.state = snapshot::JobState::kWaitingRetry; break;
@@ -1959,7 +1962,9 @@ class Engine::Impl final : public detail::CutSource {
                 : backoff_ns(h.retry, attempt, w.rng);
         if (wait_ns == 0) {
           s.run_at_ticks.store(Clock::ticks(), std::memory_order_relaxed);
-          s.state.store(SlotState::kQueued, std::memory_order_relaxed);
+          // Release: a snapshot that acquires the new state reads this
+          // run_at, not the last one (for_each_cut_job).
+          s.state.store(SlotState::kQueued, std::memory_order_release);
           if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
             bump(w.retried);
             bump(hs.retried);
@@ -1969,7 +1974,7 @@ class Engine::Impl final : public detail::CutSource {
         } else {
           const std::uint64_t at = vnow() + Clock::ticks_in_ns(static_cast<std::int64_t>(wait_ns));
           s.run_at_ticks.store(at, std::memory_order_relaxed);
-          s.state.store(SlotState::kWaitingRetry, std::memory_order_relaxed);
+          s.state.store(SlotState::kWaitingRetry, std::memory_order_release);  // as above
           if (schedule(idx, at)) {
             bump(w.retried);
             bump(hs.retried);
