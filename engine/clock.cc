@@ -94,7 +94,7 @@ void Clock::reanchor() noexcept {
 }
 
 std::int64_t Clock::to_steady_ns(std::uint64_t t) noexcept {
-  if (source_ == Source::kSteady) return static_cast<std::int64_t>(t);
+  if (source_ == Source::kSteady) return static_cast<std::int64_t>(t - kTickBias);
   for (;;) {
     // Seqlock read: acquire on seq, relaxed data, acquire fence, seq again.
     const std::uint32_t s1 = anchor_.seq.load(std::memory_order_acquire);

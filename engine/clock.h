@@ -4,7 +4,8 @@
 // as the rest of a submit. Where the CPU has a constant-rate counter the
 // engine reads that instead -- rdtsc on x86-64 with an invariant TSC, cntvct_el0
 // on aarch64 -- and converts ticks to steady_clock nanoseconds only where a
-// person or an API needs them. Elsewhere ticks are steady_clock nanoseconds.
+// person or an API needs them. Elsewhere ticks are steady_clock nanoseconds. Either
+// way plus kTickBias (below).
 //
 // Conversion: ns = anchor_ns + (ticks - anchor_ticks) * mult >> 32. The x86
 // rate is calibrated once against steady_clock (about 2 ms, on the first
@@ -33,12 +34,20 @@ struct ClockAnchor {
   std::atomic<std::int64_t> ns{0};
 };
 
+// Every tick value is the counter's reading plus kTickBias. The counters start
+// near zero at boot, and a job recovered after a reboot was submitted before
+// that: the bias leaves room for its times (2^60 ticks: 6 years at 5.8 GHz,
+// 36 years of steady_clock nanoseconds), which otherwise came back as the
+// boot time. Durations (differences) are unchanged; 0 stays "no time".
+inline constexpr std::uint64_t kTickBias = std::uint64_t{1} << 60;
+
 // The longest span the engine places on its tick timeline: delays, retry
-// back-offs and run deadlines beyond it count as 100 years. So a tick count
-// "now + span" stays far from 2^64 at any counter rate up to 5.8 GHz, and
-// converts to wall-clock nanoseconds without overflow (a user's
-// nanoseconds::max() meaning "never" or "uncapped" stays that, in effect).
-inline constexpr std::int64_t kMaxSpanNs = std::int64_t{100} * 36525 * 24 * 3600 * 10'000'000;
+// back-offs and run deadlines beyond it count as 50 years. So a tick count
+// "now + span" stays far from 2^64 at any counter rate up to 5.8 GHz (bias
+// and years of uptime included), and converts to wall-clock nanoseconds
+// without overflow (a user's nanoseconds::max() meaning "never" or
+// "uncapped" stays that, in effect).
+inline constexpr std::int64_t kMaxSpanNs = std::int64_t{50} * 36525 * 24 * 3600 * 10'000'000;
 
 class Clock {
  public:
@@ -47,15 +56,15 @@ class Clock {
 
   static std::uint64_t ticks() noexcept {
 #if defined(__x86_64__)
-    if (source_ == Source::kTsc) return __rdtsc();
+    if (source_ == Source::kTsc) return __rdtsc() + kTickBias;
 #elif defined(__aarch64__)
     if (source_ == Source::kArmCounter) {
       std::uint64_t v;
       asm volatile("mrs %0, cntvct_el0" : "=r"(v));
-      return v;
+      return v + kTickBias;
     }
 #endif
-    return steady_ns();
+    return static_cast<std::uint64_t>(steady_ns()) + kTickBias;
   }
 
   // Ticks to steady_clock nanoseconds (its time_since_epoch). Lock-free.
@@ -68,7 +77,7 @@ class Clock {
     std::int64_t anchor_ns = 0;
     std::uint64_t mult = 0;  // 0: ticks are nanoseconds already
     std::int64_t operator()(std::uint64_t t) const noexcept {
-      if (mult == 0) return static_cast<std::int64_t>(t);
+      if (mult == 0) return static_cast<std::int64_t>(t - kTickBias);
       if (t >= anchor_ticks) {
         return anchor_ns + static_cast<std::int64_t>((static_cast<Uint128>(t - anchor_ticks) * mult) >> 32);
       }

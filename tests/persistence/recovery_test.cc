@@ -527,6 +527,80 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
   }
 }
 
+// After a reboot (power loss) the engine's clock starts again near zero, and
+// recovered jobs were submitted before that zero. Their times must survive:
+// they used to come back as the boot time, which the next snapshot then
+// wrote for good (and queue-wait and age figures used).
+TEST(RecoveryTest, JobsSubmittedBeforeTheBootKeepTheirTimesThroughTheNextSnapshot) {
+  TempDir tmp;
+  const std::string dir = tmp.dir();
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  const std::int64_t now_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::system_clock::now().time_since_epoch())
+                                  .count();
+  // Before the counters' zero, whichever the engine reads: a day more than
+  // steady_clock's (and so the TSC's) time since boot.
+  const std::int64_t since_boot = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                      std::chrono::steady_clock::now().time_since_epoch())
+                                      .count();
+  const std::int64_t before_boot = now_ns - since_boot - 86'400'000'000'000;
+  snapshot::Encoder encoder;
+  snapshot::Header header;
+  header.generation = 1;
+  header.wall_time_ns = now_ns - since_boot - 1'000'000'000;
+  header.next_job_id = 10;
+  encoder.begin(header);
+  encoder.add_handler("work");
+  snapshot::JobRecord pending;
+  pending.id = 1;
+  pending.submit_ns = before_boot;
+  pending.run_at_ns = before_boot;
+  pending.payload = "old";
+  encoder.add_job(pending);
+  snapshot::JobRecord retry = pending;  // its back-off ran out while the machine was down
+  retry.id = 2;
+  retry.state = snapshot::JobState::kWaitingRetry;
+  retry.attempts = 1;
+  retry.run_at_ns = before_boot + 60'000'000'000;
+  encoder.add_job(retry);
+  const std::span<const unsigned char> image = encoder.finish();
+  {
+    const std::string path = dir + "/gen-00000000000000000001.jobsnap";
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::write(fd, image.data(), image.size()), static_cast<ssize_t>(image.size()));
+    ::close(fd);
+  }
+  auto e = Engine::open(DiskOptions(dir));
+  ASSERT_TRUE(IsOk(e));
+  Gate gate;
+  auto h = e->register_handler("work", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(h));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.pending + started->recovery.delayed, 2u);
+  auto snap = e->snapshot_now();
+  ASSERT_TRUE(IsOk(snap));
+  auto bytes = ReadFile(snap->path);
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  ASSERT_EQ(view->jobs.size(), 2u);
+  for (const auto& j : view->jobs) {
+    // The clock's conversion is good to microseconds; the boot is a day later.
+    EXPECT_NEAR(static_cast<double>(j.submit_ns), static_cast<double>(before_boot), 1e6)
+        << "job " << j.id << ": submitted " << (j.submit_ns - before_boot) / 1e9
+        << " s after its recorded time";
+    const std::int64_t run_at = j.id == 1 ? pending.run_at_ns : retry.run_at_ns;
+    EXPECT_NEAR(static_cast<double>(j.run_at_ns), static_cast<double>(run_at), 1e6)
+        << "job " << j.id;
+  }
+  gate.open();
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 // The shared-memory image is encoded straight into the segment; when the
 // segment cannot grow for a larger image (a full /dev/shm, here
 // RLIMIT_FSIZE), the snapshot reports the shared-memory failure, yet the
