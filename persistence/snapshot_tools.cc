@@ -63,19 +63,37 @@ Failure failure_of_file_read(const Status& s) {
 }
 
 // ShmStore::read_existing's and open_or_create's codes (shm_store.h). Both
-// say kFailedPrecondition for a foreign segment and for a held writer lock;
-// the lock's message is the documented "another engine is writing".
+// say kFailedPrecondition for four different things, which their messages
+// tell apart (a segment name is [A-Za-z0-9._-], so it cannot fake them):
+//  - a held writer lock ("another engine is writing"): locked;
+//  - a reader that gave up because the writer rewrote the slot during every
+//    copy ("gave up after N attempts"): an engine is writing it, locked too;
+//  - a control block of another layout version: written by another build,
+//    the segment's counterpart of a newer format version;
+//  - a segment that is not ours (type, owner, mode): refused input.
 Failure failure_of_shm(const Status& s) {
   switch (s.code()) {
     case StatusCode::kNotFound: return Failure::kNotFound;
     case StatusCode::kInvalidArgument: return Failure::kUsage;
     case StatusCode::kCorruption: return Failure::kCorrupt;
-    case StatusCode::kFailedPrecondition:
-      return s.message().find("another engine") != std::string_view::npos ? Failure::kLocked
-                                                                           : Failure::kRefusedInput;
+    case StatusCode::kFailedPrecondition: {
+      const std::string_view m = s.message();
+      if (m.find("another engine") != std::string_view::npos) return Failure::kLocked;
+      if (m.find("gave up after") != std::string_view::npos) return Failure::kLocked;
+      if (m.find("layout version") != std::string_view::npos) return Failure::kUnsupportedVersion;
+      return Failure::kRefusedInput;
+    }
     default: return Failure::kIoError;
   }
 }
+
+// A segment the engine could not open, or that could not be read, as
+// opposed to an image in it that does not verify (which recovery skips):
+// not ours (type, owner, mode), another layout version, or a writer that
+// overtook every copy. ShmStore says kFailedPrecondition for exactly these.
+// An engine's open() fails on the first two, so a tool that passed over the
+// segment would name a disk generation as the one the next start loads.
+bool shm_unusable(const Status& s) { return s.code() == StatusCode::kFailedPrecondition; }
 
 persist::FileSystem& fs() { return *persist::default_file_system(); }
 
@@ -132,15 +150,24 @@ Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
 
 // shm_open() follows no symlink but would block opening a FIFO and open a
 // device: look at the name first. OK when it does not exist (the store says
-// kNotFound itself) or is a regular file (the store checks owner and mode).
-Status check_shm_entry(const std::string& name, Diagnosis* d) {
+// kNotFound itself; with `must_exist`, kNotFound here) or is a regular file
+// (the store checks owner and mode).
+Status check_shm_entry(const std::string& name, Diagnosis* d, bool must_exist = false) {
   if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
                 "bad shm segment name '" + name + "' (use [A-Za-z0-9._-], no '/')");
   }
   const std::string path = "/dev/shm/" + name;
   SysResult<FileInfo> info = fs().lstat(path);
-  if (!info.ok()) return Status();
+  if (!info.ok()) {
+    if (must_exist && info.error == ENOENT) {
+      return fail(d, Failure::kNotFound, StatusCode::kNotFound,
+                  "shm segment '" + name + "' (" + path +
+                      ") does not exist: check the name, or leave out --shm if the engine "
+                      "runs without a segment");
+    }
+    return Status();
+  }
   if (info.value.kind != FileInfo::Kind::kRegular) {
     return fail(d, Failure::kRefusedInput, StatusCode::kFailedPrecondition,
                 "shm segment '" + name + "' (" + path + ") is " + kind_text(info.value.kind) +
@@ -163,8 +190,14 @@ Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Dia
   return store;
 }
 
-Result<std::unique_ptr<persist::ShmStore>> lock_shm(const std::string& name, Diagnosis* d) {
-  if (Status s = check_shm_entry(name, d); !s.ok()) return s;
+// The segment's writer lock. ShmStore can only open-or-create, so without
+// `create` a missing segment is refused (kNotFound) before the open: an edit
+// naming a mistyped or vanished segment must not leave an empty one behind.
+// (Removed between that look and the open, it would be created empty; a
+// race only another process of ours could start.)
+Result<std::unique_ptr<persist::ShmStore>> lock_shm(const std::string& name, Diagnosis* d,
+                                                    bool create) {
+  if (Status s = check_shm_entry(name, d, /*must_exist=*/!create); !s.ok()) return s;
   auto store = persist::ShmStore::open_or_create(name, 0);
   if (!store) return fail(d, failure_of_shm(store.status()), store.status());
   return store;
@@ -252,15 +285,50 @@ std::int64_t wall_now_ns() {
       .count();
 }
 
-// The generation the segment's active image holds, 0 when none or unreadable
-// (recovery skips an unreadable image, so it cannot outrank anything).
-std::uint64_t shm_generation(const Result<std::vector<unsigned char>>& image,
-                             std::uint64_t* next_job_id = nullptr) {
-  if (!image.ok()) return 0;
-  auto view = snapshot::decode(*image);
-  if (!view) return 0;
-  if (next_job_id != nullptr) *next_job_id = std::max(*next_job_id, view->header.next_job_id);
-  return view->header.generation;
+// The segment's active image, when it verifies; nullopt when there is none,
+// or it does not verify (recovery skips such an image, so it neither
+// outranks anything nor holds anything to keep).
+std::optional<Image> verified_shm_image(const Result<std::vector<unsigned char>>& bytes,
+                                        const std::string& name) {
+  if (!bytes.ok()) return std::nullopt;
+  auto image = decode_image("shm:" + name, *bytes);
+  if (!image) return std::nullopt;
+  return std::move(*image);
+}
+
+// What a directory's generation files say before a write adds one.
+struct DirScan {
+  std::uint64_t highest = 0;      // the highest generation number present, verified or not
+  std::uint64_t next_job_id = 0;  // the highest id counter of those that verify
+  std::set<std::uint64_t> held;   // generations that a file of that name holds and verifies
+};
+
+// Reads and verifies every file of `files`: ids handed out by any image the
+// engine could have loaded must never be handed out again, and the
+// segment's image need not be kept where a file holds it already.
+DirScan scan_files(const std::vector<persist::GenerationFile>& files) {
+  DirScan scan;
+  for (const auto& f : files) {
+    scan.highest = std::max(scan.highest, f.generation);
+    auto image = load_file(f.path);
+    if (!image) continue;
+    scan.next_job_id = std::max(scan.next_job_id, image->view.header.next_job_id);
+    if (image->view.header.generation == f.generation) scan.held.insert(f.generation);
+  }
+  return scan;
+}
+
+// 1 + `above`, or kRefused when `above` is the last generation number: the
+// next one would wrap to 0 and never be loaded (FileStore refuses to publish
+// it anyway, with a message that does not say why).
+Result<std::uint64_t> next_generation(std::uint64_t above, Diagnosis* d) {
+  if (above == UINT64_MAX) {
+    return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
+                "generation " + std::to_string(above) +
+                    " is the highest a snapshot can have: no new generation can be numbered "
+                    "above it");
+  }
+  return above + 1;
 }
 
 // fsync of a directory's entries.
@@ -278,12 +346,68 @@ Status sync_dir(const std::string& dir) {
   return Status();
 }
 
-// Moves `files` into a new subdirectory dir/aside-<UTC time>[-n]/ (0700),
-// durably. The engine lists only gen-*.jobsnap regular files directly in its
-// directory, so it never sees them there.
-Status move_aside(const std::string& dir, const std::vector<persist::GenerationFile>& files,
-                  WriteReport& report) {
-  if (files.empty()) return Status();
+// Writes `bytes` durably as the new file dir/name, never replacing one:
+// FileStore's publish protocol without its ordering rule (the file may be
+// numbered below others): a temp file (O_EXCL, 0600), every byte, fsync,
+// close, a rename that refuses to replace, fsync the directory. The temp name
+// is FileStore's (.tmp-<generation>-<pid>), so in an engine's directory the
+// next open removes one a crash left behind. On failure the temp file is
+// removed and nothing else has changed.
+Status write_new_file(const std::string& dir, const std::string& name, std::uint64_t generation,
+                      std::span<const unsigned char> bytes) {
+  persist::FileSystem& f = fs();
+  char temp_name[64];
+  std::snprintf(temp_name, sizeof temp_name, "/.tmp-%020llu-%ld",
+                static_cast<unsigned long long>(generation), static_cast<long>(::getpid()));
+  const std::string temp = dir + temp_name;
+  const std::string path = dir + "/" + name;
+  auto io = [](const char* step, const std::string& where, int err) {
+    return Status(StatusCode::kIoError,
+                  std::string(step) + " " + where + ": " + persist::errno_text(err));
+  };
+  SysResult<int> fd = f.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (!fd.ok()) return io("open", temp, fd.error);  // not ours to remove (O_EXCL)
+  Status st;
+  if (int err = f.fchmod(fd.value, 0600); err != 0) st = io("fchmod 0600", temp, err);
+  int interrupted = 0;  // EINTRs in a row: bounded, as FileStore's writes are
+  for (std::size_t done = 0; st.ok() && done < bytes.size();) {
+    SysResult<std::size_t> w = f.write(fd.value, bytes.data() + done, bytes.size() - done);
+    if (!w.ok() && w.error == EINTR && ++interrupted < persist::kMaxEintrRetries) continue;
+    interrupted = 0;
+    if (!w.ok() || w.value == 0) {
+      st = io("write", temp, w.ok() ? EIO : w.error);
+      break;
+    }
+    done += w.value;
+  }
+  if (st.ok()) {
+    if (int err = f.fsync(fd.value); err != 0) st = io("fsync", temp, err);
+  }
+  const int close_err = f.close(fd.value);
+  if (st.ok() && close_err != 0) st = io("close", temp, close_err);
+  if (st.ok()) {
+    int err = f.rename_noreplace(temp, path);
+    if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
+      // No RENAME_NOREPLACE on this file system. The directory is one we
+      // hold the lock of or just made, so checking first is enough.
+      SysResult<FileInfo> there = f.lstat(path);
+      err = there.ok() ? EEXIST : (there.error == ENOENT ? f.rename(temp, path) : there.error);
+    }
+    if (err != 0) st = io("rename", temp + " to " + path, err);
+  }
+  if (!st.ok()) {
+    (void)f.unlink(temp);
+    return st;
+  }
+  return sync_dir(dir);
+}
+
+// Creates dir/aside-<UTC time>[-n]/ (0700), once per write (report.aside_dir
+// says where), and makes its entry in `dir` durable. The engine lists only
+// gen-*.jobsnap regular files directly in its directory, so it never sees
+// what is kept there.
+Status make_aside_dir(const std::string& dir, WriteReport& report) {
+  if (!report.aside_dir.empty()) return Status();
   persist::FileSystem& f = fs();
   char stamp[32];
   const std::time_t now = std::time(nullptr);
@@ -309,6 +433,17 @@ Status move_aside(const std::string& dir, const std::vector<persist::GenerationF
     return Status(StatusCode::kIoError, "chmod 0700 " + aside + ": " + persist::errno_text(err));
   }
   report.aside_dir = aside;
+  return sync_dir(dir);
+}
+
+// Moves `files` into the write's aside directory (made if need be),
+// durably.
+Status move_aside(const std::string& dir, const std::vector<persist::GenerationFile>& files,
+                  WriteReport& report) {
+  if (files.empty()) return Status();
+  if (Status s = make_aside_dir(dir, report); !s.ok()) return s;
+  persist::FileSystem& f = fs();
+  const std::string& aside = report.aside_dir;
   for (const auto& file : files) {
     const std::size_t slash = file.path.rfind('/');
     const std::string to = aside + file.path.substr(slash);
@@ -322,6 +457,48 @@ Status move_aside(const std::string& dir, const std::vector<persist::GenerationF
   return sync_dir(dir);
 }
 
+// Keeps the segment's image, which the publish to the segment is about to
+// replace: it is often the newest state there is (the engine writes the
+// segment far more often than the directory), and a write never deletes a
+// generation. Nothing to do when a file of `dir` that verifies holds its
+// generation already. Otherwise it is written (durably, before anything is
+// published) as gen-<S>.jobsnap:
+//  - `aside`: into the write's aside directory (with the newer generations
+//    a restore moves there; "shm-gen-<S>.jobsnap" if a file of `dir` of that
+//    number that does not verify is about to be moved there too);
+//  - else into `dir` itself, numbered below the new generation, so never
+//    loaded unless chosen; into the aside directory after all if a file of
+//    that name, one that does not verify, is in the way (never replaced).
+Status keep_shm_image(const Image& image, const std::string& dir, const DirScan& scan, bool aside,
+                      const std::vector<persist::GenerationFile>& moving, WriteReport& report,
+                      Diagnosis* d) {
+  const std::uint64_t generation = image.view.header.generation;
+  if (scan.held.count(generation) != 0) return Status();
+  std::string name = generation_path("", generation).substr(1);
+  std::string where = dir;
+  if (!aside) {
+    SysResult<FileInfo> there = fs().lstat(dir + "/" + name);
+    aside = there.ok() || there.error != ENOENT;
+  }
+  if (aside) {
+    if (Status s = make_aside_dir(dir, report); !s.ok()) return fail(d, Failure::kIoError, s);
+    where = report.aside_dir;
+    for (const auto& f : moving) {
+      if (f.generation == generation) name = "shm-" + name;
+    }
+  }
+  if (Status s = write_new_file(where, name, generation, image.bytes); !s.ok()) {
+    return fail(d, Failure::kIoError,
+                Status(s.code(), std::string(s.message()) + " (keeping the image of " +
+                                     image.source + ", generation " + std::to_string(generation) +
+                                     ", before it is replaced; nothing was published)"));
+  }
+  report.shm_kept = where + "/" + name;
+  report.shm_kept_generation = generation;
+  if (aside) report.moved.push_back(report.shm_kept);
+  return Status();
+}
+
 // requeue_jobs / drop_jobs: lock, take the source, transform, publish above
 // everything, to the directory and then the segment.
 using Transform = std::function<Result<std::vector<unsigned char>>(
@@ -331,11 +508,12 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   if (request.dir.empty()) {
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument, "a snapshot directory is required");
   }
+  // Nothing is created: the directory and the segment must exist already.
   auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
   if (!dir) return dir.status();
   std::unique_ptr<persist::ShmStore> shm;
   if (!request.shm.empty()) {
-    auto s = lock_shm(request.shm, d);
+    auto s = lock_shm(request.shm, d, /*create=*/false);
     if (!s) return s.status();
     shm = std::move(*s);
   }
@@ -344,8 +522,15 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
 
   Result<std::vector<unsigned char>> shm_image =
       shm ? shm->read_active() : Result<std::vector<unsigned char>>(Status(StatusCode::kNotFound, ""));
-  std::uint64_t above = files->empty() ? 0 : files->front().generation;
-  above = std::max(above, shm_generation(shm_image));
+  // A copy: recovery below takes the bytes, and they may have to be kept.
+  std::optional<Image> shm_now = verified_shm_image(shm_image, request.shm);
+  const DirScan scan = scan_files(*files);
+  std::uint64_t above = scan.highest;
+  std::uint64_t next_id = scan.next_job_id;
+  if (shm_now) {
+    above = std::max(above, shm_now->view.header.generation);
+    next_id = std::max(next_id, shm_now->view.header.next_job_id);
+  }
 
   Image source;
   if (request.from_generation) {
@@ -366,21 +551,36 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
     if (!image) return fail(d, Failure::kCorrupt, image.status());
     source = std::move(*image);
   }
-  const std::uint64_t generation = std::max(above, source.view.header.generation) + 1;
-  auto image = transform(source.view, generation, d);
+  const std::uint64_t from = source.view.header.generation;
+  auto generation = next_generation(std::max(above, from), d);
+  if (!generation) return generation.status();
+  // Ids above every id any image there handed out: generation --from N, or a
+  // segment behind the directory, may have an older counter than the newest.
+  source.view.header.next_job_id = std::max(source.view.header.next_job_id, next_id);
+  // Checks the ids (missing: kNotFound; requeue of a live job: kRefused)
+  // before anything is written.
+  auto image = transform(source.view, *generation, d);
   if (!image) return image.status();
 
   WriteReport report;
   report.from_source = source.source;
-  report.from_generation = source.view.header.generation;
-  report.generation = generation;
-  if (Status s = (*dir)->publish(generation, *image); !s.ok()) return fail(d, Failure::kIoError, s);
-  report.path = generation_path((*dir)->dir(), generation);
+  report.from_generation = from;
+  report.generation = *generation;
+  if (shm && shm_now) {
+    if (Status s = keep_shm_image(*shm_now, (*dir)->dir(), scan, /*aside=*/false, {}, report, d);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (Status s = (*dir)->publish(*generation, *image); !s.ok()) {
+    return fail(d, Failure::kIoError, s);
+  }
+  report.path = generation_path((*dir)->dir(), *generation);
   if (shm) {
-    if (Status s = shm->publish(generation, *image); !s.ok()) {
+    if (Status s = shm->publish(*generation, *image); !s.ok()) {
       return fail(d, Failure::kIoError,
                   Status(s.code(), std::string(s.message()) + " (generation " +
-                                       std::to_string(generation) + " is in " + report.path +
+                                       std::to_string(*generation) + " is in " + report.path +
                                        ", which the engine loads)"));
     }
     report.shm = request.shm;
@@ -472,6 +672,11 @@ Result<Image> load_newest(const std::string& dir, const std::string& shm_name, D
   if (!shm_name.empty()) {
     if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
     persist::ShmCandidate candidate{"shm:" + shm_name, persist::ShmStore::read_existing(shm_name)};
+    // Recovery would pass over it, but the engine's open() fails on such a
+    // segment before recovery runs: no disk generation is what it loads.
+    if (!candidate.image.ok() && shm_unusable(candidate.image.status())) {
+      return fail(d, failure_of_shm(candidate.image.status()), candidate.image.status());
+    }
     loaded = persist::load_newest(&candidate, files, fs(), report);
   } else {
     loaded = persist::load_newest(nullptr, files, fs(), report);
@@ -552,6 +757,12 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
     if (!bytes && bytes.status().code() == StatusCode::kNotFound && dir.empty()) {
       return fail(d, Failure::kNotFound, bytes.status());
     }
+    // Not a row that says "invalid": the engine's open() fails on such a
+    // segment, so no image listed is the one the next start loads (as
+    // load_newest() refuses it too).
+    if (!bytes && shm_unusable(bytes.status())) {
+      return fail(d, failure_of_shm(bytes.status()), bytes.status());
+    }
     GenerationInfo g;
     g.source = "shm:" + shm_name;
     g.shm = true;
@@ -622,42 +833,50 @@ Summary summarize(const snapshot::SnapshotView& view) {
 }
 
 Diff diff(const snapshot::SnapshotView& a, const snapshot::SnapshotView& b) {
-  std::map<JobId, const snapshot::JobRecordView*> in_a, in_b;
-  for (const auto& j : a.jobs) in_a[j.id] = &j;
-  for (const auto& j : b.jobs) in_b[j.id] = &j;
+  // By id, every copy: no engine writes an id twice, but a hand-made or
+  // hostile image that verifies can, and it must not compare "the same" as
+  // one with a single copy. The copies of an id are paired in image order;
+  // one without a partner on the other side is removed (in a) or added (in b).
+  std::map<JobId, std::vector<const snapshot::JobRecordView*>> in_a, in_b;
+  for (const auto& j : a.jobs) in_a[j.id].push_back(&j);
+  for (const auto& j : b.jobs) in_b[j.id].push_back(&j);
   Diff out;
-  for (const auto& [id, ja] : in_a) {
+  static const std::vector<const snapshot::JobRecordView*> kNone;
+  for (const auto& [id, xs] : in_a) {
     auto it = in_b.find(id);
-    if (it == in_b.end()) {
-      out.removed.push_back(id);
-      continue;
+    const auto& ys = it == in_b.end() ? kNone : it->second;
+    const std::size_t pairs = std::min(xs.size(), ys.size());
+    for (std::size_t k = 0; k < pairs; ++k) {
+      const snapshot::JobRecordView& x = *xs[k];
+      const snapshot::JobRecordView& y = *ys[k];
+      Diff::Changed c;
+      c.id = id;
+      auto check = [&c](bool same, const char* field) {
+        if (!same) c.fields.emplace_back(field);
+      };
+      check(a.handlers[x.handler] == b.handlers[y.handler], "handler");
+      check(x.priority == y.priority, "priority");
+      check(x.state == y.state, "state");
+      check(x.attempts == y.attempts, "attempts");
+      check(x.recoveries == y.recoveries, "recoveries");
+      check(x.submit_ns == y.submit_ns, "submit_time");
+      check(x.run_at_ns == y.run_at_ns, "run_at");
+      check(x.cancel_requested == y.cancel_requested, "cancel_requested");
+      check(x.dead_reason == y.dead_reason, "dead_reason");
+      check(x.deadline_ns == y.deadline_ns, "deadline_ns");
+      check(x.dead_at_ns == y.dead_at_ns, "dead_at");
+      check(x.payload == y.payload, "payload");
+      check(x.error == y.error, "error");
+      check(x.key == y.key, "key");
+      if (!c.fields.empty()) out.changed.push_back(std::move(c));
     }
-    const snapshot::JobRecordView& x = *ja;
-    const snapshot::JobRecordView& y = *it->second;
-    Diff::Changed c;
-    c.id = id;
-    auto check = [&c](bool same, const char* field) {
-      if (!same) c.fields.emplace_back(field);
-    };
-    check(a.handlers[x.handler] == b.handlers[y.handler], "handler");
-    check(x.priority == y.priority, "priority");
-    check(x.state == y.state, "state");
-    check(x.attempts == y.attempts, "attempts");
-    check(x.recoveries == y.recoveries, "recoveries");
-    check(x.submit_ns == y.submit_ns, "submit_time");
-    check(x.run_at_ns == y.run_at_ns, "run_at");
-    check(x.cancel_requested == y.cancel_requested, "cancel_requested");
-    check(x.dead_reason == y.dead_reason, "dead_reason");
-    check(x.deadline_ns == y.deadline_ns, "deadline_ns");
-    check(x.dead_at_ns == y.dead_at_ns, "dead_at");
-    check(x.payload == y.payload, "payload");
-    check(x.error == y.error, "error");
-    check(x.key == y.key, "key");
-    if (!c.fields.empty()) out.changed.push_back(std::move(c));
+    out.removed.insert(out.removed.end(), xs.size() - pairs, id);
+    out.added.insert(out.added.end(), ys.size() - pairs, id);
   }
-  for (const auto& [id, jb] : in_b) {
-    if (in_a.count(id) == 0) out.added.push_back(id);
+  for (const auto& [id, ys] : in_b) {
+    if (in_a.count(id) == 0) out.added.insert(out.added.end(), ys.size(), id);
   }
+  std::sort(out.added.begin(), out.added.end());
   return out;
 }
 
@@ -744,73 +963,149 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
                 "restore needs a target: a directory, a segment, or both");
   }
-  // Both locks before anything is read, so no engine starts in between.
+  // The source first, before anything is locked or created: a typo'd
+  // directory or generation, or a source that does not verify, must leave no
+  // directory, LOCK file or segment behind. Reading needs no lock; what is
+  // numbered against (the targets' contents) is read under the locks below.
+  auto source = load(request.source, d);
+  if (!source) return source.status();
+  const std::uint64_t from = source->view.header.generation;
+  // A directory source (restore DIR -g N, or --to-shm from DIR) exists; only
+  // a target given a file or a segment to restore (--from-file, --from-shm)
+  // may be a directory to create.
+  std::string source_dir;
+  if (!request.source.path.empty()) {
+    SysResult<FileInfo> info = fs().lstat(request.source.path);
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
+      source_dir = request.source.path;
+    }
+  }
+
+  // Both locks before the targets are read, so no engine starts in between.
   std::unique_ptr<persist::FileStore> dir;
   if (!request.target_dir.empty()) {
-    auto locked = lock_dir(request.target_dir, d, /*must_exist=*/false);
+    auto locked = lock_dir(request.target_dir, d, /*must_exist=*/!source_dir.empty());
     if (!locked) return locked.status();
     dir = std::move(*locked);
   }
   std::unique_ptr<persist::ShmStore> shm;
+  std::optional<Image> shm_now;  // the segment's image, which the publish replaces
   if (!request.target_shm.empty()) {
-    auto locked = lock_shm(request.target_shm, d);
+    auto locked = lock_shm(request.target_shm, d, /*create=*/true);
     if (!locked) return locked.status();
     shm = std::move(*locked);
+    shm_now = verified_shm_image(shm->read_active(), request.target_shm);
   }
-  auto source = load(request.source, d);
-  if (!source) return source.status();
-  const std::uint64_t from = source->view.header.generation;
 
   // Above everything either store holds; ids above every id any of them used.
   std::uint64_t above = from;
   std::uint64_t next_id = source->view.header.next_job_id;
   std::vector<persist::GenerationFile> newer;
+  DirScan scan;  // the target directory's, or with --to-shm the source directory's
   if (dir) {
     auto files = dir->list();
     if (!files) return fail(d, Failure::kIoError, files.status());
     for (const auto& f : *files) {
-      above = std::max(above, f.generation);
       if (f.generation > from) newer.push_back(f);
-      auto other = load_file(f.path);
-      if (other) next_id = std::max(next_id, other->view.header.next_job_id);
     }
-  }
-  if (!dir && !request.source.path.empty()) {
+    scan = scan_files(*files);
+  } else if (!source_dir.empty()) {
     // Into the segment only, from a directory the engine presumably also
-    // uses: above that directory's generations too, or they would win.
-    SysResult<FileInfo> info = fs().lstat(request.source.path);
-    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
-      auto files = persist::list_generations(request.source.path, fs());
-      if (files && !files->empty()) above = std::max(above, files->front().generation);
-    }
+    // uses: above that directory's generations too, or they would win, and
+    // ids above its counters.
+    auto files = persist::list_generations(source_dir, fs());
+    if (!files) return fail(d, Failure::kIoError, files.status());
+    scan = scan_files(*files);
   }
-  if (shm) above = std::max(above, shm_generation(shm->read_active(), &next_id));
-  const std::uint64_t generation = above + 1;
-  const std::vector<unsigned char> image = renumber(source->view, generation, next_id);
+  above = std::max(above, scan.highest);
+  next_id = std::max(next_id, scan.next_job_id);
+  if (shm_now) {
+    above = std::max(above, shm_now->view.header.generation);
+    next_id = std::max(next_id, shm_now->view.header.next_job_id);
+  }
+  auto generation = next_generation(above, d);
+  if (!generation) return generation.status();
 
   WriteReport report;
   report.from_source = source->source;
   report.from_generation = from;
-  report.generation = generation;
+  report.generation = *generation;
   report.jobs = source->view.jobs.size();
+
+  // The segment's image is kept before anything is published (so a failure
+  // to keep it changes nothing).
+  if (shm_now) {
+    const std::uint64_t held = shm_now->view.header.generation;
+    if (dir) {
+      // Newer than the chosen one: aside, with the newer files; else an
+      // older generation of the directory, where it stays.
+      if (Status s = keep_shm_image(*shm_now, dir->dir(), scan, /*aside=*/held > from, newer,
+                                    report, d);
+          !s.ok()) {
+        return s;
+      }
+    } else if (!source_dir.empty()) {
+      // The source directory is no target (no lock, nothing published there):
+      // only its aside directory, which no engine reads, is written.
+      if (Status s = keep_shm_image(*shm_now, source_dir, scan, /*aside=*/true, {}, report, d);
+          !s.ok()) {
+        return s;
+      }
+    } else if (held > from || (held == from && shm_now->bytes != source->bytes)) {
+      // A single file (or another segment) and no directory to keep the
+      // image in: say how to restore through one, which keeps it.
+      const std::string through =
+          request.source.path.empty() ? "--from-shm " + request.source.shm
+                                      : "--from-file " + request.source.path;
+      return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
+                  "shm segment '" + request.target_shm + "' holds generation " +
+                      std::to_string(held) +
+                      (held > from ? ", newer than" : ", another image than") + " generation " + std::to_string(from) + " of " + source->source +
+                      ", and restoring into it would overwrite that image with no copy kept. "
+                      "Restore through a snapshot directory instead, which keeps it: jobsnap "
+                      "restore DIR " + through + " --shm " + request.target_shm +
+                      " (or first save it: jobsnap restore DIR --from-shm " +
+                      request.target_shm + ")");
+    }
+  }
+
+  const std::vector<unsigned char> image = renumber(source->view, *generation, next_id);
   if (dir) {
     // Publish first: from here on the next start loads the restored image,
     // whatever happens to the moves below.
-    if (Status s = dir->publish(generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
-    report.path = generation_path(dir->dir(), generation);
+    if (Status s = dir->publish(*generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    report.path = generation_path(dir->dir(), *generation);
     if (Status s = move_aside(dir->dir(), newer, report); !s.ok()) {
       return fail(d, Failure::kIoError,
                   Status(s.code(), std::string(s.message()) + " (generation " +
-                                       std::to_string(generation) + " is published in " +
+                                       std::to_string(*generation) + " is published in " +
                                        report.path + "; moved so far: " +
                                        std::to_string(report.moved.size()) + ")"));
     }
   }
   if (shm) {
-    if (Status s = shm->publish(generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    if (Status s = shm->publish(*generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
     report.shm = request.target_shm;
   }
   return report;
+}
+
+std::optional<std::uint64_t> generation_of_name(std::string_view path) {
+  const std::string_view name = path.substr(path.rfind('/') == std::string_view::npos
+                                                ? 0
+                                                : path.rfind('/') + 1);
+  constexpr std::string_view kPrefix = "gen-", kSuffix = ".jobsnap";
+  constexpr std::size_t kDigits = 20;
+  if (name.size() != kPrefix.size() + kDigits + kSuffix.size()) return std::nullopt;
+  if (!name.starts_with(kPrefix) || !name.ends_with(kSuffix)) return std::nullopt;
+  std::uint64_t value = 0;
+  for (char c : name.substr(kPrefix.size(), kDigits)) {
+    if (c < '0' || c > '9') return std::nullopt;
+    const auto digit = static_cast<std::uint64_t>(c - '0');
+    if (value > (UINT64_MAX - digit) / 10) return std::nullopt;
+    value = value * 10 + digit;
+  }
+  return value;
 }
 
 }  // namespace jobengine::snapshot_tools

@@ -82,7 +82,8 @@ std::string Slurp(const std::string& path) {
 }
 
 // Runs the jobsnap binary with `args`; exit code 128 + N if killed by signal N.
-RunResult Jobsnap(const std::vector<std::string>& args) {
+// With `stdout_path`, its stdout is that file (e.g. /dev/full) instead.
+RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path = nullptr) {
   RunResult r;
   for (const auto& a : args) r.args += " " + a;
   char out_tmpl[] = "/tmp/jobsnap-test-out-XXXXXX";
@@ -101,7 +102,10 @@ RunResult Jobsnap(const std::vector<std::string>& args) {
   const pid_t pid = ::fork();
   if (pid == 0) {
     const int in = ::open("/dev/null", O_RDONLY);
-    if (in < 0 || ::dup2(in, 0) < 0 || ::dup2(out_fd, 1) < 0 || ::dup2(err_fd, 2) < 0) ::_exit(125);
+    const int out = stdout_path == nullptr ? out_fd : ::open(stdout_path, O_WRONLY);
+    if (in < 0 || out < 0 || ::dup2(in, 0) < 0 || ::dup2(out, 1) < 0 || ::dup2(err_fd, 2) < 0) {
+      ::_exit(125);
+    }
     ::alarm(kChildSeconds);  // survives exec: a hang ends as SIGALRM
     ::execv(argv[0], argv.data());
     ::_exit(126);
@@ -633,9 +637,61 @@ TEST(JobsnapHostileTest, SegmentWithAWrongModeOrAnotherOwnerIsRefused) {
     r = Jobsnap({"verify", "--shm", shm.name});
     EXPECT_EQ(r.code, kRefusedInput) << r;
     EXPECT_TRUE(Contains(r.err, "owned by uid 65534")) << r;
+    // Not a row saying "invalid": the engine's open() fails on it.
     r = Jobsnap({"list", "--shm", shm.name});
-    EXPECT_EQ(r.code, kOk) << r;  // listed, with why it is not valid
-    EXPECT_TRUE(Contains(r.out, "refused-input")) << r;
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "owned by uid 65534")) << r;
+  }
+}
+
+// With a directory too, such a segment is refused, not passed over: an
+// engine configured with both fails to open on it, so naming a disk
+// generation as the one the next start loads would be wrong.
+TEST(JobsnapHostileTest, SegmentWithAWrongModeIsRefusedWithADirectoryToo) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(9, MakeImage(9, {Job(1), Job(2)})).ok());
+  }
+  ASSERT_EQ(::chmod(("/dev/shm/" + shm.name).c_str(), 0644), 0);
+  for (const char* cmd : {"list", "inspect", "dump", "verify"}) {
+    auto r = Jobsnap({cmd, tmp.snap(), "--shm", shm.name});
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "mode 0644")) << r;
+    EXPECT_FALSE(Contains(r.out, "next engine start loads")) << r;
+  }
+  auto j = ParseJson(Jobsnap({"list", "--json", tmp.snap(), "--shm", shm.name}));
+  EXPECT_EQ(j["error"]["class"], "refused-input");
+}
+
+// A segment of another layout version is the segment's counterpart of a
+// newer format version (exit 4), not refused input (6, type/owner/mode).
+TEST(JobsnapHostileTest, SegmentOfAnotherLayoutVersionIsUnsupportedVersion) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(9, MakeImage(9, {Job(1), Job(2)})).ok());
+  }
+  const std::string path = "/dev/shm/" + shm.name;
+  auto segment = ReadBytes(path);
+  ASSERT_GE(segment.size(), 4096u);
+  Put32(segment, 8, 2);  // the control block's layout version (shm_store.h)
+  WriteBytes(path, segment);
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"inspect", "--shm", shm.name},
+           {"verify", "--shm", shm.name},
+           {"inspect", tmp.snap(), "--shm", shm.name},
+           {"list", tmp.snap(), "--shm", shm.name}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kUnsupported) << r;
+    EXPECT_TRUE(Contains(r.out + r.err, "unsupported-version")) << r;  // verify: on stdout
+    EXPECT_TRUE(Contains(r.out + r.err, "layout version 2")) << r;
   }
 }
 
@@ -1136,12 +1192,18 @@ TEST(JobsnapRestoreTest, RestoreWithTheSegmentLeavesNoNewerImageThere) {
     ASSERT_TRUE(IsOk(store));
     ASSERT_TRUE((*store)->publish(5, MakeImage(5, {Job(3), Job(4)}, 2000)).ok());
   }
+  const auto segment_image = MakeImage(5, {Job(3), Job(4)}, 2000);
   auto r = Jobsnap({"restore", "--json", tmp.snap(), "-g", "1", "--shm", shm.name});
   ASSERT_EQ(r.code, kOk) << r;
   auto j = ParseJson(r);
   EXPECT_EQ(j["generation"], 6);
   EXPECT_EQ(j["shm"], shm.name);
-  EXPECT_EQ(j["moved_aside"].size(), 1u);
+  // Generation 2, and the segment's newer image (5), which no file held.
+  ASSERT_EQ(j["moved_aside"].size(), 2u);
+  const std::string aside = j["aside_dir"];
+  EXPECT_EQ(j["shm_kept"], GenPath(aside, 5));
+  EXPECT_EQ(j["shm_kept_generation"], 5);
+  EXPECT_EQ(ReadBytes(GenPath(aside, 5)), segment_image) << "the segment's image was not kept";
   const Started s = StartEngine(tmp.snap(), shm.name);
   EXPECT_EQ(s.recovery.generation, 6u);
   EXPECT_EQ(s.ids, (std::set<JobId>{1, 2}));
@@ -1181,21 +1243,68 @@ TEST(JobsnapRestoreTest, RestoreFromDiskIntoTheSegmentOnly) {
     ASSERT_TRUE(IsOk(store));
     ASSERT_TRUE((*store)->publish(4, MakeImage(4, {Job(3)})).ok());
   }
-  const auto before = Fingerprint(tmp.snap());
-  auto r = Jobsnap({"restore", tmp.snap(), "-g", "1", "--to-shm", shm.name});
+  const auto g1 = ReadBytes(GenPath(tmp.snap(), 1)), g2 = ReadBytes(GenPath(tmp.snap(), 2));
+  auto r = Jobsnap({"restore", "--json", tmp.snap(), "-g", "1", "--to-shm", shm.name});
   ASSERT_EQ(r.code, kOk) << r;
-  EXPECT_EQ(Fingerprint(tmp.snap()), before) << "--to-shm wrote to the directory";
+  // The directory's generations are untouched; the segment's image (4, which
+  // no file of it held) is kept in its aside directory, which no engine reads.
+  auto j = ParseJson(r);
+  const std::string aside = j["aside_dir"];
+  EXPECT_EQ(aside.rfind(tmp.snap() + "/aside-", 0), 0u) << r;
+  EXPECT_EQ(j["shm_kept"], GenPath(aside, 4));
+  EXPECT_EQ(ReadBytes(GenPath(aside, 4)), MakeImage(4, {Job(3)}));
+  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 1)), g1);
+  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 2)), g2);
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 5))) << "--to-shm published to the directory";
   const Started s = StartEngine("", shm.name);
   EXPECT_EQ(s.recovery.source, "shm:" + shm.name);
   EXPECT_EQ(s.recovery.generation, 5u);
   EXPECT_EQ(s.recovery.pending, 1u);
-  // A file from anywhere (here a golden image of generation 3) goes above
+  // A file from anywhere (here a golden image of generation 42) goes above
   // what the segment holds (the engine's final snapshot at stop: 6).
-  auto r2 = Jobsnap({"restore", kGolden + "/v2-small.jobsnap", "--to-shm", shm.name});
+  auto r2 = Jobsnap({"restore", kGolden + "/v2-mixed.jobsnap", "--to-shm", shm.name});
   ASSERT_EQ(r2.code, kOk) << r2;
-  auto j = ParseJson(Jobsnap({"inspect", "--json", "--shm", shm.name}));
-  EXPECT_EQ(j["header"]["generation"], 7);
-  EXPECT_EQ(j["jobs"]["total"], 1);
+  auto i = ParseJson(Jobsnap({"inspect", "--json", "--shm", shm.name}));
+  EXPECT_EQ(i["header"]["generation"], 43);
+  EXPECT_EQ(i["jobs"]["total"], 50);
+}
+
+// A single file into the segment only has nowhere to keep the segment's
+// newer image: refused, naming the way that keeps it.
+TEST(JobsnapRestoreTest, RestoreOfAFileIntoANewerSegmentOnlyIsRefused) {
+  TempDir tmp;
+  ShmCleanup shm;
+  const std::string file = tmp.path() + "/old.jobsnap";
+  WriteBytes(file, MakeImage(3, {Job(1)}));
+  const auto newer = MakeImage(8, {Job(1), Job(2)});
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(8, newer).ok());
+  }
+  auto r = Jobsnap({"restore", file, "--to-shm", shm.name});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_TRUE(Contains(r.err, "refused")) << r;
+  EXPECT_TRUE(Contains(r.err, "holds generation 8")) << r;
+  EXPECT_TRUE(Contains(r.err, "jobsnap restore DIR --from-file " + file + " --shm " + shm.name))
+      << r;
+  auto in_shm = persist::ShmStore::read_existing(shm.name);
+  ASSERT_TRUE(IsOk(in_shm));
+  EXPECT_EQ(*in_shm, newer) << "a refused restore wrote the segment";
+  // The way it names: the segment's image is kept aside in DIR.
+  r = Jobsnap({"restore", "--json", tmp.snap(), "--from-file", file, "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["generation"], 9);
+  const std::string kept = j["shm_kept"];
+  EXPECT_EQ(ReadBytes(kept), newer);
+  EXPECT_EQ(kept, GenPath(j["aside_dir"].get<std::string>(), 8));
+  // An older segment image is not "newer": the file goes above it.
+  TempDir tmp2;
+  const std::string newest = tmp2.path() + "/newest.jobsnap";
+  WriteBytes(newest, MakeImage(20, {Job(5)}));
+  r = Jobsnap({"restore", newest, "--to-shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
 }
 
 TEST(JobsnapRestoreTest, RestoreFromAFileKeptAsideUndoesARestore) {
@@ -1210,6 +1319,275 @@ TEST(JobsnapRestoreTest, RestoreFromAFileKeptAsideUndoesARestore) {
   const Started s = StartEngine(tmp.snap());
   EXPECT_EQ(s.recovery.generation, 4u);
   EXPECT_EQ(s.ids, std::set<JobId>{2});
+}
+
+// ---- the segment's image is kept, never overwritten unkept -----------------------------
+
+void PublishToSegment(const std::string& name, std::uint64_t generation,
+                      const std::vector<unsigned char>& image) {
+  auto store = persist::ShmStore::open_or_create(name, 0);
+  ASSERT_TRUE(IsOk(store));
+  ASSERT_TRUE((*store)->publish(generation, image).ok());
+}
+
+// The segment is older than the chosen generation and no file holds it: it
+// stays an ordinary (older) generation of the directory.
+TEST(JobsnapKeepTest, RestoreWithAnOlderSegmentKeepsItsImageAsAGenerationOfTheDirectory) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 5, {Job(5)});
+  const auto segment = MakeImage(3, {Job(3)});
+  PublishToSegment(shm.name, 3, segment);
+  auto r = Jobsnap({"restore", tmp.snap(), "-g", "5", "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "kept as " + GenPath(tmp.snap(), 3))) << r;
+  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 3)), segment);
+  const Started s = StartEngine(tmp.snap(), shm.name);
+  EXPECT_EQ(s.recovery.generation, 6u);
+  EXPECT_EQ(s.ids, std::set<JobId>{5});
+}
+
+// A file of the directory that verifies holds the segment's generation: no
+// second copy. One that does not verify holds nothing, and is never replaced.
+TEST(JobsnapKeepTest, RestoreKeepsNoCopyWhereAFileHoldsTheSegmentsGeneration) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  PutGeneration(tmp.snap(), 4, {Job(4)});
+  PublishToSegment(shm.name, 4, MakeImage(4, {Job(4)}));
+  auto j = ParseJson(Jobsnap({"restore", "--json", tmp.snap(), "-g", "1", "--shm", shm.name}));
+  EXPECT_EQ(j["shm_kept"], "");
+  ASSERT_EQ(j["moved_aside"].size(), 1u);  // generation 4's file, which holds it
+  EXPECT_EQ(j["moved_aside"][0], GenPath(j["aside_dir"].get<std::string>(), 4));
+
+  // Generation 6's file is damaged; the segment holds a sound generation 6.
+  TempDir tmp2;
+  ShmCleanup shm2;
+  PutGeneration(tmp2.snap(), 1, {Job(1)});
+  PutGeneration(tmp2.snap(), 6, {Job(6)});
+  FlipByte(GenPath(tmp2.snap(), 6), 120);
+  const auto damaged = ReadBytes(GenPath(tmp2.snap(), 6));
+  const auto segment = MakeImage(6, {Job(6), Job(7)});
+  PublishToSegment(shm2.name, 6, segment);
+  auto r = Jobsnap({"restore", "--json", tmp2.snap(), "-g", "1", "--shm", shm2.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  j = ParseJson(r);
+  const std::string aside = j["aside_dir"];
+  EXPECT_EQ(ReadBytes(GenPath(aside, 6)), damaged) << "the damaged file was not moved aside";
+  EXPECT_EQ(j["shm_kept"], aside + "/shm-gen-00000000000000000006.jobsnap");
+  EXPECT_EQ(ReadBytes(j["shm_kept"].get<std::string>()), segment);
+}
+
+TEST(JobsnapKeepTest, RequeueAndDropWithTheSegmentKeepItsImageAsAGeneration) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  const auto segment = MakeImage(9, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});
+  PublishToSegment(shm.name, 9, segment);
+  // From generation 5: the segment's newer image would be overwritten by 10.
+  auto r = Jobsnap({"requeue", tmp.snap(), "7", "--from", "5", "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "kept as " + GenPath(tmp.snap(), 9))) << r;
+  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 9)), segment);
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{7, 8}));
+  // Now a file holds the segment's generation (10): no second copy.
+  auto j = ParseJson(Jobsnap({"drop", "--json", tmp.snap(), "8", "--shm", shm.name}));
+  EXPECT_EQ(j["generation"], 11);
+  EXPECT_EQ(j["shm_kept"], "");
+  const Started s = StartEngine(tmp.snap(), shm.name);
+  EXPECT_EQ(s.recovery.generation, 11u);
+  EXPECT_EQ(s.ids, std::set<JobId>{7});
+}
+
+// ---- ids never go back ---------------------------------------------------------------
+
+TEST(JobsnapIdTest, AnOlderGenerationsIdCounterNeverComesBack) {
+  TempDir tmp;
+  ShmCleanup shm;
+  WriteBytes(GenPath(tmp.snap(), 5), MakeImage(5, {DeadJob(7, DeadReason::kFailed, "boom")}, 10));
+  WriteBytes(GenPath(tmp.snap(), 6), MakeImage(6, {Job(8)}, 100));
+  auto next_id = [](const std::vector<unsigned char>& bytes) {
+    auto view = snapshot::decode(bytes);
+    EXPECT_TRUE(IsOk(view));
+    return view ? view->header.next_job_id : 0;
+  };
+  ASSERT_EQ(Jobsnap({"requeue", tmp.snap(), "7", "--from", "5"}).code, kOk);
+  EXPECT_GE(next_id(ReadBytes(GenPath(tmp.snap(), 7))), 100u);
+  ASSERT_EQ(Jobsnap({"drop", tmp.snap(), "7", "--from", "5"}).code, kOk);
+  EXPECT_GE(next_id(ReadBytes(GenPath(tmp.snap(), 8))), 100u);
+  auto r = Jobsnap({"restore", tmp.snap(), "-g", "5", "--to-shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto in_shm = persist::ShmStore::read_existing(shm.name);
+  ASSERT_TRUE(IsOk(in_shm));
+  EXPECT_EQ(next_id(*in_shm), 100u);
+  EXPECT_EQ(snapshot::decode(*in_shm)->header.generation, 9u);
+  // The segment's own counter counts for an edit too.
+  TempDir tmp2;
+  ShmCleanup shm2;
+  WriteBytes(GenPath(tmp2.snap(), 5), MakeImage(5, {Job(1)}, 10));
+  PublishToSegment(shm2.name, 3, MakeImage(3, {Job(1)}, 500));
+  ASSERT_EQ(Jobsnap({"drop", tmp2.snap(), "1", "--shm", shm2.name}).code, kOk);
+  EXPECT_EQ(next_id(ReadBytes(GenPath(tmp2.snap(), 6))), 500u);
+}
+
+// ---- a refused command creates nothing -------------------------------------------------
+
+TEST(JobsnapRefusedTest, ARefusedRestoreOrEditCreatesNoDirectoryLockOrSegment) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 1, {DeadJob(7, DeadReason::kFailed, "boom")});
+  const std::string typo = tmp.path() + "/typo";
+  auto r = Jobsnap({"restore", typo, "--generation", "3"});
+  EXPECT_EQ(r.code, kNotFound) << r;
+  EXPECT_FALSE(fs::exists(typo)) << "a refused restore created the directory";
+  EXPECT_EQ(Jobsnap({"restore", typo, "-g", "3", "--to-shm", shm.name}).code, kNotFound);
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name)) << "a refused restore created the segment";
+  // A source that does not verify: nothing created for it either.
+  const std::string cut = tmp.path() + "/cut.jobsnap";
+  auto bytes = MakeImage(5, {Job(2)});
+  WriteBytes(cut, std::vector<unsigned char>(bytes.begin(), bytes.begin() + 150));
+  EXPECT_EQ(Jobsnap({"restore", typo, "--from-file", cut, "--shm", shm.name}).code, kTruncated);
+  EXPECT_EQ(Jobsnap({"restore", cut, "--to-shm", shm.name}).code, kTruncated);
+  EXPECT_FALSE(fs::exists(typo));
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name));
+  EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
+  // Edits open only an existing segment.
+  for (const char* id : {"12345", "7"}) {
+    r = Jobsnap({"requeue", tmp.snap(), id, "--shm", shm.name});
+    EXPECT_EQ(r.code, kNotFound) << r;
+    EXPECT_TRUE(Contains(r.err, "does not exist")) << r;
+    EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name)) << "a refused edit created the segment";
+  }
+  EXPECT_EQ(Jobsnap({"drop", tmp.snap(), "7", "--shm", shm.name}).code, kNotFound);
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name));
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2)));
+  // Where the manual says so, the target directory is created: for a file
+  // or a segment restored into it.
+  const std::string fresh = tmp.path() + "/fresh";
+  ASSERT_EQ(Jobsnap({"restore", fresh, "--from-file", GenPath(tmp.snap(), 1)}).code, kOk);
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(fresh, 2))), std::set<JobId>{7});
+}
+
+// ---- generation numbers end ----------------------------------------------------------
+
+TEST(JobsnapRefusedTest, NoGenerationPastTheLastNumberIsWritten) {
+  TempDir tmp;
+  const std::uint64_t last = UINT64_MAX;
+  const std::string file = tmp.path() + "/last.jobsnap";
+  WriteBytes(file, MakeImage(last, {Job(1)}));
+  auto r = Jobsnap({"restore", tmp.snap(), "--from-file", file});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_TRUE(Contains(r.err, "highest a snapshot can have")) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 0))) << "the generation wrapped to 0";
+  WriteBytes(GenPath(tmp.snap(), last), MakeImage(last, {Job(1), Job(2)}));
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"drop", tmp.snap(), "1"}, {"restore", tmp.snap(), "--from-file", file}}) {
+    r = Jobsnap(args);
+    EXPECT_EQ(r.code, kRefused) << r;
+    EXPECT_TRUE(Contains(r.err, "18446744073709551615")) << r;
+  }
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 0)));
+}
+
+// ---- times ---------------------------------------------------------------------------
+
+std::vector<unsigned char> ImageAt(std::int64_t wall_time_ns, const std::vector<JobRecord>& jobs) {
+  snapshot::Encoder e;
+  snapshot::Header h;
+  h.generation = 1;
+  h.wall_time_ns = wall_time_ns;
+  h.next_job_id = 100;
+  e.begin(h);
+  e.add_handler("work");
+  for (const auto& j : jobs) e.add_job(j);
+  auto image = e.finish();
+  return std::vector<unsigned char>(image.begin(), image.end());
+}
+
+TEST(JobsnapTimeTest, InspectSaysInTheFutureAndSurvivesTheExtremes) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/t.jobsnap";
+  JobRecord early = Job(1);
+  early.submit_ns = INT64_MIN;
+  JobRecord late = Job(2);
+  late.submit_ns = INT64_MAX;
+  // A snapshot taken in the future (a clock set back), its oldest job at the
+  // other end of time.
+  WriteBytes(file, ImageAt(INT64_MAX, {early}));
+  auto r = Jobsnap({"inspect", file});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "(in the future)")) << r;
+  EXPECT_FALSE(Contains(r.out, "future ago")) << r;
+  EXPECT_TRUE(Contains(r.out, "before the cut")) << r;
+  EXPECT_FALSE(Contains(r.err, "runtime error")) << r;  // UBSan, in sanitizer builds
+  WriteBytes(file, ImageAt(INT64_MIN, {late}));
+  r = Jobsnap({"inspect", file});
+  ASSERT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, " ago)")) << r;
+  EXPECT_TRUE(Contains(r.out, "after the cut")) << r;
+  EXPECT_TRUE(Contains(r.out, "213503d")) << r;  // 2^64 - 1 ns, not a wrapped value
+  EXPECT_FALSE(Contains(r.err, "runtime error")) << r;
+  EXPECT_EQ(Jobsnap({"list", "--json", tmp.path()}).code, kOk);
+  EXPECT_EQ(Jobsnap({"dump", file}).code, kOk);
+}
+
+// ---- diff of an id held twice ---------------------------------------------------------
+
+TEST(JobsnapDiffTest, AnIdHeldTwiceIsNotTheSameAsOnce) {
+  TempDir tmp;
+  const std::string a = tmp.path() + "/a.jobsnap", b = tmp.path() + "/b.jobsnap";
+  WriteBytes(a, MakeImage(1, {Job(7), Job(7)}));
+  WriteBytes(b, MakeImage(2, {Job(7)}));
+  auto r = Jobsnap({"diff", a, b});
+  EXPECT_EQ(r.code, kDiffers) << r;
+  EXPECT_TRUE(Contains(r.out, "removed 1: 7")) << r;
+  EXPECT_TRUE(Contains(r.out, "different")) << r;
+  auto j = ParseJson(Jobsnap({"diff", "--json", b, a}));
+  EXPECT_EQ(j["same"], false);
+  EXPECT_EQ(j["added"], json::array({7}));
+  EXPECT_EQ(j["removed"], json::array());
+  EXPECT_EQ(Jobsnap({"diff", a, a}).code, kOk);
+}
+
+// ---- verify FILE checks a generation file's name -----------------------------------------
+
+TEST(JobsnapListTest, VerifyOfAGenerationFileChecksItsNameAsVerifyOfItsDirectoryDoes) {
+  TempDir tmp;
+  WriteBytes(GenPath(tmp.snap(), 9), MakeImage(6, {Job(1)}));
+  auto r = Jobsnap({"verify", GenPath(tmp.snap(), 9)});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "file name says generation 9, header says 6")) << r;
+  EXPECT_EQ(Jobsnap({"verify", tmp.snap()}).code, kCorrupt);
+  auto j = ParseJson(Jobsnap({"verify", "--json", GenPath(tmp.snap(), 9)}));
+  EXPECT_EQ(j["images"][0]["offset"], 16);
+  // Any other name is no generation's: only the image is checked.
+  const std::string copy = tmp.path() + "/copy.jobsnap";
+  WriteBytes(copy, MakeImage(6, {Job(1)}));
+  EXPECT_EQ(Jobsnap({"verify", copy}).code, kOk);
+}
+
+// ---- output that does not reach stdout ----------------------------------------------------
+
+TEST(JobsnapCliTest, AFailedWriteToStdoutIsAnIoError) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full here";
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  const std::string g1 = GenPath(tmp.snap(), 1);
+  const std::string golden = kGolden + "/v2-small.jobsnap";
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"dump", g1},
+           {"inspect", g1},
+           {"inspect", "--json", g1},
+           {"verify", "--json", g1},
+           {"list", tmp.snap()},
+           {"diff", g1, golden}}) {
+    auto r = Jobsnap(args, "/dev/full");
+    EXPECT_EQ(r.code, 74) << r;
+    EXPECT_TRUE(Contains(r.err, "io-error: write to standard output")) << r;
+  }
+  // A command that failed anyway keeps its own status.
+  EXPECT_EQ(Jobsnap({"inspect", tmp.path() + "/nope"}, "/dev/full").code, kNotFound);
 }
 
 // ---- the command line ----------------------------------------------------------------
@@ -1244,10 +1622,24 @@ TEST(JobsnapCliTest, UsageErrorsExitSixtyFour) {
            {"restore", tmp.snap(), "-g", "1", "--from-shm", "x"},
            {"restore", tmp.snap(), "--from-shm", "x", "--to-shm", "y"},
            {"inspect", "--shm", "bad/name"},
-           {"inspect", kGolden + "/v2-small.jobsnap", "-g", "3"}}) {
+           {"inspect", kGolden + "/v2-small.jobsnap", "-g", "3"},
+           {"inspect", tmp.snap(), "-g", "-1"},
+           {"drop", tmp.snap(), "--", "-7"},
+           {"dump", kGolden + "/v2-small.jobsnap", "--id", "-1"}}) {
     auto r = Jobsnap(args);
     EXPECT_EQ(r.code, kUsage) << r;
     EXPECT_FALSE(r.err.empty()) << r;
+  }
+  // A negative number is not wrapped to a huge one: refused, naming the option.
+  for (const auto& [args, option] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"inspect", tmp.snap(), "-g", "-1"}, "--generation"},
+           {{"restore", tmp.snap(), "-g", "-2"}, "--generation"},
+           {{"drop", tmp.snap(), "--", "-7"}, "ID"},
+           {{"requeue", tmp.snap(), "7", "--from", "-5"}, "--from"},
+           {{"dump", kGolden + "/v2-small.jobsnap", "--id", "-1"}, "--id"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kUsage) << r;
+    EXPECT_TRUE(Contains(r.err, option + ": '-")) << r;
   }
 }
 
@@ -1258,6 +1650,20 @@ TEST(JobsnapCliTest, ErrorsAreJsonWithJson) {
   auto j = ParseJson(r);
   EXPECT_EQ(j["error"]["class"], "not-found");
   EXPECT_EQ(j["error"]["exit_code"], kNotFound);
+  // Command-line errors too, wherever --json is.
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"frobnicate", "--json"},
+           {"inspect", "--json", tmp.path(), "-g", "-1"},
+           {"requeue", "--json", tmp.path()},
+           {"--json"}}) {
+    r = Jobsnap(args);
+    EXPECT_EQ(r.code, kUsage) << r;
+    j = ParseJson(r);
+    EXPECT_EQ(j["error"]["class"], "usage") << r;
+    EXPECT_EQ(j["error"]["exit_code"], kUsage) << r;
+    EXPECT_FALSE(j["error"]["message"].get<std::string>().empty()) << r;
+    EXPECT_FALSE(r.err.empty()) << r;
+  }
 }
 
 // `jobsnap restore` SIGKILLed at a random instant, again and again: the

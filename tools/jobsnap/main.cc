@@ -7,9 +7,12 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <exception>
 #include <iostream>
@@ -84,15 +87,29 @@ std::int64_t now_ns() {
       .count();
 }
 
-// "3h 2m", "41s", "120ms" (an age; negative: "in the future").
-std::string age(std::int64_t ns) {
-  if (ns < 0) return "in the future";
-  const std::int64_t s = ns / 1000000000;
+// "3h 2m", "41s", "120ms": a duration.
+std::string duration(std::uint64_t ns) {
+  const std::uint64_t s = ns / 1000000000;
   if (s == 0) return std::to_string(ns / 1000000) + "ms";
   if (s < 60) return std::to_string(s) + "s";
   if (s < 3600) return std::to_string(s / 60) + "m " + std::to_string(s % 60) + "s";
   if (s < 86400) return std::to_string(s / 3600) + "h " + std::to_string(s % 3600 / 60) + "m";
   return std::to_string(s / 86400) + "d " + std::to_string(s % 86400 / 3600) + "h";
+}
+
+// |a - b| without overflow: times come from the image, any int64 value, and
+// their difference needs 65 bits. It fits a uint64 (at most 2^64 - 1), and
+// unsigned subtraction of the larger from the smaller gives it exactly.
+std::uint64_t distance(std::int64_t a, std::int64_t b) {
+  return a >= b ? static_cast<std::uint64_t>(a) - static_cast<std::uint64_t>(b)
+                : static_cast<std::uint64_t>(b) - static_cast<std::uint64_t>(a);
+}
+
+// "3h 2m ago", or "in the future" for a time after `now` (a clock set back,
+// or a hand-made image).
+std::string ago(std::int64_t then, std::int64_t now) {
+  if (then > now) return "in the future";
+  return duration(distance(now, then)) + " ago";
 }
 
 // Valid UTF-8 without control characters other than tab, CR and LF.
@@ -240,18 +257,21 @@ std::string describe(st::Failure f, const std::string& message) {
   return std::string(name) + ": " + message;
 }
 
+// The documented error object, on stdout (for --json).
+void print_json_error(st::Failure f, const std::string& msg, const st::Diagnosis& d) {
+  json e{{"error", {{"class", std::string(st::failure_name(f))}, {"exit_code", exit_code(f)},
+                    {"message", msg}}}};
+  if (d.has_offset) e["error"]["offset"] = d.offset;
+  std::cout << dump_pretty(e) << "\n";
+}
+
 // Prints a failure (stderr; with --json also as an object on stdout) and
 // returns its exit code.
 int report_failure(const jobengine::Status& status, const st::Diagnosis& d, const Options& o) {
   const st::Failure f = d.failure == st::Failure::kNone ? st::Failure::kIoError : d.failure;
   std::string msg(status.message());
   std::cerr << "jobsnap: " << describe(f, msg) << "\n";
-  if (o.json) {
-    json e{{"error", {{"class", std::string(st::failure_name(f))}, {"exit_code", exit_code(f)},
-                      {"message", msg}}}};
-    if (d.has_offset) e["error"]["offset"] = d.offset;
-    std::cout << dump_pretty(e) << "\n";
-  }
+  if (o.json) print_json_error(f, msg, d);
   return exit_code(f);
 }
 
@@ -347,8 +367,8 @@ int cmd_inspect(const st::Source& src, const Options& o) {
   std::printf("format version  %u\n", static_cast<unsigned>(h.format_version));
   std::printf("generation      %llu\n", static_cast<unsigned long long>(h.generation));
   std::printf("cut epoch       %llu\n", static_cast<unsigned long long>(h.cut_epoch));
-  std::printf("taken at        %s (%s ago)\n", iso_time(h.wall_time_ns).c_str(),
-              age(now - h.wall_time_ns).c_str());
+  std::printf("taken at        %s (%s)\n", iso_time(h.wall_time_ns).c_str(),
+              ago(h.wall_time_ns, now).c_str());
   std::printf("next job id     %llu\n", static_cast<unsigned long long>(h.next_job_id));
   std::printf("bytes           %zu (image checksum 0x%016llx, verified)\n", image->bytes.size(),
               static_cast<unsigned long long>(v.image_checksum));
@@ -374,13 +394,13 @@ int cmd_inspect(const st::Source& src, const Options& o) {
     std::printf("  none\n");
   } else {
     const auto& j = *s.oldest_live;
-    const std::int64_t before = h.wall_time_ns - j.submit_ns;
     std::printf("  id %llu  %s  %s  priority %u  attempts %u  submitted %s (%s %s the cut)\n",
                 static_cast<unsigned long long>(j.id), std::string(v.handlers[j.handler]).c_str(),
                 std::string(snap::job_state_name(j.state)).c_str(),
                 static_cast<unsigned>(j.priority), static_cast<unsigned>(j.attempts),
-                iso_time(j.submit_ns).c_str(), age(before < 0 ? -before : before).c_str(),
-                before < 0 ? "after" : "before");
+                iso_time(j.submit_ns).c_str(),
+                duration(distance(h.wall_time_ns, j.submit_ns)).c_str(),
+                j.submit_ns > h.wall_time_ns ? "after" : "before");
   }
   std::printf("\ndead / quarantined jobs (%zu)\n", s.dead.size());
   for (const auto* jp : s.dead) {
@@ -444,6 +464,20 @@ int cmd_verify(const st::Source& src, const Options& o) {
     }
     st::GenerationInfo g;
     g.source = image ? image->source : (src.path.empty() ? "shm:" + src.shm : src.path);
+    // A generation file given as FILE (e.g. one kept aside) is checked as
+    // `verify DIR` checks it: its header must agree with its name, or the
+    // engine would pass it over in a directory.
+    const bool plain_file = !src.path.empty() && src.shm.empty() && !src.generation;
+    const std::optional<std::uint64_t> named =
+        plain_file ? st::generation_of_name(src.path) : std::nullopt;
+    if (image && named && *named != image->view.header.generation) {
+      d = st::Diagnosis{st::Failure::kCorrupt, true, 16};  // the header's generation field
+      image = jobengine::Status(jobengine::StatusCode::kCorruption,
+                                "file name says generation " + std::to_string(*named) +
+                                    ", header says " +
+                                    std::to_string(image->view.header.generation));
+      g.generation = *named;
+    }
     if (image) {
       g.valid = true;
       g.generation = image->view.header.generation;
@@ -567,6 +601,8 @@ int print_write(const st::WriteReport& r, const std::string& what, const Options
                                   {"shm", r.shm},
                                   {"aside_dir", r.aside_dir},
                                   {"moved_aside", r.moved},
+                                  {"shm_kept", r.shm_kept},
+                                  {"shm_kept_generation", r.shm_kept_generation},
                                   {"jobs", r.jobs}})
               << "\n";
     return kExitOk;
@@ -577,10 +613,22 @@ int print_write(const st::WriteReport& r, const std::string& what, const Options
               static_cast<unsigned long long>(r.jobs));
   if (!r.path.empty()) std::printf("  written to %s\n", r.path.c_str());
   if (!r.shm.empty()) std::printf("  written to shm segment '%s'\n", r.shm.c_str());
+  const bool kept_aside =
+      !r.shm_kept.empty() && std::find(r.moved.begin(), r.moved.end(), r.shm_kept) != r.moved.end();
+  if (!r.shm_kept.empty() && !kept_aside) {
+    std::printf("  the image segment '%s' held (generation %llu) kept as %s\n", r.shm.c_str(),
+                static_cast<unsigned long long>(r.shm_kept_generation), r.shm_kept.c_str());
+  }
   if (!r.aside_dir.empty()) {
-    std::printf("  newer generations kept aside in %s/ (the engine ignores them):\n",
+    std::printf("  kept aside in %s/ (the engine ignores them):\n",
                 r.aside_dir.c_str());
-    for (const auto& m : r.moved) std::printf("    %s\n", m.c_str());
+    for (const auto& m : r.moved) {
+      if (m == r.shm_kept) {
+        std::printf("    %s  (the image segment '%s' held)\n", m.c_str(), r.shm.c_str());
+      } else {
+        std::printf("    %s\n", m.c_str());
+      }
+    }
   }
   std::printf("  the next engine start loads generation %llu\n",
               static_cast<unsigned long long>(r.generation));
@@ -605,6 +653,15 @@ int run(int argc, char** argv) {
   auto add_json = [&o](CLI::App* c) {
     c->add_flag("--json", o.json, "Print JSON for scripts instead of text");
   };
+  // CLI11 converts "-1" to an unsigned option by wrapping it to 2^64 - 1, so
+  // `-g -1` or `--id -1` would name another generation or job entirely:
+  // generations and ids are decimal digits only (checked before converting).
+  const CLI::Validator digits_only(
+      [](std::string& value) -> std::string {
+        if (!value.empty() && value.find_first_not_of("0123456789") == std::string::npos) return {};
+        return "'" + value + "' is not a whole number >= 0 (digits only)";
+      },
+      "", "digits");
   const CLI::Validator gen_validator =
       CLI::Range(std::uint64_t{1}, UINT64_MAX).description("at least 1");
 
@@ -629,6 +686,7 @@ int run(int argc, char** argv) {
                   "Shared-memory segment name (alone: its image; with a DIR: the newest of both)")
         ->type_name("NAME");
     c->add_option("--generation,-g", src_gen, "With a DIR: this generation")
+        ->check(digits_only)
         ->check(gen_validator)
         ->type_name("N");
   };
@@ -647,7 +705,9 @@ int run(int argc, char** argv) {
       ->type_name("NAME");
   dump->add_option("--state", filter.states, "Only jobs in this state (repeatable)")
       ->check(CLI::IsMember({"pending", "running-at-cut", "delayed", "waiting-retry", "dead"}));
-  dump->add_option("--id", filter.ids, "Only the job with this id (repeatable)")->type_name("ID");
+  dump->add_option("--id", filter.ids, "Only the job with this id (repeatable)")
+      ->check(digits_only)
+      ->type_name("ID");
   add_json(dump);
 
   CLI::App* verify = app.add_subcommand(
@@ -681,6 +741,7 @@ int run(int argc, char** argv) {
       "only");
   restore->add_option("PATH", restore_path, "Snapshot directory (or, with --to-shm, a file)");
   restore->add_option("--generation,-g", restore_gen, "The generation of DIR to restore")
+      ->check(digits_only)
       ->check(gen_validator)
       ->type_name("N");
   restore->add_option("--shm", restore_shm,
@@ -705,13 +766,14 @@ int run(int argc, char** argv) {
   std::optional<std::uint64_t> edit_from;
   auto add_edit = [&](CLI::App* c) {
     c->add_option("DIR", edit_dir, "The engine's snapshot directory")->required();
-    c->add_option("ID", edit_ids, "Job ids")->required()->type_name("ID");
+    c->add_option("ID", edit_ids, "Job ids")->required()->check(digits_only)->type_name("ID");
     c->add_option("--shm", edit_shm,
                   "The engine's segment: its image counts as a source and the new generation is "
                   "written there too")
         ->type_name("NAME");
     c->add_option("--from", edit_from,
                   "Start from this generation of DIR (default: what the engine would load)")
+        ->check(digits_only)
         ->check(gen_validator)
         ->type_name("N");
     add_json(c);
@@ -727,8 +789,18 @@ int run(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);  // prints help, or the error and a hint
-    return code == 0 ? kExitOk : kExitUsage;
+    const int code = app.exit(e);  // prints help, or the error and a hint (stderr)
+    if (code == 0) return kExitOk;
+    // The parse failed, so --json was not parsed either; a script that asked
+    // for JSON anywhere in the command line reads the error object on stdout
+    // like any other failure's (jobsnap.md).
+    const bool json_wanted = std::any_of(argv + 1, argv + argc, [](const char* arg) {
+      return std::string_view(arg) == "--json";
+    });
+    if (json_wanted) {
+      print_json_error(st::Failure::kUsage, e.what(), st::Diagnosis{st::Failure::kUsage, false, 0});
+    }
+    return kExitUsage;
   }
   src.generation = src_gen;
 
@@ -806,13 +878,31 @@ int run(int argc, char** argv) {
   return usage("no command given");
 }
 
+// What was printed must have reached stdout: a full disk, a closed pipe or
+// `> /dev/full` would otherwise lose a listing, a dump or a JSON document and
+// still exit 0. stdout is buffered (std::cout writes through it: synced with
+// stdio), so a write error may only show at this final flush. A command that
+// already failed keeps its own status, the more specific one; a result that
+// did not reach its reader (0, or diff's 1) becomes an I/O error.
+int finish_stdout(int code) {
+  errno = 0;
+  const bool flushed = std::fflush(stdout) == 0;  // first: its errno names the failure
+  const int err = errno;
+  std::cout.flush();
+  if (flushed && std::ferror(stdout) == 0 && std::cout.good()) return code;
+  std::cerr << "jobsnap: io-error: write to standard output: "
+            << (!flushed && err != 0 ? std::strerror(err) : "a write failed") << "\n";
+  return code == kExitOk || code == kExitDiffers ? kExitIoError : code;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  int code = kExitInternal;
   try {
-    return run(argc, argv);
+    code = run(argc, argv);
   } catch (const std::exception& e) {
     std::cerr << "jobsnap: internal error: " << e.what() << "\n";
-    return kExitInternal;
   }
+  return finish_stdout(code);
 }

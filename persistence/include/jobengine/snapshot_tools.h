@@ -12,7 +12,9 @@
 // restore, requeue, drop) take the directory's LOCK and the segment's writer
 // lock, as an engine does, and are refused while an engine holds either; they
 // only ever add a generation (temp file, fsync, rename, fsync dir) and move
-// newer generations aside into a subdirectory, never edit or delete one.
+// newer generations aside into a subdirectory, never edit or delete one. A
+// segment's image that a write replaces is kept first, as a file (see
+// restore()), unless a file of the directory holds its generation already.
 //
 // Every function is thread-safe (no shared state) and returns a Status or
 // Result; when a `Diagnosis*` is given it also receives the failure's class
@@ -105,7 +107,10 @@ struct Source {
   std::string shm;                          // or a segment (path empty)
 };
 // Loads a Source: a file, a directory's generation or newest valid one (as
-// the engine would load it), or a segment.
+// the engine would load it), or a segment. A directory with a segment the
+// engine could not open (not ours, another layout version) fails with that
+// segment's class, as an engine's open() would, rather than naming a disk
+// generation.
 Result<Image> load(const Source& source, Diagnosis* diagnosis = nullptr);
 
 // Jobs per state, indexed by the JobState value (index 0 unused).
@@ -134,9 +139,16 @@ struct GenerationInfo {
 // Every generation of `dir` (newest first) and the image of segment
 // `shm_name` (when given; first), each read and fully verified, the one the
 // engine would load marked. Either may be empty, not both. kNotFound when
-// the directory or segment does not exist.
+// the directory or segment does not exist; the segment's class (e.g.
+// kRefusedInput) when the engine could not open it (not ours, another layout
+// version): an image that does not verify is a row, such a segment is not.
 Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::string& shm_name,
                                          Diagnosis* diagnosis = nullptr);
+
+// The generation a snapshot file's name gives, when its last component is
+// a generation file's name as the engine reads them (gen-<20 digits>.jobsnap;
+// also such a file kept aside or copied elsewhere); nullopt otherwise.
+std::optional<std::uint64_t> generation_of_name(std::string_view path);
 
 // What inspect shows beyond the header.
 struct Summary {
@@ -155,7 +167,9 @@ struct Summary {
 // Views into `view`: valid as long as it is.
 Summary summarize(const snapshot::SnapshotView& view);
 
-// How two snapshots differ, by job id.
+// How two snapshots differ, by job id. An id held more than once (no engine
+// writes one) counts once per copy: copies are paired in image order, and
+// one without a partner is added or removed.
 struct Diff {
   std::vector<JobId> added;    // in b, not in a
   std::vector<JobId> removed;  // in a, not in b
@@ -196,8 +210,13 @@ struct WriteReport {
   std::string path;                // the new file (empty if only the segment was written)
   std::string shm;                 // the segment written ("" if none)
   std::string aside_dir;           // where newer generations were moved ("" if none)
-  std::vector<std::string> moved;  // their new paths
+  std::vector<std::string> moved;  // their new paths (with shm_kept, when it went there)
   std::uint64_t jobs = 0;          // jobs in the new image
+  // The segment's image the write replaced, kept as this file ("" when none
+  // was to be kept: no segment written, none there, it did not verify, or a
+  // file of the directory held its generation already).
+  std::string shm_kept;
+  std::uint64_t shm_kept_generation = 0;
 };
 
 // Which stores a write goes to, and what it starts from.
@@ -208,9 +227,15 @@ struct EditRequest {
 };
 // requeue/drop as above, written as a new generation numbered above every
 // generation in `dir` and the segment's, to `dir` and (when given) the
-// segment, under both locks (kLocked while an engine holds either). The
-// source is the generation the engine would load (either store), or
-// `from_generation` of `dir`.
+// segment, under both locks (kLocked while an engine holds either). Both
+// must exist (kNotFound; nothing is created). The source is the generation
+// the engine would load (either store), or `from_generation` of `dir`; the
+// new image's next_job_id is the highest of every image that verifies in
+// `dir` and the segment. The segment's image, when it verifies and no file
+// of `dir` holds its generation, is first kept as dir/gen-<S>.jobsnap (below
+// the new generation, so never loaded unless chosen). kRefused when the new
+// generation would be past 2^64 - 1. The ids are checked before anything is
+// written.
 Result<WriteReport> requeue_jobs(const EditRequest& request, std::span<const JobId> ids,
                                  Diagnosis* diagnosis = nullptr);
 Result<WriteReport> drop_jobs(const EditRequest& request, std::span<const JobId> ids,
@@ -222,14 +247,25 @@ struct RestoreRequest {
   std::string target_dir;  // write it here as the newest generation (optional)
   std::string target_shm;  // and/or into this segment (optional; at least one target)
 };
-// Under the targets' locks (kLocked while an engine holds one): re-encodes
-// the source image as generation G = 1 + the highest generation in the
-// target directory, the target segment and the source, with next_job_id the
-// highest of every image there (ids never go back); publishes it to the
-// target directory (durably), then moves every generation file of the target
-// directory numbered above the source's generation (except G) into a new
-// subdirectory aside-<UTC time>/ (which the engine ignores) and writes it to
-// the target segment. A source that does not verify is refused (its class).
+// Reads and verifies the source first (one that does not verify is refused
+// with its class, and nothing is locked or created). Then, under the
+// targets' locks (kLocked while an engine holds one; a missing target
+// directory is created only when the source is a file or a segment, a
+// missing target segment always): re-encodes the source image as generation
+// G = 1 + the highest generation in the target directory, the target
+// segment, the source directory (--to-shm from a directory) and the source,
+// with next_job_id the highest of every image there that verifies (ids
+// never go back); kRefused if G would be past 2^64 - 1. Keeps the target
+// segment's image when it verifies and no file of the directory holds its
+// generation: into the aside directory when it is newer than the source,
+// else as an ordinary generation file of the target directory; with no
+// target directory, into the source directory's aside directory; with a
+// single file as the source, kRefused instead when the segment's image is
+// newer than the file's (or another image of the same generation). Then
+// publishes G to the target directory (durably), moves every generation
+// file of the target directory numbered above the source's generation
+// (except G) into a new subdirectory aside-<UTC time>/ (which the engine
+// ignores) and writes G to the target segment.
 Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* diagnosis = nullptr);
 
 }  // namespace jobengine::snapshot_tools
