@@ -1998,9 +1998,8 @@ class Engine::Impl final : public detail::CutSource {
       if (error.empty()) error = "handler returned kFail";
       log_job(LogLevel::kWarning, s, h, "failed: " + error);
     }
-    add_dead(s, snapshot::DeadReason::kFailed, std::move(error));
     release_key(s);
-    retire(w, idx);
+    die(w, idx, snapshot::DeadReason::kFailed, std::move(error));
     bump(w.failed);
     bump(hs.failed);
   }
@@ -2057,7 +2056,26 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // Copies a job that died into the dead letters (bounded by max_dead).
-  void add_dead(const Slot& s, snapshot::DeadReason reason, std::string error) {
+  // A worker's job becomes a dead letter: the letter goes in and the slot is
+  // retired under one hold of dead_mu_, the lock begin_cut() copies the
+  // letters and bumps the epoch under. So a cut sees the job as a letter
+  // (retired in an epoch <= its own: not live in it) or as live (finish
+  // stamp after its bump: no letter in its copy), never both: a crash then
+  // restored it twice, dead and pending. begin_cut() waits for workers'
+  // announcements only after it lets go of dead_mu_, so this cannot deadlock.
+  void die(WorkerState& w, SlotIndex idx, snapshot::DeadReason reason, std::string error) {
+    detail::DeadJob d = dead_job(table_.slot(idx), reason, std::move(error));
+    note_dead(d);
+    const JobId id = d.id;
+    std::lock_guard<std::mutex> lock(dead_mu_);
+    push_dead_locked(std::move(d));
+    if (auto* hook = detail::g_dead_letter_in.load(std::memory_order_relaxed)) [[unlikely]] {
+      hook(id);
+    }
+    retire(w, idx);
+  }
+
+  detail::DeadJob dead_job(const Slot& s, snapshot::DeadReason reason, std::string error) {
     detail::DeadJob d;
     d.id = s.id();
     d.handler = handlers_[s.handler].name;
@@ -2070,13 +2088,16 @@ class Engine::Impl final : public detail::CutSource {
     d.reason = reason;
     d.payload.assign(reinterpret_cast<const char*>(s.payload()), s.payload_size);
     d.error = std::move(error);
-    push_dead(std::move(d));
+    return d;
   }
 
-  void push_dead(detail::DeadJob d) {
+  void note_dead(const detail::DeadJob& d) {
     dead_total_.fetch_add(1, std::memory_order_relaxed);
     last_dead_at_ns_.store(d.dead_at_ns, std::memory_order_relaxed);
-    std::lock_guard<std::mutex> lock(dead_mu_);
+  }
+
+  // Under dead_mu_.
+  void push_dead_locked(detail::DeadJob d) {
     if (options_.max_dead == 0) {
       dead_discarded_.fetch_add(1, std::memory_order_relaxed);
       return;

@@ -13,4 +13,8 @@ namespace jobengine::detail {
 // clear, before it acts on the handler's outcome (a retry's scheduling, say).
 inline std::atomic<void (*)(JobId)> g_after_cancel_check{nullptr};
 
+// Called by a worker whose job just failed for good, with the dead-letter
+// lock held, after the letter went in and before the slot is retired.
+inline std::atomic<void (*)(JobId)> g_dead_letter_in{nullptr};
+
 }  // namespace jobengine::detail

@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/test_hooks.h"  // g_dead_letter_in
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/shm_store.h"
@@ -525,6 +526,52 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
       ASSERT_LT(ran[p][k - 1], ran[p][k]) << "priority " << p << " out of image order at " << k;
     }
   }
+}
+
+// A job that fails for good becomes a dead letter and leaves its slot: a
+// snapshot cut in between held it twice, as a letter and as a live job, and a
+// crash then restored both (it ran again, and stayed dead). A hook at that
+// point asks for a snapshot and gives it 300 ms: the cut must wait for the
+// worker to finish, or see one of the two.
+Engine* g_dying_engine = nullptr;
+std::thread g_dying_snapshot;
+std::atomic<bool> g_dying_snapshot_done{false};
+std::string g_dying_snapshot_path;
+
+TEST(RecoveryTest, AJobDyingDuringACutIsInItAsADeadLetterOrAsLiveNeverBoth) {
+  TempDir tmp;
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  auto h = e->register_handler("fails", [](JobContext&) { return Outcome::kFail; });
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(e->start()));
+  g_dying_engine = &*e;
+  g_dying_snapshot_done.store(false);
+  detail::g_dead_letter_in.store(+[](JobId) {
+    g_dying_snapshot = std::thread([] {
+      auto snap = g_dying_engine->snapshot_now();
+      if (snap) g_dying_snapshot_path = snap->path;
+      g_dying_snapshot_done.store(true);
+    });
+    const auto until = std::chrono::steady_clock::now() + milliseconds(300);
+    while (!g_dying_snapshot_done.load() && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+  });
+  auto id = e->submit(*h, "doomed");
+  ASSERT_TRUE(IsOk(id));
+  ASSERT_TRUE(WaitUntil([&] { return e->health().dead == 1; }));
+  detail::g_dead_letter_in.store(nullptr);
+  ASSERT_TRUE(g_dying_snapshot.joinable());
+  g_dying_snapshot.join();
+  ASSERT_FALSE(g_dying_snapshot_path.empty()) << "the snapshot failed";
+  auto bytes = ReadFile(g_dying_snapshot_path);
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  int copies = 0;
+  for (const auto& j : view->jobs) copies += j.id == *id;
+  EXPECT_EQ(copies, 1) << "the dying job is in the snapshot " << copies << " times";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
 // After a reboot (power loss) the engine's clock starts again near zero, and
