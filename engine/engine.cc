@@ -913,11 +913,14 @@ class Engine::Impl final : public detail::CutSource {
       // (nothing after an abandon; after a drain, the delayed jobs not yet
       // due) so a restart does not run finished jobs again.
       if (persistence_) persistence_->stop();
+      settle_cancelled_left();
       std::uint64_t dropped_here = 0;
       if (mode == StopMode::kAbandon) dropped_here = drop_queued();
       dropped_by_stop_.store(dropped_here, std::memory_order_relaxed);
       if (mode == StopMode::kDrain) {
-        report.delayed_left = held_.load(std::memory_order_relaxed) + left_in_queues();
+        // What the scheduler held when it stopped (held_ is from its last
+        // pass before that, and a retry handed over since would be missed).
+        report.delayed_left = sched_left_.size() + left_in_queues();
       }
       if (persistence_) {
         auto info = persistence_->final_snapshot();
@@ -2163,18 +2166,27 @@ class Engine::Impl final : public detail::CutSource {
     const std::greater<Timer> later;
     for (;;) {
       const bool stopping = sched_stop_.load(std::memory_order_acquire);
+      // The purge request before the hand-overs: cancel() sets it after it
+      // read a delayed job's state, and that job was handed over before
+      // (its submit returned first), so the swap below sees it.
+      const bool purge = sched_purge_.exchange(false, std::memory_order_acq_rel);
       {
         std::lock_guard<std::mutex> lock(sched_mu_);
         inbox.swap(sched_inbox_);
       }
       for (const Timer& t : inbox) {
-        // Cancelled before it got here: a retry whose handler was returning
-        // when cancel() reached it (after_handler), or a job whose purge ran
-        // before its hand-over. Seen here: cancel() set the bit before it set
-        // sched_purge_, or before its heavy fence, which orders the bit
-        // before the worker's hand-over (engine.cc I8); the hand-over's mutex
-        // orders it before this load.
-        if ((table_.slot(t.idx).id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+        // A retry cancelled before it got here: its handler was returning
+        // when cancel() reached it (after_handler), or cancel() found it
+        // waiting and its purge ran before this hand-over. The bit is seen:
+        // cancel() set it before sched_purge_, or before its heavy fence,
+        // which orders it before the worker's hand-over (I8), whose mutex
+        // orders it before this load. Retries only: a delayed job's cancel()
+        // may still be about to read its state, and would then say
+        // kCancelRequested for a job that never ran; it sets sched_purge_
+        // once it has read it.
+        const Slot& s = table_.slot(t.idx);
+        if (s.state.load(std::memory_order_relaxed) == SlotState::kWaitingRetry &&
+            (s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
           retire_cancelled(t.idx, retired);
           continue;
         }
@@ -2182,8 +2194,9 @@ class Engine::Impl final : public detail::CutSource {
         std::push_heap(heap.begin(), heap.end(), later);
       }
       inbox.clear();
+      // Before a stop too: cancel() answered kCancelled for these.
+      if (purge) purge_cancelled(heap, retired);
       if (stopping) break;
-      if (sched_purge_.exchange(false, std::memory_order_acq_rel)) purge_cancelled(heap, retired);
       // Fire what is due.
       const std::uint64_t now = vnow();
       std::size_t fired = 0;
@@ -2660,6 +2673,24 @@ class Engine::Impl final : public detail::CutSource {
   // them in StopReport::delayed_left.
   std::uint64_t left_in_queues() {
     return empty_queues([](const SlotIndex*, std::size_t) {});
+  }
+
+  // After the scheduler and the snapshot thread stopped: jobs it still held
+  // whose cancel() it never acted on (one made during kStopping, after it
+  // stopped) end as cancelled, as cancel() answered, not as left or dropped.
+  void settle_cancelled_left() {
+    std::vector<SlotIndex> gone;
+    std::erase_if(sched_left_, [&](const Timer& t) {
+      Slot& s = table_.slot(t.idx);
+      if ((s.id_word.load(std::memory_order_acquire) & kCancelBit) == 0) return false;
+      release_key(s);
+      gone.push_back(t.idx);
+      scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+      sched_cancelled_.fetch_add(1, std::memory_order_release);
+      bump(sched_cancelled_by_handler_[s.handler]);  // the scheduler, its only other writer, has stopped
+      return true;
+    });
+    drop_slots(gone.data(), gone.size());
   }
 
   // After the workers joined (kAbandon): empty the queues, count and free.

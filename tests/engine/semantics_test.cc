@@ -646,6 +646,38 @@ TEST(CancelTest, AJobWhoseIdHintLaterJobsTookOverIsStillFound) {
   EXPECT_EQ(report->cancelled, 2u);
 }
 
+// A delayed job cancelled just before stop(): cancel() said kCancelled, so the
+// stop report must count it cancelled, not left (kDrain) or dropped (kAbandon),
+// however the scheduler's last pass and the stop interleave. Many rounds: the
+// old code lost the race in some of them.
+TEST(CancelTest, ADelayedJobCancelledJustBeforeStopCountsAsCancelled) {
+  for (int round = 0; round < 200; ++round) {
+    EngineOptions o = TestOptions(nullptr);
+    auto engine = Engine::open(o);
+    ASSERT_TRUE(engine.ok());
+    auto h = engine->register_handler("h", [](JobContext&) { return Outcome::kDone; });
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE(engine->start().ok());
+    auto keep = engine->submit(*h, "stays", {.delay = hours(1)});
+    auto gone = engine->submit(*h, "goes", {.delay = hours(1)});
+    ASSERT_TRUE(keep.ok() && gone.ok());
+    ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == 2; }));
+    auto c = engine->cancel(*gone);
+    ASSERT_TRUE(c.ok());
+    ASSERT_EQ(*c, CancelResult::kCancelled);
+    const StopMode mode = round % 2 == 0 ? StopMode::kDrain : StopMode::kAbandon;
+    auto report = engine->stop(mode);
+    ASSERT_TRUE(report.ok());
+    EXPECT_EQ(report->cancelled, 1u) << "round " << round;
+    if (mode == StopMode::kDrain) {
+      EXPECT_EQ(report->delayed_left, 1u) << "round " << round;
+    } else {
+      EXPECT_EQ(report->dropped, 1u) << "round " << round;
+    }
+    if (HasFailure()) return;
+  }
+}
+
 // cancel() reaching a job between the worker's look at its cancel bit and
 // the retry it schedules (a hook at that point calls cancel()): cancel()
 // answers kCancelRequested, and the retry must not wait out its back-off,
