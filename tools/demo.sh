@@ -5,24 +5,57 @@
 # it; and the script checks, from the snapshot and the demo's journals, that
 # every job the snapshot held came back and ran. Exit 0 when every claim held.
 #
-# Usage: tools/demo.sh [--work DIR] [--shm NAME] [--bin DIR]
-#   --work DIR   scratch directory, emptied first (default build/release/demo-scenario)
+# Usage: tools/demo.sh [--work DIR] [--shm NAME] [--bin DIR] [--check]
+#   --work DIR   scratch directory, emptied first (default build/release/demo-scenario);
+#                relative to the current directory. An existing directory that is
+#                not empty is emptied only if this script made it (it holds the
+#                marker file .jobengine-demo-work); otherwise the script refuses.
 #   --shm NAME   shared-memory segment (default jobengine-demo-scenario-<uid>)
 #   --bin DIR    where jobengine-demo and jobsnap are (default build/release/tools)
-# tools/run.sh builds the binaries and runs this.
+#   --check      check the options (the work directory) only, and exit
+# tools/run.sh builds the binaries and runs this (after a --check, before it builds).
 set -euo pipefail
+exec 9>&2  # the traps' stderr: one may run while fd 2 is /dev/null (run_child)
 root="$(cd "$(dirname "$0")/.." && pwd)"
-work="$root/build/release/demo-scenario"
+default_work="$root/build/release/demo-scenario"
+work="$default_work"
 shm="jobengine-demo-scenario-$(id -u)"
 bin="$root/build/release/tools"
+check_only=0
+usage() { echo "usage: tools/demo.sh [--work DIR] [--shm NAME] [--bin DIR] [--check]" >&2; exit 64; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --work|--shm|--bin) [ $# -ge 2 ] && [ -n "$2" ] || usage ;;&
     --work) work="$2"; shift 2 ;;
     --shm) shm="$2"; shift 2 ;;
     --bin) bin="$2"; shift 2 ;;
-    *) echo "usage: tools/demo.sh [--work DIR] [--shm NAME] [--bin DIR]" >&2; exit 64 ;;
+    --check) check_only=1; shift ;;
+    *) usage ;;
   esac
 done
+work="$(realpath -m -- "$work")"
+default_work="$(realpath -m -- "$default_work")"
+bin="$(realpath -m -- "$bin")"
+
+# The work directory is deleted and made again: only one that this script made
+# (it writes $marker into it), an empty one, one that does not exist yet, or
+# the default one (inside the build tree).
+marker=.jobengine-demo-work
+refuse() {
+  echo "demo.sh: refusing to use --work $work: $1; nothing was deleted." >&2
+  echo "demo.sh: give a new or empty directory, or one an earlier run of this script made." >&2
+  exit 1
+}
+case "$root/" in "${work%/}/"*) refuse "it holds the repository" ;; esac
+if [ -e "$work" ] || [ -L "$work" ]; then
+  [ -d "$work" ] || refuse "it exists and is not a directory"
+  if [ "$work" != "$default_work" ] && [ ! -f "$work/$marker" ] &&
+     [ -n "$(ls -A -- "$work")" ]; then
+    refuse "it is not empty and has no $marker file (this script did not make it)"
+  fi
+fi
+[ "$check_only" -eq 0 ] || exit 0
+
 demo="$bin/jobengine-demo"
 jobsnap="$bin/jobsnap"
 for b in "$demo" "$jobsnap"; do
@@ -30,10 +63,25 @@ for b in "$demo" "$jobsnap"; do
 done
 command -v python3 >/dev/null || { echo "demo.sh: needs python3 (tools/setup.sh)" >&2; exit 1; }
 max_recoveries=2
-work="$(realpath -m "$work")"
-bin="$(realpath -m "$bin")"
-demo="$bin/jobengine-demo"
-jobsnap="$bin/jobsnap"
+
+# jobengine-demo runs as a tracked child: if this script ends early (Ctrl-C,
+# SIGTERM, a timeout's signal, a failed step), the EXIT trap stops it with
+# SIGTERM (it then writes a final snapshot), and with SIGKILL after 5 s.
+child=""
+stop_child() {
+  [ -n "$child" ] || return 0
+  kill -TERM "$child" 2>/dev/null || return 0
+  local i
+  for i in $(seq 50); do
+    kill -0 "$child" 2>/dev/null || { child=""; return 0; }
+    sleep 0.1
+  done
+  kill -KILL "$child" 2>/dev/null || true
+  child=""
+}
+trap stop_child EXIT
+trap 'stop_child; echo "demo.sh: interrupted" >&9; exit 130' INT
+trap 'stop_child; echo "demo.sh: terminated" >&9; exit 143' TERM
 
 step=0
 header() {
@@ -46,18 +94,28 @@ show() {  # prints the command as an operator would type it, then runs it
   echo_cmd "$@"
   "$@"
 }
-# The same for a command whose death by a signal is expected, without the
-# shell's "Killed" notice: the command keeps our stderr, the shell's own goes
-# nowhere.
-show_crashing() {
+# Runs "$@" as the tracked child (stop_child) and returns its status (128 + N
+# when signal N killed it), without the shell's "Killed" notice: the command
+# keeps our stderr, the shell's notice goes nowhere.
+run_child() {
+  "$@" 9>&- &
+  child=$!
+  local rc=0
+  wait "$child" 2>/dev/null || rc=$?
+  child=""
+  return "$rc"
+}
+# show, for jobengine-demo (whose death by a signal may be expected).
+show_child() {
   echo_cmd "$@"
-  { "$@" 2>&3 3>&-; } 3>&2 2>/dev/null
+  run_child "$@"
 }
 fail() { printf '\nFAILED: %s\n' "$*"; exit 1; }
 
 header "A fresh start"
 rm -rf "$work"
 mkdir -p "$work"
+: >"$work/$marker"
 cd "$work"  # the commands below then read as an operator would type them
 dir=snapshots
 rm -f "/dev/shm/$shm"
@@ -69,7 +127,7 @@ say "The service is jobengine-demo: thumbnails (CPU work), emails (1 ms each, ab
 
 header "The service runs under load, then crashes"
 rc=0
-show_crashing "$demo" --dir "$dir" --shm "$shm" --jobs 6000 --rate 3000 --poison \
+show_child "$demo" --dir "$dir" --shm "$shm" --jobs 6000 --rate 3000 --poison \
   --max-recoveries "$max_recoveries" --status-interval 250 \
   --journal journal-1.log --report report-1.json || rc=$?
 [ "$rc" -eq 137 ] || fail "the demo should have died by SIGKILL (exit 137), it exited $rc"
@@ -99,7 +157,7 @@ while :; do
   run=$((run + 1))
   [ "$run" -le $((max_recoveries + 3)) ] || fail "the poison job was not quarantined after $((run - 2)) restarts"
   rc=0
-  show_crashing "$demo" --dir "$dir" --shm "$shm" --resume-only --max-recoveries "$max_recoveries" \
+  show_child "$demo" --dir "$dir" --shm "$shm" --resume-only --max-recoveries "$max_recoveries" \
     --status-interval 250 --journal "journal-$run.log" --report "report-$run.json" || rc=$?
   if [ "$rc" -eq 0 ]; then break; fi
   [ "$rc" -eq 137 ] || fail "restart $((run - 1)) exited $rc"
@@ -115,53 +173,102 @@ say "Restart $((run - 1)): job $poison had been running at $((max_recoveries + 1
 
 header "The poison job, quarantined"
 show "$jobsnap" inspect "$dir" --shm "$shm"
+"$jobsnap" dump "$dir" --shm "$shm" >"$work/quarantined.jsonl"
 
 header "The operator drops it"
 show "$jobsnap" drop "$dir" "$poison" --shm "$shm"
 echo
-show "$demo" --dir "$dir" --shm "$shm" --resume-only --max-recoveries "$max_recoveries" \
-  --status-interval 0 --journal journal-final.log --report report-final.json
+rc=0
+show_child "$demo" --dir "$dir" --shm "$shm" --resume-only --max-recoveries "$max_recoveries" \
+  --status-interval 0 --journal journal-final.log --report report-final.json || rc=$?
+[ "$rc" -eq 0 ] || fail "the start after the drop exited $rc"
 say "The service starts clean: nothing pending, no dead letters."
 
 header "Check: every job the snapshot held came back and ran"
-python3 - "$work" "$poison" "$held_gen" "$run" <<'EOF' || exit 1
-import glob, json, sys
-work, poison, held_gen, last_run = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+python3 - "$work" "$poison" "$held_gen" "$run" "$max_recoveries" <<'EOF' || exit 1
+import json, sys
+work, poison, held_gen, last_run, max_recoveries = (
+    sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
 def fail(msg):
     print("FAILED: " + msg)
     sys.exit(1)
-held = [json.loads(l) for l in open(work + "/held.jsonl")]
+def read(name):
+    try:
+        return open("%s/%s" % (work, name)).read()
+    except OSError as e:
+        fail("cannot read %s: %s" % (name, e.strerror))
+def report(name):
+    try:
+        return json.loads(read(name))
+    except ValueError:
+        fail("%s is not JSON" % name)
+def journal(name):
+    return [l.split() for l in read(name).splitlines() if l.split()]
+held = [json.loads(l) for l in read("held.jsonl").splitlines()]
 live = {j["id"] for j in held if j["state"] != "dead"}
 if poison not in live:
     fail("the snapshot loaded at restart did not hold the poison job %d" % poison)
-first = json.load(open(work + "/report-2.json"))["recovery"]
+first = report("report-2.json")["recovery"]
 if first["generation"] != held_gen:
     fail("jobsnap said generation %d would load, the restart loaded %d" % (held_gen, first["generation"]))
 restored = first["pending"] + first["delayed"] + first["running_at_cut"] + first["poisoned"]
 if restored != len(live):
     fail("the restart restored %d jobs, the snapshot held %d live ones" % (restored, len(live)))
-ran, crashes = set(), 0
+# Each restart but the last crashed on the poison job (and only on it), without
+# quarantining anything; the last quarantined it and never ran it.
+ran, crashes = set(), 1  # the first run's crash
 for run in range(2, last_run + 1):
-    for line in open("%s/journal-%d.log" % (work, run)):
-        f = line.split()
+    rep = report("report-%d.json" % run)
+    xs = []
+    for f in journal("journal-%d.log" % run):
         if f[0] == "R":
             ran.add(int(f[1]))
         elif f[0] == "X":
-            crashes += 1
+            xs.append(int(f[1]))
+    if any(x != poison for x in xs):
+        fail("restart %d crashed on job %s, not on the poison job %d" % (run - 1, xs, poison))
+    if run < last_run:
+        if len(xs) != 1:
+            fail("restart %d died by SIGKILL, but its journal has %d poison runs" % (run - 1, len(xs)))
+        if rep["recovery"]["poisoned"] != 0:
+            fail("restart %d quarantined a job before max_recoveries" % (run - 1))
+        crashes += 1
+    elif xs:
+        fail("the poison job ran again in restart %d, which quarantined it" % (run - 1))
+if crashes != max_recoveries + 1:
+    fail("the poison job crashed the service %d times, max_recoveries %d allows %d"
+         % (crashes, max_recoveries, max_recoveries + 1))
+if poison in ran:
+    fail("the poison job %d returned from its handler" % poison)
 missing = sorted(live - {poison} - ran)
 if missing:
     fail("%d jobs held by generation %d never ran after the crash: %s" % (len(missing), held_gen, missing[:20]))
-last = json.load(open("%s/report-%d.json" % (work, last_run)))
+last = report("report-%d.json" % last_run)
 if last["recovery"]["poisoned"] != 1:
     fail("restart %d did not quarantine the poison job" % (last_run - 1))
-final = json.load(open(work + "/report-final.json"))
-if final["recovery"]["dead"] != 0 or final["counts"]["dead"] != 0:
+counts = last.get("counts")
+if last.get("phase") != "finished" or counts is None:
+    fail("restart %d did not finish" % (last_run - 1))
+if counts["done"] != counts["recovered"] or counts["failed"] != 0 or counts["dead"] != 1:
+    fail("restart %d recovered %d jobs, ran %d to done, %d failed, left %d dead letters (want all "
+         "done, none failed, 1 dead letter)"
+         % (last_run - 1, counts["recovered"], counts["done"], counts["failed"], counts["dead"]))
+# What the snapshots held after the quarantine: the poison job alone, dead.
+left = [json.loads(l) for l in read("quarantined.jsonl").splitlines()]
+if [j["id"] for j in left] != [poison]:
+    fail("after the quarantine the snapshot held jobs %s, not the poison job %d alone"
+         % ([j["id"] for j in left][:20], poison))
+q = left[0]
+if q["state"] != "dead" or q["dead_reason"] != "poison" or q["recoveries"] != max_recoveries + 1:
+    fail("the quarantined job %d is %s, reason %s, %d recoveries (want dead, poison, %d)"
+         % (poison, q["state"], q["dead_reason"], q["recoveries"], max_recoveries + 1))
+final = report("report-final.json")
+if final["recovery"]["dead"] != 0 or final["recovery"]["poisoned"] != 0 or final["counts"]["dead"] != 0:
     fail("after jobsnap drop the service still has dead letters")
 # What a process crash loses: jobs accepted after the cut of the snapshot that
 # survived (README "What is lost"), at most the 10 ms shared-memory interval.
 submitted, done_before = set(), set()
-for line in open(work + "/journal-1.log"):
-    f = line.split()
+for f in journal("journal-1.log"):
     if f[0] == "S":
         submitted.add(int(f[1]))
     elif f[0] == "R" and f[4] == "done":
@@ -171,6 +278,8 @@ print("%d jobs were submitted before the crash; %d had finished; generation %d h
       % (len(submitted), len(submitted & done_before), held_gen, len(live)))
 print("(%d accepted in the last moments, after that snapshot's cut, were lost: the at-risk window)"
       % len(lost))
+print("The restart that quarantined job %d ran all %d jobs it recovered to done, none failed."
+      % (poison, counts["recovered"]))
 print("OK: %d jobs held by generation %d all ran after the crash; poison job %d crashed the "
-      "service %d times, was quarantined as poison and dropped" % (len(live) - 1, held_gen, poison, crashes + 1))
+      "service %d times, was quarantined as poison and dropped" % (len(live) - 1, held_gen, poison, crashes))
 EOF

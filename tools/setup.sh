@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages jobengine builds with, when missing.
-# Usage: tools/setup.sh            (as root, or with sudo available)
+# Usage: tools/setup.sh   (as your usual user: it runs apt-get through sudo when
+#                          not root; as root where there is no sudo)
 # Idempotent: asks apt only for what dpkg does not already have.
 set -euo pipefail
 
@@ -39,6 +40,7 @@ if [ "$(id -u)" -ne 0 ]; then
   fi
 fi
 echo "setup: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${sudo[@]}" apt-get update -qq
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# Through env, not export: sudo's env_reset would drop an exported variable.
+apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
+"${apt[@]}" update -qq
+"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}"

@@ -12,6 +12,14 @@
 //     is clean.
 //   ScriptTellsTheStoryAndItsChecksPass: tools/demo.sh, the README's main
 //     command's scenario, exits 0 with its "OK:" line.
+//   SigintTakesAFinalSnapshotThenDiesOfIt: Ctrl-C stops the demo with a final
+//     snapshot holding every job accepted and not done, and the demo dies of
+//     SIGINT (so a script running it stops too); a restart runs those jobs.
+//   ScriptStopsAtCtrlC / ScriptLeavesNoServiceRunningWhenItDies: tools/demo.sh
+//     stops with status 130 at a Ctrl-C, and a signal that kills the script
+//     (SIGALRM, as this test's own alarm) stops the jobengine-demo it started.
+//   ScriptsRefuseAWorkDirectoryTheyDidNotMake: tools/demo.sh and tools/run.sh
+//     (--work resolved from the caller's directory) delete nothing there.
 //
 // A child that hangs is killed by SIGALRM after kChildSeconds and the test
 // fails saying so; no timing decides a pass (the poison job itself waits for
@@ -24,15 +32,19 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "jobengine/snapshot_format.h"
@@ -56,6 +68,17 @@ struct RunResult {
   int code = -1;
   std::string output;  // stdout and stderr together
   std::string args;
+  bool signalled = false;  // ChildOptions::signal was sent
+};
+
+struct ChildOptions {
+  std::string cwd;  // where the child runs; empty: here
+  // Polled every 5 ms while the child runs; once it returns true, `signal`
+  // is sent, to the child's process group if `to_group` (as a terminal's
+  // Ctrl-C is: the child runs as a group leader), else to the child alone.
+  std::function<bool()> signal_when;
+  int signal = 0;
+  bool to_group = false;
 };
 
 std::ostream& operator<<(std::ostream& os, const RunResult& r) {
@@ -68,7 +91,8 @@ std::string Slurp(const std::string& path) {
 }
 
 // Runs argv[0] with its arguments; exit code 128 + N if killed by signal N.
-RunResult RunChild(const std::vector<std::string>& args, const std::string& out_path) {
+RunResult RunChild(const std::vector<std::string>& args, const std::string& out_path,
+                   const ChildOptions& options = {}) {
   RunResult r;
   for (const auto& a : args) r.args += (r.args.empty() ? "" : " ") + a;
   std::vector<std::string> argv_s = args;
@@ -78,6 +102,8 @@ RunResult RunChild(const std::vector<std::string>& args, const std::string& out_
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test
+    if (options.to_group) ::setpgid(0, 0);
+    if (!options.cwd.empty() && ::chdir(options.cwd.c_str()) != 0) ::_exit(124);
     const int in = ::open("/dev/null", O_RDONLY);
     const int out = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (in < 0 || out < 0 || ::dup2(in, 0) < 0 || ::dup2(out, 1) < 0 || ::dup2(out, 2) < 0) {
@@ -88,7 +114,21 @@ RunResult RunChild(const std::vector<std::string>& args, const std::string& out_
     ::_exit(126);
   }
   int status = 0;
-  if (pid > 0) ::waitpid(pid, &status, 0);
+  if (pid > 0 && options.to_group) ::setpgid(pid, pid);  // either side may run first
+  if (pid > 0 && options.signal_when) {
+    for (;;) {
+      if (::waitpid(pid, &status, WNOHANG) == pid) break;  // ended before the signal
+      if (options.signal_when()) {
+        ::kill(options.to_group ? -pid : pid, options.signal);
+        r.signalled = true;
+        ::waitpid(pid, &status, 0);
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  } else if (pid > 0) {
+    ::waitpid(pid, &status, 0);
+  }
   r.output = Slurp(out_path);
   if (pid < 0) return r;
   if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
@@ -114,6 +154,32 @@ std::vector<std::vector<std::string>> Journal(const std::string& path) {
     if (!w.empty()) lines.push_back(std::move(w));
   }
   return lines;
+}
+
+// True once the journal at `path` has its START line and `submits` S lines.
+bool JournalReached(const std::string& path, std::size_t submits) {
+  const std::string text = Slurp(path);
+  if (!Contains(text, "START ")) return false;
+  std::size_t n = 0;
+  for (std::size_t at = text.find("\nS "); at != std::string::npos; at = text.find("\nS ", at + 1)) {
+    ++n;
+  }
+  return n >= submits;
+}
+
+// The pid on the journal's START line; 0 if none.
+pid_t StartPid(const std::string& path) {
+  const std::string text = Slurp(path);
+  const auto at = text.find("START pid=");
+  return at == std::string::npos ? 0 : static_cast<pid_t>(std::atoi(text.c_str() + at + 10));
+}
+
+// Whether process `pid` still runs (a zombie does not).
+bool Running(pid_t pid) {
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
+  const std::string stat = Slurp("/proc/" + std::to_string(pid) + "/stat");
+  const auto paren = stat.rfind(')');
+  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] != 'Z';
 }
 
 json Report(const std::string& path) {
@@ -300,6 +366,166 @@ TEST_F(DemoTest, ScriptTellsTheStoryAndItsChecksPass) {
     EXPECT_TRUE(Contains(r.output, step)) << "no \"" << step << "\" in:\n" << r;
   }
   EXPECT_FALSE(Contains(r.output, "FAILED")) << r;
+  // It marked the directory as its own: a second run may empty it.
+  EXPECT_TRUE(fs::exists(work_ + "/scenario/.jobengine-demo-work"));
+}
+
+// The script tools/demo.sh and its directory's run.sh.
+std::string Script() { return JOBENGINE_DEMO_SCRIPT; }
+std::string RunScript() { return (fs::path(JOBENGINE_DEMO_SCRIPT).parent_path() / "run.sh").string(); }
+std::string BinDir() { return fs::path(JOBENGINE_DEMO_PATH).parent_path().string(); }
+
+TEST_F(DemoTest, SigintTakesAFinalSnapshotThenDiesOfIt) {
+  const std::string journal = work_ + "/journal-1.log";
+  ChildOptions ctrl_c;
+  ctrl_c.signal_when = [&] { return JournalReached(journal, 200); };
+  ctrl_c.signal = SIGINT;
+  ctrl_c.to_group = true;
+  std::vector<std::string> args = {JOBENGINE_DEMO_PATH, "--dir", dir_, "--shm", shm_,
+                                   "--status-interval", "0", "--jobs", "100000", "--rate", "2000",
+                                   "--journal", journal, "--report", work_ + "/report-1.json"};
+  const RunResult r = RunChild(args, work_ + "/output-1.txt", ctrl_c);
+  ExpectNoSanitizerReport(r);
+  ASSERT_TRUE(r.signalled) << r;
+  // Died of SIGINT, not exit 0: a shell running it sees the interrupt.
+  ASSERT_EQ(r.code, 128 + SIGINT) << r;
+  EXPECT_TRUE(Contains(r.output, "interrupted, what is left is in the final snapshot")) << r;
+  const json report = Report(work_ + "/report-1.json");
+  EXPECT_EQ(report["phase"], "finished") << r;
+  EXPECT_EQ(report["stop"], "snapshot-and-exit") << r;
+  bool ended = false;
+  std::set<JobId> accepted, done;
+  for (const auto& w : Journal(journal)) {
+    if (w[0] == "S") accepted.insert(std::stoull(w[1]));
+    if (w[0] == "R" && w.size() > 4 && w[4] == "done") done.insert(std::stoull(w[1]));
+    if (w[0] == "END") ended = true;
+  }
+  EXPECT_TRUE(ended) << "no END line: the demo did not finish its stop";
+
+  // The final snapshot is what the next start loads, and holds exactly the
+  // jobs accepted and not done (kSnapshotAndExit).
+  const st::Image held = LoadNext();
+  EXPECT_EQ(held.view.header.generation,
+            report["counts"]["last_snapshot_generation"].get<std::uint64_t>());
+  std::set<JobId> left;
+  for (const auto& j : held.view.jobs) left.insert(j.id);
+  std::set<JobId> expected;
+  for (JobId id : accepted) {
+    if (!done.count(id)) expected.insert(id);
+  }
+  EXPECT_FALSE(expected.empty()) << "nothing was left to snapshot (delayed reminders were expected)";
+  EXPECT_EQ(left, expected);
+
+  // A restart runs them all.
+  const RunResult resumed = Demo("2", {"--resume-only"});
+  ASSERT_EQ(resumed.code, 0) << resumed;
+  const json report2 = Report(work_ + "/report-2.json");
+  EXPECT_EQ(report2["recovery"]["generation"].get<std::uint64_t>(), held.view.header.generation);
+  EXPECT_EQ(report2["counts"]["recovered"].get<std::uint64_t>(), expected.size()) << resumed;
+  EXPECT_EQ(report2["counts"]["done"], report2["counts"]["recovered"]) << resumed;
+  EXPECT_EQ(report2["counts"]["failed"], 0) << resumed;
+  EXPECT_EQ(report2["stop"], "drain") << resumed;
+}
+
+TEST_F(DemoTest, ScriptStopsAtCtrlC) {
+  if (std::system("command -v python3 >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3";
+  const std::string scenario = work_ + "/scenario";
+  ChildOptions ctrl_c;
+  ctrl_c.signal_when = [&] { return JournalReached(scenario + "/journal-1.log", 100); };
+  ctrl_c.signal = SIGINT;
+  ctrl_c.to_group = true;  // the script and the demo it runs, as a terminal's Ctrl-C
+  const RunResult r = RunChild({"/bin/bash", Script(), "--work", scenario, "--shm", shm_, "--bin",
+                                BinDir()},
+                               work_ + "/output-script.txt", ctrl_c);
+  ExpectNoSanitizerReport(r);
+  ASSERT_TRUE(r.signalled) << r;
+  EXPECT_EQ(r.code, 130) << r;
+  EXPECT_TRUE(Contains(r.output, "demo.sh: interrupted")) << r;
+  // It stopped there: no next step, no verdict.
+  EXPECT_FALSE(Contains(r.output, "== 3.")) << r;
+  EXPECT_FALSE(Contains(r.output, "OK:")) << r;
+  EXPECT_FALSE(Contains(r.output, "FAILED")) << r;
+  const pid_t demo = StartPid(scenario + "/journal-1.log");
+  ASSERT_NE(demo, 0);
+  EXPECT_FALSE(Running(demo)) << "jobengine-demo " << demo << " still runs";
+  // The demo stopped with its final snapshot.
+  EXPECT_EQ(Report(scenario + "/report-1.json")["stop"], "snapshot-and-exit") << r;
+}
+
+TEST_F(DemoTest, ScriptLeavesNoServiceRunningWhenItDies) {
+  if (std::system("command -v python3 >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3";
+  const std::string scenario = work_ + "/scenario";
+  ChildOptions alarm;  // what RunChild's own alarm does to a script that hangs
+  alarm.signal_when = [&] { return JournalReached(scenario + "/journal-1.log", 100); };
+  alarm.signal = SIGALRM;
+  const RunResult r = RunChild({"/bin/bash", Script(), "--work", scenario, "--shm", shm_, "--bin",
+                                BinDir()},
+                               work_ + "/output-script.txt", alarm);
+  ExpectNoSanitizerReport(r);
+  ASSERT_TRUE(r.signalled) << r;
+  EXPECT_EQ(r.code, 128 + SIGALRM) << r;
+  EXPECT_FALSE(Contains(r.output, "OK:")) << r;
+  const pid_t demo = StartPid(scenario + "/journal-1.log");
+  ASSERT_NE(demo, 0);
+  EXPECT_FALSE(Running(demo)) << "jobengine-demo " << demo << " outlived the script";
+  // Stopped with SIGTERM, it wrote its final snapshot.
+  EXPECT_EQ(Report(scenario + "/report-1.json")["stop"], "snapshot-and-exit") << r;
+}
+
+TEST_F(DemoTest, ScriptsRefuseAWorkDirectoryTheyDidNotMake) {
+  // Someone's directory: not empty, no marker.
+  const std::string mine = work_ + "/mine";
+  fs::create_directories(mine + "/sub");
+  std::ofstream(mine + "/keep.txt") << "precious\n";
+  std::ofstream(mine + "/sub/keep.txt") << "precious\n";
+  const auto untouched = [&] {
+    EXPECT_EQ(Slurp(mine + "/keep.txt"), "precious\n");
+    EXPECT_EQ(Slurp(mine + "/sub/keep.txt"), "precious\n");
+    EXPECT_FALSE(fs::exists(mine + "/.jobengine-demo-work"));
+  };
+  const std::vector<std::string> script = {"/bin/bash", Script(), "--shm", shm_, "--bin", BinDir()};
+  const auto with = [](std::vector<std::string> v, std::initializer_list<std::string> more) {
+    v.insert(v.end(), more);
+    return v;
+  };
+
+  RunResult r = RunChild(with(script, {"--work", mine}), work_ + "/output-a.txt");
+  EXPECT_EQ(r.code, 1) << r;
+  EXPECT_TRUE(Contains(r.output, "refusing to use --work")) << r;
+  EXPECT_TRUE(Contains(r.output, "nothing was deleted")) << r;
+  untouched();
+
+  // A relative --work is the caller's: run.sh resolves "." here before it
+  // goes to the repository, and refuses before it installs or builds.
+  ChildOptions there;
+  there.cwd = mine;
+  r = RunChild({"/bin/bash", RunScript(), "--work", ".", "--shm", shm_, "--bin", BinDir()},
+               work_ + "/output-b.txt", there);
+  EXPECT_EQ(r.code, 1) << r;
+  EXPECT_TRUE(Contains(r.output, "refusing to use --work " + fs::canonical(mine).string())) << r;
+  EXPECT_FALSE(Contains(r.output, "setup:")) << r;
+  untouched();
+  r = RunChild(with(script, {"--work", ".", "--check"}), work_ + "/output-c.txt", there);
+  EXPECT_EQ(r.code, 1) << r;
+  untouched();
+
+  // A file is not a work directory either.
+  r = RunChild(with(script, {"--work", mine + "/keep.txt", "--check"}), work_ + "/output-d.txt");
+  EXPECT_EQ(r.code, 1) << r;
+  untouched();
+
+  // Accepted: a new directory, an empty one, one holding the marker.
+  r = RunChild(with(script, {"--work", work_ + "/new/dir", "--check"}), work_ + "/output-e.txt");
+  EXPECT_EQ(r.code, 0) << r;
+  fs::create_directories(work_ + "/empty");
+  r = RunChild(with(script, {"--work", work_ + "/empty", "--check"}), work_ + "/output-f.txt");
+  EXPECT_EQ(r.code, 0) << r;
+  fs::create_directories(work_ + "/earlier");
+  std::ofstream(work_ + "/earlier/.jobengine-demo-work");
+  std::ofstream(work_ + "/earlier/journal-1.log") << "START pid=1\n";
+  r = RunChild(with(script, {"--work", work_ + "/earlier", "--check"}), work_ + "/output-g.txt");
+  EXPECT_EQ(r.code, 0) << r;
+  EXPECT_TRUE(fs::exists(work_ + "/earlier/journal-1.log")) << "--check deleted something";
 }
 
 }  // namespace

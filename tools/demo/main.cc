@@ -102,15 +102,18 @@ std::atomic<std::uint64_t> g_ran[4] = {};  // thumbnail, email, ledger, reminder
 std::atomic<std::uint64_t> g_ledger_skipped{0};
 std::atomic<std::uint64_t> g_sink{0};
 std::uint64_t g_crash_after = 0;
+// The signal (SIGINT or SIGTERM) that asked the demo to stop; 0 if none did.
 volatile std::sig_atomic_t g_interrupted = 0;
-// Set once main() has printed the recovery story, so that a poison job run at
-// once by start() tells its crash after it, not in the middle.
+// Set once run() has printed the recovery story, journaled START and written
+// the report's recovery part, so that a poison job run at once by start()
+// tells its crash after the story, and its SIGKILL never loses report-N.json
+// or the START line.
 std::atomic<bool> g_story_told{false};
 
 std::mutex g_ledger_mu;
 std::set<unsigned long long> g_ledger_applied;  // posting numbers applied in this process
 
-void on_sigint(int) { g_interrupted = 1; }
+void on_stop_signal(int sig) { g_interrupted = sig; }
 
 const char* outcome_name(jobengine::Outcome o) {
   switch (o) {
@@ -151,7 +154,10 @@ jobengine::Outcome finish(jobengine::JobContext& job, int handler, jobengine::Ou
 //     g1 + 1 began after g1's publish; g1 + 2 leaves a margin.
 [[noreturn]] void crash_on_poison(jobengine::JobContext& job) {
   journal("X %llu thumbnail %u", static_cast<unsigned long long>(job.id()), job.attempt());
-  for (int i = 0; i < 1000 && !g_story_told.load(std::memory_order_acquire); ++i) {
+  // Waits for the story (see g_story_told); a bound, in case the machine is
+  // so loaded that even that takes long.
+  const auto story_deadline = Clock::now() + 10s;
+  while (!g_story_told.load(std::memory_order_acquire) && Clock::now() < story_deadline) {
     std::this_thread::sleep_for(1ms);
   }
   std::fprintf(stderr,
@@ -526,8 +532,8 @@ int run(int argc, char** argv) {
       return 1;
     }
   }
-  std::signal(SIGINT, on_sigint);
-  std::signal(SIGTERM, on_sigint);
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
 
   // Before start(): the engine logs what recovery quarantines while it starts.
   std::printf("jobengine-demo: pid %d, %u workers; snapshots every 10 ms to shm '%s' and every "
@@ -548,7 +554,6 @@ int run(int argc, char** argv) {
                 d.error.c_str());
   }
   std::fflush(stdout);
-  g_story_told.store(true, std::memory_order_release);
   journal("START pid=%d generation=%llu source=%s pending=%llu delayed=%llu running_at_cut=%llu "
           "poisoned=%llu dead=%llu",
           static_cast<int>(::getpid()), static_cast<unsigned long long>(rec.generation),
@@ -570,6 +575,9 @@ int run(int argc, char** argv) {
                         {"dead", rec.dead},
                         {"skipped", rec.skipped.size()}};
   write_report(args.report, report);
+  // Only now may the poison job kill the process: the story, START and the
+  // report are out (in the page cache for the files: they survive SIGKILL).
+  g_story_told.store(true, std::memory_order_release);
 
   Producer producer(args, *engine);
   std::thread producer_thread;
@@ -605,7 +613,9 @@ int run(int argc, char** argv) {
 
   // Interrupted: keep what is left for the next start. Drained: stop (a final
   // snapshot records the dead letters, so they survive the restart too).
-  const auto mode = g_interrupted ? jobengine::StopMode::kSnapshotAndExit : jobengine::StopMode::kDrain;
+  // (main() then dies of the signal that interrupted it.)
+  const bool interrupted = g_interrupted != 0;
+  const auto mode = interrupted ? jobengine::StopMode::kSnapshotAndExit : jobengine::StopMode::kDrain;
   auto stopped = engine->stop(mode);
   if (!stopped) {
     std::fprintf(stderr, "jobengine-demo: stop failed: %s\n", stopped.status().to_string().c_str());
@@ -616,7 +626,7 @@ int run(int argc, char** argv) {
               "ran thumbnail %llu, email %llu (retried %llu), ledger %llu, reminder %llu; "
               "done %llu, failed %llu, recovered %llu, dead letters %llu; last snapshot "
               "generation %llu\n",
-              g_interrupted ? "interrupted, what is left is in the final snapshot" : "drained",
+              interrupted ? "interrupted, what is left is in the final snapshot" : "drained",
               static_cast<unsigned long long>(stopped->submitted),
               static_cast<unsigned long long>(producer.deduped.load()),
               static_cast<unsigned long long>(g_ran[0].load()),
@@ -632,6 +642,7 @@ int run(int argc, char** argv) {
   journal("END done=%llu failed=%llu", static_cast<unsigned long long>(stopped->done),
           static_cast<unsigned long long>(stopped->failed));
   report["phase"] = "finished";
+  report["stop"] = interrupted ? "snapshot-and-exit" : "drain";
   report["counts"] = {{"submitted", stopped->submitted}, {"deduped", producer.deduped.load()},
                       {"done", stopped->done},           {"failed", stopped->failed},
                       {"retried", h.retried},            {"recovered", stopped->recovered},
@@ -646,10 +657,26 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  int rc = 0;
   try {
-    return run(argc, argv);
+    rc = run(argc, argv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "jobengine-demo: internal error: %s\n", e.what());
-    return 70;
+    rc = 70;
   }
+  // Stopped by SIGINT or SIGTERM: the final snapshot is written (run() has
+  // returned, the engine is closed). Die of that signal rather than exit 0,
+  // so that the parent (a shell running a script, make) sees the interrupt
+  // and stops too instead of carrying on as if the demo had drained.
+  if (const int sig = g_interrupted; sig != 0) {
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::signal(sig, SIG_DFL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    ::sigprocmask(SIG_UNBLOCK, &set, nullptr);
+    ::raise(sig);
+  }
+  return rc;
 }
