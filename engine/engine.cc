@@ -2274,9 +2274,16 @@ class Engine::Impl final : public detail::CutSource {
     JobTable::retire(s, e);
     sched_announce_.store(0, std::memory_order_release);
     retired.add(idx, e);
+    count_sched_cancelled(s);
+  }
+
+  // Counts a job out of the scheduler as cancelled. By the scheduler, or by
+  // stop() once it has stopped (the per-handler counter has one writer at a
+  // time).
+  void count_sched_cancelled(const Slot& s) {
     scheduled_out_.fetch_add(1, std::memory_order_relaxed);
-    sched_cancelled_.fetch_add(1, std::memory_order_relaxed);
-    bump(sched_cancelled_by_handler_[s.handler]);  // only the scheduler writes it
+    sched_cancelled_.fetch_add(1, std::memory_order_release);
+    bump(sched_cancelled_by_handler_[s.handler]);
   }
 
   // ---------------------------------------------------------------- cancel
@@ -2684,10 +2691,8 @@ class Engine::Impl final : public detail::CutSource {
       Slot& s = table_.slot(t.idx);
       if ((s.id_word.load(std::memory_order_acquire) & kCancelBit) == 0) return false;
       release_key(s);
+      count_sched_cancelled(s);
       gone.push_back(t.idx);
-      scheduled_out_.fetch_add(1, std::memory_order_relaxed);
-      sched_cancelled_.fetch_add(1, std::memory_order_release);
-      bump(sched_cancelled_by_handler_[s.handler]);  // the scheduler, its only other writer, has stopped
       return true;
     });
     drop_slots(gone.data(), gone.size());

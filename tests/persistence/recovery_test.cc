@@ -25,6 +25,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
@@ -141,6 +142,18 @@ std::string Numbered(const char* prefix, long long n) {
   std::string out(prefix);
   out += std::to_string(n);
   return out;
+}
+
+// Writes `image` as generation 1 of `dir`, as an engine would have left it.
+testing::AssertionResult WriteGenerationOne(const std::string& dir,
+                                            std::span<const unsigned char> image) {
+  const std::string path = dir + "/gen-00000000000000000001.jobsnap";
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return testing::AssertionFailure() << path << ": " << std::strerror(errno);
+  const bool whole = ::write(fd, image.data(), image.size()) == static_cast<ssize_t>(image.size());
+  ::close(fd);
+  if (!whole) return testing::AssertionFailure() << path << ": short write";
+  return testing::AssertionSuccess();
 }
 
 std::vector<unsigned char> ReadFile(const std::string& path) {
@@ -465,13 +478,7 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
     encoder.add_job(j);
   }
   const std::span<const unsigned char> image = encoder.finish();
-  {
-    const std::string path = dir + "/gen-00000000000000000001.jobsnap";
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    ASSERT_GE(fd, 0) << std::strerror(errno);
-    ASSERT_EQ(::write(fd, image.data(), image.size()), static_cast<ssize_t>(image.size()));
-    ::close(fd);
-  }
+  ASSERT_TRUE(WriteGenerationOne(dir, image));
 
   // Exactly as many slots as live jobs.
   EngineOptions o = DiskOptions(dir);
@@ -611,13 +618,7 @@ TEST(RecoveryTest, JobsSubmittedBeforeTheBootKeepTheirTimesThroughTheNextSnapsho
   retry.run_at_ns = before_boot + 60'000'000'000;
   encoder.add_job(retry);
   const std::span<const unsigned char> image = encoder.finish();
-  {
-    const std::string path = dir + "/gen-00000000000000000001.jobsnap";
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    ASSERT_GE(fd, 0) << std::strerror(errno);
-    ASSERT_EQ(::write(fd, image.data(), image.size()), static_cast<ssize_t>(image.size()));
-    ::close(fd);
-  }
+  ASSERT_TRUE(WriteGenerationOne(dir, image));
   auto e = Engine::open(DiskOptions(dir));
   ASSERT_TRUE(IsOk(e));
   Gate gate;

@@ -1330,6 +1330,13 @@ void PublishToSegment(const std::string& name, std::uint64_t generation,
   ASSERT_TRUE((*store)->publish(generation, image).ok());
 }
 
+// The command said it kept the segment's image at `path`, and did.
+void ExpectKeptAs(const RunResult& r, const std::string& path,
+                  const std::vector<unsigned char>& image) {
+  EXPECT_TRUE(Contains(r.out, "kept as " + path)) << r;
+  EXPECT_EQ(ReadBytes(path), image) << path;
+}
+
 // The segment is older than the chosen generation and no file holds it: it
 // stays an ordinary (older) generation of the directory.
 TEST(JobsnapKeepTest, RestoreWithAnOlderSegmentKeepsItsImageAsAGenerationOfTheDirectory) {
@@ -1341,8 +1348,7 @@ TEST(JobsnapKeepTest, RestoreWithAnOlderSegmentKeepsItsImageAsAGenerationOfTheDi
   PublishToSegment(shm.name, 3, segment);
   auto r = Jobsnap({"restore", tmp.snap(), "-g", "5", "--shm", shm.name});
   ASSERT_EQ(r.code, kOk) << r;
-  EXPECT_TRUE(Contains(r.out, "kept as " + GenPath(tmp.snap(), 3))) << r;
-  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 3)), segment);
+  ExpectKeptAs(r, GenPath(tmp.snap(), 3), segment);
   const Started s = StartEngine(tmp.snap(), shm.name);
   EXPECT_EQ(s.recovery.generation, 6u);
   EXPECT_EQ(s.ids, std::set<JobId>{5});
@@ -1388,8 +1394,7 @@ TEST(JobsnapKeepTest, RequeueAndDropWithTheSegmentKeepItsImageAsAGeneration) {
   // From generation 5: the segment's newer image would be overwritten by 10.
   auto r = Jobsnap({"requeue", tmp.snap(), "7", "--from", "5", "--shm", shm.name});
   ASSERT_EQ(r.code, kOk) << r;
-  EXPECT_TRUE(Contains(r.out, "kept as " + GenPath(tmp.snap(), 9))) << r;
-  EXPECT_EQ(ReadBytes(GenPath(tmp.snap(), 9)), segment);
+  ExpectKeptAs(r, GenPath(tmp.snap(), 9), segment);
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{7, 8}));
   // Now a file holds the segment's generation (10): no second copy.
   auto j = ParseJson(Jobsnap({"drop", "--json", tmp.snap(), "8", "--shm", shm.name}));
