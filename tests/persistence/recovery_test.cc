@@ -541,7 +541,8 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
 // point asks for a snapshot and gives it 300 ms: the cut must wait for the
 // worker to finish, or see one of the two.
 Engine* g_dying_engine = nullptr;
-std::thread g_dying_snapshot;
+std::thread g_dying_snapshot;            // set by the hook, then g_dying_hook_done
+std::atomic<bool> g_dying_hook_done{false};
 std::atomic<bool> g_dying_snapshot_done{false};
 std::string g_dying_snapshot_path;
 
@@ -553,6 +554,7 @@ TEST(RecoveryTest, AJobDyingDuringACutIsInItAsADeadLetterOrAsLiveNeverBoth) {
   ASSERT_TRUE(IsOk(h));
   ASSERT_TRUE(IsOk(e->start()));
   g_dying_engine = &*e;
+  g_dying_hook_done.store(false);
   g_dying_snapshot_done.store(false);
   detail::g_dead_letter_in.store(+[](JobId) {
     g_dying_snapshot = std::thread([] {
@@ -564,10 +566,11 @@ TEST(RecoveryTest, AJobDyingDuringACutIsInItAsADeadLetterOrAsLiveNeverBoth) {
     while (!g_dying_snapshot_done.load() && std::chrono::steady_clock::now() < until) {
       std::this_thread::sleep_for(milliseconds(1));
     }
+    g_dying_hook_done.store(true, std::memory_order_release);
   });
   auto id = e->submit(*h, "doomed");
   ASSERT_TRUE(IsOk(id));
-  ASSERT_TRUE(WaitUntil([&] { return e->health().dead == 1; }));
+  ASSERT_TRUE(WaitUntil([&] { return g_dying_hook_done.load(std::memory_order_acquire); }));
   detail::g_dead_letter_in.store(nullptr);
   ASSERT_TRUE(g_dying_snapshot.joinable());
   g_dying_snapshot.join();

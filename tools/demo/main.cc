@@ -103,7 +103,10 @@ std::atomic<std::uint64_t> g_ledger_skipped{0};
 std::atomic<std::uint64_t> g_sink{0};
 std::uint64_t g_crash_after = 0;
 // The signal (SIGINT or SIGTERM) that asked the demo to stop; 0 if none did.
-volatile std::sig_atomic_t g_interrupted = 0;
+// An atomic, not a volatile sig_atomic_t: the producer threads read it too.
+// Lock-free, so the signal handler may store to it.
+std::atomic<int> g_interrupted{0};
+static_assert(std::atomic<int>::is_always_lock_free);
 // Set once run() has printed the recovery story, journaled START and written
 // the report's recovery part, so that a poison job run at once by start()
 // tells its crash after the story, and its SIGKILL never loses report-N.json
@@ -113,7 +116,7 @@ std::atomic<bool> g_story_told{false};
 std::mutex g_ledger_mu;
 std::set<unsigned long long> g_ledger_applied;  // posting numbers applied in this process
 
-void on_stop_signal(int sig) { g_interrupted = sig; }
+void on_stop_signal(int sig) { g_interrupted.store(sig, std::memory_order_relaxed); }
 
 const char* outcome_name(jobengine::Outcome o) {
   switch (o) {
@@ -371,7 +374,7 @@ struct Producer {
         break;
       }
       std::this_thread::sleep_until(due);
-      if (g_interrupted) break;
+      if (g_interrupted.load(std::memory_order_relaxed) != 0) break;
       jobengine::JobId id = 0;
       if (poison_at != 0 && i == poison_at) {
         if (!submit("thumbnail", "poison", {}, &id)) break;
@@ -594,7 +597,7 @@ int run(int argc, char** argv) {
   StatusLine status;
   auto next_status = Clock::now() + std::chrono::milliseconds(args.status_interval_ms);
   for (;;) {
-    if (g_interrupted) break;
+    if (g_interrupted.load(std::memory_order_relaxed) != 0) break;
     const jobengine::Health h = engine->health();
     if (producer.finished.load() && h.pending == 0 && h.delayed == 0) break;
     if (args.status_interval_ms != 0 && Clock::now() >= next_status) {
@@ -614,7 +617,7 @@ int run(int argc, char** argv) {
   // Interrupted: keep what is left for the next start. Drained: stop (a final
   // snapshot records the dead letters, so they survive the restart too).
   // (main() then dies of the signal that interrupted it.)
-  const bool interrupted = g_interrupted != 0;
+  const bool interrupted = g_interrupted.load(std::memory_order_relaxed) != 0;
   const auto mode = interrupted ? jobengine::StopMode::kSnapshotAndExit : jobengine::StopMode::kDrain;
   auto stopped = engine->stop(mode);
   if (!stopped) {
@@ -668,7 +671,7 @@ int main(int argc, char** argv) {
   // returned, the engine is closed). Die of that signal rather than exit 0,
   // so that the parent (a shell running a script, make) sees the interrupt
   // and stops too instead of carrying on as if the demo had drained.
-  if (const int sig = g_interrupted; sig != 0) {
+  if (const int sig = g_interrupted.load(std::memory_order_relaxed); sig != 0) {
     std::fflush(stdout);
     std::fflush(stderr);
     std::signal(sig, SIG_DFL);
