@@ -151,9 +151,11 @@ class Snapshotter final : public Persistence {
                                   /*map_files=*/true);
     if (loaded) {
       log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
-      // A generation file that verified: the disk store may recycle older ones.
+      // A generation file that verified: the disk store may recycle older ones,
+      // and the jobs it holds are durable already (at_risk, see start()).
       if (disk_ && report.source.rfind("shm:", 0) != 0) {
         disk_->note_verified(loaded->view.header.generation);
+        loaded_durable_ = true;
       }
     }
     for (const auto& s : report.skipped) {
@@ -172,6 +174,9 @@ class Snapshotter final : public Persistence {
 
   Status start(CutSource& source, std::uint64_t first_generation) override {
     source_ = &source;
+    // Before intake opens, accepted_total() is the recovered jobs: when they
+    // came from a generation file, power loss can no longer lose them.
+    if (loaded_durable_) accepted_at_durable_.store(source.accepted_total(), std::memory_order_relaxed);
     next_generation_ = std::max(next_generation_, first_generation);
     if (disk_) {
       // Never publish a generation at or below one already on disk (a newer
@@ -495,6 +500,7 @@ class Snapshotter final : public Persistence {
   std::atomic<std::uint64_t> last_durable_generation_{0};
   std::atomic<std::int64_t> last_durable_cut_steady_ns_{0};
   std::atomic<std::uint64_t> accepted_at_durable_{0};
+  bool loaded_durable_ = false;  // load_newest() took a generation file (before start())
   std::atomic<std::uint64_t> failures_{0};
   std::atomic<bool> error_present_{false};  // either error below is set
   mutable std::mutex error_mu_;
