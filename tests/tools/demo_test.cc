@@ -427,6 +427,15 @@ TEST_F(DemoTest, SigintTakesAFinalSnapshotThenDiesOfIt) {
   EXPECT_EQ(report2["stop"], "drain") << resumed;
 }
 
+// The first service run of a script that was stopped: no longer running, and
+// it stopped with its final snapshot.
+void ExpectServiceStoppedWithItsFinalSnapshot(const std::string& scenario, const RunResult& r) {
+  const pid_t demo = StartPid(scenario + "/journal-1.log");
+  ASSERT_NE(demo, 0) << r;
+  EXPECT_FALSE(Running(demo)) << "jobengine-demo " << demo << " outlived the script";
+  EXPECT_EQ(Report(scenario + "/report-1.json")["stop"], "snapshot-and-exit") << r;
+}
+
 TEST_F(DemoTest, ScriptStopsAtCtrlC) {
   if (std::system("command -v python3 >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3";
   const std::string scenario = work_ + "/scenario";
@@ -445,11 +454,7 @@ TEST_F(DemoTest, ScriptStopsAtCtrlC) {
   EXPECT_FALSE(Contains(r.output, "== 3.")) << r;
   EXPECT_FALSE(Contains(r.output, "OK:")) << r;
   EXPECT_FALSE(Contains(r.output, "FAILED")) << r;
-  const pid_t demo = StartPid(scenario + "/journal-1.log");
-  ASSERT_NE(demo, 0);
-  EXPECT_FALSE(Running(demo)) << "jobengine-demo " << demo << " still runs";
-  // The demo stopped with its final snapshot.
-  EXPECT_EQ(Report(scenario + "/report-1.json")["stop"], "snapshot-and-exit") << r;
+  ExpectServiceStoppedWithItsFinalSnapshot(scenario, r);
 }
 
 TEST_F(DemoTest, ScriptLeavesNoServiceRunningWhenItDies) {
@@ -465,11 +470,7 @@ TEST_F(DemoTest, ScriptLeavesNoServiceRunningWhenItDies) {
   ASSERT_TRUE(r.signalled) << r;
   EXPECT_EQ(r.code, 128 + SIGALRM) << r;
   EXPECT_FALSE(Contains(r.output, "OK:")) << r;
-  const pid_t demo = StartPid(scenario + "/journal-1.log");
-  ASSERT_NE(demo, 0);
-  EXPECT_FALSE(Running(demo)) << "jobengine-demo " << demo << " outlived the script";
-  // Stopped with SIGTERM, it wrote its final snapshot.
-  EXPECT_EQ(Report(scenario + "/report-1.json")["stop"], "snapshot-and-exit") << r;
+  ExpectServiceStoppedWithItsFinalSnapshot(scenario, r);  // stopped by the script's SIGTERM
 }
 
 TEST_F(DemoTest, ScriptsRefuseAWorkDirectoryTheyDidNotMake) {
