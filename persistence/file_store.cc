@@ -464,6 +464,33 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   return Status();
 }
 
+Status write_new_file(FileSystem& fs, const std::string& dir, const std::string& name,
+                      std::uint64_t generation, std::span<const unsigned char> bytes) {
+  const std::string temp = join(dir, temp_name(generation));
+  const std::string path = join(dir, name);
+  SysResult<int> fd = fs.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, kFileMode);
+  if (!fd.ok()) return io_error("open", temp, fd.error);  // not ours to remove (O_EXCL)
+  ScopedFd closer(fs, fd.value);
+  auto fail = [&](std::string_view step, const std::string& where, int err) {
+    if (closer.get() >= 0) (void)fs.close(closer.release());
+    (void)fs.unlink(temp);
+    return io_error(step, where, err);
+  };
+  if (int err = fs.fchmod(fd.value, kFileMode); err != 0) return fail("fchmod 0600", temp, err);
+  if (int err = write_all(fs, fd.value, bytes); err != 0) return fail("write", temp, err);
+  if (int err = fsync_retrying_eintr(fs, fd.value); err != 0) return fail("fsync", temp, err);
+  if (int err = fs.close(closer.release()); err != 0) return fail("close", temp, err);
+  int err = fs.rename_noreplace(temp, path);
+  if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
+    SysResult<FileInfo> there = fs.lstat(path);
+    err = there.ok() ? EEXIST : (there.error == ENOENT ? fs.rename(temp, path) : there.error);
+  }
+  if (err != 0) return fail("rename", temp + " to " + path, err);
+  return sync_dir(fs, dir);
+}
+
+Status sync_directory(FileSystem& fs, const std::string& dir) { return sync_dir(fs, dir); }
+
 void FileStore::note_verified(std::uint64_t generation) {
   std::lock_guard<std::mutex> guard(publish_mutex_);
   if (generation > known_good_) known_good_ = generation;

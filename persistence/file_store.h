@@ -146,4 +146,20 @@ class FileStore {
 // and read-only tools). Newest first; same rules as FileStore::list().
 Result<std::vector<GenerationFile>> list_generations(const std::string& dir, FileSystem& fs);
 
+// Writes `bytes` durably as the new file dir/name, never replacing one:
+// publish()'s protocol without its ordering and retention rules, for tools
+// that keep an image outside the generation order (jobsnap keeps a segment's
+// image it is about to replace). A temp file named as publish() names it for
+// `generation` (so an engine's next open removes one a crash left behind),
+// every byte, fsync, close, a rename that refuses to replace (checked first
+// where the file system has no RENAME_NOREPLACE: the caller holds the
+// directory), fsync of the directory. kIoError "<step> <path>: <errno text>";
+// on failure the temp file is removed and nothing else has changed.
+Status write_new_file(FileSystem& fs, const std::string& dir, const std::string& name,
+                      std::uint64_t generation, std::span<const unsigned char> bytes);
+
+// Makes `dir`'s entries (creations, renames, unlinks) durable: fsync of the
+// directory, EINTR retried as everywhere here.
+Status sync_directory(FileSystem& fs, const std::string& dir);
+
 }  // namespace jobengine::persist

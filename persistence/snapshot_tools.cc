@@ -301,6 +301,13 @@ struct DirScan {
   std::uint64_t highest = 0;      // the highest generation number present, verified or not
   std::uint64_t next_job_id = 0;  // the highest id counter of those that verify
   std::set<std::uint64_t> held;   // generations that a file of that name holds and verifies
+
+  // The segment's image outranks and counts like a file (held is files only).
+  void add_segment(const std::optional<Image>& shm) {
+    if (!shm) return;
+    highest = std::max(highest, shm->view.header.generation);
+    next_job_id = std::max(next_job_id, shm->view.header.next_job_id);
+  }
 };
 
 // Reads and verifies every file of `files`: ids handed out by any image the
@@ -329,77 +336,6 @@ Result<std::uint64_t> next_generation(std::uint64_t above, Diagnosis* d) {
                     "above it");
   }
   return above + 1;
-}
-
-// fsync of a directory's entries.
-Status sync_dir(const std::string& dir) {
-  persist::FileSystem& f = fs();
-  SysResult<int> fd = f.open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC, 0);
-  if (!fd.ok()) {
-    return Status(StatusCode::kIoError, "open dir " + dir + ": " + persist::errno_text(fd.error));
-  }
-  const int err = f.fsync(fd.value);
-  (void)f.close(fd.value);
-  if (err != 0) {
-    return Status(StatusCode::kIoError, "fsync dir " + dir + ": " + persist::errno_text(err));
-  }
-  return Status();
-}
-
-// Writes `bytes` durably as the new file dir/name, never replacing one:
-// FileStore's publish protocol without its ordering rule (the file may be
-// numbered below others): a temp file (O_EXCL, 0600), every byte, fsync,
-// close, a rename that refuses to replace, fsync the directory. The temp name
-// is FileStore's (.tmp-<generation>-<pid>), so in an engine's directory the
-// next open removes one a crash left behind. On failure the temp file is
-// removed and nothing else has changed.
-Status write_new_file(const std::string& dir, const std::string& name, std::uint64_t generation,
-                      std::span<const unsigned char> bytes) {
-  persist::FileSystem& f = fs();
-  char temp_name[64];
-  std::snprintf(temp_name, sizeof temp_name, "/.tmp-%020llu-%ld",
-                static_cast<unsigned long long>(generation), static_cast<long>(::getpid()));
-  const std::string temp = dir + temp_name;
-  const std::string path = dir + "/" + name;
-  auto io = [](const char* step, const std::string& where, int err) {
-    return Status(StatusCode::kIoError,
-                  std::string(step) + " " + where + ": " + persist::errno_text(err));
-  };
-  SysResult<int> fd = f.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0600);
-  if (!fd.ok()) return io("open", temp, fd.error);  // not ours to remove (O_EXCL)
-  Status st;
-  if (int err = f.fchmod(fd.value, 0600); err != 0) st = io("fchmod 0600", temp, err);
-  int interrupted = 0;  // EINTRs in a row: bounded, as FileStore's writes are
-  for (std::size_t done = 0; st.ok() && done < bytes.size();) {
-    SysResult<std::size_t> w = f.write(fd.value, bytes.data() + done, bytes.size() - done);
-    if (!w.ok() && w.error == EINTR && ++interrupted < persist::kMaxEintrRetries) continue;
-    interrupted = 0;
-    if (!w.ok() || w.value == 0) {
-      st = io("write", temp, w.ok() ? EIO : w.error);
-      break;
-    }
-    done += w.value;
-  }
-  if (st.ok()) {
-    if (int err = f.fsync(fd.value); err != 0) st = io("fsync", temp, err);
-  }
-  const int close_err = f.close(fd.value);
-  if (st.ok() && close_err != 0) st = io("close", temp, close_err);
-  if (st.ok()) {
-    int err = f.rename_noreplace(temp, path);
-    if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) {
-      // No RENAME_NOREPLACE on this file system. The directory is one we
-      // hold the lock of or just made, so checking first is enough.
-      SysResult<FileInfo> there = f.lstat(path);
-      err = there.ok() ? EEXIST : (there.error == ENOENT ? f.rename(temp, path) : there.error);
-    }
-    if (err != 0) st = io("rename", temp + " to " + path, err);
-  }
-  if (!st.ok()) {
-    (void)f.unlink(temp);
-    return st;
-  }
-  return sync_dir(dir);
 }
 
 // Creates dir/aside-<UTC time>[-n]/ (0700), once per write (report.aside_dir
@@ -433,7 +369,7 @@ Status make_aside_dir(const std::string& dir, WriteReport& report) {
     return Status(StatusCode::kIoError, "chmod 0700 " + aside + ": " + persist::errno_text(err));
   }
   report.aside_dir = aside;
-  return sync_dir(dir);
+  return persist::sync_directory(fs(), dir);
 }
 
 // Moves `files` into the write's aside directory (made if need be),
@@ -453,8 +389,8 @@ Status move_aside(const std::string& dir, const std::vector<persist::GenerationF
     }
     report.moved.push_back(to);
   }
-  if (Status s = sync_dir(aside); !s.ok()) return s;
-  return sync_dir(dir);
+  if (Status s = persist::sync_directory(fs(), aside); !s.ok()) return s;
+  return persist::sync_directory(fs(), dir);
 }
 
 // Keeps the segment's image, which the publish to the segment is about to
@@ -487,7 +423,7 @@ Status keep_shm_image(const Image& image, const std::string& dir, const DirScan&
       if (f.generation == generation) name = "shm-" + name;
     }
   }
-  if (Status s = write_new_file(where, name, generation, image.bytes); !s.ok()) {
+  if (Status s = persist::write_new_file(fs(), where, name, generation, image.bytes); !s.ok()) {
     return fail(d, Failure::kIoError,
                 Status(s.code(), std::string(s.message()) + " (keeping the image of " +
                                      image.source + ", generation " + std::to_string(generation) +
@@ -524,13 +460,8 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
       shm ? shm->read_active() : Result<std::vector<unsigned char>>(Status(StatusCode::kNotFound, ""));
   // A copy: recovery below takes the bytes, and they may have to be kept.
   std::optional<Image> shm_now = verified_shm_image(shm_image, request.shm);
-  const DirScan scan = scan_files(*files);
-  std::uint64_t above = scan.highest;
-  std::uint64_t next_id = scan.next_job_id;
-  if (shm_now) {
-    above = std::max(above, shm_now->view.header.generation);
-    next_id = std::max(next_id, shm_now->view.header.next_job_id);
-  }
+  DirScan scan = scan_files(*files);
+  scan.add_segment(shm_now);
 
   Image source;
   if (request.from_generation) {
@@ -552,11 +483,11 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
     source = std::move(*image);
   }
   const std::uint64_t from = source.view.header.generation;
-  auto generation = next_generation(std::max(above, from), d);
+  auto generation = next_generation(std::max(scan.highest, from), d);
   if (!generation) return generation.status();
   // Ids above every id any image there handed out: generation --from N, or a
   // segment behind the directory, may have an older counter than the newest.
-  source.view.header.next_job_id = std::max(source.view.header.next_job_id, next_id);
+  source.view.header.next_job_id = std::max(source.view.header.next_job_id, scan.next_job_id);
   // Checks the ids (missing: kNotFound; requeue of a live job: kRefused)
   // before anything is written.
   auto image = transform(source.view, *generation, d);
@@ -998,8 +929,6 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   }
 
   // Above everything either store holds; ids above every id any of them used.
-  std::uint64_t above = from;
-  std::uint64_t next_id = source->view.header.next_job_id;
   std::vector<persist::GenerationFile> newer;
   DirScan scan;  // the target directory's, or with --to-shm the source directory's
   if (dir) {
@@ -1017,13 +946,9 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     if (!files) return fail(d, Failure::kIoError, files.status());
     scan = scan_files(*files);
   }
-  above = std::max(above, scan.highest);
-  next_id = std::max(next_id, scan.next_job_id);
-  if (shm_now) {
-    above = std::max(above, shm_now->view.header.generation);
-    next_id = std::max(next_id, shm_now->view.header.next_job_id);
-  }
-  auto generation = next_generation(above, d);
+  scan.add_segment(shm_now);
+  const std::uint64_t next_id = std::max(source->view.header.next_job_id, scan.next_job_id);
+  auto generation = next_generation(std::max(from, scan.highest), d);
   if (!generation) return generation.status();
 
   WriteReport report;

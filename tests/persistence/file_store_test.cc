@@ -1021,6 +1021,23 @@ TEST_F(FileStoreTest, NothingIsRecycledUntilAnotherGenerationIsKnownToVerify) {
   EXPECT_EQ(slurp(gen_path(6)), image(6));
 }
 
+// write_new_file (jobsnap keeps a segment's image with it): a new name only,
+// never a replaced file, and a failed write leaves no temp file behind.
+TEST_F(FileStoreTest, WriteNewFileNeverReplacesAndLeavesNothingWhenItFails) {
+  auto faults = std::make_shared<FaultFileSystem>();
+  ASSERT_EQ(::mkdir(dir_.c_str(), 0700), 0);
+  const std::string name = "gen-00000000000000000007.jobsnap";
+  ASSERT_TRUE(write_new_file(*faults, dir_, name, 7, image(7)).ok());
+  EXPECT_EQ(slurp(dir_ + "/" + name), image(7));
+  Status again = write_new_file(*faults, dir_, name, 7, image(8));
+  EXPECT_EQ(again.code(), StatusCode::kIoError);
+  EXPECT_NE(again.to_string().find("rename"), std::string::npos) << again.to_string();
+  EXPECT_EQ(slurp(dir_ + "/" + name), image(7)) << "an existing file was replaced";
+  faults->add_rule(fail_call(FaultOp::kWrite, ENOSPC));
+  EXPECT_EQ(write_new_file(*faults, dir_, "other", 9, image(9)).code(), StatusCode::kIoError);
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{name})) << "a temp file was left";
+}
+
 TEST_F(FileStoreTest, TheOnlyGenerationIsNeverRecycled) {
   // keep 1: rewriting the one generation in place would leave none while the
   // new one is written; it stays until the new one is durable.
