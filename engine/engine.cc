@@ -65,6 +65,7 @@
 //      letters live outside the table, under dead_mu_, and are copied into
 //      every snapshot, at the cut's epoch bump (begin_cut), under dead_mu_:
 //      requeue_dead() holds it while it moves a job from them to the table.
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -338,14 +339,7 @@ struct ThreadProducers {
     std::shared_ptr<EngineLifetime> life;
   };
   std::vector<Entry> entries;
-  ~ThreadProducers() {
-    for (Entry& e : entries) {
-      std::lock_guard<std::mutex> lock(e.life->mu);
-      // Release: the adopting thread's acquire sees this thread's last writes
-      // to the state (its cache, its id block).
-      if (e.life->alive) e.state->orphaned.store(true, std::memory_order_release);
-    }
-  }
+  ~ThreadProducers();
 };
 
 // The last engine this thread submitted to: the fast path is one compare.
@@ -358,6 +352,42 @@ thread_local LastProducer t_last;
 // join its own thread).
 thread_local const void* t_worker_of = nullptr;
 thread_local ThreadProducers t_producers;
+// A thread_local made before the thread's first submit is destroyed after
+// t_producers, and its destructor may submit (a per-thread buffer flushed at
+// exit). By then t_producers has orphaned its states, which another thread
+// may adopt at once: using them still would share one producer token, slot
+// cache and id block between two threads. So such late submits get states of
+// their own, in a ThreadProducers made on first use during the thread's exit
+// and owned by a POSIX thread-specific key, whose destructor runs after every
+// thread_local one (glibc's thread exit runs those first). Not a second
+// thread_local: the compiler registers all of a file's thread_locals on the
+// first use of any, so it would be destroyed before t_producers. Plain bools:
+// readable after the objects they describe are gone.
+thread_local bool t_producers_gone = false;
+thread_local bool t_late_producers_gone = false;
+
+// The key; nullopt if none could be made (late submits are then refused).
+const std::optional<pthread_key_t>& late_producers_key() {
+  static const std::optional<pthread_key_t> key = []() -> std::optional<pthread_key_t> {
+    pthread_key_t k;
+    if (pthread_key_create(&k, [](void* p) { delete static_cast<ThreadProducers*>(p); }) != 0) {
+      return std::nullopt;
+    }
+    return k;
+  }();
+  return key;
+}
+
+ThreadProducers::~ThreadProducers() {
+  for (Entry& e : entries) {
+    std::lock_guard<std::mutex> lock(e.life->mu);
+    // Release: the adopting thread's acquire sees this thread's last writes
+    // to the state (its cache, its id block).
+    if (e.life->alive) e.state->orphaned.store(true, std::memory_order_release);
+  }
+  t_last = {};  // no fast path to a state given away
+  (this == &t_producers ? t_producers_gone : t_late_producers_gone) = true;
+}
 
 }  // namespace
 
@@ -464,6 +494,10 @@ class Engine::Impl final : public detail::CutSource {
                         std::string(engine_state_name(state_.load())) +
                         ", it can be started once, from open");
     }
+    // Before restore(): metrics_data() reads it once the engine left kOpen,
+    // also after a start() that failed.
+    sched_cancelled_by_handler_ =
+        std::make_unique<std::atomic<std::uint64_t>[]>(handlers_.size());
     RecoveryReport recovery = recovery_;
     if (Status restored = restore(recovery); !restored.ok()) {
       // Part of the snapshot may be in the table and queues already: a
@@ -473,8 +507,6 @@ class Engine::Impl final : public detail::CutSource {
       log(LogLevel::kError, restored.to_string());
       return restored;
     }
-    sched_cancelled_by_handler_ =
-        std::make_unique<std::atomic<std::uint64_t>[]>(handlers_.size());
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
       workers_.push_back(
@@ -628,6 +660,10 @@ class Engine::Impl final : public detail::CutSource {
       }
     } key_entry;
     if (!o.unique_key.empty()) {
+      // A stopped (or stopping) engine answers kStopped, as for any submit,
+      // not the id of a job its key still names (one left in a final
+      // snapshot, or a delayed one that stop() left behind).
+      if (state_.load(std::memory_order_acquire) != EngineState::kRunning) return stopped_status();
       key_lock = std::unique_lock<std::mutex>(keys_mu_);
       auto it = keys_.find(o.unique_key);
       if (it != keys_.end()) return it->second;  // the pending job with this key
@@ -687,9 +723,11 @@ class Engine::Impl final : public detail::CutSource {
   static std::uint64_t run_at_ticks(const SubmitOptions& o, std::uint64_t now) {
     if (o.delay.count() > 0) return now + Clock::ticks_in_ns(o.delay.count());
     if (o.run_at != std::chrono::system_clock::time_point{}) {
-      const auto ahead = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                             o.run_at - std::chrono::system_clock::now())
-                             .count();
+      // Compared before subtracting: run_at - now overflows for a run_at far
+      // in the past (time_point::min() as "as soon as possible").
+      const auto wall = std::chrono::system_clock::now();
+      if (o.run_at <= wall) return now;
+      const auto ahead = std::chrono::duration_cast<std::chrono::nanoseconds>(o.run_at - wall).count();
       if (ahead > 0) return now + Clock::ticks_in_ns(ahead);
     }
     return now;
@@ -1587,7 +1625,24 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   ProducerState* producer_state_slow() {
-    for (auto& e : t_producers.entries) {
+    // Submits from thread_local destructors: see t_late_producers. Past even
+    // those (a destructor that ran after its own), no state can be owned
+    // safely: refused as if stopped.
+    ThreadProducers* late = nullptr;
+    if (t_producers_gone) [[unlikely]] {
+      const std::optional<pthread_key_t>& key = late_producers_key();
+      if (t_late_producers_gone || !key) return nullptr;
+      late = static_cast<ThreadProducers*>(pthread_getspecific(*key));
+      if (late == nullptr) {
+        late = new ThreadProducers;
+        if (pthread_setspecific(*key, late) != 0) {
+          delete late;
+          return nullptr;
+        }
+      }
+    }
+    ThreadProducers& mine = late != nullptr ? *late : t_producers;
+    for (auto& e : mine.entries) {
       if (e.uid == uid_) {
         t_last = {uid_, e.state};
         return e.state;
@@ -1613,7 +1668,7 @@ class Engine::Impl final : public detail::CutSource {
         producers_.store(ps, std::memory_order_release);
       }
     }
-    t_producers.entries.push_back({uid_, ps, life_});
+    mine.entries.push_back({uid_, ps, life_});
     t_last = {uid_, ps};
     return ps;
   }
@@ -1794,19 +1849,23 @@ class Engine::Impl final : public detail::CutSource {
   [[gnu::always_inline]] void run_one(WorkerState& w, SlotIndex idx, RunClock& clock) {
     Slot& s = table_.slot(idx);
     // The worker is the only writer of state and attempts while it holds the
-    // job (I1); relaxed: snapshot readers only need each value untorn.
-    s.state.store(SlotState::kRunning, std::memory_order_relaxed);
+    // job (I1). The attempt is counted before the state says kRunning, and
+    // the state is stored with release: a snapshot that acquires kRunning
+    // records the run's attempt, never the one before (which would give the
+    // job one run more than max_attempts after a recovery). Saturating: a job
+    // restored with 65535 attempts (max_attempts 65535) must not wrap to 0.
+    const std::uint16_t before = s.attempts.load(std::memory_order_relaxed);
+    const std::uint16_t attempt = before == 0xffff ? before : static_cast<std::uint16_t>(before + 1);
+    s.attempts.store(attempt, std::memory_order_relaxed);
+    s.state.store(SlotState::kRunning, std::memory_order_release);
     // I8: pairs with cancel()'s heavy fence. Either cancel() sees kRunning
     // or this load sees its bit.
     asymmetric_fence_light();
     const std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
     if ((word & kCancelBit) != 0) [[unlikely]] {
-      finish_cancelled(w, idx);
+      finish_cancelled(w, idx, /*ran=*/false);
       return;
     }
-    const std::uint16_t attempt =
-        static_cast<std::uint16_t>(s.attempts.load(std::memory_order_relaxed) + 1);
-    s.attempts.store(attempt, std::memory_order_relaxed);
     const HandlerEntry& h = handlers_[s.handler];
     HandlerStats& hs = w.by_handler[s.handler];
     std::uint64_t deadline = h.deadline_ticks;
@@ -1938,7 +1997,7 @@ class Engine::Impl final : public detail::CutSource {
               outcome == Outcome::kDone ? "cancelled while running; it returned done"
                                         : "cancelled while running; not retried");
       bump(hs.ran_other);
-      finish_cancelled(w, idx);
+      finish_cancelled(w, idx, /*ran=*/true);
       return;
     }
     if (auto* hook = detail::g_after_cancel_check.load(std::memory_order_relaxed)) [[unlikely]] {
@@ -2008,10 +2067,12 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // A job cancel() reached: retired without running (again).
-  [[gnu::noinline]] void finish_cancelled(WorkerState& w, SlotIndex idx) {
+  // `ran`: whether the job ran this time (cancelled while running) or never
+  // started (the worker saw the bit first).
+  [[gnu::noinline]] void finish_cancelled(WorkerState& w, SlotIndex idx, bool ran) {
     Slot& s = table_.slot(idx);
     release_key(s);
-    retire(w, idx);
+    retire(w, idx, /*by_cancel=*/!ran);
     bump(w.cancelled);
     bump(w.by_handler[s.handler].cancelled);
   }
@@ -2105,12 +2166,23 @@ class Engine::Impl final : public detail::CutSource {
       dead_discarded_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
+    // max_dead bounds the letters of jobs that failed. The ones start() kept
+    // for jobs that never failed (their handler is gone, or they were poison)
+    // are never discarded for room: they hold work that fixing the handler
+    // and requeue_dead() bring back (only drop_dead() removes them).
     while (dead_.size() >= options_.max_dead) {
+      auto victim = std::find_if(dead_.begin(), dead_.end(), [](const detail::DeadJob& x) {
+        return x.reason == snapshot::DeadReason::kFailed;
+      });
+      const bool new_one = victim == dead_.end();
+      if (new_one && d.reason != snapshot::DeadReason::kFailed) break;
+      const detail::DeadJob& gone = new_one ? d : *victim;
       log(LogLevel::kWarning, "dead letters full (max_dead " + std::to_string(options_.max_dead) +
-                                  "): discarding job " + std::to_string(dead_.front().id) + " (" +
-                                  dead_.front().handler + ")");
-      dead_.pop_front();
+                                  "): discarding failed job " + std::to_string(gone.id) + " (" +
+                                  gone.handler + ")");
       dead_discarded_.fetch_add(1, std::memory_order_relaxed);
+      if (new_one) return;
+      dead_.erase(victim);
     }
     dead_.push_back(std::move(d));
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
@@ -2271,7 +2343,7 @@ class Engine::Impl final : public detail::CutSource {
     Slot& s = table_.slot(idx);
     release_key(s);
     const std::uint64_t e = announce(sched_announce_);
-    JobTable::retire(s, e);
+    JobTable::retire(s, e, /*by_cancel=*/true);
     sched_announce_.store(0, std::memory_order_release);
     retired.add(idx, e);
     count_sched_cancelled(s);
@@ -2342,6 +2414,9 @@ class Engine::Impl final : public detail::CutSource {
     }
     if ((word & kIdMask) != id) return std::nullopt;
     asymmetric_fence_heavy();
+    if (auto* hook = detail::g_cancel_after_cas.load(std::memory_order_relaxed)) [[unlikely]] {
+      hook(id);
+    }
     // From here on the bit is ours: the job either never runs or was already
     // starting, never "not found".
     const SlotState now = s.state.load(std::memory_order_acquire);
@@ -2362,11 +2437,23 @@ class Engine::Impl final : public detail::CutSource {
         return CancelResult::kCancelled;
       case SlotState::kRunning:
         return CancelResult::kCancelRequested;
-      default:
-        // Retired after our CAS: a worker was starting it. Either it saw the
-        // bit and never ran it, or it ran it to the end: the answer that is
-        // true in both cases is kCancelRequested (I8).
+      default: {
+        // Retired (perhaps reclaimed too) after our CAS. If by a
+        // cancellation that kept it from running (a worker that saw the bit,
+        // or the scheduler's purge, which an earlier cancel() may have set
+        // off): kCancelled. retire() marks the slot (ended_by_cancel) before
+        // its release store of finish_epoch, whose acquire here makes the
+        // mark visible; the id read after them shows whether the slot was
+        // reused meanwhile (the mark may then be another job's). Otherwise,
+        // or when that cannot be told (the epoch not visible yet), the answer
+        // true either way: kCancelRequested (I8).
+        const bool retired = s.finish_epoch.load(std::memory_order_acquire) != 0;
+        const bool by_cancel = s.ended_by_cancel.load(std::memory_order_relaxed) != 0;
+        if (retired && by_cancel && (s.id_word.load(std::memory_order_relaxed) & kIdMask) == id) {
+          return CancelResult::kCancelled;
+        }
         return CancelResult::kCancelRequested;
+      }
     }
   }
 
@@ -2448,10 +2535,10 @@ class Engine::Impl final : public detail::CutSource {
 
   // I5, worker side: announce, stamp, leave. A job submitted in the epoch it
   // finished in was in no cut: its slot skips the horizon (I7).
-  [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx) {
+  [[gnu::always_inline]] void retire(WorkerState& w, SlotIndex idx, bool by_cancel = false) {
     const std::uint64_t e = announce(w.announce);
     Slot& s = table_.slot(idx);
-    JobTable::retire(s, e);
+    JobTable::retire(s, e, by_cancel);
     // Release: begin_cut() acquires the 0 and then sees the stamp.
     w.announce.store(0, std::memory_order_release);
     if (JobTable::in_no_cut(s, e)) [[likely]] {
@@ -2498,6 +2585,9 @@ class Engine::Impl final : public detail::CutSource {
       d.reason = reason;
       d.payload = std::string(j.payload);
       d.error = std::move(error);
+      // A job quarantined now (no handler, poison) died in this life: it
+      // counts in dead_total and health()'s "dead letters growing".
+      if (j.state != snapshot::JobState::kDead) note_dead(d);
       dead_.push_back(std::move(d));
     };
     // Count first: a snapshot holding more live jobs than the table is an
@@ -2510,6 +2600,9 @@ class Engine::Impl final : public detail::CutSource {
     snapshot::JobRecordView j;
     if (v.max_payload_bytes > options_.max_payload) {
       for (snapshot::RecordReader reader(image, v); reader.next(j);) {
+        // Dead and cancelled records never enter the table: their payloads
+        // may stay above a max_payload lowered since.
+        if (j.state == snapshot::JobState::kDead || j.cancel_requested) continue;
         if (j.payload.size() > options_.max_payload) {
           return Status(StatusCode::kFailedPrecondition,
                         "start(): recovered job " + std::to_string(j.id) + " has a payload of " +

@@ -129,7 +129,12 @@ struct alignas(kCacheLine) Slot {
   std::uint32_t payload_size = 0;
   std::uint16_t recoveries = 0;               // set at restore; immutable while queued
   std::uint8_t flags = 0;                     // kSlotHasExtra
-  std::uint8_t reserved = 0;
+  // 1 when the job ended because cancel() reached it before it ran (again),
+  // else 0: stored by retire(), before its release store of finish_epoch, and
+  // kept until the slot's next retire (through reclaim()). Lets cancel() tell
+  // "cancelled" from "ran to the end" when the job was retired, or even
+  // reclaimed, between its CAS and its state read.
+  std::atomic<std::uint8_t> ended_by_cancel{0};
   std::atomic<std::uint64_t> id_word{0};      // id | kCancelBit once cancel() reached it
   std::uint64_t submit_ticks = 0;             // Clock::ticks() at submit (engine/clock.h)
   std::atomic<std::uint64_t> run_at_ticks{0}; // when it may run (delay, retry backoff)
@@ -311,9 +316,11 @@ class JobTable {
 
   // Ends a job: stamps finish_epoch, state kRetired. The payload stays until
   // reclaim(): a snapshot that cut before the finish may still be copying it.
-  static void retire(Slot& s, std::uint64_t epoch) noexcept {
-    // Release: a snapshot reader that sees the stamp sees the state too.
+  static void retire(Slot& s, std::uint64_t epoch, bool by_cancel = false) noexcept {
+    // Release: a snapshot reader that sees the stamp sees the state too (and
+    // cancel() the mark).
     s.state.store(SlotState::kRetired, std::memory_order_relaxed);
+    s.ended_by_cancel.store(by_cancel ? 1 : 0, std::memory_order_relaxed);
     s.finish_epoch.store(epoch, std::memory_order_release);
   }
 

@@ -17,4 +17,8 @@ inline std::atomic<void (*)(JobId)> g_after_cancel_check{nullptr};
 // lock held, after the letter went in and before the slot is retired.
 inline std::atomic<void (*)(JobId)> g_dead_letter_in{nullptr};
 
+// Called by cancel() once its CAS set the job's cancel bit (and the heavy
+// fence ran), before it reads the job's state.
+inline std::atomic<void (*)(JobId)> g_cancel_after_cas{nullptr};
+
 }  // namespace jobengine::detail

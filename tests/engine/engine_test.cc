@@ -1986,6 +1986,60 @@ TEST(EngineConcurrencyTest, SubmittingThreadMayOutliveTheEngine) {
   EXPECT_EQ(runs.load(), 2);
 }
 
+// A thread_local that submits from its destructor (a per-thread buffer
+// flushed at exit). Made before the thread's first submit, it is destroyed
+// after the engine's per-thread state, which has then been given up.
+struct ExitFlusher {
+  Engine* engine = nullptr;
+  HandlerId handler = 0;
+  std::atomic<int>* accepted = nullptr;
+  std::atomic<bool>* other_go = nullptr;
+  ~ExitFlusher() {
+    if (engine == nullptr) return;
+    other_go->store(true);
+    for (int i = 0; i < 20000; ++i) {
+      if (engine->submit(handler, "late").ok()) accepted->fetch_add(1);
+    }
+  }
+};
+thread_local ExitFlusher t_exit_flusher;
+
+TEST(EngineConcurrencyTest, SubmitsFromAThreadLocalDestructorNeverShareAStateWithAnotherThread) {
+  // The exiting thread's submits went on through the state it had just
+  // given up, while a new thread adopted that same state: two threads on one
+  // producer token and slot cache (segfaults, jobs lost or run twice).
+  std::atomic<int> runs{0};
+  std::atomic<int> accepted{0};
+  std::atomic<bool> other_go{false};
+  EngineOptions o = SmallOptions();
+  o.capacity = 1 << 16;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(IsOk(engine));
+  auto h = engine->register_handler("h", Counting(runs));
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(engine->start()));
+  std::thread exiting([&] {
+    t_exit_flusher.engine = &*engine;  // made first: destroyed last
+    t_exit_flusher.handler = *h;
+    t_exit_flusher.accepted = &accepted;
+    t_exit_flusher.other_go = &other_go;
+    if (engine->submit(*h, "first").ok()) accepted.fetch_add(1);
+  });
+  std::thread other([&] {
+    while (!other_go.load()) std::this_thread::yield();
+    for (int i = 0; i < 20000; ++i) {
+      if (engine->submit(*h, "other").ok()) accepted.fetch_add(1);
+    }
+  });
+  exiting.join();
+  other.join();
+  auto report = engine->stop();
+  ASSERT_TRUE(IsOk(report));
+  EXPECT_EQ(report->submitted, static_cast<std::uint64_t>(accepted.load()));
+  EXPECT_EQ(runs.load(), accepted.load());
+  EXPECT_GT(accepted.load(), 30000) << "the queue was full that often?";
+}
+
 TEST(EngineConcurrencyTest, OneThreadUsesManySuccessiveEngines) {
   for (int round = 0; round < 20; ++round) {
     std::atomic<int> runs{0};

@@ -120,6 +120,25 @@ TEST(DelayTest, RunAtInThePastRunsAtOnceAndInTheFutureWaits) {
   EXPECT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
 }
 
+TEST(DelayTest, RunAtAtTheDawnOfTimeRunsAtOnce) {
+  // time_point::min() as "as soon as possible": run_at - now overflowed and
+  // the job waited 50 years.
+  auto clock = std::make_shared<ManualClock>();
+  std::atomic<int> runs{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("asap", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*h, "", {.run_at = std::chrono::system_clock::time_point::min()}).ok());
+  ASSERT_TRUE(engine->submit(*h, "", {.run_at = std::chrono::system_clock::time_point{} +
+                                                std::chrono::nanoseconds(1)}).ok());
+  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
+  EXPECT_EQ(engine->health().delayed, 0u);
+}
+
 TEST(DelayTest, BadDelayOptionsAreInvalidArgument) {
   auto engine = Engine::open(TestOptions(nullptr));
   ASSERT_TRUE(engine.ok());
@@ -721,6 +740,50 @@ TEST(CancelTest, ACancelThatMeetsARetryBeingScheduledDropsTheRetry) {
   EXPECT_EQ(report->cancelled, 1u);
 }
 
+JobId g_hook_other = 0;
+JobId g_hook_target = 0;
+
+TEST(CancelTest, ADelayedJobRetiredByAnEarlierCancelsPurgeAfterTheCasIsCancelled) {
+  // cancel(b) sets b's bit; before it reads b's state, a cancel(a) sets the
+  // scheduler's purge off, which retires every cancelled delayed job, b too.
+  // b never ran: the answer is kCancelled (it was kCancelRequested, "running
+  // or starting", 2 times in 1,000 in BM_Cancel).
+  auto clock = std::make_shared<ManualClock>();
+  std::atomic<int> runs{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("later", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(engine->start().ok());
+  auto a = engine->submit(*h, "a", {.delay = hours(1)});
+  auto b = engine->submit(*h, "b", {.delay = hours(1)});
+  ASSERT_TRUE(a.ok() && b.ok());
+  g_hook_engine = &*engine;
+  g_hook_other = *a;
+  g_hook_target = *b;
+  g_hook_result.store(-1);
+  detail::g_cancel_after_cas.store(+[](JobId id) {
+    if (id != g_hook_target) return;  // the hook's own cancel(a)
+    auto r = g_hook_engine->cancel(g_hook_other);
+    g_hook_result.store(r.ok() ? static_cast<int>(*r) : 100);
+    // The purge retires both: b is retired between our CAS and state read.
+    (void)WaitUntil([] { return g_hook_engine->health().cancelled == 2; });
+  });
+  auto r = engine->cancel(*b);
+  detail::g_cancel_after_cas.store(nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().to_string();
+  EXPECT_EQ(g_hook_result.load(), static_cast<int>(CancelResult::kCancelled));
+  EXPECT_EQ(engine->health().cancelled, 2u) << "the purge never ran inside the hook";
+  EXPECT_EQ(*r, CancelResult::kCancelled) << "a job that never ran was answered as running";
+  auto report = engine->stop(StopMode::kDrain);
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(runs.load(), 0);
+  EXPECT_EQ(report->cancelled, 2u);
+}
+
 TEST(CancelTest, ConcurrentCancelsNeverLetACancelledJobRunAndAccountForEveryJob) {
   EngineOptions o;
   o.workers = 2;
@@ -928,6 +991,25 @@ TEST(StopModeTest, DrainRunsQueuedJobsAndLeavesWhatIsNotDueYet) {
   EXPECT_EQ(engine->submit(*h, "").status().code(), StatusCode::kStopped);
 }
 
+TEST(StopModeTest, AKeyedSubmitToAStoppedEngineIsStoppedNotTheIdItsKeyNamed) {
+  // The delayed keyed job is left behind by the drain (delayed_left), its key
+  // still recorded: a submit with that key used to answer OK with its id, as
+  // if the job were pending in a running engine.
+  auto clock = std::make_shared<ManualClock>();
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("k", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "x", {.delay = hours(1), .unique_key = "invoice-7"});
+  ASSERT_TRUE(id.ok());
+  auto report = engine->stop(StopMode::kDrain);
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->delayed_left, 1u);
+  auto again = engine->submit(*h, "x", {.unique_key = "invoice-7"});
+  EXPECT_EQ(again.status().code(), StatusCode::kStopped)
+      << (again.ok() ? "answered with id " + std::to_string(*again) : again.status().to_string());
+}
+
 TEST(StopModeTest, AbandonDropsDelayedJobsToo) {
   auto clock = std::make_shared<ManualClock>();
   auto engine = Engine::open(TestOptions(clock));
@@ -1047,6 +1129,83 @@ TEST(SemanticsSnapshotTest, EveryStateAttemptRunAtKeyDeadlineAndDeadReasonSurviv
   EXPECT_TRUE(WaitUntil([&] { return engine->health().delayed == 1; }))  // the retry, 2 h out
       << "delayed " << engine->health().delayed << " done " << engine->health().done << " retry run_at - now (s) "
       << (r.run_at_ns - std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count()) / 1e9;
+}
+
+// Five delayed "email" jobs in a durable generation in `dir`; their ids.
+std::vector<JobId> SnapshotFiveDelayedEmails(const Tmp& dir) {
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir.str();
+  o.snapshot.disk_interval = milliseconds(0);
+  o.snapshot.shm_interval = milliseconds(0);
+  std::vector<JobId> ids;
+  auto engine = Engine::open(o);
+  if (!engine.ok()) return ids;
+  auto h = engine->register_handler("email", [](JobContext&) { return Outcome::kDone; });
+  if (!h.ok() || !engine->start().ok()) return ids;
+  for (int i = 0; i < 5; ++i) {
+    auto id = engine->submit(*h, "to:" + std::to_string(i), {.delay = hours(1)});
+    if (id.ok()) ids.push_back(*id);
+  }
+  if (!engine->snapshot_now().ok()) ids.clear();
+  return ids;
+}
+
+TEST(SemanticsSnapshotTest, MetricsStayReadableAfterAStartThatFailed) {
+  // start() refuses a snapshot with more live jobs than capacity (documented,
+  // recoverable); metrics_text() then dereferenced a per-handler array that
+  // only a successful start() had made.
+  Tmp dir;
+  ASSERT_EQ(SnapshotFiveDelayedEmails(dir).size(), 5u);
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.capacity = 2;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir.str();
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok()) << engine.status().to_string();
+  ASSERT_TRUE(engine->register_handler("email", [](JobContext&) { return Outcome::kDone; }).ok());
+  auto start = engine->start();
+  ASSERT_FALSE(start.ok());
+  EXPECT_EQ(start.status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(engine->metrics_text().find("jobengine_"), std::string::npos);
+  EXPECT_FALSE(engine->metrics_json().empty());
+}
+
+TEST(SemanticsSnapshotTest, LettersOfJobsWhoseHandlerIsGoneAreNeverDiscardedForFailedOnes) {
+  // Five jobs come back dead because their handler is not registered; with
+  // max_dead 2 the first failure of another job used to discard four of
+  // them (and the next snapshot made the loss permanent).
+  Tmp dir;
+  const std::vector<JobId> ids = SnapshotFiveDelayedEmails(dir);
+  ASSERT_EQ(ids.size(), 5u);
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  o.max_dead = 2;
+  o.max_attempts = 1;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir.str();
+  o.snapshot.disk_interval = milliseconds(0);
+  o.snapshot.shm_interval = milliseconds(0);
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok()) << engine.status().to_string();
+  auto fails = engine->register_handler("fails", [](JobContext&) { return Outcome::kFail; });
+  ASSERT_TRUE(fails.ok());
+  auto start = engine->start();
+  ASSERT_TRUE(start.ok()) << start.status().to_string();
+  EXPECT_EQ(start->recovery.unknown_handler, 5u);
+  EXPECT_EQ(engine->health().dead_total, 5u) << "quarantined at start() but not counted as dying";
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(engine->submit(*fails, "f").ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().dead_total == 8; }));
+  const Health health = engine->health();
+  EXPECT_EQ(health.dead_discarded, 3u) << "the failed ones go, the kept ones stay";
+  std::vector<JobId> kept;
+  for (const DeadLetter& d : engine->dead_letters()) {
+    if (d.reason == DeadReason::kNoHandler) kept.push_back(d.id);
+  }
+  EXPECT_EQ(kept, ids);
+  ASSERT_TRUE(engine->snapshot_now().ok());
 }
 
 // ---- metrics and health -------------------------------------------------------------

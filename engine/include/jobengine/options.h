@@ -151,10 +151,11 @@ struct EngineOptions {
   // it can be set too (HandlerOptions::deadline, SubmitOptions::deadline).
   std::chrono::nanoseconds run_deadline{0};
 
-  // Dead letters (jobs that failed for good, poison jobs, jobs whose handler
-  // is gone) kept at most; past this the oldest is discarded (counted in
-  // Health::dead_discarded and logged). Default 10000. 0 keeps none (each
-  // dead job is then only counted and logged).
+  // Dead letters of jobs that failed for good kept at most; past this the
+  // oldest failed letter is discarded (counted in Health::dead_discarded and
+  // logged). Letters start() keeps for poison jobs and jobs whose handler is
+  // gone are never discarded for room (drop_dead() removes them). Default
+  // 10000. 0 keeps no failed letter (each is then only counted and logged).
   std::size_t max_dead = 10000;
 
   // health() is not ok while pending jobs exceed this many. 0 (default):
