@@ -514,8 +514,13 @@ struct OpenedFile {
 // the rename may have read half-rewritten bytes, and the generation it asked
 // for is gone, as if pruned. If the path still names the same file, the
 // rename had not happened when the read ended, so neither had any rewrite.
+// Only a name that is gone (ENOENT) or names another file says so: any other
+// lstat failure (EIO, ESTALE, ENOMEM, EACCES) is an I/O error, which recovery
+// reports as a skipped file instead of passing over it as pruned (it could be
+// the newest durable generation).
 Status still_named(const std::string& path, const OpenedFile& opened, FileSystem& fs) {
   SysResult<FileInfo> now = fs.lstat(path);
+  if (!now.ok() && now.error != ENOENT) return io_error("lstat", path, now.error);
   if (now.ok() && now.value.device == opened.device && now.value.inode == opened.inode) {
     return Status();
   }

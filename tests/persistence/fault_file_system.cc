@@ -92,6 +92,8 @@ const char* fault_op_name(FaultOp op) {
       return "writeback";
     case FaultOp::kTruncate:
       return "truncate";
+    case FaultOp::kLstat:
+      return "lstat";
   }
   return "?";
 }
@@ -278,7 +280,11 @@ int FaultFileSystem::chmod(const std::string& path, mode_t mode) {
 }
 
 SysResult<FileInfo> FaultFileSystem::lstat(const std::string& path) {
-  return base_->lstat(path);  // not a fault point
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (const FaultRule* rule = check(FaultOp::kLstat, path)) return {FileInfo{}, rule->error};
+  }
+  return base_->lstat(path);
 }
 
 SysResult<FileInfo> FaultFileSystem::fstat(int fd) {

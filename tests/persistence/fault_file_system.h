@@ -48,6 +48,7 @@ enum class FaultOp : std::uint8_t {
   kLock,
   kWriteback,  // start_writeback (sync_file_range): advice, makes nothing durable
   kTruncate,
+  kLstat,
 };
 const char* fault_op_name(FaultOp op);
 

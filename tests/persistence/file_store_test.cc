@@ -1197,6 +1197,28 @@ TEST_F(FileStoreTest, AFileRecycledWhileItIsReadIsGoneNotCorrupt) {
   EXPECT_TRUE(map_bytes(gen_path(1), kMaxRead, faults).ok());
 }
 
+TEST_F(FileStoreTest, AnLstatThatFailsAfterTheReadIsAnIoErrorNotAPrunedFile) {
+  // The check that the name still names the file read: only ENOENT (or
+  // another file) means "recycled, as if pruned" (kNotFound), which recovery
+  // passes over silently. EIO there made it skip the newest durable
+  // generation without a word.
+  auto store = open_store(2);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1, 5000)).ok());
+  for (bool mapped : {false, true}) {
+    SCOPED_TRACE(mapped ? "map" : "read");
+    FaultFileSystem faults;
+    // The first lstat is open_for_read's check, the second the one after.
+    faults.add_rule(fail_call(FaultOp::kLstat, EIO, 2, "1.jobsnap"));
+    Result<Bytes> r = mapped ? map_bytes(gen_path(1), kMaxRead, faults)
+                             : FileStore::read(gen_path(1), kMaxRead, faults);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), StatusCode::kIoError) << r.status().to_string();
+    EXPECT_TRUE(contains(r.status().message(), "lstat")) << r.status().to_string();
+    EXPECT_EQ(faults.open_descriptors(), 0u);
+  }
+}
+
 TEST_F(FileStoreTest, MapGivesTheBytesReadGives) {
   auto store = open_store(10);
   ASSERT_NE(store, nullptr);
