@@ -21,9 +21,17 @@ JSON files; Debian does not ship it (libbenchmark-dev has only its doc), so it
 needs a checkout of google/benchmark and scipy:
   compare.py benchmarks BEFORE/throughput.json AFTER/throughput.json
 
-Exit status 0; 2 when an input cannot be read.
+Options take their value either way: --filter REGEX or --filter=REGEX.
+
+A JSON file that cannot be read or parsed (a run cut short) is skipped with a
+note on stderr, and the rest is compared.
+
+Exit status 0; 2 for a bad command line, or when BEFORE or AFTER cannot be
+read or holds no readable results.
 """
 
+import argparse
+import math
 import os
 import re
 import statistics
@@ -44,30 +52,72 @@ METRICS = [
 
 
 def load(path):
-    """{(file, benchmark): Results} for a directory or a JSON file."""
-    files = []
+    """{(file, benchmark): Results} for a directory or a JSON file. A file of a
+    directory that cannot be read is skipped with a note on stderr (as
+    report.py's load_all does): one truncated file should not hide the rest.
+    Raises OSError for a path that cannot be listed or opened at all, and
+    ValueError when it yields no readable results."""
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".json")]
     else:
         files = [path]
     out = {}
+    readable = 0
     for f in files:
-        r = Results(f)
+        try:
+            r = Results(f)
+        except (OSError, ValueError) as err:
+            if not os.path.isdir(path):
+                if isinstance(err, OSError):
+                    raise  # its message names the file
+                raise ValueError(f"{f}: {err}") from err
+            print(f"compare.py: skipping {f}: {err}", file=sys.stderr)
+            continue
+        readable += 1
         for name in r.names():
             out[(os.path.basename(f)[:-5], name)] = r
+    if not readable:
+        raise ValueError(f"{path}: no readable results (*.json)")
     return out
 
 
-def main(argv):
-    args = [a for a in argv[1:] if not a.startswith("--")]
-    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-    if len(args) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    pattern = re.compile(opts.get("filter", "."))
-    threshold = float(opts.get("threshold", "10"))
+def regex(text):
     try:
-        before, after = load(args[0]), load(args[1])
+        return re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"bad regular expression {text!r}: {err}") from err
+
+
+def percent(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a percentage (a number >= 0): {text!r}")
+    return value
+
+
+def parse_args(argv):
+    # argparse takes "--opt X" and "--opt=X" alike and rejects unknown options
+    # (exit 2): a misspelt option must not be ignored silently.
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", metavar="BEFORE", help="results directory or JSON file")
+    parser.add_argument("after", metavar="AFTER", help="results directory or JSON file")
+    parser.add_argument("--filter", metavar="REGEX", type=regex, default=re.compile("."),
+                        help="compare only benchmarks whose name matches (re.search)")
+    parser.add_argument("--threshold", metavar="PCT", type=percent, default=10.0,
+                        help="flag changes of at least this many percent (default 10)")
+    return parser.parse_args(argv[1:])
+
+
+def main(argv):
+    args = parse_args(argv)
+    pattern, threshold = args.filter, args.threshold
+    try:
+        before, after = load(args.before), load(args.after)
     except (OSError, ValueError) as err:
         print(f"compare.py: {err}", file=sys.stderr)
         return 2

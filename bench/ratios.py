@@ -9,13 +9,16 @@ run with --benchmark_repetitions=5, and prints markdown tables:
   2. the target ratios: engine / bare queue, engine / mutex pool,
      submit_batch / bare bulk.
 
-When the input holds jobengine_snapshot_bench results, it prints their
-tables too (and, for input with no throughput benchmark, only those):
+When the input holds jobengine_snapshot_bench results or wake-up latency
+results (BM_WakeLatency_*), it prints their tables too (and, for input with
+no throughput benchmark, only those):
 
   3. median time, rate and submit latency per snapshot benchmark,
   4. the snapshot target ratios: throughput and p99.9 submit latency with
      shared-memory snapshots / without, 1M-job disk snapshot / plain
-     write+fsync bandwidth, recovery / plain read time (warm and cold).
+     write+fsync bandwidth, recovery / plain read time (warm and cold),
+  5. wake-up latency percentiles per benchmark and the spin wake-up target
+     ratios to the bare queue (p50, p99).
 
 Ratios are taken within one file (one process), because the benchmark
 machines' speed drifts between processes; with several files the table gives
@@ -292,10 +295,9 @@ LATENCY_TARGETS = [
 ]
 
 
-def print_latency_tables(datas):
-    """Wake-up latency (latency_bench.cc): percentiles per benchmark, medians
-    over files, and the spin-strategy ratios to the bare queue. Returns 0, or
-    1 when a target is missed."""
+def latency_medians(datas):
+    """{wake-up latency benchmark: {metric: median over files and repetitions}};
+    empty when the input has none."""
     found = {}
     for data in datas:
         for entry in data.get("benchmarks", []):
@@ -307,10 +309,19 @@ def print_latency_tables(datas):
             for metric in ("p50_ns", "p99_ns", "p999_ns", "max_ns"):
                 if metric in entry:
                     found.setdefault(name, {}).setdefault(metric, []).append(float(entry[metric]))
-    if not found:
+    return {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in found.items()}
+
+
+def print_latency_tables(datas, first=False):
+    """Wake-up latency (latency_bench.cc): percentiles per benchmark, medians
+    over files, and the spin-strategy ratios to the bare queue. Prints nothing
+    when the input has none. Returns 0, or 1 when a target is missed. `first`:
+    no other table precedes these (no blank line before them)."""
+    med = latency_medians(datas)
+    if not med:
         return 0
-    med = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in found.items()}
-    print()
+    if not first:
+        print()
     print("| wake-up latency | p50 ns | p99 ns | p99.9 ns | max ns |")
     print("|---|---:|---:|---:|---:|")
     for name in sorted(med):
@@ -349,14 +360,19 @@ def main(argv):
             if has_snapshot and name in SNAPSHOT_ORDER:
                 continue  # in the snapshot tables
             pooled.setdefault(name, []).extend(rates)
-    if has_snapshot and not pooled:
-        # Snapshot results only: their tables, not the throughput targets.
-        return print_snapshot_tables(per_file_metrics)
+    if not pooled:
+        # No throughput benchmark (a snapshot or wakeup file alone): the tables
+        # the input has, not the throughput targets it cannot be judged by.
+        # Failing only when there is nothing at all to print.
+        has_latency = bool(latency_medians(datas))
+        if not has_snapshot and not has_latency:
+            print("error: no benchmark with items_per_second, snapshot metrics or wake-up "
+                  "latency percentiles in the input", file=sys.stderr)
+            return 2
+        status = print_snapshot_tables(per_file_metrics) if has_snapshot else 0
+        return max(status, print_latency_tables(datas, first=not has_snapshot))
     rank = {name: i for i, name in enumerate(ORDER)}
     order = sorted(pooled, key=lambda name: (rank.get(name, len(ORDER)), name))
-    if not pooled:
-        print("error: no benchmark with items_per_second in the input", file=sys.stderr)
-        return 2
 
     print("| benchmark | median Mjobs/s | min | max | reps |")
     print("|---|---:|---:|---:|---:|")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the benchmarks (release preset) and runs the whole suite, writing
+# Builds the benchmarks (release preset; see --build-dir) and runs the suite, writing
 # Google Benchmark JSON, report.md (machine, ratio tables, targets PASS/MISS)
 # and PNG plots into one results directory. See bench/README.md.
 #
@@ -10,7 +10,10 @@
 #   --quick       CI smoke: small sizes, one repetition; well under a minute
 #   --out DIR     results directory (default build/bench-results/<UTC timestamp>-<mode>)
 #   --no-build    use the binaries already in the build directory
-#   --build-dir   where the binaries are (default build/release, the preset's)
+#   --build-dir DIR  where the binaries are (default build/release, the preset's,
+#                 which the build step configures); without --no-build, DIR must
+#                 be a configured build tree and is built as it was configured
+#                 (machine.txt records its build type and flags)
 #   --check       after the report, check that every output exists and parses
 #                 (bench/check_results.py); timings never fail it
 #   --only NAMES  run only these parts (comma-separated: throughput, wakeup, sweep,
@@ -31,7 +34,7 @@ build_dir="$root/build/release"
 check=0
 only=""
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -51,20 +54,57 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# The parts --only can name, in the order they run (each run/run_ab call below).
+parts=(throughput wakeup sweep openloop delayed metrics snapshot pending memory)
+if [ -n "$only" ]; then
+  # A misspelt name would run nothing and leave report.py with no results.
+  IFS=, read -r -a only_names <<< "$only"
+  for name in "${only_names[@]}"; do
+    if [[ " ${parts[*]} " != *" $name "* ]]; then
+      echo "run.sh: --only: unknown part '$name'; the parts are: ${parts[*]}" >&2
+      exit 2
+    fi
+  done
+fi
+
+# Build the directory whose binaries will run, never another one (building
+# build/release and then timing --build-dir's stale binaries would go unseen).
+# The release preset configures build/release only; any other build tree is
+# built as it was configured (machine.txt reads its CMakeCache.txt), and must
+# have been configured already: the script cannot guess its settings.
+default_build_dir="$root/build/release"
+if [ -d "$build_dir" ]; then
+  build_dir="$(cd "$build_dir" && pwd)"
+fi
+if [ "$build" = 1 ] && [ "$build_dir" != "$default_build_dir" ] &&
+  [ ! -f "$build_dir/CMakeCache.txt" ]; then
+  echo "run.sh: --build-dir $build_dir is not a configured build tree (no CMakeCache.txt);" \
+    "configure it first, pass --no-build to run binaries already there, or drop" \
+    "--build-dir to build the release preset's build/release" >&2
+  exit 2
+fi
+
 if [ -z "$out" ]; then
   out="$root/build/bench-results/$(date -u +%Y%m%dT%H%M%SZ)-$mode"
 fi
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
+bench_targets=(jobengine_bench jobengine_bench_nometrics jobengine_snapshot_bench
+  jobengine_memory_bench)
 if [ "$build" = 1 ]; then
-  echo "== building (cmake --preset release) =="
-  (cd "$root" && cmake --preset release >/dev/null &&
-    cmake --build --preset release --target jobengine_bench jobengine_bench_nometrics \
-      jobengine_snapshot_bench jobengine_memory_bench)
+  if [ "$build_dir" = "$default_build_dir" ]; then
+    echo "== building (cmake --preset release) =="
+    (cd "$root" && cmake --preset release >/dev/null &&
+      cmake --build --preset release --target "${bench_targets[@]}")
+  else
+    echo "== building $build_dir (as configured: CMAKE_BUILD_TYPE=$(sed -n \
+      's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build_dir/CMakeCache.txt" | head -n1)) =="
+    cmake --build "$build_dir" --target "${bench_targets[@]}"
+  fi
 fi
 bin="$build_dir/bench"
-for b in jobengine_bench jobengine_bench_nometrics jobengine_snapshot_bench jobengine_memory_bench; do
+for b in "${bench_targets[@]}"; do
   if [ ! -x "$bin/$b" ]; then
     echo "run.sh: $bin/$b is missing; build it (drop --no-build) or pass --build-dir" >&2
     exit 2
