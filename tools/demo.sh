@@ -274,8 +274,12 @@ for f in journal("journal-1.log"):
     elif f[0] == "R" and f[4] == "done":
         done_before.add(int(f[1]))
 lost = submitted - done_before - live
-print("%d jobs were submitted before the crash; %d had finished; generation %d held the other %d"
-      % (len(submitted), len(submitted & done_before), held_gen, len(live)))
+# A job that finished after the cut is in both: it ran, and the generation
+# holds it (it runs again: at-least-once).
+print("%d jobs were submitted before the crash; %d had finished; generation %d held %d "
+      "(%d of them had finished after its cut: they run again)"
+      % (len(submitted), len(submitted & done_before), held_gen, len(live),
+         len(live & done_before)))
 print("(%d accepted in the last moments, after that snapshot's cut, were lost: the at-risk window)"
       % len(lost))
 print("The restart that quarantined job %d ran all %d jobs it recovered to done, none failed."
