@@ -82,6 +82,7 @@
 #include <system_error>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "engine/asymmetric_fence.h"
 #include "engine/clock.h"
@@ -298,6 +299,11 @@ struct alignas(kCacheLine) WorkerState {
   unsigned rotation = 0;
   std::thread thread;
   unsigned index = 0;
+  // The id of the job this worker runs, where a crash leaves it: a word of
+  // the live record (persistence_hooks.h), or live_idle without one. Set
+  // before the workers go.
+  std::atomic<std::uint64_t>* live = &live_idle;
+  std::atomic<std::uint64_t> live_idle{0};
   std::uint64_t rng = 0x9e3779b97f4a7c15ull;  // retry jitter (xorshift64)
   std::unique_ptr<HandlerStats[]> by_handler;
 
@@ -476,6 +482,36 @@ class Engine::Impl final : public detail::CutSource {
     return id;
   }
 
+  // start(), before any worker runs. The recoveries restore() gave (+1 for a
+  // job running at the cut or at the crash) exist only in memory: if a job
+  // crashed the process again before a snapshot held them, the next recovery
+  // would count from the same old snapshot, and a job that kills the process
+  // at once would never reach max_recoveries. So they are made durable first
+  // (a synchronous snapshot); only then is the live record reset for this
+  // process's workers, erasing the previous one's running ids.
+  void arm_live_record() {
+    if (credited_ > 0) {
+      auto durable = persistence_->snapshot_now();
+      if (!durable) {
+        log(LogLevel::kWarning,
+            "start(): the recoveries of " + std::to_string(credited_) +
+                " job(s) interrupted by the crash are not durable yet (" +
+                durable.status().to_string() + "); a crash before the next snapshot forgets them");
+      }
+    }
+    if (Status armed = live_->arm(options_.workers, next_id_.load()); !armed.ok()) {
+      log(LogLevel::kWarning, "live record not armed (" + armed.to_string() +
+                                  "): a job that crashes the process at once is not quarantined, "
+                                  "and ids handed out after the next snapshot may repeat after a crash");
+      live_ = nullptr;
+      return;
+    }
+    for (auto& w : workers_) w->live = live_->running_word(w->index);
+    // The record's lease is at least next_id_: the first block past it
+    // extends it (next_id()).
+    lease_end_.store(next_id_.load(), std::memory_order_release);
+  }
+
   Result<HandlerId> handler_id(std::string_view name) const {
     auto it = by_name_.find(name);
     if (it == by_name_.end()) {
@@ -552,6 +588,7 @@ class Engine::Impl final : public detail::CutSource {
     // The snapshot thread starts before intake opens, so no accepted job
     // precedes the first snapshot the thread can take.
     if (failure.ok() && persistence_) failure = persistence_->start(*this, recovered_generation_ + 1);
+    if (failure.ok() && live_ != nullptr) arm_live_record();
     if (!failure.ok()) {
       // Unwind: let the started workers see the stop and exit.
       state_.store(EngineState::kStopped, std::memory_order_release);
@@ -1049,6 +1086,12 @@ class Engine::Impl final : public detail::CutSource {
       recovered_generation_ = loaded_->view.header.generation;
       // Ids below the snapshot's counter may be in use: never hand them out.
       next_id_.store(std::max<JobId>(next_id_.load(), loaded_->view.header.next_job_id));
+    }
+    if ((live_ = persistence_->live_record()) != nullptr) {
+      // Nor those the previous process may have handed out after that
+      // snapshot's cut, up to its lease.
+      next_id_.store(std::max<JobId>(next_id_.load(), live_->previous_lease_end()));
+      crashed_running_.insert(live_->previous_running().begin(), live_->previous_running().end());
     }
     return Status();
   }
@@ -1549,8 +1592,23 @@ class Engine::Impl final : public detail::CutSource {
     if (ps.next_id == ps.id_end) [[unlikely]] {
       ps.next_id = next_id_.fetch_add(kIdBlock, std::memory_order_relaxed);
       ps.id_end = ps.next_id + kIdBlock;
+      // Acquire: pairs with extend_lease's release (the record's word was
+      // stored before the bound that lets this block through).
+      if (ps.id_end > lease_end_.load(std::memory_order_acquire)) [[unlikely]] {
+        extend_lease(ps.id_end);
+      }
     }
     return ps.next_id++;
+  }
+
+  // Writes the live record's lease past `need` before any id below it is
+  // handed out: a crash then leaves a lease that covers every id given.
+  [[gnu::noinline]] void extend_lease(JobId need) {
+    std::lock_guard<std::mutex> lock(lease_mu_);
+    if (need <= lease_end_.load(std::memory_order_relaxed)) return;
+    const JobId end = need + kLeaseIds;
+    live_->extend_lease(end);
+    lease_end_.store(end, std::memory_order_release);
   }
 
   // Everything but the payload's bytes, then the stamp (state `initial`).
@@ -1892,11 +1950,16 @@ class Engine::Impl final : public detail::CutSource {
                    attempt, s.priority, s.submit_ticks, &s.id_word, deadline);
     Outcome outcome;
     w.running.store(1, std::memory_order_relaxed);
+    // In the live record before the handler runs: a handler that kills the
+    // process leaves its job's id there (a store is never lost with the
+    // process: it reaches the shared page).
+    w.live->store(word & kIdMask, std::memory_order_relaxed);
     try {
       outcome = h.fn(ctx);
     } catch (...) {
       outcome = handler_threw(w, s, h, ctx);
     }
+    w.live->store(0, std::memory_order_relaxed);
     w.running.store(0, std::memory_order_relaxed);
     if (timed) {
       // This run's end is the next run's start.
@@ -2548,6 +2611,14 @@ class Engine::Impl final : public detail::CutSource {
     }
   }
 
+  // Whether a recovered job was interrupted by the crash: running at the
+  // snapshot's cut, or (live record) when the process died. Once either way:
+  // a job running at the cut that was still running at the crash is one
+  // interruption.
+  bool interrupted(const snapshot::JobRecordView& j) const {
+    return j.state == snapshot::JobState::kRunningAtCut || crashed_running_.count(j.id) != 0;
+  }
+
   // start(): puts the jobs of the snapshot loaded at open() back into the
   // table and queues (before any worker runs), and keeps the dead ones.
   Status restore(RecoveryReport& r) {
@@ -2615,7 +2686,7 @@ class Engine::Impl final : public detail::CutSource {
       std::uint64_t live = 0;
       for (snapshot::RecordReader reader(image, v); reader.next(j);) {
         const std::uint16_t rec = static_cast<std::uint16_t>(
-            j.recoveries + (j.state == snapshot::JobState::kRunningAtCut ? 1 : 0));
+            j.recoveries + (interrupted(j) ? 1 : 0));
         if (j.state != snapshot::JobState::kDead && map[j.handler] &&
             rec <= options_.snapshot.max_recoveries && !j.cancel_requested) {
           ++live;
@@ -2648,7 +2719,8 @@ class Engine::Impl final : public detail::CutSource {
     std::lock_guard<std::mutex> lock(dead_mu_);
     for (snapshot::RecordReader reader(image, v); reader.next(j);) {
       const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
-      const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (was_running ? 1 : 0));
+      const bool crashed = crashed_running_.count(j.id) != 0;
+      const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (interrupted(j) ? 1 : 0));
       if (j.state == snapshot::JobState::kDead) {
         keep_dead(j, j.recoveries, j.dead_reason, std::string(j.error));
         ++r.dead;
@@ -2671,7 +2743,8 @@ class Engine::Impl final : public detail::CutSource {
       if (rec > options_.snapshot.max_recoveries) {
         keep_dead(j, rec, snapshot::DeadReason::kPoison,
                   "poison job: running at " + std::to_string(rec) +
-                              " snapshots that a crash followed (max_recoveries " +
+                              " crashes (at a snapshot's cut that a crash followed, or when "
+                              "the process died; max_recoveries " +
                               std::to_string(options_.snapshot.max_recoveries) + ")");
         ++r.poisoned;
         log(LogLevel::kWarning, "job " + std::to_string(j.id) + " (" +
@@ -2722,6 +2795,8 @@ class Engine::Impl final : public detail::CutSource {
         }
       }
       ++restored;
+      if (crashed) ++r.running_at_crash;
+      if (was_running || crashed) ++credited_;
       if (was_running) {
         ++r.running_at_cut;
       } else if (scheduled) {
@@ -2866,6 +2941,18 @@ class Engine::Impl final : public detail::CutSource {
   RecoveryReport recovery_;
   std::uint64_t recovered_generation_ = 0;
   std::vector<std::string> handler_names_;
+  // The live record (null without a snapshot directory, or if it could not
+  // be armed), the jobs it showed running when the previous process died,
+  // and how many restored jobs restore() gave a recovery (start() persists
+  // those before any worker runs).
+  detail::LiveRecord* live_ = nullptr;
+  std::unordered_set<JobId> crashed_running_;
+  std::uint64_t credited_ = 0;
+  // Ids below lease_end_ are in the live record's lease (~0: no record, no
+  // lease to keep). Raised under lease_mu_, a lease of kLeaseIds at a time.
+  static constexpr JobId kLeaseIds = JobId{1} << 20;
+  std::mutex lease_mu_;
+  alignas(kCacheLine) std::atomic<JobId> lease_end_{~JobId{0}};
 
   // Dead letters (I9: under dead_mu_; the counters are read without it).
   mutable std::mutex dead_mu_;

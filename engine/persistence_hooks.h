@@ -158,9 +158,33 @@ struct SnapshotHealth {
   std::uint64_t accepted_at_last_durable = 0;
 };
 
+// What a crash must not take with it but changes too often for a snapshot:
+// the job each worker is running, and how far ids may have been handed out.
+// Kept where a killed process leaves it (persistence/live_record.h: a shared
+// file mapping in the snapshot directory); not across power loss.
+class LiveRecord {
+ public:
+  virtual ~LiveRecord() = default;
+  // What the previous holder left: the ids of the jobs its workers were
+  // running when it died (none after a clean stop), and the end of its id
+  // lease (0: none, or the record was unreadable).
+  virtual const std::vector<JobId>& previous_running() const = 0;
+  virtual JobId previous_lease_end() const = 0;
+  // Sizes the record for `workers`, all idle, its lease at least
+  // `lease_floor`: the previous content is gone after it. Once, before any
+  // worker runs.
+  virtual Status arm(unsigned workers, JobId lease_floor) = 0;
+  // Worker i's word (after arm()): the id of the job it is running, 0 none.
+  virtual std::atomic<std::uint64_t>* running_word(unsigned i) = 0;
+  // Raises the lease end to at least `end` (never lowers it). Thread-safe.
+  virtual void extend_lease(JobId end) = 0;
+};
+
 class Persistence {
  public:
   virtual ~Persistence() = default;
+  // The live record, when the store has a directory; else nullptr.
+  virtual LiveRecord* live_record() = 0;
   // The newest snapshot that verifies, from either store, or nullptr when
   // there is none. `report` says where it came from and what was skipped.
   virtual Result<std::unique_ptr<LoadedSnapshot>> load_newest(RecoveryReport& report) = 0;

@@ -5,6 +5,8 @@
 //   LOCK                          flock()ed by the owning engine (released when it dies)
 //   gen-<20-digit generation>.jobsnap   one snapshot image each (0600)
 //   .tmp-<20-digit generation>-<pid>    a publish in progress (removed on failure / at open)
+//   LIVE                          the engine's live record (live_record.h), 0600; not a
+//                                 snapshot: FileStore neither lists nor prunes it
 //
 // Publish protocol (design.md "Atomic publish"): create the temp file in the
 // same directory with O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, mode 0600 (fchmod,

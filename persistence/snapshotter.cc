@@ -33,6 +33,7 @@
 #include "engine/thread_util.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/file_store.h"
+#include "persistence/live_record.h"
 #include "persistence/recovery.h"
 #include "persistence/shm_store.h"
 
@@ -122,11 +123,15 @@ class ShmSink final : public snapshot::Encoder::Sink {
 class Snapshotter final : public Persistence {
  public:
   Snapshotter(SnapshotOptions options, std::function<void(LogLevel, std::string_view)> log,
-              std::unique_ptr<persist::FileStore> disk, std::unique_ptr<persist::ShmStore> shm)
+              std::unique_ptr<persist::FileStore> disk, std::unique_ptr<persist::ShmStore> shm,
+              std::unique_ptr<persist::FileLiveRecord> live)
       : options_(std::move(options)),
         log_(std::move(log)),
         disk_(std::move(disk)),
-        shm_(std::move(shm)) {}
+        shm_(std::move(shm)),
+        live_(std::move(live)) {}
+
+  LiveRecord* live_record() override { return live_.get(); }
 
   ~Snapshotter() override { stop(); }
 
@@ -475,6 +480,7 @@ class Snapshotter final : public Persistence {
   const std::function<void(LogLevel, std::string_view)> log_;
   std::unique_ptr<persist::FileStore> disk_;
   std::unique_ptr<persist::ShmStore> shm_;
+  std::unique_ptr<persist::FileLiveRecord> live_;  // with disk_: dir/LIVE
   std::shared_ptr<persist::FileSystem> read_fs_;
   CutSource* source_ = nullptr;
 
@@ -653,8 +659,20 @@ Result<std::unique_ptr<Persistence>> make_persistence(
     if (!store) return store.status();
     shm = std::move(*store);
   }
-  auto snapshotter =
-      std::make_unique<Snapshotter>(options, std::move(log), std::move(disk), std::move(shm));
+  // The live record, in the directory whose lock the disk store now holds.
+  std::unique_ptr<persist::FileLiveRecord> live;
+  if (disk) {
+    auto record = persist::FileLiveRecord::open(options.dir);
+    if (!record) return record.status();
+    live = std::move(*record);
+    if (!live->previous_problem().empty() && log) {
+      log(LogLevel::kWarning, "live record " + live->path() + " ignored (" +
+                                  live->previous_problem() +
+                                  "): no job is known to have been running at the last crash");
+    }
+  }
+  auto snapshotter = std::make_unique<Snapshotter>(options, std::move(log), std::move(disk),
+                                                   std::move(shm), std::move(live));
   for (auto& r : replaced) snapshotter->note_replaced_segment(std::move(r));
   return std::unique_ptr<Persistence>(std::move(snapshotter));
 }

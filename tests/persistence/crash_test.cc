@@ -38,6 +38,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -57,6 +58,7 @@
 #include <vector>
 
 #include "jobengine/engine.h"
+#include "jobengine/snapshot_tools.h"
 
 namespace jobengine {
 namespace {
@@ -205,14 +207,16 @@ struct Counts {
   std::size_t older_than_acknowledged = 0;   // recovered older than a returned snapshot: 0
   std::size_t skipped_candidates = 0;        // torn/partial images recovery rejected
   std::size_t lock_waits = 0;                // 1 ms waits for a dead child's segment lock
+  std::size_t recoverer_generations = 0;     // recovered a killed recovering engine's generation
   ~Counts() {
     std::printf(
         "crash campaign: %zu kills (%zu inside a snapshot), %zu recoveries killed (%zu before "
-        "start() returned), %zu recoveries found a snapshot, %zu jobs came back, %zu "
+        "start() returned, %zu after publishing a generation), %zu recoveries found a snapshot, %zu jobs came back, %zu "
         "lost-checks; violations: %zu jobs lost, %zu duplicated from before the cut, %zu ran "
         "twice, %zu recovered older than acknowledged; %zu torn or partial candidates "
         "rejected, 0 loaded; %zu ms waited for a dead child's segment lock\n",
-        kills, kills_inside_snapshot, recovery_kills, recovery_kills_before_ready, recoveries,
+        kills, kills_inside_snapshot, recovery_kills, recovery_kills_before_ready,
+        recoverer_generations, recoveries,
         jobs_back, lost_checks, jobs_lost, duplicated_before_cut, ran_twice,
         older_than_acknowledged, skipped_candidates, lock_waits);
     std::fflush(stdout);
@@ -336,10 +340,18 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
       }
     }
 
+    // kDuringRecovery: the generation the first kill left (the one the
+    // recovering engine loads), 0 if none.
+    std::uint64_t left_by_kill = 0;
     if (mode == KillMode::kDuringRecovery) {
       // A recovering engine, killed at a random instant. Its handler never
       // returns, so it finishes no job; with no periodic snapshots it
-      // publishes nothing: the stores must stay as the first kill left them.
+      // publishes at most one generation: the one start() takes to make the
+      // recoveries it gave durable (jobs the live record or the cut showed
+      // running), holding exactly the jobs of the generation it loaded.
+      if (auto newest = snapshot_tools::load_newest(dir, shm); newest.ok()) {
+        left_by_kill = newest->view.header.generation;
+      }
       int started_pipe[2];
       ASSERT_EQ(::pipe2(started_pipe, O_CLOEXEC), 0);
       const pid_t recoverer = ::fork();
@@ -414,6 +426,14 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
       continue;
     }
     ++recovered_runs;
+    if (left_by_kill != 0 && generation != left_by_kill) {
+      // Published by the killed recovering engine (see above): its jobs are
+      // those of the generation it loaded, which the log describes. (Its
+      // number may even be one the child began but never published.)
+      ASSERT_GT(generation, left_by_kill);
+      ++counts.recoverer_generations;
+      generation = left_by_kill;
+    }
     if (!ends.empty() && generation < log[ends.back()].value) {
       ++counts.older_than_acknowledged;
       FAIL() << "recovered an older generation than the newest snapshot_now() returned";
@@ -491,6 +511,134 @@ TEST(CrashTest, SigkillInsideSnapshotWritesLosesNothing) {
 
 TEST(CrashTest, SigkillDuringRecoveryLosesNothing) {
   RunCampaign(KillMode::kDuringRecovery, std::max(5, env_int("JOBENGINE_CRASH_KILLS", 200) / 5), 0);
+}
+
+// ---- the live record: what a crash must not take with it --------------------
+
+// A fresh directory under /tmp and a segment name, both removed at the end.
+struct LiveRecordPlace {
+  std::string base;
+  std::string dir;
+  std::string shm;
+  LiveRecordPlace() {
+    base = (fs::temp_directory_path() / "jobengine-live-XXXXXX").string();
+    if (::mkdtemp(base.data()) == nullptr) base.clear();
+    dir = base + "/jobs";
+    static int n = 0;
+    shm = "jobengine-live-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
+  }
+  ~LiveRecordPlace() {
+    std::error_code ec;
+    fs::remove_all(base, ec);
+    (void)::shm_unlink(shm.c_str());
+  }
+};
+
+// Runs `life` in a forked child and returns its wait status.
+template <typename Life>
+int RunLife(Life life) {
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    life();
+    ::_exit(0);
+  }
+  int status = 0;
+  if (child < 0 || ::waitpid(child, &status, 0) != child) return -1;
+  return status;
+}
+
+TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
+  // The handler SIGKILLs the process as soon as it starts: no snapshot cut
+  // ever sees the job running. Before the live record its recoveries never
+  // grew: every restart ran it again and died (seen 8 lives of 8).
+  LiveRecordPlace place;
+  ASSERT_FALSE(place.base.empty());
+  EngineOptions o = CrashOptions(place.dir, place.shm);
+  o.snapshot.shm_interval = milliseconds(10);  // periodic cuts, which never see it
+  ASSERT_EQ(o.snapshot.max_recoveries, 3u);
+  const auto poison = [](JobContext&) -> Outcome {
+    ::kill(::getpid(), SIGKILL);
+    return Outcome::kDone;
+  };
+  // Life 0: the job is in a durable snapshot (delayed), then falls due and kills it.
+  int status = RunLife([&] {
+    auto e = Engine::open(o);
+    if (!e) ::_exit(2);
+    auto h = e->register_handler("poison", poison);
+    if (!h || !e->start()) ::_exit(3);
+    if (!e->submit(*h, "p", {.delay = milliseconds(300)})) ::_exit(4);
+    if (!e->snapshot_now()) ::_exit(5);
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    ::_exit(6);  // it should have died
+  });
+  ASSERT_TRUE(WIFSIGNALED(status)) << "life 0 exited with " << WEXITSTATUS(status);
+  // Lives 1..3 recover it with recoveries 1..3 (<= max_recoveries): it runs and
+  // kills them. Life 4 quarantines it and lives.
+  int life = 1;
+  for (; life <= 8; ++life) {
+    status = RunLife([&] {
+      auto e = Engine::open(o);
+      if (!e) ::_exit(2);
+      if (!e->register_handler("poison", poison)) ::_exit(3);
+      auto started = e->start();
+      if (!started) ::_exit(4);
+      if (started->recovery.poisoned != 1 || started->recovery.running_at_crash != 0) ::_exit(5);
+      auto dead = e->dead_letters();
+      if (dead.size() != 1 || dead[0].reason != DeadReason::kPoison || dead[0].recoveries != 4) {
+        ::_exit(6);
+      }
+      if (!e->stop()) ::_exit(7);
+      ::_exit(0);
+    });
+    if (!WIFSIGNALED(status)) break;
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "still crashing after " << life - 1 << " restarts";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "life " << life;
+  EXPECT_EQ(life, 4) << "quarantined after " << life - 1 << " restarts, max_recoveries 3";
+}
+
+TEST(CrashTest, IdsHandedOutAfterTheRecoveredSnapshotAreNeverHandedOutAgain) {
+  // Ids given after the snapshot's cut belong to jobs it does not hold; a
+  // client may keep one (cancel() later). The next process handed them out
+  // again, starting from the snapshot's counter.
+  LiveRecordPlace place;
+  ASSERT_FALSE(place.base.empty());
+  int ids[2];
+  ASSERT_EQ(::pipe2(ids, O_CLOEXEC), 0);
+  const EngineOptions o = CrashOptions(place.dir, place.shm);
+  const int status = RunLife([&] {
+    auto e = Engine::open(o);
+    if (!e) ::_exit(2);
+    auto h = e->register_handler("later", [](JobContext&) { return Outcome::kDone; });
+    if (!h || !e->start()) ::_exit(3);
+    if (!e->submit(*h, "", {.delay = std::chrono::hours(1)})) ::_exit(4);
+    if (!e->snapshot_now()) ::_exit(5);
+    JobId last = 0;
+    for (int i = 0; i < 5000; ++i) {
+      auto id = e->submit(*h, "", {.delay = std::chrono::hours(1)});
+      if (!id) ::_exit(6);
+      last = *id;
+    }
+    if (::write(ids[1], &last, sizeof last) != sizeof last) ::_exit(7);
+    ::kill(::getpid(), SIGKILL);
+  });
+  ::close(ids[1]);
+  JobId last = 0;
+  ASSERT_EQ(::read(ids[0], &last, sizeof last), static_cast<ssize_t>(sizeof last));
+  ::close(ids[0]);
+  ASSERT_TRUE(WIFSIGNALED(status));
+  auto e = open_after_kill(place.dir, place.shm, nullptr);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("later", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  auto started = e->start();
+  ASSERT_TRUE(started.ok()) << started.status().to_string();
+  EXPECT_EQ(started->recovery.delayed, 1u);
+  auto fresh = e->submit(*h, "", {.delay = std::chrono::hours(1)});
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_GT(*fresh, last) << "an id the crashed process had handed out came back";
+  ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
 }
 
 // The torture campaign (tools/torture.sh): the three kill timings mixed, for

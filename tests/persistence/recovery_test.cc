@@ -1271,6 +1271,7 @@ TEST(RecoveryTest, ModesAre0700And0600WhateverTheUmask) {
     };
     EXPECT_EQ(mode(tmp.dir()), 0700u);
     EXPECT_EQ(mode(tmp.dir() + "/LOCK"), 0600u);
+    EXPECT_EQ(mode(tmp.dir() + "/LIVE"), 0600u);
     const std::vector<std::string> gens = GenerationFiles(tmp.dir());
     ASSERT_FALSE(gens.empty());
     for (const std::string& g : gens) EXPECT_EQ(mode(g), 0600u) << g;

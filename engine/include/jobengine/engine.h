@@ -85,6 +85,10 @@ struct RecoveryReport {
   std::uint64_t pending = 0;        // jobs queued again as they were
   std::uint64_t delayed = 0;        // delayed or waiting to retry: back in the scheduler
   std::uint64_t running_at_cut = 0; // jobs that were running: queued again, recoveries + 1
+  // Jobs a worker was running when the process died (the live record, kept in
+  // the snapshot directory): recoveries + 1, once for a job also running at
+  // the cut. Also counted in pending/delayed/running_at_cut.
+  std::uint64_t running_at_crash = 0;
   std::uint64_t cancelled = 0;      // running at the cut with a cancel requested: not run again
   std::uint64_t poisoned = 0;       // quarantined as dead: past max_recoveries
   std::uint64_t unknown_handler = 0;  // kept as dead: their handler is not registered
@@ -138,7 +142,7 @@ std::string_view cancel_result_name(CancelResult r) noexcept;
 // Why a dead letter is dead.
 enum class DeadReason : std::uint8_t {
   kFailed = 1,     // kFail, or its attempts ran out (error says the last error)
-  kPoison = 2,     // running at more than max_recoveries cuts a crash followed
+  kPoison = 2,     // interrupted by more than max_recoveries crashes (running at a cut or at the crash)
   kNoHandler = 3,  // its handler was not registered when it was recovered
 };
 std::string_view dead_reason_name(DeadReason r) noexcept;

@@ -86,9 +86,10 @@ struct SnapshotOptions {
   // (never none; persistence/file_store.h, "Recycling").
   unsigned keep_generations = 3;
 
-  // A job found running at a cut comes back with recoveries + 1; past this
-  // many recoveries it is quarantined as dead ("poison job") instead of being
-  // run again. Default 3.
+  // A job found running at a cut, or that a worker was running when the
+  // process died (the live record in `dir`, persistence/FORMAT.md), comes back
+  // with recoveries + 1; past this many recoveries it is quarantined as dead
+  // ("poison job") instead of being run again. Default 3.
   std::uint16_t max_recoveries = 3;
 
   // How long stop(kSnapshotAndExit) lets running handlers finish before it

@@ -1,0 +1,165 @@
+// See live_record.h.
+#include "persistence/live_record.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <bit>
+#include <cerrno>
+#include <cstring>
+#include <string_view>
+
+namespace jobengine::persist {
+
+namespace {
+
+static_assert(std::endian::native == std::endian::little, "the live record is little-endian");
+static_assert(sizeof(std::atomic<std::uint64_t>) == 8 &&
+              std::atomic<std::uint64_t>::is_always_lock_free,
+              "a record word is a lock-free 64-bit atomic in the mapping");
+
+constexpr char kMagic[8] = {'J', 'O', 'B', 'L', 'I', 'V', 'E', '1'};
+constexpr std::uint32_t kVersion = 1;
+
+Status errno_status(std::string_view what, const std::string& path, int error) {
+  return Status(StatusCode::kIoError, "live record " + path + ": " + std::string(what) + ": " +
+                                          std::strerror(error));
+}
+
+std::uint32_t get32(const unsigned char* p) {
+  std::uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+std::uint64_t get64(const unsigned char* p) {
+  std::uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& dir) {
+  const std::string path = dir + "/LIVE";
+  int fd;
+  do {
+    fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0600);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return errno_status("open", path, errno);
+  std::unique_ptr<FileLiveRecord> record(new FileLiveRecord(path, fd));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return errno_status("fstat", path, errno);
+  if (!S_ISREG(st.st_mode)) {
+    return Status(StatusCode::kFailedPrecondition,
+                  "live record " + path + " is not a regular file; remove it");
+  }
+  if ((st.st_mode & 07777) != 0600 && ::fchmod(fd, 0600) != 0) {
+    return errno_status("fchmod 0600", path, errno);
+  }
+  if (Status s = record->read_previous(); !s.ok()) return s;
+  return record;
+}
+
+FileLiveRecord::~FileLiveRecord() {
+  if (map_ != nullptr) ::munmap(map_, map_bytes_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Status FileLiveRecord::read_previous() {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return errno_status("fstat", path_, errno);
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  if (size == 0) return Status();  // made just now, or never armed
+  const std::uint64_t max = kHeaderBytes + std::uint64_t{kMaxSlots} * kSlotBytes;
+  if (size < kHeaderBytes || size > max) {
+    previous_problem_ = std::to_string(size) + " bytes, not a live record's size";
+    return Status();
+  }
+  std::vector<unsigned char> bytes(size);
+  std::size_t got = 0;
+  while (got < size) {
+    const ssize_t n = ::pread(fd_, bytes.data() + got, size - got, static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_status("read", path_, errno);
+    if (n == 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  if (got != size) {
+    previous_problem_ = "shorter than its size while read";
+    return Status();
+  }
+  if (std::memcmp(bytes.data(), kMagic, 8) != 0) {
+    previous_problem_ = "no live-record magic (zeros after a power loss, or not ours)";
+    return Status();
+  }
+  if (get32(bytes.data() + 8) != kVersion) {
+    previous_problem_ = "version " + std::to_string(get32(bytes.data() + 8)) + ", this build reads 1";
+    return Status();
+  }
+  const std::uint32_t slots = get32(bytes.data() + 12);
+  if (slots > kMaxSlots || kHeaderBytes + std::uint64_t{slots} * kSlotBytes > size) {
+    previous_problem_ = std::to_string(slots) + " worker slots do not fit its " +
+                        std::to_string(size) + " bytes";
+    return Status();
+  }
+  previous_lease_end_ = get64(bytes.data() + 16);
+  for (std::uint32_t i = 0; i < slots; ++i) {
+    const std::uint64_t id = get64(bytes.data() + kHeaderBytes + std::size_t{i} * kSlotBytes);
+    if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
+  }
+  return Status();
+}
+
+Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
+  if (map_ != nullptr) return Status(StatusCode::kFailedPrecondition, "live record armed twice");
+  if (workers > kMaxSlots) {
+    return Status(StatusCode::kInvalidArgument,
+                  "live record: " + std::to_string(workers) + " workers, at most " +
+                      std::to_string(kMaxSlots));
+  }
+  const std::size_t bytes = kHeaderBytes + std::size_t{workers} * kSlotBytes;
+  // Allocated, not sparse: a store into a hole of a full file system would be
+  // a SIGBUS on a worker, not an error here.
+  if (::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) return errno_status("ftruncate", path_, errno);
+  if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes)); e != 0) {
+    return errno_status("fallocate", path_, e);
+  }
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  if (p == MAP_FAILED) return errno_status("mmap", path_, errno);
+  map_ = static_cast<unsigned char*>(p);
+  map_bytes_ = bytes;
+  slots_ = workers;
+  // Slots first, then the header: a crash in between leaves no magic (an
+  // ignored record: the lease is lost, the credit was already persisted, see
+  // Engine start()) or the old magic over idle slots.
+  std::memset(map_ + kHeaderBytes, 0, bytes - kHeaderBytes);
+  std::memset(map_ + 24, 0, kHeaderBytes - 24);
+  word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
+  const std::uint32_t version = kVersion;
+  const std::uint32_t slots = workers;
+  std::memcpy(map_ + 8, &version, 4);
+  std::memcpy(map_ + 12, &slots, 4);
+  std::memcpy(map_, kMagic, 8);
+  return Status();
+}
+
+std::atomic<std::uint64_t>* FileLiveRecord::word_at(std::size_t offset) const {
+  return reinterpret_cast<std::atomic<std::uint64_t>*>(map_ + offset);
+}
+
+std::atomic<std::uint64_t>* FileLiveRecord::running_word(unsigned i) {
+  if (map_ == nullptr || i >= slots_) return nullptr;
+  return word_at(kHeaderBytes + std::size_t{i} * kSlotBytes);
+}
+
+void FileLiveRecord::extend_lease(JobId end) {
+  if (map_ == nullptr) return;
+  std::atomic<std::uint64_t>* lease = word_at(16);
+  std::uint64_t now = lease->load(std::memory_order_relaxed);
+  while (now < end && !lease->compare_exchange_weak(now, end, std::memory_order_relaxed)) {
+  }
+}
+
+}  // namespace jobengine::persist
