@@ -1887,9 +1887,16 @@ class Engine::Impl final : public detail::CutSource {
         return;
       }
       if (abandon_.load(std::memory_order_relaxed)) [[unlikely]] {
-        // Stop(kAbandon): the rest of this batch is dropped, not run.
-        for (std::size_t j = i; j < n; ++j) retire(w, batch[j]);
-        bump(w.dropped, n - i);
+        // Stop(kAbandon): the rest of this batch is dropped, not run; a job
+        // cancel() reached counts as cancelled, as cancel() answered.
+        for (std::size_t j = i; j < n; ++j) {
+          if (cancelled_bit(batch[j])) {
+            finish_cancelled(w, batch[j], /*ran=*/false);
+          } else {
+            retire(w, batch[j]);
+            bump(w.dropped);
+          }
+        }
         return;
       }
       if (i + kRunAhead < n) prefetch_slot(batch[i + kRunAhead]);
@@ -2417,8 +2424,16 @@ class Engine::Impl final : public detail::CutSource {
   // time).
   void count_sched_cancelled(const Slot& s) {
     scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+    count_cancelled_off_worker(s);
+  }
+  // A cancelled job that no worker retires: by the scheduler, or by stop()
+  // (a queued job left behind, cancelled before it).
+  void count_cancelled_off_worker(const Slot& s) {
     sched_cancelled_.fetch_add(1, std::memory_order_release);
     bump(sched_cancelled_by_handler_[s.handler]);
+  }
+  bool cancelled_bit(SlotIndex idx) const {
+    return (table_.slot(idx).id_word.load(std::memory_order_acquire) & kCancelBit) != 0;
   }
 
   // ---------------------------------------------------------------- cancel
@@ -2721,6 +2736,14 @@ class Engine::Impl final : public detail::CutSource {
       const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
       const bool crashed = crashed_running_.count(j.id) != 0;
       const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (interrupted(j) ? 1 : 0));
+      // Every job given a recovery, whatever becomes of it here (restored,
+      // quarantined as poison, kept dead for want of its handler): start()
+      // makes them durable before any worker runs. A quarantine that only
+      // lived in memory let two jobs that each kill the process take turns
+      // forever: each start poisoned one, then ran the other.
+      if ((was_running || crashed) && j.state != snapshot::JobState::kDead && !j.cancel_requested) {
+        ++credited_;
+      }
       if (j.state == snapshot::JobState::kDead) {
         keep_dead(j, j.recoveries, j.dead_reason, std::string(j.error));
         ++r.dead;
@@ -2796,7 +2819,6 @@ class Engine::Impl final : public detail::CutSource {
       }
       ++restored;
       if (crashed) ++r.running_at_crash;
-      if (was_running || crashed) ++credited_;
       if (was_running) {
         ++r.running_at_cut;
       } else if (scheduled) {
@@ -2846,8 +2868,19 @@ class Engine::Impl final : public detail::CutSource {
   // as held back) and left. It is not run: it stays in the table, so the
   // final snapshot keeps it like the jobs held back, and it is counted with
   // them in StopReport::delayed_left.
+  // A job left in a queue that cancel() reached is cancelled, as it answered,
+  // not left: its slot goes (the final snapshot would only skip it).
   std::uint64_t left_in_queues() {
-    return empty_queues([](const SlotIndex*, std::size_t) {});
+    std::uint64_t cancelled = 0;
+    const std::uint64_t taken = empty_queues([&](const SlotIndex* in, std::size_t n) {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!cancelled_bit(in[i])) continue;
+        count_cancelled_off_worker(table_.slot(in[i]));
+        drop_slots(&in[i], 1);
+        ++cancelled;
+      }
+    });
+    return taken - cancelled;
   }
 
   // After the scheduler and the snapshot thread stopped: jobs it still held
@@ -2867,9 +2900,18 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // After the workers joined (kAbandon): empty the queues, count and free.
+  // A job cancel() reached counts as cancelled, as it answered, not dropped.
   std::uint64_t drop_queued() {
-    std::uint64_t dropped =
-        empty_queues([this](const SlotIndex* in, std::size_t n) { drop_slots(in, n); });
+    std::uint64_t cancelled = 0;
+    std::uint64_t dropped = empty_queues([&](const SlotIndex* in, std::size_t n) {
+      for (std::size_t i = 0; i < n; ++i) {
+        if (!cancelled_bit(in[i])) continue;
+        count_cancelled_off_worker(table_.slot(in[i]));
+        ++cancelled;
+      }
+      drop_slots(in, n);
+    });
+    dropped -= cancelled;
     // And the scheduler's (delayed jobs, retries in backoff).
     std::vector<SlotIndex> left;
     left.reserve(sched_left_.size());

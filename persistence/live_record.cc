@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstring>
@@ -37,6 +38,20 @@ std::uint64_t get64(const unsigned char* p) {
   std::uint64_t v;
   std::memcpy(&v, p, 8);
   return v;
+}
+
+// This boot's id (/proc/sys/kernel/random/boot_id, 36 characters), or empty
+// if it cannot be read. The record keeps it: a record from before a reboot
+// (a power loss) is whatever the page cache had written back by then, its
+// running ids possibly long stale.
+std::string boot_id() {
+  std::string id(FileLiveRecord::kBootIdBytes, '\0');
+  const int fd = ::open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return {};
+  const ssize_t n = ::read(fd, id.data(), id.size());
+  ::close(fd);
+  if (n != static_cast<ssize_t>(id.size())) return {};
+  return id;
 }
 
 }  // namespace
@@ -105,6 +120,15 @@ Status FileLiveRecord::read_previous() {
     return Status();
   }
   previous_lease_end_ = get64(bytes.data() + 16);
+  previous_valid_ = true;
+  const std::string written_at(reinterpret_cast<const char*>(bytes.data()) + kBootIdOffset,
+                               kBootIdBytes);
+  const std::string now = boot_id();
+  if (written_at != std::string(kBootIdBytes, '\0') && !now.empty() && written_at != now) {
+    // Its lease is still a floor (the snapshot's counter is the other one).
+    previous_problem_ = "written before a reboot: the jobs it names may have finished long before";
+    return Status();
+  }
   for (std::uint32_t i = 0; i < slots; ++i) {
     const std::uint64_t id = get64(bytes.data() + kHeaderBytes + std::size_t{i} * kSlotBytes);
     if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
@@ -119,10 +143,37 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
                   "live record: " + std::to_string(workers) + " workers, at most " +
                       std::to_string(kMaxSlots));
   }
-  const std::size_t bytes = kHeaderBytes + std::size_t{workers} * kSlotBytes;
+  Status armed = arm_file(workers, lease_floor);
+  if (!armed.ok()) {
+    // The previous running ids must not be counted again at the next start
+    // (their recoveries were made durable before this): empty the file. A
+    // shrink needs no space. The lease goes with them (ids may then repeat
+    // after a crash, which the caller logs).
+    if (map_ != nullptr) ::munmap(map_, map_bytes_);
+    map_ = nullptr;
+    (void)::ftruncate(fd_, 0);
+  }
+  return armed;
+}
+
+Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return errno_status("fstat", path_, errno);
+  // Never shrunk while it holds a record: a kill between a shrink and the
+  // header's rewrite would leave a header whose slots do not fit (ignored:
+  // the lease lost). Content that is no record goes first.
+  if (!previous_valid_ && st.st_size != 0) {
+    if (::ftruncate(fd_, 0) != 0) return errno_status("ftruncate", path_, errno);
+    st.st_size = 0;
+  }
+  const std::size_t needed = kHeaderBytes + std::size_t{workers} * kSlotBytes;
+  const std::size_t bytes = std::max(needed, static_cast<std::size_t>(st.st_size));
   // Allocated, not sparse: a store into a hole of a full file system would be
   // a SIGBUS on a worker, not an error here.
-  if (::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) return errno_status("ftruncate", path_, errno);
+  if (bytes > static_cast<std::size_t>(st.st_size) &&
+      ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) {
+    return errno_status("ftruncate", path_, errno);
+  }
   if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes)); e != 0) {
     return errno_status("fallocate", path_, e);
   }
@@ -131,12 +182,14 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
   map_ = static_cast<unsigned char*>(p);
   map_bytes_ = bytes;
   slots_ = workers;
-  // Slots first, then the header: a crash in between leaves no magic (an
-  // ignored record: the lease is lost, the credit was already persisted, see
-  // Engine start()) or the old magic over idle slots.
+  // The old slots first (their recoveries are durable already), then the
+  // header: a kill in between leaves the old header over idle slots, its
+  // lease intact.
   std::memset(map_ + kHeaderBytes, 0, bytes - kHeaderBytes);
-  std::memset(map_ + 24, 0, kHeaderBytes - 24);
   word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
+  std::memset(map_ + 24, 0, kHeaderBytes - 24);
+  const std::string boot = boot_id();
+  std::memcpy(map_ + kBootIdOffset, boot.data(), boot.size());
   const std::uint32_t version = kVersion;
   const std::uint32_t slots = workers;
   std::memcpy(map_ + 8, &version, 4);

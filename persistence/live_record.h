@@ -12,8 +12,10 @@
 //
 // What it is not: durable across power loss. Nothing is fsynced (that would
 // put a disk flush on the job path); after a power loss the file may hold an
-// older record or nothing, which recovery treats as no record. The snapshot
-// directory's flock (FileStore) makes its holder the only writer.
+// older record, or nothing. The record carries the boot id it was written
+// under: one from before a reboot gives no recoveries (its running ids may be
+// long stale), only its lease as a floor for ids. The snapshot directory's
+// flock (FileStore) makes its holder the only writer.
 //
 // Layout (little-endian; the byte-by-byte table is in persistence/FORMAT.md,
 // "The live record"):
@@ -21,7 +23,8 @@
 //   [8, 12)   u32 version (1)
 //   [12, 16)  u32 slots: one per worker of the engine that wrote it
 //   [16, 24)  u64 id_lease_end: no id at or above it was handed out
-//   [24, 64)  zero
+//   [24, 60)  the boot id it was written under (/proc/sys/kernel/random/boot_id)
+//   [60, 64)  zero
 //   then `slots` cache lines: u64 running job id (0: none), 56 bytes zero
 #pragma once
 
@@ -41,6 +44,8 @@ class FileLiveRecord final : public detail::LiveRecord {
   static constexpr std::size_t kHeaderBytes = 64;
   static constexpr std::size_t kSlotBytes = 64;
   static constexpr std::uint32_t kMaxSlots = 65536;
+  static constexpr std::size_t kBootIdOffset = 24;
+  static constexpr std::size_t kBootIdBytes = 36;
 
   // Opens (creating, 0600) dir/LIVE and reads what the previous holder left.
   // The caller holds the directory's lock. A file that is not a live record
@@ -66,6 +71,7 @@ class FileLiveRecord final : public detail::LiveRecord {
  private:
   FileLiveRecord(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
   Status read_previous();
+  Status arm_file(unsigned workers, JobId lease_floor);
   std::atomic<std::uint64_t>* word_at(std::size_t offset) const;
 
   std::string path_;
@@ -75,6 +81,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   unsigned slots_ = 0;
   std::vector<JobId> previous_running_;
   JobId previous_lease_end_ = 0;
+  bool previous_valid_ = false;  // the file held a record (maybe from before a reboot)
   std::string previous_problem_;
 };
 

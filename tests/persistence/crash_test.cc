@@ -598,6 +598,55 @@ TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
   EXPECT_EQ(life, 4) << "quarantined after " << life - 1 << " restarts, max_recoveries 3";
 }
 
+TEST(CrashTest, TwoJobsThatKillTheProcessAreBothQuarantinedNotTakingTurns) {
+  // One worker runs X, then Y; both kill the process at once. A start that
+  // quarantined X kept that in memory only, then ran Y and died: the next
+  // start loaded the same snapshot, X not named in the live record any more,
+  // ran X again, and quarantined Y. They took turns forever.
+  LiveRecordPlace place;
+  ASSERT_FALSE(place.base.empty());
+  EngineOptions o = CrashOptions(place.dir, place.shm);
+  o.workers = 1;
+  o.snapshot.max_recoveries = 1;
+  const auto poison = [](JobContext&) -> Outcome {
+    ::kill(::getpid(), SIGKILL);
+    return Outcome::kDone;
+  };
+  int status = RunLife([&] {
+    auto e = Engine::open(o);
+    if (!e) ::_exit(2);
+    auto h = e->register_handler("poison", poison);
+    if (!h || !e->start()) ::_exit(3);
+    for (const char* p : {"x", "y"}) {
+      if (!e->submit(*h, p, {.delay = milliseconds(200)})) ::_exit(4);
+    }
+    if (!e->snapshot_now()) ::_exit(5);
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    ::_exit(6);
+  });
+  ASSERT_TRUE(WIFSIGNALED(status)) << "life 0 exited with " << WEXITSTATUS(status);
+  // X: crashes lives 0 and 1 (recoveries 1 <= 1), quarantined at life 2,
+  // which then runs Y: crashes lives 2 and 3, quarantined at life 4.
+  int life = 1;
+  for (; life <= 10; ++life) {
+    status = RunLife([&] {
+      auto e = Engine::open(o);
+      if (!e) ::_exit(2);
+      if (!e->register_handler("poison", poison)) ::_exit(3);
+      auto started = e->start();
+      if (!started) ::_exit(4);
+      std::this_thread::sleep_for(milliseconds(100));  // Y would run and kill by now
+      if (e->dead_letters().size() != 2) ::_exit(5);
+      if (!e->stop()) ::_exit(6);
+      ::_exit(0);
+    });
+    if (!WIFSIGNALED(status)) break;
+  }
+  ASSERT_TRUE(WIFEXITED(status)) << "still crashing after " << life - 1 << " restarts";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "life " << life;
+  EXPECT_EQ(life, 4) << "both quarantined after " << life - 1 << " restarts, max_recoveries 1";
+}
+
 TEST(CrashTest, IdsHandedOutAfterTheRecoveredSnapshotAreNeverHandedOutAgain) {
   // Ids given after the snapshot's cut belong to jobs it does not hold; a
   // client may keep one (cancel() later). The next process handed them out

@@ -5,9 +5,11 @@
 #include "persistence/live_record.h"
 
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -123,6 +125,83 @@ TEST_F(LiveRecordTest, AnExistingFileGetsMode0600) {
   struct stat st {};
   ASSERT_EQ(::stat(path().c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+TEST_F(LiveRecordTest, ARecordFromBeforeARebootNamesNoRunningJobButKeepsItsLease) {
+  // After a power loss the file holds whatever the page cache had written
+  // back: the jobs it names may have finished long before.
+  {
+    auto r = FileLiveRecord::open(dir_);
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    (*r)->running_word(0)->store(42);
+    (*r)->extend_lease(7000);
+  }
+  {
+    std::fstream f(path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(FileLiveRecord::kBootIdOffset);
+    f << "00000000-0000-0000-0000-000000000000";  // another boot's id
+  }
+  auto r = FileLiveRecord::open(dir_);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty());
+  EXPECT_EQ((*r)->previous_lease_end(), 7000u);
+  EXPECT_NE((*r)->previous_problem().find("reboot"), std::string::npos) << (*r)->previous_problem();
+}
+
+TEST_F(LiveRecordTest, ARecordThatCannotBeArmedIsEmptiedSoItsJobsAreNotCountedTwice) {
+  // start() made the previous record's recoveries durable before arm(); if
+  // arm() fails, the old ids must not be counted again at the next start.
+  {
+    auto r = FileLiveRecord::open(dir_);
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    (*r)->running_word(0)->store(42);
+  }
+  {
+    auto r = FileLiveRecord::open(dir_);
+    ASSERT_TRUE(r.ok());
+    ASSERT_EQ((*r)->previous_running(), std::vector<JobId>{42});
+    // 200 workers need 12,864 bytes: above this file-size limit.
+    struct rlimit old {};
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old;
+    small.rlim_cur = 4096;
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    const Status armed = (*r)->arm(200, 100);
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+    std::signal(SIGXFSZ, old_handler);
+    EXPECT_FALSE(armed.ok());
+    EXPECT_NE(armed.message().find("LIVE"), std::string::npos) << armed.to_string();
+  }
+  auto r = FileLiveRecord::open(dir_);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty());
+}
+
+TEST_F(LiveRecordTest, FewerWorkersNeverShrinkTheFile) {
+  // A kill between a shrink and the header's rewrite would leave a header
+  // whose slots do not fit, and the lease would be lost.
+  {
+    auto r = FileLiveRecord::open(dir_);
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(4, 100).ok());
+    (*r)->running_word(3)->store(9);
+    (*r)->extend_lease(3000);
+  }
+  {
+    auto r = FileLiveRecord::open(dir_);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{9});
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+  }
+  EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes + 4 * FileLiveRecord::kSlotBytes);
+  auto r = FileLiveRecord::open(dir_);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty()) << "slot 3 of the old record was not cleared";
+  EXPECT_EQ((*r)->previous_lease_end(), 3000u);
+  EXPECT_TRUE((*r)->previous_problem().empty()) << (*r)->previous_problem();
 }
 
 }  // namespace
