@@ -1010,6 +1010,47 @@ TEST(StopModeTest, AKeyedSubmitToAStoppedEngineIsStoppedNotTheIdItsKeyNamed) {
       << (again.ok() ? "answered with id " + std::to_string(*again) : again.status().to_string());
 }
 
+TEST(StopModeTest, QueuedJobsCancelledBeforeAnAbandonCountAsCancelledNotDropped) {
+  // cancel() answered kCancelled for them; stop(kAbandon) counted them as
+  // dropped. One sits in the worker's dequeued batch behind a blocked job,
+  // the other in the queue.
+  auto clock = std::make_shared<ManualClock>();
+  EngineOptions o = TestOptions(clock);
+  std::atomic<int> runs{0};
+  Gate gate;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto h = engine->register_handler("q", [&](JobContext& job) {
+    runs.fetch_add(1);
+    if (job.payload() == "block") gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  const JobSpec batch[] = {{*h, "block", {}}, {*h, "in-batch", {}}, {*h, "kept", {}}};
+  JobId ids[3] = {};
+  ASSERT_TRUE(engine->submit_batch(batch, ids).ok());
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 1; }));
+  auto queued = engine->submit(*h, "in-queue");
+  ASSERT_TRUE(queued.ok());
+  for (JobId id : {ids[1], *queued}) {
+    auto r = engine->cancel(id);
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_EQ(*r, CancelResult::kCancelled);
+  }
+  std::thread opener_thread([&] {
+    std::this_thread::sleep_for(milliseconds(20));
+    gate.open();
+  });
+  auto report = engine->stop(StopMode::kAbandon);
+  opener_thread.join();
+  ASSERT_TRUE(report.ok()) << report.status().to_string();
+  EXPECT_EQ(runs.load(), 1);
+  EXPECT_EQ(report->done, 1u);
+  EXPECT_EQ(report->cancelled, 2u);
+  EXPECT_EQ(report->dropped, 1u) << "only the job nobody cancelled";
+}
+
 TEST(StopModeTest, AbandonDropsDelayedJobsToo) {
   auto clock = std::make_shared<ManualClock>();
   auto engine = Engine::open(TestOptions(clock));
