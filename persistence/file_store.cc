@@ -460,6 +460,9 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   for (std::size_t i = keep_old; i < listed; ++i) {
     pruned = fs.unlink((*present)[i].path) == 0 || pruned;
   }
+  // A failed fsync here leaves the unlinks to the next publish's directory
+  // fsync: an older generation may come back after a power loss until then,
+  // never preferred to the newer one that was acknowledged.
   if (pruned) (void)sync_dir(fs, dir_);
   return Status();
 }

@@ -63,20 +63,18 @@ SysResult<int> PosixFileSystem::open(const std::string& path, int flags, mode_t 
   }
 }
 
+// write, read and fsync return EINTR to their callers, which retry and count
+// (file_system.h): a loop here as well made the limit 1000 x 1000.
 SysResult<std::size_t> PosixFileSystem::write(int fd, const void* data, std::size_t size) {
-  for (int tries = 1;; ++tries) {
-    ssize_t n = ::write(fd, data, size);
-    if (n >= 0) return {static_cast<std::size_t>(n), 0};
-    if (errno != EINTR || tries == kMaxEintrRetries) return {0, errno};
-  }
+  ssize_t n = ::write(fd, data, size);
+  if (n >= 0) return {static_cast<std::size_t>(n), 0};
+  return {0, errno};
 }
 
 SysResult<std::size_t> PosixFileSystem::read(int fd, void* data, std::size_t size) {
-  for (int tries = 1;; ++tries) {
-    ssize_t n = ::read(fd, data, size);
-    if (n >= 0) return {static_cast<std::size_t>(n), 0};
-    if (errno != EINTR || tries == kMaxEintrRetries) return {0, errno};
-  }
+  ssize_t n = ::read(fd, data, size);
+  if (n >= 0) return {static_cast<std::size_t>(n), 0};
+  return {0, errno};
 }
 
 SysResult<const void*> PosixFileSystem::map_read(int fd, std::size_t size) {
@@ -94,13 +92,12 @@ int PosixFileSystem::start_writeback(int fd, std::uint64_t offset, std::uint64_t
 }
 
 int PosixFileSystem::fsync(int fd) {
-  // An interrupted fsync reported no I/O error, so asking again is safe. Any
-  // other error is returned and never retried: after a failed fsync Linux may
-  // have dropped the dirty pages and a second fsync could falsely succeed.
-  for (int tries = 1;; ++tries) {
-    if (::fsync(fd) == 0) return 0;
-    if (errno != EINTR || tries == kMaxEintrRetries) return errno;
-  }
+  // An interrupted fsync reported no I/O error, so asking again is safe (the
+  // caller does). Any other error is never retried: after a failed fsync
+  // Linux may have dropped the dirty pages and a second fsync could falsely
+  // succeed.
+  if (::fsync(fd) == 0) return 0;
+  return errno;
 }
 
 int PosixFileSystem::close(int fd) {

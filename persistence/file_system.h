@@ -12,8 +12,10 @@
 //   - Each method is one system call, or a loop that retries only EINTR
 //     where POSIX allows a retry, at most kMaxEintrRetries times in a row
 //     (then EINTR is returned: a signal storm or a broken file system must
-//     not spin the snapshot thread forever). A short write is returned to
-//     the caller, which continues it (FileStore does).
+//     not spin the snapshot thread forever). write, read and fsync are one
+//     call each and return EINTR: their callers loop anyway (a short write
+//     is continued, FileStore does), and count the EINTRs themselves, so
+//     that the limit is kMaxEintrRetries, not its square.
 #pragma once
 
 #include <sys/types.h>
@@ -73,7 +75,8 @@ class FileSystem {
   // to the device, waits for nothing, makes nothing durable (fsync does).
   // Returns 0 or an errno; callers treat it as advice.
   virtual int start_writeback(int fd, std::uint64_t offset, std::uint64_t size) = 0;
-  // fsync(2) of a file or a directory descriptor. Returns 0 or an errno.
+  // fsync(2) of a file or a directory descriptor. Returns 0 or an errno;
+  // EINTR may be returned (no I/O error was reported: asking again is safe).
   [[nodiscard]] virtual int fsync(int fd) = 0;
   // close(2). The descriptor is released whatever is returned (Linux); EINTR
   // is therefore reported as success, never retried.

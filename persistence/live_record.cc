@@ -174,9 +174,12 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
       ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) {
     return errno_status("ftruncate", path_, errno);
   }
-  if (int e = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes)); e != 0) {
-    return errno_status("fallocate", path_, e);
+  int e = 0;
+  for (int interrupted = 0; interrupted < 1000; ++interrupted) {
+    e = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes));
+    if (e != EINTR) break;
   }
+  if (e != 0) return errno_status("fallocate", path_, e);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
   if (p == MAP_FAILED) return errno_status("mmap", path_, errno);
   map_ = static_cast<unsigned char*>(p);

@@ -36,11 +36,13 @@ struct ShmCandidate {
 // `map_files`: only for a caller holding the directory's lock (the engine), so
 // that no publish can recycle, and truncate, a file while it is mapped (a
 // tool that mapped one would die of SIGBUS). A file that vanished or was
-// recycled between the listing and the read is passed over like a pruned one.
+// recycled between the listing and the read is passed over like a pruned one
+// (counted in *gone when given: a caller without the lock lists again).
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
                                                     FileSystem& fs, RecoveryReport& report,
-                                                    bool map_files = false);
+                                                    bool map_files = false,
+                                                    std::size_t* gone = nullptr);
 
 // The largest file recovery reads (larger ones are skipped as refused).
 inline constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB

@@ -474,7 +474,13 @@ struct ShmStore::Impl {
     if (!have.ok()) return have.status();
     if (*have >= size) return Status();
     // From 0: also fills holes left by a creator that died after ftruncate.
-    const int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+    // EINTR (older kernels' tmpfs, on any pending signal) is asked again, a
+    // bounded number of times like the disk store's calls.
+    int rc = 0;
+    for (int interrupted = 0; interrupted < 1000; ++interrupted) {
+      rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
+      if (rc != EINTR) break;
+    }
     if (rc != 0) {
       return io_error(
           name,

@@ -591,26 +591,35 @@ Result<Image> load_shm(const std::string& name, Diagnosis* d) {
 
 Result<Image> load_newest(const std::string& dir, const std::string& shm_name, Diagnosis* d,
                           std::vector<Skipped>* skipped) {
-  std::vector<persist::GenerationFile> files;
-  if (!dir.empty()) {
-    if (Status s = check_dir(dir, d); !s.ok()) return s;
-    auto listed = persist::list_generations(dir, fs());
-    if (!listed) return fail(d, Failure::kIoError, listed.status());
-    files = std::move(*listed);
-  }
   RecoveryReport report;
   std::unique_ptr<detail::LoadedSnapshot> loaded;
-  if (!shm_name.empty()) {
-    if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
-    persist::ShmCandidate candidate{"shm:" + shm_name, persist::ShmStore::read_existing(shm_name)};
-    // Recovery would pass over it, but the engine's open() fails on such a
-    // segment before recovery runs: no disk generation is what it loads.
-    if (!candidate.image.ok() && shm_unusable(candidate.image.status())) {
-      return fail(d, failure_of_shm(candidate.image.status()), candidate.image.status());
+  // Without the directory's lock a running engine may recycle every listed
+  // file while they are read (it publishes two generations meanwhile): then
+  // nothing verified only because the listing went stale. List again, a
+  // few times, rather than report an empty directory that is not.
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    std::vector<persist::GenerationFile> files;
+    if (!dir.empty()) {
+      if (Status s = check_dir(dir, d); !s.ok()) return s;
+      auto listed = persist::list_generations(dir, fs());
+      if (!listed) return fail(d, Failure::kIoError, listed.status());
+      files = std::move(*listed);
     }
-    loaded = persist::load_newest(&candidate, files, fs(), report);
-  } else {
-    loaded = persist::load_newest(nullptr, files, fs(), report);
+    report = RecoveryReport();
+    std::size_t gone = 0;
+    if (!shm_name.empty()) {
+      if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
+      persist::ShmCandidate candidate{"shm:" + shm_name, persist::ShmStore::read_existing(shm_name)};
+      // Recovery would pass over it, but the engine's open() fails on such a
+      // segment before recovery runs: no disk generation is what it loads.
+      if (!candidate.image.ok() && shm_unusable(candidate.image.status())) {
+        return fail(d, failure_of_shm(candidate.image.status()), candidate.image.status());
+      }
+      loaded = persist::load_newest(&candidate, files, fs(), report, false, &gone);
+    } else {
+      loaded = persist::load_newest(nullptr, files, fs(), report, false, &gone);
+    }
+    if (loaded || gone == 0) break;
   }
   copy_skipped(report, skipped);
   const std::string where = dir.empty() ? "shm:" + shm_name

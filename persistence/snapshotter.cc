@@ -526,7 +526,7 @@ namespace jobengine::persist {
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
                                                     FileSystem& fs, RecoveryReport& report,
-                                                    bool map_files) {
+                                                    bool map_files, std::size_t* gone) {
   using detail::LoadedSnapshot;
   struct Candidate {
     std::string source;
@@ -580,7 +580,10 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
       }
       if (!bytes) {
         // Pruned or recycled since it was listed: gone, not damaged.
-        if (bytes.status().code() == StatusCode::kNotFound) continue;
+        if (bytes.status().code() == StatusCode::kNotFound) {
+          if (gone != nullptr) ++*gone;
+          continue;
+        }
         report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
         continue;
       }
