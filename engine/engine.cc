@@ -491,6 +491,12 @@ class Engine::Impl final : public detail::CutSource {
   // process's workers, erasing the previous one's running ids.
   void arm_live_record() {
     if (credited_ > 0) {
+      // Every snapshot from here on holds the recoveries (restore() is done):
+      // the record says so before the first one is published.
+      if (Status marked = live_->mark_credited(recovered_generation_ + 1); !marked.ok()) {
+        log(LogLevel::kWarning, "live record: " + marked.to_string() +
+                                    "; a crash before it is rewritten may count its jobs twice");
+      }
       auto durable = persistence_->snapshot_now();
       if (!durable) {
         log(LogLevel::kWarning,
@@ -969,6 +975,7 @@ class Engine::Impl final : public detail::CutSource {
       }
       stop_scheduler();  // delayed jobs stay in the table, so in the snapshot
       persistence_->stop();
+      begin_final_cut();
       auto info = persistence_->final_snapshot();
       if (info) {
         report.left_in_snapshot = info->jobs;
@@ -998,6 +1005,7 @@ class Engine::Impl final : public detail::CutSource {
         report.delayed_left = sched_left_.size() + left_in_queues();
       }
       if (persistence_) {
+        begin_final_cut();
         auto info = persistence_->final_snapshot();
         if (!info) final_status = info.status();
       }
@@ -1091,7 +1099,16 @@ class Engine::Impl final : public detail::CutSource {
       // Nor those the previous process may have handed out after that
       // snapshot's cut, up to its lease.
       next_id_.store(std::max<JobId>(next_id_.load(), live_->previous_lease_end()));
-      crashed_running_.insert(live_->previous_running().begin(), live_->previous_running().end());
+      const std::uint64_t credited = live_->previous_credited_generation();
+      if (credited != 0 && loaded_ && loaded_->view.header.generation >= credited) {
+        // A start that gave these jobs their recovery published this
+        // snapshot with it, then was killed before it rewrote the record.
+        log(LogLevel::kInfo, "live record: its running jobs' recoveries are in generation " +
+                                 std::to_string(loaded_->view.header.generation) + " already");
+      } else {
+        crashed_running_.insert(live_->previous_running().begin(),
+                                live_->previous_running().end());
+      }
     }
     return Status();
   }
@@ -1889,6 +1906,7 @@ class Engine::Impl final : public detail::CutSource {
       if (abandon_.load(std::memory_order_relaxed)) [[unlikely]] {
         // Stop(kAbandon): the rest of this batch is dropped, not run; a job
         // cancel() reached counts as cancelled, as cancel() answered.
+        take_for_stop(batch + i, n - i);
         for (std::size_t j = i; j < n; ++j) {
           if (cancelled_bit(batch[j])) {
             finish_cancelled(w, batch[j], /*ran=*/false);
@@ -2230,6 +2248,13 @@ class Engine::Impl final : public detail::CutSource {
     last_dead_at_ns_.store(d.dead_at_ns, std::memory_order_relaxed);
   }
 
+  // Under dead_mu_: removes one letter (requeue_dead, drop_dead).
+  void erase_dead(std::deque<detail::DeadJob>::iterator it) {
+    if (static_cast<std::size_t>(it - dead_.begin()) < dead_kept_prefix_) --dead_kept_prefix_;
+    dead_.erase(it);
+    dead_count_.store(dead_.size(), std::memory_order_relaxed);
+  }
+
   // Under dead_mu_.
   void push_dead_locked(detail::DeadJob d) {
     if (options_.max_dead == 0) {
@@ -2240,12 +2265,18 @@ class Engine::Impl final : public detail::CutSource {
     // for jobs that never failed (their handler is gone, or they were poison)
     // are never discarded for room: they hold work that fixing the handler
     // and requeue_dead() bring back (only drop_dead() removes them).
+    // The letters before dead_kept_prefix_ are all kept ones: the search for
+    // the oldest failed letter starts there, so a failure costs O(1)
+    // amortized however many letters are kept.
     while (dead_.size() >= options_.max_dead) {
-      auto victim = std::find_if(dead_.begin(), dead_.end(), [](const detail::DeadJob& x) {
-        return x.reason == snapshot::DeadReason::kFailed;
-      });
+      auto victim = std::find_if(dead_.begin() + static_cast<std::ptrdiff_t>(dead_kept_prefix_),
+                                 dead_.end(), [](const detail::DeadJob& x) {
+                                   return x.reason == snapshot::DeadReason::kFailed;
+                                 });
+      dead_kept_prefix_ = static_cast<std::size_t>(victim - dead_.begin());
+      // die() is the only caller: `d` failed. With no failed letter kept, it
+      // is the one discarded.
       const bool new_one = victim == dead_.end();
-      if (new_one && d.reason != snapshot::DeadReason::kFailed) break;
       const detail::DeadJob& gone = new_one ? d : *victim;
       log(LogLevel::kWarning, "dead letters full (max_dead " + std::to_string(options_.max_dead) +
                                   "): discarding failed job " + std::to_string(gone.id) + " (" +
@@ -2256,6 +2287,16 @@ class Engine::Impl final : public detail::CutSource {
     }
     dead_.push_back(std::move(d));
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
+  }
+
+  // stop(), before the final snapshot's cut: from here on a cancel() of a
+  // pending job may land after the cut, which would keep the job (it would
+  // run after a restart). I8's pairing again: the flag, the heavy fence, then
+  // the cut reads the cancel bits; cancel() sets its bit, its heavy fence,
+  // then reads the flag (and answers kCancelRequested when set).
+  void begin_final_cut() {
+    final_cut_.store(true, std::memory_order_relaxed);
+    asymmetric_fence_heavy();
   }
 
   // ------------------------------------------------------------- scheduler
@@ -2435,6 +2476,17 @@ class Engine::Impl final : public detail::CutSource {
   bool cancelled_bit(SlotIndex idx) const {
     return (table_.slot(idx).id_word.load(std::memory_order_acquire) & kCancelBit) != 0;
   }
+  // stop(kAbandon) takes queued jobs that will not run as a worker takes a
+  // job (I8): state kRunning, the light fence, then their cancel bits. So a
+  // cancel() either set its bit before (the job counts as cancelled, as it
+  // answered) or reads kRunning (it answers kCancelRequested, true too: the
+  // job does not run).
+  void take_for_stop(const SlotIndex* in, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+      table_.slot(in[i]).state.store(SlotState::kRunning, std::memory_order_relaxed);
+    }
+    asymmetric_fence_light();
+  }
 
   // ---------------------------------------------------------------- cancel
  public:
@@ -2503,6 +2555,14 @@ class Engine::Impl final : public detail::CutSource {
       // occupant's state, claim() stores it with release after its id).
       return CancelResult::kCancelRequested;
     }
+    if ((now == SlotState::kDelayed || now == SlotState::kWaitingRetry ||
+         now == SlotState::kQueued) &&
+        final_cut_.load(std::memory_order_relaxed)) {
+      // stop()'s final snapshot may have cut before our bit: the job may be
+      // in it and run after a restart. Not "cancelled", then; the bit still
+      // keeps it from running in this process.
+      return CancelResult::kCancelRequested;
+    }
     switch (now) {
       case SlotState::kDelayed:
       case SlotState::kWaitingRetry:
@@ -2526,7 +2586,10 @@ class Engine::Impl final : public detail::CutSource {
         // or when that cannot be told (the epoch not visible yet), the answer
         // true either way: kCancelRequested (I8).
         const bool retired = s.finish_epoch.load(std::memory_order_acquire) != 0;
-        const bool by_cancel = s.ended_by_cancel.load(std::memory_order_relaxed) != 0;
+        // Acquire: pairs with retire()'s release of the mark, so that if the
+        // mark is a later occupant's, the id read below is that occupant's
+        // (or later), never ours (ARM would let two relaxed loads pass).
+        const bool by_cancel = s.ended_by_cancel.load(std::memory_order_acquire) != 0;
         if (retired && by_cancel && (s.id_word.load(std::memory_order_relaxed) & kIdMask) == id) {
           return CancelResult::kCancelled;
         }
@@ -2587,8 +2650,7 @@ class Engine::Impl final : public detail::CutSource {
       auto submitted = submit_special(h->second, it->payload, o, it->id);
       if (!submitted.ok()) return submitted.status();  // the letter stays: nothing is lost
       handler = std::move(it->handler);
-      dead_.erase(it);
-      dead_count_.store(dead_.size(), std::memory_order_relaxed);
+      erase_dead(it);
       return submitted;
     }();
     if (r.ok()) {
@@ -2604,8 +2666,7 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kNotFound, "drop_dead(): no dead letter " + std::to_string(id));
     }
     log(LogLevel::kInfo, "job " + std::to_string(id) + " (" + it->handler + "): dropped from the dead letters");
-    dead_.erase(it);
-    dead_count_.store(dead_.size(), std::memory_order_relaxed);
+    erase_dead(it);
     return Status();
   }
 
@@ -2904,6 +2965,7 @@ class Engine::Impl final : public detail::CutSource {
   std::uint64_t drop_queued() {
     std::uint64_t cancelled = 0;
     std::uint64_t dropped = empty_queues([&](const SlotIndex* in, std::size_t n) {
+      take_for_stop(in, n);
       for (std::size_t i = 0; i < n; ++i) {
         if (!cancelled_bit(in[i])) continue;
         count_cancelled_off_worker(table_.slot(in[i]));
@@ -2974,6 +3036,7 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<bool> intake_closed_{false};
   std::atomic<bool> abandon_{false};
   std::atomic<bool> exit_now_{false};  // stop(kSnapshotAndExit): take no more jobs
+  std::atomic<bool> final_cut_{false};  // stop() is taking its final snapshot (begin_final_cut)
   std::atomic<std::uint64_t> dropped_by_stop_{0};
   std::atomic<std::uint64_t> recovered_{0};
 
@@ -2999,6 +3062,7 @@ class Engine::Impl final : public detail::CutSource {
   // Dead letters (I9: under dead_mu_; the counters are read without it).
   mutable std::mutex dead_mu_;
   std::deque<detail::DeadJob> dead_;
+  std::size_t dead_kept_prefix_ = 0;  // dead_[0, this) hold no failed letter (push_dead_locked)
   std::vector<detail::DeadJob> cut_dead_;  // dead_ as of the last begin_cut() (snapshot thread)
   std::atomic<std::uint64_t> dead_count_{0};
   std::atomic<std::uint64_t> dead_total_{0};

@@ -320,7 +320,7 @@ class JobTable {
     // Release: a snapshot reader that sees the stamp sees the state too (and
     // cancel() the mark).
     s.state.store(SlotState::kRetired, std::memory_order_relaxed);
-    s.ended_by_cancel.store(by_cancel ? 1 : 0, std::memory_order_relaxed);
+    s.ended_by_cancel.store(by_cancel ? 1 : 0, std::memory_order_release);
     s.finish_epoch.store(epoch, std::memory_order_release);
   }
 

@@ -170,6 +170,12 @@ class LiveRecord {
   // lease (0: none, or the record was unreadable).
   virtual const std::vector<JobId>& previous_running() const = 0;
   virtual JobId previous_lease_end() const = 0;
+  // The generation from which snapshots hold the recoveries the previous
+  // running ids gave (0: none yet). A start that gave them marks the record
+  // with the first generation it may publish, before it publishes: a crash
+  // after that snapshot, before arm(), must not count the same crash twice.
+  virtual std::uint64_t previous_credited_generation() const = 0;
+  virtual Status mark_credited(std::uint64_t generation) = 0;
   // Sizes the record for `workers`, all idle, its lease at least
   // `lease_floor`: the previous content is gone after it. Once, before any
   // worker runs.

@@ -178,6 +178,13 @@ int PosixFileSystem::lock_exclusive(int fd) {
   }
 }
 
+int allocate_retrying_eintr(int fd, std::uint64_t bytes) {
+  for (int interrupted = 1;; ++interrupted) {
+    const int e = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+    if (e != EINTR || interrupted == kMaxEintrRetries) return e;
+  }
+}
+
 std::shared_ptr<FileSystem> default_file_system() {
   static const std::shared_ptr<FileSystem> fs = std::make_shared<PosixFileSystem>();
   return fs;

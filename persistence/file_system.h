@@ -136,4 +136,11 @@ class PosixFileSystem final : public FileSystem {
 // A process-wide PosixFileSystem (stateless; shared by every store).
 std::shared_ptr<FileSystem> default_file_system();
 
+// posix_fallocate(fd, 0, bytes), asked again on EINTR (older kernels' tmpfs
+// return it on any pending signal) at most kMaxEintrRetries times in a row.
+// Returns 0 or the error. For the stores that map their files (the segment,
+// the live record): allocated space, so a store into the mapping never meets
+// a hole on a full file system (SIGBUS).
+int allocate_retrying_eintr(int fd, std::uint64_t bytes);
+
 }  // namespace jobengine::persist

@@ -1,6 +1,8 @@
 // See live_record.h.
 #include "persistence/live_record.h"
 
+#include "persistence/file_system.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -120,6 +122,7 @@ Status FileLiveRecord::read_previous() {
     return Status();
   }
   previous_lease_end_ = get64(bytes.data() + 16);
+  previous_credited_ = get64(bytes.data() + kCreditedOffset);
   previous_valid_ = true;
   const std::string written_at(reinterpret_cast<const char*>(bytes.data()) + kBootIdOffset,
                                kBootIdBytes);
@@ -174,12 +177,7 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
       ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) {
     return errno_status("ftruncate", path_, errno);
   }
-  int e = 0;
-  for (int interrupted = 0; interrupted < 1000; ++interrupted) {
-    e = ::posix_fallocate(fd_, 0, static_cast<off_t>(bytes));
-    if (e != EINTR) break;
-  }
-  if (e != 0) return errno_status("fallocate", path_, e);
+  if (int e = allocate_retrying_eintr(fd_, bytes); e != 0) return errno_status("fallocate", path_, e);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
   if (p == MAP_FAILED) return errno_status("mmap", path_, errno);
   map_ = static_cast<unsigned char*>(p);
@@ -190,7 +188,7 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   // lease intact.
   std::memset(map_ + kHeaderBytes, 0, bytes - kHeaderBytes);
   word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
-  std::memset(map_ + 24, 0, kHeaderBytes - 24);
+  std::memset(map_ + kCreditedOffset, 0, kHeaderBytes - kCreditedOffset);
   const std::string boot = boot_id();
   std::memcpy(map_ + kBootIdOffset, boot.data(), boot.size());
   const std::uint32_t version = kVersion;
@@ -199,6 +197,16 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   std::memcpy(map_ + 12, &slots, 4);
   std::memcpy(map_, kMagic, 8);
   return Status();
+}
+
+Status FileLiveRecord::mark_credited(std::uint64_t generation) {
+  if (!previous_valid_ || map_ != nullptr) return Status();  // no old record to mark
+  for (int interrupted = 0;; ++interrupted) {
+    const ssize_t n = ::pwrite(fd_, &generation, sizeof generation, kCreditedOffset);
+    if (n == static_cast<ssize_t>(sizeof generation)) return Status();
+    if (n < 0 && errno == EINTR && interrupted < kMaxEintrRetries) continue;
+    return errno_status("write credited generation", path_, n < 0 ? errno : EIO);
+  }
 }
 
 std::atomic<std::uint64_t>* FileLiveRecord::word_at(std::size_t offset) const {

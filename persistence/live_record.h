@@ -23,8 +23,10 @@
 //   [8, 12)   u32 version (1)
 //   [12, 16)  u32 slots: one per worker of the engine that wrote it
 //   [16, 24)  u64 id_lease_end: no id at or above it was handed out
-//   [24, 60)  the boot id it was written under (/proc/sys/kernel/random/boot_id)
-//   [60, 64)  zero
+//   [24, 32)  u64 credited_generation: its running jobs' recoveries are in
+//             every snapshot of this generation or later (0: not yet)
+//   [32, 68)  the boot id it was written under (/proc/sys/kernel/random/boot_id)
+//   [68, 128) zero
 //   then `slots` cache lines: u64 running job id (0: none), 56 bytes zero
 #pragma once
 
@@ -41,10 +43,11 @@ namespace jobengine::persist {
 
 class FileLiveRecord final : public detail::LiveRecord {
  public:
-  static constexpr std::size_t kHeaderBytes = 64;
+  static constexpr std::size_t kHeaderBytes = 128;
   static constexpr std::size_t kSlotBytes = 64;
   static constexpr std::uint32_t kMaxSlots = 65536;
-  static constexpr std::size_t kBootIdOffset = 24;
+  static constexpr std::size_t kCreditedOffset = 24;
+  static constexpr std::size_t kBootIdOffset = 32;
   static constexpr std::size_t kBootIdBytes = 36;
 
   // Opens (creating, 0600) dir/LIVE and reads what the previous holder left.
@@ -59,6 +62,8 @@ class FileLiveRecord final : public detail::LiveRecord {
 
   const std::vector<JobId>& previous_running() const override { return previous_running_; }
   JobId previous_lease_end() const override { return previous_lease_end_; }
+  std::uint64_t previous_credited_generation() const override { return previous_credited_; }
+  Status mark_credited(std::uint64_t generation) override;
   // Why the previous content was ignored; empty when it was read (or absent).
   const std::string& previous_problem() const { return previous_problem_; }
 
@@ -81,6 +86,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   unsigned slots_ = 0;
   std::vector<JobId> previous_running_;
   JobId previous_lease_end_ = 0;
+  std::uint64_t previous_credited_ = 0;
   bool previous_valid_ = false;  // the file held a record (maybe from before a reboot)
   std::string previous_problem_;
 };

@@ -24,6 +24,8 @@
 //    processes, which the C++ memory model does not cover anyway.
 #include "persistence/shm_store.h"
 
+#include "persistence/file_system.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -188,7 +190,6 @@ void store_bytes(unsigned char* dst, const unsigned char* src, std::size_t n) no
 
 std::string label(const std::string& name) { return "shm segment '" + name + "'"; }
 std::string dev_shm_path(const std::string& name) { return "/dev/shm/" + name; }
-std::string errno_text(int err) { return std::system_category().message(err); }
 
 std::string octal_mode(mode_t mode) {
   char buf[16];
@@ -474,13 +475,7 @@ struct ShmStore::Impl {
     if (!have.ok()) return have.status();
     if (*have >= size) return Status();
     // From 0: also fills holes left by a creator that died after ftruncate.
-    // EINTR (older kernels' tmpfs, on any pending signal) is asked again, a
-    // bounded number of times like the disk store's calls.
-    int rc = 0;
-    for (int interrupted = 0; interrupted < 1000; ++interrupted) {
-      rc = ::posix_fallocate(fd, 0, static_cast<off_t>(size));
-      if (rc != EINTR) break;
-    }
+    const int rc = allocate_retrying_eintr(fd, size);
     if (rc != 0) {
       return io_error(
           name,

@@ -59,6 +59,7 @@
 
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_tools.h"
+#include "persistence/live_record.h"
 
 namespace jobengine {
 namespace {
@@ -583,7 +584,13 @@ TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
       if (!e->register_handler("poison", poison)) ::_exit(3);
       auto started = e->start();
       if (!started) ::_exit(4);
-      if (started->recovery.poisoned != 1 || started->recovery.running_at_crash != 0) ::_exit(5);
+      if (started->recovery.poisoned != 1) {
+        // Not quarantined yet: the job runs and kills this life (never an
+        // exit of ours, which would race with the handler's kill).
+        std::this_thread::sleep_for(std::chrono::seconds(10));
+        ::_exit(5);
+      }
+      if (started->recovery.running_at_crash != 0) ::_exit(8);
       auto dead = e->dead_letters();
       if (dead.size() != 1 || dead[0].reason != DeadReason::kPoison || dead[0].recoveries != 4) {
         ::_exit(6);
@@ -635,8 +642,12 @@ TEST(CrashTest, TwoJobsThatKillTheProcessAreBothQuarantinedNotTakingTurns) {
       if (!e->register_handler("poison", poison)) ::_exit(3);
       auto started = e->start();
       if (!started) ::_exit(4);
-      std::this_thread::sleep_for(milliseconds(100));  // Y would run and kill by now
-      if (e->dead_letters().size() != 2) ::_exit(5);
+      // Until both are quarantined the one left runs and kills this life.
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (e->dead_letters().size() != 2) {
+        if (std::chrono::steady_clock::now() > give_up) ::_exit(5);
+        std::this_thread::sleep_for(milliseconds(1));
+      }
       if (!e->stop()) ::_exit(6);
       ::_exit(0);
     });
@@ -645,6 +656,71 @@ TEST(CrashTest, TwoJobsThatKillTheProcessAreBothQuarantinedNotTakingTurns) {
   ASSERT_TRUE(WIFEXITED(status)) << "still crashing after " << life - 1 << " restarts";
   EXPECT_EQ(WEXITSTATUS(status), 0) << "life " << life;
   EXPECT_EQ(life, 4) << "both quarantined after " << life - 1 << " restarts, max_recoveries 1";
+}
+
+TEST(CrashTest, ARecordWhoseRecoveriesASnapshotHoldsIsNotCountedTwice) {
+  // start() publishes the snapshot holding the recoveries the live record
+  // gave, then rewrites the record. Killed in between, the record still names
+  // the jobs: the next start must not add another recovery. The record is
+  // marked with the first generation that holds them, before the snapshot.
+  LiveRecordPlace place;
+  ASSERT_FALSE(place.base.empty());
+  EngineOptions o = CrashOptions(place.dir, "");
+  JobId job = 0;
+  std::uint64_t generation = 0;
+  {
+    auto e = Engine::open(o);
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    auto h = e->register_handler("later", [](JobContext&) { return Outcome::kDone; });
+    ASSERT_TRUE(h.ok() && e->start().ok());
+    auto id = e->submit(*h, "", {.delay = std::chrono::hours(1)});
+    ASSERT_TRUE(id.ok());
+    job = *id;
+    auto info = e->snapshot_now();
+    ASSERT_TRUE(info.ok());
+    generation = info->generation;
+    ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+  }
+  // Whatever stop() wrote last, generation + 1 or so, holds no job: keep only
+  // the generation with the job, as a start killed after its snapshot would.
+  char keep_name[64];
+  std::snprintf(keep_name, sizeof keep_name, "gen-%020llu.jobsnap",
+                static_cast<unsigned long long>(generation));
+  const std::string keep = keep_name;
+  for (const auto& entry : fs::directory_iterator(place.dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("gen-", 0) == 0 && name != keep) fs::remove(entry.path());
+  }
+  for (const std::uint64_t credited : {generation, generation + 1}) {
+    SCOPED_TRACE("credited from generation " + std::to_string(credited));
+    {
+      // The record a start killed after mark_credited() leaves: the job running.
+      auto record = persist::FileLiveRecord::open(place.dir);
+      ASSERT_TRUE(record.ok()) << record.status().to_string();
+      ASSERT_TRUE((*record)->arm(2, 1).ok());
+      (*record)->running_word(1)->store(job);
+    }
+    {
+      auto record = persist::FileLiveRecord::open(place.dir);
+      ASSERT_TRUE(record.ok());
+      ASSERT_TRUE((*record)->mark_credited(credited).ok());
+    }
+    auto e = Engine::open(o);
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    ASSERT_TRUE(e->register_handler("later", [](JobContext&) { return Outcome::kDone; }).ok());
+    auto started = e->start();
+    ASSERT_TRUE(started.ok()) << started.status().to_string();
+    EXPECT_EQ(started->recovery.generation, generation);
+    // Held by the loaded generation already: no second recovery. Marked for a
+    // later one, the snapshot never came: the crash counts.
+    EXPECT_EQ(started->recovery.running_at_crash, credited == generation ? 0u : 1u);
+    ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+    // Back to the one generation for the next round.
+    for (const auto& entry : fs::directory_iterator(place.dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("gen-", 0) == 0 && name != keep) fs::remove(entry.path());
+    }
+  }
 }
 
 TEST(CrashTest, IdsHandedOutAfterTheRecoveredSnapshotAreNeverHandedOutAgain) {
