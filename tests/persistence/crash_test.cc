@@ -54,6 +54,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -549,6 +550,60 @@ int RunLife(Life life) {
   return status;
 }
 
+// A handler that kills the process as soon as it starts.
+Outcome KillTheProcess(JobContext&) {
+  ::kill(::getpid(), SIGKILL);
+  return Outcome::kDone;
+}
+
+// Life 0 of a poison scenario: jobs of `payloads` for the "poison" handler
+// (KillTheProcess), delayed 200 ms, in a durable snapshot; one falls due and
+// kills the life. Returns its wait status.
+int PoisonLifeZero(const EngineOptions& o, std::initializer_list<const char*> payloads) {
+  return RunLife([&] {
+    auto e = Engine::open(o);
+    if (!e) ::_exit(2);
+    auto h = e->register_handler("poison", KillTheProcess);
+    if (!h || !e->start()) ::_exit(3);
+    for (const char* p : payloads) {
+      if (!e->submit(*h, p, {.delay = milliseconds(200)})) ::_exit(4);
+    }
+    if (!e->snapshot_now()) ::_exit(5);
+    std::this_thread::sleep_for(std::chrono::seconds(10));
+    ::_exit(6);  // it should have died
+  });
+}
+
+// Restarts the "poison" engine until a life survives: each life opens,
+// starts, and (until `quarantined` says so) waits to be killed; a surviving
+// life checks `survived` (exit 0 when it holds). Returns the number of the
+// life that exited by itself, or 0 if every one of `max_lives` was killed;
+// *status is its wait status.
+int RestartUntilQuarantined(const EngineOptions& o, int max_lives,
+                            const std::function<bool(Engine&, const StartReport&)>& quarantined,
+                            int* status) {
+  for (int life = 1; life <= max_lives; ++life) {
+    *status = RunLife([&] {
+      auto e = Engine::open(o);
+      if (!e) ::_exit(2);
+      if (!e->register_handler("poison", KillTheProcess)) ::_exit(3);
+      auto started = e->start();
+      if (!started) ::_exit(4);
+      // Not quarantined yet: a job runs and kills this life (never an exit of
+      // ours, which would race with the handler's kill).
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!quarantined(*e, *started)) {
+        if (std::chrono::steady_clock::now() > give_up) ::_exit(5);
+        std::this_thread::sleep_for(milliseconds(1));
+      }
+      if (!e->stop()) ::_exit(6);
+      ::_exit(0);
+    });
+    if (!WIFSIGNALED(*status)) return life;
+  }
+  return 0;
+}
+
 TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
   // The handler SIGKILLs the process as soon as it starts: no snapshot cut
   // ever sees the job running. Before the live record its recoveries never
@@ -558,49 +613,20 @@ TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
   EngineOptions o = CrashOptions(place.dir, place.shm);
   o.snapshot.shm_interval = milliseconds(10);  // periodic cuts, which never see it
   ASSERT_EQ(o.snapshot.max_recoveries, 3u);
-  const auto poison = [](JobContext&) -> Outcome {
-    ::kill(::getpid(), SIGKILL);
-    return Outcome::kDone;
-  };
-  // Life 0: the job is in a durable snapshot (delayed), then falls due and kills it.
-  int status = RunLife([&] {
-    auto e = Engine::open(o);
-    if (!e) ::_exit(2);
-    auto h = e->register_handler("poison", poison);
-    if (!h || !e->start()) ::_exit(3);
-    if (!e->submit(*h, "p", {.delay = milliseconds(300)})) ::_exit(4);
-    if (!e->snapshot_now()) ::_exit(5);
-    std::this_thread::sleep_for(std::chrono::seconds(10));
-    ::_exit(6);  // it should have died
-  });
+  int status = PoisonLifeZero(o, {"p"});
   ASSERT_TRUE(WIFSIGNALED(status)) << "life 0 exited with " << WEXITSTATUS(status);
   // Lives 1..3 recover it with recoveries 1..3 (<= max_recoveries): it runs and
   // kills them. Life 4 quarantines it and lives.
-  int life = 1;
-  for (; life <= 8; ++life) {
-    status = RunLife([&] {
-      auto e = Engine::open(o);
-      if (!e) ::_exit(2);
-      if (!e->register_handler("poison", poison)) ::_exit(3);
-      auto started = e->start();
-      if (!started) ::_exit(4);
-      if (started->recovery.poisoned != 1) {
-        // Not quarantined yet: the job runs and kills this life (never an
-        // exit of ours, which would race with the handler's kill).
-        std::this_thread::sleep_for(std::chrono::seconds(10));
-        ::_exit(5);
-      }
-      if (started->recovery.running_at_crash != 0) ::_exit(8);
-      auto dead = e->dead_letters();
-      if (dead.size() != 1 || dead[0].reason != DeadReason::kPoison || dead[0].recoveries != 4) {
-        ::_exit(6);
-      }
-      if (!e->stop()) ::_exit(7);
-      ::_exit(0);
-    });
-    if (!WIFSIGNALED(status)) break;
-  }
-  ASSERT_TRUE(WIFEXITED(status)) << "still crashing after " << life - 1 << " restarts";
+  const int life = RestartUntilQuarantined(
+      o, 8,
+      [](Engine& e, const StartReport& started) {
+        const auto dead = e.dead_letters();
+        return started.recovery.poisoned == 1 && started.recovery.running_at_crash == 0 &&
+               dead.size() == 1 && dead[0].reason == DeadReason::kPoison &&
+               dead[0].recoveries == 4;
+      },
+      &status);
+  ASSERT_NE(life, 0) << "still crashing after 8 restarts";
   EXPECT_EQ(WEXITSTATUS(status), 0) << "life " << life;
   EXPECT_EQ(life, 4) << "quarantined after " << life - 1 << " restarts, max_recoveries 3";
 }
@@ -615,45 +641,13 @@ TEST(CrashTest, TwoJobsThatKillTheProcessAreBothQuarantinedNotTakingTurns) {
   EngineOptions o = CrashOptions(place.dir, place.shm);
   o.workers = 1;
   o.snapshot.max_recoveries = 1;
-  const auto poison = [](JobContext&) -> Outcome {
-    ::kill(::getpid(), SIGKILL);
-    return Outcome::kDone;
-  };
-  int status = RunLife([&] {
-    auto e = Engine::open(o);
-    if (!e) ::_exit(2);
-    auto h = e->register_handler("poison", poison);
-    if (!h || !e->start()) ::_exit(3);
-    for (const char* p : {"x", "y"}) {
-      if (!e->submit(*h, p, {.delay = milliseconds(200)})) ::_exit(4);
-    }
-    if (!e->snapshot_now()) ::_exit(5);
-    std::this_thread::sleep_for(std::chrono::seconds(10));
-    ::_exit(6);
-  });
+  int status = PoisonLifeZero(o, {"x", "y"});
   ASSERT_TRUE(WIFSIGNALED(status)) << "life 0 exited with " << WEXITSTATUS(status);
   // X: crashes lives 0 and 1 (recoveries 1 <= 1), quarantined at life 2,
   // which then runs Y: crashes lives 2 and 3, quarantined at life 4.
-  int life = 1;
-  for (; life <= 10; ++life) {
-    status = RunLife([&] {
-      auto e = Engine::open(o);
-      if (!e) ::_exit(2);
-      if (!e->register_handler("poison", poison)) ::_exit(3);
-      auto started = e->start();
-      if (!started) ::_exit(4);
-      // Until both are quarantined the one left runs and kills this life.
-      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      while (e->dead_letters().size() != 2) {
-        if (std::chrono::steady_clock::now() > give_up) ::_exit(5);
-        std::this_thread::sleep_for(milliseconds(1));
-      }
-      if (!e->stop()) ::_exit(6);
-      ::_exit(0);
-    });
-    if (!WIFSIGNALED(status)) break;
-  }
-  ASSERT_TRUE(WIFEXITED(status)) << "still crashing after " << life - 1 << " restarts";
+  const int life = RestartUntilQuarantined(
+      o, 10, [](Engine& e, const StartReport&) { return e.dead_letters().size() == 2; }, &status);
+  ASSERT_NE(life, 0) << "still crashing after 10 restarts";
   EXPECT_EQ(WEXITSTATUS(status), 0) << "life " << life;
   EXPECT_EQ(life, 4) << "both quarantined after " << life - 1 << " restarts, max_recoveries 1";
 }
