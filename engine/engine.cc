@@ -1700,7 +1700,7 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   ProducerState* producer_state_slow() {
-    // Submits from thread_local destructors: see t_late_producers. Past even
+    // Submits from thread_local destructors: see late_producers_key(). Past even
     // those (a destructor that ran after its own), no state can be owned
     // safely: refused as if stopped.
     ThreadProducers* late = nullptr;
