@@ -2476,6 +2476,13 @@ class Engine::Impl final : public detail::CutSource {
   bool cancelled_bit(SlotIndex idx) const {
     return (table_.slot(idx).id_word.load(std::memory_order_acquire) & kCancelBit) != 0;
   }
+  // stop(): a queued job that cancel() reached counts as cancelled (as it
+  // answered), off any worker. Whether it was.
+  bool count_if_cancelled(SlotIndex idx) {
+    if (!cancelled_bit(idx)) return false;
+    count_cancelled_off_worker(table_.slot(idx));
+    return true;
+  }
   // stop(kAbandon) takes queued jobs that will not run as a worker takes a
   // job (I8): state kRunning, the light fence, then their cancel bits. So a
   // cancel() either set its bit before (the job counts as cancelled, as it
@@ -2692,7 +2699,12 @@ class Engine::Impl final : public detail::CutSource {
   // a job running at the cut that was still running at the crash is one
   // interruption.
   bool interrupted(const snapshot::JobRecordView& j) const {
-    return j.state == snapshot::JobState::kRunningAtCut || crashed_running_.count(j.id) != 0;
+    return j.state == snapshot::JobState::kRunningAtCut || crashed_at(j.id);
+  }
+  // Named by the live record; no lookup per record when it names none (the
+  // usual restart, of a million records at worst).
+  bool crashed_at(JobId id) const {
+    return !crashed_running_.empty() && crashed_running_.count(id) != 0;
   }
 
   // start(): puts the jobs of the snapshot loaded at open() back into the
@@ -2795,8 +2807,8 @@ class Engine::Impl final : public detail::CutSource {
     std::lock_guard<std::mutex> lock(dead_mu_);
     for (snapshot::RecordReader reader(image, v); reader.next(j);) {
       const bool was_running = j.state == snapshot::JobState::kRunningAtCut;
-      const bool crashed = crashed_running_.count(j.id) != 0;
-      const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (interrupted(j) ? 1 : 0));
+      const bool crashed = crashed_at(j.id);
+      const std::uint16_t rec = static_cast<std::uint16_t>(j.recoveries + (was_running || crashed ? 1 : 0));
       // Every job given a recovery, whatever becomes of it here (restored,
       // quarantined as poison, kept dead for want of its handler): start()
       // makes them durable before any worker runs. A quarantine that only
@@ -2935,8 +2947,7 @@ class Engine::Impl final : public detail::CutSource {
     std::uint64_t cancelled = 0;
     const std::uint64_t taken = empty_queues([&](const SlotIndex* in, std::size_t n) {
       for (std::size_t i = 0; i < n; ++i) {
-        if (!cancelled_bit(in[i])) continue;
-        count_cancelled_off_worker(table_.slot(in[i]));
+        if (!count_if_cancelled(in[i])) continue;
         drop_slots(&in[i], 1);
         ++cancelled;
       }
@@ -2966,11 +2977,7 @@ class Engine::Impl final : public detail::CutSource {
     std::uint64_t cancelled = 0;
     std::uint64_t dropped = empty_queues([&](const SlotIndex* in, std::size_t n) {
       take_for_stop(in, n);
-      for (std::size_t i = 0; i < n; ++i) {
-        if (!cancelled_bit(in[i])) continue;
-        count_cancelled_off_worker(table_.slot(in[i]));
-        ++cancelled;
-      }
+      for (std::size_t i = 0; i < n; ++i) cancelled += count_if_cancelled(in[i]) ? 1 : 0;
       drop_slots(in, n);
     });
     dropped -= cancelled;

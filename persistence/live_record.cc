@@ -5,7 +5,6 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,9 +25,11 @@ static_assert(sizeof(std::atomic<std::uint64_t>) == 8 &&
 constexpr char kMagic[8] = {'J', 'O', 'B', 'L', 'I', 'V', 'E', '1'};
 constexpr std::uint32_t kVersion = 1;
 
+// The file layer's wording and errno text (errno_text: strerror_r, not the
+// thread-unsafe strerror).
 Status errno_status(std::string_view what, const std::string& path, int error) {
-  return Status(StatusCode::kIoError, "live record " + path + ": " + std::string(what) + ": " +
-                                          std::strerror(error));
+  return Status(StatusCode::kIoError,
+                "live record " + path + ": " + std::string(what) + ": " + errno_text(error));
 }
 
 std::uint32_t get32(const unsigned char* p) {
@@ -60,34 +61,31 @@ std::string boot_id() {
 
 Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& dir) {
   const std::string path = dir + "/LIVE";
-  int fd;
-  do {
-    fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0600);
-  } while (fd < 0 && errno == EINTR);
-  if (fd < 0) return errno_status("open", path, errno);
-  std::unique_ptr<FileLiveRecord> record(new FileLiveRecord(path, fd));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) return errno_status("fstat", path, errno);
-  if (!S_ISREG(st.st_mode)) {
+  // Through the file layer, as FileStore opens its files: O_CLOEXEC, EINTR
+  // asked again, never a symlink (O_NOFOLLOW), never blocked on a FIFO.
+  FileSystem& fs = *default_file_system();
+  SysResult<int> fd = fs.open(path, O_RDWR | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0600);
+  if (!fd.ok()) return errno_status("open", path, fd.error);
+  std::unique_ptr<FileLiveRecord> record(new FileLiveRecord(path, fd.value));
+  SysResult<FileInfo> info = fs.fstat(fd.value);
+  if (!info.ok()) return errno_status("fstat", path, info.error);
+  if (info.value.kind != FileInfo::Kind::kRegular) {
     return Status(StatusCode::kFailedPrecondition,
                   "live record " + path + " is not a regular file; remove it");
   }
-  if ((st.st_mode & 07777) != 0600 && ::fchmod(fd, 0600) != 0) {
-    return errno_status("fchmod 0600", path, errno);
+  if (info.value.mode != 0600) {
+    if (int err = fs.fchmod(fd.value, 0600); err != 0) return errno_status("fchmod 0600", path, err);
   }
-  if (Status s = record->read_previous(); !s.ok()) return s;
+  if (Status s = record->read_previous(info.value.size); !s.ok()) return s;
   return record;
 }
 
 FileLiveRecord::~FileLiveRecord() {
   if (map_ != nullptr) ::munmap(map_, map_bytes_);
-  if (fd_ >= 0) ::close(fd_);
+  if (fd_ >= 0) (void)default_file_system()->close(fd_);
 }
 
-Status FileLiveRecord::read_previous() {
-  struct stat st {};
-  if (::fstat(fd_, &st) != 0) return errno_status("fstat", path_, errno);
-  const auto size = static_cast<std::uint64_t>(st.st_size);
+Status FileLiveRecord::read_previous(std::uint64_t size) {
   if (size == 0) return Status();  // made just now, or never armed
   const std::uint64_t max = kHeaderBytes + std::uint64_t{kMaxSlots} * kSlotBytes;
   if (size < kHeaderBytes || size > max) {
@@ -154,28 +152,29 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
     // after a crash, which the caller logs).
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
-    (void)::ftruncate(fd_, 0);
+    (void)default_file_system()->ftruncate(fd_, 0);
   }
   return armed;
 }
 
 Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
-  struct stat st {};
-  if (::fstat(fd_, &st) != 0) return errno_status("fstat", path_, errno);
+  FileSystem& fs = *default_file_system();
+  SysResult<FileInfo> info = fs.fstat(fd_);
+  if (!info.ok()) return errno_status("fstat", path_, info.error);
+  std::uint64_t have = info.value.size;
   // Never shrunk while it holds a record: a kill between a shrink and the
   // header's rewrite would leave a header whose slots do not fit (ignored:
   // the lease lost). Content that is no record goes first.
-  if (!previous_valid_ && st.st_size != 0) {
-    if (::ftruncate(fd_, 0) != 0) return errno_status("ftruncate", path_, errno);
-    st.st_size = 0;
+  if (!previous_valid_ && have != 0) {
+    if (int err = fs.ftruncate(fd_, 0); err != 0) return errno_status("ftruncate", path_, err);
+    have = 0;
   }
   const std::size_t needed = kHeaderBytes + std::size_t{workers} * kSlotBytes;
-  const std::size_t bytes = std::max(needed, static_cast<std::size_t>(st.st_size));
+  const std::size_t bytes = std::max<std::size_t>(needed, have);
   // Allocated, not sparse: a store into a hole of a full file system would be
   // a SIGBUS on a worker, not an error here.
-  if (bytes > static_cast<std::size_t>(st.st_size) &&
-      ::ftruncate(fd_, static_cast<off_t>(bytes)) != 0) {
-    return errno_status("ftruncate", path_, errno);
+  if (bytes > have) {
+    if (int err = fs.ftruncate(fd_, bytes); err != 0) return errno_status("ftruncate", path_, err);
   }
   if (int e = allocate_retrying_eintr(fd_, bytes); e != 0) return errno_status("fallocate", path_, e);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);

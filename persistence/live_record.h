@@ -75,7 +75,7 @@ class FileLiveRecord final : public detail::LiveRecord {
 
  private:
   FileLiveRecord(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
-  Status read_previous();
+  Status read_previous(std::uint64_t size);
   Status arm_file(unsigned workers, JobId lease_floor);
   std::atomic<std::uint64_t>* word_at(std::size_t offset) const;
 
