@@ -1158,12 +1158,14 @@ class Engine::Impl final : public detail::CutSource {
                         const std::function<void(std::span<const detail::CutJob>)>& fn) override {
     std::array<detail::CutJob, detail::CutSource::kCutBatch> batch;
     std::size_t n = 0;
-    const std::size_t capacity = table_.capacity();
-    for (std::size_t i = 0; i < capacity; ++i) {
+    // Only the part of the table that ever held a job (JobTable::used_end():
+    // loaded after begin_cut(), it covers every slot claimed in the cut).
+    const std::size_t end = table_.used_end();
+    for (std::size_t i = 0; i < end; ++i) {
       // The scan is bound by memory latency (a slot header is a cache miss
       // once the table outgrows the caches): fetch the header and first
       // payload line kScanAhead slots ahead.
-      if (i + kScanAhead < capacity) {
+      if (i + kScanAhead < end) {
         const auto* ahead =
             reinterpret_cast<const char*>(&table_.slot(static_cast<SlotIndex>(i + kScanAhead)));
         __builtin_prefetch(ahead, 0, 3);
@@ -2520,9 +2522,11 @@ class Engine::Impl final : public detail::CutSource {
       return cancel_not_found(id);
     }
     // No software prefetch: the hardware prefetcher streams this one line per slot
-    // (README, "Tried and not taken").
-    const std::size_t capacity = table_.capacity();
-    for (std::size_t i = 0; i < capacity; ++i) {
+    // (README, "Tried and not taken"). Only the slots that ever held a job
+    // (JobTable::used_end()): the job's slot was taken from the pool before
+    // the submit that returned its id, which happened before this call.
+    const std::size_t end = table_.used_end();
+    for (std::size_t i = 0; i < end; ++i) {
       if (auto r = cancel_in(table_.slot(static_cast<SlotIndex>(i)), id)) return *r;
     }
     return cancel_not_found(id);

@@ -265,8 +265,29 @@ class JobTable {
   }
 
   // Takes one magazine of free slot indices (out must hold kSlotCacheSize).
-  // Lock-free; returns how many, 0 when no free slot is pooled.
-  std::size_t take_free(SlotIndex* out) noexcept { return pool_.take(out); }
+  // Lock-free; returns how many, 0 when no free slot is pooled. Raises
+  // used_end() past each of them (once per magazine, not per job).
+  std::size_t take_free(SlotIndex* out) noexcept {
+    const std::size_t n = pool_.take(out);
+    if (n != 0) note_taken(out, n);
+    return n;
+  }
+
+  // One past the highest slot index ever taken from the pool: no slot at or
+  // above it has ever held a job, so a scan of the table for jobs (a
+  // snapshot's, cancel()'s) stops there. The pool hands out slots 0, 1, ...
+  // first and reuses the last freed ones (LIFO), so this follows the most
+  // jobs ever pending at once (plus the magazines in threads' caches), not
+  // the capacity: an engine sized for 1M jobs that holds a few thousand scans
+  // a few thousand slots.
+  // Why a scan that loads it after a cut sees every slot claimed in the cut:
+  // a slot is claimed only after the take that raised this past it, in the
+  // claiming thread, or in one that handed the slot over before (through the
+  // pool's release/acquire pair or an orphaned cache's adoption); the claim
+  // is sequenced before the release that ends its announcement, which the
+  // cut acquires (engine.cc I5). So the raise happens before the scan's load,
+  // which then returns it or a later (higher) value.
+  std::size_t used_end() const noexcept { return used_end_.load(std::memory_order_acquire); }
   // Whether take_free() would find slots now (a hint, see SlotPool::has_magazine).
   bool has_free_magazine() const noexcept { return pool_.has_magazine(); }
   // Returns free slots (state kFree already) to the pool, any number.
@@ -342,6 +363,17 @@ class JobTable {
  private:
   static constexpr std::size_t kPopulateChunk = (std::size_t{2} << 20) / kSlotBytes;
   bool populate_chunk() noexcept;
+  // Raises used_end_ past the n indices just taken. Relaxed: ordered for
+  // readers by the claims that follow it (see used_end()).
+  void note_taken(const SlotIndex* in, std::size_t n) noexcept {
+    SlotIndex top = in[0];
+    for (std::size_t i = 1; i < n; ++i) top = in[i] > top ? in[i] : top;
+    const std::size_t end = std::size_t{top} + 1;
+    std::size_t seen = used_end_.load(std::memory_order_relaxed);
+    while (seen < end &&
+           !used_end_.compare_exchange_weak(seen, end, std::memory_order_relaxed)) {
+    }
+  }
 
   std::size_t capacity_;
   Slot* slots_;
@@ -353,6 +385,10 @@ class JobTable {
   std::vector<SlotIndex> parked_;
   alignas(kCacheLine) std::atomic<std::uint64_t> epoch_{1};
   alignas(kCacheLine) std::atomic<std::uint64_t> horizon_{kNoHorizon};
+  // Written by submitters only until the working set stops growing (a load,
+  // no store, after that); on a line of its own so that the epoch's and the
+  // horizon's readers do not share its misses.
+  alignas(kCacheLine) std::atomic<std::size_t> used_end_{0};
 };
 
 // A worker's retired slots, waiting until the reclaim horizon lets them back

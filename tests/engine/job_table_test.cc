@@ -61,6 +61,32 @@ TEST(JobTableTest, PoolIsLifoSoRecentlyFreedSlotsAreReusedFirst) {
   EXPECT_EQ(t.take_free(buf), 0u);
 }
 
+TEST(JobTableTest, UsedEndFollowsTheHighestSlotEverTakenNotTheCapacity) {
+  JobTable t(100'000);
+  EXPECT_EQ(t.used_end(), 0u) << "no slot taken yet";
+  SlotIndex a[kSlotCacheSize];
+  SlotIndex b[kSlotCacheSize];
+  ASSERT_EQ(t.take_free(a), kSlotCacheSize);
+  EXPECT_EQ(t.used_end(), kSlotCacheSize);
+  ASSERT_EQ(t.take_free(b), kSlotCacheSize);
+  EXPECT_EQ(t.used_end(), 2 * kSlotCacheSize);
+  // A working set that circulates through the pool stays where it is: the
+  // freed magazines come back first (LIFO) and the end does not move.
+  for (int round = 0; round < 1000; ++round) {
+    ASSERT_EQ(t.put_free(a, kSlotCacheSize), kSlotCacheSize);
+    ASSERT_EQ(t.take_free(a), kSlotCacheSize);
+  }
+  EXPECT_EQ(t.used_end(), 2 * kSlotCacheSize);
+  // Giving back a low magazine and taking it again never lowers the end.
+  ASSERT_EQ(t.put_free(b, kSlotCacheSize), kSlotCacheSize);
+  ASSERT_EQ(t.put_free(a, kSlotCacheSize), kSlotCacheSize);
+  ASSERT_EQ(t.take_free(a), kSlotCacheSize);
+  EXPECT_EQ(t.used_end(), 2 * kSlotCacheSize);
+  // Taking everything reaches the capacity.
+  (void)take_all(t);
+  EXPECT_EQ(t.used_end(), 100'000u);
+}
+
 TEST(JobTableTest, PutFreeSplitsLongRunsIntoMagazines) {
   JobTable t(100);
   std::vector<SlotIndex> all = take_all(t);
