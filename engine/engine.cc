@@ -201,6 +201,10 @@ inline void copy_small(unsigned char* dst, const char* src, std::size_t n) noexc
 [[gnu::always_inline]] inline void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
+// The same, publishing the writes before it (change_count()): a plain store on x86.
+[[gnu::always_inline]] inline void bump_release(std::atomic<std::uint64_t>& c) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+}
 
 // A job queue on cache lines of its own: moodycamel's consumer-side atomics
 // must not share a line with the engine's read-mostly members (submit read
@@ -315,7 +319,14 @@ struct alignas(kCacheLine) WorkerState {
   std::atomic<std::uint64_t> dropped{0};
   std::atomic<std::uint64_t> cancelled{0};
   std::atomic<std::uint64_t> stuck_total{0};
-  std::atomic<std::uint32_t> running{0};
+  // Handler runs, two steps each: odd while a handler runs (health()'s
+  // `running`). The step into a run is stored with release after the job was
+  // marked running, so change_count() counts every start.
+  std::atomic<std::uint64_t> runs{0};
+  // Batches run, for change_count(): bumped with release after each, which
+  // covers the batch's last finish (every other finish is followed by the
+  // next job's start, a step of `runs`).
+  std::atomic<std::uint64_t> changes{0};
   std::atomic<bool> alive{false};
   // The job running now, for health(): its id, and the tick its run counts
   // as stuck at (0: no deadline).
@@ -1232,6 +1243,23 @@ class Engine::Impl final : public detail::CutSource {
     return n;
   }
 
+  // Every count grows only, so the sum is unchanged exactly when each is.
+  // The producers' `submitted` is bumped after the enqueue or schedule() and
+  // before leave_intake()'s release (which publishes it too); the others with
+  // release right after their change: the worker's `runs` and `changes`, the
+  // scheduler's scheduled_out_ (a job fired or cancelled), cancel_changes_
+  // (a cancel bit set) and dead_changes_ (a dead letter in or out).
+  std::uint64_t change_count() const override {
+    std::uint64_t n = accepted_total();
+    for (const auto& w : workers_) {
+      n += w->runs.load(std::memory_order_acquire) + w->changes.load(std::memory_order_acquire);
+    }
+    n += scheduled_out_.load(std::memory_order_acquire);
+    n += cancel_changes_.load(std::memory_order_acquire);
+    n += dead_changes_.load(std::memory_order_acquire);
+    return n;
+  }
+
   // ------------------------------------------------------------------ health
 
   Health health() const {
@@ -1262,7 +1290,7 @@ class Engine::Impl final : public detail::CutSource {
         h.dropped += w->dropped.load(std::memory_order_relaxed);
         h.cancelled += w->cancelled.load(std::memory_order_relaxed);
         h.stuck_total += w->stuck_total.load(std::memory_order_relaxed);
-        h.running += w->running.load(std::memory_order_relaxed);
+        h.running += w->runs.load(std::memory_order_relaxed) & 1;
         h.workers_alive += w->alive.load(std::memory_order_relaxed) ? 1 : 0;
         const std::uint64_t d = w->run_deadline.load(std::memory_order_relaxed);
         if (d != 0 && vnow_ticks > d) {
@@ -1303,6 +1331,7 @@ class Engine::Impl final : public detail::CutSource {
       h.last_durable_age = sh.last_durable_age;
       h.last_snapshot_error = std::move(sh.last_error);
       h.snapshot_failures = sh.failures;
+      h.snapshots_unchanged = sh.unchanged;
       h.at_risk = accepted > sh.accepted_at_last_durable ? accepted - sh.accepted_at_last_durable : 0;
     }
     // The reasons (allocating only when something is wrong).
@@ -1416,6 +1445,7 @@ class Engine::Impl final : public detail::CutSource {
       m.snapshot_duration_seconds = static_cast<double>(h.last_snapshot_duration.count()) / 1e9;
       m.snapshot_bytes = h.last_snapshot_bytes;
       m.snapshot_failures = h.snapshot_failures;
+      m.snapshots_unchanged = h.snapshots_unchanged;
       m.durable_age_seconds = static_cast<double>(h.last_durable_age.count()) / 1e9;
     }
     return m;
@@ -1810,7 +1840,13 @@ class Engine::Impl final : public detail::CutSource {
             sleepers_.load(std::memory_order_relaxed) > 0) {
           wake_sleepers(1);
         }
+        if (auto* hook = detail::g_before_batch.load(std::memory_order_relaxed)) [[unlikely]] {
+          hook(table_.slot(batch[0]).id());
+        }
         run_batch(w, batch, n);
+        // change_count(): the batch's last finish (and whatever an abandon
+        // or exit did to the rest of it).
+        bump_release(w.changes);
         // Whole magazines only while busy: one pool operation per kSlotCacheSize (64) jobs.
         if (w.retired.size() >= kSlotCacheSize) w.retired.flush(table_);
         continue;
@@ -1976,7 +2012,9 @@ class Engine::Impl final : public detail::CutSource {
                    std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size),
                    attempt, s.priority, s.submit_ticks, &s.id_word, deadline);
     Outcome outcome;
-    w.running.store(1, std::memory_order_relaxed);
+    // Release: change_count() (a snapshot that counts this step sees the
+    // job running). A plain store on x86.
+    w.runs.store(w.runs.load(std::memory_order_relaxed) + 1, std::memory_order_release);
     // In the live record before the handler runs: a handler that kills the
     // process leaves its job's id there (a store is never lost with the
     // process: it reaches the shared page).
@@ -1987,7 +2025,7 @@ class Engine::Impl final : public detail::CutSource {
       outcome = handler_threw(w, s, h, ctx);
     }
     w.live->store(0, std::memory_order_relaxed);
-    w.running.store(0, std::memory_order_relaxed);
+    w.runs.store(w.runs.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
     if (timed) {
       // This run's end is the next run's start.
       clock.now = Clock::ticks();
@@ -2255,6 +2293,7 @@ class Engine::Impl final : public detail::CutSource {
     if (static_cast<std::size_t>(it - dead_.begin()) < dead_kept_prefix_) --dead_kept_prefix_;
     dead_.erase(it);
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
+    dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
   }
 
   // Under dead_mu_.
@@ -2284,11 +2323,16 @@ class Engine::Impl final : public detail::CutSource {
                                   "): discarding failed job " + std::to_string(gone.id) + " (" +
                                   gone.handler + ")");
       dead_discarded_.fetch_add(1, std::memory_order_relaxed);
-      if (new_one) return;
+      if (new_one) {
+        // An earlier turn of this loop may have discarded a letter.
+        dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
+        return;
+      }
       dead_.erase(victim);
     }
     dead_.push_back(std::move(d));
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
+    dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
   }
 
   // stop(), before the final snapshot's cut: from here on a cancel() of a
@@ -2396,7 +2440,8 @@ class Engine::Impl final : public detail::CutSource {
           log(LogLevel::kError, "scheduler: out of memory queueing a due job; retrying");
           std::this_thread::sleep_for(std::chrono::milliseconds(1));
         }
-        scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+        // Release: change_count() (the job is queued now, not delayed).
+        scheduled_out_.fetch_add(1, std::memory_order_release);
         ++fired;
       }
       if (fired != 0) wake_after_enqueue(fired);
@@ -2466,7 +2511,8 @@ class Engine::Impl final : public detail::CutSource {
   // stop() once it has stopped (the per-handler counter has one writer at a
   // time).
   void count_sched_cancelled(const Slot& s) {
-    scheduled_out_.fetch_add(1, std::memory_order_relaxed);
+    // Release: change_count() (the job is retired).
+    scheduled_out_.fetch_add(1, std::memory_order_release);
     count_cancelled_off_worker(s);
   }
   // A cancelled job that no worker retires: by the scheduler, or by stop()
@@ -2554,6 +2600,8 @@ class Engine::Impl final : public detail::CutSource {
       if ((word & kIdMask) != id) break;
     }
     if ((word & kIdMask) != id) return std::nullopt;
+    // change_count(): the bit is set (by this call or an earlier one).
+    cancel_changes_.fetch_add(1, std::memory_order_release);
     asymmetric_fence_heavy();
     if (auto* hook = detail::g_cancel_after_cas.load(std::memory_order_relaxed)) [[unlikely]] {
       hook(id);
@@ -3094,6 +3142,9 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<std::uint64_t> sched_next_{~std::uint64_t{0}};  // tick it sleeps until
   std::atomic<std::uint64_t> scheduled_in_{0};  // jobs handed to the scheduler
   std::atomic<std::uint64_t> scheduled_out_{0}; // ... and taken out (fired, cancelled, dropped)
+  // change_count(): cancel bits set; dead letters added or removed (under dead_mu_).
+  std::atomic<std::uint64_t> cancel_changes_{0};
+  std::atomic<std::uint64_t> dead_changes_{0};
   std::atomic<std::uint64_t> held_{0};          // kDrain: scheduled jobs not due (counted once held_final_)
   std::atomic<bool> held_final_{false};
   std::atomic<std::uint64_t> sched_announce_{0};  // I5, the scheduler's stamps

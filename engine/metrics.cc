@@ -498,6 +498,9 @@ std::string format_prometheus(const MetricsData& m) {
     sample(out, "jobengine_snapshot_bytes", m.snapshot_bytes);
     family(out, "jobengine_snapshot_failures_total", "counter", "Snapshots that failed.");
     sample(out, "jobengine_snapshot_failures_total", m.snapshot_failures);
+    family(out, "jobengine_snapshot_unchanged_total", "counter",
+           "Periodic snapshots not written because nothing had changed since the last one.");
+    sample(out, "jobengine_snapshot_unchanged_total", m.snapshots_unchanged);
     family(out, "jobengine_snapshot_durable_age_seconds", "gauge",
            "Time since the last snapshot known durable.");
     sample(out, "jobengine_snapshot_durable_age_seconds", m.durable_age_seconds);
@@ -563,6 +566,7 @@ std::string format_json(const MetricsData& m) {
     json_double(out, "duration_seconds", m.snapshot_duration_seconds);
     json_uint(out, "bytes", m.snapshot_bytes);
     json_uint(out, "failures", m.snapshot_failures);
+    json_uint(out, "unchanged", m.snapshots_unchanged);
     json_key(out, "durable_age_seconds");
     append_json_double(out, m.durable_age_seconds);
     out += '}';

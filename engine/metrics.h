@@ -154,6 +154,7 @@ struct MetricsData {
   double snapshot_duration_seconds = 0;
   std::uint64_t snapshot_bytes = 0;
   std::uint64_t snapshot_failures = 0;
+  std::uint64_t snapshots_unchanged = 0;
   double durable_age_seconds = 0;
 };
 

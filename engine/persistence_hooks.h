@@ -83,6 +83,15 @@ class CutSource {
   virtual std::vector<DeadJob> dead_jobs() = 0;
   // Jobs accepted so far (submitted + recovered), for "at risk" figures.
   virtual std::uint64_t accepted_total() const = 0;
+  // A count that grows with every change a snapshot would record: a job
+  // accepted, started, finished, retried, cancelled, fired by the scheduler,
+  // a dead letter added or removed. Each change is counted after it is made,
+  // with release, and this loads the counts with acquire: so a count read
+  // before begin_cut() that equals the one read before the previous cut
+  // means that every change counted by then was in that cut already, and the
+  // periodic snapshot can be skipped (Snapshotter::run). A change whose count
+  // is not visible yet is simply taken by a later snapshot.
+  virtual std::uint64_t change_count() const = 0;
 };
 
 // The bytes of a snapshot image: a buffer (a shared-memory image is copied
@@ -156,6 +165,7 @@ struct SnapshotHealth {
   std::string last_error;
   std::uint64_t failures = 0;
   std::uint64_t accepted_at_last_durable = 0;
+  std::uint64_t unchanged = 0;  // periodic snapshots not written: nothing had changed
 };
 
 // What a crash must not take with it but changes too often for a snapshot:

@@ -21,4 +21,9 @@ inline std::atomic<void (*)(JobId)> g_dead_letter_in{nullptr};
 // fence ran), before it reads the job's state.
 inline std::atomic<void (*)(JobId)> g_cancel_after_cas{nullptr};
 
+// Called by a worker with a batch it dequeued, before any of its jobs is
+// marked running (once per batch: a load and a branch there), with the id of
+// the batch's first job.
+inline std::atomic<void (*)(JobId)> g_before_batch{nullptr};
+
 }  // namespace jobengine::detail

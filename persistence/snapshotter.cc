@@ -12,6 +12,13 @@
 // cut_mu_: the periodic thread, snapshot_now() callers (served by the thread)
 // and the final snapshot of stop() never overlap.
 //
+// A periodic snapshot that would record nothing new is skipped
+// (confirm_unchanged()): the engine counts every change a snapshot records
+// (CutSource::change_count(), each change counted after it is made), and a
+// count equal to the one read before a store's last cut means that image is
+// still the engine's state; health()'s ages then restart from the check. An
+// idle engine so writes nothing and reads none of its table.
+//
 // Recovery (persist::load_newest, recovery.h, shared with jobsnap) takes the
 // candidate with the highest generation that verifies, from either store, and
 // reports every newer candidate it skipped with the reason and byte offset.
@@ -246,16 +253,23 @@ class Snapshotter final : public Persistence {
     SnapshotHealth h;
     const std::int64_t now = Clock::steady_ns();
     h.last_generation = last_generation_.load(std::memory_order_relaxed);
-    const std::int64_t cut = last_cut_steady_ns_.load(std::memory_order_relaxed);
+    // The later of the cut and the last time nothing had changed since it
+    // (confirm_unchanged()).
+    const std::int64_t cut = std::max(last_cut_steady_ns_.load(std::memory_order_relaxed),
+                                      last_confirmed_steady_ns_.load(std::memory_order_relaxed));
     if (h.last_generation != 0) h.last_age = nanoseconds(now - cut);
     h.last_duration = nanoseconds(last_duration_ns_.load(std::memory_order_relaxed));
     h.last_bytes = last_bytes_.load(std::memory_order_relaxed);
     h.last_durable_generation = last_durable_generation_.load(std::memory_order_relaxed);
     if (h.last_durable_generation != 0) {
-      h.last_durable_age = nanoseconds(now - last_durable_cut_steady_ns_.load(std::memory_order_relaxed));
+      const std::int64_t durable_cut =
+          std::max(last_durable_cut_steady_ns_.load(std::memory_order_relaxed),
+                   last_durable_confirmed_steady_ns_.load(std::memory_order_relaxed));
+      h.last_durable_age = nanoseconds(now - durable_cut);
     }
     h.failures = failures_.load(std::memory_order_relaxed);
     h.accepted_at_last_durable = accepted_at_durable_.load(std::memory_order_relaxed);
+    h.unchanged = unchanged_.load(std::memory_order_relaxed);
     // The lock is taken only while the last attempt failed.
     if (error_present_.load(std::memory_order_acquire)) h.last_error = last_error_copy();
     return h;
@@ -286,7 +300,13 @@ class Snapshotter final : public Persistence {
       const bool shm_due = shm_periodic && now >= next_shm;
       if (!asked && !disk_due && !shm_due) continue;
       lock.unlock();
-      auto result = take(/*to_shm=*/shm_ != nullptr, /*to_disk=*/disk_ && (asked || disk_due));
+      // A periodic snapshot of an engine where nothing changed since the
+      // stores' last images would write the same jobs again: it is only
+      // noted (the ages in health() restart), so an idle engine costs no CPU.
+      Result<SnapshotInfo> result = SnapshotInfo{};
+      if (asked || !confirm_unchanged(disk_due)) {
+        result = take(/*to_shm=*/shm_ != nullptr, /*to_disk=*/disk_ && (asked || disk_due));
+      }
       lock.lock();
       now = steady_clock::now();
       if (shm_due || asked) next_shm = now + options_.shm_interval;
@@ -304,11 +324,36 @@ class Snapshotter final : public Persistence {
     }
   }
 
+  // Whether the periodic snapshot due now (to shared memory if there is a
+  // segment, to disk too when `disk_due`) would record nothing new: no change
+  // counted (CutSource::change_count()) since the last image each of those
+  // stores published. Then the images they hold are the engine's state as of
+  // now, which restarts the ages health() reports, and true is returned.
+  bool confirm_unchanged(bool disk_due) {
+    std::lock_guard<std::mutex> cut_lock(cut_mu_);
+    // The time first: the state is known to be captured as of a time
+    // before the counts were read, never after.
+    const std::int64_t checked = Clock::steady_ns();
+    const std::uint64_t changes = source_->change_count();
+    const bool shm_current = shm_ == nullptr || changes == shm_changes_;
+    const bool disk_current = !(disk_due && disk_) || changes == disk_changes_;
+    if (!shm_current || !disk_current) return false;
+    if (changes == newest_changes_) last_confirmed_steady_ns_.store(checked, std::memory_order_relaxed);
+    if (disk_ && changes == disk_changes_) {
+      last_durable_confirmed_steady_ns_.store(checked, std::memory_order_relaxed);
+    }
+    unchanged_.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+
   // One snapshot: cut, encode, publish. Serialised by cut_mu_.
   Result<SnapshotInfo> take(bool to_shm, bool to_disk) {
     std::lock_guard<std::mutex> cut_lock(cut_mu_);
     const auto t0 = steady_clock::now();
     const std::uint64_t generation = next_generation_++;
+    // Read before the cut: every change it counts is in this snapshot
+    // (CutSource::change_count()).
+    const std::uint64_t changes = source_->change_count();
 
     // Jobs accepted so far, read before the cut: all of them are in this
     // snapshot (or finished), so once it is durable none of them is at risk.
@@ -435,7 +480,10 @@ class Snapshotter final : public Persistence {
       log(LogLevel::kError, "snapshot generation " + std::to_string(generation) + ": " +
                                 f->to_string());
     }
+    if (shm_ok) shm_changes_ = changes;
+    if (disk_ok) disk_changes_ = changes;
     if (shm_ok || disk_ok) {
+      newest_changes_ = changes;
       last_generation_.store(generation, std::memory_order_relaxed);
       last_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
       last_duration_ns_.store(info.took.count(), std::memory_order_relaxed);
@@ -487,6 +535,13 @@ class Snapshotter final : public Persistence {
   std::mutex cut_mu_;  // one cut at a time; guards encoder_ and next_generation_
   snapshot::Encoder encoder_;
   std::uint64_t next_generation_ = 1;
+  // CutSource::change_count() read before the cut of the last image each
+  // store published, and of the newest one (confirm_unchanged()). kNever
+  // until one did.
+  static constexpr std::uint64_t kNever = ~std::uint64_t{0};
+  std::uint64_t shm_changes_ = kNever;
+  std::uint64_t disk_changes_ = kNever;
+  std::uint64_t newest_changes_ = kNever;
 
   std::mutex mu_;  // the thread's schedule and snapshot_now() requests
   std::condition_variable cv_;
@@ -505,6 +560,9 @@ class Snapshotter final : public Persistence {
   std::atomic<std::uint64_t> last_bytes_{0};
   std::atomic<std::uint64_t> last_durable_generation_{0};
   std::atomic<std::int64_t> last_durable_cut_steady_ns_{0};
+  std::atomic<std::int64_t> last_confirmed_steady_ns_{0};
+  std::atomic<std::int64_t> last_durable_confirmed_steady_ns_{0};
+  std::atomic<std::uint64_t> unchanged_{0};
   std::atomic<std::uint64_t> accepted_at_durable_{0};
   bool loaded_durable_ = false;  // load_newest() took a generation file (before start())
   std::atomic<std::uint64_t> failures_{0};

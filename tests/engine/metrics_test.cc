@@ -851,6 +851,7 @@ const std::vector<std::pair<std::string, std::string>>& expected_families(bool s
                        {"jobengine_snapshot_duration_seconds", "gauge"},
                        {"jobengine_snapshot_bytes", "gauge"},
                        {"jobengine_snapshot_failures_total", "counter"},
+                       {"jobengine_snapshot_unchanged_total", "counter"},
                        {"jobengine_snapshot_durable_age_seconds", "gauge"}});
     return v;
   }();

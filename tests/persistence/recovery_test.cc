@@ -983,8 +983,12 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
     for (int i = 0; i < 10; ++i) {
       if (!e->submit(*h, Numbered("j", i))) ::_exit(5);
     }
+    // A snapshot newer than the submits, then a periodic check that found
+    // nothing changed since the newest one: it holds all ten.
     const std::uint64_t after = e->health().last_snapshot_generation;
-    while (e->health().last_snapshot_generation < after + 2) std::this_thread::sleep_for(milliseconds(1));
+    while (e->health().last_snapshot_generation <= after) std::this_thread::sleep_for(milliseconds(1));
+    const std::uint64_t unchanged = e->health().snapshots_unchanged;
+    while (e->health().snapshots_unchanged <= unchanged) std::this_thread::sleep_for(milliseconds(1));
     char c = 'r';
     if (::write(ready[1], &c, 1) != 1) ::_exit(6);
     for (;;) ::pause();

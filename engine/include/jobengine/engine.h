@@ -201,11 +201,18 @@ struct Health {
   std::size_t capacity = 0;
   // Snapshots (zero / empty when disabled).
   std::uint64_t last_snapshot_generation = 0;   // newest published anywhere
-  std::chrono::nanoseconds last_snapshot_age{0};      // since its cut
+  // Since its cut, or since the snapshot thread last found that nothing had
+  // changed since that cut (whichever is later): how old the state it holds
+  // may be. Same for last_durable_age.
+  std::chrono::nanoseconds last_snapshot_age{0};
   std::chrono::nanoseconds last_snapshot_duration{0};
   std::uint64_t last_snapshot_bytes = 0;
   std::uint64_t last_durable_generation = 0;    // newest on disk
   std::chrono::nanoseconds last_durable_age{0};
+  // Periodic snapshots not written because no job had changed since the
+  // stores' last ones (an idle engine writes none; snapshot_now() and the
+  // final snapshot always write).
+  std::uint64_t snapshots_unchanged = 0;
   // Empty when each store's last publish succeeded; else the failing one's
   // error (the disk's first). A shared-memory success does not clear a disk
   // failure, nor the other way round.

@@ -72,7 +72,9 @@ struct SnapshotOptions {
   std::string shm_name;
 
   // How often the snapshot thread refreshes shared memory. Default 10 ms.
-  // 0 disables periodic shared-memory snapshots.
+  // 0 disables periodic shared-memory snapshots. A periodic snapshot (this
+  // one or disk_interval's) is skipped when nothing changed since the
+  // store's last one: an idle engine writes none (Health::snapshots_unchanged).
   std::chrono::milliseconds shm_interval{10};
 
   // How often a generation is written to disk (write, fsync, rename, fsync
