@@ -23,7 +23,7 @@ JSON_FILES = {
     "openloop": ["OpenLoop/engine_spin/", "OpenLoop/engine_block/", "OpenLoop/bare/",
                  "OpenLoop/mutex/", "OpenLoop/asio/", "OpenLoop/tbb/"],
     "snapshot": ["BM_SubmitWithShmSnapshots", "BM_SubmitWithoutSnapshots", "BM_SnapshotToDisk_1M",
-                 "BM_Recover_1M/"],
+                 "BM_Recover_1M/", "BM_IdleEngine/"],
     "pending": ["SnapshotCost/shm/", "SnapshotCost/disk/", "RecoverVsPending/",
                 "PlainReadVsPending/"],
     "memory": ["Memory/engine/", "Memory/bare/", "Memory/mutex/", "Memory/asio/", "Memory/tbb/"],

@@ -454,6 +454,20 @@ def section_snapshot(rep, res):
                      fmt(r.median(name, "p999_ns"), 0)])
     rep.table(["benchmark", "ms/iteration", "Mjobs/s", "MB/s", "submit p50 ns", "p99 ns",
                "p99.9 ns"], rows)
+    idle = []
+    idle_names = [n for n in r.names() if n.startswith("BM_IdleEngine/table:")]
+    for name in sorted(idle_names, key=lambda n: int(re.sub(r"\D", "", n.split(":", 1)[1]) or 0)):
+        idle.append([name.split("/", 1)[1].replace("table:", ""), fmt(r.median(name, "cpu_pct"), 2),
+                     fmt(r.median(name, "snapshots_per_s"), 1),
+                     fmt(r.median(name, "unchanged_per_s"), 1)])
+    if idle:
+        rep.add()
+        rep.add("An idle engine (default options, both stores on; `BM_IdleEngine`): the CPU of "
+                "the whole process while it has nothing to do, and its periodic snapshots "
+                "written and skipped (nothing had changed) per second.")
+        rep.add()
+        rep.table(["table slots", "CPU, % of one core", "snapshots written/s",
+                   "skipped (unchanged)/s"], idle)
 
 
 PENDING_RE = re.compile(r"^(SnapshotCost/shm|SnapshotCost/disk|RecoverVsPending|PlainReadVsPending)"
@@ -499,6 +513,13 @@ def section_pending(rep, res):
                      fmt(rec, 2, 1e3), fmt(read, 2, 1e3), fmt(ratio(rec, read), 1)])
     rep.table(["pending", "shm snapshot ms", "disk snapshot ms", "MB per snapshot", "bytes/job",
                "recovery ms", "plain read ms", "recovery ÷ read"], rows)
+    sparse = "SnapshotCost/shm/pending:1000/table:1048576"
+    if sparse in r.samples:
+        rep.add()
+        rep.add(f"The 1,000-job shared-memory snapshot in a 1,048,576-slot table (`{sparse}`): "
+                f"{fmt(r.median(sparse, 'seconds'), 2, 1e3)} ms (a cut reads only the slots that "
+                "ever held a job).")
+        rep.add()
 
 
 DELAYED_ROWS = [

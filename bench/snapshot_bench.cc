@@ -1260,21 +1260,29 @@ void BM_IdleEngine(benchmark::State& state) {
     state.SkipWithError(err.c_str());
     return;
   }
+  const std::string shm_name = unique_shm_name();
+  // The directory and the segment (an engine leaves its segment for the
+  // next one to recover from) go after the engine below, on every way out.
+  struct Cleanup {
+    const fs::path& dir;
+    const std::string& shm;
+    ~Cleanup() {
+      remove_dir(dir);
+      (void)::shm_unlink(("/" + shm).c_str());
+    }
+  } cleanup{dir, shm_name};
   EngineOptions o;
   o.capacity = slots;
   o.snapshot.enabled = true;
   o.snapshot.dir = dir.string();
-  o.snapshot.shm_name = unique_shm_name();
+  o.snapshot.shm_name = shm_name;
   std::uint64_t written = 0;
   std::uint64_t unchanged = 0;
   double cpu_s = 0;
   double wall_s = 0;
   {
     auto engine = Engine::open(std::move(o));
-    if (!engine) {
-      remove_dir(dir);
-      return skip(state, "open", engine.status());
-    }
+    if (!engine) return skip(state, "open", engine.status());
     std::atomic<bool> ran{false};
     auto h = engine->register_handler("once", [&ran](JobContext&) {
       ran.store(true, std::memory_order_release);
@@ -1302,9 +1310,8 @@ void BM_IdleEngine(benchmark::State& state) {
     const Health after = engine->health();
     written = after.last_snapshot_generation - before.last_snapshot_generation;
     unchanged = after.snapshots_unchanged - before.snapshots_unchanged;
-    if (auto st = engine->stop(StopMode::kDrain); !st) skip(state, "stop", st.status());
+    if (auto st = engine->stop(StopMode::kDrain); !st) return skip(state, "stop", st.status());
   }
-  remove_dir(dir);
   state.counters["cpu_pct"] = 100.0 * cpu_s / wall_s;
   state.counters["snapshots_per_s"] = static_cast<double>(written) / wall_s;
   state.counters["unchanged_per_s"] = static_cast<double>(unchanged) / wall_s;

@@ -1143,7 +1143,8 @@ class Engine::Impl final : public detail::CutSource {
     }
     asymmetric_fence_heavy();
     // I5: wait out every announcement of an epoch <= cut. Acquire: pairs with
-    // the release that clears an announcement, so the stamps are visible.
+    // the release that clears an announcement, or with the release of the
+    // thread's next announcement (announce()), so the stamps are visible.
     // A thread preempted inside its announcement would keep a pure spin
     // waiting for a whole timeslice on a small machine: yield after a while.
     auto wait_out = [cut](const std::atomic<std::uint64_t>& announced) {
@@ -1536,16 +1537,23 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // I5: announces the current epoch in `slot` and returns it, re-reading
-  // until the announcement and the epoch agree. Relaxed store + light fence:
-  // ordered before the re-read by the fence pair with stop()'s / begin_cut()'s
-  // heavy fence, so a cut that missed the announcement is seen on the re-read.
+  // until the announcement and the epoch agree. Store + light fence: ordered
+  // before the re-read by the fence pair with stop()'s / begin_cut()'s heavy
+  // fence, so a cut that missed the announcement is seen on the re-read.
+  // The store is a release, not relaxed: a cut waiting out this slot may read
+  // this thread's *next* announcement (an epoch above the cut) instead of the
+  // release that cleared the previous one, and since C++20 a later plain
+  // store no longer continues that release's sequence; reading a release
+  // store still publishes everything this thread did before it, the previous
+  // stamps included. Free on x86; an stlr on ARM (whose hardware ordered it
+  // anyway: store-release, then same-address stores).
   // The re-read acquires: a worker that stamps epoch C+1 then also sees the
   // horizon begin_cut() raised before bumping the epoch to C+1 (I7). (x86 and
   // ARMv8 order it anyway; the language needs the acquire. Free on x86.)
   [[gnu::always_inline]] std::uint64_t announce(std::atomic<std::uint64_t>& slot) noexcept {
     std::uint64_t e = table_.epoch_relaxed();
     for (;;) {
-      slot.store(e, std::memory_order_relaxed);
+      slot.store(e, std::memory_order_release);
       asymmetric_fence_light();
       const std::uint64_t again = table_.epoch();
       if (again == e) [[likely]] return e;

@@ -480,8 +480,11 @@ class Snapshotter final : public Persistence {
       log(LogLevel::kError, "snapshot generation " + std::to_string(generation) + ": " +
                                 f->to_string());
     }
-    if (shm_ok) shm_changes_ = changes;
-    if (disk_ok) disk_changes_ = changes;
+    // A store whose publish failed holds an older image (or none): its next
+    // periodic snapshot must be written whatever changed, or an idle
+    // engine would never retry it and its error would stay in health().
+    if (in_place) shm_changes_ = shm_ok ? changes : kNever;
+    if (to_file) disk_changes_ = disk_ok ? changes : kNever;
     if (shm_ok || disk_ok) {
       newest_changes_ = changes;
       last_generation_.store(generation, std::memory_order_relaxed);

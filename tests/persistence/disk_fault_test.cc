@@ -351,6 +351,37 @@ TEST_F(DiskFaultTest, SharedMemorySuccessesDoNotHideAFailingDisk) {
   ExpectCleanDirectory();
 }
 
+// A publish that fails while nothing changes (snapshot_now() on an idle
+// engine, its disk failing once): the next scheduled disk snapshot must still
+// be written, though the engine's state is the one the store last held, or
+// the error would stay in health() until some job came along.
+TEST_F(DiskFaultTest, AFailedPublishOfAnIdleEngineIsRetriedOnSchedule) {
+  auto e = Engine::open(Options(milliseconds(0), milliseconds(10)));
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  ASSERT_TRUE(e->submit(*h, "x").ok());
+  ASSERT_TRUE(WaitUntil([&] { return e->health().done == 1; }));
+  // Settled: scheduled snapshots are being skipped.
+  const std::uint64_t unchanged = e->health().snapshots_unchanged;
+  ASSERT_TRUE(WaitUntil([&] { return e->health().snapshots_unchanged >= unchanged + 3; }));
+  const std::uint64_t durable = e->health().last_durable_generation;
+  Arm({Op::kFsync, EIO, /*every=*/false});
+  auto failed = e->snapshot_now();
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), StatusCode::kIoError);
+  EXPECT_FALSE(e->health().last_snapshot_error.empty());
+  // No job since: the scheduled snapshot retries all the same, and clears it.
+  ASSERT_TRUE(WaitUntil([&] {
+    const Health hl = e->health();
+    return hl.last_durable_generation > durable && hl.last_snapshot_error.empty();
+  })) << e->health().last_snapshot_error;
+  EXPECT_EQ(e->health().done, 1u);
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+  ExpectCleanDirectory();
+}
+
 INSTANTIATE_TEST_SUITE_P(EachCallErrnoOnceAndPersistent, DiskFaultTest,
                          ::testing::ValuesIn(AllFaults()),
                          [](const ::testing::TestParamInfo<Fault>& param_info) {

@@ -980,12 +980,14 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
     });
     if (!e->start()) ::_exit(3);
     if (!e->snapshot_now()) ::_exit(4);  // disk: no jobs yet
+    // Read before the submits: the first snapshot after them may be
+    // published (and the engine settle) before a read after them.
+    const std::uint64_t after = e->health().last_snapshot_generation;
     for (int i = 0; i < 10; ++i) {
       if (!e->submit(*h, Numbered("j", i))) ::_exit(5);
     }
     // A snapshot newer than the submits, then a periodic check that found
     // nothing changed since the newest one: it holds all ten.
-    const std::uint64_t after = e->health().last_snapshot_generation;
     while (e->health().last_snapshot_generation <= after) std::this_thread::sleep_for(milliseconds(1));
     const std::uint64_t unchanged = e->health().snapshots_unchanged;
     while (e->health().snapshots_unchanged <= unchanged) std::this_thread::sleep_for(milliseconds(1));
