@@ -9,9 +9,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <filesystem>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -20,44 +17,18 @@
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 #include "jobengine/snapshot_tools.h"
+#include "tests/engine/test_support.h"
 
 namespace jobengine {
 namespace {
 
-namespace fs = std::filesystem;
 using std::chrono::milliseconds;
 using std::chrono::steady_clock;
 
-constexpr milliseconds kWait{30000};
-
-template <typename Pred>
-bool WaitUntil(Pred pred) {
-  const auto deadline = steady_clock::now() + kWait;
-  while (!pred()) {
-    if (steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(milliseconds(1));
-  }
-  return true;
-}
-
-// A gate a handler waits on (until the test opens it, or kWait).
-class Gate {
- public:
-  void open() {
-    std::lock_guard<std::mutex> l(mu_);
-    open_ = true;
-    cv_.notify_all();
-  }
-  void wait() {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait_for(l, kWait, [&] { return open_; });
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool open_ = false;
-};
+using testing_support::Gate;
+using testing_support::GateOpener;
+using testing_support::WaitUntil;
+constexpr milliseconds kWait = testing_support::kWaitTimeout;
 
 struct Shm {
   std::string name = "jobengine-sched-" + std::to_string(::getpid());
@@ -197,11 +168,14 @@ class HoldNextBatch {
 // makes it wait longer; a kind the engine did not count times it out.
 TEST(SnapshotScheduleTest, EveryKindOfChangeReachesTheNextSnapshot) {
   Shm shm;
-  auto e = Engine::open(ShmOptions(shm.name));
-  ASSERT_TRUE(e.ok()) << e.status().to_string();
   Gate first_gate;
   Gate delayed_gate;
   std::atomic<int> retry_runs{0};
+  auto e = Engine::open(ShmOptions(shm.name));
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  // Opened before the engine's destructor drains, also after a failed assertion.
+  GateOpener open_first(first_gate);
+  GateOpener open_delayed(delayed_gate);
   auto blocker = e->register_handler("blocker", [&](JobContext&) {
     first_gate.wait();
     return Outcome::kDone;
