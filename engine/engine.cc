@@ -202,8 +202,9 @@ inline void copy_small(unsigned char* dst, const char* src, std::size_t n) noexc
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
 // The same, publishing the writes before it (change_count()): a plain store on x86.
-[[gnu::always_inline]] inline void bump_release(std::atomic<std::uint64_t>& c) noexcept {
-  c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+[[gnu::always_inline]] inline void bump_release(std::atomic<std::uint64_t>& c,
+                                                std::uint64_t by = 1) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_release);
 }
 
 // A job queue on cache lines of its own: moodycamel's consumer-side atomics
@@ -678,7 +679,7 @@ class Engine::Impl final : public detail::CutSource {
       leave_intake(ps);
       return Status(StatusCode::kInternal, "submit(): out of memory growing the job queue");
     }
-    bump(ps.submitted);
+    bump_release(ps.submitted);  // release: change_count()
     bump(ps.by_handler[handler]);
     leave_intake(ps);
     wake_after_enqueue(1);
@@ -762,7 +763,7 @@ class Engine::Impl final : public detail::CutSource {
       leave_intake(ps);
       return Status(StatusCode::kInternal, "submit(): out of memory growing a job queue");
     }
-    bump(ps.submitted);
+    bump_release(ps.submitted);  // release: change_count()
     bump(ps.by_handler[handler]);
     leave_intake(ps);
     if (key_entry.keys != nullptr) {
@@ -886,7 +887,7 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     if (failed != kPriorityLevels) [[unlikely]] return batch_not_queued(ps, jobs, slots, epoch, failed);
-    bump(ps.submitted, n);
+    bump_release(ps.submitted, n);  // release: change_count()
     // Once per run of one handler (a batch is usually one run), not once per
     // job: each bump is a load and a store of the same counter.
     for (std::size_t i = 0; i < n;) {
@@ -919,7 +920,7 @@ class Engine::Impl final : public detail::CutSource {
       slots[back++] = slots[i];
     }
     unclaim(ps, slots, back, epoch);
-    bump(ps.submitted, accepted);
+    bump_release(ps.submitted, accepted);  // release: change_count()
     leave_intake(ps);
     if (accepted != 0) wake_after_enqueue(accepted);
     std::string what = "submit_batch(): out of memory growing the job queue of priority level " +
@@ -1245,9 +1246,10 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // Every count grows only, so the sum is unchanged exactly when each is.
-  // The producers' `submitted` is bumped after the enqueue or schedule() and
-  // before leave_intake()'s release (which publishes it too); the others with
-  // release right after their change: the worker's `runs` and `changes`, the
+  // Each is stored with release right after its change: the producers'
+  // `submitted` after the enqueue or schedule() (so a snapshot thread that
+  // reads it also reads the epoch the job was stamped with as at most the
+  // cut it then makes: the job is in that cut), the worker's `runs` and `changes`, the
   // scheduler's scheduled_out_ (a job fired or cancelled), cancel_changes_
   // (a cancel bit set) and dead_changes_ (a dead letter in or out).
   std::uint64_t change_count() const override {
