@@ -92,14 +92,22 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = std::to_string(size) + " bytes, not a live record's size";
     return Status();
   }
+  // Through the file layer from offset 0 (the descriptor was just opened),
+  // an EINTR asked again at most kMaxEintrRetries times in a row, as
+  // FileStore::read does.
+  FileSystem& fs = *default_file_system();
   std::vector<unsigned char> bytes(size);
   std::size_t got = 0;
+  int interrupted = 0;
   while (got < size) {
-    const ssize_t n = ::pread(fd_, bytes.data() + got, size - got, static_cast<off_t>(got));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return errno_status("read", path_, errno);
-    if (n == 0) break;
-    got += static_cast<std::size_t>(n);
+    SysResult<std::size_t> r = fs.read(fd_, bytes.data() + got, size - got);
+    if (!r.ok()) {
+      if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
+      return errno_status("read", path_, r.error);
+    }
+    interrupted = 0;
+    if (r.value == 0) break;
+    got += r.value;
   }
   if (got != size) {
     previous_problem_ = "shorter than its size while read";
