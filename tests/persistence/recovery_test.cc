@@ -788,7 +788,9 @@ TEST(RecoveryTest, ASnapshotCutWhileAJobIsRequeuedFromTheDeadLettersStillHoldsIt
   requeuer.join();
   EXPECT_EQ(missing, 0) << "snapshots without the job, of " << snapshots << " (" << requeues.load()
                         << " requeues)";
-  EXPECT_GT(requeues.load(), static_cast<std::uint64_t>(kSnapshots)) << "too few requeues to tell";
+  // The loop ends once both reached kSnapshots: at least that many, as the
+  // comment above says (GT failed a slow aarch64 run that stopped at exactly 300).
+  EXPECT_GE(requeues.load(), static_cast<std::uint64_t>(kSnapshots)) << "too few requeues to tell";
   ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
 }
 
