@@ -69,6 +69,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <array>
 #include <cassert>
 #include <chrono>
 #include <cmath>
@@ -76,6 +77,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <semaphore>
 #include <string>
@@ -83,6 +85,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include "engine/asymmetric_fence.h"
 #include "engine/clock.h"
@@ -125,6 +128,16 @@ using detail::SlotIndex;
 using detail::SlotState;
 
 namespace {
+
+// moodycamel makes a producer token's producer with the queue's malloc and,
+// when that fails, leaves the token invalid; an enqueue through an invalid
+// token dereferences null. So tokens are made only where the failure can be
+// reported (start(), a thread's first submit), and checked there.
+using SchedulerTokens = std::array<QueueProducerToken, kPriorityLevels>;
+bool all_valid(std::span<const QueueProducerToken> tokens) {
+  return std::all_of(tokens.begin(), tokens.end(),
+                     [](const QueueProducerToken& t) { return t.valid(); });
+}
 
 // Ids are handed to submitters in blocks so that taking one is thread-local.
 constexpr JobId kIdBlock = 1024;
@@ -383,6 +396,9 @@ thread_local ThreadProducers t_producers;
 // readable after the objects they describe are gone.
 thread_local bool t_producers_gone = false;
 thread_local bool t_late_producers_gone = false;
+// Set when this thread's last producer_state_slow() failed for want of memory
+// (not because the engine is not running): no_producer_status() says which.
+thread_local bool t_producer_out_of_memory = false;
 
 // The key; nullopt if none could be made (late submits are then refused).
 const std::optional<pthread_key_t>& late_producers_key() {
@@ -568,11 +584,29 @@ class Engine::Impl final : public detail::CutSource {
       workers_.back()->index = i;
       workers_.back()->rng ^= (uid_ << 20) + i * 0x2545F4914F6CDD1Dull;
     }
+    // Every queue producer an engine thread enqueues through is made here, on
+    // this thread, before any of them runs: an allocation that fails fails
+    // start() (and none happens behind a submitter's back once start() returned).
+    Status failure;
+    for (auto& w : workers_) {
+      if (!all_valid(w->requeue)) {
+        failure = Status(StatusCode::kInternal,
+                         "start(): out of memory creating the queue producers of worker " +
+                             std::to_string(w->index));
+        break;
+      }
+    }
+    SchedulerTokens sched_tokens{QueueProducerToken(queues_[0]), QueueProducerToken(queues_[1]),
+                                 QueueProducerToken(queues_[2])};
+    if (failure.ok() && !all_valid(sched_tokens)) {
+      failure = Status(StatusCode::kInternal,
+                       "start(): out of memory creating the scheduler's queue producers");
+    }
     // Workers wait for go_ so that none runs before every one is named and
     // pinned (and so a failed start can be unwound).
-    Status failure;
     std::size_t started = 0;
     for (auto& w : workers_) {
+      if (!failure.ok()) break;
       try {
         WorkerState* ws = w.get();
         ws->thread = std::thread([this, ws] { worker_main(*ws); });
@@ -594,7 +628,8 @@ class Engine::Impl final : public detail::CutSource {
     bool scheduler_started = false;
     if (failure.ok()) {
       try {
-        scheduler_thread_ = std::thread([this] { scheduler_main(); });
+        scheduler_thread_ = std::thread(
+            [this, tokens = std::move(sched_tokens)]() mutable { scheduler_main(tokens); });
         scheduler_started = true;
         failure = detail::place_thread(scheduler_thread_.native_handle(), "jobengine-sched",
                                        options_.scheduler_cpu);
@@ -655,7 +690,7 @@ class Engine::Impl final : public detail::CutSource {
   // prefetched a few submits ago (take_slots).
   Result<JobId> submit_plain(HandlerId handler, std::string_view payload, std::uint8_t priority) {
     ProducerState* psp = producer_state();
-    if (psp == nullptr) [[unlikely]] return stopped_status();
+    if (psp == nullptr) [[unlikely]] return no_producer_status();
     ProducerState& ps = *psp;
     const std::uint64_t epoch = enter_intake(ps);
     if (epoch == 0) [[unlikely]] return stopped_status();
@@ -730,7 +765,7 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     ProducerState* psp = producer_state();
-    if (psp == nullptr) return stopped_status();
+    if (psp == nullptr) [[unlikely]] return no_producer_status();
     ProducerState& ps = *psp;
     const std::uint64_t now = vnow();
     const std::uint64_t run_at = run_at_ticks(o, now);
@@ -817,7 +852,7 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     ProducerState* psp = producer_state();
-    if (psp == nullptr) return stopped_status();
+    if (psp == nullptr) [[unlikely]] return no_producer_status();
     ProducerState& ps = *psp;
     const std::size_t n = jobs.size();
     bool single_level = true;
@@ -1520,6 +1555,16 @@ class Engine::Impl final : public detail::CutSource {
 
   // The two errors a hot submit loop meets are built without allocating, so
   // back-pressure does not slow the caller down further.
+  // producer_state() gave nullptr: the engine is not running, or this
+  // thread's producers could not be made (then a later submit tries again).
+  [[gnu::noinline]] static Status no_producer_status() {
+    if (std::exchange(t_producer_out_of_memory, false)) {
+      return Status(StatusCode::kInternal,
+                    "out of memory creating this thread's job queue producers; nothing was "
+                    "accepted, and the thread's next submit tries again");
+    }
+    return stopped_status();
+  }
   static Status stopped_status() {
     static constexpr Status::Rep kRep{StatusCode::kStopped, false, "engine is not running"};
     return Status(kRep);
@@ -1779,7 +1824,16 @@ class Engine::Impl final : public detail::CutSource {
         }
       }
       if (ps == nullptr) {
-        ps = new ProducerState(queues_, handlers_.size());
+        try {
+          ps = new ProducerState(queues_, handlers_.size());
+        } catch (const std::bad_alloc&) {
+          ps = nullptr;
+        }
+        if (ps == nullptr || !all_valid(ps->tokens)) {
+          delete ps;
+          t_producer_out_of_memory = true;
+          return nullptr;
+        }
         ps->next = producers_.load(std::memory_order_relaxed);
         // Release: readers walking the list see a fully built state.
         producers_.store(ps, std::memory_order_release);
@@ -2394,11 +2448,9 @@ class Engine::Impl final : public detail::CutSource {
     if (scheduler_thread_.joinable()) scheduler_thread_.join();
   }
 
-  void scheduler_main() {
+  // `tokens`: made by start() (all_valid() says why).
+  void scheduler_main(SchedulerTokens& tokens) {
     while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
-    QueueProducerToken tokens[kPriorityLevels] = {QueueProducerToken(queues_[0]),
-                                                  QueueProducerToken(queues_[1]),
-                                                  QueueProducerToken(queues_[2])};
     detail::RetireBuffer retired(kSlotCacheSize * 2);
     std::vector<Timer> heap;
     std::vector<Timer> inbox;
@@ -2852,6 +2904,10 @@ class Engine::Impl final : public detail::CutSource {
     QueueProducerToken tokens[kPriorityLevels] = {QueueProducerToken(queues_[0]),
                                                   QueueProducerToken(queues_[1]),
                                                   QueueProducerToken(queues_[2])};
+    if (!all_valid(tokens)) {
+      return Status(StatusCode::kInternal,
+                    "start(): out of memory creating the queue producers that restore jobs");
+    }
     SlotIndex cache[kSlotCacheSize];
     std::size_t cached = 0;
     std::uint64_t restored = 0;

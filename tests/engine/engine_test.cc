@@ -1123,6 +1123,98 @@ TEST_F(QueueOutOfMemoryTest, AMixedBatchKeepsTheLevelsQueuedBeforeTheOneThatFail
   StopAndExpectEveryAcceptedJobRan(2 * kBig + 1 + 10 + filled);
 }
 
+// A queue producer is made with the queue's malloc, and moodycamel leaves the
+// token of one it could not make invalid: an enqueue through it dereferences
+// null. start() makes every engine thread's producers (workers' retry
+// re-queues, the scheduler's due jobs) before any thread runs. Whichever of
+// start()'s allocations fails, start() fails with kInternal and the engine is
+// stopped; or it got by without that allocation, and then the engine works,
+// retries and delayed jobs included. Before, the scheduler made its producers
+// on its own thread once it ran: under load that was after start() returned,
+// and took a submitter's injected failure (QueueOutOfMemoryTest's flake).
+TEST(QueueProducerOutOfMemoryTest, StartFailsCleanlyWhicheverOfItsAllocationsFails) {
+  constexpr unsigned kWorkers = 2;
+  int failed_starts = 0;
+  for (long k = 0;; ++k) {
+    ASSERT_LT(k, 200) << "start() kept failing";
+    EngineOptions o = SmallOptions();
+    o.workers = kWorkers;
+    auto engine = Engine::open(o);
+    ASSERT_TRUE(IsOk(engine));
+    std::atomic<int> runs{0};
+    std::atomic<int> attempts{0};
+    auto count = engine->register_handler("count", Counting(runs));
+    HandlerOptions retry_at_once{.max_attempts = 2, .has_retry_policy = true,
+                                 .retry = {.initial_backoff = std::chrono::nanoseconds(0)}};
+    auto flaky = engine->register_handler(
+        "flaky",
+        [&](JobContext& job) {
+          attempts.fetch_add(1);
+          return job.attempt() == 1 ? Outcome::kRetry : Outcome::kDone;
+        },
+        retry_at_once);
+    ASSERT_TRUE(IsOk(count));
+    ASSERT_TRUE(IsOk(flaky));
+    detail::g_fail_queue_alloc_in.store(k);
+    auto started = engine->start();
+    const bool start_met_the_failure = detail::g_fail_queue_alloc_in.load() == -1;
+    detail::g_fail_queue_alloc_in.store(-1);
+    if (!IsOk(started)) {
+      EXPECT_TRUE(start_met_the_failure) << "allocation " << k;
+      EXPECT_TRUE(HasError(started, StatusCode::kInternal, "out of memory creating the"))
+          << "allocation " << k;
+      EXPECT_EQ(engine->state(), EngineState::kStopped);
+      EXPECT_TRUE(HasError(engine->submit(*count, ""), StatusCode::kStopped));
+      ++failed_starts;
+      continue;
+    }
+    // The workers re-queue retries, and the scheduler queues delayed jobs,
+    // through the producers start() made.
+    for (int i = 0; i < 20; ++i) ASSERT_TRUE(IsOk(engine->submit(*flaky, "")));
+    for (int i = 0; i < 5; ++i) {
+      ASSERT_TRUE(IsOk(engine->submit(*count, "", {.delay = std::chrono::milliseconds(1)})));
+    }
+    ASSERT_TRUE(WaitUntil([&] { return runs.load() == 5 && attempts.load() == 40; }))
+        << "allocation " << k << ": runs " << runs.load() << ", attempts " << attempts.load();
+    auto report = engine->stop();
+    ASSERT_TRUE(IsOk(report));
+    EXPECT_EQ(report->done, 25u);
+    EXPECT_EQ(engine->health().retried, 20u);
+    if (!start_met_the_failure) break;  // past start()'s last allocation
+  }
+  // Each of the three level producers of each worker and of the scheduler.
+  EXPECT_GE(failed_starts, 3 * static_cast<int>(kWorkers + 1));
+}
+
+// A thread's first submit makes its producers: when that fails, the submit
+// says so (not kStopped), accepts nothing, and the thread's next submit makes
+// them; submit_batch the same.
+TEST(QueueProducerOutOfMemoryTest, AThreadsFirstSubmitReportsItsProducersCouldNotBeMade) {
+  auto engine = Engine::open(SmallOptions());
+  ASSERT_TRUE(IsOk(engine));
+  std::atomic<int> runs{0};
+  auto count = engine->register_handler("count", Counting(runs));
+  ASSERT_TRUE(IsOk(count));
+  ASSERT_TRUE(IsOk(engine->start()));
+  const std::vector<JobSpec> batch(3, JobSpec{*count, "batch", {}});
+  std::thread([&] {
+    detail::g_fail_queue_alloc_in.store(0);
+    EXPECT_TRUE(HasError(engine->submit(*count, ""), StatusCode::kInternal,
+                         "out of memory creating this thread's job queue producers"));
+    detail::g_fail_queue_alloc_in.store(0);
+    EXPECT_TRUE(HasError(engine->submit_batch(batch), StatusCode::kInternal,
+                         "out of memory creating this thread's job queue producers"));
+    detail::g_fail_queue_alloc_in.store(-1);
+    EXPECT_EQ(engine->health().submitted, 0u);
+    EXPECT_TRUE(IsOk(engine->submit(*count, "")));
+    EXPECT_TRUE(IsOk(engine->submit_batch(batch)));
+  }).join();
+  auto report = engine->stop();
+  ASSERT_TRUE(IsOk(report));
+  EXPECT_EQ(report->submitted, 4u);
+  EXPECT_EQ(runs.load(), 4);
+}
+
 // ---- priorities -------------------------------------------------------------
 
 // Runs `per_level` jobs of each priority, queued behind a blocked single

@@ -255,15 +255,18 @@ class Engine {
   // Starts the workers (pinned to options.cpus when given) and returns once
   // every one of them runs, so health().ok holds on return. kFailedPrecondition
   // unless the engine is open and not started; kIoError when a thread cannot be
-  // created or pinned. Any failure, restoring the recovered snapshot's jobs
-  // included, leaves the engine stopped: open a new one (the snapshot it
-  // recovered from is untouched).
+  // created or pinned; kInternal when memory runs out making the threads'
+  // queue producers (all made here, before any thread runs). Any failure,
+  // restoring the recovered snapshot's jobs included, leaves the engine
+  // stopped: open a new one (the snapshot it recovered from is untouched).
   Result<StartReport> start();
 
   // Submits one job. Thread-safe, lock-free; does not allocate for payloads up
   // to kInlinePayloadBytes (after the calling thread's first submit). Errors:
   // kStopped (not running), kNotFound (unknown handler), kInvalidArgument (bad
-  // priority), kPayloadTooLarge, kQueueFull (table full; returned at once).
+  // priority), kPayloadTooLarge, kQueueFull (table full; returned at once),
+  // kInternal (out of memory: at a thread's first submit, making its queue
+  // producers, or growing a queue; nothing accepted, a later submit retries).
   Result<JobId> submit(HandlerId handler, std::string_view payload, SubmitOptions options);
   // The same with default options (normal priority, no delay, deadline or
   // key): the shortest path, for the hottest callers.
