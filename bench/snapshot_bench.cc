@@ -201,6 +201,7 @@ constexpr Payload kMeasuredPayload{{0x0123456789abcdefULL, 0xfedcba9876543210ULL
 
 constexpr std::string_view kParkedHandler = "bench.parked";
 constexpr std::string_view kMeasuredHandler = "bench.empty";
+constexpr std::string_view kBurstHandler = "bench.burst";
 
 // ---- configuration ------------------------------------------------------------
 
@@ -300,6 +301,9 @@ struct Gate {
   alignas(64) std::atomic<std::uint64_t> ran{0};
   // Set at teardown: parked handlers return kRetry at once.
   alignas(64) std::atomic<bool> release{false};
+  // BenchEngine::burst(): its jobs wait while `burst_hold`; `burst_ran` counts them.
+  alignas(64) std::atomic<bool> burst_hold{false};
+  std::atomic<std::uint64_t> burst_ran{0};
 };
 
 Outcome park(Gate& gate, Park mode) {
@@ -327,8 +331,9 @@ class BenchEngine {
   BenchEngine& operator=(const BenchEngine&) = delete;
   ~BenchEngine() { (void)shutdown(); }
 
-  // open() + the parked handler (+ the measured one when `measured`).
-  Status open(EngineOptions options, Park mode, bool measured) {
+  // open() + the parked handler (+ the measured one when `measured`, the
+  // burst one when `bursts`).
+  Status open(EngineOptions options, Park mode, bool measured, bool bursts = false) {
     shm_name_ = options.snapshot.shm_name;
     auto e = Engine::open(std::move(options));
     if (!e) return e.status();
@@ -347,6 +352,44 @@ class BenchEngine {
       });
       if (!empty) return empty.status();
       measured_ = *empty;
+    }
+    if (bursts) {
+      auto burst = engine_->register_handler(kBurstHandler, [gate](JobContext&) {
+        gate->burst_hold.wait(true, std::memory_order_acquire);
+        gate->burst_ran.fetch_add(1, std::memory_order_release);
+        return Outcome::kDone;
+      });
+      if (!burst) return burst.status();
+      burst_ = *burst;
+    }
+    return Status();
+  }
+
+  // Puts n jobs in the table at once (the first one holds the worker until
+  // all are in), then lets them all run and waits until they did: afterwards
+  // the table's free slots are spread over the n that held them, the way a
+  // burst of traffic leaves an engine. Needs open(..., bursts = true).
+  Status burst(std::size_t n) {
+    gate_->burst_hold.store(true, std::memory_order_relaxed);
+    const std::uint64_t before = gate_->burst_ran.load(std::memory_order_relaxed);
+    std::vector<JobSpec> specs(256, JobSpec{burst_, "burst", {}});
+    for (std::size_t done = 0; done < n;) {
+      const std::size_t k = std::min(n - done, specs.size());
+      auto r = engine_->submit_batch(std::span<const JobSpec>(specs.data(), k));
+      if (!r) {
+        gate_->burst_hold.store(false, std::memory_order_release);
+        gate_->burst_hold.notify_all();
+        return Status(r.status().code(), "burst, after " + std::to_string(done) + " jobs: " +
+                                             std::string(r.status().message()));
+      }
+      done += k;
+    }
+    gate_->burst_hold.store(false, std::memory_order_release);
+    gate_->burst_hold.notify_all();
+    const auto deadline = Clock::now() + kStallLimit;
+    while (gate_->burst_ran.load(std::memory_order_acquire) < before + n) {
+      if (Clock::now() > deadline) return Status(StatusCode::kInternal, "burst jobs did not finish");
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     return Status();
   }
@@ -437,6 +480,7 @@ class BenchEngine {
   std::string shm_name_;
   HandlerId parked_ = 0;
   HandlerId measured_ = 0;
+  HandlerId burst_ = 0;
   std::vector<JobId> parked_ids_;
 };
 
@@ -1036,7 +1080,7 @@ void BM_PlainRead_1M(benchmark::State& state, bool cold) { RunPlainRead(state, c
 //    kWarmupWrites untimed ones (see kKeepGenerations).
 // Counters: bytes (per snapshot), bytes_per_job, pending.
 void RunSnapshotCost(benchmark::State& state, bool shm, std::size_t pending,
-                     std::size_t capacity = 0) {
+                     std::size_t capacity = 0, std::size_t burst = 0) {
   fs::path dir;
   EngineOptions options;
   if (shm) {
@@ -1056,10 +1100,13 @@ void RunSnapshotCost(benchmark::State& state, bool shm, std::size_t pending,
   std::uint64_t snapshots = 0;
   {
     BenchEngine be;
-    if (Status st = be.open(std::move(options), Park::kBlock, false); !st.ok()) {
+    if (Status st = be.open(std::move(options), Park::kBlock, false, burst != 0); !st.ok()) {
       return skip(state, "open", st);
     }
     if (auto started = be.start(); !started) return skip(state, "start", started.status());
+    if (burst != 0) {
+      if (Status st = be.burst(burst); !st.ok()) return skip(state, "burst", st);
+    }
     if (Status st = be.submit_parked(pending); !st.ok()) return skip(state, "setup", st);
     if (!be.wait_parked()) {
       state.SkipWithError("the worker never took a parked job");
@@ -1162,6 +1209,17 @@ void register_vs_pending() {
       benchmark::RegisterBenchmark("SnapshotCost/shm/pending:1000/table:1048576",
                                    [](benchmark::State& st) {
                                      RunSnapshotCost(st, true, 1000, std::size_t{1} << 20);
+                                   })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(iterations);
+      // The same table after a burst went through nearly all of it: the
+      // scan covers the regions with slots in use (JobTable::
+      // for_each_scan_range()), not everything the burst touched.
+      benchmark::RegisterBenchmark("SnapshotCost/shm/pending:1000/table:1048576/after_burst",
+                                   [](benchmark::State& st) {
+                                     constexpr std::size_t kTable = std::size_t{1} << 20;
+                                     RunSnapshotCost(st, true, 1000, kTable, kTable - 1000 - 8192);
                                    })
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond)

@@ -1206,57 +1206,59 @@ class Engine::Impl final : public detail::CutSource {
                         const std::function<void(std::span<const detail::CutJob>)>& fn) override {
     std::array<detail::CutJob, detail::CutSource::kCutBatch> batch;
     std::size_t n = 0;
-    // Only the part of the table that ever held a job (JobTable::used_end():
-    // loaded after begin_cut(), it covers every slot claimed in the cut).
-    const std::size_t end = table_.used_end();
-    for (std::size_t i = 0; i < end; ++i) {
-      // The scan is bound by memory latency (a slot header is a cache miss
-      // once the table outgrows the caches): fetch the header and first
-      // payload line kScanAhead slots ahead.
-      if (i + kScanAhead < end) {
-        const auto* ahead =
-            reinterpret_cast<const char*>(&table_.slot(static_cast<SlotIndex>(i + kScanAhead)));
-        __builtin_prefetch(ahead, 0, 3);
-        __builtin_prefetch(ahead + kCacheLine, 0, 3);
+    // Only the parts of the table that may hold a job (JobTable::
+    // for_each_scan_range(): read after begin_cut(), they cover every slot
+    // claimed in the cut).
+    table_.for_each_scan_range([&](std::size_t begin, std::size_t end) {
+      for (std::size_t i = begin; i < end; ++i) {
+        // The scan is bound by memory latency (a slot header is a cache miss
+        // once the table outgrows the caches): fetch the header and first
+        // payload line kScanAhead slots ahead.
+        if (i + kScanAhead < end) {
+          const auto* ahead =
+              reinterpret_cast<const char*>(&table_.slot(static_cast<SlotIndex>(i + kScanAhead)));
+          __builtin_prefetch(ahead, 0, 3);
+          __builtin_prefetch(ahead + kCacheLine, 0, 3);
+        }
+        const Slot& s = table_.slot(static_cast<SlotIndex>(i));
+        // I6, read as job_table.h (3) says: finish first, with acquire.
+        const std::uint64_t f = s.finish_epoch.load(std::memory_order_acquire);
+        if (f != 0 && f <= cut) continue;
+        const std::uint64_t e = s.submit_epoch.load(std::memory_order_relaxed);
+        if (e == 0 || e > cut) continue;
+        detail::CutJob& j = batch[n];
+        const std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
+        j.id = word & kIdMask;
+        j.cancel_requested = (word & kCancelBit) != 0;
+        j.handler = s.handler;
+        j.priority = s.priority;
+        // Acquire: pairs with after_handler's release, so a retry's state is
+        // read with its own run_at below (on ARM the plain loads could pair a
+        // new kWaitingRetry with the old run_at: due at once after recovery).
+        switch (s.state.load(std::memory_order_acquire)) {
+          case SlotState::kRunning: j.state = snapshot::JobState::kRunningAtCut; break;
+          case SlotState::kDelayed: j.state = snapshot::JobState::kDelayed; break;
+          case SlotState::kWaitingRetry: j.state = snapshot::JobState::kWaitingRetry; break;
+          default: j.state = snapshot::JobState::kPending; break;
+        }
+        j.attempts = s.attempts.load(std::memory_order_relaxed);
+        j.recoveries = s.recoveries;
+        j.submit_ticks = s.submit_ticks;
+        j.run_at_ticks = s.run_at_ticks.load(std::memory_order_relaxed);
+        j.payload = std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size);
+        if (const ExtraHeader* x = s.extra()) {
+          j.deadline_ns = x->deadline_ns;
+          j.key = s.key();
+        } else {
+          j.deadline_ns = 0;
+          j.key = {};
+        }
+        if (++n == batch.size()) {
+          fn(std::span<const detail::CutJob>(batch.data(), n));
+          n = 0;
+        }
       }
-      const Slot& s = table_.slot(static_cast<SlotIndex>(i));
-      // I6, read as job_table.h (3) says: finish first, with acquire.
-      const std::uint64_t f = s.finish_epoch.load(std::memory_order_acquire);
-      if (f != 0 && f <= cut) continue;
-      const std::uint64_t e = s.submit_epoch.load(std::memory_order_relaxed);
-      if (e == 0 || e > cut) continue;
-      detail::CutJob& j = batch[n];
-      const std::uint64_t word = s.id_word.load(std::memory_order_relaxed);
-      j.id = word & kIdMask;
-      j.cancel_requested = (word & kCancelBit) != 0;
-      j.handler = s.handler;
-      j.priority = s.priority;
-      // Acquire: pairs with after_handler's release, so a retry's state is
-      // read with its own run_at below (on ARM the plain loads could pair a
-      // new kWaitingRetry with the old run_at: due at once after recovery).
-      switch (s.state.load(std::memory_order_acquire)) {
-        case SlotState::kRunning: j.state = snapshot::JobState::kRunningAtCut; break;
-        case SlotState::kDelayed: j.state = snapshot::JobState::kDelayed; break;
-        case SlotState::kWaitingRetry: j.state = snapshot::JobState::kWaitingRetry; break;
-        default: j.state = snapshot::JobState::kPending; break;
-      }
-      j.attempts = s.attempts.load(std::memory_order_relaxed);
-      j.recoveries = s.recoveries;
-      j.submit_ticks = s.submit_ticks;
-      j.run_at_ticks = s.run_at_ticks.load(std::memory_order_relaxed);
-      j.payload = std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size);
-      if (const ExtraHeader* x = s.extra()) {
-        j.deadline_ns = x->deadline_ns;
-        j.key = s.key();
-      } else {
-        j.deadline_ns = 0;
-        j.key = {};
-      }
-      if (++n == batch.size()) {
-        fn(std::span<const detail::CutJob>(batch.data(), n));
-        n = 0;
-      }
-    }
+    });
     if (n != 0) fn(std::span<const detail::CutJob>(batch.data(), n));
   }
 
@@ -2630,13 +2632,17 @@ class Engine::Impl final : public detail::CutSource {
       return cancel_not_found(id);
     }
     // No software prefetch: the hardware prefetcher streams this one line per slot
-    // (README, "Tried and not taken"). Only the slots that ever held a job
-    // (JobTable::used_end()): the job's slot was taken from the pool before
-    // the submit that returned its id, which happened before this call.
-    const std::size_t end = table_.used_end();
-    for (std::size_t i = 0; i < end; ++i) {
-      if (auto r = cancel_in(table_.slot(static_cast<SlotIndex>(i)), id)) return *r;
-    }
+    // (README, "Tried and not taken"). Only the slots that may hold a job
+    // (JobTable::for_each_scan_range()): the job's slot was taken from the
+    // pool before the submit that returned its id, which happened before this
+    // call, and stays out of it while the job lives.
+    std::optional<CancelResult> found;
+    table_.for_each_scan_range([&](std::size_t begin, std::size_t end) {
+      for (std::size_t i = begin; i < end && !found; ++i) {
+        found = cancel_in(table_.slot(static_cast<SlotIndex>(i)), id);
+      }
+    });
+    if (found) return *found;
     return cancel_not_found(id);
   }
 

@@ -113,7 +113,9 @@ JobTable::JobTable(std::size_t capacity)
       slots_(map_slots(capacity)),
       pool_(capacity),
       hint_mask_(std::bit_ceil(std::max<std::size_t>(capacity, 1)) - 1),
-      id_hint_(std::make_unique<std::atomic<std::uint64_t>[]>(hint_mask_ + 1)) {
+      id_hint_(std::make_unique<std::atomic<std::uint64_t>[]>(hint_mask_ + 1)),
+      region_out_(std::make_unique<std::atomic<std::uint32_t>[]>(
+          (std::max<std::size_t>(capacity, 1) + kScanRegion - 1) / kScanRegion)) {
   for (std::size_t i = 0; i <= hint_mask_; ++i) id_hint_[i].store(kNoId, std::memory_order_relaxed);
   // The pool holds indices only: no slot is touched before populate().
   // Pushed highest first, so the first magazines taken hold slots 0, 1, ...
@@ -131,6 +133,7 @@ std::size_t JobTable::put_free(const SlotIndex* in, std::size_t n) noexcept {
   while (done < n) {
     const std::size_t k = std::min(n - done, SlotPool::kMagazine);
     if (!pool_.give(in + done, k)) break;
+    count_out(in + done, k, -1);
     done += k;
   }
   return done;

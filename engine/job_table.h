@@ -227,6 +227,11 @@ class SlotPool {
 
 class JobTable {
  public:
+  // Slots per region of for_each_scan_range(): 256 KiB of slots, a multiple
+  // of the magazine so that the pool's first magazines are one region each.
+  static constexpr std::size_t kScanRegion = 1024;
+  static_assert(kScanRegion % kSlotCacheSize == 0);
+
   // Maps capacity slots (untouched) and fills the free pool with their
   // indices. Throws std::bad_alloc; Engine::open() turns that into a Status.
   explicit JobTable(std::size_t capacity);
@@ -266,10 +271,14 @@ class JobTable {
 
   // Takes one magazine of free slot indices (out must hold kSlotCacheSize).
   // Lock-free; returns how many, 0 when no free slot is pooled. Raises
-  // used_end() past each of them (once per magazine, not per job).
+  // used_end() past each of them and counts them out of the pool in their
+  // regions (once per magazine, not per job).
   std::size_t take_free(SlotIndex* out) noexcept {
     const std::size_t n = pool_.take(out);
-    if (n != 0) note_taken(out, n);
+    if (n != 0) {
+      note_taken(out, n);
+      count_out(out, n, +1);
+    }
     return n;
   }
 
@@ -288,11 +297,44 @@ class JobTable {
   // cut acquires (engine.cc I5). So the raise happens before the scan's load,
   // which then returns it or a later (higher) value.
   std::size_t used_end() const noexcept { return used_end_.load(std::memory_order_acquire); }
+
+  // Calls fn(begin, end) for each run of slots, in order, that a scan for
+  // jobs must read: below used_end(), and in a region (kScanRegion slots)
+  // with a slot out of the pool. A region whose every slot is pooled holds no
+  // job, so after a burst (used_end() near the capacity) a scan reads the
+  // regions of the slots in use and in threads' caches, not the table.
+  // Why a scan after a cut still sees every slot claimed in the cut: its take
+  // counted the slot out (relaxed) before the claim, and is ordered before
+  // the scan's load as used_end()'s raise is. The load returns that count or
+  // a later one, and a later one includes the slot: the slot is counted back
+  // in only by put_free() once its job ended and the reclaim horizon let it
+  // go (2), which no slot of the cut does while its snapshot runs; and any
+  // other slot's put_free() follows that slot's own take, so it never takes
+  // more out of the count than was put in before it.
+  template <typename Fn>
+  void for_each_scan_range(Fn&& fn) const {
+    const std::size_t end = used_end();
+    std::size_t run_begin = 0;
+    bool in_run = false;
+    for (std::size_t r = 0; r * kScanRegion < end; ++r) {
+      // Acquire, as used_end(); once per region.
+      const bool out = region_out_[r].load(std::memory_order_acquire) != 0;
+      if (out && !in_run) run_begin = r * kScanRegion;
+      if (!out && in_run) fn(run_begin, r * kScanRegion);
+      in_run = out;
+    }
+    if (in_run) fn(run_begin, end);
+  }
+  // Slots of the region of slot i out of the pool now (tests).
+  std::uint32_t region_out(SlotIndex i) const noexcept {
+    return region_out_[i / kScanRegion].load(std::memory_order_relaxed);
+  }
   // Whether take_free() would find slots now (a hint, see SlotPool::has_magazine).
   bool has_free_magazine() const noexcept { return pool_.has_magazine(); }
   // Returns free slots (state kFree already) to the pool, any number.
   // Returns how many went in; fewer than n only if the pool ran out of
   // magazine descriptors (the caller keeps the rest).
+  // Counts them back in their regions (for_each_scan_range).
   std::size_t put_free(const SlotIndex* in, std::size_t n) noexcept;
 
   // --- epochs, see (1) and (2) ---
@@ -375,6 +417,23 @@ class JobTable {
     }
   }
 
+  // Adds sign * (slots of in[0..n) in each region) to the regions' counts:
+  // one RMW per run of indices in one region (a magazine is usually one).
+  // Relaxed: see for_each_scan_range().
+  void count_out(const SlotIndex* in, std::size_t n, int sign) noexcept {
+    for (std::size_t i = 0; i < n;) {
+      const std::size_t r = in[i] / kScanRegion;
+      std::uint32_t k = 1;
+      while (i + k < n && in[i + k] / kScanRegion == r) ++k;
+      if (sign > 0) {
+        region_out_[r].fetch_add(k, std::memory_order_relaxed);
+      } else {
+        region_out_[r].fetch_sub(k, std::memory_order_relaxed);
+      }
+      i += k;
+    }
+  }
+
   std::size_t capacity_;
   Slot* slots_;
   SlotPool pool_;
@@ -389,6 +448,9 @@ class JobTable {
   // no store, after that); on a line of its own so that the epoch's and the
   // horizon's readers do not share its misses.
   alignas(kCacheLine) std::atomic<std::size_t> used_end_{0};
+  // Per kScanRegion slots: how many are out of the pool (taken and not put
+  // back), for for_each_scan_range(). Touched once per magazine.
+  std::unique_ptr<std::atomic<std::uint32_t>[]> region_out_;
 };
 
 // A worker's retired slots, waiting until the reclaim horizon lets them back

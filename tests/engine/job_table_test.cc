@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <set>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace jobengine::detail {
@@ -85,6 +86,63 @@ TEST(JobTableTest, UsedEndFollowsTheHighestSlotEverTakenNotTheCapacity) {
   // Taking everything reaches the capacity.
   (void)take_all(t);
   EXPECT_EQ(t.used_end(), 100'000u);
+}
+
+using Ranges = std::vector<std::pair<std::size_t, std::size_t>>;
+
+Ranges scan_ranges(const JobTable& t) {
+  Ranges v;
+  t.for_each_scan_range([&](std::size_t b, std::size_t e) { v.emplace_back(b, e); });
+  return v;
+}
+
+TEST(JobTableTest, AScanReadsOnlyTheRegionsWithSlotsOutOfThePool) {
+  constexpr std::size_t kRegion = JobTable::kScanRegion;
+  constexpr std::size_t kCap = 16 * kRegion + 3 * kSlotCacheSize;  // the last region is partial
+  JobTable t(kCap);
+  EXPECT_TRUE(scan_ranges(t).empty()) << "no slot taken yet";
+  // A burst takes every slot: the whole table is one range.
+  std::vector<SlotIndex> all = take_all(t);
+  EXPECT_EQ(scan_ranges(t), (Ranges{{0, kCap}}));
+  // All back, scattered over the magazines: nothing to read, though the
+  // table's used end stays at its capacity.
+  std::vector<SlotIndex> shuffled = all;
+  for (std::size_t i = 0; i < shuffled.size(); ++i) {
+    std::swap(shuffled[i], shuffled[(i * 7919 + 13) % shuffled.size()]);
+  }
+  ASSERT_EQ(t.put_free(shuffled.data(), shuffled.size()), kCap);
+  EXPECT_EQ(t.used_end(), kCap);
+  EXPECT_TRUE(scan_ranges(t).empty());
+  for (std::size_t r = 0; r * kRegion < kCap; ++r) {
+    EXPECT_EQ(t.region_out(static_cast<SlotIndex>(r * kRegion)), 0u) << "region " << r;
+  }
+  // Two magazines out, their slots in several regions: each region counts
+  // its own, and the ranges are exactly those regions (adjacent ones merged).
+  SlotIndex a[kSlotCacheSize];
+  SlotIndex b[kSlotCacheSize];
+  ASSERT_EQ(t.take_free(a), kSlotCacheSize);
+  ASSERT_EQ(t.take_free(b), kSlotCacheSize);
+  std::vector<std::uint32_t> expected(kCap / kRegion + 1, 0);
+  for (SlotIndex i : a) ++expected[i / kRegion];
+  for (SlotIndex i : b) ++expected[i / kRegion];
+  ASSERT_GT(std::count_if(expected.begin(), expected.end(), [](auto c) { return c != 0; }), 2)
+      << "the test means to spread the magazines over regions";
+  Ranges want;
+  for (std::size_t r = 0; r < expected.size(); ++r) {
+    EXPECT_EQ(t.region_out(static_cast<SlotIndex>(r * kRegion)), expected[r]) << "region " << r;
+    if (expected[r] == 0) continue;
+    const std::size_t end = std::min(kCap, (r + 1) * kRegion);
+    if (!want.empty() && want.back().second == r * kRegion) {
+      want.back().second = end;
+    } else {
+      want.emplace_back(r * kRegion, end);
+    }
+  }
+  EXPECT_EQ(scan_ranges(t), want);
+  // Back again: nothing to read.
+  ASSERT_EQ(t.put_free(a, kSlotCacheSize), kSlotCacheSize);
+  ASSERT_EQ(t.put_free(b, kSlotCacheSize), kSlotCacheSize);
+  EXPECT_TRUE(scan_ranges(t).empty());
 }
 
 TEST(JobTableTest, PutFreeSplitsLongRunsIntoMagazines) {

@@ -9,7 +9,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -269,6 +271,68 @@ TEST(SnapshotScheduleTest, EveryKindOfChangeReachesTheNextSnapshot) {
   ASSERT_TRUE(ImageShows(shm.name, *dead, Gone, "dropped from the dead letters"));
 
   ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
+// A cut reads only the regions of the table with slots out of the pool
+// (JobTable::for_each_scan_range). After a burst that went through the whole
+// table and drained, the slots free again are spread over it, so the next jobs
+// land anywhere; every one of them is in the next snapshot, and no job that
+// ended is.
+TEST(SnapshotScheduleTest, AfterABurstEveryPendingJobIsInTheSnapshotWhereverItsSlotIs) {
+  Shm shm;
+  EngineOptions o = ShmOptions(shm.name);
+  o.capacity = 8192;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  Gate gate;
+  GateOpener opener(gate);
+  std::atomic<int> ran{0};
+  auto block = e->register_handler("block", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  auto count = e->register_handler("count", [&](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(block.ok());
+  ASSERT_TRUE(count.ok());
+  ASSERT_TRUE(e->start().ok());
+  // The burst: behind a blocked worker, from two threads, nearly the table.
+  ASSERT_TRUE(e->submit(*block, "").ok());
+  constexpr int kBurstPerThread = 3900;
+  std::thread other([&] {
+    for (int i = 0; i < kBurstPerThread; ++i) ASSERT_TRUE(e->submit(*count, "burst").ok());
+  });
+  for (int i = 0; i < kBurstPerThread; ++i) ASSERT_TRUE(e->submit(*count, "burst").ok());
+  other.join();
+  gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == 2 * kBurstPerThread; }));
+  // Jobs parked an hour out, from this thread and a new one: their slots
+  // come from wherever the burst's were freed.
+  std::set<JobId> parked;
+  std::mutex mu;
+  const auto park = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      auto id = e->submit(*count, "parked", {.delay = std::chrono::hours(1)});
+      ASSERT_TRUE(id.ok()) << id.status().to_string();
+      std::lock_guard<std::mutex> lock(mu);
+      parked.insert(*id);
+    }
+  };
+  std::thread late([&] { park(150); });
+  park(150);
+  late.join();
+  ASSERT_EQ(parked.size(), 300u);
+  std::set<JobId> in_image;
+  ASSERT_TRUE(WaitUntil([&] {
+    auto image = snapshot_tools::load_shm(shm.name);
+    if (!image.ok()) return false;
+    in_image.clear();
+    for (const auto& j : image->view.jobs) in_image.insert(j.id);
+    return in_image == parked;
+  })) << "the image holds " << in_image.size() << " jobs, " << parked.size() << " are pending";
+  ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
 }
 
 }  // namespace

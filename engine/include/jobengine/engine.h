@@ -306,9 +306,9 @@ class Engine {
   // O(1) through the job table's id hints (engine/job_table.h): ~0.1 us for a
   // job that already finished, tens of us for a delayed one (a heavy fence and
   // the scheduler's wake-up). Only an id that no hint names any more (more
-  // than `capacity` submits old, or never issued) costs a scan of the part of
-  // the table that ever held a job (the most jobs ever pending at once, not
-  // the capacity), memory-bound: ~0.4 ms per 64k slots, ~17 ms per 1M. kNotFound when no
+  // than `capacity` submits old, or never issued) costs a scan of the regions
+  // of the table with slots in use (about the pending jobs, not the capacity),
+  // memory-bound: ~0.4 ms per 64k slots, ~17 ms per 1M. kNotFound when no
   // pending job has that id (finished, dead, or never existed);
   // kFailedPrecondition when the engine is neither running nor stopping.
   Result<CancelResult> cancel(JobId id);
