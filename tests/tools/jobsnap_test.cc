@@ -1648,6 +1648,37 @@ TEST(JobsnapCliTest, UsageErrorsExitSixtyFour) {
   }
 }
 
+// Generations and ids are decimal, leading zeros and all: CLI11 alone reads
+// "010" as octal 8 (restore -g 036 restored generation 30), and a number past
+// 2^64 - 1 as 2^64 - 1. A zero-padded number copied from a file name names
+// that generation.
+TEST(JobsnapCliTest, NumbersAreDecimalWhateverTheirLeadingZerosAndNeverClamped) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 8, {Job(8), Job(10)});
+  PutGeneration(tmp.snap(), 10, {Job(8), Job(10)});
+  for (const std::string g : {"010", "00000000000000000010", "10"}) {
+    auto r = Jobsnap({"inspect", "--json", tmp.snap(), "-g", g});
+    ASSERT_EQ(r.code, kOk) << r;
+    EXPECT_EQ(ParseJson(r)["header"]["generation"], 10) << "-g " << g;
+  }
+  auto ids = ParseJsonLines(Jobsnap({"dump", GenPath(tmp.snap(), 10), "--id", "010"}));
+  ASSERT_EQ(ids.size(), 1u);
+  EXPECT_EQ(ids[0]["id"], 10);
+  EXPECT_EQ(Jobsnap({"inspect", tmp.snap(), "-g", "000"}).code, kUsage) << "generation 0";
+  // Past 2^64 - 1: refused, naming the option and the number given.
+  for (const auto& [args, option] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"inspect", tmp.snap(), "-g", "18446744073709551616"}, "--generation"},
+           {{"restore", tmp.snap(), "-g", "99999999999999999999"}, "--generation"},
+           {{"drop", tmp.snap(), "000018446744073709551616"}, "ID"},
+           {{"dump", GenPath(tmp.snap(), 10), "--id", "123456789012345678901"}, "--id"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kUsage) << r;
+    EXPECT_TRUE(Contains(r.err, option + ": '" + args.back() + "' is past the largest")) << r;
+  }
+  // 2^64 - 1 itself is a number (no such generation here).
+  EXPECT_EQ(Jobsnap({"inspect", tmp.snap(), "-g", "18446744073709551615"}).code, kNotFound);
+}
+
 TEST(JobsnapCliTest, ErrorsAreJsonWithJson) {
   TempDir tmp;
   auto r = Jobsnap({"inspect", "--json", tmp.path() + "/nope"});

@@ -653,13 +653,25 @@ int run(int argc, char** argv) {
   auto add_json = [&o](CLI::App* c) {
     c->add_flag("--json", o.json, "Print JSON for scripts instead of text");
   };
-  // CLI11 converts "-1" to an unsigned option by wrapping it to 2^64 - 1, so
-  // `-g -1` or `--id -1` would name another generation or job entirely:
-  // generations and ids are decimal digits only (checked before converting).
+  // CLI11 converts "-1" to an unsigned option by wrapping it to 2^64 - 1,
+  // reads a leading 0 as octal (-g 036 named generation 30) and a number past
+  // 2^64 - 1 as 2^64 - 1, so a generation or id typed (or copied from a
+  // zero-padded file name) could name another one entirely. Generations and
+  // ids are decimal digits only: a transform checks them, drops leading
+  // zeros and refuses what does not fit, before CLI11 converts.
   const CLI::Validator digits_only(
       [](std::string& value) -> std::string {
-        if (!value.empty() && value.find_first_not_of("0123456789") == std::string::npos) return {};
-        return "'" + value + "' is not a whole number >= 0 (digits only)";
+        if (value.empty() || value.find_first_not_of("0123456789") != std::string::npos) {
+          return "'" + value + "' is not a whole number >= 0 (digits only)";
+        }
+        const std::string given = value;
+        const std::size_t first = value.find_first_not_of('0');
+        value = first == std::string::npos ? "0" : value.substr(first);
+        static const std::string kMax = std::to_string(UINT64_MAX);
+        if (value.size() > kMax.size() || (value.size() == kMax.size() && value > kMax)) {
+          return "'" + given + "' is past the largest number allowed, " + kMax;
+        }
+        return {};
       },
       "", "digits");
   const CLI::Validator gen_validator =
@@ -686,7 +698,7 @@ int run(int argc, char** argv) {
                   "Shared-memory segment name (alone: its image; with a DIR: the newest of both)")
         ->type_name("NAME");
     c->add_option("--generation,-g", src_gen, "With a DIR: this generation")
-        ->check(digits_only)
+        ->transform(digits_only)
         ->check(gen_validator)
         ->type_name("N");
   };
@@ -706,7 +718,7 @@ int run(int argc, char** argv) {
   dump->add_option("--state", filter.states, "Only jobs in this state (repeatable)")
       ->check(CLI::IsMember({"pending", "running-at-cut", "delayed", "waiting-retry", "dead"}));
   dump->add_option("--id", filter.ids, "Only the job with this id (repeatable)")
-      ->check(digits_only)
+      ->transform(digits_only)
       ->type_name("ID");
   add_json(dump);
 
@@ -741,7 +753,7 @@ int run(int argc, char** argv) {
       "only");
   restore->add_option("PATH", restore_path, "Snapshot directory (or, with --to-shm, a file)");
   restore->add_option("--generation,-g", restore_gen, "The generation of DIR to restore")
-      ->check(digits_only)
+      ->transform(digits_only)
       ->check(gen_validator)
       ->type_name("N");
   restore->add_option("--shm", restore_shm,
@@ -766,14 +778,14 @@ int run(int argc, char** argv) {
   std::optional<std::uint64_t> edit_from;
   auto add_edit = [&](CLI::App* c) {
     c->add_option("DIR", edit_dir, "The engine's snapshot directory")->required();
-    c->add_option("ID", edit_ids, "Job ids")->required()->check(digits_only)->type_name("ID");
+    c->add_option("ID", edit_ids, "Job ids")->required()->transform(digits_only)->type_name("ID");
     c->add_option("--shm", edit_shm,
                   "The engine's segment: its image counts as a source and the new generation is "
                   "written there too")
         ->type_name("NAME");
     c->add_option("--from", edit_from,
                   "Start from this generation of DIR (default: what the engine would load)")
-        ->check(digits_only)
+        ->transform(digits_only)
         ->check(gen_validator)
         ->type_name("N");
     add_json(c);
