@@ -1262,7 +1262,7 @@ class Engine::Impl final : public detail::CutSource {
     if (n != 0) fn(std::span<const detail::CutJob>(batch.data(), n));
   }
 
-  void end_cut() override {
+  void end_cut() noexcept override {
     table_.set_reclaim_horizon(detail::kNoHorizon);
     // Slots workers parked while the horizon held them (I7) go back now.
     table_.release_parked();

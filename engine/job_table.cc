@@ -152,7 +152,7 @@ void JobTable::park_retired(const SlotIndex* in, std::size_t n) {
   parked_.insert(parked_.end(), in, in + n);
 }
 
-std::size_t JobTable::release_parked() {
+std::size_t JobTable::release_parked() noexcept {
   std::vector<SlotIndex> slots;
   {
     std::lock_guard<std::mutex> lock(parked_mu_);
@@ -163,8 +163,21 @@ std::size_t JobTable::release_parked() {
   while (put < slots.size()) {
     const std::size_t n = put_free(slots.data() + put, slots.size() - put);
     if (n == 0) {
-      // Out of descriptors (threads hold them briefly): keep the rest parked.
-      park_retired(slots.data() + put, slots.size() - put);
+      // Out of descriptors (threads hold them briefly): keep the rest parked
+      // (reclaimed already, which a second reclaim() keeps). Into the buffer
+      // they came in when nothing was parked since, which allocates nothing.
+      slots.erase(slots.begin(), slots.begin() + static_cast<std::ptrdiff_t>(put));
+      std::lock_guard<std::mutex> lock(parked_mu_);
+      if (parked_.empty()) {
+        parked_.swap(slots);
+      } else {
+        try {
+          parked_.insert(parked_.end(), slots.begin(), slots.end());
+        } catch (const std::bad_alloc&) {
+          // Out of memory as well: these slots stay out of the pool (the
+          // table holds that many fewer jobs), which loses no job.
+        }
+      }
       break;
     }
     put += n;

@@ -361,7 +361,7 @@ class JobTable {
   // returns them to the pool once the snapshot ends. Rare path: a mutex.
   void park_retired(const SlotIndex* in, std::size_t n);
   // Reclaims and pools every parked slot. Only while no cut holds the horizon.
-  std::size_t release_parked();
+  std::size_t release_parked() noexcept;
 
   // Marks a slot taken by a submitter: stamps epochs (3), sets kQueued and
   // zero attempts. Stores only (4). The caller fills the other fields before

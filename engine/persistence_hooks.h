@@ -62,7 +62,8 @@ class CutSource {
  public:
   virtual ~CutSource() = default;
   // Starts a cut and returns its epoch C once no thread can still act in an
-  // epoch <= C. One cut at a time.
+  // epoch <= C. One cut at a time. May throw std::bad_alloc, and then before
+  // it changed anything (no end_cut() is due).
   virtual std::uint64_t begin_cut() = 0;
   // Calls `fn` with every job in the cut (submitted in an epoch <= C and not
   // finished in one), in batches of up to kCutBatch (one indirect call per
@@ -70,8 +71,9 @@ class CutSource {
   static constexpr std::size_t kCutBatch = 64;
   virtual void for_each_cut_job(std::uint64_t cut,
                                 const std::function<void(std::span<const CutJob>)>& fn) = 0;
-  // Ends the cut: finished slots may be reused again.
-  virtual void end_cut() = 0;
+  // Ends the cut: finished slots may be reused again. Never throws (the
+  // snapshot thread calls it while unwinding an encoding that ran out of memory).
+  virtual void end_cut() noexcept = 0;
   // Handler names, by HandlerId.
   virtual std::span<const std::string> handler_names() const = 0;
   // The id counter: every id ever handed out is below it.

@@ -346,9 +346,48 @@ class Snapshotter final : public Persistence {
     return true;
   }
 
-  // One snapshot: cut, encode, publish. Serialised by cut_mu_.
+  // One snapshot: cut, encode, publish. Serialised by cut_mu_. Memory that
+  // runs out on the way (the image's own buffer on a large table, the copy
+  // of the dead letters, a name) fails this snapshot as a failed publish
+  // does, never the thread: the cut it began is ended, and each store asked
+  // for keeps its image and is written again on schedule.
   Result<SnapshotInfo> take(bool to_shm, bool to_disk) {
     std::lock_guard<std::mutex> cut_lock(cut_mu_);
+    try {
+      return take_locked(to_shm, to_disk);
+    } catch (const std::bad_alloc&) {
+      return out_of_memory(to_shm, to_disk);
+    }
+  }
+
+  // take()'s failure for want of memory. Allocates nothing it cannot do
+  // without (the error strings are best effort).
+  Status out_of_memory(bool to_shm, bool to_disk) noexcept {
+    static constexpr Status::Rep kRep{
+        StatusCode::kInternal, false,
+        "snapshot: out of memory encoding the image; nothing was published, the stores keep "
+        "their previous images"};
+    const bool shm = to_shm && shm_ != nullptr;
+    const bool disk = to_disk && disk_ != nullptr;
+    if (shm) shm_changes_ = kNever;
+    if (disk) disk_changes_ = kNever;
+    failures_.fetch_add((shm ? 1 : 0) + (disk ? 1 : 0), std::memory_order_relaxed);
+    try {
+      std::lock_guard<std::mutex> lock(error_mu_);
+      if (shm) shm_error_ = kRep.message;
+      if (disk) disk_error_ = kRep.message;
+    } catch (const std::bad_alloc&) {
+      // health() shows an empty error: the failure count still says it.
+    }
+    error_present_.store(true, std::memory_order_release);
+    try {
+      log(LogLevel::kError, std::string(kRep.message));
+    } catch (const std::bad_alloc&) {
+    }
+    return Status(kRep);
+  }
+
+  Result<SnapshotInfo> take_locked(bool to_shm, bool to_disk) {
     const auto t0 = steady_clock::now();
     const std::uint64_t generation = next_generation_++;
     // Read before the cut: every change it counts is in this snapshot
@@ -360,6 +399,17 @@ class Snapshotter final : public Persistence {
     // Read after, it would count jobs accepted after the cut as safe.
     const std::uint64_t accepted = source_->accepted_total();
     const std::uint64_t cut = source_->begin_cut();
+    // Ends the cut however the encoding below leaves it (it allocates).
+    struct CutEnd {
+      CutSource* source;
+      bool open = true;
+      void end() {
+        if (!open) return;
+        open = false;
+        source->end_cut();
+      }
+      ~CutEnd() { end(); }
+    } cut_end{source_};
     const std::int64_t steady_at_cut = Clock::steady_ns();
     const std::int64_t wall_at_cut = wall_now_ns();
     const Clock::Converter to_steady = Clock::converter();
@@ -416,7 +466,7 @@ class Snapshotter final : public Persistence {
       }
       jobs += batch.size();
     });
-    source_->end_cut();
+    cut_end.end();
     for (std::size_t i = 0; i < dead.size(); ++i) {
       const DeadJob& d = dead[i];
       snapshot::JobRecord r;

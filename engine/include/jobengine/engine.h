@@ -297,8 +297,10 @@ class Engine {
   // directory entry are durable. Thread-safe (concurrent calls may share one
   // snapshot). kFailedPrecondition without a disk store or when not running;
   // kIoError when the disk publish failed (the previous generation stays
-  // valid). A shared-memory failure of the same snapshot does not fail it (the
-  // generation is durable): it is logged and shown in health().
+  // valid); kInternal when memory ran out encoding the image (nothing was
+  // published; the stores keep their images). A shared-memory failure of the
+  // same snapshot does not fail it (the generation is durable): it is logged
+  // and shown in health().
   Result<SnapshotInfo> snapshot_now();
 
   // Cancels a pending job (queued, delayed, waiting to retry: it never runs)

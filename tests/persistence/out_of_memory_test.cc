@@ -1,0 +1,229 @@
+// Memory running out in the snapshot thread: the image's own buffer is the
+// largest allocation an engine makes after start() (~140 bytes a job, so
+// hundreds of MB on a large table). A snapshot that cannot get it fails like
+// a failed publish: reported, counted, retried on schedule. Before, the
+// std::bad_alloc escaped the snapshot thread and aborted the process.
+//
+// This binary replaces the global operator new (so it is a binary of its
+// own): armed, it throws std::bad_alloc for every request of at least
+// g_fail_at_or_above bytes, as an exhausted heap (or an RLIMIT_AS) would for
+// the large ones first.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "jobengine/engine.h"
+#include "tests/engine/test_support.h"
+
+namespace {
+std::atomic<std::size_t> g_fail_at_or_above{std::numeric_limits<std::size_t>::max()};
+std::atomic<std::uint64_t> g_refused{0};
+}  // namespace
+
+// Every unaligned form, new and new[] alike, over malloc/free, so that the
+// sanitizers' own operators never see (and never mismatch) one of these
+// blocks. The aligned forms stay the runtime's, paired among themselves.
+namespace {
+void* allocate(std::size_t n) noexcept {
+  if (n >= g_fail_at_or_above.load(std::memory_order_relaxed)) {
+    g_refused.fetch_add(1, std::memory_order_relaxed);
+    return nullptr;
+  }
+  return std::malloc(n == 0 ? 1 : n);
+}
+void* allocate_or_throw(std::size_t n) {
+  if (void* p = allocate(n)) return p;
+  throw std::bad_alloc();
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return allocate_or_throw(n); }
+void* operator new[](std::size_t n) { return allocate_or_throw(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace jobengine {
+namespace {
+
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+using testing_support::WaitUntil;
+
+// Refuses allocations of `bytes` or more while it lives.
+class LargeAllocationsFail {
+ public:
+  explicit LargeAllocationsFail(std::size_t bytes) {
+    g_fail_at_or_above.store(bytes, std::memory_order_relaxed);
+  }
+  ~LargeAllocationsFail() {
+    g_fail_at_or_above.store(std::numeric_limits<std::size_t>::max(), std::memory_order_relaxed);
+  }
+  LargeAllocationsFail(const LargeAllocationsFail&) = delete;
+  LargeAllocationsFail& operator=(const LargeAllocationsFail&) = delete;
+};
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "jobengine-oom-XXXXXX").string();
+    char* made = ::mkdtemp(tmpl.data());
+    if (made == nullptr) std::abort();
+    path_ = made;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string dir() const { return path_ + "/snap"; }
+
+ private:
+  std::string path_;
+};
+
+constexpr std::size_t kParked = 2000;        // ~280 KB of image
+constexpr std::size_t kRefuseFrom = 64 << 10;  // what the image's buffer needs, nothing else
+
+EngineOptions DiskOptions(const std::string& dir, milliseconds disk_interval) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 4096;
+  o.idle = IdleStrategy::kSpinThenBlock;
+  o.spin_iterations = 64;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir;
+  o.snapshot.shm_interval = milliseconds(0);
+  o.snapshot.disk_interval = disk_interval;
+  o.snapshot.exit_deadline = milliseconds(50);
+  return o;
+}
+
+// Opens an engine on `dir` with a handler "count" and `kParked` jobs delayed
+// an hour, so they stay pending. Returns their ids.
+std::vector<JobId> ParkJobs(Engine& e, std::atomic<int>& ran) {
+  auto h = e.register_handler("count", [&ran](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  EXPECT_TRUE(h.ok());
+  EXPECT_TRUE(e.start().ok());
+  std::vector<JobId> ids;
+  const std::string payload(64, 'p');
+  for (std::size_t i = 0; i < kParked; ++i) {
+    auto id = e.submit(*h, payload, {.delay = std::chrono::hours(1)});
+    EXPECT_TRUE(id.ok()) << id.status().to_string();
+    if (id.ok()) ids.push_back(*id);
+  }
+  return ids;
+}
+
+// Recovers `dir` in a new engine: how many delayed jobs came back.
+std::uint64_t RecoveredDelayed(const std::string& dir) {
+  auto e = Engine::open(DiskOptions(dir, milliseconds(0)));
+  EXPECT_TRUE(e.ok()) << e.status().to_string();
+  if (!e.ok()) return 0;
+  EXPECT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+  auto started = e->start();
+  EXPECT_TRUE(started.ok()) << started.status().to_string();
+  if (!started.ok()) return 0;
+  const std::uint64_t delayed = started->recovery.delayed;
+  EXPECT_TRUE(e->stop(StopMode::kAbandon).ok());
+  return delayed;
+}
+
+TEST(SnapshotOutOfMemoryTest, SnapshotNowFailsCleanlyAndTheNextOneHoldsEveryJob) {
+  TempDir tmp;
+  {
+    std::atomic<int> ran{0};
+    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    const std::vector<JobId> ids = ParkJobs(*e, ran);
+    ASSERT_EQ(ids.size(), kParked);
+    const HandlerId count = *e->handler_id("count");
+    const Health before = e->health();
+    {
+      LargeAllocationsFail refuse(kRefuseFrom);
+      const std::uint64_t refused = g_refused.load();
+      auto failed = e->snapshot_now();
+      ASSERT_FALSE(failed.ok()) << "the image's buffer was never refused";
+      EXPECT_EQ(failed.status().code(), StatusCode::kInternal) << failed.status().to_string();
+      EXPECT_NE(failed.status().to_string().find("out of memory"), std::string::npos)
+          << failed.status().to_string();
+      EXPECT_GT(g_refused.load(), refused);
+    }
+    const Health after = e->health();
+    EXPECT_EQ(after.state, EngineState::kRunning);
+    EXPECT_GT(after.snapshot_failures, before.snapshot_failures);
+    EXPECT_NE(after.last_snapshot_error.find("out of memory"), std::string::npos)
+        << after.last_snapshot_error;
+    EXPECT_EQ(after.last_durable_generation, before.last_durable_generation)
+        << "nothing was published";
+    // The cut ended: the slots of jobs that finish are reused (three tables'
+    // worth go through), and jobs still run.
+    constexpr int kThrough = 3 * 4096;
+    for (int i = 0; i < kThrough; ++i) {
+      Result<JobId> id = e->submit(count, "after");
+      while (!id.ok() && id.status().code() == StatusCode::kQueueFull) {
+        std::this_thread::yield();
+        id = e->submit(count, "after");
+      }
+      ASSERT_TRUE(id.ok()) << i << ": " << id.status().to_string();
+    }
+    ASSERT_TRUE(WaitUntil([&] { return ran.load() == kThrough; }));
+    // With memory back, the next snapshot holds every parked job.
+    auto info = e->snapshot_now();
+    ASSERT_TRUE(info.ok()) << info.status().to_string();
+    EXPECT_EQ(info->jobs, kParked);
+    EXPECT_TRUE(e->health().last_snapshot_error.empty()) << e->health().last_snapshot_error;
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+  }
+  EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
+}
+
+TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndResumeAfter) {
+  TempDir tmp;
+  {
+    std::atomic<int> ran{0};
+    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(5)));
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    const std::vector<JobId> ids = ParkJobs(*e, ran);
+    ASSERT_EQ(ids.size(), kParked);
+    const HandlerId count = *e->handler_id("count");
+    std::uint64_t failed_at = 0;
+    {
+      LargeAllocationsFail refuse(kRefuseFrom);
+      const std::uint64_t failures = e->health().snapshot_failures;
+      // A change for each periodic snapshot to record, as each one fails.
+      ASSERT_TRUE(WaitUntil([&] {
+        EXPECT_TRUE(e->submit(count, "change").ok());
+        return e->health().snapshot_failures >= failures + 3;
+      })) << "no periodic snapshot failed";
+      EXPECT_EQ(e->health().state, EngineState::kRunning);
+      failed_at = e->health().last_durable_generation;
+    }
+    ASSERT_TRUE(WaitUntil([&] {
+      const Health h = e->health();
+      return h.last_durable_generation > failed_at && h.last_snapshot_error.empty();
+    })) << "periodic snapshots did not resume: " << e->health().last_snapshot_error;
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+  }
+  EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
+}
+
+}  // namespace
+}  // namespace jobengine
