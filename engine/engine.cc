@@ -556,7 +556,40 @@ class Engine::Impl final : public detail::CutSource {
 
   // ------------------------------------------------------------------- start
 
+  // Memory that runs out anywhere in start() (restoring jobs, making threads,
+  // arming the live record) fails it like any other failure: the engine is
+  // stopped, every thread it started has exited, and a second start() is
+  // refused (restore() may have queued the snapshot's jobs already: a retry
+  // would queue them twice).
   Result<StartReport> start() {
+    try {
+      return start_engine();
+    } catch (const std::bad_alloc&) {
+      static constexpr Status::Rep kRep{
+          StatusCode::kInternal, false,
+          "start(): out of memory; the engine is stopped, its snapshot untouched (open a new one)"};
+      return unwind_start(Status(kRep));
+    }
+  }
+
+  // Undoes a start() that failed before the engine ran: the threads it started
+  // see the stop and exit. Allocates nothing but the log line (best effort).
+  Status unwind_start(Status failure) noexcept {
+    state_.store(EngineState::kStopped, std::memory_order_release);
+    go_.store(true, std::memory_order_release);
+    for (auto& w : workers_) {
+      if (w->thread.joinable()) w->thread.join();
+    }
+    if (scheduler_thread_.joinable()) stop_scheduler();
+    if (persistence_started_) persistence_->stop();
+    try {
+      log(LogLevel::kError, failure.to_string());
+    } catch (const std::bad_alloc&) {
+    }
+    return failure;
+  }
+
+  Result<StartReport> start_engine() {
     EngineState expected = EngineState::kOpen;
     if (state_.load(std::memory_order_acquire) != EngineState::kOpen) {
       return Status(StatusCode::kFailedPrecondition,
@@ -604,7 +637,6 @@ class Engine::Impl final : public detail::CutSource {
     }
     // Workers wait for go_ so that none runs before every one is named and
     // pinned (and so a failed start can be unwound).
-    std::size_t started = 0;
     for (auto& w : workers_) {
       if (!failure.ok()) break;
       try {
@@ -616,7 +648,6 @@ class Engine::Impl final : public detail::CutSource {
                              e.what());
         break;
       }
-      ++started;
       int cpu = options_.cpus.empty() ? -1 : options_.cpus[w->index];
       Status placed = detail::place_thread(w->thread.native_handle(),
                                            "jobengine-w" + std::to_string(w->index), cpu);
@@ -625,12 +656,13 @@ class Engine::Impl final : public detail::CutSource {
         break;
       }
     }
-    bool scheduler_started = false;
     if (failure.ok()) {
       try {
         scheduler_thread_ = std::thread(
-            [this, tokens = std::move(sched_tokens)]() mutable { scheduler_main(tokens); });
-        scheduler_started = true;
+            [this, tokens = std::move(sched_tokens),
+             retired = detail::RetireBuffer(kSlotCacheSize * 2)]() mutable {
+              scheduler_main(tokens, retired);
+            });
         failure = detail::place_thread(scheduler_thread_.native_handle(), "jobengine-sched",
                                        options_.scheduler_cpu);
       } catch (const std::system_error& e) {
@@ -640,17 +672,18 @@ class Engine::Impl final : public detail::CutSource {
     }
     // The snapshot thread starts before intake opens, so no accepted job
     // precedes the first snapshot the thread can take.
-    if (failure.ok() && persistence_) failure = persistence_->start(*this, recovered_generation_ + 1);
-    if (failure.ok() && live_ != nullptr) arm_live_record();
-    if (!failure.ok()) {
-      // Unwind: let the started workers see the stop and exit.
-      state_.store(EngineState::kStopped, std::memory_order_release);
-      go_.store(true, std::memory_order_release);
-      for (std::size_t i = 0; i < started; ++i) workers_[i]->thread.join();
-      if (scheduler_started) stop_scheduler();
-      log(LogLevel::kError, failure.to_string());
-      return failure;
+    if (failure.ok() && persistence_) {
+      failure = persistence_->start(*this, recovered_generation_ + 1);
+      persistence_started_ = failure.ok();
     }
+    if (failure.ok() && live_ != nullptr) arm_live_record();
+    if (!failure.ok()) return unwind_start(failure);
+    // Everything that allocates before the engine runs: nothing may throw
+    // once it does (start() would report a failure while it runs).
+    StartReport report;
+    report.workers = options_.workers;
+    report.pinned_cpus = options_.cpus;
+    report.recovery = std::move(recovery);
     // Release: workers that see kRunning/go_ see the handler table.
     state_.compare_exchange_strong(expected, EngineState::kRunning, std::memory_order_acq_rel);
     go_.store(true, std::memory_order_release);
@@ -658,14 +691,13 @@ class Engine::Impl final : public detail::CutSource {
     for (auto& w : workers_) {
       while (!w->alive.load(std::memory_order_acquire)) std::this_thread::yield();
     }
-    StartReport report;
-    report.workers = options_.workers;
-    report.pinned_cpus = options_.cpus;
-    report.recovery = std::move(recovery);
-    log(LogLevel::kInfo, "started " + std::to_string(options_.workers) + " worker(s)" +
-                             (options_.cpus.empty()
-                                  ? std::string(", unpinned")
-                                  : ", pinned to cpus " + detail::format_cpu_list(options_.cpus)));
+    try {
+      log(LogLevel::kInfo, "started " + std::to_string(options_.workers) + " worker(s)" +
+                               (options_.cpus.empty()
+                                    ? std::string(", unpinned")
+                                    : ", pinned to cpus " + detail::format_cpu_list(options_.cpus)));
+    } catch (const std::bad_alloc&) {
+    }
     return report;
   }
 
@@ -1798,7 +1830,12 @@ class Engine::Impl final : public detail::CutSource {
       if (t_late_producers_gone || !key) return nullptr;
       late = static_cast<ThreadProducers*>(pthread_getspecific(*key));
       if (late == nullptr) {
-        late = new ThreadProducers;
+        // No exception may leave a thread_local destructor (std::terminate).
+        late = new (std::nothrow) ThreadProducers;
+        if (late == nullptr) {
+          t_producer_out_of_memory = true;
+          return nullptr;
+        }
         if (pthread_setspecific(*key, late) != 0) {
           delete late;
           return nullptr;
@@ -1812,7 +1849,17 @@ class Engine::Impl final : public detail::CutSource {
         return e.state;
       }
     }
-    if (state_.load(std::memory_order_acquire) == EngineState::kOpen) return nullptr;
+    // Not running: refused as stopped, and nothing made for it.
+    if (state_.load(std::memory_order_acquire) != EngineState::kRunning) return nullptr;
+    // The entry's room first: once a state is adopted or made, nothing may
+    // fail (an adopted orphan that is not recorded here would be lost, with
+    // the free slots and ids it caches).
+    try {
+      mine.entries.reserve(mine.entries.size() + 1);
+    } catch (const std::bad_alloc&) {
+      t_producer_out_of_memory = true;
+      return nullptr;
+    }
     ProducerState* ps = nullptr;
     {
       std::lock_guard<std::mutex> lock(registry_mu_);
@@ -2450,10 +2497,12 @@ class Engine::Impl final : public detail::CutSource {
     if (scheduler_thread_.joinable()) scheduler_thread_.join();
   }
 
-  // `tokens`: made by start() (all_valid() says why).
-  void scheduler_main(SchedulerTokens& tokens) {
+  // `tokens` and `retired`: made by start() (all_valid() says why; the
+  // buffer, so that no allocation the thread cannot do without is left to
+  // it). Memory that runs out later delays a hand-over, a purge or a due
+  // job's enqueue, each retried; it never ends the thread (std::terminate).
+  void scheduler_main(SchedulerTokens& tokens, detail::RetireBuffer& retired) {
     while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
-    detail::RetireBuffer retired(kSlotCacheSize * 2);
     std::vector<Timer> heap;
     std::vector<Timer> inbox;
     const std::greater<Timer> later;
@@ -2462,10 +2511,23 @@ class Engine::Impl final : public detail::CutSource {
       // The purge request before the hand-overs: cancel() sets it after it
       // read a delayed job's state, and that job was handed over before
       // (its submit returned first), so the swap below sees it.
-      const bool purge = sched_purge_.exchange(false, std::memory_order_acq_rel);
+      bool purge = sched_purge_.exchange(false, std::memory_order_acq_rel);
+      bool handed = true;
       {
         std::lock_guard<std::mutex> lock(sched_mu_);
-        inbox.swap(sched_inbox_);
+        // The heap's room first, so that moving the hand-overs in below
+        // cannot fail half-way.
+        try {
+          heap.reserve(heap.size() + sched_inbox_.size());
+          inbox.swap(sched_inbox_);
+        } catch (const std::bad_alloc&) {
+          handed = false;
+        }
+      }
+      if (!handed && !stopping) {
+        if (purge) sched_purge_.store(true, std::memory_order_relaxed);
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        continue;
       }
       for (const Timer& t : inbox) {
         // A retry cancelled before it got here: its handler was returning
@@ -2488,7 +2550,9 @@ class Engine::Impl final : public detail::CutSource {
       }
       inbox.clear();
       // Before a stop too: cancel() answered kCancelled for these.
-      if (purge) purge_cancelled(heap, retired);
+      if (purge && !purge_cancelled(heap, retired) && !stopping) {
+        sched_purge_.store(true, std::memory_order_relaxed);  // out of memory: next round
+      }
       if (stopping) break;
       // Fire what is due.
       const std::uint64_t now = vnow();
@@ -2498,12 +2562,23 @@ class Engine::Impl final : public detail::CutSource {
         const Timer t = heap.back();
         heap.pop_back();
         Slot& s = table_.slot(t.idx);
-        lateness_.record(Clock::ns_in_ticks(now - t.at));
+        const SlotState was = s.state.load(std::memory_order_relaxed);
         s.state.store(SlotState::kQueued, std::memory_order_relaxed);
-        while (!queues_[s.priority].enqueue(tokens[s.priority], t.idx)) {
-          log(LogLevel::kError, "scheduler: out of memory queueing a due job; retrying");
+        if (!queues_[s.priority].enqueue(tokens[s.priority], t.idx)) [[unlikely]] {
+          // Out of memory growing the queue: the job stays scheduled (the
+          // heap has the room it just gave up) and is tried again in a
+          // millisecond; a stop leaves it with the others.
+          s.state.store(was, std::memory_order_relaxed);
+          heap.push_back(t);
+          std::push_heap(heap.begin(), heap.end(), later);
+          try {
+            log(LogLevel::kError, "scheduler: out of memory queueing a due job; retrying");
+          } catch (const std::bad_alloc&) {
+          }
           std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          break;
         }
+        lateness_.record(Clock::ns_in_ticks(now - t.at));
         // Release: change_count() (the job is queued now, not delayed).
         scheduled_out_.fetch_add(1, std::memory_order_release);
         ++fired;
@@ -2544,10 +2619,15 @@ class Engine::Impl final : public detail::CutSource {
     sched_retired_ = std::move(retired);
   }
 
-  // Takes cancelled jobs out of the heap and retires them.
-  void purge_cancelled(std::vector<Timer>& heap, detail::RetireBuffer& retired) {
+  // Takes cancelled jobs out of the heap and retires them. False, changing
+  // nothing, when there is no memory for the new heap.
+  bool purge_cancelled(std::vector<Timer>& heap, detail::RetireBuffer& retired) {
     std::vector<Timer> keep;
-    keep.reserve(heap.size());
+    try {
+      keep.reserve(heap.size());
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
     for (const Timer& t : heap) {
       Slot& s = table_.slot(t.idx);
       if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) == 0) {
@@ -2558,6 +2638,7 @@ class Engine::Impl final : public detail::CutSource {
     }
     heap.swap(keep);
     std::make_heap(heap.begin(), heap.end(), std::greater<Timer>());
+    return true;
   }
 
   // Ends a cancelled job the scheduler holds (or was handed): never runs.
@@ -3206,6 +3287,7 @@ class Engine::Impl final : public detail::CutSource {
 
   // The scheduler (delayed jobs and retry backoff), see scheduler_main().
   std::thread scheduler_thread_;
+  bool persistence_started_ = false;  // start() started the snapshot thread (unwind_start())
   std::mutex sched_mu_;             // guards sched_inbox_ and orders sched_next_ (no lost wake-up)
   std::vector<Timer> sched_inbox_;  // handed over, not yet in the heap
   std::counting_semaphore<> sched_sem_{0};

@@ -463,17 +463,32 @@ class RetireBuffer {
   explicit RetireBuffer(std::size_t reserve) {
     pending_.reserve(reserve);
     unheld_.reserve(reserve);
+    runs_.reserve(16);
   }
+
+  // Both adds never throw: a slot they have no memory to record stays
+  // retired and out of the pool for good (the table holds one job fewer),
+  // which loses no job; an exception would end the worker's or the
+  // scheduler's thread (std::terminate).
 
   // A slot whose job was in no cut (JobTable::in_no_cut): the next flush
   // returns it to the pool whatever the horizon (job_table.h (2)).
-  void add_unheld(SlotIndex i) { unheld_.push_back(i); }
-
-  void add(SlotIndex i, std::uint64_t finish_epoch) {
-    if (runs_.size() == run_head_ || runs_.back().epoch != finish_epoch) {
-      runs_.push_back({finish_epoch, pending_.size()});
+  void add_unheld(SlotIndex i) noexcept {
+    try {
+      unheld_.push_back(i);
+    } catch (const std::bad_alloc&) {
     }
-    pending_.push_back(i);
+  }
+
+  void add(SlotIndex i, std::uint64_t finish_epoch) noexcept {
+    try {
+      if (runs_.size() == run_head_ || runs_.back().epoch != finish_epoch) {
+        runs_.push_back({finish_epoch, pending_.size()});
+      }
+      pending_.push_back(i);
+    } catch (const std::bad_alloc&) {
+      // A run just opened stays empty: flush() steps over it.
+    }
   }
   std::size_t size() const noexcept { return pending_.size() - head_ + unheld_.size(); }
 

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <cstring>
+#include <memory>
 
 namespace jobengine::persist {
 namespace {
@@ -149,16 +150,18 @@ SysResult<FileInfo> PosixFileSystem::fstat(int fd) {
 SysResult<std::vector<std::string>> PosixFileSystem::list_dir(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return {{}, errno};
-  DIR* dir = ::fdopendir(fd);  // owns fd from here on
-  if (dir == nullptr) {
+  DIR* opened = ::fdopendir(fd);  // owns fd from here on
+  if (opened == nullptr) {
     int err = errno;
     ::close(fd);
     return {{}, err};
   }
+  // Closed however this returns (a name's copy may throw std::bad_alloc).
+  const std::unique_ptr<DIR, int (*)(DIR*)> dir(opened, &::closedir);
   SysResult<std::vector<std::string>> out;
   for (;;) {
     errno = 0;
-    const struct dirent* entry = ::readdir(dir);
+    const struct dirent* entry = ::readdir(dir.get());
     if (entry == nullptr) {
       out.error = errno;  // 0 at the end of the directory
       break;
@@ -166,7 +169,6 @@ SysResult<std::vector<std::string>> PosixFileSystem::list_dir(const std::string&
     if (std::strcmp(entry->d_name, ".") == 0 || std::strcmp(entry->d_name, "..") == 0) continue;
     out.value.emplace_back(entry->d_name);
   }
-  ::closedir(dir);
   if (!out.ok()) out.value.clear();
   return out;
 }

@@ -7,8 +7,10 @@
 // This binary replaces the global operator new (so it is a binary of its
 // own): armed, it throws std::bad_alloc for every request of at least
 // g_fail_at_or_above bytes, as an exhausted heap (or an RLIMIT_AS) would for
-// the large ones first.
+// the large ones first; or, for one thread, the Nth allocation from now
+// (t_fail_in), to reach each allocation of one call in turn.
 #include <gtest/gtest.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -19,6 +21,7 @@
 #include <limits>
 #include <new>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -28,6 +31,8 @@
 namespace {
 std::atomic<std::size_t> g_fail_at_or_above{std::numeric_limits<std::size_t>::max()};
 std::atomic<std::uint64_t> g_refused{0};
+std::atomic<std::uint64_t> g_refused_scheduler{0};  // of g_refused, on the engine's scheduler thread
+thread_local long t_fail_in = -1;  // >= 0: this thread's allocation that many from now fails
 }  // namespace
 
 // Every unaligned form, new and new[] alike, over malloc/free, so that the
@@ -35,8 +40,17 @@ std::atomic<std::uint64_t> g_refused{0};
 // blocks. The aligned forms stay the runtime's, paired among themselves.
 namespace {
 void* allocate(std::size_t n) noexcept {
+  if (t_fail_in >= 0 && t_fail_in-- == 0) {
+    g_refused.fetch_add(1, std::memory_order_relaxed);
+    return nullptr;
+  }
   if (n >= g_fail_at_or_above.load(std::memory_order_relaxed)) {
     g_refused.fetch_add(1, std::memory_order_relaxed);
+    char name[16] = {};
+    if (::pthread_getname_np(::pthread_self(), name, sizeof name) == 0 &&
+        std::string_view(name) == "jobengine-sched") {
+      g_refused_scheduler.fetch_add(1, std::memory_order_relaxed);
+    }
     return nullptr;
   }
   return std::malloc(n == 0 ? 1 : n);
@@ -223,6 +237,156 @@ TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndRe
     ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
   }
   EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
+}
+
+// The scheduler's heap of delayed jobs grows as they are handed over; when it
+// cannot, the hand-over waits (the jobs stay in the inbox) and is retried,
+// and every job runs once memory is back. Before, the heap's growth threw out
+// of the scheduler thread (std::terminate).
+TEST(SchedulerOutOfMemoryTest, DelayedJobsWaitForMemoryAndAllRunOnceItIsBack) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 32768;
+  constexpr int kJobs = 20000;  // the heap (16 bytes a job) passes 200 KB at ~12,800
+  std::atomic<int> ran{0};
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("count", [&ran](JobContext&) {
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  int accepted = 0;
+  {
+    LargeAllocationsFail refuse(200 << 10);
+    const std::uint64_t refused = g_refused_scheduler.load();
+    for (int i = 0; i < kJobs && g_refused_scheduler.load() == refused; ++i) {
+      // Each one due before the one before it wakes the scheduler, which
+      // takes the inbox in each time, so that its heap is what runs out.
+      const auto delay = milliseconds(300) + std::chrono::microseconds(10 * (kJobs - i));
+      auto id = e->submit(*h, "later", {.delay = delay});
+      if (id.ok()) {
+        ++accepted;
+      } else {
+        // The inbox itself could not grow (the scheduler fell behind):
+        // refused, not accepted.
+        EXPECT_EQ(id.status().code(), StatusCode::kInternal) << id.status().to_string();
+        std::this_thread::sleep_for(milliseconds(1));
+      }
+    }
+    ASSERT_TRUE(WaitUntil([&] { return g_refused_scheduler.load() > refused; }))
+        << "the scheduler's heap never needed a large block";
+    std::this_thread::sleep_for(milliseconds(20));  // a few retries
+    EXPECT_EQ(e->health().state, EngineState::kRunning);
+  }
+  ASSERT_GT(accepted, 12000);
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == accepted; }))
+      << ran.load() << " of " << accepted << " ran";
+  auto report = e->stop(StopMode::kDrain);
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->done, static_cast<std::uint64_t>(accepted));
+}
+
+// start() with a snapshot to restore, its calling thread's allocations failed
+// one after another (the Nth on the Nth round): each failure leaves the
+// engine stopped, refuses a second start() and destroys cleanly; the
+// snapshot stays, so the next engine restores every job, and the start()
+// that gets past its allocations holds each job once. Before, a failure could
+// escape start() with the engine still open (a second start() restored the
+// snapshot's jobs again: each ran twice) or destroy a running worker's
+// std::thread (std::terminate).
+TEST(StartOutOfMemoryTest, EachAllocationOfStartCanFailAndNoJobRunsTwice) {
+  TempDir tmp;
+  constexpr std::size_t kJobs = 100;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+    ASSERT_TRUE(e->start().ok());
+    const HandlerId count = *e->handler_id("count");
+    // An hour out, so that they stay in every engine below.
+    for (std::size_t i = 0; i < kJobs; ++i) {
+      ASSERT_TRUE(e->submit(count, "job", {.delay = std::chrono::hours(1)}).ok());
+    }
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+  }
+  int failed_starts = 0;
+  for (long n = 0;; ++n) {
+    ASSERT_LT(n, 20000) << "start() kept failing";
+    std::atomic<int> ran{0};
+    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
+    ASSERT_TRUE(e.ok()) << n << ": " << e.status().to_string();
+    ASSERT_TRUE(e->register_handler("count", [&ran](JobContext&) {
+                   ran.fetch_add(1);
+                   return Outcome::kDone;
+                 }).ok());
+    Result<StartReport> started = Status(StatusCode::kInternal, "not run");
+    try {
+      t_fail_in = n;
+      started = e->start();
+    } catch (const std::exception& x) {
+      t_fail_in = -1;
+      FAIL() << "allocation " << n << ": start() threw " << x.what();
+    }
+    const bool met = t_fail_in < 0;
+    t_fail_in = -1;
+    if (!started.ok()) {
+      ++failed_starts;
+      EXPECT_TRUE(met) << n << ": " << started.status().to_string();
+      EXPECT_EQ(e->state(), EngineState::kStopped) << n;
+      EXPECT_EQ(e->start().status().code(), StatusCode::kFailedPrecondition) << n;
+      EXPECT_EQ(ran.load(), 0) << n;
+      continue;  // destroyed here: no thread may be left running
+    }
+    EXPECT_EQ(started->recovery.delayed, kJobs) << n;
+    EXPECT_EQ(e->health().pending, kJobs) << n << ": a job restored twice, or lost";
+    EXPECT_EQ(ran.load(), 0) << n;
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+    if (!met) break;  // past start()'s last allocation on this thread
+  }
+  EXPECT_GT(failed_starts, 20);
+}
+
+// A thread's first submit may adopt the producer state of a thread that
+// exited (its cached free slots and ids with it). When recording it fails
+// for want of memory, the submit says so (it threw before) and the state is
+// not lost: every slot of the table is still there for the next submits.
+TEST(SubmitOutOfMemoryTest, AFailedFirstSubmitLosesNoSlotOfAnAdoptedState) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 128;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("count", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  const SubmitOptions later{.delay = std::chrono::hours(1)};  // stays pending
+  std::thread([&] { ASSERT_TRUE(e->submit(*h, "a", later).ok()); }).join();
+  std::size_t accepted = 1;
+  std::thread([&] {
+    Result<JobId> first = Status(StatusCode::kInternal, "not run");
+    try {
+      t_fail_in = 0;
+      first = e->submit(*h, "b", later);
+    } catch (const std::exception& x) {
+      t_fail_in = -1;
+      FAIL() << "submit() threw " << x.what();
+    }
+    t_fail_in = -1;
+    EXPECT_EQ(first.status().code(), StatusCode::kInternal) << first.status().to_string();
+    EXPECT_NE(first.status().to_string().find("out of memory"), std::string::npos);
+    for (;;) {
+      auto id = e->submit(*h, "c", later);
+      if (!id.ok()) {
+        EXPECT_EQ(id.status().code(), StatusCode::kQueueFull) << id.status().to_string();
+        break;
+      }
+      ++accepted;
+    }
+  }).join();
+  EXPECT_EQ(accepted, o.capacity) << "slots were lost with the adopted state";
+  ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
 }
 
 }  // namespace
