@@ -944,10 +944,12 @@ class Engine::Impl final : public detail::CutSource {
     } else {
       for (auto& v : ps.batch_by_level) v.clear();
       for (std::size_t i = 0; i < n; ++i) ps.batch_by_level[jobs[i].options.priority].push_back(slots[i]);
-      // Enqueue is all-or-nothing per call, but not across calls: the queues
-      // were sized for every slot at open, so only a producer's block index
-      // can need memory, and if it cannot get it the levels queued before
-      // stay queued (batch_not_queued says so).
+      // Enqueue is all-or-nothing per call, but not across calls. The queues
+      // were given blocks for every slot at open, but a producer keeps the
+      // blocks it used (moodycamel never moves them to another producer), so
+      // a level can need new blocks or a larger block index; if it cannot
+      // get them, the levels queued before stay queued (batch_not_queued
+      // says so; QueueOutOfMemoryTest makes it happen).
       for (std::uint8_t p = 0; p < kPriorityLevels && failed == kPriorityLevels; ++p) {
         auto& v = ps.batch_by_level[p];
         if (!v.empty() && !queues_[p].enqueue_bulk(ps.tokens[p], v.data(), v.size())) failed = p;
