@@ -17,6 +17,7 @@
 #include <ctime>
 #include <functional>
 #include <map>
+#include <new>
 #include <set>
 #include <utility>
 
@@ -93,7 +94,13 @@ Failure failure_of_shm(const Status& s) {
 // overtook every copy. ShmStore says kFailedPrecondition for exactly these.
 // An engine's open() fails on the first two, so a tool that passed over the
 // segment would name a disk generation as the one the next start loads.
-bool shm_unusable(const Status& s) { return s.code() == StatusCode::kFailedPrecondition; }
+// Also kInvalidArgument, a name the store refuses (read_existing says it
+// for nothing else): the engine refuses to open with it at all, so it is a
+// usage error, never a segment to pass over. check_shm_name() catches such
+// a name first; this keeps the store's own check the last word.
+bool shm_unusable(const Status& s) {
+  return s.code() == StatusCode::kFailedPrecondition || s.code() == StatusCode::kInvalidArgument;
+}
 
 persist::FileSystem& fs() { return *persist::default_file_system(); }
 
@@ -153,10 +160,7 @@ Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
 // kNotFound itself; with `must_exist`, kNotFound here) or is a regular file
 // (the store checks owner and mode).
 Status check_shm_entry(const std::string& name, Diagnosis* d, bool must_exist = false) {
-  if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
-    return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
-                "bad shm segment name '" + name + "' (use [A-Za-z0-9._-], no '/')");
-  }
+  if (Status s = check_shm_name(name); !s.ok()) return fail(d, Failure::kUsage, s);
   const std::string path = "/dev/shm/" + name;
   SysResult<FileInfo> info = fs().lstat(path);
   if (!info.ok()) {
@@ -174,6 +178,126 @@ Status check_shm_entry(const std::string& name, Diagnosis* d, bool must_exist = 
                     ", not a segment: refusing to open it");
   }
   return Status();
+}
+
+std::uint64_t get64le(const unsigned char* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+// FileStore::read allocates the whole file before a byte of it is checked,
+// and any file up to kMaxFileBytes passes its size check: one sparse 40 GiB
+// file of zeros in a directory made every command fail for want of memory
+// (std::bad_alloc), where the engine, which maps its files, passes over it
+// as corrupt. The decoder's first reading rules (FORMAT.md 1-3: magic,
+// version, header checksum, counts, and that the size the header gives is
+// the file's) need only the header and the file's size, so they run first,
+// on the header alone: a file is read whole only when its verified header
+// says exactly its size. A failure is the one snapshot::decode() reports on
+// the whole file (class, offset, message). OK also when the file cannot be
+// looked at (missing, not a regular file, over the limit): the read that
+// follows says why, as before.
+Status check_size_against_header(const std::string& path, Diagnosis* d) {
+  constexpr std::uint64_t kFrame = snapshot::kHeaderBytes + snapshot::kTrailerBytes;
+  persist::FileSystem& f = fs();
+  SysResult<FileInfo> info = f.lstat(path);
+  if (!info.ok() || info.value.kind != FileInfo::Kind::kRegular) return Status();
+  const std::uint64_t size = info.value.size;
+  if (size < kFrame || size > kMaxFileBytes) return Status();  // cheap to read, or refused by size
+  // O_NONBLOCK: a FIFO swapped in since the lstat must not block the open.
+  SysResult<int> fd = f.open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, 0);
+  if (!fd.ok()) return Status();
+  std::vector<unsigned char> probe(kFrame + 1, 0);
+  std::size_t got = 0;
+  SysResult<FileInfo> opened = f.fstat(fd.value);
+  if (opened.ok() && opened.value.kind == FileInfo::Kind::kRegular && opened.value.size == size) {
+    int interrupted = 0;
+    while (got < snapshot::kHeaderBytes) {
+      SysResult<std::size_t> r = f.read(fd.value, probe.data() + got, snapshot::kHeaderBytes - got);
+      if (!r.ok() && r.error == EINTR && ++interrupted < persist::kMaxEintrRetries) continue;
+      if (!r.ok() || r.value == 0) break;
+      got += r.value;
+    }
+  }
+  (void)f.close(fd.value);  // only read: a close error loses nothing
+  if (got < snapshot::kHeaderBytes) return Status();  // changed under us: the read says how
+  const std::uint64_t body = get64le(probe.data() + 64);  // body_bytes (FORMAT.md, header)
+  if (body <= size - kFrame && kFrame + body == size) return Status();  // as large as it says
+  // The size rule fails on the whole file; the header's own rules come
+  // before it. The probe, the header and an empty body, fails the size rule
+  // too (body > 0: shorter than it says; body 0: one byte longer), at an
+  // offset >= 96, after all of the header's own rules, which it shares with
+  // the whole file: a failure before offset 96 is the whole file's.
+  probe.resize(body == 0 ? kFrame + 1 : kFrame);
+  snapshot::DecodeError err;
+  auto view = snapshot::decode(probe, &err);
+  if (!view && err.offset < snapshot::kHeaderBytes) {
+    if (d != nullptr) *d = Diagnosis{failure_of_decode(err.problem), true, err.offset};
+    return view.status();
+  }
+  // The size rule itself, in the decoder's words (snapshot_format.cc, rule 3).
+  const auto said = [](snapshot::Problem problem, std::uint64_t offset, const std::string& what) {
+    return std::string(snapshot::problem_name(problem)) + " at offset " + std::to_string(offset) +
+           ": " + what;
+  };
+  if (body > size - kFrame) {
+    if (d != nullptr) *d = Diagnosis{Failure::kTruncated, true, size};
+    return Status(StatusCode::kCorruption,
+                  said(snapshot::Problem::kTruncated, size,
+                       "header says " + std::to_string(kFrame + body) + " bytes, image has " +
+                           std::to_string(size)));
+  }
+  if (d != nullptr) *d = Diagnosis{Failure::kCorrupt, true, kFrame + body};
+  return Status(StatusCode::kCorruption,
+                said(snapshot::Problem::kCorrupt, kFrame + body,
+                     std::to_string(size - (kFrame + body)) + " trailing bytes after the trailer"));
+}
+
+// Recovery's choice (persist::load_newest) over `files`, less those whose
+// header refuses them already (check_size_against_header): recovery reads
+// each candidate whole (a tool holds no lock, so it cannot map them), and
+// would run out of memory on such a file where the engine passes over it.
+// A file left out is reported skipped where recovery would report it: when
+// it is newer than the image loaded, or nothing was. Out of memory anyway
+// (a file as large as its header says, too large for this machine's
+// memory): kIoError, never an exception.
+Result<std::unique_ptr<detail::LoadedSnapshot>> recover(
+    persist::ShmCandidate* shm, std::span<const persist::GenerationFile> files,
+    RecoveryReport& report, std::size_t* gone = nullptr) {
+  std::vector<persist::GenerationFile> readable;
+  std::vector<std::pair<std::uint64_t, SkippedSnapshot>> refused;
+  std::map<std::string, std::uint64_t> generation_of;
+  for (const auto& f : files) {
+    generation_of[f.path] = f.generation;
+    Diagnosis why;
+    if (Status s = check_size_against_header(f.path, &why); !s.ok()) {
+      refused.push_back(
+          {f.generation, SkippedSnapshot{f.path, why.offset, std::string(s.message())}});
+    } else {
+      readable.push_back(f);
+    }
+  }
+  std::unique_ptr<detail::LoadedSnapshot> loaded;
+  try {
+    loaded = persist::load_newest(shm, readable, fs(), report, false, gone);
+  } catch (const std::bad_alloc&) {
+    return Status(StatusCode::kIoError,
+                  "out of memory reading a snapshot to choose the newest that verifies");
+  }
+  if (refused.empty()) return loaded;
+  for (auto& [generation, skipped] : refused) {
+    if (!loaded || generation > report.generation) report.skipped.push_back(std::move(skipped));
+  }
+  // Recovery's order: the segment's (tried first), then the files newest first.
+  auto rank = [&](const SkippedSnapshot& s) {
+    auto it = generation_of.find(s.source);
+    return it == generation_of.end() ? UINT64_MAX : it->second;
+  };
+  std::stable_sort(
+      report.skipped.begin(), report.skipped.end(),
+      [&](const SkippedSnapshot& a, const SkippedSnapshot& b) { return rank(a) > rank(b); });
+  return loaded;
 }
 
 Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Diagnosis* d,
@@ -444,6 +568,10 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   if (request.dir.empty()) {
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument, "a snapshot directory is required");
   }
+  // A bad segment name before the directory's LOCK is taken (and made).
+  if (!request.shm.empty()) {
+    if (Status s = check_shm_entry(request.shm, d); !s.ok()) return s;
+  }
   // Nothing is created: the directory and the segment must exist already.
   auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
   if (!dir) return dir.status();
@@ -470,15 +598,16 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
     source = std::move(*loaded);
   } else {
     RecoveryReport report;
-    std::unique_ptr<detail::LoadedSnapshot> loaded;
+    Result<std::unique_ptr<detail::LoadedSnapshot>> loaded = Status();
     if (shm) {
       persist::ShmCandidate candidate{"shm:" + request.shm, std::move(shm_image)};
-      loaded = persist::load_newest(&candidate, *files, fs(), report);
+      loaded = recover(&candidate, *files, report);
     } else {
-      loaded = persist::load_newest(nullptr, *files, fs(), report);
+      loaded = recover(nullptr, *files, report);
     }
-    if (!loaded) return nothing_loaded(report, request.dir, d);
-    auto image = from_loaded(report.source, std::move(*loaded));
+    if (!loaded) return fail(d, Failure::kIoError, loaded.status());
+    if (!*loaded) return nothing_loaded(report, request.dir, d);
+    auto image = from_loaded(report.source, std::move(**loaded));
     if (!image) return fail(d, Failure::kCorrupt, image.status());
     source = std::move(*image);
   }
@@ -539,6 +668,33 @@ std::string_view failure_name(Failure failure) noexcept {
   return "unknown";
 }
 
+Status check_shm_name(std::string_view name) {
+  // The rule of ShmStore's check_name() (shm_store.cc) and of the engine's
+  // options check (engine.cc), neither of which is reachable from here: the
+  // store's is file-local, the engine's checks whole EngineOptions. The
+  // store still has the last word (shm_unusable()), and jobsnap_test checks
+  // that this refuses exactly the names the store refuses.
+  constexpr std::size_t kMaxNameBytes = 200;
+  bool ok = !name.empty() && name.size() <= kMaxNameBytes && name != "." && name != "..";
+  for (const char c : name) {
+    ok = ok && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                c == '.' || c == '_' || c == '-');
+  }
+  if (ok) return Status();
+  return Status(StatusCode::kInvalidArgument,
+                "bad shm segment name '" + std::string(name) +
+                    "': the engine refuses it (use 1..200 characters of [A-Za-z0-9._-], not "
+                    "'.' or '..')");
+}
+
+Status check_file_name(const std::string& path, const snapshot::Header& header, Diagnosis* d) {
+  const std::optional<std::uint64_t> named = generation_of_name(path);
+  if (!named || *named == header.generation) return Status();
+  if (d != nullptr) *d = Diagnosis{Failure::kCorrupt, true, 16};  // the header's generation field
+  return Status(StatusCode::kCorruption, "file name says generation " + std::to_string(*named) +
+                                             ", header says " + std::to_string(header.generation));
+}
+
 // ---------------------------------------------------------------- reading
 
 Result<Image> decode_image(std::string source, std::vector<unsigned char> bytes, Diagnosis* d) {
@@ -556,9 +712,16 @@ Result<Image> decode_image(std::string source, std::vector<unsigned char> bytes,
 }
 
 Result<Image> load_file(const std::string& path, Diagnosis* d) {
-  auto bytes = persist::FileStore::read(path, kMaxFileBytes, fs());
-  if (!bytes) return fail(d, failure_of_file_read(bytes.status()), bytes.status());
-  return decode_image(path, std::move(*bytes), d);
+  if (Status s = check_size_against_header(path, d); !s.ok()) return s;
+  try {
+    auto bytes = persist::FileStore::read(path, kMaxFileBytes, fs());
+    if (!bytes) return fail(d, failure_of_file_read(bytes.status()), bytes.status());
+    return decode_image(path, std::move(*bytes), d);
+  } catch (const std::bad_alloc&) {
+    // A file as large as its header says, more than this machine can hold.
+    return fail(d, Failure::kIoError, StatusCode::kIoError,
+                "out of memory reading snapshot file " + path);
+  }
 }
 
 Result<Image> load_generation(const std::string& dir, std::uint64_t generation, Diagnosis* d) {
@@ -615,9 +778,13 @@ Result<Image> load_newest(const std::string& dir, const std::string& shm_name, D
       if (!candidate.image.ok() && shm_unusable(candidate.image.status())) {
         return fail(d, failure_of_shm(candidate.image.status()), candidate.image.status());
       }
-      loaded = persist::load_newest(&candidate, files, fs(), report, false, &gone);
+      auto chosen = recover(&candidate, files, report, &gone);
+      if (!chosen) return fail(d, Failure::kIoError, chosen.status());
+      loaded = std::move(*chosen);
     } else {
-      loaded = persist::load_newest(nullptr, files, fs(), report, false, &gone);
+      auto chosen = recover(nullptr, files, report, &gone);
+      if (!chosen) return fail(d, Failure::kIoError, chosen.status());
+      loaded = std::move(*chosen);
     }
     if (loaded || gone == 0) break;
   }
@@ -642,7 +809,9 @@ Result<Image> load(const Source& source, Diagnosis* d) {
     return load_shm(source.shm, d);
   }
   SysResult<FileInfo> info = fs().lstat(source.path);
-  const bool is_dir = info.ok() && info.value.kind == FileInfo::Kind::kDirectory;
+  // A file only: a directory is refused by the read, as a FIFO is.
+  const bool is_dir =
+      !source.file_only && info.ok() && info.value.kind == FileInfo::Kind::kDirectory;
   if (is_dir) {
     if (source.generation) {
       if (!source.shm.empty()) {
@@ -765,6 +934,10 @@ Summary summarize(const snapshot::SnapshotView& view) {
     if (j.state == snapshot::JobState::kDead) {
       ++s.by_handler[j.handler].dead;
       s.dead.push_back(&j);
+    } else if (j.cancel_requested) {
+      // Not live: recovery counts it cancelled and never runs it, so it is
+      // not what an operator looking for the job that waits longest wants.
+      continue;
     } else if (s.oldest_live == nullptr || j.submit_ns < s.oldest_live->submit_ns) {
       s.oldest_live = &j;
     }
@@ -898,15 +1071,46 @@ Result<WriteReport> drop_jobs(const EditRequest& request, std::span<const JobId>
       d);
 }
 
+namespace {
+
+// restore() into a segment only, from a single file (or another segment):
+// there is no directory to keep the segment's image in, so one newer than
+// the source (or another image of the same generation) is not overwritten.
+// Says how to restore through a directory, which keeps it.
+Status check_overwrite(const RestoreRequest& request, const Image& source, const Image& shm_now,
+                       Diagnosis* d) {
+  const std::uint64_t from = source.view.header.generation;
+  const std::uint64_t held = shm_now.view.header.generation;
+  if (held < from || (held == from && shm_now.bytes == source.bytes)) return Status();
+  const std::string through = request.source.path.empty()
+                                  ? "--from-shm " + request.source.shm
+                                  : "--from-file " + request.source.path;
+  return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
+              "shm segment '" + request.target_shm + "' holds generation " +
+                  std::to_string(held) + (held > from ? ", newer than" : ", another image than") +
+                  " generation " + std::to_string(from) + " of " + source.source +
+                  ", and restoring into it would overwrite that image with no copy kept. "
+                  "Restore through a snapshot directory instead, which keeps it: jobsnap "
+                  "restore DIR " + through + " --shm " + request.target_shm +
+                  " (or first save it: jobsnap restore DIR --from-shm " + request.target_shm + ")");
+}
+
+}  // namespace
+
 Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   if (request.target_dir.empty() && request.target_shm.empty()) {
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
                 "restore needs a target: a directory, a segment, or both");
   }
-  // The source first, before anything is locked or created: a typo'd
-  // directory or generation, or a source that does not verify, must leave no
-  // directory, LOCK file or segment behind. Reading needs no lock; what is
-  // numbered against (the targets' contents) is read under the locks below.
+  // Every check that can refuse comes before anything is locked or created
+  // (jobsnap.md, restore step 1): a typo'd directory, generation or segment
+  // name, a source that does not verify, a segment the engine could not
+  // open or a generation past the last must leave no directory, LOCK file or
+  // segment behind. First the segment's name, then the source: reading needs
+  // no lock.
+  if (!request.target_shm.empty()) {
+    if (Status s = check_shm_entry(request.target_shm, d); !s.ok()) return s;
+  }
   auto source = load(request.source, d);
   if (!source) return source.status();
   const std::uint64_t from = source->view.header.generation;
@@ -916,23 +1120,98 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   std::string source_dir;
   if (!request.source.path.empty()) {
     SysResult<FileInfo> info = fs().lstat(request.source.path);
-    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory && !request.source.file_only) {
       source_dir = request.source.path;
     }
   }
+  // A file given as such does not verify when its name and header disagree
+  // (jobsnap verify says corrupt): the engine would pass it over.
+  if (!request.source.path.empty() && source_dir.empty()) {
+    if (Status s = check_file_name(request.source.path, source->view.header, d); !s.ok()) return s;
+  }
+
+  // The targets as they are, read only (the same checks are made again
+  // under the locks, where they decide): whatever would refuse the restore
+  // there refuses it here, before anything is created.
+  const std::string shm_path = "/dev/shm/" + request.target_shm;
+  bool shm_existed = false;
+  std::optional<Image> shm_before;
+  if (!request.target_shm.empty()) {
+    shm_existed = fs().lstat(shm_path).ok();
+    auto bytes = persist::ShmStore::read_existing(request.target_shm);
+    // Not ours (type, owner, mode), another layout version, a writer at it:
+    // the open under the lock would refuse it after the directory was made.
+    if (!bytes && shm_unusable(bytes.status())) {
+      return fail(d, failure_of_shm(bytes.status()), bytes.status());
+    }
+    shm_before = verified_shm_image(bytes, request.target_shm);
+  }
+  bool dir_existed = false;
+  bool lock_existed = false;
+  std::uint64_t highest = from;
+  std::string numbered_by;  // the directory whose generations G must outrank
+  if (!request.target_dir.empty()) {
+    if (Status s = check_dir(request.target_dir, d, /*must_exist=*/!source_dir.empty()); !s.ok()) {
+      return s;
+    }
+    dir_existed = fs().lstat(request.target_dir).ok();
+    if (dir_existed) {
+      lock_existed = fs().lstat(request.target_dir + "/LOCK").ok();
+      numbered_by = request.target_dir;
+    }
+  } else {
+    numbered_by = source_dir;
+  }
+  if (!numbered_by.empty()) {
+    auto files = persist::list_generations(numbered_by, fs());
+    if (!files) return fail(d, Failure::kIoError, files.status());
+    if (!files->empty()) highest = std::max(highest, files->front().generation);
+  }
+  if (shm_before) highest = std::max(highest, shm_before->view.header.generation);
+  if (auto g = next_generation(highest, d); !g) return g.status();
+  if (shm_before && request.target_dir.empty() && source_dir.empty()) {
+    if (Status s = check_overwrite(request, *source, *shm_before, d); !s.ok()) return s;
+  }
 
   // Both locks before the targets are read, so no engine starts in between.
+  // Until something is published, a failure removes what this restore
+  // created: the segment (under its writer lock), the LOCK file (under the
+  // directory's lock), an aside directory left empty, then the directory;
+  // never what was there when it looked above. Best effort: what cannot be
+  // removed stays, and the failure is reported as it is.
   std::unique_ptr<persist::FileStore> dir;
+  std::unique_ptr<persist::ShmStore> shm;
+  WriteReport report;
+  bool published = false;
+  auto undo = [&](Status failure) -> Status {
+    if (published) return failure;
+    if (shm) {
+      if (!shm_existed) (void)persist::ShmStore::remove(request.target_shm);
+      shm.reset();
+    }
+    if (!report.aside_dir.empty()) (void)::rmdir(report.aside_dir.c_str());
+    if (dir) {
+      const std::string path = dir->dir();
+      if (!lock_existed) (void)fs().unlink(path + "/LOCK");
+      dir.reset();
+      if (!dir_existed) (void)::rmdir(path.c_str());
+    }
+    return failure;
+  };
+
   if (!request.target_dir.empty()) {
     auto locked = lock_dir(request.target_dir, d, /*must_exist=*/!source_dir.empty());
-    if (!locked) return locked.status();
+    if (!locked) {
+      // Made, then its LOCK could not be: an empty directory is all there is.
+      if (!dir_existed) (void)::rmdir(request.target_dir.c_str());
+      return locked.status();
+    }
     dir = std::move(*locked);
   }
-  std::unique_ptr<persist::ShmStore> shm;
   std::optional<Image> shm_now;  // the segment's image, which the publish replaces
   if (!request.target_shm.empty()) {
     auto locked = lock_shm(request.target_shm, d, /*create=*/true);
-    if (!locked) return locked.status();
+    if (!locked) return undo(locked.status());
     shm = std::move(*locked);
     shm_now = verified_shm_image(shm->read_active(), request.target_shm);
   }
@@ -942,7 +1221,7 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   DirScan scan;  // the target directory's, or with --to-shm the source directory's
   if (dir) {
     auto files = dir->list();
-    if (!files) return fail(d, Failure::kIoError, files.status());
+    if (!files) return undo(fail(d, Failure::kIoError, files.status()));
     for (const auto& f : *files) {
       if (f.generation > from) newer.push_back(f);
     }
@@ -952,15 +1231,14 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     // uses: above that directory's generations too, or they would win, and
     // ids above its counters.
     auto files = persist::list_generations(source_dir, fs());
-    if (!files) return fail(d, Failure::kIoError, files.status());
+    if (!files) return undo(fail(d, Failure::kIoError, files.status()));
     scan = scan_files(*files);
   }
   scan.add_segment(shm_now);
   const std::uint64_t next_id = std::max(source->view.header.next_job_id, scan.next_job_id);
   auto generation = next_generation(std::max(from, scan.highest), d);
-  if (!generation) return generation.status();
+  if (!generation) return undo(generation.status());
 
-  WriteReport report;
   report.from_source = source->source;
   report.from_generation = from;
   report.generation = *generation;
@@ -976,30 +1254,19 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
       if (Status s = keep_shm_image(*shm_now, dir->dir(), scan, /*aside=*/held > from, newer,
                                     report, d);
           !s.ok()) {
-        return s;
+        return undo(s);
       }
     } else if (!source_dir.empty()) {
       // The source directory is no target (no lock, nothing published there):
       // only its aside directory, which no engine reads, is written.
       if (Status s = keep_shm_image(*shm_now, source_dir, scan, /*aside=*/true, {}, report, d);
           !s.ok()) {
-        return s;
+        return undo(s);
       }
-    } else if (held > from || (held == from && shm_now->bytes != source->bytes)) {
+    } else if (Status s = check_overwrite(request, *source, *shm_now, d); !s.ok()) {
       // A single file (or another segment) and no directory to keep the
       // image in: say how to restore through one, which keeps it.
-      const std::string through =
-          request.source.path.empty() ? "--from-shm " + request.source.shm
-                                      : "--from-file " + request.source.path;
-      return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
-                  "shm segment '" + request.target_shm + "' holds generation " +
-                      std::to_string(held) +
-                      (held > from ? ", newer than" : ", another image than") + " generation " + std::to_string(from) + " of " + source->source +
-                      ", and restoring into it would overwrite that image with no copy kept. "
-                      "Restore through a snapshot directory instead, which keeps it: jobsnap "
-                      "restore DIR " + through + " --shm " + request.target_shm +
-                      " (or first save it: jobsnap restore DIR --from-shm " +
-                      request.target_shm + ")");
+      return undo(s);
     }
   }
 
@@ -1007,7 +1274,10 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   if (dir) {
     // Publish first: from here on the next start loads the restored image,
     // whatever happens to the moves below.
-    if (Status s = dir->publish(*generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    if (Status s = dir->publish(*generation, image); !s.ok()) {
+      return undo(fail(d, Failure::kIoError, s));
+    }
+    published = true;
     report.path = generation_path(dir->dir(), *generation);
     if (Status s = move_aside(dir->dir(), newer, report); !s.ok()) {
       return fail(d, Failure::kIoError,
@@ -1018,7 +1288,9 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     }
   }
   if (shm) {
-    if (Status s = shm->publish(*generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+    if (Status s = shm->publish(*generation, image); !s.ok()) {
+      return undo(fail(d, Failure::kIoError, s));
+    }
     report.shm = request.target_shm;
   }
   return report;

@@ -539,6 +539,63 @@ TEST(JobsnapDamageTest, NotASnapshotIsCorruptAtOffsetZero) {
   EXPECT_TRUE(Contains(r.out, "bad magic")) << r;
 }
 
+// A job whose cancel reached it before the cut is counted cancelled by
+// recovery and never run: it is not live (SnapshotView::live_records), and
+// inspect showed it, unmarked, as "the oldest live job".
+TEST(JobsnapTest, InspectsOldestLiveJobIsNeverOneWhoseCancelWasRequested) {
+  TempDir tmp;
+  const std::string file = tmp.path() + "/c.jobsnap";
+  JobRecord cancelled = Job(1);  // submitted first
+  cancelled.cancel_requested = true;
+  WriteBytes(file, MakeImage(3, {cancelled, Job(2), DeadJob(3, DeadReason::kFailed, "x")}));
+  auto j = ParseJson(Jobsnap({"inspect", "--json", file}));
+  EXPECT_EQ(j["oldest_live_job"]["id"], 2);
+  auto r = Jobsnap({"inspect", file});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "oldest live job\n  id 2 ")) << r;
+  // Only cancelled jobs: none is live.
+  WriteBytes(file, MakeImage(3, {cancelled}));
+  j = ParseJson(Jobsnap({"inspect", "--json", file}));
+  EXPECT_TRUE(j["oldest_live_job"].is_null()) << j;
+}
+
+// Handler names and errors come from the image: printed raw, a crafted one
+// drove the terminal (ESC sequences) and faked lines of output (newlines).
+// Text output escapes them; JSON output carries them exactly, JSON-escaped.
+TEST(JobsnapHostileTest, TextOutputEscapesControlCharactersFromTheImage) {
+  TempDir tmp;
+  const std::string handler = "work\x1b]0;pwned\x07\x1b[2J";
+  const std::string error = "boom\n  id 99  fake  reason poison\r\x9b\xc2\x9b\\x41 \xe2\x80\xae";
+  snapshot::Encoder e;
+  snapshot::Header h;
+  h.generation = 1;
+  h.next_job_id = 10;
+  e.begin(h);
+  e.add_handler(handler);
+  JobRecord dead = DeadJob(3, DeadReason::kFailed, error);
+  e.add_job(Job(2));
+  e.add_job(dead);
+  auto image = e.finish();
+  const std::string file = tmp.path() + "/hostile.jobsnap";
+  WriteBytes(file, std::vector<unsigned char>(image.begin(), image.end()));
+  auto r = Jobsnap({"inspect", file});
+  ASSERT_EQ(r.code, kOk) << r;
+  for (const char c : r.out) {
+    const auto u = static_cast<unsigned char>(c);
+    EXPECT_TRUE(c == '\n' || (u >= 0x20 && u != 0x7f && u != 0x9b)) << "raw byte " << int(u) << r;
+  }
+  EXPECT_FALSE(Contains(r.out, "\xc2\x9b")) << r;     // C1 CSI
+  EXPECT_FALSE(Contains(r.out, "\xe2\x80\xae")) << r; // right-to-left override
+  EXPECT_FALSE(Contains(r.out, "\n  id 99")) << r;
+  EXPECT_TRUE(Contains(r.out, "work\\x1b]0;pwned\\x07\\x1b[2J")) << r;
+  EXPECT_TRUE(Contains(
+      r.out, "error: boom\\n  id 99  fake  reason poison\\r\\x9b\\u009b\\\\x41 \\u202e"))
+      << r;
+  auto j = ParseJson(Jobsnap({"inspect", "--json", file}));
+  EXPECT_EQ(j["by_handler"][0]["handler"], handler);
+  EXPECT_EQ(j["dead_jobs"][0]["handler"], handler);
+}
+
 // ---- hostile inputs ----------------------------------------------------------------
 
 TEST(JobsnapHostileTest, SymlinkIsRefusedWithoutBeingFollowed) {
@@ -701,6 +758,168 @@ TEST(JobsnapHostileTest, FifoInPlaceOfASegmentIsRefusedWithoutBlocking) {
   auto r = Jobsnap({"inspect", "--shm", shm.name});
   EXPECT_EQ(r.code, kRefusedInput) << r;
   EXPECT_TRUE(Contains(r.err, "FIFO")) << r;
+}
+
+// A name the engine refuses to open with (InvalidArgument) was checked only
+// for '/', "." and "..": beside a DIR, "a b" was a segment to pass over, so
+// inspect showed a disk generation and list marked one as the next start's,
+// both exit 0. It is a usage error naming the option and the name, in every
+// command, and nothing is looked at, locked or created for it.
+TEST(JobsnapHostileTest, ASegmentNameTheEngineRefusesIsAUsageErrorInEveryCommand) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  const std::string file = GenPath(tmp.snap(), 1);
+  const std::string fresh = tmp.path() + "/fresh";
+  const auto before = Fingerprint(tmp.snap());
+  for (const std::string& bad : std::vector<std::string>{"a b", "x/y", "..", "ab\x1b",
+                                                         std::string(201, 'n')}) {
+    for (const auto& [args, option] :
+         std::vector<std::pair<std::vector<std::string>, std::string>>{
+             {{"list", tmp.snap(), "--shm", bad}, "--shm"},
+             {{"list", "--json", tmp.snap(), "--shm", bad}, "--shm"},
+             {{"inspect", tmp.snap(), "--shm", bad}, "--shm"},
+             {{"inspect", "--shm", bad}, "--shm"},
+             {{"dump", tmp.snap(), "--shm", bad}, "--shm"},
+             {{"verify", tmp.snap(), "--shm", bad}, "--shm"},
+             {{"requeue", tmp.snap(), "7", "--shm", bad}, "--shm"},
+             {{"drop", tmp.snap(), "8", "--shm", bad}, "--shm"},
+             {{"restore", tmp.snap(), "-g", "1", "--shm", bad}, "--shm"},
+             {{"restore", fresh, "--from-file", file, "--shm", bad}, "--shm"},
+             {{"restore", fresh, "--from-shm", bad}, "--from-shm"},
+             {{"restore", file, "--to-shm", bad}, "--to-shm"},
+             {{"diff", tmp.snap(), "shm:" + bad}, "shm:" + bad}}) {
+      auto r = Jobsnap(args);
+      EXPECT_EQ(r.code, kUsage) << r;
+      EXPECT_TRUE(Contains(r.err, option)) << r;
+      EXPECT_TRUE(Contains(r.err, "'" + bad + "'")) << r;
+      EXPECT_FALSE(Contains(r.out, "next engine start loads")) << r;
+    }
+  }
+  EXPECT_EQ(Fingerprint(tmp.snap()), before);
+  EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
+  EXPECT_FALSE(fs::exists(fresh));
+  // The library refuses it too, before the directory is made.
+  snapshot_tools::RestoreRequest req;
+  req.source.path = file;
+  req.target_dir = fresh;
+  req.target_shm = "a b";
+  snapshot_tools::Diagnosis d;
+  EXPECT_FALSE(snapshot_tools::restore(req, &d).ok());
+  EXPECT_EQ(d.failure, snapshot_tools::Failure::kUsage);
+  EXPECT_FALSE(fs::exists(fresh));
+}
+
+// check_shm_name() restates the store's rule (its own check is file-local):
+// it must refuse exactly the names the store refuses.
+TEST(JobsnapHostileTest, TheSegmentNameCheckRefusesExactlyWhatTheStoreRefuses) {
+  const std::string ok_chars = "Az09._-";
+  for (const std::string& name :
+       {std::string("a b"), std::string("x/y"), std::string("."), std::string(".."),
+        std::string("..."), std::string("a\tb"), std::string("caf\xc3\xa9"), std::string("a:b"),
+        std::string("a\\b"), std::string(200, 'n'), std::string(201, 'n'), ok_chars,
+        std::string("-lead"), std::string(".hidden")}) {
+    // A name no segment has: the store says kNotFound for a good one.
+    const std::string probe =
+        name.size() > 150 || name == "." || name == ".." ? name : name + "-" + UniqueShmName();
+    const bool store_refuses = persist::ShmStore::read_existing(probe).status().code() ==
+                               StatusCode::kInvalidArgument;
+    EXPECT_EQ(!snapshot_tools::check_shm_name(probe).ok(), store_refuses) << "'" << probe << "'";
+  }
+}
+
+// FileStore::read allocates the whole file, and the size limit (256 GiB)
+// let a sparse file of zeros through: list, inspect, verify, restore and
+// drop of its directory died of std::bad_alloc (exit 70), where the engine
+// passes over it as corrupt. The largest file the limit lets through, so
+// that reading it fails or runs out of time on any machine.
+TEST(JobsnapHostileTest, AFileLargerThanItsHeaderSaysIsReportedWithoutReadingIt) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 3, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  const std::string huge = GenPath(tmp.snap(), 40);
+  const int fd = ::open(huge.c_str(), O_CREAT | O_WRONLY, 0600);
+  ASSERT_GE(fd, 0);
+  const bool sparse = ::ftruncate(fd, static_cast<off_t>(snapshot_tools::kMaxFileBytes)) == 0;
+  ::close(fd);
+  if (!sparse) GTEST_SKIP() << "this file system cannot hold a sparse 256 GiB file";
+
+  auto r = Jobsnap({"list", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "gen-00000000000000000040.jobsnap: corrupt at offset 0: bad magic"))
+      << r;
+  auto j = ParseJson(Jobsnap({"list", "--json", tmp.snap()}));
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0]["failure"], "corrupt");
+  EXPECT_EQ(j[0]["offset"], 0);
+  EXPECT_EQ(j[1]["loaded_next"], true);
+  r = Jobsnap({"inspect", "--json", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r)["header"]["generation"], 3);
+  r = Jobsnap({"verify", tmp.snap()});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "FAILED   " + huge + ": corrupt at offset 0")) << r;
+  EXPECT_EQ(Jobsnap({"verify", huge}).code, kCorrupt);
+  r = Jobsnap({"drop", tmp.snap(), "8"});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 41))), std::set<JobId>{7});
+  r = Jobsnap({"restore", "--json", tmp.snap(), "-g", "3"});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r)["generation"], 42);
+
+  // A valid image with the rest of the file past it: the header's size is
+  // not the file's, and that is all that is read of it.
+  TempDir tmp2;
+  const std::string padded = GenPath(tmp2.snap(), 5);
+  const auto image = MakeImage(5, {Job(1)});
+  WriteBytes(padded, image);
+  ASSERT_EQ(::truncate(padded.c_str(), static_cast<off_t>(snapshot_tools::kMaxFileBytes)), 0);
+  r = Jobsnap({"verify", padded});
+  EXPECT_EQ(r.code, kCorrupt) << r;
+  EXPECT_TRUE(Contains(r.out, "corrupt at offset " + std::to_string(image.size()))) << r;
+  EXPECT_TRUE(Contains(r.out, "trailing bytes after the trailer")) << r;
+  EXPECT_EQ(Jobsnap({"inspect", tmp2.snap()}).code, kCorrupt);
+}
+
+// The size rule is checked from the header alone, in the decoder's words:
+// for every file it says what snapshot::decode() says of the whole file.
+TEST(JobsnapDamageTest, AFileOfAnotherSizeThanItsHeaderSaysFailsAsTheDecoderSays) {
+  TempDir tmp;
+  const auto image = MakeImage(5, {Job(1), Job(2)});
+  auto body_zero = MakeImage(6, {});
+  Put64(body_zero, 64, 0);  // no handlers, no body: 112 bytes said
+  FixHeaderChecksum(body_zero);
+  body_zero.resize(112);
+  std::vector<std::vector<unsigned char>> files = {
+      std::vector<unsigned char>(image.begin(), image.end() - 1),    // truncated by a byte
+      std::vector<unsigned char>(image.begin(), image.begin() + 120),  // most of it gone
+      image,
+      body_zero};
+  files[2].insert(files[2].end(), 7, 0);  // trailing bytes
+  files.push_back(body_zero);
+  files.back().push_back(0);               // body 0, one byte more
+  auto bad_magic = image;
+  bad_magic[0] = 'X';
+  bad_magic.resize(image.size() - 3);      // both wrong: the magic comes first
+  files.push_back(bad_magic);
+  auto bad_header = image;
+  bad_header[20] ^= 1;
+  bad_header.push_back(0);                 // both wrong: the header checksum comes first
+  files.push_back(bad_header);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const std::string file = tmp.path() + "/f" + std::to_string(i) + ".jobsnap";
+    WriteBytes(file, files[i]);
+    snapshot::DecodeError err;
+    auto view = snapshot::decode(files[i], &err);
+    auto r = Jobsnap({"verify", "--json", file});
+    auto j = ParseJson(r);
+    if (view.ok()) {
+      EXPECT_EQ(r.code, kOk) << i << r;
+      continue;
+    }
+    EXPECT_EQ(j["images"][0]["reason"], std::string(view.status().message())) << i << r;
+    EXPECT_EQ(j["images"][0]["offset"], err.offset) << i << r;
+    EXPECT_EQ(j["images"][0]["failure"], std::string(snapshot::problem_name(err.problem)))
+        << i << r;
+  }
 }
 
 TEST(JobsnapHostileTest, ReadCommandsChangeNothingAndTakeNoLock) {
@@ -1472,6 +1691,115 @@ TEST(JobsnapRefusedTest, ARefusedRestoreOrEditCreatesNoDirectoryLockOrSegment) {
   const std::string fresh = tmp.path() + "/fresh";
   ASSERT_EQ(Jobsnap({"restore", fresh, "--from-file", GenPath(tmp.snap(), 1)}).code, kOk);
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(fresh, 2))), std::set<JobId>{7});
+}
+
+// The target directory and segment were made before the checks that can
+// refuse (the segment's name and mode, the generation limit), so a refused
+// restore left an empty segment or a new directory with its LOCK behind.
+// Whatever refuses a restore now does so before anything is created, and a
+// restore that fails once they are made (an engine writing the segment)
+// removes what it made; never what was there before.
+TEST(JobsnapRefusedTest, ARefusedRestoreLeavesNothingItCreatedBehind) {
+  TempDir tmp;
+  ShmCleanup fresh_shm;
+  const std::string last = tmp.path() + "/last.jobsnap";
+  WriteBytes(last, MakeImage(UINT64_MAX, {Job(1)}));
+  const std::string good = tmp.path() + "/good.jobsnap";
+  WriteBytes(good, MakeImage(4, {Job(1)}));
+  const std::string nd = tmp.path() + "/new-dir";
+
+  // The generation limit: 8, with no segment and no directory made.
+  auto r = Jobsnap({"restore", last, "--to-shm", fresh_shm.name});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_FALSE(fs::exists("/dev/shm/" + fresh_shm.name)) << "a refused restore made the segment";
+  r = Jobsnap({"restore", nd, "--from-file", last});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_FALSE(fs::exists(nd)) << "a refused restore made the directory";
+  r = Jobsnap({"restore", nd, "--from-file", last, "--shm", fresh_shm.name});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_FALSE(fs::exists(nd));
+  EXPECT_FALSE(fs::exists("/dev/shm/" + fresh_shm.name));
+
+  // A segment the engine could not open (mode 0644): 6, nothing made, the
+  // segment as it was.
+  ShmCleanup open_shm;
+  {
+    auto store = persist::ShmStore::open_or_create(open_shm.name, 0);
+    ASSERT_TRUE(IsOk(store));
+    ASSERT_TRUE((*store)->publish(2, MakeImage(2, {Job(1)})).ok());
+  }
+  const std::string open_path = "/dev/shm/" + open_shm.name;
+  ASSERT_EQ(::chmod(open_path.c_str(), 0644), 0);
+  const std::string segment_before = Slurp(open_path);
+  r = Jobsnap({"restore", nd, "--from-file", good, "--shm", open_shm.name});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_FALSE(fs::exists(nd)) << "a refused restore left the directory and its LOCK";
+  r = Jobsnap({"restore", good, "--to-shm", open_shm.name});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_EQ(Slurp(open_path), segment_before);
+
+  // Refused only once both are made: an engine writes the segment (7). The
+  // new directory and its LOCK go again.
+  ShmCleanup busy;
+  auto writer = persist::ShmStore::open_or_create(busy.name, 0);
+  ASSERT_TRUE(IsOk(writer));
+  r = Jobsnap({"restore", nd, "--from-file", good, "--shm", busy.name});
+  EXPECT_EQ(r.code, kLocked) << r;
+  EXPECT_FALSE(fs::exists(nd)) << "a refused restore left the directory it made";
+  // An existing directory stays, and so does its LOCK when it had one; only
+  // a LOCK this restore made goes.
+  r = Jobsnap({"restore", tmp.snap(), "--from-file", good, "--shm", busy.name});
+  EXPECT_EQ(r.code, kLocked) << r;
+  EXPECT_TRUE(fs::is_directory(tmp.snap()));
+  EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
+  WriteBytes(tmp.snap() + "/LOCK", {});
+  r = Jobsnap({"restore", tmp.snap(), "--from-file", good, "--shm", busy.name});
+  EXPECT_EQ(r.code, kLocked) << r;
+  EXPECT_TRUE(fs::exists(tmp.snap() + "/LOCK"));
+  // The directory's lock comes before the segment is made: an engine that
+  // holds the directory (7) leaves no segment made for nothing.
+  TempDir held;
+  auto engine = Engine::open(DiskOptions(held.snap()));
+  ASSERT_TRUE(IsOk(engine));
+  r = Jobsnap({"restore", held.snap(), "--from-file", good, "--shm", fresh_shm.name});
+  EXPECT_EQ(r.code, kLocked) << r;
+  EXPECT_FALSE(fs::exists("/dev/shm/" + fresh_shm.name));
+}
+
+// restore --from-file took what verify calls corrupt: a file named as
+// generation 99 whose header says 30 (the engine passes it over in a
+// directory), and a directory (whose newest generation it loaded). A file
+// that does not verify is refused with its class; --from-file takes a
+// regular file only (refused input otherwise).
+TEST(JobsnapRestoreTest, RestoreFromAFileRefusesWhatVerifyRefusesAndADirectory) {
+  TempDir tmp;
+  ShmCleanup shm;
+  const std::string misnamed = tmp.path() + "/gen-00000000000000000099.jobsnap";
+  WriteBytes(misnamed, MakeImage(30, {Job(1)}));
+  ASSERT_EQ(Jobsnap({"verify", misnamed}).code, kCorrupt);
+  const std::string nd = tmp.path() + "/nd";
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"restore", nd, "--from-file", misnamed},
+           {"restore", tmp.snap(), "--from-file", misnamed},
+           {"restore", misnamed, "--to-shm", shm.name}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kCorrupt) << r;
+    EXPECT_TRUE(Contains(r.err, "file name says generation 99, header says 30")) << r;
+  }
+  EXPECT_FALSE(fs::exists(nd));
+  EXPECT_TRUE(fs::is_empty(tmp.snap()));
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name));
+
+  TempDir d2;
+  PutGeneration(d2.snap(), 5, {Job(1)});
+  const auto before = Fingerprint(d2.snap());
+  for (const std::string& target : {d2.snap(), nd}) {
+    auto r = Jobsnap({"restore", target, "--from-file", d2.snap()});
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "directory")) << r;
+  }
+  EXPECT_EQ(Fingerprint(d2.snap()), before);
+  EXPECT_FALSE(fs::exists(nd));
 }
 
 // ---- generation numbers end ----------------------------------------------------------

@@ -112,43 +112,104 @@ std::string ago(std::int64_t then, std::int64_t now) {
   return duration(distance(now, then)) + " ago";
 }
 
+// The length of the valid UTF-8 sequence at s[i] (1..4, its code point in
+// *cp), or 0 where there is none: a stray or bad byte, a sequence cut
+// short, an overlong form, a surrogate, past U+10FFFF.
+std::size_t utf8_at(std::string_view s, std::size_t i, std::uint32_t* cp) {
+  const auto c = static_cast<unsigned char>(s[i]);
+  if (c < 0x80) {
+    *cp = c;
+    return 1;
+  }
+  std::size_t n = 0;
+  std::uint32_t v = 0;
+  if ((c & 0xe0) == 0xc0) {
+    n = 1;
+    v = c & 0x1fu;
+  } else if ((c & 0xf0) == 0xe0) {
+    n = 2;
+    v = c & 0x0fu;
+  } else if ((c & 0xf8) == 0xf0) {
+    n = 3;
+    v = c & 0x07u;
+  } else {
+    return 0;
+  }
+  if (i + n >= s.size()) return 0;
+  for (std::size_t k = 1; k <= n; ++k) {
+    const auto cc = static_cast<unsigned char>(s[i + k]);
+    if ((cc & 0xc0) != 0x80) return 0;
+    v = (v << 6) | (cc & 0x3fu);
+  }
+  if ((n == 1 && v < 0x80) || (n == 2 && v < 0x800) || (n == 3 && v < 0x10000) ||
+      (v >= 0xd800 && v <= 0xdfff) || v > 0x10ffff) {
+    return 0;
+  }
+  *cp = v;
+  return n + 1;
+}
+
+// C0 controls, DEL and C1 controls (U+0080..U+009F).
+bool is_control(std::uint32_t cp) { return cp < 0x20 || (cp >= 0x7f && cp < 0xa0); }
+
 // Valid UTF-8 without control characters other than tab, CR and LF.
 bool printable(std::string_view s) {
   for (std::size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    if (c < 0x80) {
-      if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c == 0x7f) return false;
-      ++i;
-      continue;
-    }
-    std::size_t n = 0;
     std::uint32_t cp = 0;
-    if ((c & 0xe0) == 0xc0) {
-      n = 1;
-      cp = c & 0x1fu;
-    } else if ((c & 0xf0) == 0xe0) {
-      n = 2;
-      cp = c & 0x0fu;
-    } else if ((c & 0xf8) == 0xf0) {
-      n = 3;
-      cp = c & 0x07u;
-    } else {
-      return false;
-    }
-    if (i + n >= s.size()) return false;
-    for (std::size_t k = 1; k <= n; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      if ((cc & 0xc0) != 0x80) return false;
-      cp = (cp << 6) | (cc & 0x3fu);
-    }
-    // Overlong forms, surrogates, beyond U+10FFFF, C1 controls.
-    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
-        (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff || (cp >= 0x80 && cp < 0xa0)) {
-      return false;
-    }
-    i += n + 1;
+    const std::size_t n = utf8_at(s, i, &cp);
+    if (n == 0 || (is_control(cp) && cp != '\t' && cp != '\n' && cp != '\r')) return false;
+    i += n;
   }
   return true;
+}
+
+// Text from an image (a handler name, a job's last error) as text output
+// shows it. An image is input, possibly crafted: printed raw, an ESC [ ...
+// sequence would drive the terminal (move the cursor, rewrite what is on
+// screen, set its title) and a newline would fake a line of output (a dead
+// job that is not there). Valid UTF-8 is kept, except: tab, LF and CR as
+// \t, \n, \r; other C0 controls, DEL and bytes that are not UTF-8 as \xNN;
+// C1 controls, the line and paragraph separators and the bidirectional
+// overrides and isolates (which reorder what a terminal shows) as \uNNNN;
+// a backslash as \\, so that every escape reads one way. JSON output has
+// JSON's own escapes instead.
+std::string shown(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  char buf[16];
+  for (std::size_t i = 0; i < s.size();) {
+    std::uint32_t cp = 0;
+    const std::size_t n = utf8_at(s, i, &cp);
+    if (n == 0) {
+      std::snprintf(buf, sizeof buf, "\\x%02x",
+                    static_cast<unsigned>(static_cast<unsigned char>(s[i])));
+      out += buf;
+      i += 1;
+      continue;
+    }
+    const bool reorders = cp == 0x2028 || cp == 0x2029 || (cp >= 0x202a && cp <= 0x202e) ||
+                          (cp >= 0x2066 && cp <= 0x2069) || cp == 0x200e || cp == 0x200f ||
+                          cp == 0x061c;
+    if (cp == '\\') {
+      out += "\\\\";
+    } else if (cp == '\t') {
+      out += "\\t";
+    } else if (cp == '\n') {
+      out += "\\n";
+    } else if (cp == '\r') {
+      out += "\\r";
+    } else if (cp < 0x80 && is_control(cp)) {
+      std::snprintf(buf, sizeof buf, "\\x%02x", static_cast<unsigned>(cp));
+      out += buf;
+    } else if (is_control(cp) || reorders) {
+      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(cp));
+      out += buf;
+    } else {
+      out.append(s.substr(i, n));
+    }
+    i += n;
+  }
+  return out;
 }
 
 std::string base64(std::string_view in) {
@@ -386,7 +447,7 @@ int cmd_inspect(const st::Source& src, const Options& o) {
   }
   std::printf("\nby handler (%zu)\n", s.by_handler.size());
   for (const auto& hc : s.by_handler) {
-    std::printf("  %-30s %llu jobs, %llu dead\n", hc.name.c_str(),
+    std::printf("  %-30s %llu jobs, %llu dead\n", shown(hc.name).c_str(),
                 static_cast<unsigned long long>(hc.jobs), static_cast<unsigned long long>(hc.dead));
   }
   std::printf("\noldest live job\n");
@@ -395,7 +456,7 @@ int cmd_inspect(const st::Source& src, const Options& o) {
   } else {
     const auto& j = *s.oldest_live;
     std::printf("  id %llu  %s  %s  priority %u  attempts %u  submitted %s (%s %s the cut)\n",
-                static_cast<unsigned long long>(j.id), std::string(v.handlers[j.handler]).c_str(),
+                static_cast<unsigned long long>(j.id), shown(v.handlers[j.handler]).c_str(),
                 std::string(snap::job_state_name(j.state)).c_str(),
                 static_cast<unsigned>(j.priority), static_cast<unsigned>(j.attempts),
                 iso_time(j.submit_ns).c_str(),
@@ -406,11 +467,11 @@ int cmd_inspect(const st::Source& src, const Options& o) {
   for (const auto* jp : s.dead) {
     const auto& j = *jp;
     std::printf("  id %llu  %s  reason %s  recoveries %u  attempts %u  died %s\n",
-                static_cast<unsigned long long>(j.id), std::string(v.handlers[j.handler]).c_str(),
+                static_cast<unsigned long long>(j.id), shown(v.handlers[j.handler]).c_str(),
                 std::string(snap::dead_reason_name(j.dead_reason)).c_str(),
                 static_cast<unsigned>(j.recoveries), static_cast<unsigned>(j.attempts),
                 j.dead_at_ns == 0 ? "-" : iso_time(j.dead_at_ns).c_str());
-    if (!j.error.empty()) std::printf("      error: %s\n", std::string(j.error).c_str());
+    if (!j.error.empty()) std::printf("      error: %s\n", shown(j.error).c_str());
   }
   return kExitOk;
 }
@@ -468,15 +529,11 @@ int cmd_verify(const st::Source& src, const Options& o) {
     // `verify DIR` checks it: its header must agree with its name, or the
     // engine would pass it over in a directory.
     const bool plain_file = !src.path.empty() && src.shm.empty() && !src.generation;
-    const std::optional<std::uint64_t> named =
-        plain_file ? st::generation_of_name(src.path) : std::nullopt;
-    if (image && named && *named != image->view.header.generation) {
-      d = st::Diagnosis{st::Failure::kCorrupt, true, 16};  // the header's generation field
-      image = jobengine::Status(jobengine::StatusCode::kCorruption,
-                                "file name says generation " + std::to_string(*named) +
-                                    ", header says " +
-                                    std::to_string(image->view.header.generation));
-      g.generation = *named;
+    if (image && plain_file) {
+      if (jobengine::Status s = st::check_file_name(src.path, image->view.header, &d); !s.ok()) {
+        g.generation = st::generation_of_name(src.path).value_or(0);
+        image = s;
+      }
     }
     if (image) {
       g.valid = true;
@@ -674,6 +731,18 @@ int run(int argc, char** argv) {
         return {};
       },
       "", "digits");
+  // A segment name the engine would refuse ("a b", "x/y", "..") is a usage
+  // error naming the option, as a bad number is, in every command and also
+  // beside a DIR (where it was once passed over as a segment to skip): the
+  // library's check, before anything is looked at. "" is no segment, as for
+  // the engine.
+  const CLI::Validator shm_name(
+      [](std::string& value) -> std::string {
+        if (value.empty()) return {};
+        const jobengine::Status s = st::check_shm_name(value);
+        return s.ok() ? std::string() : std::string(s.message());
+      },
+      "", "shm-name");
   const CLI::Validator gen_validator =
       CLI::Range(std::uint64_t{1}, UINT64_MAX).description("at least 1");
 
@@ -684,7 +753,9 @@ int run(int argc, char** argv) {
               "counts, bytes, and valid or exactly why not; '=>' marks the one the next engine "
               "start loads");
   list->add_option("DIR", list_dir, "Snapshot directory");
-  list->add_option("--shm", list_shm, "Shared-memory segment name")->type_name("NAME");
+  list->add_option("--shm", list_shm, "Shared-memory segment name")
+      ->check(shm_name)
+      ->type_name("NAME");
   add_json(list);
 
   // inspect / dump / verify share a source
@@ -696,6 +767,7 @@ int run(int argc, char** argv) {
                   "it)");
     c->add_option("--shm", src.shm,
                   "Shared-memory segment name (alone: its image; with a DIR: the newest of both)")
+        ->check(shm_name)
         ->type_name("NAME");
     c->add_option("--generation,-g", src_gen, "With a DIR: this generation")
         ->transform(digits_only)
@@ -758,15 +830,18 @@ int run(int argc, char** argv) {
       ->type_name("N");
   restore->add_option("--shm", restore_shm,
                       "The engine's segment: written too, so that it holds no newer image")
+      ->check(shm_name)
       ->type_name("NAME");
   auto* from_shm_opt =
       restore->add_option("--from-shm", restore_from_shm, "Restore this segment's image into DIR")
+          ->check(shm_name)
           ->type_name("NAME");
   auto* from_file_opt =
       restore->add_option("--from-file", restore_from_file, "Restore this snapshot file into DIR")
           ->type_name("FILE");
   auto* to_shm_opt = restore->add_option("--to-shm", restore_to_shm,
                                          "Write the chosen snapshot into this segment only")
+                        ->check(shm_name)
                         ->type_name("NAME");
   from_shm_opt->excludes(from_file_opt)->excludes(to_shm_opt);
   from_file_opt->excludes(to_shm_opt);
@@ -782,6 +857,7 @@ int run(int argc, char** argv) {
     c->add_option("--shm", edit_shm,
                   "The engine's segment: its image counts as a source and the new generation is "
                   "written there too")
+        ->check(shm_name)
         ->type_name("NAME");
     c->add_option("--from", edit_from,
                   "Start from this generation of DIR (default: what the engine would load)")
@@ -857,6 +933,7 @@ int run(int argc, char** argv) {
       } else if (!restore_from_file.empty()) {
         if (restore_gen) return usage("give --generation or --from-file, not both");
         req.source.path = restore_from_file;
+        req.source.file_only = true;  // a snapshot file, never a directory's newest
       } else {
         if (!restore_gen) {
           return usage("restore DIR needs --generation N (or --from-shm NAME, --from-file FILE)");

@@ -79,6 +79,10 @@ struct Image {
 Result<Image> decode_image(std::string source, std::vector<unsigned char> bytes,
                            Diagnosis* diagnosis = nullptr);
 // One snapshot file (a regular file, not a symlink, at most kMaxFileBytes).
+// Read whole only when its header verifies and says the file's size: one
+// that is not (a sparse file of zeros, one truncated or grown) fails with
+// the decoder's class, offset and message from its header alone, so that no
+// such file costs its size in memory. Out of memory: kIoError.
 Result<Image> load_file(const std::string& path, Diagnosis* diagnosis = nullptr);
 // Generation `generation` of a snapshot directory (its header must agree).
 Result<Image> load_generation(const std::string& dir, std::uint64_t generation,
@@ -100,11 +104,20 @@ struct Skipped {
 Result<Image> load_newest(const std::string& dir, const std::string& shm_name,
                           Diagnosis* diagnosis = nullptr, std::vector<Skipped>* skipped = nullptr);
 
+// OK when `name` is a segment name the engine accepts (SnapshotOptions::
+// shm_name, ShmStore: 1..200 characters of [A-Za-z0-9._-], not "." or ".."),
+// else kInvalidArgument naming it. Every function here that takes a segment
+// name refuses a bad one with Failure::kUsage before it looks at anything.
+Status check_shm_name(std::string_view name);
+
 // Where to read one snapshot from.
 struct Source {
   std::string path;                         // a file, or a directory
   std::optional<std::uint64_t> generation;  // directory: this generation (default: the newest valid)
   std::string shm;                          // or a segment (path empty)
+  // `path` must be a snapshot file (e.g. restore --from-file): a directory
+  // there is refused input like any other file that is not a regular file.
+  bool file_only = false;
 };
 // Loads a Source: a file, a directory's generation or newest valid one (as
 // the engine would load it), or a segment. A directory with a segment the
@@ -149,6 +162,12 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
 // a generation file's name as the engine reads them (gen-<20 digits>.jobsnap;
 // also such a file kept aside or copied elsewhere); nullopt otherwise.
 std::optional<std::uint64_t> generation_of_name(std::string_view path);
+// A snapshot file given by its path (not a directory's generation) whose
+// name gives a generation (generation_of_name) must hold that generation:
+// else kCorruption, Failure::kCorrupt at offset 16 (the header's generation
+// field), as the engine would pass it over in a directory. OK otherwise.
+Status check_file_name(const std::string& path, const snapshot::Header& header,
+                       Diagnosis* diagnosis = nullptr);
 
 // What inspect shows beyond the header.
 struct Summary {
@@ -160,7 +179,9 @@ struct Summary {
   };
   std::vector<HandlerCount> by_handler;  // in handler-table order
   std::uint64_t by_priority[kPriorityLevels] = {};
-  // The live (not dead) job submitted first; null when there is none.
+  // The live job submitted first; null when there is none. Live as the
+  // format counts it (SnapshotView::live_records): neither dead nor
+  // cancel_requested, which recovery counts cancelled and never runs.
   const snapshot::JobRecordView* oldest_live = nullptr;
   std::vector<const snapshot::JobRecordView*> dead;  // in image order
 };
@@ -247,8 +268,15 @@ struct RestoreRequest {
   std::string target_dir;  // write it here as the newest generation (optional)
   std::string target_shm;  // and/or into this segment (optional; at least one target)
 };
-// Reads and verifies the source first (one that does not verify is refused
-// with its class, and nothing is locked or created). Then, under the
+// Reads and verifies the source first (one that does not verify, or a file
+// whose name and header disagree (check_file_name), is refused with its
+// class). Every other check that can refuse (the segment's name, a segment
+// the engine could not open, a target directory that is not ours, a
+// generation past 2^64 - 1, a newer image a single file would overwrite) is
+// made on the targets as they are, before anything is locked or created; a
+// restore that still fails before it publishes anything removes the
+// directory, LOCK file and segment it created (never one that was there
+// before). Then, under the
 // targets' locks (kLocked while an engine holds one; a missing target
 // directory is created only when the source is a file or a segment, a
 // missing target segment always): re-encodes the source image as generation
