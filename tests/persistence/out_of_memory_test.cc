@@ -17,7 +17,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
-#include <filesystem>
 #include <limits>
 #include <new>
 #include <string>
@@ -27,6 +26,7 @@
 
 #include "jobengine/engine.h"
 #include "tests/engine/test_support.h"
+#include "tests/persistence/disk_test_support.h"
 
 namespace {
 std::atomic<std::size_t> g_fail_at_or_above{std::numeric_limits<std::size_t>::max()};
@@ -75,8 +75,9 @@ void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); 
 namespace jobengine {
 namespace {
 
-namespace fs = std::filesystem;
 using std::chrono::milliseconds;
+using testing_support::DiskOptions;
+using testing_support::TempDir;
 using testing_support::WaitUntil;
 
 // Refuses allocations of `bytes` or more while it lives.
@@ -92,40 +93,9 @@ class LargeAllocationsFail {
   LargeAllocationsFail& operator=(const LargeAllocationsFail&) = delete;
 };
 
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "jobengine-oom-XXXXXX").string();
-    char* made = ::mkdtemp(tmpl.data());
-    if (made == nullptr) std::abort();
-    path_ = made;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string dir() const { return path_ + "/snap"; }
-
- private:
-  std::string path_;
-};
-
 constexpr std::size_t kParked = 2000;        // ~280 KB of image
 constexpr std::size_t kRefuseFrom = 64 << 10;  // what the image's buffer needs, nothing else
 
-EngineOptions DiskOptions(const std::string& dir, milliseconds disk_interval) {
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 4096;
-  o.idle = IdleStrategy::kSpinThenBlock;
-  o.spin_iterations = 64;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir;
-  o.snapshot.shm_interval = milliseconds(0);
-  o.snapshot.disk_interval = disk_interval;
-  o.snapshot.exit_deadline = milliseconds(50);
-  return o;
-}
 
 // Opens an engine on `dir` with a handler "count" and `kParked` jobs delayed
 // an hour, so they stay pending. Returns their ids.

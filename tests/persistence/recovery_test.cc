@@ -35,11 +35,14 @@
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/shm_store.h"
+#include "tests/persistence/disk_test_support.h"
 
 namespace jobengine {
 namespace {
 
 namespace fs = std::filesystem;
+using testing_support::DiskOptions;
+using testing_support::TempDir;
 using std::chrono::milliseconds;
 using std::chrono::steady_clock;
 
@@ -50,25 +53,6 @@ template <typename R>
   if (r.ok()) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << r.status().to_string();
 }
-
-// A fresh directory under /tmp and a unique shm name, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "jobengine-recovery-XXXXXX").string();
-    char* made = mkdtemp(tmpl.data());
-    if (made == nullptr) std::abort();
-    path_ = made;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string dir(const std::string& sub = "snap") const { return path_ + "/" + sub; }
-
- private:
-  std::string path_;
-};
 
 std::string unique_shm_name() {
   static std::atomic<int> n{0};
@@ -82,19 +66,6 @@ struct ShmCleanup {
   }
 };
 
-EngineOptions DiskOptions(const std::string& dir) {
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 4096;
-  o.idle = IdleStrategy::kSpinThenBlock;
-  o.spin_iterations = 64;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir;
-  o.snapshot.shm_interval = milliseconds(0);
-  o.snapshot.disk_interval = milliseconds(0);  // only on demand: tests decide when
-  o.snapshot.exit_deadline = milliseconds(50);
-  return o;
-}
 
 // A gate a handler waits on, so jobs stay pending or running while a test
 // takes snapshots.
