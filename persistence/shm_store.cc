@@ -227,19 +227,6 @@ Status out_of_memory(const std::string& name) {
   return Status(StatusCode::kIoError, label(name) + ": out of memory");
 }
 
-Status check_name(const std::string& name) {
-  bool ok = !name.empty() && name.size() <= kMaxNameBytes && name != "." && name != "..";
-  for (const char c : name) {
-    const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
-    ok = ok && allowed;
-  }
-  if (ok) return Status();
-  return Status(StatusCode::kInvalidArgument,
-                "shm segment name '" + name +
-                    "' is invalid: use 1..200 characters of [A-Za-z0-9._-], not '.' or '..'");
-}
-
 // A segment we must not attach to: someone else's, or readable by others.
 Status check_stat(const std::string& name, const struct stat& st) {
   const uid_t me = ::geteuid();
@@ -446,6 +433,19 @@ Result<std::vector<unsigned char>> read_image(const std::string& name, const Con
 }
 
 }  // namespace
+
+Status ShmStore::check_name(const std::string& name) {
+  bool ok = !name.empty() && name.size() <= kMaxNameBytes && name != "." && name != "..";
+  for (const char c : name) {
+    const bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                         (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    ok = ok && allowed;
+  }
+  if (ok) return Status();
+  return Status(StatusCode::kInvalidArgument,
+                "shm segment name '" + name +
+                    "' is invalid: use 1..200 characters of [A-Za-z0-9._-], not '.' or '..'");
+}
 
 // ---- Impl -------------------------------------------------------------------
 

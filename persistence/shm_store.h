@@ -154,6 +154,11 @@ class ShmStore {
   // kFailedPrecondition as for open_or_create. Thread-safe.
   static Result<std::vector<unsigned char>> read_existing(const std::string& name);
 
+  // OK when `name` is a segment name every function here accepts: 1..200
+  // characters of [A-Za-z0-9._-], not "." or "..". Else kInvalidArgument
+  // naming it. The one copy of the rule (jobsnap checks names with it).
+  static Status check_name(const std::string& name);
+
   // Validates `segment`, the bytes of a whole segment (as copied from
   // /dev/shm/<name>), as read_existing() validates a mapped one (control
   // block, active slot descriptor, image checksum), and returns a copy of its

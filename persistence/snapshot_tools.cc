@@ -669,18 +669,8 @@ std::string_view failure_name(Failure failure) noexcept {
 }
 
 Status check_shm_name(std::string_view name) {
-  // The rule of ShmStore's check_name() (shm_store.cc) and of the engine's
-  // options check (engine.cc), neither of which is reachable from here: the
-  // store's is file-local, the engine's checks whole EngineOptions. The
-  // store still has the last word (shm_unusable()), and jobsnap_test checks
-  // that this refuses exactly the names the store refuses.
-  constexpr std::size_t kMaxNameBytes = 200;
-  bool ok = !name.empty() && name.size() <= kMaxNameBytes && name != "." && name != "..";
-  for (const char c : name) {
-    ok = ok && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                c == '.' || c == '_' || c == '-');
-  }
-  if (ok) return Status();
+  // The store's own rule (ShmStore::check_name), in jobsnap's words.
+  if (persist::ShmStore::check_name(std::string(name)).ok()) return Status();
   return Status(StatusCode::kInvalidArgument,
                 "bad shm segment name '" + std::string(name) +
                     "': the engine refuses it (use 1..200 characters of [A-Za-z0-9._-], not "

@@ -104,9 +104,9 @@ struct Skipped {
 Result<Image> load_newest(const std::string& dir, const std::string& shm_name,
                           Diagnosis* diagnosis = nullptr, std::vector<Skipped>* skipped = nullptr);
 
-// OK when `name` is a segment name the engine accepts (SnapshotOptions::
-// shm_name, ShmStore: 1..200 characters of [A-Za-z0-9._-], not "." or ".."),
-// else kInvalidArgument naming it. Every function here that takes a segment
+// OK when `name` is a segment name the engine accepts (ShmStore::check_name:
+// 1..200 characters of [A-Za-z0-9._-], not "." or ".."), else
+// kInvalidArgument naming it. Every function here that takes a segment
 // name refuses a bad one with Failure::kUsage before it looks at anything.
 Status check_shm_name(std::string_view name);
 
