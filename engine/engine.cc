@@ -333,6 +333,10 @@ struct alignas(kCacheLine) WorkerState {
   std::atomic<std::uint64_t> dropped{0};
   std::atomic<std::uint64_t> cancelled{0};
   std::atomic<std::uint64_t> stuck_total{0};
+  // Pauses taken for memory to record a job's end (after_handler()), and
+  // the job it is for while one lasts (0: none).
+  std::atomic<std::uint64_t> memory_waits{0};
+  std::atomic<std::uint64_t> memory_wait_job{0};
   // Handler runs, two steps each: odd while a handler runs (health()'s
   // `running`). The step into a run is stored with release after the job was
   // marked running, so change_count() counts every start.
@@ -1353,6 +1357,8 @@ class Engine::Impl final : public detail::CutSource {
     std::uint64_t oldest_head = 0;
     JobId stuck_id = 0;
     std::uint64_t stuck_for = 0;
+    unsigned waiting_for_memory = 0;
+    JobId memory_wait_id = 0;
     // Workers are created by start() and never removed until the engine dies;
     // workers_ may only be read once start() published them (state != kOpen).
     if (h.state != EngineState::kOpen) {
@@ -1364,6 +1370,11 @@ class Engine::Impl final : public detail::CutSource {
         h.dropped += w->dropped.load(std::memory_order_relaxed);
         h.cancelled += w->cancelled.load(std::memory_order_relaxed);
         h.stuck_total += w->stuck_total.load(std::memory_order_relaxed);
+        h.memory_waits += w->memory_waits.load(std::memory_order_relaxed);
+        if (const JobId j = w->memory_wait_job.load(std::memory_order_relaxed); j != 0) {
+          ++waiting_for_memory;
+          memory_wait_id = j;
+        }
         h.running += w->runs.load(std::memory_order_relaxed) & 1;
         h.workers_alive += w->alive.load(std::memory_order_relaxed) ? 1 : 0;
         const std::uint64_t d = w->run_deadline.load(std::memory_order_relaxed);
@@ -1419,6 +1430,11 @@ class Engine::Impl final : public detail::CutSource {
       h.reasons.push_back(std::to_string(h.stuck) + " job(s) running past their deadline; job " +
                           std::to_string(stuck_id) + " by " +
                           std::to_string(Clock::ns_in_ticks(stuck_for) / 1000000) + " ms");
+    }
+    if (waiting_for_memory != 0) {
+      h.reasons.push_back(std::to_string(waiting_for_memory) +
+                          " worker(s) out of memory recording a job's end, waiting for it; job " +
+                          std::to_string(memory_wait_id));
     }
     if (persistence_ && h.state == EngineState::kRunning) {
       if (!h.last_snapshot_error.empty()) {
@@ -2127,6 +2143,7 @@ class Engine::Impl final : public detail::CutSource {
                    std::string_view(reinterpret_cast<const char*>(s.payload()), s.payload_size),
                    attempt, s.priority, s.submit_ticks, &s.id_word, deadline);
     Outcome outcome;
+    bool threw = false;
     // Release: change_count() (a snapshot that counts this step sees the
     // job running). A plain store on x86.
     w.runs.store(w.runs.load(std::memory_order_relaxed) + 1, std::memory_order_release);
@@ -2138,6 +2155,7 @@ class Engine::Impl final : public detail::CutSource {
       outcome = h.fn(ctx);
     } catch (...) {
       outcome = handler_threw(w, s, h, ctx);
+      threw = true;
     }
     w.live->store(0, std::memory_order_relaxed);
     w.runs.store(w.runs.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
@@ -2159,9 +2177,10 @@ class Engine::Impl final : public detail::CutSource {
       if (vnow() > deadline) {
         bump(w.stuck_total);
         bump(hs.stuck);
-        log_job(LogLevel::kWarning, s, h,
-                "ran " + std::to_string(Clock::ns_in_ticks(clock.now - start) / 1000) +
-                    " us, past its deadline");
+        log_job_with(LogLevel::kWarning, s, h, [&] {
+          return "ran " + std::to_string(Clock::ns_in_ticks(clock.now - start) / 1000) +
+                 " us, past its deadline";
+        });
       }
     }
     // A job cancel() reached while it ran counts as cancelled, whatever it
@@ -2174,7 +2193,7 @@ class Engine::Impl final : public detail::CutSource {
       bump(hs.done);
       return;
     }
-    after_handler(w, idx, attempt, outcome, ctx);
+    after_handler(w, idx, attempt, outcome, ctx, threw);
   }
 
   // A timed run into the handler's histograms, standing for itself and the
@@ -2197,11 +2216,16 @@ class Engine::Impl final : public detail::CutSource {
                                           JobContext& ctx) {
     bump(w.exceptions);
     try {
-      throw;
-    } catch (const std::exception& e) {
-      ctx.set_error(std::string("handler threw: ") + e.what());
-    } catch (...) {
-      ctx.set_error("handler threw a non-std::exception");
+      try {
+        throw;
+      } catch (const std::exception& e) {
+        ctx.set_error(std::string("handler threw: ") + e.what());
+      } catch (...) {
+        ctx.set_error("handler threw a non-std::exception");
+      }
+    } catch (const std::bad_alloc&) {
+      // No memory for the text (the exception itself may be a bad_alloc):
+      // the attempt still counts; retry_or_fail() says the handler threw.
     }
     log_job(LogLevel::kWarning, s, h, ctx.error());
     return Outcome::kRetry;
@@ -2227,9 +2251,14 @@ class Engine::Impl final : public detail::CutSource {
     return base <= 0 ? 0 : static_cast<std::uint64_t>(base);
   }
 
+  // The longest pause between a worker's tries to record a job's end when
+  // memory ran out (after_handler()); the first is 1 ms, doubling.
+  static constexpr unsigned kMemoryWaitMaxMs = 100;
+
   // Everything but a plain kDone: retries, failures, cancellation, keys.
+  // `threw`: the handler threw (handler_threw() made the outcome).
   [[gnu::noinline]] void after_handler(WorkerState& w, SlotIndex idx, std::uint16_t attempt,
-                                       Outcome outcome, const JobContext& ctx) {
+                                       Outcome outcome, const JobContext& ctx, bool threw) {
     Slot& s = table_.slot(idx);
     const HandlerEntry& h = handlers_[s.handler];
     HandlerStats& hs = w.by_handler[s.handler];
@@ -2257,6 +2286,37 @@ class Engine::Impl final : public detail::CutSource {
       bump(hs.done);
       return;
     }
+    // Memory can run out recording the attempt: its error text, the dead
+    // letter's copies, the letters' deque. The exception would leave the
+    // worker thread and end the process (std::terminate), so the worker waits
+    // for memory and tries again instead. retry_or_fail() changes nothing
+    // that a second call would count twice before its last allocation, and
+    // until it succeeds the job is still pending in the table (running, or
+    // queued for a retry it could not re-queue), where every snapshot holds
+    // it. stop(kSnapshotAndExit) does not wait: the job stays in the final
+    // snapshot as running and runs again after the restart.
+    for (unsigned pause_ms = 1;; pause_ms = std::min(2 * pause_ms, kMemoryWaitMaxMs)) {
+      try {
+        retry_or_fail(w, idx, attempt, outcome, ctx, threw);
+        break;
+      } catch (const std::bad_alloc&) {
+      }
+      bump(w.memory_waits);
+      if (exit_now_.load(std::memory_order_relaxed)) break;
+      w.memory_wait_job.store(s.id(), std::memory_order_relaxed);
+      std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+    }
+    w.memory_wait_job.store(0, std::memory_order_relaxed);
+  }
+
+  // after_handler() for kRetry and kFail: re-queues or schedules the retry,
+  // or makes the job a dead letter. May throw std::bad_alloc, and then has
+  // counted nothing and left the job pending (see after_handler()).
+  void retry_or_fail(WorkerState& w, SlotIndex idx, std::uint16_t attempt, Outcome outcome,
+                     const JobContext& ctx, bool threw) {
+    Slot& s = table_.slot(idx);
+    const HandlerEntry& h = handlers_[s.handler];
+    HandlerStats& hs = w.by_handler[s.handler];
     std::string error = ctx.error();
     if (outcome == Outcome::kRetry) {
       const bool abandoning = abandon_.load(std::memory_order_relaxed);
@@ -2296,12 +2356,17 @@ class Engine::Impl final : public detail::CutSource {
         bump(hs.ran_other);
         return;
       }
-      if (error.empty()) error = "handler returned kRetry";
-      log_job(LogLevel::kWarning, s, h,
-              "failed after " + std::to_string(attempt) + " attempt(s): " + error);
+      // Empty after an exception only when there was no memory for its text.
+      if (error.empty()) {
+        error = threw ? "handler threw (out of memory recording its message)"
+                      : "handler returned kRetry";
+      }
+      log_job_with(LogLevel::kWarning, s, h, [&] {
+        return "failed after " + std::to_string(attempt) + " attempt(s): " + error;
+      });
     } else {
       if (error.empty()) error = "handler returned kFail";
-      log_job(LogLevel::kWarning, s, h, "failed: " + error);
+      log_job_with(LogLevel::kWarning, s, h, [&] { return "failed: " + error; });
     }
     release_key(s);
     die(w, idx, snapshot::DeadReason::kFailed, std::move(error));
@@ -2370,12 +2435,15 @@ class Engine::Impl final : public detail::CutSource {
   // stamp after its bump: no letter in its copy), never both: a crash then
   // restored it twice, dead and pending. begin_cut() waits for workers'
   // announcements only after it lets go of dead_mu_, so this cannot deadlock.
+  // May throw std::bad_alloc before the letter is in (then nothing is counted
+  // and the slot is not retired: after_handler() tries again).
   void die(WorkerState& w, SlotIndex idx, snapshot::DeadReason reason, std::string error) {
     detail::DeadJob d = dead_job(table_.slot(idx), reason, std::move(error));
-    note_dead(d);
     const JobId id = d.id;
+    const std::int64_t dead_at_ns = d.dead_at_ns;
     std::lock_guard<std::mutex> lock(dead_mu_);
     push_dead_locked(std::move(d));
+    note_dead(dead_at_ns);
     if (auto* hook = detail::g_dead_letter_in.load(std::memory_order_relaxed)) [[unlikely]] {
       hook(id);
     }
@@ -2398,9 +2466,9 @@ class Engine::Impl final : public detail::CutSource {
     return d;
   }
 
-  void note_dead(const detail::DeadJob& d) {
+  void note_dead(std::int64_t dead_at_ns) {
     dead_total_.fetch_add(1, std::memory_order_relaxed);
-    last_dead_at_ns_.store(d.dead_at_ns, std::memory_order_relaxed);
+    last_dead_at_ns_.store(dead_at_ns, std::memory_order_relaxed);
   }
 
   // Under dead_mu_: removes one letter (requeue_dead, drop_dead).
@@ -2411,41 +2479,42 @@ class Engine::Impl final : public detail::CutSource {
     dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
   }
 
-  // Under dead_mu_.
+  // Under dead_mu_. Strong guarantee: if it throws (std::bad_alloc growing
+  // the deque), the letters are as they were.
   void push_dead_locked(detail::DeadJob d) {
     if (options_.max_dead == 0) {
       dead_discarded_.fetch_add(1, std::memory_order_relaxed);
       return;
     }
+    dead_.push_back(std::move(d));
     // max_dead bounds the letters of jobs that failed. The ones start() kept
     // for jobs that never failed (their handler is gone, or they were poison)
     // are never discarded for room: they hold work that fixing the handler
     // and requeue_dead() bring back (only drop_dead() removes them).
     // The letters before dead_kept_prefix_ are all kept ones: the search for
     // the oldest failed letter starts there, so a failure costs O(1)
-    // amortized however many letters are kept.
-    while (dead_.size() >= options_.max_dead) {
+    // amortized however many letters are kept. die() is the only caller, with
+    // a failed letter, so the search ends at the newest one at the latest:
+    // with no older failed letter left, it is the one discarded.
+    while (dead_.size() > options_.max_dead) {
       auto victim = std::find_if(dead_.begin() + static_cast<std::ptrdiff_t>(dead_kept_prefix_),
                                  dead_.end(), [](const detail::DeadJob& x) {
                                    return x.reason == snapshot::DeadReason::kFailed;
                                  });
+      if (victim == dead_.end()) break;  // not from die(): nothing to discard
       dead_kept_prefix_ = static_cast<std::size_t>(victim - dead_.begin());
-      // die() is the only caller: `d` failed. With no failed letter kept, it
-      // is the one discarded.
-      const bool new_one = victim == dead_.end();
-      const detail::DeadJob& gone = new_one ? d : *victim;
-      log(LogLevel::kWarning, "dead letters full (max_dead " + std::to_string(options_.max_dead) +
-                                  "): discarding failed job " + std::to_string(gone.id) + " (" +
-                                  gone.handler + ")");
-      dead_discarded_.fetch_add(1, std::memory_order_relaxed);
-      if (new_one) {
-        // An earlier turn of this loop may have discarded a letter.
-        dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
-        return;
+      // The newest letter discarded: only kept letters are over max_dead.
+      const bool newest = victim == std::prev(dead_.end());
+      try {
+        log(LogLevel::kWarning, "dead letters full (max_dead " + std::to_string(options_.max_dead) +
+                                    "): discarding failed job " + std::to_string(victim->id) +
+                                    " (" + victim->handler + ")");
+      } catch (const std::bad_alloc&) {
       }
-      dead_.erase(victim);
+      dead_discarded_.fetch_add(1, std::memory_order_relaxed);
+      dead_.erase(victim);  // moves letters, never allocates
+      if (newest) break;
     }
-    dead_.push_back(std::move(d));
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
     dead_changes_.fetch_add(1, std::memory_order_release);  // change_count()
   }
@@ -2949,7 +3018,7 @@ class Engine::Impl final : public detail::CutSource {
       d.error = std::move(error);
       // A job quarantined now (no handler, poison) died in this life: it
       // counts in dead_total and health()'s "dead letters growing".
-      if (j.state != snapshot::JobState::kDead) note_dead(d);
+      if (j.state != snapshot::JobState::kDead) note_dead(d.dead_at_ns);
       dead_.push_back(std::move(d));
     };
     // Count first: a snapshot holding more live jobs than the table is an
@@ -3225,10 +3294,20 @@ class Engine::Impl final : public detail::CutSource {
   void log(LogLevel level, const std::string& line) const {
     if (options_.log) options_.log(level, line);
   }
-  void log_job(LogLevel level, const Slot& s, const HandlerEntry& h, const std::string& what) const {
-    if (options_.log) {
-      options_.log(level, "job " + std::to_string(s.id()) + " (" + h.name + "): " + what);
+  // A line about job `s`, made by make_what() only when a log is set. Best
+  // effort: a worker calls it while it finishes a job, and a line it has no
+  // memory for is dropped, never the job's own bookkeeping.
+  template <typename MakeWhat>
+  void log_job_with(LogLevel level, const Slot& s, const HandlerEntry& h,
+                    MakeWhat&& make_what) const {
+    if (!options_.log) return;
+    try {
+      options_.log(level, "job " + std::to_string(s.id()) + " (" + h.name + "): " + make_what());
+    } catch (const std::bad_alloc&) {
     }
+  }
+  void log_job(LogLevel level, const Slot& s, const HandlerEntry& h, std::string_view what) const {
+    log_job_with(level, s, h, [what] { return std::string(what); });
   }
 
   const EngineOptions options_;

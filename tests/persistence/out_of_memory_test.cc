@@ -4,21 +4,28 @@
 // a failed publish: reported, counted, retried on schedule. Before, the
 // std::bad_alloc escaped the snapshot thread and aborted the process.
 //
+// The same for a worker recording a job's end (its error text, its dead
+// letter): the exception ended the process (std::terminate); now the worker
+// waits for memory and tries again.
+//
 // This binary replaces the global operator new (so it is a binary of its
 // own): armed, it throws std::bad_alloc for every request of at least
 // g_fail_at_or_above bytes, as an exhausted heap (or an RLIMIT_AS) would for
 // the large ones first; or, for one thread, the Nth allocation from now
-// (t_fail_in), to reach each allocation of one call in turn.
+// (t_fail_in), to reach each allocation of one call in turn; or every
+// allocation of one thread until cleared (g_failing_thread).
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -33,6 +40,9 @@ std::atomic<std::size_t> g_fail_at_or_above{std::numeric_limits<std::size_t>::ma
 std::atomic<std::uint64_t> g_refused{0};
 std::atomic<std::uint64_t> g_refused_scheduler{0};  // of g_refused, on the engine's scheduler thread
 thread_local long t_fail_in = -1;  // >= 0: this thread's allocation that many from now fails
+// Non-zero: every allocation of the thread with this pthread_self() fails
+// until it is cleared (another thread may clear it).
+std::atomic<unsigned long> g_failing_thread{0};
 }  // namespace
 
 // Every unaligned form, new and new[] alike, over malloc/free, so that the
@@ -41,6 +51,11 @@ thread_local long t_fail_in = -1;  // >= 0: this thread's allocation that many f
 namespace {
 void* allocate(std::size_t n) noexcept {
   if (t_fail_in >= 0 && t_fail_in-- == 0) {
+    g_refused.fetch_add(1, std::memory_order_relaxed);
+    return nullptr;
+  }
+  if (const unsigned long t = g_failing_thread.load(std::memory_order_relaxed);
+      t != 0 && t == static_cast<unsigned long>(::pthread_self())) {
     g_refused.fetch_add(1, std::memory_order_relaxed);
     return nullptr;
   }
@@ -357,6 +372,175 @@ TEST(SubmitOutOfMemoryTest, AFailedFirstSubmitLosesNoSlotOfAnAdoptedState) {
   }).join();
   EXPECT_EQ(accepted, o.capacity) << "slots were lost with the adopted state";
   ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+}
+
+// Longer than std::string's inline buffer, so that each copy of it (the
+// context's, the dead letter's, the log line's) allocates; so do the
+// handler's name and the payload.
+constexpr std::string_view kDeclined =
+    "the payment provider declined the charge: code 51, insufficient funds";
+constexpr std::string_view kHandlerName = "charge-the-customer";
+const std::string kChargePayload(64, 'p');
+
+// Every allocation of the worker's failure path is made to fail in turn (the
+// k-th one after the handler returns, on the worker thread): the process
+// lives on, and the job is a dead letter exactly once, with its error text
+// and payload. Through a log callback that copies its line, so that the log's
+// allocations are reached too. Before, the first such failure ended the
+// process. `thrown`: the handler throws instead of returning kFail.
+void SweepFailurePath(bool thrown) {
+  bool reached_the_end = false;
+  for (long k = 0; k < 200 && !reached_the_end; ++k) {
+    SCOPED_TRACE("allocation " + std::to_string(k) + " after the handler");
+    std::atomic<std::uint64_t> lines{0};
+    EngineOptions o;
+    o.workers = 1;
+    o.capacity = 64;
+    o.log = [&lines](LogLevel, std::string_view line) {
+      const std::string copy(line);
+      lines.fetch_add(copy.empty() ? 0 : 1);
+    };
+    auto e = Engine::open(o);
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    HandlerOptions one_attempt;
+    one_attempt.max_attempts = 1;
+    auto h = e->register_handler(
+        kHandlerName,
+        [k, thrown](JobContext& ctx) -> Outcome {
+          if (thrown) {
+            std::runtime_error boom{std::string(kDeclined)};
+            t_fail_in = k;  // the throw allocates with malloc, not operator new
+            throw boom;
+          }
+          ctx.set_error(kDeclined);
+          t_fail_in = k;
+          return Outcome::kFail;
+        },
+        one_attempt);
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE(e->start().ok());
+    const std::uint64_t refused_before = g_refused.load();
+    auto id = e->submit(*h, kChargePayload);
+    ASSERT_TRUE(id.ok()) << id.status().to_string();
+    ASSERT_TRUE(WaitUntil([&] { return e->health().failed == 1; }))
+        << "the job's failure was never recorded";
+    // The countdown ran out on the worker only if the path made k+1
+    // allocations; after the first k that did not, every one was reached.
+    const std::uint64_t refused = g_refused.load() - refused_before;
+    reached_the_end = refused == 0;
+    const Health health = e->health();
+    EXPECT_EQ(health.dead_total, 1u);
+    EXPECT_EQ(health.dead, 1u);
+    EXPECT_EQ(health.exceptions, thrown ? 1u : 0u);
+    EXPECT_LE(health.memory_waits, refused) << "a wait for an allocation that did not fail";
+    EXPECT_EQ(health.pending, 0u);
+    const std::vector<DeadLetter> letters = e->dead_letters(10);
+    ASSERT_EQ(letters.size(), 1u) << "the letter was kept twice, or lost";
+    EXPECT_EQ(letters[0].id, *id);
+    EXPECT_EQ(letters[0].handler, kHandlerName);
+    EXPECT_EQ(letters[0].payload, kChargePayload);
+    if (thrown) {
+      // The message is lost only when the allocation that failed was its own.
+      EXPECT_TRUE(letters[0].error == "handler threw: " + std::string(kDeclined) ||
+                  letters[0].error == "handler threw (out of memory recording its message)")
+          << letters[0].error;
+    } else {
+      EXPECT_EQ(letters[0].error, kDeclined);
+    }
+    auto stopped = e->stop(StopMode::kDrain);
+    ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
+    EXPECT_EQ(stopped->failed, 1u);
+  }
+  EXPECT_TRUE(reached_the_end) << "the failure path made more than 200 allocations";
+}
+
+TEST(WorkerOutOfMemoryTest, EachAllocationRecordingAFailedJobCanFailAndItsLetterIsKeptOnce) {
+  SweepFailurePath(/*thrown=*/false);
+}
+
+TEST(WorkerOutOfMemoryTest, EachAllocationRecordingAnExceptionCanFailAndItsLetterIsKeptOnce) {
+  SweepFailurePath(/*thrown=*/true);
+}
+
+// Memory stays out on the worker: it waits (health says so, naming the job),
+// the job stays pending, and the letter goes in once memory is back.
+TEST(WorkerOutOfMemoryTest, AWorkerWaitsForMemoryAndHealthSaysSo) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 64;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
+    ctx.set_error(kDeclined);
+    g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
+    return Outcome::kFail;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  auto id = e->submit(*h, kChargePayload);
+  ASSERT_TRUE(id.ok());
+  const bool waited = WaitUntil([&] { return e->health().memory_waits >= 3; });
+  const Health during = e->health();
+  g_failing_thread.store(0);
+  ASSERT_TRUE(waited) << "the worker did not wait for memory";
+  EXPECT_FALSE(during.ok);
+  EXPECT_EQ(during.pending, 1u);
+  EXPECT_EQ(during.failed, 0u);
+  EXPECT_EQ(during.dead, 0u);
+  const std::string want = "waiting for it; job " + std::to_string(*id);
+  EXPECT_TRUE(std::any_of(during.reasons.begin(), during.reasons.end(),
+                          [&](const std::string& r) { return r.find(want) != std::string::npos; }))
+      << "no reason names the waiting job";
+  ASSERT_TRUE(WaitUntil([&] { return e->health().failed == 1; }));
+  const Health after = e->health();
+  EXPECT_FALSE(std::any_of(after.reasons.begin(), after.reasons.end(),
+                           [&](const std::string& r) { return r.find(want) != std::string::npos; }))
+      << "health still names the job once its letter is in";
+  EXPECT_EQ(after.dead, 1u);
+  const std::vector<DeadLetter> letters = e->dead_letters(10);
+  ASSERT_EQ(letters.size(), 1u);
+  EXPECT_EQ(letters[0].error, kDeclined);
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
+// stop(kSnapshotAndExit) does not wait for memory: the job the worker could
+// not record stays in the final snapshot, running, and runs after a restart.
+TEST(WorkerOutOfMemoryTest, SnapshotAndExitKeepsTheJobAWorkerCouldNotRecord) {
+  TempDir tmp;
+  JobId id = 0;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir()));
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
+      ctx.set_error(kDeclined);
+      g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
+      return Outcome::kFail;
+    });
+    ASSERT_TRUE(h.ok());
+    ASSERT_TRUE(e->start().ok());
+    auto submitted = e->submit(*h, kChargePayload);
+    ASSERT_TRUE(submitted.ok());
+    id = *submitted;
+    const bool waited = WaitUntil([&] { return e->health().memory_waits >= 1; });
+    auto stopped = e->stop(StopMode::kSnapshotAndExit);
+    g_failing_thread.store(0);
+    ASSERT_TRUE(waited) << "the worker did not wait for memory";
+    ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
+    EXPECT_EQ(stopped->left_in_snapshot, 1u);
+    EXPECT_EQ(stopped->failed, 0u);
+  }
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  std::atomic<JobId> ran{0};
+  ASSERT_TRUE(e->register_handler(kHandlerName, [&ran](JobContext& ctx) {
+                 ran.store(ctx.id());
+                 return Outcome::kDone;
+               }).ok());
+  auto started = e->start();
+  ASSERT_TRUE(started.ok()) << started.status().to_string();
+  EXPECT_EQ(started->recovery.running_at_cut, 1u);
+  ASSERT_TRUE(WaitUntil([&] { return ran.load() == id; })) << "the job did not run again";
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
 }
 
 }  // namespace

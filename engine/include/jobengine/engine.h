@@ -168,9 +168,10 @@ struct Health {
   // Running, every worker alive, and none of the problems in `reasons`.
   bool ok = false;
   // Why ok is false, one line each, with the figure behind it: not running,
-  // a worker down, a job stuck past its deadline, the last snapshot failed,
-  // the newest snapshot older than twice its interval, dead-letter set
-  // growing, pending above the high-water mark. Empty when ok.
+  // a worker down, a job stuck past its deadline, a worker waiting for
+  // memory, the last snapshot failed, the newest snapshot older than twice
+  // its interval, dead-letter set growing, pending above the high-water
+  // mark. Empty when ok.
   std::vector<std::string> reasons;
   std::chrono::system_clock::time_point checked_at;
   EngineState state = EngineState::kOpen;
@@ -194,6 +195,10 @@ struct Health {
   std::uint64_t dead_discarded = 0;             // dead letters evicted past max_dead
   std::uint64_t stuck = 0;                      // jobs running past their deadline now
   std::uint64_t stuck_total = 0;                // runs that ended past their deadline
+  // Pauses workers took because memory ran out recording a job's end (its
+  // error text, its dead letter); a worker waits and tries again rather than
+  // end the process. While one waits, `reasons` names it and the job.
+  std::uint64_t memory_waits = 0;
   // Age of the oldest queued job, approximated by what the workers dequeued
   // last (0 when nothing is queued).
   std::chrono::nanoseconds oldest_pending_age{0};
