@@ -2286,15 +2286,19 @@ class Engine::Impl final : public detail::CutSource {
       bump(hs.done);
       return;
     }
-    // Memory can run out recording the attempt: its error text, the dead
-    // letter's copies, the letters' deque. The exception would leave the
-    // worker thread and end the process (std::terminate), so the worker waits
-    // for memory and tries again instead. retry_or_fail() changes nothing
-    // that a second call would count twice before its last allocation, and
-    // until it succeeds the job is still pending in the table (running, or
-    // queued for a retry it could not re-queue), where every snapshot holds
-    // it. stop(kSnapshotAndExit) does not wait: the job stays in the final
-    // snapshot as running and runs again after the restart.
+    // Memory can run out recording the attempt: the dead letter's copies
+    // (payload, handler name, error text), the letters' deque. The exception
+    // would leave the worker thread and end the process (std::terminate), so
+    // the worker waits for memory and tries again. retry_or_fail() changes
+    // nothing a second call would count or do twice before its last
+    // allocation (it may log its failure line again), and until it succeeds
+    // the job is pending in the table, where every snapshot holds it: running,
+    // or queued or waiting to retry when a retry could not be handed on.
+    // What ends the wait without memory, allocating nothing: a cancel() (the
+    // job ends cancelled, as one cancelled while it ran does), stop(kAbandon)
+    // (it drops what has not run; the job ran, but its end is dropped too,
+    // counted), and stop(kSnapshotAndExit) (the job stays in the table, so in
+    // the final snapshot, and runs again after the restart).
     for (unsigned pause_ms = 1;; pause_ms = std::min(2 * pause_ms, kMemoryWaitMaxMs)) {
       try {
         retry_or_fail(w, idx, attempt, outcome, ctx, threw);
@@ -2303,6 +2307,20 @@ class Engine::Impl final : public detail::CutSource {
       }
       bump(w.memory_waits);
       if (exit_now_.load(std::memory_order_relaxed)) break;
+      if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+        const bool ran = s.state.load(std::memory_order_relaxed) == SlotState::kRunning;
+        if (ran) bump(hs.ran_other);
+        finish_cancelled(w, idx, ran);
+        break;
+      }
+      if (abandon_.load(std::memory_order_relaxed)) {
+        log_job(LogLevel::kError, s, h, "out of memory recording its end; dropped by stop(kAbandon)");
+        release_key(s);
+        retire(w, idx);
+        bump(w.dropped);
+        bump(hs.ran_other);
+        break;
+      }
       w.memory_wait_job.store(s.id(), std::memory_order_relaxed);
       std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
     }
@@ -2310,14 +2328,17 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // after_handler() for kRetry and kFail: re-queues or schedules the retry,
-  // or makes the job a dead letter. May throw std::bad_alloc, and then has
-  // counted nothing and left the job pending (see after_handler()).
+  // or makes the job a dead letter. May throw std::bad_alloc, only from die()
+  // (the letter), and then has counted nothing, kept the job's unique key
+  // and left the job pending (see after_handler()).
   void retry_or_fail(WorkerState& w, SlotIndex idx, std::uint16_t attempt, Outcome outcome,
                      const JobContext& ctx, bool threw) {
     Slot& s = table_.slot(idx);
     const HandlerEntry& h = handlers_[s.handler];
     HandlerStats& hs = w.by_handler[s.handler];
-    std::string error = ctx.error();
+    // A view: copied only into the letter (die()), so that the paths that
+    // keep no letter need no memory.
+    std::string_view error = ctx.error();
     if (outcome == Outcome::kRetry) {
       const bool abandoning = abandon_.load(std::memory_order_relaxed);
       if (attempt < h.max_attempts && !abandoning) {
@@ -2362,14 +2383,17 @@ class Engine::Impl final : public detail::CutSource {
                       : "handler returned kRetry";
       }
       log_job_with(LogLevel::kWarning, s, h, [&] {
-        return "failed after " + std::to_string(attempt) + " attempt(s): " + error;
+        return "failed after " + std::to_string(attempt) + " attempt(s): " + std::string(error);
       });
     } else {
       if (error.empty()) error = "handler returned kFail";
-      log_job_with(LogLevel::kWarning, s, h, [&] { return "failed: " + error; });
+      log_job_with(LogLevel::kWarning, s, h, [&] { return "failed: " + std::string(error); });
     }
+    die(w, idx, snapshot::DeadReason::kFailed, error);
+    // After the letter is in: the key stays the pending job's until then
+    // (the slot, retired, is this worker's to reclaim, so its key bytes are
+    // still there).
     release_key(s);
-    die(w, idx, snapshot::DeadReason::kFailed, std::move(error));
     bump(w.failed);
     bump(hs.failed);
   }
@@ -2436,11 +2460,14 @@ class Engine::Impl final : public detail::CutSource {
   // restored it twice, dead and pending. begin_cut() waits for workers'
   // announcements only after it lets go of dead_mu_, so this cannot deadlock.
   // May throw std::bad_alloc before the letter is in (then nothing is counted
-  // and the slot is not retired: after_handler() tries again).
-  void die(WorkerState& w, SlotIndex idx, snapshot::DeadReason reason, std::string error) {
-    detail::DeadJob d = dead_job(table_.slot(idx), reason, std::move(error));
-    const JobId id = d.id;
-    const std::int64_t dead_at_ns = d.dead_at_ns;
+  // and the slot is not retired: after_handler() tries again). With max_dead
+  // 0 no letter is kept, and none is made: nothing to allocate.
+  void die(WorkerState& w, SlotIndex idx, snapshot::DeadReason reason, std::string_view error) {
+    const Slot& s = table_.slot(idx);
+    const JobId id = s.id();
+    detail::DeadJob d;
+    if (options_.max_dead != 0) d = dead_job(s, reason, error);
+    const std::int64_t dead_at_ns = options_.max_dead != 0 ? d.dead_at_ns : wall_now_ns();
     std::lock_guard<std::mutex> lock(dead_mu_);
     push_dead_locked(std::move(d));
     note_dead(dead_at_ns);
@@ -2450,7 +2477,7 @@ class Engine::Impl final : public detail::CutSource {
     retire(w, idx);
   }
 
-  detail::DeadJob dead_job(const Slot& s, snapshot::DeadReason reason, std::string error) {
+  detail::DeadJob dead_job(const Slot& s, snapshot::DeadReason reason, std::string_view error) {
     detail::DeadJob d;
     d.id = s.id();
     d.handler = handlers_[s.handler].name;
@@ -2462,7 +2489,7 @@ class Engine::Impl final : public detail::CutSource {
     d.dead_at_ns = wall_now_ns();
     d.reason = reason;
     d.payload.assign(reinterpret_cast<const char*>(s.payload()), s.payload_size);
-    d.error = std::move(error);
+    d.error.assign(error);
     return d;
   }
 

@@ -147,9 +147,14 @@ JobTable::~JobTable() {
   ::munmap(slots_, mapped_bytes(capacity_));
 }
 
-void JobTable::park_retired(const SlotIndex* in, std::size_t n) {
+bool JobTable::park_retired(const SlotIndex* in, std::size_t n) noexcept {
   std::lock_guard<std::mutex> lock(parked_mu_);
-  parked_.insert(parked_.end(), in, in + n);
+  try {
+    parked_.insert(parked_.end(), in, in + n);  // all or nothing
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  return true;
 }
 
 std::size_t JobTable::release_parked() noexcept {
@@ -185,7 +190,7 @@ std::size_t JobTable::release_parked() noexcept {
   return put;
 }
 
-std::size_t RetireBuffer::flush_unheld(JobTable& table) {
+std::size_t RetireBuffer::flush_unheld(JobTable& table) noexcept {
   if (unheld_.empty()) return 0;
   for (SlotIndex i : unheld_) JobTable::reclaim(table.slot(i));
   const std::size_t put = table.put_free(unheld_.data(), unheld_.size());
@@ -195,7 +200,7 @@ std::size_t RetireBuffer::flush_unheld(JobTable& table) {
   return put;
 }
 
-std::size_t RetireBuffer::flush(JobTable& table) {
+std::size_t RetireBuffer::flush(JobTable& table) noexcept {
   const std::size_t unheld = flush_unheld(table);
   if (head_ == pending_.size()) return unheld;
   const std::uint64_t horizon = table.reclaim_horizon();
@@ -213,8 +218,8 @@ std::size_t RetireBuffer::flush(JobTable& table) {
   }
   // What the horizon holds back goes to the table's parking, so this worker
   // does not keep it through its next (possibly long) handler.
-  if (head_ == end && pending_.size() - end >= 32) {
-    table.park_retired(pending_.data() + end, pending_.size() - end);
+  if (head_ == end && pending_.size() - end >= 32 &&
+      table.park_retired(pending_.data() + end, pending_.size() - end)) {
     pending_.resize(end);
     runs_.resize(run);
   }

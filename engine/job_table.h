@@ -359,7 +359,9 @@ class JobTable {
   // horizon. A worker hands them here instead of keeping them, so a worker
   // stuck in a long handler cannot starve submitters of slots; release_parked()
   // returns them to the pool once the snapshot ends. Rare path: a mutex.
-  void park_retired(const SlotIndex* in, std::size_t n);
+  // False, parking none, when there is no memory to record them (the caller
+  // keeps them: a std::bad_alloc here ended the worker thread, and the process).
+  bool park_retired(const SlotIndex* in, std::size_t n) noexcept;
   // Reclaims and pools every parked slot. Only while no cut holds the horizon.
   std::size_t release_parked() noexcept;
 
@@ -496,15 +498,15 @@ class RetireBuffer {
   // the pool (all of them while no snapshot holds the horizon), and every
   // unheld one whatever the horizon, and parks the
   // rest with the table (JobTable::park_retired) when there are many. Returns
-  // how many went back. Cost: proportional to what it moves.
-  std::size_t flush(JobTable& table);
+  // how many went back. Cost: proportional to what it moves. Never throws.
+  std::size_t flush(JobTable& table) noexcept;
 
  private:
   struct Run {
     std::uint64_t epoch;
     std::size_t start;  // index in pending_ of the run's first slot
   };
-  std::size_t flush_unheld(JobTable& table);
+  std::size_t flush_unheld(JobTable& table) noexcept;
 
   std::vector<SlotIndex> unheld_;  // in no cut: reusable whatever the horizon
   std::vector<SlotIndex> pending_;

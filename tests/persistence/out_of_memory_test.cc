@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -390,7 +391,9 @@ const std::string kChargePayload(64, 'p');
 // process. `thrown`: the handler throws instead of returning kFail.
 void SweepFailurePath(bool thrown) {
   bool reached_the_end = false;
+  long allocations = 0;
   for (long k = 0; k < 200 && !reached_the_end; ++k) {
+    allocations = k;
     SCOPED_TRACE("allocation " + std::to_string(k) + " after the handler");
     std::atomic<std::uint64_t> lines{0};
     EngineOptions o;
@@ -452,6 +455,8 @@ void SweepFailurePath(bool thrown) {
     EXPECT_EQ(stopped->failed, 1u);
   }
   EXPECT_TRUE(reached_the_end) << "the failure path made more than 200 allocations";
+  // Not vacuous: the log line, the letter's payload and handler name at least.
+  EXPECT_GE(allocations, 3) << "the failure path made almost no allocation: what did it sweep?";
 }
 
 TEST(WorkerOutOfMemoryTest, EachAllocationRecordingAFailedJobCanFailAndItsLetterIsKeptOnce) {
@@ -492,11 +497,13 @@ TEST(WorkerOutOfMemoryTest, AWorkerWaitsForMemoryAndHealthSaysSo) {
                           [&](const std::string& r) { return r.find(want) != std::string::npos; }))
       << "no reason names the waiting job";
   ASSERT_TRUE(WaitUntil([&] { return e->health().failed == 1; }));
-  const Health after = e->health();
-  EXPECT_FALSE(std::any_of(after.reasons.begin(), after.reasons.end(),
-                           [&](const std::string& r) { return r.find(want) != std::string::npos; }))
-      << "health still names the job once its letter is in";
-  EXPECT_EQ(after.dead, 1u);
+  // The reason goes once the worker is past the letter (just after the count).
+  EXPECT_TRUE(WaitUntil([&] {
+    const Health now = e->health();
+    return std::none_of(now.reasons.begin(), now.reasons.end(),
+                        [&](const std::string& r) { return r.find(want) != std::string::npos; });
+  })) << "health still names the job once its letter is in";
+  EXPECT_EQ(e->health().dead, 1u);
   const std::vector<DeadLetter> letters = e->dead_letters(10);
   ASSERT_EQ(letters.size(), 1u);
   EXPECT_EQ(letters[0].error, kDeclined);
@@ -541,6 +548,171 @@ TEST(WorkerOutOfMemoryTest, SnapshotAndExitKeepsTheJobAWorkerCouldNotRecord) {
   EXPECT_EQ(started->recovery.running_at_cut, 1u);
   ASSERT_TRUE(WaitUntil([&] { return ran.load() == id; })) << "the job did not run again";
   ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
+// The same sweep with `earlier` letters in already and max_dead 2, so that
+// it also reaches the letters' deque growing and a letter discarded for room
+// (and that discard's log line): the letters and counters come out as
+// without failures.
+TEST(WorkerOutOfMemoryTest, EachAllocationRecordingALetterPastMaxDeadCanFail) {
+  for (int earlier = 0; earlier < 8; ++earlier) {
+    bool reached_the_end = false;
+    for (long k = 0; k < 200 && !reached_the_end; ++k) {
+      SCOPED_TRACE(std::to_string(earlier) + " letters before, allocation " + std::to_string(k));
+      EngineOptions o;
+      o.workers = 1;
+      o.capacity = 64;
+      o.max_dead = 2;
+      o.log = [](LogLevel, std::string_view line) { const std::string copy(line); };
+      auto e = Engine::open(o);
+      ASSERT_TRUE(e.ok()) << e.status().to_string();
+      std::atomic<int> runs{0};
+      auto h = e->register_handler(kHandlerName, [&runs, earlier, k](JobContext& ctx) {
+        ctx.set_error(kDeclined);
+        if (runs.fetch_add(1) == earlier) t_fail_in = k;
+        return Outcome::kFail;
+      });
+      ASSERT_TRUE(h.ok());
+      ASSERT_TRUE(e->start().ok());
+      const std::uint64_t refused_before = g_refused.load();
+      for (int i = 0; i <= earlier; ++i) {
+        ASSERT_TRUE(e->submit(*h, kChargePayload).ok());
+        ASSERT_TRUE(WaitUntil([&] { return e->health().failed == static_cast<std::uint64_t>(i + 1); }));
+      }
+      reached_the_end = g_refused.load() == refused_before;
+      const Health health = e->health();
+      const std::uint64_t jobs = static_cast<std::uint64_t>(earlier) + 1;
+      EXPECT_EQ(health.dead, std::min<std::uint64_t>(jobs, 2));
+      EXPECT_EQ(health.dead_total, jobs);
+      EXPECT_EQ(health.dead_discarded, jobs > 2 ? jobs - 2 : 0);
+      EXPECT_EQ(e->dead_letters(10).size(), std::min<std::uint64_t>(jobs, 2));
+      ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+    }
+    EXPECT_TRUE(reached_the_end);
+  }
+}
+
+// Runs a job of `handler` that fails while every allocation of the worker
+// fails, and waits until the worker waits for memory. The caller clears
+// g_failing_thread.
+struct WaitingWorker {
+  explicit WaitingWorker(EngineOptions o = {}) {
+    o.workers = 1;
+    o.capacity = 64;
+    auto opened = Engine::open(std::move(o));
+    EXPECT_TRUE(opened.ok()) << opened.status().to_string();
+    if (!opened.ok()) return;
+    engine.emplace(std::move(*opened));
+    auto h = engine->register_handler(kHandlerName, [](JobContext& ctx) {
+      ctx.set_error(kDeclined);
+      g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
+      return Outcome::kFail;
+    });
+    EXPECT_TRUE(h.ok());
+    if (!h.ok()) return;
+    failing = *h;
+    EXPECT_TRUE(engine->start().ok());
+  }
+  ~WaitingWorker() { g_failing_thread.store(0); }
+  // Submits the failing job with `o` and waits for the worker to wait.
+  JobId submit_and_wait(const SubmitOptions& o = {}) {
+    auto id = engine->submit(failing, kChargePayload, o);
+    EXPECT_TRUE(id.ok()) << id.status().to_string();
+    EXPECT_TRUE(WaitUntil([&] { return engine->health().memory_waits >= 2; }))
+        << "the worker did not wait for memory";
+    return id.ok() ? *id : 0;
+  }
+  std::optional<Engine> engine;
+  HandlerId failing = 0;
+};
+
+// The job's unique key stays its own while the worker waits: a submit with
+// the key gets the pending job's id, not a second job. Once the letter is in,
+// the key is free again. Only the letter's copy of the 1 MiB payload fails
+// (the last allocation of the path): the key was released before it, so a
+// second job with the key was accepted, and both ran after a crash.
+TEST(WorkerOutOfMemoryTest, AWaitingJobKeepsItsUniqueKey) {
+  constexpr std::size_t kBig = std::size_t{1} << 20;
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 64;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
+    ctx.set_error(kDeclined);
+    g_fail_at_or_above.store(kBig);
+    return Outcome::kFail;
+  });
+  auto other = e->register_handler("other", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok() && other.ok());
+  ASSERT_TRUE(e->start().ok());
+  SubmitOptions keyed;
+  keyed.unique_key = "order-42";
+  auto first = e->submit(*h, std::string(kBig, 'p'), keyed);
+  ASSERT_TRUE(first.ok()) << first.status().to_string();
+  const bool waited = WaitUntil([&] { return e->health().memory_waits >= 2; });
+  auto again = e->submit(*other, "x", keyed);
+  g_fail_at_or_above.store(std::numeric_limits<std::size_t>::max());
+  ASSERT_TRUE(waited) << "the worker did not wait for memory";
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  EXPECT_EQ(*again, *first) << "a second job with the key was accepted while the first is pending";
+  ASSERT_TRUE(WaitUntil([&] { return e->health().failed == 1; }));
+  auto after = e->submit(*other, "x", keyed);
+  ASSERT_TRUE(after.ok()) << after.status().to_string();
+  EXPECT_NE(*after, *first) << "the key was not released with the letter";
+  const std::vector<DeadLetter> letters = e->dead_letters(10);
+  ASSERT_EQ(letters.size(), 1u);
+  EXPECT_EQ(letters[0].payload.size(), kBig);
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
+// cancel() while the worker waits ends the job as cancelled (as one cancelled
+// while it runs), without memory: no letter, nothing failed.
+TEST(WorkerOutOfMemoryTest, ACancelEndsTheWaitWithoutMemory) {
+  WaitingWorker ww;
+  ASSERT_TRUE(ww.engine.has_value());
+  const JobId id = ww.submit_and_wait();
+  auto c = ww.engine->cancel(id);
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(*c, CancelResult::kCancelRequested);
+  EXPECT_TRUE(WaitUntil([&] { return ww.engine->health().cancelled == 1; }))
+      << "the waiting worker did not see the cancel";
+  const Health h = ww.engine->health();
+  EXPECT_EQ(h.failed, 0u);
+  EXPECT_EQ(h.dead, 0u);
+  EXPECT_EQ(h.pending, 0u);
+  g_failing_thread.store(0);
+  ASSERT_TRUE(ww.engine->stop(StopMode::kDrain).ok());
+}
+
+// stop(kAbandon) ends the wait without memory: the job counts as dropped.
+TEST(WorkerOutOfMemoryTest, StopAbandonEndsTheWaitAndCountsTheJobDropped) {
+  WaitingWorker ww;
+  ASSERT_TRUE(ww.engine.has_value());
+  ww.submit_and_wait();
+  auto stopped = ww.engine->stop(StopMode::kAbandon);
+  g_failing_thread.store(0);
+  ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
+  EXPECT_EQ(stopped->dropped, 1u);
+  EXPECT_EQ(stopped->failed, 0u);
+  EXPECT_EQ(stopped->submitted, 1u);
+}
+
+// With max_dead 0 no letter is kept, so none is made: a failure needs no
+// memory, and the worker does not wait.
+TEST(WorkerOutOfMemoryTest, WithMaxDeadZeroAFailureNeedsNoMemory) {
+  EngineOptions o;
+  o.max_dead = 0;
+  WaitingWorker ww(o);
+  ASSERT_TRUE(ww.engine.has_value());
+  ASSERT_TRUE(ww.engine->submit(ww.failing, kChargePayload).ok());
+  ASSERT_TRUE(WaitUntil([&] { return ww.engine->health().failed == 1; }));
+  const Health h = ww.engine->health();
+  g_failing_thread.store(0);
+  EXPECT_EQ(h.memory_waits, 0u);
+  EXPECT_EQ(h.dead_total, 1u);
+  EXPECT_EQ(h.dead_discarded, 1u);
+  ASSERT_TRUE(ww.engine->stop(StopMode::kDrain).ok());
 }
 
 }  // namespace
