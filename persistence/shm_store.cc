@@ -227,34 +227,45 @@ Status out_of_memory(const std::string& name) {
   return Status(StatusCode::kIoError, label(name) + ": out of memory");
 }
 
-// A segment we must not attach to: someone else's, or readable by others.
-Status check_stat(const std::string& name, const struct stat& st) {
-  const uid_t me = ::geteuid();
-  if (S_ISREG(st.st_mode) && st.st_uid == me && (st.st_mode & 07777) == kSegmentMode) {
+// uid_t is 32 bits on every platform we build for, so kAnyOwner, (uid_t)-1,
+// is a value no user has (chown(2) reads it as "leave the owner alone").
+static_assert(sizeof(uid_t) == sizeof(std::uint32_t));
+static_assert(static_cast<uid_t>(-1) == ShmStore::kAnyOwner);
+
+// A segment we must not attach to: not a regular file, readable by others,
+// or not `owner`'s (kAnyOwner: anyone's; only read_existing() is given
+// anything but this process's effective uid).
+Status check_stat(const std::string& name, const struct stat& st, std::uint32_t owner) {
+  const bool owner_ok = owner == ShmStore::kAnyOwner || st.st_uid == owner;
+  if (S_ISREG(st.st_mode) && owner_ok && (st.st_mode & 07777) == kSegmentMode) {
     return Status();
   }
+  const std::string expected =
+      owner == ShmStore::kAnyOwner ? "expected" : "expected uid " + std::to_string(owner) + " and";
   return Status(StatusCode::kFailedPrecondition,
                 label(name) + " (" + dev_shm_path(name) + ") is owned by uid " +
                     std::to_string(st.st_uid) + " with mode " + octal_mode(st.st_mode) +
-                    (S_ISREG(st.st_mode) ? "" : " (not a regular file)") + "; expected uid " +
-                    std::to_string(me) +
-                    " and mode 0600: refusing to use it (remove it if it is stale)");
+                    (S_ISREG(st.st_mode) ? "" : " (not a regular file)") + "; " + expected +
+                    " mode 0600: refusing to use it (remove it if it is stale)");
 }
 
-Status check_owner_and_mode(const std::string& name, int fd) {
+std::uint32_t effective_uid() noexcept { return static_cast<std::uint32_t>(::geteuid()); }
+
+Status check_owner_and_mode(const std::string& name, int fd, std::uint32_t owner) {
   struct stat st;
   if (::fstat(fd, &st) != 0) {
     const int err = errno;
     return io_error(name, "fstat", errno_text(err));
   }
-  return check_stat(name, st);
+  return check_stat(name, st, owner);
 }
 
 // shm_open said EACCES/EPERM: name the owner and mode when we can see them.
-Status permission_refused(const std::string& name, const bip::interprocess_exception& e) {
+Status permission_refused(const std::string& name, const bip::interprocess_exception& e,
+                          std::uint32_t owner) {
   struct stat st;
   if (::stat(dev_shm_path(name).c_str(), &st) == 0) {
-    Status s = check_stat(name, st);
+    Status s = check_stat(name, st, owner);
     if (!s.ok()) return s;
   }
   return Status(StatusCode::kFailedPrecondition,
@@ -275,11 +286,11 @@ Status symlink_refused(const std::string& name) {
 // missing name is left to the open to report. /dev/shm is sticky, so once
 // the entry is a regular file only its owner can swap it before the open,
 // and the owner and mode are checked again on the descriptor.
-Status check_entry(const std::string& name) {
+Status check_entry(const std::string& name, std::uint32_t owner) {
   struct stat st;
   if (::lstat(dev_shm_path(name).c_str(), &st) != 0) return Status();
   if (S_ISLNK(st.st_mode)) return symlink_refused(name);
-  if (!S_ISREG(st.st_mode)) return check_stat(name, st);
+  if (!S_ISREG(st.st_mode)) return check_stat(name, st, owner);
   return Status();
 }
 
@@ -670,7 +681,7 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
       } catch (const bip::interprocess_exception& e) {
         if (e.get_native_error() != EEXIST) return io_error(name, "cannot create", e.what());
       }
-      st = check_entry(name);
+      st = check_entry(name, effective_uid());
       if (!st.ok()) return st;
       try {
         impl->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
@@ -678,7 +689,7 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
       } catch (const bip::interprocess_exception& e) {
         const int err = e.get_native_error();
         if (err == ENOENT && tries < 3) continue;  // removed between our two calls
-        if (err == EACCES || err == EPERM) return permission_refused(name, e);
+        if (err == EACCES || err == EPERM) return permission_refused(name, e, effective_uid());
         if (err == ELOOP) return symlink_refused(name);
         return io_error(name, "cannot open", e.what());
       }
@@ -691,7 +702,8 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
         st = io_error(name, "fchmod 0600", errno_text(err));
       }
     }
-    if (st.ok()) st = check_owner_and_mode(name, impl->fd);
+    // The engine's own segment: never another user's, whoever runs it.
+    if (st.ok()) st = check_owner_and_mode(name, impl->fd, effective_uid());
     // One writer per segment: two engines configured with the same name
     // would overwrite each other's images. flock on the segment's own open
     // file description; released when the store closes it or the process dies.
@@ -875,10 +887,15 @@ Result<std::vector<unsigned char>> ShmStore::read_active() const {
 }
 
 Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& name) {
+  return read_existing(name, effective_uid());
+}
+
+Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& name,
+                                                           std::uint32_t owner) {
   Status st = check_name(name);
   if (!st.ok()) return st;
   try {
-    st = check_entry(name);
+    st = check_entry(name, owner);
     if (!st.ok()) return st;
     bip::shared_memory_object shm;
     try {
@@ -886,12 +903,12 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
     } catch (const bip::interprocess_exception& e) {
       const int err = e.get_native_error();
       if (err == ENOENT) return Status(StatusCode::kNotFound, label(name) + " does not exist");
-      if (err == EACCES || err == EPERM) return permission_refused(name, e);
+      if (err == EACCES || err == EPERM) return permission_refused(name, e, owner);
       if (err == ELOOP) return symlink_refused(name);
       return io_error(name, "cannot open read-only", e.what());
     }
     const int fd = shm.get_mapping_handle().handle;
-    st = check_owner_and_mode(name, fd);
+    st = check_owner_and_mode(name, fd, owner);
     if (!st.ok()) return st;
     Result<std::size_t> size = file_size(name, fd);
     if (!size.ok()) return size.status();

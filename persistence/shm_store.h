@@ -153,6 +153,18 @@ class ShmStore {
   // when there is no such segment or it holds no image yet; kCorruption and
   // kFailedPrecondition as for open_or_create. Thread-safe.
   static Result<std::vector<unsigned char>> read_existing(const std::string& name);
+  // The same for a reader that is not the engine (an operator's tool, run as
+  // root or as another user than the engine's): the segment must be owned by
+  // `owner` instead of this process's effective uid, or by any uid with
+  // kAnyOwner; it must still be a regular file with mode 0600 (else
+  // kFailedPrecondition naming the owner and mode, and the uid expected).
+  // open_or_create() has no such choice: an engine never attaches to a
+  // segment that is not its own.
+  static Result<std::vector<unsigned char>> read_existing(const std::string& name,
+                                                          std::uint32_t owner);
+  // read_existing()'s `owner` for a segment of any uid: (uid_t)-1, which no
+  // user has (chown(2) takes it to mean "leave the owner as it is").
+  static constexpr std::uint32_t kAnyOwner = UINT32_MAX;
 
   // OK when `name` is a segment name every function here accepts: 1..200
   // characters of [A-Za-z0-9._-], not "." or "..". Else kInvalidArgument

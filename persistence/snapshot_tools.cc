@@ -122,10 +122,82 @@ const char* kind_text(FileInfo::Kind kind) {
   return "of unknown type";
 }
 
-// An existing snapshot directory of ours: not a symlink, a directory, owned
-// by this uid (FileStore::open's own checks, made first so that its
-// kFailedPrecondition can only mean the lock). Reads nothing inside it.
-Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
+std::uint32_t effective_uid() { return static_cast<std::uint32_t>(::geteuid()); }
+
+// How an operator runs jobsnap as `uid`, for messages that tell them to.
+std::string run_as(std::uint32_t uid) {
+  return "sudo -u '#" + std::to_string(uid) + "' jobsnap ...";
+}
+
+std::string octal_mode(std::uint32_t mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
+
+// Whether the OS lets this process access `path` in `mode` (R_OK, X_OK),
+// judged by its effective ids as the open that follows will be. Only a
+// refusal (EACCES, EPERM) is a no: any other failure is left to that open
+// to report.
+bool permitted(const std::string& path, int mode) {
+  if (::faccessat(AT_FDCWD, path.c_str(), mode, AT_EACCESS) == 0) return true;
+  return errno != EACCES && errno != EPERM;
+}
+
+// Why the OS refuses this process `path` (a snapshot directory or a file in
+// one), when another uid's permissions are the reason: the first directory
+// on the way that it may not search, else `path` itself when it may not read
+// it (list and search, for a directory), with its owner and mode, and how
+// to run jobsnap as that owner (an engine runs as its directory's owner, so
+// the owner can read what it wrote). Empty when nothing refuses, or what
+// refuses is this uid's own: running as its owner would change nothing.
+std::string permission_hint(const std::string& path) {
+  std::string refused;
+  struct stat st{};
+  // Each directory above `path`, outermost first; "/" and "." are searched
+  // by every process that got this far. stat, not lstat: the kernel follows
+  // a symlink on the way, and judges the directory it leads to.
+  for (std::size_t slash = path.find('/', 1); slash != std::string::npos;
+       slash = path.find('/', slash + 1)) {
+    const std::string above = path.substr(0, slash);
+    if (above.ends_with('/')) continue;  // "a//b"
+    if (::stat(above.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return "";
+    if (!permitted(above, X_OK)) {
+      refused = above;
+      break;
+    }
+  }
+  if (refused.empty()) {
+    if (::stat(path.c_str(), &st) != 0) return "";
+    if (permitted(path, S_ISDIR(st.st_mode) ? R_OK | X_OK : R_OK)) return "";
+    refused = path;
+  }
+  const std::uint32_t euid = effective_uid();
+  if (st.st_uid == euid) return "";
+  return "; " + refused + " is owned by uid " + std::to_string(st.st_uid) + " with mode " +
+         octal_mode(st.st_mode) + ", which this process (uid " + std::to_string(euid) +
+         ") may not " + (refused == path ? "read" : "search") +
+         ": run jobsnap as its owner, e.g. " + run_as(st.st_uid);
+}
+
+// What a command does with a snapshot directory (jobsnap.md, "Read commands
+// never change anything").
+enum class Access {
+  // list, inspect, dump, verify, diff: read only, no lock. Any uid's
+  // directory, as far as the OS lets this process read it.
+  kRead,
+  // restore, requeue, drop: lock, create, rename. Only this uid's directory:
+  // the engine runs as the directory's owner (FileStore::open requires it)
+  // and must be able to open every file and the LOCK made there, which
+  // another uid's would be.
+  kWrite,
+};
+
+// An existing snapshot directory: not a symlink, a directory, and for
+// kWrite owned by this uid (FileStore::open's own checks, made first so
+// that its kFailedPrecondition can only mean the lock); for kRead one that
+// the OS lets this process list and search. Reads nothing inside it.
+Status check_dir(const std::string& dir, Access access, Diagnosis* d, bool must_exist = true) {
   SysResult<FileInfo> info = fs().lstat(dir);
   if (!info.ok()) {
     if (info.error == ENOENT && !must_exist) return Status();
@@ -134,7 +206,7 @@ Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
                   "snapshot directory " + dir + " does not exist");
     }
     return fail(d, Failure::kIoError, StatusCode::kIoError,
-                "lstat " + dir + ": " + persist::errno_text(info.error));
+                "lstat " + dir + ": " + persist::errno_text(info.error) + permission_hint(dir));
   }
   if (info.value.kind == FileInfo::Kind::kSymlink) {
     return fail(d, Failure::kRefusedInput, StatusCode::kInvalidArgument,
@@ -145,14 +217,68 @@ Status check_dir(const std::string& dir, Diagnosis* d, bool must_exist = true) {
                 "snapshot directory " + dir + " is not a directory (it is " +
                     kind_text(info.value.kind) + ")");
   }
-  const auto euid = static_cast<std::uint32_t>(::geteuid());
-  if (info.value.uid != euid) {
+  const std::uint32_t owner = info.value.uid;
+  const std::uint32_t euid = effective_uid();
+  if (access == Access::kRead) {
+    // Said here, naming the owner, rather than as the listing's bare EACCES.
+    if (!permitted(dir, R_OK | X_OK)) {
+      return fail(d, Failure::kIoError, StatusCode::kIoError,
+                  "cannot read snapshot directory " + dir + ": " + persist::errno_text(EACCES) +
+                      permission_hint(dir));
+    }
+    return Status();
+  }
+  if (owner != euid) {
     return fail(d, Failure::kRefusedInput, StatusCode::kFailedPrecondition,
-                "snapshot directory " + dir + " is owned by uid " +
-                    std::to_string(info.value.uid) + ", not by this process's uid " +
-                    std::to_string(euid));
+                "snapshot directory " + dir + " is owned by uid " + std::to_string(owner) +
+                    ", not by this process's uid " + std::to_string(euid) +
+                    ", and this command writes there: the engine that uses it runs as its "
+                    "owner and could not open files or a LOCK that uid " +
+                    std::to_string(euid) + " made there. Run jobsnap as the directory's owner: " +
+                    run_as(owner) + " (read commands, such as list and inspect, run as any uid)");
   }
   return Status();
+}
+
+// Whose segment a read command takes (jobsnap.md, "Read commands never
+// change anything"): the one an engine's open() would take. With a
+// directory, the engine runs as the directory's owner (see Access::kWrite),
+// so its segment is that uid's. With a segment alone, this process's uid's,
+// as its own engine's; root, which cannot know as whom the engine runs,
+// takes any uid's. Mode 0600 and a regular file are required either way.
+std::uint32_t segment_owner(const std::string& dir) {
+  if (!dir.empty()) {
+    SysResult<FileInfo> info = fs().lstat(dir);
+    // Anything else is refused by check_dir(), before or after the segment.
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) return info.value.uid;
+  }
+  const std::uint32_t euid = effective_uid();
+  return euid == 0 ? persist::ShmStore::kAnyOwner : euid;
+}
+
+// A segment a read command could not read (read_existing() with `owner`,
+// from segment_owner(dir)), with its class (failure_of_shm, taken from the
+// store's own message before anything is added to it). When another uid's
+// segment is refused, the message says why in jobsnap's terms: beside a
+// directory not its owner's, that the directory's engine would refuse it
+// too; else (refused as not this uid's, or by the OS), who can read it,
+// when its mode is right (else its owner would be refused too).
+Status segment_failure(const std::string& name, const Status& s, std::uint32_t owner,
+                       const std::string& dir, Diagnosis* d) {
+  const Failure failure = failure_of_shm(s);
+  std::string why;
+  SysResult<FileInfo> info = fs().lstat("/dev/shm/" + name);
+  if (s.code() == StatusCode::kFailedPrecondition && owner != persist::ShmStore::kAnyOwner &&
+      info.ok() && info.value.kind == FileInfo::Kind::kRegular) {
+    const std::uint32_t uid = info.value.uid;
+    if (!dir.empty() && uid != owner) {
+      why = "; an engine using " + dir + " runs as the directory's owner, uid " +
+            std::to_string(owner) + ", and opens only a segment of its own";
+    } else if (uid != effective_uid() && info.value.mode == 0600) {
+      why = "; run jobsnap as its owner, e.g. " + run_as(uid) + ", or as root";
+    }
+  }
+  return fail(d, failure, Status(s.code(), std::string(s.message()) + why));
 }
 
 // shm_open() follows no symlink but would block opening a FIFO and open a
@@ -302,7 +428,7 @@ Result<std::unique_ptr<detail::LoadedSnapshot>> recover(
 
 Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Diagnosis* d,
                                                      bool must_exist) {
-  if (Status s = check_dir(dir, d, must_exist); !s.ok()) return s;
+  if (Status s = check_dir(dir, Access::kWrite, d, must_exist); !s.ok()) return s;
   auto store = persist::FileStore::open(dir, kKeepAll);
   if (!store) {
     const Status& s = store.status();
@@ -705,7 +831,14 @@ Result<Image> load_file(const std::string& path, Diagnosis* d) {
   if (Status s = check_size_against_header(path, d); !s.ok()) return s;
   try {
     auto bytes = persist::FileStore::read(path, kMaxFileBytes, fs());
-    if (!bytes) return fail(d, failure_of_file_read(bytes.status()), bytes.status());
+    if (!bytes) {
+      const Status& s = bytes.status();
+      const Failure failure = failure_of_file_read(s);
+      // E.g. a file another uid's engine wrote (0600) in a directory this
+      // uid may list: whose it is, and who can read it.
+      if (failure != Failure::kIoError) return fail(d, failure, s);
+      return fail(d, failure, Status(s.code(), std::string(s.message()) + permission_hint(path)));
+    }
     return decode_image(path, std::move(*bytes), d);
   } catch (const std::bad_alloc&) {
     // A file as large as its header says, more than this machine can hold.
@@ -715,7 +848,7 @@ Result<Image> load_file(const std::string& path, Diagnosis* d) {
 }
 
 Result<Image> load_generation(const std::string& dir, std::uint64_t generation, Diagnosis* d) {
-  if (Status s = check_dir(dir, d); !s.ok()) return s;
+  if (Status s = check_dir(dir, Access::kRead, d); !s.ok()) return s;
   const std::string path = generation_path(dir, generation);
   auto image = load_file(path, d);
   if (!image) {
@@ -737,8 +870,9 @@ Result<Image> load_generation(const std::string& dir, std::uint64_t generation, 
 
 Result<Image> load_shm(const std::string& name, Diagnosis* d) {
   if (Status s = check_shm_entry(name, d); !s.ok()) return s;
-  auto bytes = persist::ShmStore::read_existing(name);
-  if (!bytes) return fail(d, failure_of_shm(bytes.status()), bytes.status());
+  const std::uint32_t owner = segment_owner("");
+  auto bytes = persist::ShmStore::read_existing(name, owner);
+  if (!bytes) return segment_failure(name, bytes.status(), owner, "", d);
   return decode_image("shm:" + name, std::move(*bytes), d);
 }
 
@@ -753,7 +887,7 @@ Result<Image> load_newest(const std::string& dir, const std::string& shm_name, D
   for (int attempt = 0; attempt < 5; ++attempt) {
     std::vector<persist::GenerationFile> files;
     if (!dir.empty()) {
-      if (Status s = check_dir(dir, d); !s.ok()) return s;
+      if (Status s = check_dir(dir, Access::kRead, d); !s.ok()) return s;
       auto listed = persist::list_generations(dir, fs());
       if (!listed) return fail(d, Failure::kIoError, listed.status());
       files = std::move(*listed);
@@ -762,11 +896,13 @@ Result<Image> load_newest(const std::string& dir, const std::string& shm_name, D
     std::size_t gone = 0;
     if (!shm_name.empty()) {
       if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
-      persist::ShmCandidate candidate{"shm:" + shm_name, persist::ShmStore::read_existing(shm_name)};
+      const std::uint32_t owner = segment_owner(dir);
+      persist::ShmCandidate candidate{"shm:" + shm_name,
+                                      persist::ShmStore::read_existing(shm_name, owner)};
       // Recovery would pass over it, but the engine's open() fails on such a
       // segment before recovery runs: no disk generation is what it loads.
       if (!candidate.image.ok() && shm_unusable(candidate.image.status())) {
-        return fail(d, failure_of_shm(candidate.image.status()), candidate.image.status());
+        return segment_failure(shm_name, candidate.image.status(), owner, dir, d);
       }
       auto chosen = recover(&candidate, files, report, &gone);
       if (!chosen) return fail(d, Failure::kIoError, chosen.status());
@@ -852,7 +988,8 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
   };
   if (!shm_name.empty()) {
     if (Status s = check_shm_entry(shm_name, d); !s.ok()) return s;
-    auto bytes = persist::ShmStore::read_existing(shm_name);
+    const std::uint32_t owner = segment_owner(dir);
+    auto bytes = persist::ShmStore::read_existing(shm_name, owner);
     if (!bytes && bytes.status().code() == StatusCode::kNotFound && dir.empty()) {
       return fail(d, Failure::kNotFound, bytes.status());
     }
@@ -860,7 +997,7 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
     // segment, so no image listed is the one the next start loads (as
     // load_newest() refuses it too).
     if (!bytes && shm_unusable(bytes.status())) {
-      return fail(d, failure_of_shm(bytes.status()), bytes.status());
+      return segment_failure(shm_name, bytes.status(), owner, dir, d);
     }
     GenerationInfo g;
     g.source = "shm:" + shm_name;
@@ -878,7 +1015,7 @@ Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::stri
     out.push_back(std::move(g));
   }
   if (!dir.empty()) {
-    if (Status s = check_dir(dir, d); !s.ok()) return s;
+    if (Status s = check_dir(dir, Access::kRead, d); !s.ok()) return s;
     auto files = persist::list_generations(dir, fs());
     if (!files) return fail(d, Failure::kIoError, files.status());
     for (const auto& f : *files) {
@@ -1101,6 +1238,16 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   if (!request.target_shm.empty()) {
     if (Status s = check_shm_entry(request.target_shm, d); !s.ok()) return s;
   }
+  // A source directory is written too: it is the target (restore DIR -g N),
+  // or, with --to-shm, where the segment's replaced image is kept (in its
+  // aside directory). So it must be ours, as a target must: refused before
+  // it is read (load() reads any uid's directory).
+  if (!request.source.path.empty() && !request.source.file_only) {
+    SysResult<FileInfo> info = fs().lstat(request.source.path);
+    if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) {
+      if (Status s = check_dir(request.source.path, Access::kWrite, d); !s.ok()) return s;
+    }
+  }
   auto source = load(request.source, d);
   if (!source) return source.status();
   const std::uint64_t from = source->view.header.generation;
@@ -1141,7 +1288,9 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   std::uint64_t highest = from;
   std::string numbered_by;  // the directory whose generations G must outrank
   if (!request.target_dir.empty()) {
-    if (Status s = check_dir(request.target_dir, d, /*must_exist=*/!source_dir.empty()); !s.ok()) {
+    if (Status s = check_dir(request.target_dir, Access::kWrite, d,
+                             /*must_exist=*/!source_dir.empty());
+        !s.ok()) {
       return s;
     }
     dir_existed = fs().lstat(request.target_dir).ok();

@@ -9,6 +9,7 @@
 // A child that hangs (e.g. blocked opening a FIFO) is killed by SIGALRM after
 // kChildSeconds and the test fails saying so; no timing decides a pass.
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -17,16 +18,19 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
@@ -52,8 +56,10 @@ constexpr unsigned kChildSeconds = 60;
 const std::string kGolden = JOBENGINE_GOLDEN_DIR;
 
 // Exit codes, as tools/jobsnap.md documents them.
-constexpr int kOk = 0, kDiffers = 1, kCorrupt = 2, kTruncated = 3, kUnsupported = 4,
-              kNotFound = 5, kRefusedInput = 6, kLocked = 7, kRefused = 8, kUsage = 64;
+constexpr int kOk = 0, kDiffers = 1, kCorrupt = 2, kTruncated = 3, kUnsupported = 4, kNotFound = 5,
+              kRefusedInput = 6, kLocked = 7, kRefused = 8, kUsage = 64, kIoError = 74;
+// The child's own exit codes when it could not run jobsnap at all.
+constexpr int kChildSetupFailed = 125, kChildCannotSwitchUid = 123, kChildCannotExec = 126;
 
 template <typename R>
 ::testing::AssertionResult IsOk(const R& r) {
@@ -82,8 +88,12 @@ std::string Slurp(const std::string& path) {
 }
 
 // Runs the jobsnap binary with `args`; exit code 128 + N if killed by signal N.
-// With `stdout_path`, its stdout is that file (e.g. /dev/full) instead.
-RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path = nullptr) {
+// With `stdout_path`, its stdout is that file (e.g. /dev/full) instead. With
+// `as_uid`, as that uid (gid the same, no supplementary groups), as an
+// operator who is not root runs it: kChildCannotSwitchUid if this process
+// may not switch, kChildCannotExec if that uid may not run the binary.
+RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path = nullptr,
+                  std::optional<uid_t> as_uid = std::nullopt) {
   RunResult r;
   for (const auto& a : args) r.args += " " + a;
   char out_tmpl[] = "/tmp/jobsnap-test-out-XXXXXX";
@@ -104,11 +114,15 @@ RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path 
     const int in = ::open("/dev/null", O_RDONLY);
     const int out = stdout_path == nullptr ? out_fd : ::open(stdout_path, O_WRONLY);
     if (in < 0 || out < 0 || ::dup2(in, 0) < 0 || ::dup2(out, 1) < 0 || ::dup2(err_fd, 2) < 0) {
-      ::_exit(125);
+      ::_exit(kChildSetupFailed);
+    }
+    if (as_uid && (::setgroups(0, nullptr) != 0 || ::setgid(static_cast<gid_t>(*as_uid)) != 0 ||
+                   ::setuid(*as_uid) != 0)) {
+      ::_exit(kChildCannotSwitchUid);
     }
     ::alarm(kChildSeconds);  // survives exec: a hang ends as SIGALRM
     ::execv(argv[0], argv.data());
-    ::_exit(126);
+    ::_exit(kChildCannotExec);
   }
   int status = 0;
   if (pid > 0) ::waitpid(pid, &status, 0);
@@ -680,7 +694,10 @@ TEST(JobsnapHostileTest, MissingInputsAreNotFound) {
   EXPECT_EQ(Jobsnap({"inspect", "--shm", UniqueShmName()}).code, kNotFound);
 }
 
+// Its mode must be 0600 whoever runs jobsnap; its owner the engine's, which
+// beside a directory is the directory's owner (more in JobsnapOwnerTest).
 TEST(JobsnapHostileTest, SegmentWithAWrongModeOrAnotherOwnerIsRefused) {
+  TempDir tmp;
   ShmCleanup shm;
   const std::string path = "/dev/shm/" + shm.name;
   WriteBytes(path, std::vector<unsigned char>(8192, 0));
@@ -689,13 +706,16 @@ TEST(JobsnapHostileTest, SegmentWithAWrongModeOrAnotherOwnerIsRefused) {
   EXPECT_EQ(r.code, kRefusedInput) << r;
   EXPECT_TRUE(Contains(r.err, "mode")) << r;
   if (::geteuid() == 0) {
-    ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+    // Root reads a segment of any owner, never one of another mode.
     ASSERT_EQ(::chown(path.c_str(), 65534, 65534), 0);
     r = Jobsnap({"verify", "--shm", shm.name});
     EXPECT_EQ(r.code, kRefusedInput) << r;
-    EXPECT_TRUE(Contains(r.err, "owned by uid 65534")) << r;
-    // Not a row saying "invalid": the engine's open() fails on it.
-    r = Jobsnap({"list", "--shm", shm.name});
+    EXPECT_TRUE(Contains(r.err, "mode 0644")) << r;
+    // Beside root's directory another uid's segment is refused: root's
+    // engine would not open it. Not a row saying "invalid": the engine's
+    // open() fails on it.
+    ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+    r = Jobsnap({"list", tmp.snap(), "--shm", shm.name});
     EXPECT_EQ(r.code, kRefusedInput) << r;
     EXPECT_TRUE(Contains(r.err, "owned by uid 65534")) << r;
   }
@@ -1653,6 +1673,253 @@ TEST(JobsnapIdTest, AnOlderGenerationsIdCounterNeverComesBack) {
   PublishToSegment(shm2.name, 3, MakeImage(3, {Job(1)}, 500));
   ASSERT_EQ(Jobsnap({"drop", tmp2.snap(), "1", "--shm", shm2.name}).code, kOk);
   EXPECT_EQ(next_id(ReadBytes(GenPath(tmp2.snap(), 6))), 500u);
+}
+
+// ---- another uid's directory and segment ---------------------------------------------
+//
+// A service runs as its own user; the operator runs jobsnap as root (sudo).
+// Read commands take the service's directory and segment; write commands
+// refuse the directory and say to run as its owner (tools/jobsnap.md).
+
+// "nobody": the uid the tests give a directory or a segment to.
+constexpr uid_t kOtherUid = 65534;
+
+// chown -R `path` to `uid` (no symlink followed). EPERM when this process
+// may not (not root): the caller skips.
+int ChownTree(const std::string& path, uid_t uid) {
+  if (::lchown(path.c_str(), uid, static_cast<gid_t>(uid)) != 0) return errno;
+  if (!fs::is_directory(fs::symlink_status(path))) return 0;
+  for (const auto& e : fs::recursive_directory_iterator(path)) {
+    if (::lchown(e.path().c_str(), uid, static_cast<gid_t>(uid)) != 0) return errno;
+  }
+  return 0;
+}
+
+#define CHOWN_OR_SKIP(path, uid)                                                           \
+  do {                                                                                     \
+    const int chown_error = ChownTree(path, uid);                                          \
+    if (chown_error == EPERM) {                                                            \
+      GTEST_SKIP() << "needs root: chown " << (path) << " to uid " << (uid) << ": "        \
+                   << std::strerror(chown_error);                                          \
+    }                                                                                      \
+    ASSERT_EQ(chown_error, 0) << "chown " << (path) << ": " << std::strerror(chown_error); \
+  } while (0)
+
+// A segment holding generation `generation` of `jobs`, published as an engine does.
+void PublishSegment(const std::string& name, std::uint64_t generation,
+                    const std::vector<JobRecord>& jobs) {
+  auto store = persist::ShmStore::open_or_create(name, 0);
+  ASSERT_TRUE(IsOk(store));
+  ASSERT_TRUE((*store)->publish(generation, MakeImage(generation, jobs)).ok());
+}
+
+// Every read command refused a directory owned by another uid, even run as
+// root ("owned by uid 65534, not by this process's uid 0"): an operator
+// could not look at a service's snapshots with sudo.
+TEST(JobsnapOwnerTest, ReadCommandsReadADirectoryOfAnotherUid) {
+  TempDir tmp;
+  const EngineHistory h = WriteThreeGenerations(tmp.snap());
+  ASSERT_EQ(h.ids.size(), 3u);
+  CHOWN_OR_SKIP(tmp.snap(), kOtherUid);
+  const auto before = Fingerprint(tmp.snap());
+
+  auto r = Jobsnap({"list", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "the next engine start loads this")) << r;
+  auto j = ParseJson(Jobsnap({"list", "--json", tmp.snap()}));
+  ASSERT_EQ(j.size(), 4u) << j;
+  EXPECT_EQ(j[0]["generation"], 4);
+  EXPECT_EQ(j[0]["loaded_next"], true);
+  for (const auto& g : j) EXPECT_EQ(g["valid"], true) << g;
+  r = Jobsnap({"inspect", "--json", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r)["header"]["generation"], 4);
+  r = Jobsnap({"inspect", tmp.snap(), "-g", "2"});
+  EXPECT_EQ(r.code, kOk) << r;
+  r = Jobsnap({"dump", tmp.snap(), "-g", "3"});
+  EXPECT_EQ(r.code, kOk) << r;
+  std::set<JobId> dumped;
+  for (const auto& line : ParseJsonLines(r)) dumped.insert(line["id"].get<JobId>());
+  EXPECT_EQ(dumped, h.ids[2]);
+  r = Jobsnap({"verify", tmp.snap()});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "sound")) << r;
+  r = Jobsnap({"diff", GenPath(tmp.snap(), 2), tmp.snap()});
+  EXPECT_EQ(r.code, kDiffers) << r;
+
+  // Read only: nothing changed, and all of it is still the other uid's (the
+  // LOCK too, which the engine left).
+  EXPECT_EQ(Fingerprint(tmp.snap()), before);
+  for (const std::string& path : {tmp.snap(), tmp.snap() + "/LOCK", GenPath(tmp.snap(), 4)}) {
+    struct stat st{};
+    ASSERT_EQ(::lstat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_uid, kOtherUid) << path;
+  }
+}
+
+// Write commands still refuse it (files root made there would be root's,
+// which the engine, running as the directory's owner, could not open), but
+// said only whose it was: now they say why, and to run as its owner. Exit
+// status unchanged; nothing is locked, created or moved.
+TEST(JobsnapOwnerTest, WriteCommandsRefuseADirectoryOfAnotherUidAndSayToRunAsItsOwner) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  PutGeneration(tmp.snap(), 6, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});
+  const std::string file = tmp.path() + "/kept.jobsnap";
+  WriteBytes(file, MakeImage(3, {Job(1)}));
+  CHOWN_OR_SKIP(tmp.snap(), kOtherUid);
+  const auto before = Fingerprint(tmp.snap());
+  const std::string run_as = "sudo -u '#" + std::to_string(kOtherUid) + "' jobsnap";
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"requeue", tmp.snap(), "7"},
+           {"drop", tmp.snap(), "8"},
+           {"drop", tmp.snap(), "8", "--shm", shm.name},
+           {"restore", tmp.snap(), "--generation", "5"},
+           {"restore", tmp.snap(), "--from-file", file},
+           {"restore", tmp.snap(), "-g", "5", "--to-shm", shm.name},
+           {"restore", tmp.snap(), "--to-shm", shm.name}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "is owned by uid " + std::to_string(kOtherUid))) << r;
+    EXPECT_TRUE(Contains(r.err, "this command writes there")) << r;
+    EXPECT_TRUE(Contains(r.err, "Run jobsnap as the directory's owner: " + run_as)) << r;
+  }
+  auto j = ParseJson(Jobsnap({"drop", "--json", tmp.snap(), "8"}));
+  EXPECT_EQ(j["error"]["class"], "refused-input");
+  EXPECT_TRUE(Contains(j["error"]["message"].get<std::string>(), run_as)) << j;
+  EXPECT_EQ(Fingerprint(tmp.snap()), before);
+  EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
+  EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name)) << "a refused write created the segment";
+}
+
+// A segment is the engine's: its owner must be the uid the engine runs as.
+// Alone (--shm NAME), root reads a segment of any uid: it could not be read
+// at all before, even with sudo. Beside a directory, the engine is the
+// directory's owner: another uid's directory takes that uid's segment
+// (refused before), and root's directory refuses it, as root's engine would
+// (now saying so). Mode 0600 and a regular file are required always.
+TEST(JobsnapOwnerTest, ASegmentOfAnotherUidIsReadAsItsEnginesOwner) {
+  TempDir mine;   // the euid's directory
+  TempDir other;  // the segment owner's
+  ShmCleanup shm;
+  PutGeneration(mine.snap(), 4, {Job(1)});
+  PutGeneration(other.snap(), 4, {Job(1)});
+  PublishSegment(shm.name, 9, {Job(1), Job(2)});
+  const std::string path = "/dev/shm/" + shm.name;
+  CHOWN_OR_SKIP(path, kOtherUid);
+  CHOWN_OR_SKIP(other.snap(), kOtherUid);
+  const std::string segment_before = Slurp(path);
+
+  // Alone, as root.
+  auto r = Jobsnap({"inspect", "--json", "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r)["header"]["generation"], 9);
+  r = Jobsnap({"verify", "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+  r = Jobsnap({"list", "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "the next engine start loads this")) << r;
+  r = Jobsnap({"dump", "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJsonLines(r).size(), 2u) << r;
+  r = Jobsnap({"diff", GenPath(other.snap(), 4), "shm:" + shm.name});
+  EXPECT_EQ(r.code, kDiffers) << r;
+
+  // With the directory of the segment's owner: its engine's segment.
+  auto j = ParseJson(Jobsnap({"list", "--json", other.snap(), "--shm", shm.name}));
+  ASSERT_EQ(j.size(), 2u) << j;
+  EXPECT_EQ(j[0]["source"], "shm:" + shm.name);
+  EXPECT_EQ(j[0]["loaded_next"], true);
+  r = Jobsnap({"inspect", "--json", other.snap(), "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_EQ(ParseJson(r)["header"]["source"], "shm:" + shm.name);
+  r = Jobsnap({"verify", other.snap(), "--shm", shm.name});
+  EXPECT_EQ(r.code, kOk) << r;
+
+  // With the euid's directory: not its engine's segment.
+  const std::string euid = std::to_string(::geteuid());
+  for (const char* cmd : {"list", "inspect", "dump", "verify"}) {
+    r = Jobsnap({cmd, mine.snap(), "--shm", shm.name});
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "owned by uid " + std::to_string(kOtherUid))) << r;
+    EXPECT_TRUE(Contains(r.err, "expected uid " + euid + " and mode 0600")) << r;
+    EXPECT_TRUE(Contains(
+        r.err, "an engine using " + mine.snap() + " runs as the directory's owner, uid " + euid))
+        << r;
+    EXPECT_FALSE(Contains(r.out, "next engine start loads")) << r;
+  }
+  // Writes open the segment as the engine does: their own uid's only.
+  r = Jobsnap({"restore", GenPath(mine.snap(), 4), "--to-shm", shm.name});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "owned by uid " + std::to_string(kOtherUid))) << r;
+  EXPECT_EQ(Slurp(path), segment_before);
+
+  // Any owner, but never another mode or kind.
+  ASSERT_EQ(::chmod(path.c_str(), 0640), 0);
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"inspect", "--shm", shm.name}, {"inspect", other.snap(), "--shm", shm.name}}) {
+    r = Jobsnap(args);
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "mode 0640")) << r;
+  }
+}
+
+// The OS still decides who may read: a user who is not root reading
+// another's 0700 directory gets EACCES, which said only "owned by uid N, not
+// by this process's uid M" (refused-input) before the directory was even
+// tried. It is an I/O error naming the directory, its owner and how to run
+// as them; a directory the OS lets them read is read.
+TEST(JobsnapOwnerTest, AUserWhoMayNotReadAnotherUidsDirectoryIsToldWhoseItIs) {
+  constexpr uid_t kOwner = 65533;  // the service; jobsnap runs as kOtherUid
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 4, {Job(1), Job(2)});
+  PublishSegment(shm.name, 9, {Job(1)});
+  CHOWN_OR_SKIP(tmp.snap(), kOwner);
+  CHOWN_OR_SKIP("/dev/shm/" + shm.name, kOwner);
+  ASSERT_EQ(::chmod(tmp.path().c_str(), 0755), 0);  // mkdtemp's 0700 would hide all of it
+  for (fs::path above = fs::path(tmp.path()).parent_path(); above != above.root_path();
+       above = above.parent_path()) {
+    struct stat st{};
+    if (::stat(above.c_str(), &st) != 0 || (st.st_mode & S_IXOTH) == 0) {
+      GTEST_SKIP() << above << " is not searchable by other users";
+    }
+  }
+  ASSERT_EQ(::chmod(tmp.snap().c_str(), 0700), 0);
+  const std::string run_as = "sudo -u '#" + std::to_string(kOwner) + "' jobsnap";
+
+  auto r = Jobsnap({"list", tmp.snap()}, nullptr, kOtherUid);
+  if (r.code == kChildCannotSwitchUid) GTEST_SKIP() << "cannot switch to uid " << kOtherUid;
+  if (r.code == kChildCannotExec)
+    GTEST_SKIP() << "uid " << kOtherUid << " may not run " << JOBSNAP_PATH;
+  for (const auto& args :
+       std::vector<std::vector<std::string>>{{"list", tmp.snap()},
+                                             {"verify", tmp.snap()},
+                                             {"inspect", tmp.snap(), "-g", "4"},
+                                             {"inspect", GenPath(tmp.snap(), 4)}}) {
+    r = Jobsnap(args, nullptr, kOtherUid);
+    EXPECT_EQ(r.code, kIoError) << r;
+    EXPECT_TRUE(Contains(r.out + r.err, "Permission denied")) << r;  // verify: on stdout
+    EXPECT_TRUE(Contains(r.out + r.err, tmp.snap() + " is owned by uid " + std::to_string(kOwner) +
+                                            " with mode 0700"))
+        << r;
+    EXPECT_TRUE(Contains(r.out + r.err, "run jobsnap as its owner, e.g. " + run_as)) << r;
+  }
+  // Its segment (0600) too: refused by the OS, and said whose it is.
+  r = Jobsnap({"inspect", "--shm", shm.name}, nullptr, kOtherUid);
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "owned by uid " + std::to_string(kOwner))) << r;
+  EXPECT_TRUE(Contains(r.err, "run jobsnap as its owner, e.g. " + run_as)) << r;
+
+  // A directory and file the OS lets them read are read, whoever owns them.
+  ASSERT_EQ(::chmod(tmp.snap().c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(GenPath(tmp.snap(), 4).c_str(), 0644), 0);
+  r = Jobsnap({"list", tmp.snap()}, nullptr, kOtherUid);
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(Contains(r.out, "the next engine start loads this")) << r;
+  r = Jobsnap({"verify", tmp.snap()}, nullptr, kOtherUid);
+  EXPECT_EQ(r.code, kOk) << r;
 }
 
 // ---- a refused command creates nothing -------------------------------------------------

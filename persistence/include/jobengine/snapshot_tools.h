@@ -7,8 +7,11 @@
 //
 // Read functions open files O_RDONLY|O_NOFOLLOW and segments read-only, never
 // create, lock or modify anything, and refuse symlinks, FIFOs, devices,
-// directories where a file is expected and another user's segment without
-// opening them for I/O (so they never block). Write functions (publish,
+// directories where a file is expected and a segment the engine would not
+// open (not a regular 0600 file of the engine's uid: the directory's owner
+// beside a directory, else this uid, any uid for root) without opening them
+// for I/O (so they never block). They read a directory of any owner, as far
+// as the system lets this uid. Write functions (publish,
 // restore, requeue, drop) take the directory's LOCK and the segment's writer
 // lock, as an engine does, and are refused while an engine holds either; they
 // only ever add a generation (temp file, fsync, rename, fsync dir) and move
@@ -43,7 +46,8 @@ enum class Failure : std::uint8_t {
   kUnsupportedVersion,  // written by a newer format version
   kNotFound,            // no such file, directory, segment, generation or job
   kRefusedInput,        // not a regular file (symlink, FIFO, device, directory), over-size,
-                        // or a segment owned by another user / with a wrong mode
+                        // a segment not the engine's uid's / with a wrong mode, or
+                        // another uid's directory given to a write function
   kLocked,              // an engine holds the directory's or the segment's lock
   kRefused,             // the operation does not apply (e.g. requeue of a job that is not dead)
   kIoError,             // a system call failed
@@ -121,7 +125,7 @@ struct Source {
 };
 // Loads a Source: a file, a directory's generation or newest valid one (as
 // the engine would load it), or a segment. A directory with a segment the
-// engine could not open (not ours, another layout version) fails with that
+// engine could not open (another uid's, another layout version) fails with that
 // segment's class, as an engine's open() would, rather than naming a disk
 // generation.
 Result<Image> load(const Source& source, Diagnosis* diagnosis = nullptr);
@@ -153,7 +157,7 @@ struct GenerationInfo {
 // `shm_name` (when given; first), each read and fully verified, the one the
 // engine would load marked. Either may be empty, not both. kNotFound when
 // the directory or segment does not exist; the segment's class (e.g.
-// kRefusedInput) when the engine could not open it (not ours, another layout
+// kRefusedInput) when the engine could not open it (another uid's, another layout
 // version): an image that does not verify is a row, such a segment is not.
 Result<std::vector<GenerationInfo>> list(const std::string& dir, const std::string& shm_name,
                                          Diagnosis* diagnosis = nullptr);
@@ -271,7 +275,7 @@ struct RestoreRequest {
 // Reads and verifies the source first (one that does not verify, or a file
 // whose name and header disagree (check_file_name), is refused with its
 // class). Every other check that can refuse (the segment's name, a segment
-// the engine could not open, a target directory that is not ours, a
+// the engine could not open, a directory to write that another uid owns, a
 // generation past 2^64 - 1, a newer image a single file would overwrite) is
 // made on the targets as they are, before anything is locked or created; a
 // restore that still fails before it publishes anything removes the
