@@ -467,47 +467,68 @@ TEST(WorkerOutOfMemoryTest, EachAllocationRecordingAnExceptionCanFailAndItsLette
   SweepFailurePath(/*thrown=*/true);
 }
 
+// An engine with one worker and a handler kHandlerName that fails its job
+// (kFail, error kDeclined) and then fails every allocation of the worker
+// thread, until g_failing_thread is cleared (by the test, or at the end).
+struct WaitingWorker {
+  explicit WaitingWorker(EngineOptions o = {}) {
+    o.workers = 1;
+    o.capacity = 64;
+    auto opened = Engine::open(std::move(o));
+    EXPECT_TRUE(opened.ok()) << opened.status().to_string();
+    if (!opened.ok()) return;
+    engine.emplace(std::move(*opened));
+    auto h = engine->register_handler(kHandlerName, [](JobContext& ctx) {
+      ctx.set_error(kDeclined);
+      g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
+      return Outcome::kFail;
+    });
+    EXPECT_TRUE(h.ok());
+    if (!h.ok()) return;
+    failing = *h;
+    EXPECT_TRUE(engine->start().ok());
+  }
+  ~WaitingWorker() { g_failing_thread.store(0); }
+  // Submits the failing job and waits until the worker has waited for
+  // memory `waits` times.
+  JobId submit_and_wait(std::uint64_t waits = 2) {
+    auto id = engine->submit(failing, kChargePayload);
+    EXPECT_TRUE(id.ok()) << id.status().to_string();
+    EXPECT_TRUE(WaitUntil([&] { return engine->health().memory_waits >= waits; }))
+        << "the worker did not wait for memory";
+    return id.ok() ? *id : 0;
+  }
+  std::optional<Engine> engine;
+  HandlerId failing = 0;
+};
+
 // Memory stays out on the worker: it waits (health says so, naming the job),
 // the job stays pending, and the letter goes in once memory is back.
 TEST(WorkerOutOfMemoryTest, AWorkerWaitsForMemoryAndHealthSaysSo) {
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 64;
-  auto e = Engine::open(o);
-  ASSERT_TRUE(e.ok()) << e.status().to_string();
-  auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
-    ctx.set_error(kDeclined);
-    g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
-    return Outcome::kFail;
-  });
-  ASSERT_TRUE(h.ok());
-  ASSERT_TRUE(e->start().ok());
-  auto id = e->submit(*h, kChargePayload);
-  ASSERT_TRUE(id.ok());
-  const bool waited = WaitUntil([&] { return e->health().memory_waits >= 3; });
-  const Health during = e->health();
+  WaitingWorker ww;
+  ASSERT_TRUE(ww.engine.has_value());
+  const JobId id = ww.submit_and_wait(3);
+  const Health during = ww.engine->health();
   g_failing_thread.store(0);
-  ASSERT_TRUE(waited) << "the worker did not wait for memory";
   EXPECT_FALSE(during.ok);
   EXPECT_EQ(during.pending, 1u);
   EXPECT_EQ(during.failed, 0u);
   EXPECT_EQ(during.dead, 0u);
-  const std::string want = "waiting for it; job " + std::to_string(*id);
-  EXPECT_TRUE(std::any_of(during.reasons.begin(), during.reasons.end(),
-                          [&](const std::string& r) { return r.find(want) != std::string::npos; }))
-      << "no reason names the waiting job";
-  ASSERT_TRUE(WaitUntil([&] { return e->health().failed == 1; }));
+  const std::string want = "waiting for it; job " + std::to_string(id);
+  const auto names_the_job = [&want](const Health& h) {
+    return std::any_of(h.reasons.begin(), h.reasons.end(),
+                       [&](const std::string& r) { return r.find(want) != std::string::npos; });
+  };
+  EXPECT_TRUE(names_the_job(during)) << "no reason names the waiting job";
+  ASSERT_TRUE(WaitUntil([&] { return ww.engine->health().failed == 1; }));
   // The reason goes once the worker is past the letter (just after the count).
-  EXPECT_TRUE(WaitUntil([&] {
-    const Health now = e->health();
-    return std::none_of(now.reasons.begin(), now.reasons.end(),
-                        [&](const std::string& r) { return r.find(want) != std::string::npos; });
-  })) << "health still names the job once its letter is in";
-  EXPECT_EQ(e->health().dead, 1u);
-  const std::vector<DeadLetter> letters = e->dead_letters(10);
+  EXPECT_TRUE(WaitUntil([&] { return !names_the_job(ww.engine->health()); }))
+      << "health still names the job once its letter is in";
+  EXPECT_EQ(ww.engine->health().dead, 1u);
+  const std::vector<DeadLetter> letters = ww.engine->dead_letters(10);
   ASSERT_EQ(letters.size(), 1u);
   EXPECT_EQ(letters[0].error, kDeclined);
-  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+  ASSERT_TRUE(ww.engine->stop(StopMode::kDrain).ok());
 }
 
 // stop(kSnapshotAndExit) does not wait for memory: the job the worker could
@@ -516,22 +537,11 @@ TEST(WorkerOutOfMemoryTest, SnapshotAndExitKeepsTheJobAWorkerCouldNotRecord) {
   TempDir tmp;
   JobId id = 0;
   {
-    auto e = Engine::open(DiskOptions(tmp.dir()));
-    ASSERT_TRUE(e.ok()) << e.status().to_string();
-    auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
-      ctx.set_error(kDeclined);
-      g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
-      return Outcome::kFail;
-    });
-    ASSERT_TRUE(h.ok());
-    ASSERT_TRUE(e->start().ok());
-    auto submitted = e->submit(*h, kChargePayload);
-    ASSERT_TRUE(submitted.ok());
-    id = *submitted;
-    const bool waited = WaitUntil([&] { return e->health().memory_waits >= 1; });
-    auto stopped = e->stop(StopMode::kSnapshotAndExit);
+    WaitingWorker ww(DiskOptions(tmp.dir()));
+    ASSERT_TRUE(ww.engine.has_value());
+    id = ww.submit_and_wait(1);
+    auto stopped = ww.engine->stop(StopMode::kSnapshotAndExit);
     g_failing_thread.store(0);
-    ASSERT_TRUE(waited) << "the worker did not wait for memory";
     ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
     EXPECT_EQ(stopped->left_in_snapshot, 1u);
     EXPECT_EQ(stopped->failed, 0u);
@@ -591,40 +601,6 @@ TEST(WorkerOutOfMemoryTest, EachAllocationRecordingALetterPastMaxDeadCanFail) {
     EXPECT_TRUE(reached_the_end);
   }
 }
-
-// Runs a job of `handler` that fails while every allocation of the worker
-// fails, and waits until the worker waits for memory. The caller clears
-// g_failing_thread.
-struct WaitingWorker {
-  explicit WaitingWorker(EngineOptions o = {}) {
-    o.workers = 1;
-    o.capacity = 64;
-    auto opened = Engine::open(std::move(o));
-    EXPECT_TRUE(opened.ok()) << opened.status().to_string();
-    if (!opened.ok()) return;
-    engine.emplace(std::move(*opened));
-    auto h = engine->register_handler(kHandlerName, [](JobContext& ctx) {
-      ctx.set_error(kDeclined);
-      g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
-      return Outcome::kFail;
-    });
-    EXPECT_TRUE(h.ok());
-    if (!h.ok()) return;
-    failing = *h;
-    EXPECT_TRUE(engine->start().ok());
-  }
-  ~WaitingWorker() { g_failing_thread.store(0); }
-  // Submits the failing job with `o` and waits for the worker to wait.
-  JobId submit_and_wait(const SubmitOptions& o = {}) {
-    auto id = engine->submit(failing, kChargePayload, o);
-    EXPECT_TRUE(id.ok()) << id.status().to_string();
-    EXPECT_TRUE(WaitUntil([&] { return engine->health().memory_waits >= 2; }))
-        << "the worker did not wait for memory";
-    return id.ok() ? *id : 0;
-  }
-  std::optional<Engine> engine;
-  HandlerId failing = 0;
-};
 
 // The job's unique key stays its own while the worker waits: a submit with
 // the key gets the pending job's id, not a second job. Once the letter is in,
