@@ -1527,6 +1527,7 @@ class Engine::Impl final : public detail::CutSource {
     m.exceptions = h.exceptions;
     m.dropped = h.dropped;
     m.recovered = h.recovered;
+    m.memory_waits = h.memory_waits;
     lateness_.add_to(m.scheduler_lateness);
     if (persistence_) {
       m.has_snapshots = true;

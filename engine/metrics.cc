@@ -481,6 +481,9 @@ std::string format_prometheus(const MetricsData& m) {
   sample(out, "jobengine_dropped_total", m.dropped);
   family(out, "jobengine_recovered_total", "counter", "Jobs recovered from a snapshot.");
   sample(out, "jobengine_recovered_total", m.recovered);
+  family(out, "jobengine_worker_memory_waits_total", "counter",
+         "Pauses workers took for memory to record a job's end.");
+  sample(out, "jobengine_worker_memory_waits_total", m.memory_waits);
 
   family(out, "jobengine_scheduler_lateness_seconds", "histogram",
          "Time from a delayed job's or retry's due time to the scheduler queueing it "
@@ -533,6 +536,7 @@ std::string format_json(const MetricsData& m) {
   json_uint(out, "exceptions", m.exceptions);
   json_uint(out, "dropped", m.dropped);
   json_uint(out, "recovered", m.recovered);
+  json_uint(out, "memory_waits", m.memory_waits);
   json_histogram(out, "scheduler_lateness", m.scheduler_lateness);
   out += ',';
   json_key(out, "handlers");

@@ -146,6 +146,7 @@ struct MetricsData {
   std::uint64_t exceptions = 0;
   std::uint64_t dropped = 0;
   std::uint64_t recovered = 0;
+  std::uint64_t memory_waits = 0;  // Health::memory_waits
   HistogramData scheduler_lateness;  // run start - run_at for delayed jobs, ns
   // Snapshots (has_snapshots false: omitted).
   bool has_snapshots = false;

@@ -801,6 +801,7 @@ Populated populated(bool snapshots) {
   m.exceptions = 21;
   m.dropped = 22;
   m.recovered = 23;
+  m.memory_waits = 24;
   LatencyHistogram lateness;
   for (std::uint64_t v : {500ull, 20'000ull, 20'000ull, 3'000'000ull, 7'000'000'000ull}) {
     lateness.record(v);
@@ -842,6 +843,7 @@ const std::vector<std::pair<std::string, std::string>>& expected_families(bool s
       {"jobengine_exceptions_total", "counter"},
       {"jobengine_dropped_total", "counter"},
       {"jobengine_recovered_total", "counter"},
+      {"jobengine_worker_memory_waits_total", "counter"},
       {"jobengine_scheduler_lateness_seconds", "histogram"},
   };
   static const std::vector<std::pair<std::string, std::string>> with = [] {
@@ -1010,6 +1012,7 @@ TEST(PrometheusFormat, GaugesAndCountersCarryTheirValues) {
   EXPECT_EQ(value("jobengine_exceptions_total"), "21");
   EXPECT_EQ(value("jobengine_dropped_total"), "22");
   EXPECT_EQ(value("jobengine_recovered_total"), "23");
+  EXPECT_EQ(value("jobengine_worker_memory_waits_total"), "24");
   EXPECT_EQ(value("jobengine_snapshot_generation"), "42");
   EXPECT_EQ(value("jobengine_snapshot_age_seconds"), "+Inf");
   EXPECT_EQ(value("jobengine_snapshot_duration_seconds"), "0.125");
@@ -1241,6 +1244,7 @@ TEST(JsonFormat, ParsesAndCarriesEveryFigure) {
   EXPECT_EQ(j.at("exceptions"), 21);
   EXPECT_EQ(j.at("dropped"), 22);
   EXPECT_EQ(j.at("recovered"), 23);
+  EXPECT_EQ(j.at("memory_waits"), 24);
   expect_histogram_json(j.at("scheduler_lateness"), m.scheduler_lateness);
   const nlohmann::json& s = j.at("snapshot");
   EXPECT_EQ(s.at("generation"), 42);
