@@ -280,8 +280,10 @@ struct HandlerStats {
   std::uint32_t skipped = 0;
   std::uint32_t skip_period = 0;
   // Runs begun are not counted on their own: every run ends in exactly one of
-  // done, retried, failed or ran_other (cancelled while it ran, or a retry
-  // that stop(kAbandon) dropped), so their sum is the started counter --
+  // done, retried, failed or ran_other (cancelled while it ran, a retry
+  // that stop(kAbandon) dropped, or a run whose end a worker had no memory
+  // to record when a cancel or stop(kAbandon) came), so their sum is the
+  // started counter --
   // exact, and one store per run less.
   std::atomic<std::uint64_t> ran_other{0};
   std::atomic<std::uint64_t> done{0};
@@ -2300,19 +2302,18 @@ class Engine::Impl final : public detail::CutSource {
     // (it drops what has not run; the job ran, but its end is dropped too,
     // counted), and stop(kSnapshotAndExit) (the job stays in the table, so in
     // the final snapshot, and runs again after the restart).
-    for (unsigned pause_ms = 1;; pause_ms = std::min(2 * pause_ms, kMemoryWaitMaxMs)) {
-      try {
-        retry_or_fail(w, idx, attempt, outcome, ctx, threw);
-        break;
-      } catch (const std::bad_alloc&) {
-      }
-      bump(w.memory_waits);
-      if (exit_now_.load(std::memory_order_relaxed)) break;
+    // Checked before every try but the first: true when the job ended
+    // (or, exiting, was left in the table) without the memory it waits for.
+    const auto ended_without_memory = [&] {
+      if (exit_now_.load(std::memory_order_relaxed)) return true;
       if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
-        const bool ran = s.state.load(std::memory_order_relaxed) == SlotState::kRunning;
-        if (ran) bump(hs.ran_other);
-        finish_cancelled(w, idx, ran);
-        break;
+        // It ran (this attempt) either way; by_cancel when what cancel() saw
+        // was a retry it could not hand on (queued or waiting): cancel()
+        // answered kCancelled for it.
+        bump(hs.ran_other);
+        finish_cancelled(w, idx,
+                         s.state.load(std::memory_order_relaxed) == SlotState::kRunning);
+        return true;
       }
       if (abandon_.load(std::memory_order_relaxed)) {
         log_job(LogLevel::kError, s, h, "out of memory recording its end; dropped by stop(kAbandon)");
@@ -2320,10 +2321,21 @@ class Engine::Impl final : public detail::CutSource {
         retire(w, idx);
         bump(w.dropped);
         bump(hs.ran_other);
-        break;
+        return true;
       }
+      return false;
+    };
+    for (unsigned pause_ms = 1;; pause_ms = std::min(2 * pause_ms, kMemoryWaitMaxMs)) {
+      try {
+        retry_or_fail(w, idx, attempt, outcome, ctx, threw);
+        break;
+      } catch (const std::bad_alloc&) {
+      }
+      bump(w.memory_waits);
+      if (ended_without_memory()) break;
       w.memory_wait_job.store(s.id(), std::memory_order_relaxed);
       std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
+      if (ended_without_memory()) break;
     }
     w.memory_wait_job.store(0, std::memory_order_relaxed);
   }

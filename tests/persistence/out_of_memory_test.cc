@@ -567,7 +567,9 @@ TEST(WorkerOutOfMemoryTest, SnapshotAndExitKeepsTheJobAWorkerCouldNotRecord) {
 TEST(WorkerOutOfMemoryTest, EachAllocationRecordingALetterPastMaxDeadCanFail) {
   for (int earlier = 0; earlier < 8; ++earlier) {
     bool reached_the_end = false;
+    long allocations = 0;
     for (long k = 0; k < 200 && !reached_the_end; ++k) {
+      allocations = k;
       SCOPED_TRACE(std::to_string(earlier) + " letters before, allocation " + std::to_string(k));
       EngineOptions o;
       o.workers = 1;
@@ -599,6 +601,7 @@ TEST(WorkerOutOfMemoryTest, EachAllocationRecordingALetterPastMaxDeadCanFail) {
       ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
     }
     EXPECT_TRUE(reached_the_end);
+    EXPECT_GE(allocations, 3) << "no allocation of the path was reached";
   }
 }
 

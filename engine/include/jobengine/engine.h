@@ -45,7 +45,8 @@ enum class StopMode : std::uint8_t {
   // counts them.
   kDrain,
   // Stop intake, let the jobs already running finish, drop every queued job
-  // (counted in StopReport::dropped), then join the workers.
+  // (counted in StopReport::dropped, as is a job whose end a worker has no
+  // memory to record: see Health::memory_waits), then join the workers.
   kAbandon,
   // Stop intake, let running jobs finish (up to snapshot.exit_deadline), then
   // write a durable disk snapshot of every job left (queued jobs stay queued
@@ -117,7 +118,8 @@ struct StopReport {
   std::uint64_t done = 0;       // jobs whose handler returned kDone
   std::uint64_t failed = 0;     // jobs that failed for good (kFail or attempts used up)
   std::uint64_t cancelled = 0;  // jobs cancel() stopped (never ran, or ran and saw it)
-  std::uint64_t dropped = 0;    // queued jobs dropped by kAbandon (delayed ones included)
+  std::uint64_t dropped = 0;    // queued jobs dropped by kAbandon (delayed ones included;
+                                // also a job whose end a worker had no memory to record)
   // kDrain: delayed jobs and retries in backoff not yet due when the drain
   // finished, so not run. With a disk store they are in the final snapshot
   // (the next start runs them on time); without one they are lost with the
@@ -196,8 +198,8 @@ struct Health {
   std::uint64_t stuck = 0;                      // jobs running past their deadline now
   std::uint64_t stuck_total = 0;                // runs that ended past their deadline
   // Pauses workers took because memory ran out recording a job's end (its
-  // error text, its dead letter); a worker waits and tries again rather than
-  // end the process. While one waits, `reasons` names it and the job.
+  // dead letter); a worker waits and tries again rather than end the
+  // process. While one waits, `reasons` names it and the job.
   std::uint64_t memory_waits = 0;
   // Age of the oldest queued job, approximated by what the workers dequeued
   // last (0 when nothing is queued).
