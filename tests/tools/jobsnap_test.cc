@@ -2190,6 +2190,30 @@ TEST(JobsnapCliTest, AFailedWriteToStdoutIsAnIoError) {
   EXPECT_EQ(Jobsnap({"inspect", tmp.path() + "/nope"}, "/dev/full").code, kNotFound);
 }
 
+// A write command whose report is lost still made its change: the error says
+// so, naming the generation it wrote, so that nobody runs it again thinking
+// it failed.
+TEST(JobsnapCliTest, AWriteCommandWhoseReportIsLostSaysItsChangeWasMade) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full here";
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2), Job(3)});
+  auto text = Jobsnap({"drop", tmp.snap(), "3"}, "/dev/full");
+  auto as_json = Jobsnap({"drop", "--json", tmp.snap(), "2"}, "/dev/full");
+  for (const auto& r : {text, as_json}) {
+    EXPECT_EQ(r.code, 74) << r;
+    EXPECT_TRUE(Contains(r.err, "io-error: write to standard output")) << r;
+    EXPECT_TRUE(Contains(r.err, "the command itself succeeded: dropped job")) << r;
+    EXPECT_TRUE(Contains(r.err, "only its report was lost")) << r;
+  }
+  EXPECT_TRUE(Contains(text.err, "generation 2 written to " + GenPath(tmp.snap(), 2))) << text;
+  EXPECT_TRUE(Contains(as_json.err, "generation 3 written to " + GenPath(tmp.snap(), 3))) << as_json;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 3))), std::set<JobId>{1});
+  // A write command that failed says nothing of the kind.
+  auto r = Jobsnap({"drop", tmp.snap(), "99"}, "/dev/full");
+  EXPECT_NE(r.code, 0) << r;
+  EXPECT_FALSE(Contains(r.err, "itself succeeded")) << r;
+}
+
 // ---- the command line ----------------------------------------------------------------
 
 TEST(JobsnapCliTest, HelpOnEveryCommandExitsZero) {

@@ -647,8 +647,16 @@ int cmd_diff(const std::string& a_spec, const std::string& b_spec, const Options
   return diff.empty() ? kExitOk : kExitDiffers;
 }
 
+// What a write command did, for finish_stdout() to say when its report does
+// not reach stdout (empty: no write command succeeded).
+std::string g_write_done;
+
 int print_write(const st::WriteReport& r, const std::string& what, const Options& o,
                 bool warn_shm) {
+  g_write_done = what + ": generation " + std::to_string(r.generation) + " written" +
+                 (r.path.empty() ? "" : " to " + r.path) +
+                 (r.shm.empty() ? "" : std::string(r.path.empty() ? " to" : " and to") +
+                                           " shm segment '" + r.shm + "'");
   if (o.json) {
     std::cout << dump_pretty(json{{"done", what},
                                   {"from_source", r.from_source},
@@ -972,7 +980,10 @@ int run(int argc, char** argv) {
 // still exit 0. stdout is buffered (std::cout writes through it: synced with
 // stdio), so a write error may only show at this final flush. A command that
 // already failed keeps its own status, the more specific one; a result that
-// did not reach its reader (0, or diff's 1) becomes an I/O error.
+// did not reach its reader (0, or diff's 1) becomes an I/O error. After a
+// write command that succeeded, the line says so: the change was made (a
+// caller that took the status for a failed restore and ran it again would
+// publish yet another generation), only its report was lost.
 int finish_stdout(int code) {
   errno = 0;
   const bool flushed = std::fflush(stdout) == 0;  // first: its errno names the failure
@@ -980,7 +991,11 @@ int finish_stdout(int code) {
   std::cout.flush();
   if (flushed && std::ferror(stdout) == 0 && std::cout.good()) return code;
   std::cerr << "jobsnap: io-error: write to standard output: "
-            << (!flushed && err != 0 ? std::strerror(err) : "a write failed") << "\n";
+            << (!flushed && err != 0 ? std::strerror(err) : "a write failed");
+  if (!g_write_done.empty() && code == kExitOk) {
+    std::cerr << " (the command itself succeeded: " << g_write_done << "; only its report was lost)";
+  }
+  std::cerr << "\n";
   return code == kExitOk || code == kExitDiffers ? kExitIoError : code;
 }
 
