@@ -261,7 +261,7 @@ Status check_owner_and_mode(const std::string& name, int fd, std::uint32_t owner
 }
 
 // shm_open said EACCES/EPERM: name the owner and mode when we can see them.
-Status permission_refused(const std::string& name, const bip::interprocess_exception& e,
+Status permission_refused(const std::string& name, const std::string& what,
                           std::uint32_t owner) {
   struct stat st;
   if (::stat(dev_shm_path(name).c_str(), &st) == 0) {
@@ -269,7 +269,7 @@ Status permission_refused(const std::string& name, const bip::interprocess_excep
     if (!s.ok()) return s;
   }
   return Status(StatusCode::kFailedPrecondition,
-                label(name) + ": permission denied (" + e.what() + "): refusing to use it");
+                label(name) + ": permission denied (" + what + "): refusing to use it");
 }
 
 // shm_open (glibc adds O_NOFOLLOW) said ELOOP: /dev/shm/<name> is a symlink,
@@ -336,11 +336,19 @@ Status check_header(const std::string& name, const ControlBlock& c, bool* uninit
   return Status();
 }
 
-// One mapping of the segment, from offset 0.
+// One mapping of the segment, from offset 0: through Boost (region), or
+// made by map_read_only() (raw, unmapped here).
 struct Mapping {
   bip::mapped_region region;
   unsigned char* base = nullptr;
   std::size_t size = 0;
+  bool raw = false;
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (raw && base != nullptr) ::munmap(base, size);
+  }
 };
 
 // Throws interprocess_exception / bad_alloc: callers catch.
@@ -352,6 +360,32 @@ std::unique_ptr<Mapping> map_segment(const bip::shared_memory_object& shm, bip::
   m->size = m->region.get_size();
   return m;
 }
+
+// A read-only shared mapping of `size` bytes of `fd` from offset 0 (nullptr
+// and errno when mmap fails). Throws bad_alloc: callers catch.
+std::unique_ptr<Mapping> map_read_only(int fd, std::size_t size) {
+  auto m = std::make_unique<Mapping>();
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) return nullptr;
+  m->base = static_cast<unsigned char*>(p);
+  m->size = size;
+  m->raw = true;
+  return m;
+}
+
+// Closes a descriptor when it goes out of scope.
+class FdGuard {
+ public:
+  explicit FdGuard(int fd) noexcept : fd_(fd) {}
+  FdGuard(const FdGuard&) = delete;
+  FdGuard& operator=(const FdGuard&) = delete;
+  ~FdGuard() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+ private:
+  int fd_;
+};
 
 void backoff(int attempt) {
   if (attempt < 8) return;
@@ -689,7 +723,9 @@ Result<std::unique_ptr<ShmStore>> ShmStore::open_or_create(const std::string& na
       } catch (const bip::interprocess_exception& e) {
         const int err = e.get_native_error();
         if (err == ENOENT && tries < 3) continue;  // removed between our two calls
-        if (err == EACCES || err == EPERM) return permission_refused(name, e, effective_uid());
+        if (err == EACCES || err == EPERM) {
+          return permission_refused(name, e.what(), effective_uid());
+        }
         if (err == ELOOP) return symlink_refused(name);
         return io_error(name, "cannot open", e.what());
       }
@@ -897,17 +933,20 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
   try {
     st = check_entry(name, owner);
     if (!st.ok()) return st;
-    bip::shared_memory_object shm;
-    try {
-      shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_only);
-    } catch (const bip::interprocess_exception& e) {
-      const int err = e.get_native_error();
+    // Opened by its path, as shm_open() would, but with O_NONBLOCK: the
+    // segment may be another uid's (an operator reading a service's), whose
+    // owner can swap it for a FIFO after the look above (/dev/shm is sticky:
+    // only the owner can), and a FIFO opened without O_NONBLOCK blocks. The
+    // descriptor is checked below, FIFOs included.
+    const int fd = ::open(dev_shm_path(name).c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+      const int err = errno;
       if (err == ENOENT) return Status(StatusCode::kNotFound, label(name) + " does not exist");
-      if (err == EACCES || err == EPERM) return permission_refused(name, e, owner);
+      if (err == EACCES || err == EPERM) return permission_refused(name, errno_text(err), owner);
       if (err == ELOOP) return symlink_refused(name);
-      return io_error(name, "cannot open read-only", e.what());
+      return io_error(name, "cannot open read-only", errno_text(err));
     }
-    const int fd = shm.get_mapping_handle().handle;
+    const FdGuard close_fd(fd);
     st = check_owner_and_mode(name, fd, owner);
     if (!st.ok()) return st;
     Result<std::size_t> size = file_size(name, fd);
@@ -920,7 +959,16 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
                                   " bytes, smaller than the 4096-byte control block");
     }
     std::vector<std::unique_ptr<Mapping>> maps;
-    maps.push_back(map_segment(shm, bip::read_only, *size));
+    const auto map = [&](std::size_t bytes) -> Status {
+      std::unique_ptr<Mapping> m = map_read_only(fd, bytes);
+      if (m == nullptr) {
+        const int err = errno;
+        return io_error(name, "cannot map " + std::to_string(bytes) + " bytes", errno_text(err));
+      }
+      maps.push_back(std::move(m));
+      return Status();
+    };
+    if (st = map(*size); !st.ok()) return st;
     const ControlBlock& c = *reinterpret_cast<const ControlBlock*>(maps.front()->base);
     bool uninitialised = false;
     st = check_header(name, c, &uninitialised);
@@ -936,7 +984,7 @@ Result<std::vector<unsigned char>> ShmStore::read_existing(const std::string& na
           Result<std::size_t> now = file_size(name, fd);
           if (!now.ok()) return now.status();
           if (*now <= maps.back()->size) return false;
-          maps.push_back(map_segment(shm, bip::read_only, *now));
+          if (Status mapped = map(*now); !mapped.ok()) return mapped;
           return true;
         });
   } catch (const bip::interprocess_exception& e) {

@@ -69,9 +69,11 @@
 //
 // One writer at a time: open_or_create() takes an exclusive flock on the
 // segment and refuses a second writer (kFailedPrecondition) until the first
-// closes it or dies; read_existing() takes no lock. A process of our own uid that truncates or
-// scribbles on the segment can make a reader fail (kCorruption) or, if it
-// truncates it under a live mapping, crash it with SIGBUS.
+// closes it or dies; read_existing() takes no lock. A process of the
+// segment owner's uid (ours for the engine; the engine's for an operator's
+// read_existing(name, owner)) that truncates or scribbles on the segment can
+// make a reader fail (kCorruption) or, if it truncates it under a live
+// mapping, crash it with SIGBUS.
 #pragma once
 
 #include <cstdint>

@@ -197,10 +197,41 @@ enum class Access {
 // kWrite owned by this uid (FileStore::open's own checks, made first so
 // that its kFailedPrecondition can only mean the lock); for kRead one that
 // the OS lets this process list and search. Reads nothing inside it.
-Status check_dir(const std::string& dir, Access access, Diagnosis* d, bool must_exist = true) {
+// `dir` as FileStore::open takes it: "DIR/" names DIR itself, so a symlink
+// there is refused as the engine refuses it (lstat of "DIR/" follows it).
+std::string without_trailing_slashes(std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir;
+}
+
+// A directory a write command is to create (restore's target): refused when
+// root would make it inside another uid's directory. It would be root's, and
+// the engine that uses it, running as that uid (the one that keeps its
+// snapshots there), could not open it.
+Status check_new_dir(const std::string& dir, Diagnosis* d) {
+  const std::uint32_t euid = effective_uid();
+  if (euid != 0) return Status();  // it becomes this uid's, as the engine's own would
+  const std::size_t slash = dir.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : dir.substr(0, slash);
+  SysResult<FileInfo> info = fs().lstat(parent);
+  if (!info.ok() || info.value.kind != FileInfo::Kind::kDirectory || info.value.uid == euid) {
+    return Status();  // the creation reports anything else
+  }
+  return fail(d, Failure::kRefusedInput, StatusCode::kFailedPrecondition,
+              "snapshot directory " + dir + " does not exist, and this command would make it in " +
+                  parent + ", which uid " + std::to_string(info.value.uid) +
+                  " owns: it would be uid 0's, and an engine running as uid " +
+                  std::to_string(info.value.uid) +
+                  " could not open it. Run jobsnap as that user: " + run_as(info.value.uid));
+}
+
+Status check_dir(const std::string& dir_arg, Access access, Diagnosis* d, bool must_exist = true) {
+  const std::string dir = without_trailing_slashes(dir_arg);
   SysResult<FileInfo> info = fs().lstat(dir);
   if (!info.ok()) {
-    if (info.error == ENOENT && !must_exist) return Status();
+    if (info.error == ENOENT && !must_exist) {
+      return access == Access::kWrite ? check_new_dir(dir, d) : Status();
+    }
     if (info.error == ENOENT) {
       return fail(d, Failure::kNotFound, StatusCode::kNotFound,
                   "snapshot directory " + dir + " does not exist");
@@ -248,7 +279,7 @@ Status check_dir(const std::string& dir, Access access, Diagnosis* d, bool must_
 // takes any uid's. Mode 0600 and a regular file are required either way.
 std::uint32_t segment_owner(const std::string& dir) {
   if (!dir.empty()) {
-    SysResult<FileInfo> info = fs().lstat(dir);
+    SysResult<FileInfo> info = fs().lstat(without_trailing_slashes(dir));
     // Anything else is refused by check_dir(), before or after the segment.
     if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) return info.value.uid;
   }

@@ -621,12 +621,22 @@ TEST(JobsnapHostileTest, SymlinkIsRefusedWithoutBeingFollowed) {
     EXPECT_EQ(r.code, kRefusedInput) << r;
     EXPECT_TRUE(Contains(r.err, "symlink")) << r;
   }
-  // A symlinked directory, too.
+  // A symlinked directory, too; also named with a trailing slash, which
+  // lstat() follows, but which the engine strips and refuses (it said "the
+  // next engine start loads this" for a directory the engine would refuse).
+  PutGeneration(tmp.snap(), 1, {Job(1)});
   const std::string dir_link = tmp.path() + "/snap-link";
   ASSERT_EQ(::symlink(tmp.snap().c_str(), dir_link.c_str()), 0);
-  auto r = Jobsnap({"list", dir_link});
-  EXPECT_EQ(r.code, kRefusedInput) << r;
-  EXPECT_TRUE(Contains(r.err, "symlink")) << r;
+  for (const auto& args : std::vector<std::vector<std::string>>{{"list", dir_link},
+                                                                {"list", dir_link + "/"},
+                                                                {"inspect", dir_link + "//"},
+                                                                {"verify", dir_link + "/"},
+                                                                {"drop", dir_link + "/", "1"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "symlink")) << r;
+  }
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 2))) << "the drop went through the symlink";
 }
 
 TEST(JobsnapHostileTest, FifoIsRefusedWithoutBlocking) {
@@ -1791,6 +1801,28 @@ TEST(JobsnapOwnerTest, WriteCommandsRefuseADirectoryOfAnotherUidAndSayToRunAsIts
   EXPECT_EQ(Fingerprint(tmp.snap()), before);
   EXPECT_FALSE(fs::exists(tmp.snap() + "/LOCK"));
   EXPECT_FALSE(fs::exists("/dev/shm/" + shm.name)) << "a refused write created the segment";
+}
+
+// Root restoring into a directory that does not exist yet, inside another
+// uid's directory (the service's), would make a root-owned snapshot
+// directory that the service's engine cannot open: refused, nothing made.
+TEST(JobsnapOwnerTest, RootDoesNotMakeASnapshotDirectoryInsideAnotherUidsDirectory) {
+  if (::geteuid() != 0) GTEST_SKIP() << "the rule is root's: run as root";
+  TempDir tmp;
+  const std::string home = tmp.path() + "/svc";
+  ASSERT_TRUE(fs::create_directory(home));
+  const std::string file = tmp.path() + "/kept.jobsnap";
+  WriteBytes(file, MakeImage(3, {Job(1)}));
+  CHOWN_OR_SKIP(home, kOtherUid);
+  auto r = Jobsnap({"restore", home + "/snap", "--from-file", file});
+  EXPECT_EQ(r.code, kRefusedInput) << r;
+  EXPECT_TRUE(Contains(r.err, "which uid " + std::to_string(kOtherUid) + " owns")) << r;
+  EXPECT_TRUE(Contains(r.err, "sudo -u '#" + std::to_string(kOtherUid) + "' jobsnap")) << r;
+  EXPECT_FALSE(fs::exists(home + "/snap")) << "a refused restore made the directory";
+  // Inside root's own directory it is made, as before.
+  r = Jobsnap({"restore", tmp.path() + "/snap2", "--from-file", file});
+  EXPECT_EQ(r.code, kOk) << r;
+  EXPECT_TRUE(fs::exists(tmp.path() + "/snap2"));
 }
 
 // A segment is the engine's: its owner must be the uid the engine runs as.
