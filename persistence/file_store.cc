@@ -132,11 +132,6 @@ std::string join(const std::string& dir, std::string_view name) {
   return out;
 }
 
-// "a/b/" -> "a/b"; "/" stays "/".
-std::string strip_trailing_slashes(std::string dir) {
-  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-  return dir;
-}
 
 std::string parent_of(const std::string& dir) {
   std::size_t slash = dir.rfind('/');

@@ -46,6 +46,17 @@ FileInfo to_info(const struct stat& st) {
 
 }  // namespace
 
+std::string octal_mode(std::uint32_t mode) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
+
+std::string strip_trailing_slashes(std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir;
+}
+
 std::string errno_text(int error) {
   char buf[256];
   buf[0] = '\0';

@@ -54,6 +54,13 @@ inline constexpr int kMaxEintrRetries = 1000;
 // The errno's text, as strerror() gives it but thread-safe ("Input/output error").
 std::string errno_text(int error);
 
+// A file mode's permission bits as four octal digits ("0600").
+std::string octal_mode(std::uint32_t mode);
+
+// "a/b/" -> "a/b"; "/" stays "/". How FileStore::open takes a directory:
+// "DIR/" names DIR itself (lstat of "DIR/" would follow a symlink DIR).
+std::string strip_trailing_slashes(std::string dir);
+
 class FileSystem {
  public:
   virtual ~FileSystem() = default;

@@ -191,12 +191,6 @@ void store_bytes(unsigned char* dst, const unsigned char* src, std::size_t n) no
 std::string label(const std::string& name) { return "shm segment '" + name + "'"; }
 std::string dev_shm_path(const std::string& name) { return "/dev/shm/" + name; }
 
-std::string octal_mode(mode_t mode) {
-  char buf[16];
-  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
-  return buf;
-}
-
 std::string hex64(std::uint64_t v) {
   char buf[24];
   std::snprintf(buf, sizeof buf, "0x%016llx", static_cast<unsigned long long>(v));

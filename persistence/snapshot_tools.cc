@@ -129,12 +129,6 @@ std::string run_as(std::uint32_t uid) {
   return "sudo -u '#" + std::to_string(uid) + "' jobsnap ...";
 }
 
-std::string octal_mode(std::uint32_t mode) {
-  char buf[16];
-  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
-  return buf;
-}
-
 // Whether the OS lets this process access `path` in `mode` (R_OK, X_OK),
 // judged by its effective ids as the open that follows will be. Only a
 // refusal (EACCES, EPERM) is a no: any other failure is left to that open
@@ -175,7 +169,7 @@ std::string permission_hint(const std::string& path) {
   const std::uint32_t euid = effective_uid();
   if (st.st_uid == euid) return "";
   return "; " + refused + " is owned by uid " + std::to_string(st.st_uid) + " with mode " +
-         octal_mode(st.st_mode) + ", which this process (uid " + std::to_string(euid) +
+         persist::octal_mode(st.st_mode) + ", which this process (uid " + std::to_string(euid) +
          ") may not " + (refused == path ? "read" : "search") +
          ": run jobsnap as its owner, e.g. " + run_as(st.st_uid);
 }
@@ -197,13 +191,6 @@ enum class Access {
 // kWrite owned by this uid (FileStore::open's own checks, made first so
 // that its kFailedPrecondition can only mean the lock); for kRead one that
 // the OS lets this process list and search. Reads nothing inside it.
-// `dir` as FileStore::open takes it: "DIR/" names DIR itself, so a symlink
-// there is refused as the engine refuses it (lstat of "DIR/" follows it).
-std::string without_trailing_slashes(std::string dir) {
-  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-  return dir;
-}
-
 // A directory a write command is to create (restore's target): refused when
 // root would make it inside another uid's directory. It would be root's, and
 // the engine that uses it, running as that uid (the one that keeps its
@@ -226,7 +213,7 @@ Status check_new_dir(const std::string& dir, Diagnosis* d) {
 }
 
 Status check_dir(const std::string& dir_arg, Access access, Diagnosis* d, bool must_exist = true) {
-  const std::string dir = without_trailing_slashes(dir_arg);
+  const std::string dir = persist::strip_trailing_slashes(dir_arg);
   SysResult<FileInfo> info = fs().lstat(dir);
   if (!info.ok()) {
     if (info.error == ENOENT && !must_exist) {
@@ -279,7 +266,7 @@ Status check_dir(const std::string& dir_arg, Access access, Diagnosis* d, bool m
 // takes any uid's. Mode 0600 and a regular file are required either way.
 std::uint32_t segment_owner(const std::string& dir) {
   if (!dir.empty()) {
-    SysResult<FileInfo> info = fs().lstat(without_trailing_slashes(dir));
+    SysResult<FileInfo> info = fs().lstat(persist::strip_trailing_slashes(dir));
     // Anything else is refused by check_dir(), before or after the segment.
     if (info.ok() && info.value.kind == FileInfo::Kind::kDirectory) return info.value.uid;
   }

@@ -8,11 +8,6 @@
 namespace jobengine::persist {
 namespace {
 
-std::string strip_trailing_slashes(std::string dir) {
-  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
-  return dir;
-}
-
 // Direct POSIX helpers for the power-loss bookkeeping: they are the test
 // harness's own I/O, not calls of the code under test, so they bypass the
 // rules and counters.
