@@ -2364,6 +2364,7 @@ class Engine::Impl final : public detail::CutSource {
           // Release: a snapshot that acquires the new state reads this
           // run_at, not the last one (for_each_cut_job).
           s.state.store(SlotState::kQueued, std::memory_order_release);
+          retry_marked_hook(s);
           if (queues_[s.priority].enqueue(w.requeue[s.priority], idx)) {
             bump(w.retried);
             bump(hs.retried);
@@ -2374,11 +2375,28 @@ class Engine::Impl final : public detail::CutSource {
           const std::uint64_t at = vnow() + Clock::ticks_in_ns(static_cast<std::int64_t>(wait_ns));
           s.run_at_ticks.store(at, std::memory_order_relaxed);
           s.state.store(SlotState::kWaitingRetry, std::memory_order_release);  // as above
+          retry_marked_hook(s);
           if (schedule(idx, at)) {
             bump(w.retried);
             bump(hs.retried);
             return;
           }
+        }
+        // No memory to hand the retry on: the job is this worker's again.
+        // A cancel() since the state store above may have read kQueued or
+        // kWaitingRetry and answered kCancelled (releasing the key), so the
+        // job must not end as a failure (a dead letter requeue_dead() could
+        // run). Back to kRunning, then the light fence and the bit, as a
+        // worker takes a job (I8): a cancel() either set its bit before (the
+        // job ends cancelled, as it answered, whatever state it read) or
+        // reads kRunning from now on (kCancelRequested, true of a failure).
+        s.state.store(SlotState::kRunning, std::memory_order_relaxed);
+        asymmetric_fence_light();
+        if ((s.id_word.load(std::memory_order_relaxed) & kCancelBit) != 0) {
+          log_job(LogLevel::kInfo, s, h, "cancelled while its retry was handed on; not retried");
+          bump(hs.ran_other);
+          finish_cancelled(w, idx, /*ran=*/false);
+          return;
         }
         log_job(LogLevel::kError, s, h, "out of memory re-queueing a retry; job fails");
         error = "out of memory re-queueing a retry";
@@ -2409,6 +2427,12 @@ class Engine::Impl final : public detail::CutSource {
     release_key(s);
     bump(w.failed);
     bump(hs.failed);
+  }
+
+  void retry_marked_hook(const Slot& s) {
+    if (auto* hook = detail::g_retry_marked.load(std::memory_order_relaxed)) [[unlikely]] {
+      hook(s.id());
+    }
   }
 
   // A job cancel() reached: retired without running (again).

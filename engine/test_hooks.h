@@ -13,6 +13,10 @@ namespace jobengine::detail {
 // clear, before it acts on the handler's outcome (a retry's scheduling, say).
 inline std::atomic<void (*)(JobId)> g_after_cancel_check{nullptr};
 
+// Called by a worker that marked a retry queued (no backoff) or waiting to
+// retry, before it hands the job on to a queue or to the scheduler.
+inline std::atomic<void (*)(JobId)> g_retry_marked{nullptr};
+
 // Called by a worker whose job just failed for good, with the dead-letter
 // lock held, after the letter went in and before the slot is retired.
 inline std::atomic<void (*)(JobId)> g_dead_letter_in{nullptr};

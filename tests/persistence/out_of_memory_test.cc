@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/test_hooks.h"
 #include "jobengine/engine.h"
 #include "tests/engine/test_support.h"
 #include "tests/persistence/disk_test_support.h"
@@ -662,6 +663,62 @@ TEST(WorkerOutOfMemoryTest, ACancelEndsTheWaitWithoutMemory) {
   EXPECT_EQ(h.pending, 0u);
   g_failing_thread.store(0);
   ASSERT_TRUE(ww.engine->stop(StopMode::kDrain).ok());
+}
+
+// A retry the worker has no memory to hand on (the scheduler's inbox cannot
+// grow, though the letter could be made), which a cancel() reaches just after
+// the worker marked it waiting: cancel() reads kWaitingRetry and answers
+// kCancelled, so the job ends cancelled, as it said. Before, it was dead-lettered as failed ("out of
+// memory re-queueing a retry"), where requeue_dead() could run it again.
+std::atomic<JobId> g_marked{0};
+std::atomic<bool> g_cancel_done{false};
+TEST(WorkerOutOfMemoryTest, ACancelOfARetryThatCannotBeHandedOnIsKept) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 64;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
+    ctx.retry_after(std::chrono::hours(1));  // through the scheduler's inbox
+    return Outcome::kRetry;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  g_marked.store(0);
+  g_cancel_done.store(false);
+  // On the worker, allocating nothing: waits for the test's cancel(), then
+  // fails the worker's next allocation, the inbox's (only that one: the
+  // letter's would have memory).
+  detail::g_retry_marked.store(+[](JobId id) {
+    g_marked.store(id);
+    while (!g_cancel_done.load()) std::this_thread::yield();
+    t_fail_in = 0;
+  });
+  const std::uint64_t refused_before = g_refused.load();
+  auto id = e->submit(*h, kChargePayload);
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  const bool marked = WaitUntil([&] { return g_marked.load() == *id; });
+  auto c = marked ? e->cancel(*id) : Result<CancelResult>(Status(StatusCode::kInternal, "unmarked"));
+  g_cancel_done.store(true);
+  ASSERT_TRUE(marked) << "the worker never marked the retry";
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(*c, CancelResult::kCancelled);
+  EXPECT_TRUE(WaitUntil([&] { return e->health().pending == 0; })) << "the job did not end";
+  detail::g_retry_marked.store(nullptr);
+  EXPECT_GT(g_refused.load(), refused_before) << "the hand-on did not run out of memory";
+  const Health health = e->health();
+  EXPECT_EQ(health.cancelled, 1u);
+  EXPECT_EQ(health.failed, 0u);
+  EXPECT_EQ(health.dead_total, 0u);
+  EXPECT_TRUE(e->dead_letters(10).empty());
+  // Asked again, the answer stays kCancelled (the slot says so), or the job is gone.
+  auto again = e->cancel(*id);
+  EXPECT_TRUE(again.ok() ? *again == CancelResult::kCancelled
+                         : again.status().code() == StatusCode::kNotFound);
+  auto stopped = e->stop(StopMode::kDrain);
+  ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
+  EXPECT_EQ(stopped->cancelled, 1u);
+  EXPECT_EQ(stopped->failed, 0u);
 }
 
 // stop(kAbandon) ends the wait without memory: the job counts as dropped.
