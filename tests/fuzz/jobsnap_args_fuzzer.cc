@@ -14,7 +14,7 @@
 //
 // Build: cmake --preset fuzz && cmake --build --preset fuzz
 // Run:   build/fuzz/tests/fuzz/jobsnap_args_fuzzer -close_fd_mask=1 -max_total_time=3600 \
-//            build/fuzz/tests/fuzz/jobsnap-args-corpus
+//            build/fuzz/tests/fuzz/corpus-jobsnap-args
 #include <fcntl.h>
 #include <unistd.h>
 

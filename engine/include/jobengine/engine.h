@@ -79,7 +79,9 @@ struct SkippedSnapshot {
 struct RecoveryReport {
   bool recovered = false;       // a snapshot was loaded
   std::string source;           // "shm:<name>" or the file path it came from
-  std::string why;              // why that one (e.g. "newest valid: generation 12")
+  // Why that one, e.g. "newest snapshot that verifies (generation 12, 340 jobs);
+  // skipped 1 that did not", or "no snapshot found: starting empty".
+  std::string why;
   std::uint64_t generation = 0;
   std::chrono::system_clock::time_point taken_at;  // the snapshot's wall time
   std::vector<SkippedSnapshot> skipped;  // newer candidates that did not verify
@@ -172,8 +174,8 @@ struct Health {
   // Why ok is false, one line each, with the figure behind it: not running,
   // a worker down, a job stuck past its deadline, a worker waiting for
   // memory, the last snapshot failed, the newest snapshot older than twice
-  // its interval, dead-letter set growing, pending above the high-water
-  // mark. Empty when ok.
+  // its interval plus 1 s, dead-letter set growing, pending above the
+  // high-water mark. Empty when ok.
   std::vector<std::string> reasons;
   std::chrono::system_clock::time_point checked_at;
   EngineState state = EngineState::kOpen;
@@ -338,11 +340,16 @@ class Engine {
   Health health() const;
 
   // Counters per handler (submitted, started, done, retried, failed, dead,
-  // cancelled, stuck), gauges (pending per priority, delayed, running, dead,
-  // oldest pending age, snapshot age) and latency histograms per handler
-  // (queue wait, run time; p50/p90/p99/p99.9/max), in the Prometheus text
-  // exposition format (version 0.0.4), or as one JSON object. Thread-safe;
-  // merges every worker's histograms (a few KiB per worker and handler).
+  // cancelled, stuck), engine-wide counters (rejected, exceptions, dropped,
+  // recovered, worker memory waits), gauges (pending per priority, delayed,
+  // running, dead, stuck, oldest pending age, capacity, workers, workers
+  // alive, up; with snapshots their generation, age, duration, bytes,
+  // durable age, and failures and unchanged counts), latency histograms per
+  // handler (queue wait, run time; p50/p90/p99/p99.9/max) and the scheduler's
+  // lateness histogram, in the Prometheus text exposition format (version
+  // 0.0.4), or as one JSON object (README.md, "Observability", names the
+  // series). Thread-safe; merges every worker's histograms (a few KiB per
+  // worker and handler).
   std::string metrics_text() const;
   std::string metrics_json() const;
 

@@ -127,10 +127,11 @@ struct EngineOptions {
   // Job-table slots, i.e. the most jobs that can be pending (queued or running)
   // at once. Default 65536. The table is allocated and touched at open():
   // capacity * 256 bytes (kSlotBytes), plus about 12 bytes per slot of queue
-  // storage. Beyond it submit() returns kQueueFull at once. Each submitting
-  // thread caches up to kSlotCacheSize free slots, so a submitter may see
-  // kQueueFull when up to kSlotCacheSize slots per other submitting thread are
-  // still free. Must be between 1 and 2^31.
+  // storage and 8 bytes per entry of cancel()'s id hints (bit_ceil(capacity)
+  // entries: 8-16 bytes per slot). Beyond it submit() returns kQueueFull at
+  // once. Each submitting thread caches up to kSlotCacheSize free slots, so a
+  // submitter may see kQueueFull when up to kSlotCacheSize slots per other
+  // submitting thread are still free. Must be between 1 and 2^31.
   std::size_t capacity = 1 << 16;
 
   // Largest payload accepted, in bytes. Default 1 MiB. Payloads up to

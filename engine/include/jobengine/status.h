@@ -25,7 +25,7 @@ enum class StatusCode : std::uint8_t {
   kFailedPrecondition,  // the call is not valid in the engine's current state
   kIoError,             // an operating-system call failed (path and errno in the message)
   kCorruption,          // stored data failed a checksum or bound check
-  kInternal,            // a bug in jobengine; please report it
+  kInternal,            // a bug in jobengine, or memory ran out (see each call's errors)
 };
 
 // The code's name as written above without the leading 'k', e.g. "QueueFull";
