@@ -646,19 +646,22 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
   };
   std::vector<Candidate> candidates;
   std::vector<unsigned char> shm_image;
+  bool have_shm = false;
   if (shm != nullptr) {
     if (shm->image.ok()) {
       shm_image = std::move(*shm->image);  // moved, not copied: it may be large
       candidates.push_back({shm->source, ~std::uint64_t{0}, ""});
+      have_shm = true;
     } else if (shm->image.status().code() != StatusCode::kNotFound) {
       report.skipped.push_back({shm->source, 0, std::string(shm->image.status().message())});
     }
   }
   for (const auto& f : files) candidates.push_back({f.path, f.generation, f.path});
   // The shared-memory image's generation is in its header: decode it first
-  // to place it among the files.
+  // to place it among the files. An empty image (a damaged or crafted
+  // segment can commit one) is verified like any other: too short.
   std::unique_ptr<LoadedSnapshot> shm_loaded;
-  if (!shm_image.empty()) {
+  if (have_shm) {
     shm_loaded = std::make_unique<LoadedSnapshot>();
     shm_loaded->bytes = detail::ImageBytes(std::move(shm_image));
     snapshot::DecodeError err;

@@ -1072,6 +1072,38 @@ TEST(RecoveryTest, SharedMemoryImageFailingItsChecksumFallsBackToDisk) {
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
+// A segment whose active slot is a committed image of 0 bytes (with the
+// checksum of no bytes: damage, or another writer) is skipped as truncated,
+// and recovery takes the disk generation. It crashed open() before (a null
+// snapshot dereferenced), and jobsnap with it.
+TEST(RecoveryTest, AnEmptySharedMemoryImageIsSkippedNotACrash) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  LeaveSnapshotOfPendingJobs(tmp.dir(), shm.name, 5);
+  if (::testing::Test::HasFatalFailure()) return;
+  {
+    auto store = persist::ShmStore::open_or_create(shm.name, 4096);
+    ASSERT_TRUE(IsOk(store));
+    const Status published = (*store)->publish(1000, {});
+    ASSERT_TRUE(published.ok()) << published.to_string();
+  }
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_TRUE(started->recovery.recovered);
+  EXPECT_EQ(started->recovery.source.rfind(tmp.dir(), 0), 0u) << started->recovery.source;
+  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 5u);
+  ASSERT_FALSE(started->recovery.skipped.empty());
+  EXPECT_EQ(started->recovery.skipped.front().source, "shm:" + shm.name);
+  EXPECT_NE(started->recovery.skipped.front().reason.find("truncated"), std::string::npos)
+      << started->recovery.skipped.front().reason;
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 // A half-written segment -- its creator died before finishing the control
 // block (zero magic) or before sizing it (zero length) -- holds no image: it
 // is initialised afresh and recovery takes the disk generation.
