@@ -491,6 +491,12 @@ class Engine::Impl final : public detail::CutSource {
                     "handler \"" + std::string(name) + "\" is already registered");
     }
     const std::string where = "register_handler(\"" + std::string(name) + "\"): ";
+    if (handlers_.size() >= kMaxHandlers) {
+      return Status(StatusCode::kFailedPrecondition,
+                    where + std::to_string(kMaxHandlers) +
+                        " handlers are registered already, the most an engine takes "
+                        "(kMaxHandlers: its snapshots name every handler)");
+    }
     if (ho.max_attempts > 65535) {
       return Status(StatusCode::kInvalidArgument,
                     where + "max_attempts must be 0 (engine default) or 1..65535, got " +

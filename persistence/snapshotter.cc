@@ -30,10 +30,13 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <unordered_map>
 
 #include "engine/clock.h"
 #include "engine/persistence_hooks.h"
@@ -432,18 +435,38 @@ class Snapshotter final : public Persistence {
     // Dead jobs are stored under their handler's name, which may not be
     // registered now: extra names follow the registered ones.
     std::vector<DeadJob> dead = source_->dead_jobs();
-    std::vector<std::string> extra;
+    std::deque<std::string> extra;  // a deque: `index` holds views of its strings
+    // An image naming more handlers than the format holds would verify
+    // nowhere (recovery refuses it): it is published nowhere, and the
+    // snapshot fails, naming why. The registered ones fit (kMaxHandlers is
+    // half the format's limit); only the unregistered names of restored
+    // dead letters can reach it.
+    static_assert(2 * jobengine::kMaxHandlers <= snapshot::kMaxHandlers + 1);
+    Status refused;
+    // Name -> index in the image's table, made only when there are letters.
+    std::unordered_map<std::string_view, std::uint32_t> index;
     auto handler_index = [&](const std::string& name) -> std::uint32_t {
-      for (std::size_t i = 0; i < names.size(); ++i) {
-        if (names[i] == name) return static_cast<std::uint32_t>(i);
-      }
-      for (std::size_t i = 0; i < extra.size(); ++i) {
-        if (extra[i] == name) return static_cast<std::uint32_t>(names.size() + i);
+      if (const auto it = index.find(name); it != index.end()) return it->second;
+      if (names.size() + extra.size() >= snapshot::kMaxHandlers) {
+        refused = Status(StatusCode::kFailedPrecondition,
+                         "generation " + std::to_string(generation) + " would name more than " +
+                             std::to_string(snapshot::kMaxHandlers) +
+                             " handlers (the registered ones and those of dead letters that are "
+                             "not registered), more than the format holds: not published");
+        return 0;
       }
       extra.push_back(name);
       encoder_.add_handler(name);
-      return static_cast<std::uint32_t>(names.size() + extra.size() - 1);
+      const auto i = static_cast<std::uint32_t>(names.size() + extra.size() - 1);
+      index.emplace(extra.back(), i);
+      return i;
     };
+    if (!dead.empty()) {
+      index.reserve(names.size());
+      for (std::size_t i = 0; i < names.size(); ++i) {
+        index.emplace(names[i], static_cast<std::uint32_t>(i));
+      }
+    }
     std::vector<std::uint32_t> dead_handler(dead.size());
     for (std::size_t i = 0; i < dead.size(); ++i) dead_handler[i] = handler_index(dead[i].handler);
     std::uint64_t jobs = 0;
@@ -500,13 +523,14 @@ class Snapshotter final : public Persistence {
     if (in_place) {
       // The image is in the slot unless the slot could not grow (then the
       // encoder finished it in its own buffer): commit it, or report why not.
-      shm_failure = encoder_.in_sink()
-                        ? shm_->commit_image(generation, image.size(), encoder_.whole_checksum())
-                        : sink.error();
+      shm_failure = !refused.ok()        ? refused
+                    : encoder_.in_sink() ? shm_->commit_image(generation, image.size(),
+                                                              encoder_.whole_checksum())
+                                         : sink.error();
     }
     const bool to_file = to_disk && disk_;
     if (to_file) {
-      disk_failure = disk_->publish(generation, image);
+      disk_failure = !refused.ok() ? refused : disk_->publish(generation, image);
       if (disk_failure.ok()) {
         char name[64];
         std::snprintf(name, sizeof(name), "/gen-%020llu.jobsnap",

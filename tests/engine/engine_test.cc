@@ -323,6 +323,24 @@ TEST(EngineHandlerTest, DuplicateNameIsAlreadyExists) {
   EXPECT_EQ(*found, *first);
 }
 
+// kMaxHandlers: every snapshot names every handler, and the format holds
+// 65535 names; past the limit a snapshot would be refused at every recovery.
+TEST(EngineHandlerTest, PastKMaxHandlersIsFailedPrecondition) {
+  auto engine = Engine::open(SmallOptions());
+  ASSERT_TRUE(IsOk(engine));
+  std::atomic<int> runs{0};
+  for (std::size_t i = 0; i < kMaxHandlers; ++i) {
+    std::string name = "h";  // appended: gcc 12's -Wrestrict misfires on "h" + string&&
+    name += std::to_string(i);
+    ASSERT_TRUE(IsOk(engine->register_handler(name, Counting(runs)))) << i;
+  }
+  EXPECT_TRUE(HasError(engine->register_handler("one.more", Counting(runs)),
+                       StatusCode::kFailedPrecondition, "32768 handlers"));
+  EXPECT_TRUE(HasError(engine->handler_id("one.more"), StatusCode::kNotFound));
+  ASSERT_TRUE(IsOk(engine->start()));
+  ASSERT_TRUE(IsOk(engine->stop()));
+}
+
 TEST(EngineHandlerTest, EmptyHandlerFunctionIsInvalidArgument) {
   auto engine = Engine::open(SmallOptions());
   ASSERT_TRUE(IsOk(engine));

@@ -875,6 +875,58 @@ TEST(RecoveryTest, JobsOfAnUnregisteredHandlerAreKeptDeadNeverDropped) {
   }
 }
 
+// A snapshot holding 65535 dead letters of distinct handlers that are not
+// registered now, restored by an engine with one handler of its own: its next
+// image would name 65536 handlers, which no recovery loads. It is refused,
+// naming why, instead of published; the generation restored from stays.
+TEST(RecoveryTest, ASnapshotThatWouldNameTooManyHandlersFailsInsteadOfBeingUnloadable) {
+  TempDir tmp;
+  ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
+  snapshot::Header header;
+  header.generation = 1;
+  header.cut_epoch = 1;
+  header.wall_time_ns = 1'700'000'000'000'000'000;
+  header.next_job_id = 100'000;
+  snapshot::Encoder enc;
+  enc.begin(header);
+  const std::size_t n = snapshot::kMaxHandlers;
+  for (std::size_t i = 0; i < n; ++i) enc.add_handler(Numbered("gone.", static_cast<long long>(i)));
+  for (std::size_t i = 0; i < n; ++i) {
+    snapshot::JobRecord r;
+    r.id = i + 1;
+    r.handler = static_cast<std::uint32_t>(i);
+    r.state = snapshot::JobState::kDead;
+    r.dead_reason = snapshot::DeadReason::kFailed;
+    r.submit_ns = header.wall_time_ns;
+    r.run_at_ns = header.wall_time_ns;
+    r.dead_at_ns = header.wall_time_ns;
+    enc.add_job(r);
+  }
+  ASSERT_TRUE(WriteGenerationOne(tmp.dir(), enc.finish()));
+
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  ASSERT_EQ(started->recovery.generation, 1u);
+  auto snap = e->snapshot_now();
+  ASSERT_FALSE(snap.ok()) << "published generation " << snap->generation;
+  EXPECT_EQ(snap.status().code(), StatusCode::kFailedPrecondition) << snap.status().to_string();
+  EXPECT_NE(snap.status().message().find("more than 65535 handlers"), std::string::npos)
+      << snap.status().to_string();
+  const Health h = e->health();
+  EXPECT_FALSE(h.ok);
+  EXPECT_EQ(h.snapshot_failures, 1u);
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+  // Generation 1 is still there and still loads.
+  const auto files = GenerationFiles(tmp.dir());
+  ASSERT_FALSE(files.empty());
+  const std::vector<unsigned char> bytes = ReadFile(files.front());
+  auto view = snapshot::verify(bytes);
+  EXPECT_TRUE(view.ok()) << view.status().to_string();
+}
+
 // ---- choosing the snapshot ----------------------------------------------------
 
 TEST(RecoveryTest, CorruptNewestGenerationIsSkippedWithItsOffset) {

@@ -251,7 +251,8 @@ class Engine {
   // Registers `handler` under `name` (1..255 bytes, stable across restarts:
   // snapshots store it). Only before start(): kFailedPrecondition after.
   // kAlreadyExists for a name taken; kInvalidArgument for a bad name or an
-  // empty handler. Not thread-safe with other calls.
+  // empty handler; kFailedPrecondition past kMaxHandlers (32768) handlers.
+  // Not thread-safe with other calls.
   Result<HandlerId> register_handler(std::string_view name, Handler handler);
   // The same with per-handler retry policy, attempts and deadline.
   // kInvalidArgument names a bad option.

@@ -19,6 +19,12 @@ using JobId = std::uint64_t;
 // for the lifetime of the Engine (not across restarts: snapshots store names).
 using HandlerId = std::uint32_t;
 
+// Most handlers one engine registers. A snapshot names at most 65535 (the
+// format's limit, persistence/FORMAT.md): the registered ones, and those of
+// dead letters restored from a snapshot whose handler is not registered now.
+// Half of it leaves room for the latter.
+inline constexpr std::size_t kMaxHandlers = 32768;
+
 // Priority levels: 0 is the most urgent. A worker takes from the most urgent
 // non-empty level, with a starvation guard (EngineOptions::fairness_period).
 inline constexpr std::uint8_t kPriorityLevels = 3;
