@@ -2533,6 +2533,8 @@ class Engine::Impl final : public detail::CutSource {
     d.reason = reason;
     d.payload.assign(reinterpret_cast<const char*>(s.payload()), s.payload_size);
     d.error.assign(error);
+    d.key.assign(s.key());
+    if (const detail::ExtraHeader* x = s.extra()) d.deadline_ns = x->deadline_ns;
     return d;
   }
 
@@ -2994,10 +2996,22 @@ class Engine::Impl final : public detail::CutSource {
                                                  ": handler \"" + it->handler +
                                                  "\" is not registered");
       }
+      // The job's own options come back with it: its key (taken again, as
+      // a submit takes it) and its deadline.
       SubmitOptions o;
       o.priority = it->priority;
+      o.unique_key = it->key;
+      o.deadline = std::chrono::nanoseconds(
+          static_cast<std::int64_t>(std::min(it->deadline_ns, static_cast<std::uint64_t>(detail::kMaxSpanNs))));
       auto submitted = submit_special(h->second, it->payload, o, it->id);
       if (!submitted.ok()) return submitted.status();  // the letter stays: nothing is lost
+      if (*submitted != it->id) {
+        // Another pending job holds the key: nothing was accepted.
+        return Status(StatusCode::kAlreadyExists,
+                      "requeue_dead(): job " + std::to_string(id) + ": its unique key \"" +
+                          it->key + "\" is held by pending job " + std::to_string(*submitted) +
+                          "; the letter stays");
+      }
       handler = std::move(it->handler);
       erase_dead(it);
       return submitted;
@@ -3086,6 +3100,8 @@ class Engine::Impl final : public detail::CutSource {
       d.reason = reason;
       d.payload = std::string(j.payload);
       d.error = std::move(error);
+      d.key = std::string(j.key);
+      d.deadline_ns = j.deadline_ns;
       // A job quarantined now (no handler, poison) died in this life: it
       // counts in dead_total and health()'s "dead letters growing".
       if (j.state != snapshot::JobState::kDead) note_dead(d.dead_at_ns);

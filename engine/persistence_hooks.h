@@ -56,6 +56,10 @@ struct DeadJob {
   snapshot::DeadReason reason = snapshot::DeadReason::kFailed;
   std::string payload;
   std::string error;
+  // The job's own options, for requeue_dead() (and every snapshot): its
+  // unique key (empty: none) and deadline (SubmitOptions::deadline; 0 none).
+  std::string key;
+  std::uint64_t deadline_ns = 0;
 };
 
 class CutSource {

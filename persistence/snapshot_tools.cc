@@ -1159,6 +1159,26 @@ Result<std::vector<unsigned char>> requeue(const snapshot::SnapshotView& view,
     return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
                 "only dead jobs can be requeued; not dead: " + live);
   }
+  // A requeued job takes its unique key again (as Engine::requeue_dead()
+  // does): refused when a pending job, or another requeued one, holds it.
+  std::map<std::string_view, JobId> key_holder;
+  for (const auto& j : view.jobs) {
+    if (!j.key.empty() && j.state != snapshot::JobState::kDead) key_holder.emplace(j.key, j.id);
+  }
+  for (const auto& j : view.jobs) {
+    if (j.key.empty() || wanted.count(j.id) == 0) continue;
+    const auto [it, fresh] = key_holder.emplace(j.key, j.id);
+    if (!fresh) {
+      return fail(d, Failure::kRefused, StatusCode::kFailedPrecondition,
+                  // The key's bytes are not shown: an image's bytes, possibly crafted.
+                  "job " + std::to_string(j.id) + ": its unique key (" +
+                      std::to_string(j.key.size()) + " bytes) is held by " +
+                      (wanted.count(it->second) != 0 ? "job " + std::to_string(it->second) +
+                                                           ", requeued too"
+                                                     : "pending job " +
+                                                           std::to_string(it->second)));
+    }
+  }
   snapshot::Header header = view.header;
   header.generation = generation;
   return reencode(view, header, [&](snapshot::JobRecord& r) {

@@ -505,6 +505,8 @@ class Snapshotter final : public Persistence {
       r.dead_at_ns = d.dead_at_ns;
       r.payload = d.payload;
       r.error = d.error;
+      r.key = d.key;
+      r.deadline_ns = d.deadline_ns;
       encoder_.add_job(r);
       ++jobs;
     }

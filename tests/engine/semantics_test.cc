@@ -448,6 +448,86 @@ TEST(DeadLetterTest, FailedJobsAreKeptListedRequeuedAndDropped) {
   EXPECT_FALSE(health.ok);
 }
 
+// requeue_dead() brings the job back with its own options: its unique key,
+// taken again (a submit with the key while it is pending gets its id, not a
+// second job), and its deadline. Before, both were dropped when it died.
+TEST(DeadLetterTest, ARequeuedJobKeepsItsUniqueKeyAndItsDeadline) {
+  auto clock = std::make_shared<ManualClock>();
+  Gate gate;
+  std::atomic<int> calls{0};
+  std::atomic<int> runs_with_deadline{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto h = engine->register_handler("invoice", [&](JobContext& job) {
+    if (job.deadline() != steady_clock::time_point::max()) runs_with_deadline.fetch_add(1);
+    if (calls.fetch_add(1) == 0) return Outcome::kFail;
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto id = engine->submit(*h, "p", {.deadline = minutes(5), .unique_key = "invoice-7"});
+  ASSERT_TRUE(id.ok()) << id.status().to_string();
+  ASSERT_TRUE(WaitUntil([&] { return engine->dead_letters().size() == 1; }));
+  auto back = engine->requeue_dead(*id);
+  ASSERT_TRUE(back.ok()) << back.status().to_string();
+  ASSERT_EQ(*back, *id);
+  ASSERT_TRUE(WaitUntil([&] { return calls.load() == 2; }));  // running again: pending
+  const std::uint64_t submitted_before = engine->health().submitted;
+  auto dup = engine->submit(*h, "q", {.unique_key = "invoice-7"});
+  ASSERT_TRUE(dup.ok()) << dup.status().to_string();
+  EXPECT_EQ(*dup, *id) << "a second job with the pending job's key was accepted";
+  EXPECT_EQ(engine->health().submitted, submitted_before);
+  EXPECT_EQ(runs_with_deadline.load(), 2) << "the requeued run had no deadline";
+  clock->advance(minutes(6));
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().stuck == 1; }))
+      << "the requeued run is past its 5 min deadline and not stuck";
+  gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().done == 1; }));
+  // Done: the key is free again.
+  auto after = engine->submit(*h, "r", {.unique_key = "invoice-7"});
+  ASSERT_TRUE(after.ok());
+  EXPECT_NE(*after, *id);
+}
+
+// A letter whose key another pending job took meanwhile is not requeued
+// (two pending jobs would share the key): kAlreadyExists names the holder,
+// and the letter stays.
+TEST(DeadLetterTest, ARequeueWhoseKeyIsTakenIsRefusedAndTheLetterStays) {
+  Gate gate;
+  std::atomic<int> calls{0};
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto h = engine->register_handler("invoice", [&](JobContext&) {
+    if (calls.fetch_add(1) == 0) return Outcome::kFail;
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  auto first = engine->submit(*h, "p", {.unique_key = "invoice-8"});
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->dead_letters().size() == 1; }));
+  auto second = engine->submit(*h, "q", {.unique_key = "invoice-8"});
+  ASSERT_TRUE(second.ok());
+  ASSERT_NE(*second, *first);
+  auto back = engine->requeue_dead(*first);
+  ASSERT_FALSE(back.ok()) << "requeued as " << *back;
+  EXPECT_EQ(back.status().code(), StatusCode::kAlreadyExists);
+  EXPECT_NE(back.status().message().find("held by pending job " + std::to_string(*second)),
+            std::string::npos)
+      << back.status().to_string();
+  ASSERT_EQ(engine->dead_letters().size(), 1u);
+  EXPECT_EQ(engine->dead_letters()[0].id, *first);
+  gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().done == 1; }));
+  // Once the holder is done, the letter can come back with its key.
+  auto later = engine->requeue_dead(*first);
+  ASSERT_TRUE(later.ok()) << later.status().to_string();
+  EXPECT_EQ(*later, *first);
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().done == 2; }));
+}
+
 TEST(DeadLetterTest, TheSetIsBoundedOldestFirstOut) {
   EngineOptions o = TestOptions(nullptr);
   o.max_dead = 3;

@@ -927,6 +927,54 @@ TEST(RecoveryTest, ASnapshotThatWouldNameTooManyHandlersFailsInsteadOfBeingUnloa
   EXPECT_TRUE(view.ok()) << view.status().to_string();
 }
 
+// A dead letter keeps its job's unique key and deadline through a snapshot
+// and a restart (dead records carry both), so requeue_dead() after the
+// restart brings them back: the key is taken again, the deadline applies.
+TEST(RecoveryTest, ADeadLettersKeyAndDeadlineSurviveARestartAndComeBackWithRequeue) {
+  TempDir tmp;
+  JobId id = 0;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir()));
+    ASSERT_TRUE(IsOk(e));
+    auto h = e->register_handler("w", [](JobContext&) { return Outcome::kFail; });
+    ASSERT_TRUE(IsOk(h));
+    ASSERT_TRUE(IsOk(e->start()));
+    auto submitted = e->submit(*h, "p", {.deadline = std::chrono::minutes(5), .unique_key = "k-1"});
+    ASSERT_TRUE(IsOk(submitted));
+    id = *submitted;
+    ASSERT_TRUE(WaitUntil([&] { return e->health().dead == 1; }));
+    ASSERT_TRUE(IsOk(e->stop(StopMode::kSnapshotAndExit)));
+  }
+  const std::vector<unsigned char> bytes = ReadFile(GenerationFiles(tmp.dir()).back());
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  ASSERT_EQ(view->jobs.size(), 1u);
+  EXPECT_EQ(view->jobs[0].state, snapshot::JobState::kDead);
+  EXPECT_EQ(view->jobs[0].key, "k-1");
+  EXPECT_EQ(view->jobs[0].deadline_ns, 300'000'000'000u);
+
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  Gate gate;
+  std::atomic<bool> had_deadline{false};
+  auto h = e->register_handler("w", [&](JobContext& job) {
+    had_deadline.store(job.deadline() != steady_clock::time_point::max());
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(e->start()));
+  auto back = e->requeue_dead(id);
+  ASSERT_TRUE(IsOk(back));
+  ASSERT_TRUE(WaitUntil([&] { return e->health().running == 1; }));
+  EXPECT_TRUE(had_deadline.load()) << "the requeued run had no deadline";
+  auto dup = e->submit(*h, "q", {.unique_key = "k-1"});
+  gate.open();
+  ASSERT_TRUE(IsOk(dup));
+  EXPECT_EQ(*dup, id) << "a second job with the requeued job's key was accepted";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 // ---- choosing the snapshot ----------------------------------------------------
 
 TEST(RecoveryTest, CorruptNewestGenerationIsSkippedWithItsOffset) {

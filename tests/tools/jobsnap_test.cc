@@ -1166,6 +1166,37 @@ TEST(JobsnapEditTest, RequeueOfALiveJobIsRefusedAndAnUnknownIdIsNotFound) {
   EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 6))) << "a refused edit wrote a generation";
 }
 
+// A requeued job keeps its unique key (as Engine::requeue_dead() does), so
+// a key another pending job holds, or another requeued one, refuses the edit.
+TEST(JobsnapEditTest, RequeueKeepsTheKeyAndRefusesOneThatIsTaken) {
+  TempDir tmp;
+  auto keyed = [](JobRecord r, std::string_view key) {
+    r.key = key;
+    return r;
+  };
+  PutGeneration(tmp.snap(), 5,
+                {keyed(DeadJob(7, DeadReason::kFailed, "boom"), "order-1"),
+                 keyed(DeadJob(8, DeadReason::kFailed, "boom"), "order-2"),
+                 keyed(DeadJob(9, DeadReason::kFailed, "boom"), "order-2"),
+                 keyed(Job(10), "order-1")});
+  auto r = Jobsnap({"requeue", tmp.snap(), "7"});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_TRUE(Contains(r.err, "job 7: its unique key (7 bytes) is held by pending job 10")) << r;
+  r = Jobsnap({"requeue", tmp.snap(), "8", "9"});
+  EXPECT_EQ(r.code, kRefused) << r;
+  EXPECT_TRUE(Contains(r.err, "held by job 8, requeued too")) << r;
+  EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 6))) << "a refused edit wrote a generation";
+  r = Jobsnap({"requeue", tmp.snap(), "8"});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto bytes = ReadBytes(GenPath(tmp.snap(), 6));
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  ASSERT_EQ(view->jobs.size(), 4u);
+  EXPECT_EQ(view->jobs[1].id, 8u);
+  EXPECT_EQ(view->jobs[1].state, JobState::kPending);
+  EXPECT_EQ(view->jobs[1].key, "order-2");
+}
+
 TEST(JobsnapEditTest, DropRemovesJobsOfAnyStateInANewGeneration) {
   TempDir tmp;
   PutGeneration(tmp.snap(), 2, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});

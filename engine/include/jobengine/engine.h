@@ -329,9 +329,10 @@ class Engine {
   // copies payloads).
   std::vector<DeadLetter> dead_letters(std::size_t limit = SIZE_MAX) const;
   // Moves a dead job back to its queue as a fresh job with the same id
-  // (attempts and recoveries reset). kNotFound: no dead letter with that id;
-  // kNotFound too when its handler is not registered; kQueueFull, kStopped as
-  // for submit().
+  // (attempts and recoveries reset), with its own unique key (taken again)
+  // and deadline. kNotFound: no dead letter with that id; kNotFound too when
+  // its handler is not registered; kAlreadyExists when another pending job
+  // holds its key (the letter stays); kQueueFull, kStopped as for submit().
   Result<JobId> requeue_dead(JobId id);
   // Discards a dead letter. kNotFound when there is none with that id.
   Status drop_dead(JobId id);
