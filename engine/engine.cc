@@ -2289,8 +2289,13 @@ class Engine::Impl final : public detail::CutSource {
     // every retry in, drops it as cancelled (scheduler_main). A retry that
     // goes straight back to a queue is dropped by the worker that dequeues it.
     if (outcome == Outcome::kDone) {
-      release_key(s);
+      // The key is released only after the retire: a submit that takes it
+      // comes after the retire, so a cut that holds that new job finds this
+      // one finished, never both live with one key (a crash then restored
+      // two pending jobs with the key). The retired slot stays this worker's
+      // until its next flush, so its key bytes are still there.
       retire(w, idx);
+      release_key(s);
       bump(w.done);
       bump(hs.done);
       return;
@@ -2323,8 +2328,8 @@ class Engine::Impl final : public detail::CutSource {
       }
       if (abandon_.load(std::memory_order_relaxed)) {
         log_job(LogLevel::kError, s, h, "out of memory recording its end; dropped by stop(kAbandon)");
-        release_key(s);
         retire(w, idx);
+        release_key(s);  // after the retire, as for kDone
         bump(w.dropped);
         bump(hs.ran_other);
         return true;
@@ -2408,8 +2413,8 @@ class Engine::Impl final : public detail::CutSource {
         error = "out of memory re-queueing a retry";
       } else if (abandoning && attempt < h.max_attempts) {
         // stop(kAbandon): a retry is a queued job, and queued jobs are dropped.
-        release_key(s);
         retire(w, idx);
+        release_key(s);  // after the retire, as for kDone
         bump(w.dropped);
         bump(hs.ran_other);
         return;
@@ -2446,8 +2451,8 @@ class Engine::Impl final : public detail::CutSource {
   // started (the worker saw the bit first).
   [[gnu::noinline]] void finish_cancelled(WorkerState& w, SlotIndex idx, bool ran) {
     Slot& s = table_.slot(idx);
-    release_key(s);
     retire(w, idx, /*by_cancel=*/!ran);
+    release_key(s);  // after the retire, as for kDone
     bump(w.cancelled);
     bump(w.by_handler[s.handler].cancelled);
   }
