@@ -450,9 +450,6 @@ Status check_records(const unsigned char* d, std::uint64_t at, std::uint64_t tra
       return fail(error, Problem::kCorrupt, rec,
                   job() + " length " + std::to_string(record_len) + " out of bounds");
     }
-    if (v1 && get16(r + 22) != 0) {
-      return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
-    }
     if (raw.payload_len > kMaxPayload || raw.error_len > kMaxError || raw.key_len > kMaxKey ||
         std::uint64_t{raw.fixed} - 4 + raw.payload_len + raw.error_len + raw.key_len + 8 !=
             record_len) {
@@ -479,6 +476,11 @@ Status check_records(const unsigned char* d, std::uint64_t at, std::uint64_t tra
       return fail(error, Problem::kCorrupt, rec + 17, job() + ": state " + std::to_string(state));
     }
     const bool dead = state == static_cast<std::uint8_t>(JobState::kDead);
+    // Reserved fields last (FORMAT.md rule 6): damage there is a checksum
+    // mismatch first.
+    if (v1 && get16(r + 22) != 0) {
+      return fail(error, Problem::kCorrupt, rec + 22, job() + ": reserved bytes set");
+    }
     if (!v1) {
       if ((raw.flags & ~1u) != 0) {
         return fail(error, Problem::kCorrupt, rec + 22,

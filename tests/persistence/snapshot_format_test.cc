@@ -377,6 +377,28 @@ TEST(SnapshotGoldenTest, GoldenV1SmallStillLoads) {
   EXPECT_EQ(to_bytes(e.finish()), small_image());
 }
 
+// Rule 6's order holds for version 1 too: a bit flipped in a record's
+// reserved field is a checksum mismatch at the record's offset (the reserved
+// check came first, and named offset + 22), in decode() and verify() alike.
+TEST(SnapshotGoldenTest, DamageToAV1RecordsReservedFieldIsItsChecksumFirst) {
+  Bytes golden = read_golden(golden_path("v1-small.jobsnap"));
+  auto clean = decode(golden);
+  ASSERT_TRUE(clean.ok()) << clean.status().to_string();
+  const std::uint64_t rec = clean->jobs.at(0).offset;
+  golden[rec + 22] ^= 0x01;
+  DecodeError strict;
+  auto d = decode(golden, &strict);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(strict.offset, rec) << d.status().to_string();
+  EXPECT_NE(d.status().message().find("checksum mismatch"), std::string::npos)
+      << d.status().to_string();
+  DecodeError checked;
+  auto v = verify(golden, &checked);
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(checked.offset, rec) << v.status().to_string();
+  EXPECT_EQ(v.status().message(), d.status().message());
+}
+
 TEST(SnapshotGoldenTest, GoldenV1MixedStillLoadsWithTheSameJobs) {
   Bytes golden = read_golden(golden_path("v1-mixed.jobsnap"));
   auto v = decode(golden);
