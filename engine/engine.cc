@@ -2702,10 +2702,20 @@ class Engine::Impl final : public detail::CutSource {
         sched_purge_.store(true, std::memory_order_relaxed);  // out of memory: next round
       }
       if (stopping) break;
+      // stop(kDrain): firing and what is held back are published under
+      // drain_mu_, where the workers decide that the drain is over
+      // (drained()), so that no job fires after that decision and none that
+      // is due is counted as held back.
+      const bool draining =
+          intake_closed_.load(std::memory_order_acquire) &&
+          stop_mode_.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(StopMode::kDrain);
+      std::unique_lock<std::mutex> drain_lock;
+      if (draining) drain_lock = std::unique_lock<std::mutex>(drain_mu_);
+      const bool drain_over = draining && drain_done_.load(std::memory_order_relaxed);
       // Fire what is due.
       const std::uint64_t now = vnow();
       std::size_t fired = 0;
-      while (!heap.empty() && heap.front().at <= now) {
+      while (!drain_over && !heap.empty() && heap.front().at <= now) {
         std::pop_heap(heap.begin(), heap.end(), later);
         const Timer t = heap.back();
         heap.pop_back();
@@ -2732,13 +2742,15 @@ class Engine::Impl final : public detail::CutSource {
         ++fired;
       }
       if (fired != 0) wake_after_enqueue(fired);
-      // stop(kDrain): what is still scheduled is not due (retries in
-      // backoff included); it is left, and the workers finish once nothing
-      // else is pending (drained()).
-      if (intake_closed_.load(std::memory_order_acquire) &&
-          stop_mode_.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(StopMode::kDrain)) {
+      // stop(kDrain): what is still scheduled is not due yet (retries in
+      // backoff included), and when the first of it is; the workers finish
+      // once nothing else is pending and that time has not come (drained()).
+      if (draining) {
         held_.store(heap.size(), std::memory_order_relaxed);
-        held_final_.store(true, std::memory_order_release);
+        held_next_.store(heap.empty() ? ~std::uint64_t{0} : heap.front().at,
+                         std::memory_order_relaxed);
+        held_final_.store(true, std::memory_order_relaxed);
+        drain_lock.unlock();
       }
       if (retired.size() != 0 && table_.reclaim_horizon() == detail::kNoHorizon) retired.flush(table_);
       // Sleep until the earliest run_at, a hand-over of an earlier job, a
@@ -3303,11 +3315,10 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   // kDrain, once the workers and the scheduler are joined: jobs still in a
-  // queue. A delayed job (or retry) that falls due as the drain ends can be
-  // fired into a queue after the last worker saw drained() (which counted it
-  // as held back) and left. It is not run: it stays in the table, so the
-  // final snapshot keeps it like the jobs held back, and it is counted with
-  // them in StopReport::delayed_left.
+  // queue. None is expected (nothing fires after drained() decided, and
+  // nothing is queued when it does); one would not run: it stays in the
+  // table, so the final snapshot keeps it like the jobs held back, and it is
+  // counted with them in StopReport::delayed_left.
   // A job left in a queue that cancel() reached is cancelled, as it answered,
   // not left: its slot goes (the final snapshot would only skip it).
   std::uint64_t left_in_queues() {
@@ -3363,10 +3374,21 @@ class Engine::Impl final : public detail::CutSource {
     return dropped;
   }
 
-  // kDrain is done: nothing pending but the delayed jobs the scheduler holds back.
-  bool drained() const {
-    return held_final_.load(std::memory_order_acquire) &&
-           pending() == held_.load(std::memory_order_relaxed);
+  // kDrain is done: nothing pending but the delayed jobs the scheduler holds
+  // back, none of them due. Decided once, under drain_mu_: the scheduler
+  // fires due jobs and publishes what it holds back under it too, so a job
+  // it fires is pending (and queued) before a worker can compare, and none
+  // fires after the decision. A held job that is due keeps the workers
+  // until the scheduler fires it (it wakes for it).
+  bool drained() {
+    if (drain_done_.load(std::memory_order_acquire)) return true;
+    std::lock_guard<std::mutex> lock(drain_mu_);
+    if (drain_done_.load(std::memory_order_relaxed)) return true;
+    if (!held_final_.load(std::memory_order_relaxed)) return false;
+    if (pending() != held_.load(std::memory_order_relaxed)) return false;
+    if (vnow() >= held_next_.load(std::memory_order_relaxed)) return false;
+    drain_done_.store(true, std::memory_order_release);
+    return true;
   }
 
   std::uint64_t pending() const {
@@ -3473,6 +3495,9 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<std::uint64_t> dead_changes_{0};
   std::atomic<std::uint64_t> held_{0};          // kDrain: scheduled jobs not due (counted once held_final_)
   std::atomic<bool> held_final_{false};
+  std::mutex drain_mu_;  // kDrain: the scheduler's firing and held_*, against drained()
+  std::atomic<std::uint64_t> held_next_{~std::uint64_t{0}};  // kDrain: when the first held job is due
+  std::atomic<bool> drain_done_{false};  // kDrain: drained() decided; nothing fires after
   std::atomic<std::uint64_t> sched_announce_{0};  // I5, the scheduler's stamps
   std::atomic<std::uint64_t> sched_cancelled_{0};
   // The same per handler (sized at start(), written by the scheduler only).

@@ -1071,6 +1071,47 @@ TEST(StopModeTest, DrainRunsQueuedJobsAndLeavesWhatIsNotDueYet) {
   EXPECT_EQ(engine->submit(*h, "").status().code(), StatusCode::kStopped);
 }
 
+// Delayed jobs that fall due while a drain waits for a running job are run,
+// not left: the drain ends only once nothing held back is due. Before, the
+// worker compared the pending count with what the scheduler held at its last
+// pass, which still counted them, and left (most of the 50, 4 runs in 5).
+TEST(StopModeTest, JobsThatFallDueDuringTheDrainRun) {
+  auto clock = std::make_shared<ManualClock>();
+  Gate gate;
+  std::atomic<int> runs{0};
+  auto engine = Engine::open(TestOptions(clock));
+  ASSERT_TRUE(engine.ok());
+  GateOpener opener{gate};
+  auto slow = engine->register_handler("slow", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  auto quick = engine->register_handler("quick", [&](JobContext&) {
+    runs.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(engine->start().ok());
+  ASSERT_TRUE(engine->submit(*slow, "").ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().running == 1; }));
+  constexpr int kDelayed = 50;
+  for (int i = 0; i < kDelayed; ++i) {
+    ASSERT_TRUE(engine->submit(*quick, "", {.delay = hours(1)}).ok());
+  }
+  ASSERT_TRUE(engine->submit(*quick, "", {.delay = hours(3)}).ok());  // not due: left
+  std::thread stopper;
+  Result<StopReport> report = Status(StatusCode::kInternal, "not stopped");
+  stopper = std::thread([&] { report = engine->stop(StopMode::kDrain); });
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().state == EngineState::kStopping; }));
+  std::this_thread::sleep_for(milliseconds(20));  // the scheduler has held them back by now
+  clock->advance(hours(2));                       // 50 are due now
+  gate.open();                                    // the slow job ends during the drain
+  stopper.join();
+  ASSERT_TRUE(report.ok()) << report.status().to_string();
+  EXPECT_EQ(runs.load(), kDelayed);
+  EXPECT_EQ(report->delayed_left, 1u);
+  EXPECT_EQ(report->done, static_cast<std::uint64_t>(kDelayed) + 1);
+}
+
 TEST(StopModeTest, AKeyedSubmitToAStoppedEngineIsStoppedNotTheIdItsKeyNamed) {
   // The delayed keyed job is left behind by the drain (delayed_left), its key
   // still recorded: a submit with that key used to answer OK with its id, as
