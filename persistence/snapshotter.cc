@@ -30,6 +30,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <optional>
@@ -171,6 +172,12 @@ class Snapshotter final : public Persistence {
       if (disk_ && report.source.rfind("shm:", 0) != 0) {
         disk_->note_verified(loaded->view.header.generation);
         loaded_durable_ = true;
+      } else if (disk_ && same_image_on_disk(files, loaded->view.header.generation,
+                                             loaded->bytes.span())) {
+        // Shared memory won the tie with the generation file of the same
+        // number (a clean stop writes both): its jobs are durable as well.
+        disk_->note_verified(loaded->view.header.generation);
+        loaded_durable_ = true;
       }
     }
     for (const auto& s : report.skipped) {
@@ -183,6 +190,26 @@ class Snapshotter final : public Persistence {
     }
     next_generation_ = report.generation + 1;
     return loaded;
+  }
+
+  // Whether a listed generation file holds `image` (one from shared memory
+  // that verified): the same generation, size and trailer (the image
+  // checksum). The file was written from the same bytes and fsynced before
+  // it was acknowledged; like every published generation, it is not read
+  // whole again here.
+  bool same_image_on_disk(std::span<const persist::GenerationFile> files, std::uint64_t generation,
+                          std::span<const unsigned char> image) {
+    if (image.size() < snapshot::kTrailerBytes) return false;
+    for (const auto& f : files) {
+      if (f.generation != generation || f.bytes != image.size()) continue;
+      auto file = persist::FileStore::map(f.path, image.size(), *fs_for_reads());
+      if (!file) return false;
+      const std::span<const unsigned char> bytes = file->span();
+      const std::size_t t = image.size() - snapshot::kTrailerBytes;
+      return bytes.size() == image.size() &&
+             std::memcmp(bytes.data() + t, image.data() + t, snapshot::kTrailerBytes) == 0;
+    }
+    return false;
   }
 
   // ----------------------------------------------------------- the thread

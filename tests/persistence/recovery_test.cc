@@ -1172,6 +1172,39 @@ TEST(RecoveryTest, SharedMemoryImageFailingItsChecksumFallsBackToDisk) {
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
+// After a clean stop both stores hold the final generation; recovery takes
+// the shared-memory copy (the tie's rule), and its jobs are durable all the
+// same: the generation file holds the same image. Before, health() counted
+// them at risk until the next disk generation.
+TEST(RecoveryTest, JobsFromSharedMemoryAreDurableWhenTheSameGenerationIsOnDisk) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  std::uint64_t generation = 0;
+  {
+    auto e = Engine::open(o);
+    ASSERT_TRUE(IsOk(e));
+    auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
+    ASSERT_TRUE(IsOk(h));
+    ASSERT_TRUE(IsOk(e->start()));
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(IsOk(e->submit(*h, "x", {.delay = std::chrono::hours(1)})));
+    ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+    generation = e->health().last_snapshot_generation;
+  }
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.source, "shm:" + shm.name);
+  EXPECT_EQ(started->recovery.generation, generation);
+  EXPECT_EQ(started->recovery.delayed, 3u);
+  const Health h = e->health();
+  EXPECT_EQ(h.at_risk, 0u) << "the recovered jobs are in a durable generation file already";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+}
+
 // A segment whose active slot is a committed image of 0 bytes (with the
 // checksum of no bytes: damage, or another writer) is skipped as truncated,
 // and recovery takes the disk generation. It crashed open() before (a null
