@@ -814,16 +814,24 @@ Result<std::unique_ptr<Persistence>> make_persistence(
       const std::string why(store.status().message());
       std::string kept = options.dir + "/damaged-shm-" + options.shm_name + "-" +
                          std::to_string(wall_now_ns()) + ".bin";
-      if (!copy_private(("/dev/shm/" + options.shm_name).c_str(), kept.c_str())) kept.clear();
+      // Only once its bytes are safe: the damage may be in a part of the
+      // control block that leaves a newer image than the disk's readable to
+      // an operator. Kept nowhere (no space, a quota), it is left as it is,
+      // and open() fails as without a disk store.
+      if (!copy_private(("/dev/shm/" + options.shm_name).c_str(), kept.c_str())) {
+        return Status(StatusCode::kCorruption,
+                      "shared-memory segment " + options.shm_name + " is damaged (" + why +
+                          ") and its bytes could not be kept in " + options.dir +
+                          ": left as it is for an operator (copy /dev/shm/" + options.shm_name +
+                          " away, or remove it to recover from " + options.dir + ")");
+      }
       if (log) {
         log(LogLevel::kWarning, "shared-memory segment " + options.shm_name + " is damaged (" + why +
-                                    "); " + (kept.empty() ? "its bytes could not be kept"
-                                                          : "its bytes are kept in " + kept) +
+                                    "); its bytes are kept in " + kept +
                                     "; replacing it and recovering from " + options.dir);
       }
       if (Status removed = persist::ShmStore::remove(options.shm_name); !removed.ok()) return removed;
-      replaced.push_back({"shm:" + options.shm_name, 0,
-                          why + (kept.empty() ? std::string() : " (bytes kept in " + kept + ")")});
+      replaced.push_back({"shm:" + options.shm_name, 0, why + " (bytes kept in " + kept + ")"});
       store = persist::ShmStore::open_or_create(options.shm_name, kInitialShmBytes);
     }
     if (!store) return store.status();

@@ -1277,6 +1277,53 @@ TEST(RecoveryTest, HalfWrittenSegmentIsReinitialisedAndRecoveryUsesTheDisk) {
 // and a later open() recovers from them.
 // A damaged segment of ours is replaced (recovery uses the disk); one that is
 // not ours, or not a plain 0600 file, fails open() naming it.
+// A damaged segment is replaced only once its bytes are kept in the
+// directory: when they cannot be (here a file-size limit makes the copy
+// fail), open() fails naming it and the segment is left as it was. Before,
+// it was removed anyway, and with it an image that may have been newer than
+// the disk's.
+TEST(RecoveryTest, ADamagedSegmentWhoseBytesCannotBeKeptIsLeftAndOpenFails) {
+  TempDir tmp;
+  ShmCleanup shm{unique_shm_name()};
+  LeaveSnapshotOfPendingJobs(tmp.dir(), shm.name, 2);
+  if (::testing::Test::HasFatalFailure()) return;
+  const std::string seg_path = "/dev/shm/" + shm.name;
+  std::vector<unsigned char> seg = ReadFile(seg_path);
+  ASSERT_GE(seg.size(), 8192u);
+  std::mt19937_64 rng(7);
+  for (std::size_t i = 0; i < 256; ++i) seg[i] = static_cast<unsigned char>(rng());
+  WriteFile(seg_path, seg);
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm.name;
+  // In a child: the limit is the process's. Exit codes say what went wrong.
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::signal(SIGXFSZ, SIG_IGN);  // a write past the limit fails with EFBIG instead
+    const struct rlimit limit{4096, 4096};
+    if (::setrlimit(RLIMIT_FSIZE, &limit) != 0) ::_exit(2);
+    auto e = Engine::open(o);
+    if (e.ok()) ::_exit(3);
+    if (e.status().code() != StatusCode::kCorruption) ::_exit(4);
+    if (e.status().message().find("could not be kept") == std::string_view::npos) ::_exit(5);
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "3: opened, 4: another code, 5: another message";
+  EXPECT_EQ(ReadFile(seg_path), seg) << "the segment was replaced though its bytes were not kept";
+  // Removed by hand, the next open recovers from disk.
+  ASSERT_EQ(::unlink(seg_path.c_str()), 0);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 2u);
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 TEST(RecoveryTest, UntrustedSegmentFailsOpenNamingItAndLeavesTheDiskIntact) {
   enum class Damage { kGarbage, kMode0644, kSymlink };
   for (const Damage damage : {Damage::kGarbage, Damage::kMode0644, Damage::kSymlink}) {
