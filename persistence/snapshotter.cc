@@ -560,11 +560,17 @@ class Snapshotter final : public Persistence {
     const bool to_file = to_disk && disk_;
     if (to_file) {
       disk_failure = !refused.ok() ? refused : disk_->publish(generation, image);
+      // From here on a published generation is recorded as published:
+      // nothing on the success path may throw (out_of_memory() would count
+      // it failed). The path is best effort.
       if (disk_failure.ok()) {
         char name[64];
         std::snprintf(name, sizeof(name), "/gen-%020llu.jobsnap",
                       static_cast<unsigned long long>(generation));
-        info.path = disk_->dir() + name;
+        try {
+          info.path = disk_->dir() + name;
+        } catch (const std::bad_alloc&) {
+        }
       }
     }
     info.took = std::chrono::duration_cast<nanoseconds>(steady_clock::now() - t0);
@@ -572,9 +578,18 @@ class Snapshotter final : public Persistence {
     const bool disk_ok = to_file && disk_failure.ok();
     {
       std::lock_guard<std::mutex> lock(error_mu_);
-      const std::string label = "generation " + std::to_string(generation) + ": ";
-      if (in_place) shm_error_ = shm_ok ? std::string() : label + shm_failure.to_string();
-      if (to_file) disk_error_ = disk_ok ? std::string() : label + disk_failure.to_string();
+      // Text only for a failure (a success clears without allocating).
+      const auto label = [generation](const Status& f) {
+        return "generation " + std::to_string(generation) + ": " + f.to_string();
+      };
+      if (in_place) {
+        if (shm_ok) shm_error_.clear();
+        else shm_error_ = label(shm_failure);
+      }
+      if (to_file) {
+        if (disk_ok) disk_error_.clear();
+        else disk_error_ = label(disk_failure);
+      }
       error_present_.store(!shm_error_.empty() || !disk_error_.empty(), std::memory_order_release);
     }
     for (const Status* f : {&shm_failure, &disk_failure}) {
@@ -599,9 +614,12 @@ class Snapshotter final : public Persistence {
       last_durable_generation_.store(generation, std::memory_order_relaxed);
       last_durable_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
       accepted_at_durable_.store(accepted, std::memory_order_relaxed);
-      log(LogLevel::kDebug, "snapshot generation " + std::to_string(generation) + ": " +
-                                std::to_string(jobs) + " jobs, " + std::to_string(info.bytes) +
-                                " bytes, durable in " + info.path);
+      try {
+        log(LogLevel::kDebug, "snapshot generation " + std::to_string(generation) + ": " +
+                                  std::to_string(jobs) + " jobs, " + std::to_string(info.bytes) +
+                                  " bytes, durable in " + info.path);
+      } catch (const std::bad_alloc&) {
+      }
     }
     // What the caller asked for decides: a disk generation (snapshot_now(),
     // final and periodic disk snapshots) is the result when one was asked
