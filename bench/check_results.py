@@ -65,7 +65,12 @@ def main(argv):
         except (OSError, ValueError) as err:
             problems.append(f"{path}: {err}")
             continue
-        benchmarks = data.get("benchmarks", [])
+        # Valid JSON of another shape is a problem to report, not a traceback.
+        benchmarks = data.get("benchmarks", []) if isinstance(data, dict) else None
+        if not isinstance(benchmarks, list) or not all(isinstance(b, dict) for b in benchmarks):
+            problems.append(f"{path}: not Google Benchmark output (an object with a list "
+                            "of benchmark objects)")
+            continue
         names = [b.get("run_name", b.get("name", "")) for b in benchmarks]
         for prefix in prefixes:
             if not any(n.startswith(prefix) for n in names):

@@ -8,7 +8,10 @@
 #
 #   --full        (default) every benchmark, repetitions; a few minutes on 2 cores
 #   --quick       CI smoke: small sizes, one repetition; well under a minute
-#   --out DIR     results directory (default build/bench-results/<UTC timestamp>-<mode>)
+#   --out DIR     results directory (default build/bench-results/<UTC timestamp>-<mode>);
+#                 when reused, the files an earlier run.sh wrote there are deleted
+#                 first (report.py reads every *.json in it), and a directory
+#                 holding other *.json files is refused
 #   --no-build    use the binaries already in the build directory
 #   --build-dir DIR  where the binaries are (default build/release, the preset's,
 #                 which the build step configures); without --no-build, DIR must
@@ -34,7 +37,7 @@ build_dir="$root/build/release"
 check=0
 only=""
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -90,6 +93,21 @@ fi
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
+# A reused --out (the CI smoke reuses one): report.py reads every *.json in it,
+# so an earlier run's parts would show in this run's report (stale results of
+# parts --only left out, another mode's sizes). run.sh's own files go (below,
+# once the binaries are there); a *.json it did not write stops it now.
+foreign=()
+for f in "$out"/*.json; do
+  [ -e "$f" ] || continue
+  [[ " ${parts[*]} " == *" $(basename "$f" .json) "* ]] || foreign+=("$f")
+done
+if [ ${#foreign[@]} -gt 0 ]; then
+  echo "run.sh: --out $out holds JSON files run.sh did not write (${foreign[*]});" \
+    "report.py would read them with this run's results: move them or pick another --out" >&2
+  exit 2
+fi
+
 bench_targets=(jobengine_bench jobengine_bench_nometrics jobengine_snapshot_bench
   jobengine_memory_bench)
 if [ "$build" = 1 ]; then
@@ -112,8 +130,12 @@ for b in "${bench_targets[@]}"; do
 done
 
 # ---- sizes per mode (each binary documents its variables) ----------------------
+# Every size variable the binaries read is set in both modes, full mode to the
+# binaries' defaults: one left over in the caller's environment (say
+# JOBENGINE_BENCH_SNAPSHOT_JOBS=20000) would shrink the 1M targets unseen.
 if [ "$mode" = quick ]; then
   export JOBENGINE_BENCH_JOBS=100000
+  export JOBENGINE_BENCH_CAPACITY=65536
   export JOBENGINE_BENCH_SWEEP=quick
   export JOBENGINE_BENCH_SWEEP_JOBS=10000
   export JOBENGINE_BENCH_LATENCY_SAMPLES=2000
@@ -135,9 +157,18 @@ if [ "$mode" = quick ]; then
   sweep_min_time=()
 else
   export JOBENGINE_BENCH_JOBS=1000000
+  export JOBENGINE_BENCH_CAPACITY=65536
   export JOBENGINE_BENCH_SWEEP=full
   export JOBENGINE_BENCH_SWEEP_JOBS=100000
+  export JOBENGINE_BENCH_LATENCY_SAMPLES=20000
+  export JOBENGINE_BENCH_OPEN_MS=250
+  export JOBENGINE_BENCH_OPEN_MIN_SAMPLES=20000
+  export JOBENGINE_BENCH_OPEN_PEAK_JOBS=200000
+  export JOBENGINE_BENCH_SNAPSHOT_JOBS=1000000
+  export JOBENGINE_BENCH_SHM_PENDING=100000
+  export JOBENGINE_BENCH_SUBMITS=1000000
   export JOBENGINE_BENCH_PENDING_MAX=1000000
+  export JOBENGINE_BENCH_MEMORY_JOBS=100000
   export JOBENGINE_BENCH_DELAYED=1000000
   export JOBENGINE_BENCH_DELAYED_ITERATIONS=3
   export JOBENGINE_BENCH_CANCELS=200
@@ -149,7 +180,23 @@ else
 fi
 export JOBENGINE_BENCH_DIR="${JOBENGINE_BENCH_DIR:-${TMPDIR:-/tmp}}"
 
+# ---- the previous run's files ------------------------------------------------------
+# Every name run.sh writes, whichever parts ran then or run now (see --out).
+rm -f "$out"/{report.md,plots.gp,machine.txt,openloop.dat,pending.dat,memory.dat} \
+  "$out"/sweep_*B.dat "$out"/{throughput_vs_threads,latency_vs_load,snapshot_vs_pending,memory_vs_payload}.png
+for name in "${parts[@]}"; do
+  rm -f "$out/$name.json" "$out/$name.log" "$out/$name-rounds"/{on,off}-*.json
+  rmdir "$out/$name-rounds" 2>/dev/null || true
+done
+
 # ---- the machine ----------------------------------------------------------------
+# systemd-detect-virt prints "none" and exits 1 when there is no such layer;
+# "unknown" only when it cannot tell (not installed).
+detect_virt() {
+  local v
+  v="$(systemd-detect-virt "$1" 2>/dev/null)" || true
+  echo "${v:-unknown}"
+}
 cache="$build_dir/CMakeCache.txt"
 cache_get() { sed -n "s/^$1:[A-Z]*=//p" "$cache" 2>/dev/null | head -n1; }
 cxx="$(cache_get CMAKE_CXX_COMPILER)"
@@ -159,12 +206,16 @@ flags="$(cache_get CMAKE_CXX_FLAGS) $(cache_get "CMAKE_CXX_FLAGS_$build_type_uc"
 {
   echo "cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
   echo "cpus_online=$(getconf _NPROCESSORS_ONLN)"
-  echo "cpus_allowed=$(nproc)"
+  # The binaries pin by sched_getaffinity; nproc would honour OMP_NUM_THREADS.
+  echo "cpus_allowed=$(python3 -c 'import os; print(len(os.sched_getaffinity(0)))')"
   echo "cpus_allowed_list=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
   echo "kernel=$(uname -r)"
   echo "arch=$(uname -m)"
   echo "os=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}")"
-  echo "virtualization=$(systemd-detect-virt 2>/dev/null || echo unknown)"
+  # Both layers: plain systemd-detect-virt names the innermost only (docker
+  # on a KVM guest).
+  echo "virtualization_vm=$(detect_virt --vm)"
+  echo "virtualization_container=$(detect_virt --container)"
   echo "memory=$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
   echo "compiler=$("${cxx:-c++}" --version 2>/dev/null | head -n1)"
   echo "build_type=$build_type"
