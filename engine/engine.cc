@@ -352,9 +352,8 @@ struct alignas(kCacheLine) WorkerState {
   // as stuck at (0: no deadline).
   std::atomic<std::uint64_t> running_id{0};
   std::atomic<std::uint64_t> run_deadline{0};
-  // run_at ticks of the first job of the last batch dequeued (the oldest job
-  // still pending in it), for Health::oldest_pending_age (0 once the queues
-  // looked empty).
+  // run_at ticks of the oldest job waiting in this worker's batch (dequeued,
+  // not started), for Health::oldest_pending_age; 0 while none waits.
   std::atomic<std::uint64_t> head_ticks{0};
   alignas(kCacheLine) std::atomic<std::uint64_t> announce{0};  // I5, 0 = not stamping
 };
@@ -481,6 +480,13 @@ class Engine::Impl final : public detail::CutSource {
       return Status(StatusCode::kInvalidArgument,
                     "handler name must be 1.." + std::to_string(kMaxHandlerName) +
                         " bytes, got " + std::to_string(name.size()));
+    }
+    if (const std::size_t bad = detail::invalid_utf8_at(name); bad != name.size()) {
+      char byte[8];
+      std::snprintf(byte, sizeof byte, "0x%02x", static_cast<unsigned>(static_cast<unsigned char>(name[bad])));
+      return Status(StatusCode::kInvalidArgument,
+                    "handler name must be valid UTF-8 (metrics, logs and jobsnap show it as "
+                    "text): byte " + std::to_string(bad) + " (" + byte + ") is not");
     }
     if (!handler) {
       return Status(StatusCode::kInvalidArgument,
@@ -613,6 +619,7 @@ class Engine::Impl final : public detail::CutSource {
     // also after a start() that failed.
     sched_cancelled_by_handler_ =
         std::make_unique<std::atomic<std::uint64_t>[]>(handlers_.size());
+    poisoned_by_handler_ = std::make_unique<std::atomic<std::uint64_t>[]>(handlers_.size());
     RecoveryReport recovery = recovery_;
     if (Status restored = restore(recovery); !restored.ok()) {
       // Part of the snapshot may be in the table and queues already: a
@@ -1466,8 +1473,8 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     if (options_.dead_growth_window.count() > 0) {
-      const std::int64_t last = last_dead_at_ns_.load(std::memory_order_relaxed);
-      const std::int64_t ago = wall_now_ns() - last;
+      const std::int64_t last = last_dead_steady_ns_.load(std::memory_order_relaxed);
+      const std::int64_t ago = Clock::steady_ns() - last;
       if (last != 0 && ago < std::chrono::nanoseconds(options_.dead_growth_window).count()) {
         h.reasons.push_back("dead-letter set growing: " + std::to_string(h.dead_total) +
                             " dead in all, the newest " + std::to_string(ago / 1000000) + " ms ago");
@@ -1519,6 +1526,7 @@ class Engine::Impl final : public detail::CutSource {
       }
       for (std::size_t i = 0; i < handlers_.size(); ++i) {
         m.handlers[i].cancelled += sched_cancelled_by_handler_[i].load(std::memory_order_relaxed);
+        m.handlers[i].dead += poisoned_by_handler_[i].load(std::memory_order_relaxed);
       }
     }
     for (std::uint8_t p = 0; p < kPriorityLevels; ++p) m.pending[p] = h.depth[p];
@@ -2071,10 +2079,6 @@ class Engine::Impl final : public detail::CutSource {
     };
     for (std::size_t i = 0; i < n && i < kRunAhead; ++i) prefetch_slot(batch[i]);
     RunClock clock{Clock::ticks(), true};
-    // The batch's first job is the oldest one pending now (its line is the
-    // first this batch needs anyway; the last one's would be a miss of its own).
-    w.head_ticks.store(table_.slot(batch[0]).run_at_ticks.load(std::memory_order_relaxed),
-                       std::memory_order_relaxed);
     for (std::size_t i = 0; i < n; ++i) {
       if (exit_now_.load(std::memory_order_relaxed)) [[unlikely]] {
         // stop(kSnapshotAndExit): the rest of this batch stays queued in the
@@ -2096,6 +2100,12 @@ class Engine::Impl final : public detail::CutSource {
         return;
       }
       if (i + kRunAhead < n) prefetch_slot(batch[i + kRunAhead]);
+      // The oldest job still waiting in this batch: the next one (its line
+      // is prefetched, and the store goes to this worker's own line), 0 for
+      // the last, so that a long handler's own job never reads as waiting.
+      w.head_ticks.store(i + 1 < n ? table_.slot(batch[i + 1]).run_at_ticks.load(std::memory_order_relaxed)
+                                   : 0,
+                         std::memory_order_relaxed);
       run_one(w, batch[i], clock);
       // A magazine's worth of retired slots goes back as soon as the job that
       // completed it is done: before the next handler runs, however long that
@@ -2515,10 +2525,9 @@ class Engine::Impl final : public detail::CutSource {
     const JobId id = s.id();
     detail::DeadJob d;
     if (options_.max_dead != 0) d = dead_job(s, reason, error);
-    const std::int64_t dead_at_ns = options_.max_dead != 0 ? d.dead_at_ns : wall_now_ns();
     std::lock_guard<std::mutex> lock(dead_mu_);
     push_dead_locked(std::move(d));
-    note_dead(dead_at_ns);
+    note_dead();
     if (auto* hook = detail::g_dead_letter_in.load(std::memory_order_relaxed)) [[unlikely]] {
       hook(id);
     }
@@ -2543,9 +2552,11 @@ class Engine::Impl final : public detail::CutSource {
     return d;
   }
 
-  void note_dead(std::int64_t dead_at_ns) {
+  // A job died now. Timed on the steady clock: health()'s "growing" window
+  // must not stretch or shrink when the wall clock is stepped.
+  void note_dead() {
     dead_total_.fetch_add(1, std::memory_order_relaxed);
-    last_dead_at_ns_.store(dead_at_ns, std::memory_order_relaxed);
+    last_dead_steady_ns_.store(Clock::steady_ns(), std::memory_order_relaxed);
   }
 
   // Under dead_mu_: removes one letter (requeue_dead, drop_dead).
@@ -3121,7 +3132,7 @@ class Engine::Impl final : public detail::CutSource {
       d.deadline_ns = j.deadline_ns;
       // A job quarantined now (no handler, poison) died in this life: it
       // counts in dead_total and health()'s "dead letters growing".
-      if (j.state != snapshot::JobState::kDead) note_dead(d.dead_at_ns);
+      if (j.state != snapshot::JobState::kDead) note_dead();
       dead_.push_back(std::move(d));
     };
     // Count first: a snapshot holding more live jobs than the table is an
@@ -3216,6 +3227,7 @@ class Engine::Impl final : public detail::CutSource {
         continue;
       }
       if (rec > options_.snapshot.max_recoveries) {
+        bump(poisoned_by_handler_[*map[j.handler]]);  // it became dead in this life
         keep_dead(j, rec, snapshot::DeadReason::kPoison,
                   "poison job: running at " + std::to_string(rec) +
                               " crashes (at a snapshot's cut that a crash followed, or when "
@@ -3473,7 +3485,7 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<std::uint64_t> dead_count_{0};
   std::atomic<std::uint64_t> dead_total_{0};
   std::atomic<std::uint64_t> dead_discarded_{0};
-  std::atomic<std::int64_t> last_dead_at_ns_{0};
+  std::atomic<std::int64_t> last_dead_steady_ns_{0};  // Clock::steady_ns() of the newest death
 
   // Unique keys of pending jobs -> their ids.
   std::mutex keys_mu_;
@@ -3502,6 +3514,9 @@ class Engine::Impl final : public detail::CutSource {
   std::atomic<std::uint64_t> sched_cancelled_{0};
   // The same per handler (sized at start(), written by the scheduler only).
   std::unique_ptr<std::atomic<std::uint64_t>[]> sched_cancelled_by_handler_;
+  // Per handler: jobs start() quarantined as poison (dead in this life, as
+  // failed ones are; jobengine_jobs_dead_total counts both).
+  std::unique_ptr<std::atomic<std::uint64_t>[]> poisoned_by_handler_;
   std::atomic<std::uint64_t> sched_dropped_{0};
   alignas(kCacheLine) detail::LatencyHistogram lateness_;  // scheduler-written
   std::vector<Timer> sched_left_;               // after the scheduler stopped: still scheduled

@@ -369,6 +369,15 @@ void json_histogram(std::string& out, std::string_view key, const HistogramData&
 
 }  // namespace
 
+std::size_t invalid_utf8_at(std::string_view s) noexcept {
+  for (std::size_t i = 0; i < s.size();) {
+    const std::size_t n = utf8_sequence_length(s, i);
+    if (n == 0) return i;
+    i += n;
+  }
+  return s.size();
+}
+
 // ---- HistogramData / LatencyHistogram ------------------------------------------
 
 void HistogramData::merge(const HistogramData& other) noexcept {

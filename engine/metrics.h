@@ -169,4 +169,10 @@ std::string format_prometheus(const MetricsData& m);
 // per histogram count, sum_ns and p50/p90/p99/p999/max in ns (integers).
 std::string format_json(const MetricsData& m);
 
+// The offset of the first byte of `s` that is not valid UTF-8 (RFC 3629),
+// or s.size() when all of it is. register_handler() refuses such names: two
+// of them could show as one name in every series (invalid bytes become
+// U+FFFD there).
+std::size_t invalid_utf8_at(std::string_view s) noexcept;
+
 }  // namespace jobengine::detail

@@ -282,7 +282,9 @@ class Snapshotter final : public Persistence {
   SnapshotHealth health() const override {
     SnapshotHealth h;
     const std::int64_t now = Clock::steady_ns();
-    h.last_generation = last_generation_.load(std::memory_order_relaxed);
+    // Acquire: the generation is stored last (release), so its cut time is
+    // there too; a first generation seen without it read as an age since boot.
+    h.last_generation = last_generation_.load(std::memory_order_acquire);
     // The later of the cut and the last time nothing had changed since it
     // (confirm_unchanged()).
     const std::int64_t cut = std::max(last_cut_steady_ns_.load(std::memory_order_relaxed),
@@ -290,7 +292,7 @@ class Snapshotter final : public Persistence {
     if (h.last_generation != 0) h.last_age = nanoseconds(now - cut);
     h.last_duration = nanoseconds(last_duration_ns_.load(std::memory_order_relaxed));
     h.last_bytes = last_bytes_.load(std::memory_order_relaxed);
-    h.last_durable_generation = last_durable_generation_.load(std::memory_order_relaxed);
+    h.last_durable_generation = last_durable_generation_.load(std::memory_order_acquire);  // as above
     if (h.last_durable_generation != 0) {
       const std::int64_t durable_cut =
           std::max(last_durable_cut_steady_ns_.load(std::memory_order_relaxed),
@@ -605,15 +607,16 @@ class Snapshotter final : public Persistence {
     if (to_file) disk_changes_ = disk_ok ? changes : kNever;
     if (shm_ok || disk_ok) {
       newest_changes_ = changes;
-      last_generation_.store(generation, std::memory_order_relaxed);
       last_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
       last_duration_ns_.store(info.took.count(), std::memory_order_relaxed);
       last_bytes_.store(info.bytes, std::memory_order_relaxed);
+      // Last, with release: health() acquires it and then reads the above.
+      last_generation_.store(generation, std::memory_order_release);
     }
     if (disk_ok) {
-      last_durable_generation_.store(generation, std::memory_order_relaxed);
       last_durable_cut_steady_ns_.store(steady_at_cut, std::memory_order_relaxed);
       accepted_at_durable_.store(accepted, std::memory_order_relaxed);
+      last_durable_generation_.store(generation, std::memory_order_release);  // last, as above
       try {
         log(LogLevel::kDebug, "snapshot generation " + std::to_string(generation) + ": " +
                                   std::to_string(jobs) + " jobs, " + std::to_string(info.bytes) +

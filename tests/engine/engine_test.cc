@@ -309,6 +309,23 @@ TEST(EngineHandlerTest, NameOf255BytesIsAcceptedAnd256IsInvalidArgument) {
   EXPECT_TRUE(HasError(engine->handler_id(std::string(256, 'b')), StatusCode::kNotFound));
 }
 
+// Names are text: two names that differ only in bytes that are not UTF-8
+// would show as one handler in every metric series (U+FFFD), so they are
+// refused, naming the first bad byte.
+TEST(EngineHandlerTest, ANameThatIsNotUtf8IsInvalidArgument) {
+  auto engine = Engine::open(SmallOptions());
+  ASSERT_TRUE(IsOk(engine));
+  std::atomic<int> runs{0};
+  EXPECT_TRUE(HasError(engine->register_handler("job\xff", Counting(runs)),
+                       StatusCode::kInvalidArgument, "byte 3 (0xff)"));
+  EXPECT_TRUE(HasError(engine->register_handler("cut\xe2\x9c", Counting(runs)),
+                       StatusCode::kInvalidArgument, "byte 3 (0xe2)"));
+  EXPECT_TRUE(HasError(engine->register_handler("surrogate\xed\xa0\x80", Counting(runs)),
+                       StatusCode::kInvalidArgument, "byte 9"));
+  EXPECT_TRUE(IsOk(engine->register_handler("caf\xc3\xa9 \xe2\x9c\x93", Counting(runs))));
+  EXPECT_TRUE(IsOk(engine->register_handler("job\xef\xbf\xbd", Counting(runs))));
+}
+
 TEST(EngineHandlerTest, DuplicateNameIsAlreadyExists) {
   auto engine = Engine::open(SmallOptions());
   ASSERT_TRUE(IsOk(engine));
@@ -1905,6 +1922,49 @@ TEST(EngineHealthTest, HealthReflectsEachStage) {
   EXPECT_EQ(h.submitted, 10u);
   EXPECT_EQ(h.done, 10u);
   EXPECT_EQ(h.rejected, 0u);
+}
+
+// oldest_pending_age is the age of the oldest job waiting in a dequeued
+// batch: a job a worker is running is not waiting. A worker in a long last
+// job of its batch (here its only one) reports nothing; before, it kept the
+// running job's age, so young queued jobs read as old as the long run.
+TEST(EngineHealthTest, OldestPendingAgeIsOfAWaitingJobNotARunningOne) {
+  Gate first_gate;
+  Gate second_gate;
+  std::atomic<int> started{0};
+  std::atomic<int> runs{0};
+  EngineOptions o = SmallOptions();
+  o.capacity = 128;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(IsOk(engine));
+  GateOpener opener1(first_gate);
+  GateOpener opener2(second_gate);
+  auto first = engine->register_handler("first", Blocking(started, first_gate));
+  auto second = engine->register_handler("second", Blocking(started, second_gate));
+  auto count = engine->register_handler("count", Counting(runs));
+  ASSERT_TRUE(IsOk(first) && IsOk(second) && IsOk(count));
+  ASSERT_TRUE(IsOk(engine->start()));
+  ASSERT_TRUE(IsOk(engine->submit(*first, "a")));
+  ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; }));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // Queued behind the running job, submitted just now.
+  ASSERT_TRUE(IsOk(engine->submit(*second, "b")));
+  ASSERT_TRUE(IsOk(engine->submit(*count, "c")));
+  Health h = engine->health();
+  EXPECT_EQ(h.running, 1u);
+  EXPECT_LT(h.oldest_pending_age, std::chrono::milliseconds(150))
+      << "the running job's age was reported for the queued ones";
+  // The worker takes [b, c] in one batch and blocks in b: c waits in the
+  // batch, and with a job in the queue too the figure is c's age.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  first_gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return started.load() == 2; }));
+  ASSERT_TRUE(IsOk(engine->submit(*count, "d")));
+  h = engine->health();
+  EXPECT_GE(h.oldest_pending_age, std::chrono::milliseconds(150)) << "c's wait was not seen";
+  second_gate.open();
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 2; }));
+  ASSERT_TRUE(IsOk(engine->stop()));
 }
 
 TEST(EngineHealthTest, HealthCanBePolledWhileJobsRun) {

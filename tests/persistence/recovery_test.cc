@@ -835,6 +835,43 @@ TEST(RecoveryTest, JobRunningAtEveryCutIsQuarantinedAfterMaxRecoveries) {
   ASSERT_TRUE(IsOk(e->stop()));
 }
 
+// A job start() quarantines as poison became dead in this life: it counts
+// in its handler's jobengine_jobs_dead_total, as a failed job does (the
+// series counted failed jobs only).
+TEST(RecoveryTest, APoisonJobCountsInItsHandlersDeadTotal) {
+  TempDir tmp;
+  ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
+  snapshot::Header header;
+  header.generation = 1;
+  header.cut_epoch = 1;
+  header.wall_time_ns = 1'700'000'000'000'000'000;
+  header.next_job_id = 10;
+  snapshot::Encoder enc;
+  enc.begin(header);
+  enc.add_handler("img");
+  snapshot::JobRecord r;
+  r.id = 7;
+  r.handler = 0;
+  r.state = snapshot::JobState::kRunningAtCut;
+  r.recoveries = 3;  // running at a fourth cut: past max_recoveries (3)
+  r.attempts = 1;
+  r.submit_ns = header.wall_time_ns;
+  r.run_at_ns = header.wall_time_ns;
+  r.payload = "poison";
+  enc.add_job(r);
+  ASSERT_TRUE(WriteGenerationOne(tmp.dir(), enc.finish()));
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("img", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  ASSERT_EQ(started->recovery.poisoned, 1u);
+  const std::string text = e->metrics_text();
+  EXPECT_NE(text.find("jobengine_jobs_dead_total{handler=\"img\"} 1\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("jobengine_jobs_failed_total{handler=\"img\"} 0\n"), std::string::npos) << text;
+  ASSERT_TRUE(IsOk(e->stop()));
+}
+
 TEST(RecoveryTest, JobsOfAnUnregisteredHandlerAreKeptDeadNeverDropped) {
   TempDir tmp;
   {

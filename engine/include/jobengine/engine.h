@@ -203,8 +203,9 @@ struct Health {
   // dead letter); a worker waits and tries again rather than end the
   // process. While one waits, `reasons` names it and the job.
   std::uint64_t memory_waits = 0;
-  // Age of the oldest queued job, approximated by what the workers dequeued
-  // last (0 when nothing is queued).
+  // Age of the oldest queued job, approximated by the oldest job waiting in
+  // a worker's dequeued batch (0 when nothing is queued, or when no dequeued
+  // job waits: every worker is in the last job of its batch).
   std::chrono::nanoseconds oldest_pending_age{0};
   std::size_t queue_high_water = 0;
   std::size_t capacity = 0;
@@ -248,10 +249,11 @@ class Engine {
   // Stops a running engine with kDrain and joins its threads.
   ~Engine();
 
-  // Registers `handler` under `name` (1..255 bytes, stable across restarts:
-  // snapshots store it). Only before start(): kFailedPrecondition after.
-  // kAlreadyExists for a name taken; kInvalidArgument for a bad name or an
-  // empty handler; kFailedPrecondition past kMaxHandlers (32768) handlers.
+  // Registers `handler` under `name` (1..255 bytes of valid UTF-8, stable
+  // across restarts: snapshots store it). Only before start():
+  // kFailedPrecondition after. kAlreadyExists for a name taken;
+  // kInvalidArgument for a bad name (too long, empty, not UTF-8) or an empty
+  // handler; kFailedPrecondition past kMaxHandlers (32768) handlers.
   // Not thread-safe with other calls.
   Result<HandlerId> register_handler(std::string_view name, Handler handler);
   // The same with per-handler retry policy, attempts and deadline.
