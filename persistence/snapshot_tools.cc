@@ -717,8 +717,28 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
     if (Status s = check_shm_entry(request.shm, d); !s.ok()) return s;
   }
   // Nothing is created: the directory and the segment must exist already.
+  // Taking the directory's lock makes its LOCK file and sets its mode to
+  // 0700 (FileStore::open): a refused edit puts both back as they were
+  // (below), so that a refused command leaves nothing behind.
+  const std::string lock_path = request.dir + "/LOCK";
+  const bool lock_existed = fs().lstat(lock_path).ok();
+  const auto dir_before = fs().lstat(request.dir);
   auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
   if (!dir) return dir.status();
+  // Destroyed before `dir` (declared after it): undone under the lock.
+  struct UndoUnlessPublished {
+    bool published = false;
+    const std::string& lock_path;
+    bool lock_existed;
+    const std::string& dir;
+    std::optional<std::uint32_t> mode;
+    ~UndoUnlessPublished() {
+      if (published) return;
+      if (!lock_existed) (void)fs().unlink(lock_path);
+      if (mode && *mode != 0700) (void)fs().chmod(dir, *mode);
+    }
+  } undo{false, lock_path, lock_existed, request.dir,
+         dir_before.ok() ? std::optional<std::uint32_t>(dir_before.value.mode) : std::nullopt};
   std::unique_ptr<persist::ShmStore> shm;
   if (!request.shm.empty()) {
     auto s = lock_shm(request.shm, d, /*create=*/false);
@@ -779,6 +799,7 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   if (Status s = (*dir)->publish(*generation, *image); !s.ok()) {
     return fail(d, Failure::kIoError, s);
   }
+  undo.published = true;
   report.path = generation_path((*dir)->dir(), *generation);
   if (shm) {
     if (Status s = shm->publish(*generation, *image); !s.ok()) {
@@ -970,6 +991,17 @@ Result<Image> load(const Source& source, Diagnosis* d) {
     if (!info.ok() && info.error == ENOENT) {
       return fail(d, Failure::kNotFound, StatusCode::kNotFound,
                   "snapshot directory " + source.path + " does not exist");
+    }
+    // Where a directory is expected, a symlink or a FIFO is refused input
+    // (as check_dir says); only a plain file given with them is a usage error.
+    if (info.ok() && info.value.kind == FileInfo::Kind::kSymlink) {
+      return fail(d, Failure::kRefusedInput, StatusCode::kInvalidArgument,
+                  "snapshot directory " + source.path + " is a symlink; refusing to follow it");
+    }
+    if (info.ok() && info.value.kind != FileInfo::Kind::kRegular) {
+      return fail(d, Failure::kRefusedInput, StatusCode::kInvalidArgument,
+                  "snapshot directory " + source.path + " is not a directory (it is " +
+                      kind_text(info.value.kind) + ")");
     }
     return fail(d, Failure::kUsage, StatusCode::kInvalidArgument,
                 source.path + " is not a directory: --generation and --shm go with a directory");

@@ -2277,7 +2277,120 @@ TEST(JobsnapCliTest, AWriteCommandWhoseReportIsLostSaysItsChangeWasMade) {
   EXPECT_FALSE(Contains(r.err, "itself succeeded")) << r;
 }
 
+// stdout a closed pipe (`jobsnap drop ... | head -0`): the write command's
+// EPIPE is reported like any lost report (exit 74, and that its change was
+// made). Before, SIGPIPE ended it silently with 141.
+TEST(JobsnapCliTest, AWriteCommandIntoAClosedPipeSaysItsChangeWasMade) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2)});
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  ::close(fds[0]);  // no reader: a write gets EPIPE (or SIGPIPE)
+  char err_tmpl[] = "/tmp/jobsnap-test-err-XXXXXX";
+  const int err_fd = ::mkstemp(err_tmpl);
+  ASSERT_GE(err_fd, 0);
+  std::vector<std::string> argv_s = {JOBSNAP_PATH, "drop", tmp.snap(), "2"};
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::signal(SIGPIPE, SIG_DFL);  // as a shell starts it
+    if (::dup2(fds[1], 1) < 0 || ::dup2(err_fd, 2) < 0) ::_exit(kChildSetupFailed);
+    ::alarm(kChildSeconds);
+    ::execv(argv[0], argv.data());
+    ::_exit(kChildCannotExec);
+  }
+  ::close(fds[1]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ::close(err_fd);
+  const std::string err = Slurp(err_tmpl);
+  ::unlink(err_tmpl);
+  ASSERT_TRUE(WIFEXITED(status)) << "ended by signal " << WTERMSIG(status) << ": " << err;
+  EXPECT_EQ(WEXITSTATUS(status), kIoError) << err;
+  EXPECT_TRUE(Contains(err, "the command itself succeeded: dropped job")) << err;
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 2))), std::set<JobId>{1});
+}
+
+// A refused requeue or drop leaves the directory as it was: no LOCK file
+// made, its mode untouched (taking the lock made LOCK and set 0700).
+TEST(JobsnapEditTest, ARefusedEditLeavesNoLockAndKeepsTheDirectorysMode) {
+  TempDir tmp;
+  const std::string dir = tmp.path() + "/open";
+  ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);  // whatever the umask
+  PutGeneration(dir, 3, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  // The files in it (the directory's own times move: LOCK came and went).
+  const auto files = [&dir] {
+    auto f = Fingerprint(dir);
+    f.erase(".");
+    return f;
+  };
+  const auto before = files();
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"drop", dir, "99"},        // not found
+           {"requeue", dir, "8"},      // not dead
+           {"drop", dir, "7", "--shm", UniqueShmName()}}) {  // no such segment
+    auto r = Jobsnap(args);
+    EXPECT_NE(r.code, kOk) << r;
+    EXPECT_EQ(files(), before) << r;
+    EXPECT_FALSE(fs::exists(dir + "/LOCK")) << r;
+    struct stat st{};
+    ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0755u) << r;
+  }
+  // One that goes through takes the directory as an engine would (0700, LOCK).
+  auto ok = Jobsnap({"drop", dir, "7"});
+  ASSERT_EQ(ok.code, kOk) << ok;
+  EXPECT_TRUE(fs::exists(dir + "/LOCK"));
+}
+
 // ---- the command line ----------------------------------------------------------------
+
+// An option whose value was left out does not take the next option as it.
+TEST(JobsnapCliTest, AMissingOptionValueIsAUsageErrorNotTheNextOption) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  auto r = Jobsnap({"dump", tmp.snap(), "--handler", "--json"});
+  EXPECT_EQ(r.code, kUsage) << r;
+  EXPECT_TRUE(Contains(r.err, "a value is missing")) << r;
+  r = Jobsnap({"restore", tmp.snap(), "--from-file", "--json"});
+  EXPECT_EQ(r.code, kUsage) << r;
+}
+
+// A symlink where a directory is expected is refused input (6), with -g or
+// --shm as without them; a plain file given with them stays a usage error.
+TEST(JobsnapCliTest, ASymlinkGivenAsADirectoryIsRefusedWithGenerationOrShm) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  const std::string link = tmp.path() + "/link";
+  ASSERT_EQ(::symlink(tmp.snap().c_str(), link.c_str()), 0);
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"inspect", link, "-g", "1"},
+           {"verify", link, "-g", "1"},
+           {"inspect", link, "--shm", UniqueShmName()},
+           {"restore", link, "-g", "1"}}) {
+    auto r = Jobsnap(args);
+    EXPECT_EQ(r.code, kRefusedInput) << r;
+    EXPECT_TRUE(Contains(r.err, "symlink")) << r;
+  }
+  auto r = Jobsnap({"inspect", GenPath(tmp.snap(), 1), "-g", "1"});
+  EXPECT_EQ(r.code, kUsage) << r;
+}
+
+// dump --json prints JSON lines; an error is one line too, so a reader
+// that parses line by line reads it.
+TEST(JobsnapCliTest, ADumpErrorWithJsonIsOneLine) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1)});
+  auto r = Jobsnap({"dump", "--json", tmp.snap(), "-g", "99"});
+  EXPECT_EQ(r.code, kNotFound) << r;
+  auto lines = ParseJsonLines(r);
+  ASSERT_EQ(lines.size(), 1u) << r;
+  EXPECT_EQ(lines[0]["error"]["exit_code"], kNotFound);
+}
 
 TEST(JobsnapCliTest, HelpOnEveryCommandExitsZero) {
   auto r = Jobsnap({"--help"});

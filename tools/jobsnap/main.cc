@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -323,7 +324,9 @@ void print_json_error(st::Failure f, const std::string& msg, const st::Diagnosis
   json e{{"error", {{"class", std::string(st::failure_name(f))}, {"exit_code", exit_code(f)},
                     {"message", msg}}}};
   if (d.has_offset) e["error"]["offset"] = d.offset;
-  std::cout << dump_pretty(e) << "\n";
+  // One line: a document to the commands that print one, and a line like
+  // the others to dump's JSON lines.
+  std::cout << dump_json(e) << "\n";
 }
 
 // Prints a failure (stderr; with --json also as an object on stdout) and
@@ -751,6 +754,15 @@ int run(int argc, char** argv) {
         return s.ok() ? std::string() : std::string(s.message());
       },
       "", "shm-name");
+  // A value that starts like an option is an option whose value was left
+  // out (`--handler --json` filtered on a handler named "--json"): a usage
+  // error. (A file whose name starts with '-' is given as ./-name.)
+  const CLI::Validator not_an_option(
+      [](std::string& value) -> std::string {
+        if (value.empty() || value[0] != '-') return {};
+        return "a value is missing (" + value + " is an option)";
+      },
+      "", "value");
   const CLI::Validator gen_validator =
       CLI::Range(std::uint64_t{1}, UINT64_MAX).description("at least 1");
 
@@ -794,6 +806,7 @@ int run(int argc, char** argv) {
               "base64: see payload_encoding)");
   add_source(dump);
   dump->add_option("--handler", filter.handlers, "Only jobs of this handler (repeatable)")
+      ->check(not_an_option)
       ->type_name("NAME");
   dump->add_option("--state", filter.states, "Only jobs in this state (repeatable)")
       ->check(CLI::IsMember({"pending", "running-at-cut", "delayed", "waiting-retry", "dead"}));
@@ -846,6 +859,7 @@ int run(int argc, char** argv) {
           ->type_name("NAME");
   auto* from_file_opt =
       restore->add_option("--from-file", restore_from_file, "Restore this snapshot file into DIR")
+          ->check(not_an_option)
           ->type_name("FILE");
   auto* to_shm_opt = restore->add_option("--to-shm", restore_to_shm,
                                          "Write the chosen snapshot into this segment only")
@@ -1002,6 +1016,9 @@ int finish_stdout(int code) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A closed stdout is an EPIPE that finish_stdout() reports (exit 74, and
+  // for a write command that its change was made), not a silent death.
+  std::signal(SIGPIPE, SIG_IGN);
   int code = kExitInternal;
   try {
     code = run(argc, argv);
