@@ -2441,11 +2441,7 @@ class Engine::Impl final : public detail::CutSource {
       if (error.empty()) error = "handler returned kFail";
       log_job_with(LogLevel::kWarning, s, h, [&] { return "failed: " + std::string(error); });
     }
-    die(w, idx, snapshot::DeadReason::kFailed, error);
-    // After the letter is in: the key stays the pending job's until then
-    // (the slot, retired, is this worker's to reclaim, so its key bytes are
-    // still there).
-    release_key(s);
+    die(w, idx, snapshot::DeadReason::kFailed, error);  // releases the key too
     bump(w.failed);
     bump(hs.failed);
   }
@@ -2532,6 +2528,14 @@ class Engine::Impl final : public detail::CutSource {
       hook(id);
     }
     retire(w, idx);
+    // The key last (after the letter is in, it stays the pending job's; the
+    // retired slot is this worker's until its next flush, so its key bytes
+    // are still there), and under dead_mu_: requeue_dead(), which finds the
+    // letter under it, then takes the key again under keys_mu_ (dead_mu_
+    // before keys_mu_, there as here), and must not find this job's own
+    // stale entry (it read as another pending job with the key, the letter
+    // was erased, and the job was lost) nor have it released after.
+    release_key(s);
   }
 
   detail::DeadJob dead_job(const Slot& s, snapshot::DeadReason reason, std::string_view error) {
