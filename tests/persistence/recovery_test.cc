@@ -127,6 +127,16 @@ testing::AssertionResult WriteGenerationOne(const std::string& dir,
   return testing::AssertionSuccess();
 }
 
+// The header of a hand-made generation 1 (WriteGenerationOne), cut in 2023.
+snapshot::Header GenerationOneHeader(std::uint64_t next_job_id) {
+  snapshot::Header header;
+  header.generation = 1;
+  header.cut_epoch = 1;
+  header.wall_time_ns = 1'700'000'000'000'000'000;
+  header.next_job_id = next_job_id;
+  return header;
+}
+
 std::vector<unsigned char> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::vector<unsigned char>((std::istreambuf_iterator<char>(in)),
@@ -841,11 +851,7 @@ TEST(RecoveryTest, JobRunningAtEveryCutIsQuarantinedAfterMaxRecoveries) {
 TEST(RecoveryTest, APoisonJobCountsInItsHandlersDeadTotal) {
   TempDir tmp;
   ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
-  snapshot::Header header;
-  header.generation = 1;
-  header.cut_epoch = 1;
-  header.wall_time_ns = 1'700'000'000'000'000'000;
-  header.next_job_id = 10;
+  const snapshot::Header header = GenerationOneHeader(10);
   snapshot::Encoder enc;
   enc.begin(header);
   enc.add_handler("img");
@@ -919,11 +925,7 @@ TEST(RecoveryTest, JobsOfAnUnregisteredHandlerAreKeptDeadNeverDropped) {
 TEST(RecoveryTest, ASnapshotThatWouldNameTooManyHandlersFailsInsteadOfBeingUnloadable) {
   TempDir tmp;
   ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
-  snapshot::Header header;
-  header.generation = 1;
-  header.cut_epoch = 1;
-  header.wall_time_ns = 1'700'000'000'000'000'000;
-  header.next_job_id = 100'000;
+  const snapshot::Header header = GenerationOneHeader(100'000);
   snapshot::Encoder enc;
   enc.begin(header);
   const std::size_t n = snapshot::kMaxHandlers;
@@ -1175,6 +1177,28 @@ void WriteFile(const std::string& path, const std::vector<unsigned char>& bytes)
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
+// An engine on `dir` and segment `shm` (left by LeaveSnapshotOfPendingJobs,
+// 5 jobs, then damaged) recovers the 5 jobs from the disk generation and
+// reports the segment as skipped, for a reason containing `why`.
+void ExpectRecoveryFromDiskSkipping(const std::string& dir, const std::string& shm,
+                                    const std::string& why) {
+  EngineOptions o = DiskOptions(dir);
+  o.snapshot.shm_name = shm;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_TRUE(started->recovery.recovered);
+  EXPECT_EQ(started->recovery.source.rfind(dir, 0), 0u) << started->recovery.source;
+  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 5u);
+  ASSERT_FALSE(started->recovery.skipped.empty());
+  EXPECT_EQ(started->recovery.skipped.front().source, "shm:" + shm);
+  EXPECT_NE(started->recovery.skipped.front().reason.find(why), std::string::npos)
+      << started->recovery.skipped.front().reason;
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 // A segment whose image fails its checksum (scribbled on, or a hostile
 // process's) is skipped, with the reason, and recovery takes the disk
 // generation instead.
@@ -1192,21 +1216,7 @@ TEST(RecoveryTest, SharedMemoryImageFailingItsChecksumFallsBackToDisk) {
   seg[offset + length / 2] ^= 0x40;
   WriteFile(seg_path, seg);
 
-  EngineOptions o = DiskOptions(tmp.dir());
-  o.snapshot.shm_name = shm.name;
-  auto e = Engine::open(o);
-  ASSERT_TRUE(IsOk(e));
-  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
-  auto started = e->start();
-  ASSERT_TRUE(IsOk(started));
-  EXPECT_TRUE(started->recovery.recovered);
-  EXPECT_EQ(started->recovery.source.rfind(tmp.dir(), 0), 0u) << started->recovery.source;
-  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 5u);
-  ASSERT_FALSE(started->recovery.skipped.empty());
-  EXPECT_EQ(started->recovery.skipped.front().source, "shm:" + shm.name);
-  EXPECT_NE(started->recovery.skipped.front().reason.find("checksum"), std::string::npos)
-      << started->recovery.skipped.front().reason;
-  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  ExpectRecoveryFromDiskSkipping(tmp.dir(), shm.name, "checksum");
 }
 
 // After a clean stop both stores hold the final generation; recovery takes
@@ -1257,21 +1267,7 @@ TEST(RecoveryTest, AnEmptySharedMemoryImageIsSkippedNotACrash) {
     const Status published = (*store)->publish(1000, {});
     ASSERT_TRUE(published.ok()) << published.to_string();
   }
-  EngineOptions o = DiskOptions(tmp.dir());
-  o.snapshot.shm_name = shm.name;
-  auto e = Engine::open(o);
-  ASSERT_TRUE(IsOk(e));
-  ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
-  auto started = e->start();
-  ASSERT_TRUE(IsOk(started));
-  EXPECT_TRUE(started->recovery.recovered);
-  EXPECT_EQ(started->recovery.source.rfind(tmp.dir(), 0), 0u) << started->recovery.source;
-  EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 5u);
-  ASSERT_FALSE(started->recovery.skipped.empty());
-  EXPECT_EQ(started->recovery.skipped.front().source, "shm:" + shm.name);
-  EXPECT_NE(started->recovery.skipped.front().reason.find("truncated"), std::string::npos)
-      << started->recovery.skipped.front().reason;
-  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  ExpectRecoveryFromDiskSkipping(tmp.dir(), shm.name, "truncated");
 }
 
 // A half-written segment -- its creator died before finishing the control

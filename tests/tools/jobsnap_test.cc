@@ -92,8 +92,10 @@ std::string Slurp(const std::string& path) {
 // `as_uid`, as that uid (gid the same, no supplementary groups), as an
 // operator who is not root runs it: kChildCannotSwitchUid if this process
 // may not switch, kChildCannotExec if that uid may not run the binary.
+// stdout: the file at `stdout_path`, else the descriptor `stdout_fd`, else a
+// temporary file whose text comes back in `out`.
 RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path = nullptr,
-                  std::optional<uid_t> as_uid = std::nullopt) {
+                  std::optional<uid_t> as_uid = std::nullopt, int stdout_fd = -1) {
   RunResult r;
   for (const auto& a : args) r.args += " " + a;
   char out_tmpl[] = "/tmp/jobsnap-test-out-XXXXXX";
@@ -111,8 +113,11 @@ RunResult Jobsnap(const std::vector<std::string>& args, const char* stdout_path 
   argv.push_back(nullptr);
   const pid_t pid = ::fork();
   if (pid == 0) {
+    ::signal(SIGPIPE, SIG_DFL);  // as a shell starts it
     const int in = ::open("/dev/null", O_RDONLY);
-    const int out = stdout_path == nullptr ? out_fd : ::open(stdout_path, O_WRONLY);
+    const int out = stdout_path != nullptr ? ::open(stdout_path, O_WRONLY)
+                    : stdout_fd >= 0       ? stdout_fd
+                                           : out_fd;
     if (in < 0 || out < 0 || ::dup2(in, 0) < 0 || ::dup2(out, 1) < 0 || ::dup2(err_fd, 2) < 0) {
       ::_exit(kChildSetupFailed);
     }
@@ -2286,31 +2291,10 @@ TEST(JobsnapCliTest, AWriteCommandIntoAClosedPipeSaysItsChangeWasMade) {
   int fds[2];
   ASSERT_EQ(::pipe(fds), 0);
   ::close(fds[0]);  // no reader: a write gets EPIPE (or SIGPIPE)
-  char err_tmpl[] = "/tmp/jobsnap-test-err-XXXXXX";
-  const int err_fd = ::mkstemp(err_tmpl);
-  ASSERT_GE(err_fd, 0);
-  std::vector<std::string> argv_s = {JOBSNAP_PATH, "drop", tmp.snap(), "2"};
-  std::vector<char*> argv;
-  for (auto& a : argv_s) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  const pid_t pid = ::fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    ::signal(SIGPIPE, SIG_DFL);  // as a shell starts it
-    if (::dup2(fds[1], 1) < 0 || ::dup2(err_fd, 2) < 0) ::_exit(kChildSetupFailed);
-    ::alarm(kChildSeconds);
-    ::execv(argv[0], argv.data());
-    ::_exit(kChildCannotExec);
-  }
+  auto r = Jobsnap({"drop", tmp.snap(), "2"}, nullptr, std::nullopt, fds[1]);
   ::close(fds[1]);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  ::close(err_fd);
-  const std::string err = Slurp(err_tmpl);
-  ::unlink(err_tmpl);
-  ASSERT_TRUE(WIFEXITED(status)) << "ended by signal " << WTERMSIG(status) << ": " << err;
-  EXPECT_EQ(WEXITSTATUS(status), kIoError) << err;
-  EXPECT_TRUE(Contains(err, "the command itself succeeded: dropped job")) << err;
+  EXPECT_EQ(r.code, kIoError) << r;  // 141 when SIGPIPE ended it
+  EXPECT_TRUE(Contains(r.err, "the command itself succeeded: dropped job")) << r;
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 2))), std::set<JobId>{1});
 }
 
