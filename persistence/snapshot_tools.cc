@@ -444,6 +444,27 @@ Result<std::unique_ptr<detail::LoadedSnapshot>> recover(
   return loaded;
 }
 
+// What taking a directory's lock changes there (FileStore::open makes its
+// LOCK file and sets its mode to 0700), as it was before, so that a write
+// that is refused, or fails before it publishes, puts it back: a refused
+// command leaves nothing behind.
+struct DirBefore {
+  bool lock_existed = false;
+  std::optional<std::uint32_t> mode;  // when the directory existed
+
+  static DirBefore of(const std::string& dir) {
+    DirBefore b;
+    b.lock_existed = fs().lstat(dir + "/LOCK").ok();
+    if (const SysResult<FileInfo> info = fs().lstat(dir); info.ok()) b.mode = info.value.mode;
+    return b;
+  }
+  // Under the directory's lock, before it is let go.
+  void put_back(const std::string& dir) const {
+    if (!lock_existed) (void)fs().unlink(dir + "/LOCK");
+    if (mode && *mode != 0700) (void)fs().chmod(dir, *mode);
+  }
+};
+
 Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Diagnosis* d,
                                                      bool must_exist) {
   if (Status s = check_dir(dir, Access::kWrite, d, must_exist); !s.ok()) return s;
@@ -716,29 +737,20 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   if (!request.shm.empty()) {
     if (Status s = check_shm_entry(request.shm, d); !s.ok()) return s;
   }
-  // Nothing is created: the directory and the segment must exist already.
-  // Taking the directory's lock makes its LOCK file and sets its mode to
-  // 0700 (FileStore::open): a refused edit puts both back as they were
-  // (below), so that a refused command leaves nothing behind.
-  const std::string lock_path = request.dir + "/LOCK";
-  const bool lock_existed = fs().lstat(lock_path).ok();
-  const auto dir_before = fs().lstat(request.dir);
+  // Nothing is created: the directory and the segment must exist already;
+  // a refused edit puts back what taking the lock changed (DirBefore).
+  const DirBefore before = DirBefore::of(request.dir);
   auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
   if (!dir) return dir.status();
-  // Destroyed before `dir` (declared after it): undone under the lock.
-  struct UndoUnlessPublished {
-    bool published = false;
-    const std::string& lock_path;
-    bool lock_existed;
+  // Destroyed before `dir` (declared after it): put back under the lock.
+  struct PutBackUnlessPublished {
+    const DirBefore& before;
     const std::string& dir;
-    std::optional<std::uint32_t> mode;
-    ~UndoUnlessPublished() {
-      if (published) return;
-      if (!lock_existed) (void)fs().unlink(lock_path);
-      if (mode && *mode != 0700) (void)fs().chmod(dir, *mode);
+    bool published = false;
+    ~PutBackUnlessPublished() {
+      if (!published) before.put_back(dir);
     }
-  } undo{false, lock_path, lock_existed, request.dir,
-         dir_before.ok() ? std::optional<std::uint32_t>(dir_before.value.mode) : std::nullopt};
+  } undo{before, request.dir};
   std::unique_ptr<persist::ShmStore> shm;
   if (!request.shm.empty()) {
     auto s = lock_shm(request.shm, d, /*create=*/false);
@@ -1354,7 +1366,7 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     shm_before = verified_shm_image(bytes, request.target_shm);
   }
   bool dir_existed = false;
-  bool lock_existed = false;
+  DirBefore before;
   std::uint64_t highest = from;
   std::string numbered_by;  // the directory whose generations G must outrank
   if (!request.target_dir.empty()) {
@@ -1365,7 +1377,7 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     }
     dir_existed = fs().lstat(request.target_dir).ok();
     if (dir_existed) {
-      lock_existed = fs().lstat(request.target_dir + "/LOCK").ok();
+      before = DirBefore::of(request.target_dir);
       numbered_by = request.target_dir;
     }
   } else {
@@ -1401,7 +1413,7 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
     if (!report.aside_dir.empty()) (void)::rmdir(report.aside_dir.c_str());
     if (dir) {
       const std::string path = dir->dir();
-      if (!lock_existed) (void)fs().unlink(path + "/LOCK");
+      before.put_back(path);
       dir.reset();
       if (!dir_existed) (void)::rmdir(path.c_str());
     }

@@ -720,12 +720,11 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
   };
   std::vector<Candidate> candidates;
   std::vector<unsigned char> shm_image;
-  bool have_shm = false;
+  const bool have_shm = shm != nullptr && shm->image.ok();
   if (shm != nullptr) {
-    if (shm->image.ok()) {
+    if (have_shm) {
       shm_image = std::move(*shm->image);  // moved, not copied: it may be large
       candidates.push_back({shm->source, ~std::uint64_t{0}, ""});
-      have_shm = true;
     } else if (shm->image.status().code() != StatusCode::kNotFound) {
       report.skipped.push_back({shm->source, 0, std::string(shm->image.status().message())});
     }

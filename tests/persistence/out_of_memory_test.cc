@@ -468,14 +468,19 @@ TEST(WorkerOutOfMemoryTest, EachAllocationRecordingAnExceptionCanFailAndItsLette
   SweepFailurePath(/*thrown=*/true);
 }
 
+// One worker, 64 slots, on top of `o`.
+EngineOptions OneWorker(EngineOptions o = {}) {
+  o.workers = 1;
+  o.capacity = 64;
+  return o;
+}
+
 // An engine with one worker and a handler kHandlerName that fails its job
 // (kFail, error kDeclined) and then fails every allocation of the worker
 // thread, until g_failing_thread is cleared (by the test, or at the end).
 struct WaitingWorker {
   explicit WaitingWorker(EngineOptions o = {}) {
-    o.workers = 1;
-    o.capacity = 64;
-    auto opened = Engine::open(std::move(o));
+    auto opened = Engine::open(OneWorker(std::move(o)));
     EXPECT_TRUE(opened.ok()) << opened.status().to_string();
     if (!opened.ok()) return;
     engine.emplace(std::move(*opened));
@@ -613,10 +618,7 @@ TEST(WorkerOutOfMemoryTest, EachAllocationRecordingALetterPastMaxDeadCanFail) {
 // second job with the key was accepted, and both ran after a crash.
 TEST(WorkerOutOfMemoryTest, AWaitingJobKeepsItsUniqueKey) {
   constexpr std::size_t kBig = std::size_t{1} << 20;
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 64;
-  auto e = Engine::open(o);
+  auto e = Engine::open(OneWorker());
   ASSERT_TRUE(e.ok()) << e.status().to_string();
   auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
     ctx.set_error(kDeclined);
@@ -673,10 +675,7 @@ TEST(WorkerOutOfMemoryTest, ACancelEndsTheWaitWithoutMemory) {
 std::atomic<JobId> g_marked{0};
 std::atomic<bool> g_cancel_done{false};
 TEST(WorkerOutOfMemoryTest, ACancelOfARetryThatCannotBeHandedOnIsKept) {
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 64;
-  auto e = Engine::open(o);
+  auto e = Engine::open(OneWorker());
   ASSERT_TRUE(e.ok()) << e.status().to_string();
   auto h = e->register_handler(kHandlerName, [](JobContext& ctx) {
     ctx.retry_after(std::chrono::hours(1));  // through the scheduler's inbox
