@@ -2,7 +2,7 @@
 # The README's test command (and what .ci/run runs): set up, then build and
 # run the whole test suite in release, then under ASan+UBSan and TSan, then
 # cross-built for aarch64 and run under qemu-user (unit and stress tests),
-# then a one-minute run of each libFuzzer target.
+# then a 20-second run of each libFuzzer target (JOBENGINE_FUZZ_SECONDS at configure).
 # Usage: tools/test.sh [preset...]     default: release asan tsan aarch64 fuzz
 # Environment: JOBENGINE_STRESS_SEED / _ROUNDS, JOBENGINE_CUT_SEED / _SNAPSHOTS
 # and JOBENGINE_CRASH_SEED / _KILLS replay or size the randomized tests (an
