@@ -54,13 +54,37 @@ std::size_t SlotPool::take(SlotIndex* out) noexcept {
   return n;
 }
 
-bool SlotPool::give(const SlotIndex* in, std::size_t n) noexcept {
-  const std::uint32_t m = pop(empty_);
-  if (m == kNil) return false;
-  mags_[m].count = static_cast<std::uint32_t>(n);
-  std::memcpy(mags_[m].slots, in, n * sizeof(SlotIndex));
-  push(full_, m);
-  return true;
+std::size_t SlotPool::give(const SlotIndex* in, std::size_t n) noexcept {
+  if (const std::uint32_t m = pop(empty_); m != kNil) {
+    mags_[m].count = static_cast<std::uint32_t>(n);
+    std::memcpy(mags_[m].slots, in, n * sizeof(SlotIndex));
+    push(full_, m);
+    return n;
+  }
+  // Every descriptor is pooled full or in a thread's hands. There are more
+  // descriptors than capacity / kMagazine, so unless threads hold them, the
+  // full stack has magazines with room: pop until the indices fit (each
+  // popped magazine is this thread's, P1), then push them all back. The
+  // popped ones are chained through next_, which the push rewrites.
+  std::uint32_t held = kNil;
+  std::size_t put = 0;
+  while (put < n) {
+    const std::uint32_t m = pop(full_);
+    if (m == kNil) break;
+    Magazine& mag = mags_[m];
+    const std::size_t k = std::min<std::size_t>(n - put, kMagazine - mag.count);
+    std::memcpy(mag.slots + mag.count, in + put, k * sizeof(SlotIndex));
+    mag.count += static_cast<std::uint32_t>(k);
+    put += k;
+    next_[m].store(held, std::memory_order_relaxed);
+    held = m;
+  }
+  while (held != kNil) {
+    const std::uint32_t next = next_[held].load(std::memory_order_relaxed);
+    push(full_, held);
+    held = next;
+  }
+  return put;
 }
 
 namespace {
@@ -108,9 +132,12 @@ bool JobTable::populate_chunk() noexcept {
   return true;
 }
 
+JobTable::Mapping::~Mapping() { ::munmap(slots, bytes); }
+
 JobTable::JobTable(std::size_t capacity)
     : capacity_(capacity),
-      slots_(map_slots(capacity)),
+      mapping_{map_slots(capacity), mapped_bytes(capacity)},
+      slots_(mapping_.slots),
       pool_(capacity),
       hint_mask_(std::bit_ceil(std::max<std::size_t>(capacity, 1)) - 1),
       id_hint_(std::make_unique<std::atomic<std::uint64_t>[]>(hint_mask_ + 1)),
@@ -123,7 +150,7 @@ JobTable::JobTable(std::size_t capacity)
   for (std::size_t end = capacity; end > 0;) {
     const std::size_t begin = (end - 1) / SlotPool::kMagazine * SlotPool::kMagazine;
     for (std::size_t i = begin; i < end; ++i) mag[end - 1 - i] = static_cast<SlotIndex>(i);
-    if (!pool_.give(mag, end - begin)) throw std::bad_alloc();  // cannot happen: sized for it
+    if (pool_.give(mag, end - begin) != end - begin) throw std::bad_alloc();  // sized for it
     end = begin;
   }
 }
@@ -131,8 +158,8 @@ JobTable::JobTable(std::size_t capacity)
 std::size_t JobTable::put_free(const SlotIndex* in, std::size_t n) noexcept {
   std::size_t done = 0;
   while (done < n) {
-    const std::size_t k = std::min(n - done, SlotPool::kMagazine);
-    if (!pool_.give(in + done, k)) break;
+    const std::size_t k = pool_.give(in + done, std::min(n - done, SlotPool::kMagazine));
+    if (k == 0) break;
     count_out(in + done, k, -1);
     done += k;
   }
@@ -144,11 +171,11 @@ JobTable::~JobTable() {
     slots_[i].free_heap();
     slots_[i].~Slot();
   }
-  ::munmap(slots_, mapped_bytes(capacity_));
 }
 
 bool JobTable::park_retired(const SlotIndex* in, std::size_t n) noexcept {
   std::lock_guard<std::mutex> lock(parked_mu_);
+  if (horizon_.load(std::memory_order_relaxed) == kNoHorizon) return false;
   try {
     parked_.insert(parked_.end(), in, in + n);  // all or nothing
   } catch (const std::bad_alloc&) {
@@ -200,7 +227,7 @@ std::size_t RetireBuffer::flush_unheld(JobTable& table) noexcept {
   return put;
 }
 
-std::size_t RetireBuffer::flush(JobTable& table) noexcept {
+std::size_t RetireBuffer::flush(JobTable& table, std::size_t park_from) noexcept {
   const std::size_t unheld = flush_unheld(table);
   if (head_ == pending_.size()) return unheld;
   const std::uint64_t horizon = table.reclaim_horizon();
@@ -218,7 +245,7 @@ std::size_t RetireBuffer::flush(JobTable& table) noexcept {
   }
   // What the horizon holds back goes to the table's parking, so this worker
   // does not keep it through its next (possibly long) handler.
-  if (head_ == end && pending_.size() - end >= 32 &&
+  if (head_ == end && pending_.size() - end >= std::max<std::size_t>(park_from, 1) &&
       table.park_retired(pending_.data() + end, pending_.size() - end)) {
     pending_.resize(end);
     runs_.resize(run);

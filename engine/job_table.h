@@ -192,7 +192,8 @@ class SlotPool {
 
   // Descriptors: twice what full magazines of capacity slots need, plus
   // spares for magazines in threads' hands, so a give() finds an empty one
-  // even when magazines are partly filled. 4 + 4*kMagazine bytes each.
+  // even when magazines are partly filled (and when small gives used them
+  // all up, tops up pooled ones instead). 4 + 4*kMagazine bytes each.
   explicit SlotPool(std::size_t capacity);
 
   // Pops one full magazine and copies its indices to out (room for
@@ -205,10 +206,14 @@ class SlotPool {
     return static_cast<std::uint32_t>(full_.load(std::memory_order_relaxed)) != kNil;
   }
 
-  // Pushes n (1..kMagazine) indices as one magazine. Returns false, adding
-  // nothing, only if every descriptor is in use (the caller keeps the
-  // indices and tries again later). Lock-free.
-  bool give(const SlotIndex* in, std::size_t n) noexcept;
+  // Pushes n (1..kMagazine) indices as one magazine. Returns how many went
+  // in: all n, unless no empty descriptor is left, which many small gives
+  // (a worker's one-slot flushes before it sleeps) can bring about. Then
+  // the indices top up pooled magazines that have room instead; fewer than
+  // n (0 included) only while other threads hold the descriptors with room
+  // in their hands (the caller keeps the rest and tries again later). While
+  // it tops up, the magazines it holds are out of take()'s reach. Lock-free.
+  std::size_t give(const SlotIndex* in, std::size_t n) noexcept;
 
  private:
   static constexpr std::uint32_t kNil = 0xffffffffu;
@@ -361,6 +366,10 @@ class JobTable {
   // returns them to the pool once the snapshot ends. Rare path: a mutex.
   // False, parking none, when there is no memory to record them (the caller
   // keeps them: a std::bad_alloc here ended the worker thread, and the process).
+  // False too when no cut holds the horizon any more (it ended since the
+  // caller read it): nothing would release them before the next cut ends,
+  // while the caller's next flush can (checked under the parking lock, which
+  // release_parked() takes after end_cut() lowered the horizon).
   bool park_retired(const SlotIndex* in, std::size_t n) noexcept;
   // Reclaims and pools every parked slot. Only while no cut holds the horizon.
   std::size_t release_parked() noexcept;
@@ -437,6 +446,14 @@ class JobTable {
   }
 
   std::size_t capacity_;
+  // The slot array's mapping, unmapped by its destructor (also when a later
+  // member's allocation throws out of the constructor).
+  struct Mapping {
+    Slot* slots;
+    std::size_t bytes;
+    ~Mapping();
+  };
+  Mapping mapping_;
   Slot* slots_;
   SlotPool pool_;
   std::uint64_t hint_mask_;                                 // H - 1
@@ -496,10 +513,13 @@ class RetireBuffer {
 
   // Moves every retired slot that finished below the reclaim horizon back to
   // the pool (all of them while no snapshot holds the horizon), and every
-  // unheld one whatever the horizon, and parks the
-  // rest with the table (JobTable::park_retired) when there are many. Returns
-  // how many went back. Cost: proportional to what it moves. Never throws.
-  std::size_t flush(JobTable& table) noexcept;
+  // unheld one whatever the horizon, and parks the rest with the table
+  // (JobTable::park_retired) when there are at least `park_from` (a worker
+  // about to sleep passes 1: nothing would wake it to release them when the
+  // snapshot ends). Returns how many went back. Cost: proportional to what
+  // it moves. Never throws.
+  std::size_t flush(JobTable& table, std::size_t park_from = kParkFrom) noexcept;
+  static constexpr std::size_t kParkFrom = 32;
 
  private:
   struct Run {

@@ -381,6 +381,64 @@ TEST(RetireBufferTest, SlotsHeldByTheHorizonAreParkedWithTheTableNotKeptByTheWor
   EXPECT_EQ(t.release_parked(), 0u);
 }
 
+TEST(RetireBufferTest, ASleepingWorkersFlushParksEvenOneHeldSlot) {
+  // Nothing wakes a sleeping worker when the snapshot ends, so before it
+  // sleeps it parks whatever the horizon holds, however little (park_from 1).
+  JobTable t(100);
+  std::vector<SlotIndex> all = take_all(t);
+  RetireBuffer rb(8);
+  t.set_reclaim_horizon(3);
+  JobTable::claim(t.slot(all[0]), 1);
+  JobTable::retire(t.slot(all[0]), 3);
+  rb.add(all[0], 3);
+  EXPECT_EQ(rb.flush(t), 0u);
+  EXPECT_EQ(rb.size(), 1u) << "a busy worker keeps a few held slots for its next flush";
+  EXPECT_EQ(rb.flush(t, /*park_from=*/1), 0u);
+  EXPECT_EQ(rb.size(), 0u);
+  t.set_reclaim_horizon(kNoHorizon);
+  EXPECT_EQ(t.release_parked(), 1u);
+  EXPECT_EQ(take_all(t).size(), 1u);
+}
+
+TEST(JobTableTest, NothingIsParkedOnceTheSnapshotEnded) {
+  // A worker that read the horizon while a cut held it, then parks after
+  // end_cut() released the parking: parked then, the slots waited for the
+  // next cut's end (forever, with periodic snapshots off). Refused instead;
+  // the worker keeps them, and its next flush frees them.
+  JobTable t(100);
+  std::vector<SlotIndex> all = take_all(t);
+  t.set_reclaim_horizon(3);
+  EXPECT_TRUE(t.park_retired(all.data(), 40));
+  t.set_reclaim_horizon(kNoHorizon);  // end_cut(): lowers the horizon, then releases
+  EXPECT_EQ(t.release_parked(), 40u);
+  EXPECT_FALSE(t.park_retired(all.data() + 40, 40)) << "parked after the snapshot ended";
+  EXPECT_EQ(t.release_parked(), 0u);
+}
+
+TEST(SlotPoolTest, OneSlotGivesNeverRunOutOfDescriptors) {
+  // Each give() used to take a descriptor however few slots it carried: a
+  // worker's one-slot flushes used them all up, put_free() returned 0 with
+  // most slots out of the pool, and stop()'s put_all_free() spun for good.
+  constexpr std::size_t kCap = 4096;
+  JobTable t(kCap);
+  std::vector<SlotIndex> all = take_all(t);
+  ASSERT_EQ(all.size(), kCap);
+  for (std::size_t i = 0; i < kCap; ++i) {
+    ASSERT_EQ(t.put_free(&all[i], 1), 1u) << "put " << i << " of " << kCap << " one at a time";
+  }
+  std::vector<SlotIndex> back = take_all(t);
+  EXPECT_EQ(back.size(), kCap);
+  EXPECT_EQ(sorted(back), sorted(all));
+  // And a mixed pattern: halves of magazines, then singles.
+  for (std::size_t i = 0; i < kCap; i += 32) ASSERT_EQ(t.put_free(&back[i], 1), 1u);
+  std::size_t put = 0;
+  for (std::size_t i = 0; i < kCap; ++i) {
+    if (i % 32 != 0) put += t.put_free(&back[i], 1);
+  }
+  EXPECT_EQ(put, kCap - kCap / 32);
+  EXPECT_EQ(sorted(take_all(t)), sorted(all));
+}
+
 // The clock's conversions (engine/clock.h): ns -> ticks -> ns round-trips
 // within the tick resolution plus 1e-9 relative, from 1 ns to a year.
 TEST(ClockTest, NanosecondsToTicksAndBackRoundTrip) {
