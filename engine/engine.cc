@@ -86,6 +86,7 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 #include "engine/asymmetric_fence.h"
 #include "engine/clock.h"
@@ -362,7 +363,8 @@ struct alignas(kCacheLine) WorkerState {
 // thread exiting after the engine died does not touch freed memory.
 struct EngineLifetime {
   std::mutex mu;
-  bool alive = true;
+  bool alive = true;                   // guarded by mu
+  detail::JobTable* table = nullptr;  // usable while alive, under mu
 };
 
 namespace {
@@ -420,9 +422,19 @@ const std::optional<pthread_key_t>& late_producers_key() {
 ThreadProducers::~ThreadProducers() {
   for (Entry& e : entries) {
     std::lock_guard<std::mutex> lock(e.life->mu);
+    if (!e.life->alive) continue;
+    // The free slots this thread cached go back to the pool now: left with
+    // the orphan, they stayed out of use until a thread that never submitted
+    // before came to adopt it (a service's long-lived threads got kQueueFull
+    // from a nearly empty table meanwhile). What the pool cannot take now
+    // (its magazines held by other threads) stays cached for the adopter.
+    ProducerState& ps = *e.state;
+    const std::size_t put = e.life->table->put_free(ps.cache, ps.cached);
+    std::memmove(ps.cache, ps.cache + put, (ps.cached - put) * sizeof(SlotIndex));
+    ps.cached -= static_cast<std::uint32_t>(put);
     // Release: the adopting thread's acquire sees this thread's last writes
     // to the state (its cache, its id block).
-    if (e.life->alive) e.state->orphaned.store(true, std::memory_order_release);
+    ps.orphaned.store(true, std::memory_order_release);
   }
   t_last = {};  // no fast path to a state given away
   (this == &t_producers ? t_producers_gone : t_late_producers_gone) = true;
@@ -448,7 +460,9 @@ class Engine::Impl final : public detail::CutSource {
         queues_{PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
                 PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE),
                 PaddedQueue(options_.capacity + detail::IndexQueueTraits::BLOCK_SIZE)},
-        life_(std::make_shared<EngineLifetime>()) {}
+        life_(std::make_shared<EngineLifetime>()) {
+    life_->table = &table_;
+  }
 
   ~Impl() {
     if (state_.load(std::memory_order_acquire) == EngineState::kRunning ||
@@ -1316,6 +1330,7 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   void end_cut() noexcept override {
+    if (auto* hook = detail::g_before_end_cut.load(std::memory_order_relaxed)) [[unlikely]] hook();
     table_.set_reclaim_horizon(detail::kNoHorizon);
     // Slots workers parked while the horizon held them (I7) go back now.
     table_.release_parked();
@@ -1878,6 +1893,12 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     ThreadProducers& mine = late != nullptr ? *late : t_producers;
+    // Entries of engines gone since go first: a thread that submits to one
+    // engine after another keeps no record of each for its whole life.
+    std::erase_if(mine.entries, [](const ThreadProducers::Entry& e) {
+      std::lock_guard<std::mutex> lock(e.life->mu);
+      return !e.life->alive;
+    });
     for (auto& e : mine.entries) {
       if (e.uid == uid_) {
         t_last = {uid_, e.state};
@@ -2045,7 +2066,13 @@ class Engine::Impl final : public detail::CutSource {
 
   // I3, worker side: announce, heavy fence, look again, then sleep.
   void sleep(WorkerState& w) {
-    w.retired.flush(table_);
+    // Nothing wakes a sleeping worker when a snapshot ends, so it keeps no
+    // slot the horizon held: all are parked with the table, which the
+    // snapshot's end releases (kept, a submit found no slot and never woke
+    // it: kQueueFull for good on an idle engine). A park refused because
+    // the snapshot ended meanwhile leaves them free for the second flush.
+    w.retired.flush(table_, /*park_from=*/1);
+    if (w.retired.size() != 0) w.retired.flush(table_, /*park_from=*/1);
     sleepers_.fetch_add(1, std::memory_order_relaxed);
     asymmetric_fence_heavy();
     bool work = intake_closed_.load(std::memory_order_acquire);

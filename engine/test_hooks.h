@@ -30,4 +30,8 @@ inline std::atomic<void (*)(JobId)> g_cancel_after_cas{nullptr};
 // the batch's first job.
 inline std::atomic<void (*)(JobId)> g_before_batch{nullptr};
 
+// Called by the snapshot thread in end_cut(), before it lowers the reclaim
+// horizon (the cut still holds every slot retired since it began).
+inline std::atomic<void (*)()> g_before_end_cut{nullptr};
+
 }  // namespace jobengine::detail

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <barrier>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -2106,6 +2107,53 @@ TEST(EngineConcurrencyTest, ShortLivedSubmittingThreadsDoNotLeakSlots) {
   }
   ASSERT_TRUE(IsOk(engine->stop()));
   EXPECT_EQ(runs.load(), kThreads);
+}
+
+TEST(EngineConcurrencyTest, AnExitedThreadsCachedSlotsGoBackToThePool) {
+  // Two threads submit one job each while both are alive (so neither adopts
+  // the other's state), then exit with 63 free slots cached each. Those
+  // slots came back only when a thread that never submitted before adopted
+  // the state: the main thread, which submits all along, got kQueueFull
+  // from a table with no job pending.
+  std::atomic<int> runs{0};
+  EngineOptions o = SmallOptions();
+  o.capacity = 128;
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(IsOk(engine));
+  auto h = engine->register_handler("h", Counting(runs));
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(engine->start()));
+  std::vector<JobSpec> all(128, JobSpec{*h, "x", {}});
+  ASSERT_TRUE(IsOk(engine->submit_batch(all)));  // every slot; this thread caches none
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 128; }));
+  std::barrier both(2);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&] {
+      // Whole magazines go back to the pool as the worker idles; wait for one.
+      const auto deadline = steady_clock::now() + kWaitTimeout;
+      while (!engine->submit(*h, "once").ok() && steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      ok.fetch_add(1);
+      both.arrive_and_wait();
+    });
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_EQ(ok.load(), 2);
+  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 130; }));
+  std::vector<JobSpec> batch(100, JobSpec{*h, "y", {}});
+  const auto deadline = steady_clock::now() + std::chrono::seconds(2);
+  Result<std::size_t> r = engine->submit_batch(batch);
+  while (!r.ok() && r.status().code() == StatusCode::kQueueFull && steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r = engine->submit_batch(batch);
+  }
+  ASSERT_TRUE(IsOk(r)) << "a batch of 100 did not fit a 128-slot table with "
+                       << engine->health().pending << " jobs pending";
+  ASSERT_TRUE(IsOk(engine->stop()));
+  EXPECT_EQ(runs.load(), 230);
 }
 
 TEST(EngineConcurrencyTest, SubmittingThreadMayOutliveTheEngine) {

@@ -31,7 +31,7 @@
 #include <utility>
 #include <vector>
 
-#include "engine/test_hooks.h"  // g_dead_letter_in
+#include "engine/test_hooks.h"  // g_dead_letter_in, g_before_end_cut
 #include "jobengine/engine.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/shm_store.h"
@@ -157,6 +157,64 @@ TEST(RecoveryTest, SnapshotNowNeedsADiskStore) {
   ASSERT_FALSE(stop.ok());
   EXPECT_EQ(stop.status().code(), StatusCode::kFailedPrecondition);
   EXPECT_EQ(e->state(), EngineState::kRunning) << "a refused stop must leave the engine running";
+}
+
+// Set by SlotsASleepingWorkerHeldForASnapshotComeBackWhenItEnds.
+std::atomic<bool> g_cut_hook_open{false};
+Gate* g_cut_hook_gate = nullptr;
+Engine* g_cut_hook_engine = nullptr;
+
+TEST(RecoveryTest, SlotsASleepingWorkerHeldForASnapshotComeBackWhenItEnds) {
+  // Every slot of the table is used by jobs that finish while a snapshot
+  // holds them (finished after its cut), and the worker then goes to sleep.
+  // It kept those slots: nothing woke it when the snapshot ended, and every
+  // submit found the table full (kQueueFull for good on an idle engine).
+  TempDir tmp;
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.capacity = 16;
+  o.spin_iterations = 1;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  Gate gate;
+  std::atomic<int> ran{0};
+  auto h = e->register_handler("gated", [&](JobContext&) {
+    gate.wait();
+    ran.fetch_add(1);
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(IsOk(h));
+  ASSERT_TRUE(IsOk(e->start()));
+  for (int i = 0; i < 16; ++i) ASSERT_TRUE(IsOk(e->submit(*h, "j")));
+  ASSERT_EQ(e->submit(*h, "j").status().code(), StatusCode::kQueueFull);
+  // Inside the snapshot, before its end: let the jobs finish (after the cut,
+  // so held) and give the worker time to go to sleep.
+  g_cut_hook_gate = &gate;
+  g_cut_hook_engine = &*e;
+  g_cut_hook_open.store(false);
+  detail::g_before_end_cut.store(+[] {
+    if (g_cut_hook_open.exchange(true)) return;  // the first snapshot only
+    g_cut_hook_gate->open();
+    const auto until = std::chrono::steady_clock::now() + milliseconds(5000);
+    while (g_cut_hook_engine->health().done < 16 && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    std::this_thread::sleep_for(milliseconds(100));  // the worker idles, flushes, sleeps
+  });
+  auto snap = e->snapshot_now();
+  detail::g_before_end_cut.store(nullptr);
+  ASSERT_TRUE(IsOk(snap));
+  ASSERT_EQ(e->health().done, 16u);
+  // The snapshot has ended: its slots are free again, with the worker asleep.
+  const auto until = steady_clock::now() + milliseconds(2000);
+  Result<JobId> id = e->submit(*h, "after");
+  while (!id.ok() && id.status().code() == StatusCode::kQueueFull && steady_clock::now() < until) {
+    std::this_thread::sleep_for(milliseconds(1));
+    id = e->submit(*h, "after");
+  }
+  ASSERT_TRUE(IsOk(id)) << "the table stayed full with no job pending: "
+                        << e->health().pending << " pending";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  EXPECT_EQ(ran.load(), 17);
 }
 
 TEST(RecoveryTest, SnapshotNowIsDurableAndHoldsEveryPendingJob) {
