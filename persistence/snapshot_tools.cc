@@ -724,8 +724,43 @@ Status keep_shm_image(const Image& image, const std::string& dir, const DirScan&
   return Status();
 }
 
-// requeue_jobs / drop_jobs: lock, take the source, transform, publish above
-// everything, to the directory and then the segment.
+// The generation files of `files` numbered above `from`, the generation a
+// write starts from: once the write publishes a generation above them all,
+// no start loads them again and the engine's retention would prune them, so
+// they are moved aside (publish_and_move_aside).
+std::vector<persist::GenerationFile> newer_than(const std::vector<persist::GenerationFile>& files,
+                                                std::uint64_t from) {
+  std::vector<persist::GenerationFile> newer;
+  for (const auto& f : files) {
+    if (f.generation > from) newer.push_back(f);
+  }
+  return newer;
+}
+
+// Publishes `image` as `generation` of the directory (durably; from then on
+// the next start loads it, and `published` says so), then moves `newer`
+// (newer_than(), listed before the publish) into the write's aside
+// directory. A failure to move says what is published already.
+Status publish_and_move_aside(persist::FileStore& dir, std::uint64_t generation,
+                              std::span<const unsigned char> image,
+                              const std::vector<persist::GenerationFile>& newer,
+                              WriteReport& report, bool& published, Diagnosis* d) {
+  if (Status s = dir.publish(generation, image); !s.ok()) return fail(d, Failure::kIoError, s);
+  published = true;
+  report.path = generation_path(dir.dir(), generation);
+  if (Status s = move_aside(dir.dir(), newer, report); !s.ok()) {
+    return fail(
+        d, Failure::kIoError,
+        Status(s.code(), std::string(s.message()) + " (generation " + std::to_string(generation) +
+                             " is published in " + report.path +
+                             "; moved so far: " + std::to_string(report.moved.size()) + ")"));
+  }
+  return Status();
+}
+
+// requeue_jobs / drop_jobs: lock, take the source, transform, keep the
+// segment's image, publish above everything to the directory, move the
+// generations above the source aside, then publish to the segment.
 using Transform = std::function<Result<std::vector<unsigned char>>(
     const snapshot::SnapshotView&, std::uint64_t generation, Diagnosis*)>;
 
@@ -742,15 +777,21 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   const DirBefore before = DirBefore::of(request.dir);
   auto dir = lock_dir(request.dir, d, /*must_exist=*/true);
   if (!dir) return dir.status();
-  // Destroyed before `dir` (declared after it): put back under the lock.
+  WriteReport report;
+  // Destroyed before `dir` and `report` (declared after them): under the
+  // lock, removes an aside directory left empty (made to keep the segment's
+  // image, which could not be) and puts back what taking the lock changed.
   struct PutBackUnlessPublished {
     const DirBefore& before;
     const std::string& dir;
+    const WriteReport& report;
     bool published = false;
     ~PutBackUnlessPublished() {
-      if (!published) before.put_back(dir);
+      if (published) return;
+      if (!report.aside_dir.empty()) (void)::rmdir(report.aside_dir.c_str());
+      before.put_back(dir);
     }
-  } undo{before, request.dir};
+  } undo{before, request.dir, report};
   std::unique_ptr<persist::ShmStore> shm;
   if (!request.shm.empty()) {
     auto s = lock_shm(request.shm, d, /*create=*/false);
@@ -773,17 +814,17 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
     if (!loaded) return loaded.status();
     source = std::move(*loaded);
   } else {
-    RecoveryReport report;
+    RecoveryReport recovery;
     Result<std::unique_ptr<detail::LoadedSnapshot>> loaded = Status();
     if (shm) {
       persist::ShmCandidate candidate{"shm:" + request.shm, std::move(shm_image)};
-      loaded = recover(&candidate, *files, report);
+      loaded = recover(&candidate, *files, recovery);
     } else {
-      loaded = recover(nullptr, *files, report);
+      loaded = recover(nullptr, *files, recovery);
     }
     if (!loaded) return fail(d, Failure::kIoError, loaded.status());
-    if (!*loaded) return nothing_loaded(report, request.dir, d);
-    auto image = from_loaded(report.source, std::move(**loaded));
+    if (!*loaded) return nothing_loaded(recovery, request.dir, d);
+    auto image = from_loaded(recovery.source, std::move(**loaded));
     if (!image) return fail(d, Failure::kCorrupt, image.status());
     source = std::move(*image);
   }
@@ -798,27 +839,35 @@ Result<WriteReport> edit(const EditRequest& request, const Transform& transform,
   auto image = transform(source.view, *generation, d);
   if (!image) return image.status();
 
-  WriteReport report;
   report.from_source = source.source;
   report.from_generation = from;
   report.generation = *generation;
+  // Every file above the source (--from N, or a newer file that did not
+  // verify) is moved aside once the new generation is published, as restore
+  // moves them: left below it, they would never load again and retention
+  // would prune them.
+  const std::vector<persist::GenerationFile> newer = newer_than(*files, from);
   if (shm && shm_now) {
-    if (Status s = keep_shm_image(*shm_now, (*dir)->dir(), scan, /*aside=*/false, {}, report, d);
+    // Newer than the source: aside, with the newer files; else an older
+    // generation of the directory, where it stays.
+    const bool newer_than_source = shm_now->view.header.generation > from;
+    if (Status s = keep_shm_image(*shm_now, (*dir)->dir(), scan, /*aside=*/newer_than_source, newer,
+                                  report, d);
         !s.ok()) {
       return s;
     }
   }
-  if (Status s = (*dir)->publish(*generation, *image); !s.ok()) {
-    return fail(d, Failure::kIoError, s);
+  if (Status s =
+          publish_and_move_aside(**dir, *generation, *image, newer, report, undo.published, d);
+      !s.ok()) {
+    return s;
   }
-  undo.published = true;
-  report.path = generation_path((*dir)->dir(), *generation);
   if (shm) {
     if (Status s = shm->publish(*generation, *image); !s.ok()) {
-      return fail(d, Failure::kIoError,
-                  Status(s.code(), std::string(s.message()) + " (generation " +
-                                       std::to_string(*generation) + " is in " + report.path +
-                                       ", which the engine loads)"));
+      std::string done = " (generation " + std::to_string(*generation) + " is in " + report.path +
+                         ", which the engine loads";
+      if (!report.aside_dir.empty()) done += "; what it kept aside is in " + report.aside_dir;
+      return fail(d, Failure::kIoError, Status(s.code(), std::string(s.message()) + done + ")"));
     }
     report.shm = request.shm;
   }
@@ -1443,9 +1492,7 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   if (dir) {
     auto files = dir->list();
     if (!files) return undo(fail(d, Failure::kIoError, files.status()));
-    for (const auto& f : *files) {
-      if (f.generation > from) newer.push_back(f);
-    }
+    newer = newer_than(*files, from);
     scan = scan_files(*files);
   } else if (!source_dir.empty()) {
     // Into the segment only, from a directory the engine presumably also
@@ -1494,18 +1541,10 @@ Result<WriteReport> restore(const RestoreRequest& request, Diagnosis* d) {
   const std::vector<unsigned char> image = renumber(source->view, *generation, next_id);
   if (dir) {
     // Publish first: from here on the next start loads the restored image,
-    // whatever happens to the moves below.
-    if (Status s = dir->publish(*generation, image); !s.ok()) {
-      return undo(fail(d, Failure::kIoError, s));
-    }
-    published = true;
-    report.path = generation_path(dir->dir(), *generation);
-    if (Status s = move_aside(dir->dir(), newer, report); !s.ok()) {
-      return fail(d, Failure::kIoError,
-                  Status(s.code(), std::string(s.message()) + " (generation " +
-                                       std::to_string(*generation) + " is published in " +
-                                       report.path + "; moved so far: " +
-                                       std::to_string(report.moved.size()) + ")"));
+    // whatever happens to the moves that follow.
+    if (Status s = publish_and_move_aside(*dir, *generation, image, newer, report, published, d);
+        !s.ok()) {
+      return undo(s);  // nothing to undo once published
     }
   }
   if (shm) {

@@ -1221,13 +1221,13 @@ TEST(JobsnapEditTest, EditStartsFromTheNewestValidGenerationOrTheOneGiven) {
   PutGeneration(tmp.snap(), 2, {Job(1), Job(2), Job(3)});
   PutGeneration(tmp.snap(), 3, {Job(1)});
   FlipByte(GenPath(tmp.snap(), 3), 120);  // the engine would skip it
+  EXPECT_EQ(Jobsnap({"drop", tmp.snap(), "1", "--from", "3"}).code, kCorrupt);
   auto r = Jobsnap({"drop", tmp.snap(), "3"});
   ASSERT_EQ(r.code, kOk) << r;
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 4))), (std::set<JobId>{1, 2}));
   r = Jobsnap({"drop", tmp.snap(), "2", "--from", "1"});
   ASSERT_EQ(r.code, kOk) << r;
   EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 5))), std::set<JobId>{1});
-  EXPECT_EQ(Jobsnap({"drop", tmp.snap(), "1", "--from", "3"}).code, kCorrupt);
 }
 
 TEST(JobsnapEditTest, EditOfADirectoryWhereNothingVerifiesIsCorruptAndWritesNothing) {
@@ -1606,6 +1606,155 @@ TEST(JobsnapRestoreTest, RestoreFromAFileKeptAsideUndoesARestore) {
   EXPECT_EQ(s.ids, std::set<JobId>{2});
 }
 
+// ---- an edit keeps what is newer than its source, as restore does ---------------------
+//
+// An edit publishes above every generation; the files above its source
+// (--from N, or newer files that did not verify) would be left below the
+// new one, never loaded again and pruned by retention. They are moved into
+// DIR/aside-<UTC time>/, as restore moves them.
+
+// The generations of the files named gen-<20 digits>.jobsnap directly in `dir`.
+std::set<std::uint64_t> GenerationsIn(const std::string& dir) {
+  std::set<std::uint64_t> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    if (auto g = snapshot_tools::generation_of_name(e.path().string())) out.insert(*g);
+  }
+  return out;
+}
+
+// The aside-* subdirectories of `dir`.
+std::vector<std::string> AsideDirs(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().filename().string().rfind("aside-", 0) == 0) out.push_back(e.path().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST(JobsnapEditTest, DropFromAnOlderGenerationMovesTheNewerOnesAside) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2), Job(3)});
+  PutGeneration(tmp.snap(), 2, {Job(1), Job(2), Job(3), Job(4)});
+  PutGeneration(tmp.snap(), 3, {Job(1), Job(4), Job(5)});
+  const auto gen2 = ReadBytes(GenPath(tmp.snap(), 2));
+  const auto gen3 = ReadBytes(GenPath(tmp.snap(), 3));
+  auto r = Jobsnap({"drop", "--json", tmp.snap(), "2", "--from", "1"});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["from_generation"], 1);
+  EXPECT_EQ(j["generation"], 4);
+  ASSERT_EQ(AsideDirs(tmp.snap()).size(), 1u);
+  const std::string aside = AsideDirs(tmp.snap())[0];
+  EXPECT_EQ(j["aside_dir"], aside);
+  EXPECT_EQ(j["moved_aside"], json::array({GenPath(aside, 3), GenPath(aside, 2)}));
+  EXPECT_EQ(ReadBytes(GenPath(aside, 2)), gen2);
+  EXPECT_EQ(ReadBytes(GenPath(aside, 3)), gen3);
+  EXPECT_EQ(GenerationsIn(tmp.snap()), (std::set<std::uint64_t>{1, 4}))
+      << "a generation newer than the source was left below the new one";
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 4))), (std::set<JobId>{1, 3}));
+  // Text: where each file went, as restore says it.
+  r = Jobsnap({"drop", tmp.snap(), "3", "--from", "1"});
+  ASSERT_EQ(r.code, kOk) << r;
+  ASSERT_EQ(AsideDirs(tmp.snap()).size(), 2u);
+  std::string second;
+  for (const auto& a : AsideDirs(tmp.snap())) {
+    if (a != aside) second = a;
+  }
+  EXPECT_TRUE(Contains(r.out, "kept aside in " + second + "/")) << r;
+  EXPECT_TRUE(Contains(r.out, "    " + GenPath(second, 4) + "\n")) << r;
+  EXPECT_EQ(GenerationsIn(second), std::set<std::uint64_t>{4});
+  EXPECT_EQ(GenerationsIn(tmp.snap()), (std::set<std::uint64_t>{1, 5}));
+  const Started s = StartEngine(tmp.snap());
+  EXPECT_EQ(s.recovery.generation, 5u);
+  EXPECT_EQ(s.ids, (std::set<JobId>{1, 2}));
+}
+
+TEST(JobsnapEditTest, RequeueFromAnOlderGenerationMovesTheNewerOnesAside) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 4, {DeadJob(7, DeadReason::kPoison, "boom"), Job(8)});
+  PutGeneration(tmp.snap(), 5, {Job(8), Job(9)});
+  PutGeneration(tmp.snap(), 6, {Job(9)});
+  const auto gen5 = ReadBytes(GenPath(tmp.snap(), 5));
+  const auto gen6 = ReadBytes(GenPath(tmp.snap(), 6));
+  auto r = Jobsnap({"requeue", tmp.snap(), "7", "--from", "4"});
+  ASSERT_EQ(r.code, kOk) << r;
+  ASSERT_EQ(AsideDirs(tmp.snap()).size(), 1u);
+  const std::string aside = AsideDirs(tmp.snap())[0];
+  EXPECT_TRUE(Contains(r.out, "written as generation 7")) << r;
+  EXPECT_TRUE(Contains(r.out, "kept aside in " + aside + "/")) << r;
+  EXPECT_TRUE(Contains(r.out, GenPath(aside, 5))) << r;
+  EXPECT_TRUE(Contains(r.out, GenPath(aside, 6))) << r;
+  EXPECT_EQ(ReadBytes(GenPath(aside, 5)), gen5);
+  EXPECT_EQ(ReadBytes(GenPath(aside, 6)), gen6);
+  EXPECT_EQ(GenerationsIn(tmp.snap()), (std::set<std::uint64_t>{4, 7}));
+  // From the newest generation there is nothing newer: no aside directory.
+  auto j = ParseJson(Jobsnap({"requeue", "--json", tmp.snap(), "7", "--from", "4"}));
+  EXPECT_EQ(j["generation"], 8);
+  const std::string second = j["aside_dir"];
+  EXPECT_NE(second, aside);
+  EXPECT_EQ(AsideDirs(tmp.snap()),
+            (std::vector<std::string>{std::min(aside, second), std::max(aside, second)}));
+  EXPECT_EQ(j["moved_aside"], json::array({GenPath(second, 7)}));
+  j = ParseJson(Jobsnap({"drop", "--json", tmp.snap(), "8", "--from", "8"}));
+  EXPECT_EQ(j["generation"], 9);
+  EXPECT_EQ(j["aside_dir"], "");
+  EXPECT_EQ(j["moved_aside"], json::array());
+  EXPECT_EQ(AsideDirs(tmp.snap()).size(), 2u);
+  const Started s = StartEngine(tmp.snap());
+  EXPECT_EQ(s.recovery.generation, 9u);
+  EXPECT_EQ(s.ids, std::set<JobId>{7});
+}
+
+// Without --from the source is the newest that verifies: what is newer did
+// not verify, and is moved aside as it is, not left under the new generation.
+TEST(JobsnapEditTest, AnEditWithoutFromMovesANewerDamagedFileAside) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {Job(1), Job(2)});
+  PutGeneration(tmp.snap(), 2, {Job(1), Job(2), Job(3)});
+  PutGeneration(tmp.snap(), 3, {Job(1)});
+  FlipByte(GenPath(tmp.snap(), 3), 120);
+  const auto damaged = ReadBytes(GenPath(tmp.snap(), 3));
+  auto r = Jobsnap({"drop", "--json", tmp.snap(), "3"});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["from_generation"], 2);
+  EXPECT_EQ(j["generation"], 4);
+  const std::string aside = j["aside_dir"];
+  EXPECT_EQ(AsideDirs(tmp.snap()), std::vector<std::string>{aside});
+  EXPECT_EQ(j["moved_aside"], json::array({GenPath(aside, 3)}));
+  EXPECT_EQ(ReadBytes(GenPath(aside, 3)), damaged);
+  EXPECT_EQ(GenerationsIn(tmp.snap()), (std::set<std::uint64_t>{1, 2, 4}));
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 4))), (std::set<JobId>{1, 2}));
+}
+
+// Refused (an id that is not there, a job that is not dead), an edit from
+// an older generation moves nothing and makes no aside directory.
+TEST(JobsnapEditTest, ARefusedEditFromAnOlderGenerationLeavesTheDirectoryAsItWas) {
+  TempDir tmp;
+  PutGeneration(tmp.snap(), 1, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  PutGeneration(tmp.snap(), 2, {Job(8)});
+  PutGeneration(tmp.snap(), 3, {Job(9)});
+  FlipByte(GenPath(tmp.snap(), 3), 120);
+  const auto files = [&tmp] {
+    auto f = Fingerprint(tmp.snap());
+    f.erase(".");  // LOCK came and went
+    return f;
+  };
+  const auto before = files();
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"drop", tmp.snap(), "99", "--from", "1"},
+           {"requeue", tmp.snap(), "8", "--from", "1"},
+           {"requeue", tmp.snap(), "7", "99", "--from", "1"},
+           {"drop", tmp.snap(), "7"}}) {  // generation 2 has no job 7
+    auto r = Jobsnap(args);
+    EXPECT_NE(r.code, kOk) << r;
+    EXPECT_EQ(files(), before) << r;
+    EXPECT_TRUE(AsideDirs(tmp.snap()).empty()) << r;
+  }
+}
+
 // ---- the segment's image is kept, never overwritten unkept -----------------------------
 
 void PublishToSegment(const std::string& name, std::uint64_t generation,
@@ -1676,18 +1825,72 @@ TEST(JobsnapKeepTest, RequeueAndDropWithTheSegmentKeepItsImageAsAGeneration) {
   PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
   const auto segment = MakeImage(9, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});
   PublishToSegment(shm.name, 9, segment);
-  // From generation 5: the segment's newer image would be overwritten by 10.
-  auto r = Jobsnap({"requeue", tmp.snap(), "7", "--from", "5", "--shm", shm.name});
+  // From the segment's image (the newest): 10 overwrites it there, so it is
+  // kept as an older generation of the directory.
+  auto r = Jobsnap({"requeue", tmp.snap(), "7", "--shm", shm.name});
   ASSERT_EQ(r.code, kOk) << r;
   ExpectKeptAs(r, GenPath(tmp.snap(), 9), segment);
-  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{7, 8}));
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp.snap(), 10))), (std::set<JobId>{7, 8, 9}));
+  EXPECT_TRUE(AsideDirs(tmp.snap()).empty());
   // Now a file holds the segment's generation (10): no second copy.
   auto j = ParseJson(Jobsnap({"drop", "--json", tmp.snap(), "8", "--shm", shm.name}));
   EXPECT_EQ(j["generation"], 11);
   EXPECT_EQ(j["shm_kept"], "");
   const Started s = StartEngine(tmp.snap(), shm.name);
   EXPECT_EQ(s.recovery.generation, 11u);
-  EXPECT_EQ(s.ids, std::set<JobId>{7});
+  EXPECT_EQ(s.ids, (std::set<JobId>{7, 9}));
+}
+
+// From an older generation, the segment's newer image goes aside with the
+// newer files (as restore keeps it), not into DIR below the new generation,
+// where retention would prune it.
+TEST(JobsnapKeepTest, AnEditFromAnOlderGenerationKeepsTheSegmentsNewerImageAside) {
+  TempDir tmp;
+  ShmCleanup shm;
+  PutGeneration(tmp.snap(), 5, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8)});
+  PutGeneration(tmp.snap(), 6, {DeadJob(7, DeadReason::kFailed, "boom"), Job(8), Job(9)});
+  const auto gen6 = ReadBytes(GenPath(tmp.snap(), 6));
+  const auto segment = MakeImage(9, {Job(8), Job(9), Job(10)});
+  PublishToSegment(shm.name, 9, segment);
+  auto r = Jobsnap({"requeue", "--json", tmp.snap(), "7", "--from", "5", "--shm", shm.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  auto j = ParseJson(r);
+  EXPECT_EQ(j["generation"], 10);
+  EXPECT_EQ(j["shm"], shm.name);
+  const std::string aside = j["aside_dir"];
+  EXPECT_EQ(AsideDirs(tmp.snap()), std::vector<std::string>{aside});
+  EXPECT_EQ(j["shm_kept"], GenPath(aside, 9));
+  EXPECT_EQ(j["shm_kept_generation"], 9);
+  EXPECT_EQ(j["moved_aside"], json::array({GenPath(aside, 9), GenPath(aside, 6)}));
+  EXPECT_EQ(ReadBytes(GenPath(aside, 9)), segment) << "the segment's image was not kept aside";
+  EXPECT_EQ(ReadBytes(GenPath(aside, 6)), gen6);
+  EXPECT_EQ(GenerationsIn(tmp.snap()), (std::set<std::uint64_t>{5, 10}));
+  const Started s = StartEngine(tmp.snap(), shm.name);
+  EXPECT_EQ(s.recovery.generation, 10u);
+  EXPECT_EQ(s.ids, (std::set<JobId>{7, 8}));
+
+  // Text; a damaged file of the segment's generation goes aside too, and
+  // the segment's image beside it as shm-gen-<S>.
+  TempDir tmp2;
+  ShmCleanup shm2;
+  PutGeneration(tmp2.snap(), 1, {Job(1), Job(2)});
+  PutGeneration(tmp2.snap(), 4, {Job(4)});
+  FlipByte(GenPath(tmp2.snap(), 4), 120);
+  const auto damaged = ReadBytes(GenPath(tmp2.snap(), 4));
+  const auto segment2 = MakeImage(4, {Job(4), Job(5)});
+  PublishToSegment(shm2.name, 4, segment2);
+  r = Jobsnap({"drop", tmp2.snap(), "2", "--from", "1", "--shm", shm2.name});
+  ASSERT_EQ(r.code, kOk) << r;
+  ASSERT_EQ(AsideDirs(tmp2.snap()).size(), 1u);
+  const std::string aside2 = AsideDirs(tmp2.snap())[0];
+  const std::string kept = aside2 + "/shm-gen-00000000000000000004.jobsnap";
+  EXPECT_TRUE(Contains(r.out, "kept aside in " + aside2 + "/")) << r;
+  EXPECT_TRUE(Contains(r.out, kept + "  (the image segment '" + shm2.name + "' held)")) << r;
+  EXPECT_TRUE(Contains(r.out, GenPath(aside2, 4))) << r;
+  EXPECT_EQ(ReadBytes(kept), segment2);
+  EXPECT_EQ(ReadBytes(GenPath(aside2, 4)), damaged);
+  EXPECT_EQ(GenerationsIn(tmp2.snap()), (std::set<std::uint64_t>{1, 5}));
+  EXPECT_EQ(IdsOf(ReadBytes(GenPath(tmp2.snap(), 5))), std::set<JobId>{1});
 }
 
 // ---- ids never go back ---------------------------------------------------------------

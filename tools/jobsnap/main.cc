@@ -882,7 +882,8 @@ int run(int argc, char** argv) {
         ->check(shm_name)
         ->type_name("NAME");
     c->add_option("--from", edit_from,
-                  "Start from this generation of DIR (default: what the engine would load)")
+                  "Start from this generation of DIR (default: what the engine would load); "
+                  "newer generations are moved aside, as restore moves them")
         ->transform(digits_only)
         ->check(gen_validator)
         ->type_name("N");

@@ -257,10 +257,16 @@ struct EditRequest {
 // the engine would load (either store), or `from_generation` of `dir`; the
 // new image's next_job_id is the highest of every image that verifies in
 // `dir` and the segment. The segment's image, when it verifies and no file
-// of `dir` holds its generation, is first kept as dir/gen-<S>.jobsnap (below
-// the new generation, so never loaded unless chosen). kRefused when the new
-// generation would be past 2^64 - 1. The ids are checked before anything is
-// written.
+// of `dir` holds its generation, is first kept as restore() keeps it: into
+// the aside directory when it is newer than the source, else as
+// dir/gen-<S>.jobsnap (below the new generation, so never loaded unless
+// chosen). Once the new generation is published to `dir`, every generation
+// file of `dir` numbered above the source's (with `from_generation`, the
+// newer ones; else newer ones that did not verify) is moved into a new
+// subdirectory aside-<UTC time>/, as restore() moves them; then the segment
+// is written. kRefused when the new generation would be past 2^64 - 1. The
+// ids are checked before anything is written; a refused edit changes
+// nothing (no LOCK file or aside directory is left behind).
 Result<WriteReport> requeue_jobs(const EditRequest& request, std::span<const JobId> ids,
                                  Diagnosis* diagnosis = nullptr);
 Result<WriteReport> drop_jobs(const EditRequest& request, std::span<const JobId> ids,
