@@ -13,7 +13,7 @@ if(ConcurrentQueue_INCLUDE_DIR AND NOT ConcurrentQueue_VERSION)
   # The header carries no version macro; Debian's package does.
   find_program(_cq_dpkg_query dpkg-query)
   if(_cq_dpkg_query)
-    execute_process(COMMAND ${_cq_dpkg_query} -W -f=${Version} libconcurrentqueue-dev
+    execute_process(COMMAND ${_cq_dpkg_query} -W -f=\${Version} libconcurrentqueue-dev
                     OUTPUT_VARIABLE _cq_ver ERROR_QUIET RESULT_VARIABLE _cq_rc)
     if(_cq_rc EQUAL 0 AND _cq_ver MATCHES "^([0-9]+\\.[0-9]+\\.[0-9]+)")
       set(ConcurrentQueue_VERSION "${CMAKE_MATCH_1}")

@@ -40,7 +40,8 @@ foreach(_je_dep concurrentqueue boost xxhash.h nlohmann)
     file(CREATE_LINK /usr/include/${_je_dep} ${_je_stage}/usr/include/${_je_dep} SYMBOLIC)
   endif()
 endforeach()
-set(CMAKE_CXX_FLAGS_INIT "-isystem ${_je_stage}/usr/include")
+# Quoted for the shell that runs the compile: the build tree may have spaces.
+set(CMAKE_CXX_FLAGS_INIT "-isystem \"${_je_stage}/usr/include\"")
 
 set(CMAKE_FIND_ROOT_PATH ${JOBENGINE_CROSS_SYSROOT} ${_je_stage})
 set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
@@ -52,5 +53,7 @@ find_program(JOBENGINE_QEMU_AARCH64 qemu-aarch64)
 if(JOBENGINE_QEMU_AARCH64)
   set(CMAKE_CROSSCOMPILING_EMULATOR ${JOBENGINE_QEMU_AARCH64} -L ${JOBENGINE_CROSS_SYSROOT})
 else()
-  message(WARNING "qemu-aarch64 not found (Debian package qemu-user): the tests build but cannot run")
+  # The tests could not even be built: GoogleTest lists each binary's tests by
+  # running it right after the link.
+  message(FATAL_ERROR "qemu-aarch64 not found (Debian package qemu-user): run tools/setup.sh")
 endif()

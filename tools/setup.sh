@@ -42,5 +42,13 @@ fi
 echo "setup: installing ${missing[*]}"
 # Through env, not export: sudo's env_reset would drop an exported variable.
 apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
-"${apt[@]}" update -qq
-"${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}"
+# Another apt or dpkg (a second setup, a fresh VM's unattended-upgrades) may
+# hold the locks: wait for them (up to 10 minutes) instead of failing at once.
+lock_wait=(-o DPkg::Lock::Timeout=600)
+for try in $(seq 1 60); do
+  if "${apt[@]}" "${lock_wait[@]}" update -qq; then break; fi
+  [ "$try" -lt 60 ] || { echo "setup: apt-get update kept failing" >&2; exit 1; }
+  echo "setup: apt-get update failed (another apt running?); retrying in 10 s" >&2
+  sleep 10
+done
+"${apt[@]}" "${lock_wait[@]}" install -y -qq --no-install-recommends "${missing[@]}"
