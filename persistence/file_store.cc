@@ -446,13 +446,19 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
     return s;
   }
 
+  const std::uint64_t previous_good = known_good_;
   known_good_ = generation;
   // Retention. The image is durable already, so a failure here does not fail
-  // the publish; the next publish prunes again.
+  // the publish; the next publish prunes again. The generation known to
+  // verify before this one stays whatever its rank (with keep > 1): newer
+  // files that failed to verify would otherwise push it out, leaving no
+  // older generation to fall back on; the directory then holds one more
+  // file than keep until the next publish.
   bool pruned = false;
   const std::size_t keep_old = keep_ - 1;  // the new generation takes one slot
   const std::size_t listed = present->size() - (recycled != nullptr ? 1 : 0);  // it is gone
   for (std::size_t i = keep_old; i < listed; ++i) {
+    if (keep_ > 1 && (*present)[i].generation == previous_good) continue;
     pruned = fs.unlink((*present)[i].path) == 0 || pruned;
   }
   // A failed fsync here leaves the unlinks to the next publish's directory

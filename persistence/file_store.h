@@ -26,6 +26,8 @@
 // After a successful publish, generations beyond `keep` (oldest first) are
 // deleted and the directory is fsynced again; a failure there does not fail
 // the publish (the new image is durable) and the next publish prunes again.
+// With keep > 1 the generation known to verify before the publish is never
+// deleted by it, even when newer files that failed to verify outrank it.
 //
 // Recycling. When the directory already holds `keep` generations (and at
 // least 2), the publish would delete the oldest right after writing the new

@@ -196,6 +196,32 @@ TEST_F(FileStoreTest, RetainsOnlyTheNewestKeepGenerations) {
   }
 }
 
+TEST_F(FileStoreTest, RetentionKeepsTheGenerationKnownGoodBehindNewerDamagedOnes) {
+  // Generations 11 and 12 do not verify (written by something else, say a
+  // crash mid-copy); 10 is the one known good. Publishing 13 with keep 3
+  // pruned the third newest, 10, leaving no older generation that loads.
+  auto store = open_store(/*keep=*/3);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(10, image(10)).ok());
+  for (std::uint64_t g : {11u, 12u}) {
+    std::ofstream(gen_path(g), std::ios::binary) << "not a snapshot";
+  }
+  ASSERT_TRUE(store->publish(13, image(13)).ok());
+  Result<std::vector<GenerationFile>> list = store->list();
+  ASSERT_TRUE(list.ok());
+  std::vector<std::uint64_t> gens;
+  for (const GenerationFile& f : *list) gens.push_back(f.generation);
+  EXPECT_EQ(gens, (std::vector<std::uint64_t>{13, 12, 11, 10}));
+  EXPECT_EQ(slurp(gen_path(10)), image(10));
+  // The next publish prunes down to keep again, the known good one (13) kept.
+  ASSERT_TRUE(store->publish(14, image(14)).ok());
+  list = store->list();
+  ASSERT_TRUE(list.ok());
+  gens.clear();
+  for (const GenerationFile& f : *list) gens.push_back(f.generation);
+  EXPECT_EQ(gens, (std::vector<std::uint64_t>{14, 13, 12}));
+}
+
 TEST_F(FileStoreTest, KeepOneRetainsOnlyTheNewest) {
   auto store = open_store(/*keep=*/1);
   ASSERT_NE(store, nullptr);
@@ -1010,15 +1036,19 @@ TEST_F(FileStoreTest, NothingIsRecycledUntilAnotherGenerationIsKnownToVerify) {
   EXPECT_EQ(slurp(gen_path(1)), image(1));
   EXPECT_EQ(inode_of(gen_path(1)), inode1);
   faults->clear_rules();
-  // A success: 5 is known good, and retention keeps 5 and 2.
+  // A success: 5 is known good; retention keeps 5 and 2, and 1 too, the
+  // generation known good before 5 (never pruned for damaged newer ones).
   ASSERT_TRUE(store->publish(5, image(5)).ok());
-  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap",
+                                                      "gen-00000000000000000002.jobsnap",
                                                       "gen-00000000000000000005.jobsnap"}));
-  // From now on the oldest is recycled again (5 stays and verifies).
-  const std::uint64_t inode2 = inode_of(gen_path(2));
+  // From now on the oldest is recycled again (5 stays and verifies), and
+  // retention is back to keep.
   ASSERT_TRUE(store->publish(6, image(6)).ok());
-  EXPECT_EQ(inode_of(gen_path(6)), inode2);
+  EXPECT_EQ(inode_of(gen_path(6)), inode1);
   EXPECT_EQ(slurp(gen_path(6)), image(6));
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000005.jobsnap",
+                                                      "gen-00000000000000000006.jobsnap"}));
 }
 
 // write_new_file (jobsnap keeps a segment's image with it): a new name only,

@@ -82,7 +82,8 @@ struct SnapshotOptions {
   // stop(kSnapshotAndExit) still write one).
   std::chrono::milliseconds disk_interval{1000};
 
-  // Disk generations kept (older ones are deleted after a publish). Default 3.
+  // Disk generations kept (older ones are deleted after a publish; with 2 or
+  // more, never the newest one known to verify). Default 3.
   // Once this many exist, a snapshot rewrites the oldest file in place
   // instead of deleting it afterwards, so a failed snapshot leaves one fewer
   // (never none; persistence/file_store.h, "Recycling").
