@@ -16,6 +16,7 @@
 # tools/run.sh builds the binaries and runs this (after a --check, before it builds).
 set -euo pipefail
 exec 9>&2  # the traps' stderr: one may run while fd 2 is /dev/null (run_child)
+exec 8>&1  # the script's stdout, for a time-out's FAILED line from inside a pipe (bounded)
 root="$(cd "$(dirname "$0")/.." && pwd)"
 default_work="$root/build/release/demo-scenario"
 work="$default_work"
@@ -62,11 +63,18 @@ for b in "$demo" "$jobsnap"; do
   [ -x "$b" ] || { echo "demo.sh: $b not built (tools/run.sh builds it)" >&2; exit 1; }
 done
 command -v python3 >/dev/null || { echo "demo.sh: needs python3 (tools/setup.sh)" >&2; exit 1; }
+command -v timeout >/dev/null || { echo "demo.sh: needs timeout (GNU coreutils)" >&2; exit 1; }
 max_recoveries=2
+# Each jobengine-demo and jobsnap run gets at most this many seconds (the whole
+# scenario takes about 5 s), then SIGTERM, and SIGKILL 5 s later: a hang ends
+# as a FAILED step, not as a script that never returns.
+limit=120
 
-# jobengine-demo runs as a tracked child: if this script ends early (Ctrl-C,
-# SIGTERM, a timeout's signal, a failed step), the EXIT trap stops it with
-# SIGTERM (it then writes a final snapshot), and with SIGKILL after 5 s.
+# jobengine-demo runs as a tracked child, under timeout(1) (which runs it in
+# timeout's own process group and passes on the signals it gets): if this
+# script ends early (Ctrl-C, SIGTERM, a timeout's signal, a failed step), the
+# EXIT trap stops it with SIGTERM (it then writes a final snapshot), and with
+# SIGKILL (the whole group: timeout and the demo) after 5 s.
 child=""
 stop_child() {
   [ -n "$child" ] || return 0
@@ -76,7 +84,7 @@ stop_child() {
     kill -0 "$child" 2>/dev/null || { child=""; return 0; }
     sleep 0.1
   done
-  kill -KILL "$child" 2>/dev/null || true
+  kill -KILL -- "-$child" 2>/dev/null || kill -KILL "$child" 2>/dev/null || true
   child=""
 }
 trap stop_child EXIT
@@ -90,19 +98,40 @@ header() {
 }
 say() { printf '%s\n' "$*" | fold -s -w 100 | sed 's/ *$//'; }
 echo_cmd() { printf '$ %s\n' "$(printf '%q ' "$@" | sed "s|$bin/||g; s| $||")"; }
-show() {  # prints the command as an operator would type it, then runs it
+show() {  # prints the command as an operator would type it, then runs it (bounded)
   echo_cmd "$@"
-  "$@"
+  bounded "$@"
 }
-# Runs "$@" as the tracked child (stop_child) and returns its status (128 + N
-# when signal N killed it), without the shell's "Killed" notice: the command
-# keeps our stderr, the shell's notice goes nowhere.
+# Whether a command that ended with status $1 after $2 seconds ran out of its
+# $limit seconds: timeout(1) exits 124 then, or 137 when its SIGKILL (5 s
+# after its SIGTERM) ended the command -- which reads like the demo's own
+# SIGKILL crash, hence the clock.
+timed_out() { [ "$1" -eq 124 ] || { [ "$1" -ne 0 ] && [ "$2" -ge "$limit" ]; }; }
+timeout_failed() {
+  printf '\nFAILED: %s ran past its %d s limit and was stopped\n' \
+    "$(printf '%q ' "$@" | sed "s|$bin/||g; s| $||")" "$limit" >&8
+  exit 1
+}
+# Runs "$@" (jobsnap) under the time limit: its status, or FAILED and exit 1
+# when it ran out of time (in a pipe: that side of it exits, pipefail does the rest).
+bounded() {
+  local rc=0 t0=$SECONDS
+  timeout -k 5 "$limit" "$@" 8>&- 9>&- || rc=$?
+  ! timed_out "$rc" $((SECONDS - t0)) || timeout_failed "$@"
+  return "$rc"
+}
+# Runs "$@" as the tracked child (stop_child), under the time limit, and
+# returns its status (128 + N when signal N killed it: timeout(1) dies of the
+# signal that killed the command), without the shell's "Killed" notice: the
+# command keeps our stderr, the shell's notice goes nowhere. FAILED and exit 1
+# when it ran out of time.
 run_child() {
-  "$@" 9>&- &
+  local rc=0 t0=$SECONDS
+  timeout -k 5 "$limit" "$@" 8>&- 9>&- &
   child=$!
-  local rc=0
   wait "$child" 2>/dev/null || rc=$?
   child=""
+  ! timed_out "$rc" $((SECONDS - t0)) || timeout_failed "$@"
   return "$rc"
 }
 # show, for jobengine-demo (whose death by a signal may be expected).
@@ -141,8 +170,8 @@ show "$jobsnap" list "$dir" --shm "$shm"
 say "'=>' marks the image the next start will load: the shared-memory one, newer than any on disk."
 echo
 show "$jobsnap" inspect "$dir" --shm "$shm"
-"$jobsnap" list "$dir" --shm "$shm" --json >"$work/list-before-restart.json"
-"$jobsnap" dump "$dir" --shm "$shm" >"$work/held.jsonl"
+bounded "$jobsnap" list "$dir" --shm "$shm" --json >"$work/list-before-restart.json"
+bounded "$jobsnap" dump "$dir" --shm "$shm" >"$work/held.jsonl"
 held_gen=$(python3 -c '
 import json, sys
 print(next(g["generation"] for g in json.load(open(sys.argv[1])) if g["loaded_next"]))' \
@@ -163,7 +192,7 @@ while :; do
   [ "$rc" -eq 137 ] || fail "restart $((run - 1)) exited $rc"
   say "Crashed again. What the next start will see of job $poison:"
   echo_cmd "$jobsnap" dump "$dir" --shm "$shm" --id "$poison"
-  "$jobsnap" dump "$dir" --shm "$shm" --id "$poison" |
+  bounded "$jobsnap" dump "$dir" --shm "$shm" --id "$poison" |
     python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print("  job %d: state %s, recoveries %d, attempts %d" % (j["id"], j["state"], j["recoveries"], j["attempts"]))'
   echo
 done
@@ -173,7 +202,7 @@ say "Restart $((run - 1)): job $poison had been running at $((max_recoveries + 1
 
 header "The poison job, quarantined"
 show "$jobsnap" inspect "$dir" --shm "$shm"
-"$jobsnap" dump "$dir" --shm "$shm" >"$work/quarantined.jsonl"
+bounded "$jobsnap" dump "$dir" --shm "$shm" >"$work/quarantined.jsonl"
 
 header "The operator drops it"
 show "$jobsnap" drop "$dir" "$poison" --shm "$shm"
@@ -205,6 +234,7 @@ def report(name):
 def journal(name):
     return [l.split() for l in read(name).splitlines() if l.split()]
 held = [json.loads(l) for l in read("held.jsonl").splitlines()]
+held_ids = {j["id"] for j in held}
 live = {j["id"] for j in held if j["state"] != "dead"}
 if poison not in live:
     fail("the snapshot loaded at restart did not hold the poison job %d" % poison)
@@ -215,13 +245,15 @@ restored = first["pending"] + first["delayed"] + first["running_at_cut"] + first
 if restored != len(live):
     fail("the restart restored %d jobs, the snapshot held %d live ones" % (restored, len(live)))
 # Each restart but the last crashed on the poison job (and only on it), without
-# quarantining anything; the last quarantined it and never ran it.
+# quarantining anything; the last quarantined it and never ran it. A job ran
+# when a run of it ended done (R <id> <handler> <attempt> done); one that ended
+# retry is still to run.
 ran, crashes = set(), 1  # the first run's crash
 for run in range(2, last_run + 1):
     rep = report("report-%d.json" % run)
     xs = []
     for f in journal("journal-%d.log" % run):
-        if f[0] == "R":
+        if f[0] == "R" and f[4] == "done":
             ran.add(int(f[1]))
         elif f[0] == "X":
             xs.append(int(f[1]))
@@ -267,21 +299,34 @@ if final["recovery"]["dead"] != 0 or final["recovery"]["poisoned"] != 0 or final
     fail("after jobsnap drop the service still has dead letters")
 # What a process crash loses: jobs accepted after the cut of the snapshot that
 # survived (README "What is lost"), at most the 10 ms shared-memory interval.
-submitted, done_before = set(), set()
+# One producer thread writes each S line after submit() returned, so the
+# journal's S lines are in acceptance order: every job accepted before the
+# last one the snapshot holds was accepted before its cut, and must be in it
+# (dead ones too) or have finished before it. Only jobs after that one may be lost.
+order, done_before = {}, set()  # order: job id -> its place among the S lines
 for f in journal("journal-1.log"):
     if f[0] == "S":
-        submitted.add(int(f[1]))
+        order.setdefault(int(f[1]), len(order))
     elif f[0] == "R" and f[4] == "done":
         done_before.add(int(f[1]))
-lost = submitted - done_before - live
+submitted = set(order)
+lost = submitted - done_before - held_ids
+last_held = max((i for i in held_ids if i in order), key=order.get, default=None)
+if last_held is None:
+    fail("generation %d holds none of the jobs journal-1.log says were accepted" % held_gen)
+early = sorted((i for i in lost if order[i] < order[last_held]), key=order.get)
+if early:
+    fail("%d jobs accepted before job %d, which generation %d holds, are neither in it nor "
+         "finished: lost though accepted before its cut: %s"
+         % (len(early), last_held, held_gen, early[:20]))
 # A job that finished after the cut is in both: it ran, and the generation
 # holds it (it runs again: at-least-once).
 print("%d jobs were submitted before the crash; %d had finished; generation %d held %d "
       "(%d of them had finished after its cut: they run again)"
       % (len(submitted), len(submitted & done_before), held_gen, len(live),
          len(live & done_before)))
-print("(%d accepted in the last moments, after that snapshot's cut, were lost: the at-risk window)"
-      % len(lost))
+print("(%d accepted in the last moments, after job %d, the last one that snapshot's cut held, were "
+      "lost: the at-risk window)" % (len(lost), last_held))
 print("The restart that quarantined job %d ran all %d jobs it recovered to done, none failed."
       % (poison, counts["recovered"]))
 print("OK: %d jobs held by generation %d all ran after the crash; poison job %d crashed the "

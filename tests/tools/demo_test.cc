@@ -31,6 +31,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -255,8 +256,9 @@ TEST_F(DemoTest, ScenarioStepByStep) {
   // 2. The snapshot the restart will load holds it as running at the cut.
   st::Image held = LoadNext();
   ASSERT_FALSE(held.source.empty());
-  std::set<JobId> live;
+  std::set<JobId> live, held_ids;
   for (const auto& j : held.view.jobs) {
+    held_ids.insert(j.id);
     if (j.state != JobState::kDead) live.insert(j.id);
   }
   const auto* p = Find(held, poison);
@@ -265,7 +267,8 @@ TEST_F(DemoTest, ScenarioStepByStep) {
   EXPECT_EQ(p->recoveries, 0u);
 
   // 3. Restarts crash on it again, max_recoveries times; the next one
-  //    quarantines it and drains.
+  //    quarantines it and drains. A job ran when a run of it ended done (a
+  //    run that ended retry leaves it to run again).
   std::set<JobId> ran_after_crash;
   int crashes = 1;
   int run = 1;
@@ -294,7 +297,7 @@ TEST_F(DemoTest, ScenarioStepByStep) {
       EXPECT_GE(rec["running_at_cut"].get<std::uint64_t>(), 1u);
     }
     for (const auto& w : Journal(work_ + "/journal-" + name + ".log")) {
-      if (w[0] == "R") ran_after_crash.insert(std::stoull(w[1]));
+      if (w[0] == "R" && w.size() > 4 && w[4] == "done") ran_after_crash.insert(std::stoull(w[1]));
       if (w[0] == "X") {
         EXPECT_EQ(std::stoull(w[1]), poison);
       }
@@ -322,6 +325,35 @@ TEST_F(DemoTest, ScenarioStepByStep) {
                                << " jobs held by generation " << held.view.header.generation
                                << " never ran after the crash, e.g. job " << missing.front();
   EXPECT_FALSE(ran_after_crash.count(poison)) << "the poison job returned from its handler";
+
+  // 4b. What the crash lost: only jobs accepted after the snapshot's cut. One
+  //     producer thread journals each S line after submit() returned, so S
+  //     order is acceptance order: every job accepted before the last one the
+  //     snapshot holds is in it (dead ones too) or finished before the crash.
+  std::map<JobId, std::size_t> order;  // job id -> its place among the S lines
+  std::set<JobId> done_before;
+  for (const auto& w : Journal(work_ + "/journal-1.log")) {
+    if (w[0] == "S") order.emplace(std::stoull(w[1]), order.size());
+    if (w[0] == "R" && w.size() > 4 && w[4] == "done") done_before.insert(std::stoull(w[1]));
+  }
+  std::size_t last_held = 0;  // the place of the last held job, plus one
+  for (JobId id : held_ids) {
+    const auto at = order.find(id);
+    if (at != order.end()) last_held = std::max(last_held, at->second + 1);
+  }
+  EXPECT_GT(last_held, 0u) << "generation " << held.view.header.generation
+                           << " holds none of the jobs journal-1.log says were accepted";
+  std::vector<JobId> lost_early;
+  std::size_t lost = 0;
+  for (const auto& [id, at] : order) {
+    if (done_before.count(id) || held_ids.count(id)) continue;
+    ++lost;
+    if (at < last_held) lost_early.push_back(id);
+  }
+  EXPECT_TRUE(lost_early.empty())
+      << lost_early.size() << " of " << lost << " jobs missing from generation "
+      << held.view.header.generation << " were accepted before its last held job, so before its "
+      << "cut, and never finished, e.g. job " << lost_early.front();
 
   // 5. Quarantined: dead, reason poison, past max_recoveries, and nothing else left.
   const st::Image after = LoadNext();
