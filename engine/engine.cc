@@ -1121,7 +1121,14 @@ class Engine::Impl final : public detail::CutSource {
       if (persistence_) {
         begin_final_cut();
         auto info = persistence_->final_snapshot();
-        if (!info) final_status = info.status();
+        if (!info) {
+          final_status = info.status();
+          report.final_snapshot =
+              Status(final_status.code(),
+                     std::string("stop(") + (mode == StopMode::kDrain ? "kDrain" : "kAbandon") +
+                         "): the final snapshot failed, the previous generation is the newest: " +
+                         std::string(final_status.message()));
+        }
       }
     }
     state_.store(EngineState::kStopped, std::memory_order_release);
@@ -3674,8 +3681,20 @@ Status validate(const EngineOptions& o) {
       }
       if (sn.shm_name == "." || sn.shm_name == "..") return bad("snapshot.shm_name may not be . or ..");
     }
-    if (sn.shm_interval.count() < 0 || sn.disk_interval.count() < 0 || sn.exit_deadline.count() < 0) {
-      return bad("snapshot intervals and exit_deadline must be >= 0");
+    // At most a day: a longer period keeps no snapshot worth the name (a crash
+    // loses up to that much work), and the bound keeps `now + interval` and
+    // health()'s `2 * interval` far from overflowing (milliseconds::max()
+    // wrapped around and made the snapshots run back to back).
+    constexpr std::chrono::milliseconds kMaxPeriod = std::chrono::hours(24);
+    const std::pair<const char*, std::chrono::milliseconds> periods[] = {
+        {"snapshot.shm_interval", sn.shm_interval},
+        {"snapshot.disk_interval", sn.disk_interval},
+        {"snapshot.exit_deadline", sn.exit_deadline}};
+    for (const auto& [name, value] : periods) {
+      if (value.count() < 0 || value > kMaxPeriod) {
+        return bad(std::string(name) + " is " + std::to_string(value.count()) +
+                   " ms; it must be 0.." + std::to_string(kMaxPeriod.count()) + " ms (24 h)");
+      }
     }
     if (sn.keep_generations < 1) return bad("snapshot.keep_generations must be >= 1, got 0");
     if (sn.cpu >= 0) {

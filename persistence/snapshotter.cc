@@ -281,7 +281,6 @@ class Snapshotter final : public Persistence {
 
   SnapshotHealth health() const override {
     SnapshotHealth h;
-    const std::int64_t now = Clock::steady_ns();
     // Acquire: the generation is stored last (release), so its cut time is
     // there too; a first generation seen without it read as an age since boot.
     h.last_generation = last_generation_.load(std::memory_order_acquire);
@@ -289,15 +288,20 @@ class Snapshotter final : public Persistence {
     // (confirm_unchanged()).
     const std::int64_t cut = std::max(last_cut_steady_ns_.load(std::memory_order_relaxed),
                                       last_confirmed_steady_ns_.load(std::memory_order_relaxed));
-    if (h.last_generation != 0) h.last_age = nanoseconds(now - cut);
     h.last_duration = nanoseconds(last_duration_ns_.load(std::memory_order_relaxed));
     h.last_bytes = last_bytes_.load(std::memory_order_relaxed);
     h.last_durable_generation = last_durable_generation_.load(std::memory_order_acquire);  // as above
+    std::int64_t durable_cut = 0;
     if (h.last_durable_generation != 0) {
-      const std::int64_t durable_cut =
-          std::max(last_durable_cut_steady_ns_.load(std::memory_order_relaxed),
-                   last_durable_confirmed_steady_ns_.load(std::memory_order_relaxed));
-      h.last_durable_age = nanoseconds(now - durable_cut);
+      durable_cut = std::max(last_durable_cut_steady_ns_.load(std::memory_order_relaxed),
+                             last_durable_confirmed_steady_ns_.load(std::memory_order_relaxed));
+    }
+    // Read after the times above (read before, a cut or confirmation stored
+    // in between gave a negative age); clamped at 0 all the same.
+    const std::int64_t now = Clock::steady_ns();
+    if (h.last_generation != 0) h.last_age = nanoseconds(std::max<std::int64_t>(0, now - cut));
+    if (h.last_durable_generation != 0) {
+      h.last_durable_age = nanoseconds(std::max<std::int64_t>(0, now - durable_cut));
     }
     h.failures = failures_.load(std::memory_order_relaxed);
     h.accepted_at_last_durable = accepted_at_durable_.load(std::memory_order_relaxed);

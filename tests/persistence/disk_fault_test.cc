@@ -30,6 +30,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "jobengine/engine.h"
@@ -380,6 +381,104 @@ TEST_F(DiskFaultTest, AFailedPublishOfAnIdleEngineIsRetriedOnSchedule) {
   EXPECT_EQ(e->health().done, 1u);
   ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
   ExpectCleanDirectory();
+}
+
+// The final snapshot of stop(kDrain) or stop(kAbandon) fails (a persistent
+// fsync EIO): the engine stops all the same, but StopReport::final_snapshot
+// must say the snapshot was not written (it said nothing: a drain's delayed
+// job was lost and an abandoned one came back, with stop() reporting OK), and
+// health() must keep the error. The restart recovers the previous generation.
+class FinalSnapshotFaultTest : public DiskFaultTest {
+ protected:
+  // Starts an engine with no periodic snapshots, submits one job delayed by
+  // an hour and writes a generation (holding it when `job_in_generation`,
+  // else before it); then arms `fault` (kNone: none) and stops with `mode`.
+  // Returns the report and the generation written.
+  std::pair<StopReport, std::uint64_t> StopWith(StopMode mode, bool job_in_generation,
+                                                Op fault) {
+    auto e = Engine::open(Options(milliseconds(0), milliseconds(0)));
+    EXPECT_TRUE(e.ok()) << e.status().to_string();
+    auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
+    EXPECT_TRUE(h.ok());
+    EXPECT_TRUE(e->start().ok());
+    SubmitOptions later;
+    later.delay = std::chrono::hours(1);
+    std::uint64_t generation = 0;
+    if (!job_in_generation) generation = e->snapshot_now()->generation;
+    EXPECT_TRUE(e->submit(*h, "x", later).ok());
+    if (job_in_generation) generation = e->snapshot_now()->generation;
+    EXPECT_NE(generation, 0u);
+    if (fault != Op::kNone) Arm({fault, EIO, /*every=*/true});
+    auto report = e->stop(mode);
+    EXPECT_TRUE(report.ok()) << report.status().to_string();
+    if (fault != Op::kNone) {
+      const Health health = e->health();
+      EXPECT_NE(health.last_snapshot_error.find(std::strerror(EIO)), std::string::npos)
+          << "'" << health.last_snapshot_error << "'";
+    }
+    g_op.store(Op::kNone, std::memory_order_release);
+    return {report.ok() ? *report : StopReport{}, generation};
+  }
+
+  // Opens and starts the directory again; returns what recovery restored.
+  RecoveryReport Restart() {
+    auto e = Engine::open(Options(milliseconds(0), milliseconds(0)));
+    EXPECT_TRUE(e.ok()) << e.status().to_string();
+    EXPECT_TRUE(e->register_handler("w", [](JobContext&) { return Outcome::kDone; }).ok());
+    auto started = e->start();
+    EXPECT_TRUE(started.ok()) << started.status().to_string();
+    RecoveryReport recovery = started.ok() ? started->recovery : RecoveryReport{};
+    EXPECT_TRUE(e->stop(StopMode::kAbandon).ok());
+    return recovery;
+  }
+};
+
+TEST_F(FinalSnapshotFaultTest, AFailedFinalSnapshotIsInTheStopReport) {
+  for (const auto& [mode, op] : {std::pair{StopMode::kDrain, Op::kFsync},
+                                 std::pair{StopMode::kDrain, Op::kWrite},
+                                 std::pair{StopMode::kAbandon, Op::kFsync},
+                                 std::pair{StopMode::kAbandon, Op::kWrite}}) {
+    SCOPED_TRACE(std::string(mode == StopMode::kDrain ? "drain, " : "abandon, ") + OpName(op));
+    // A drain leaves the job for the final snapshot, which never had it; an
+    // abandon drops it, but the generation that still holds it is the newest.
+    const bool job_in_generation = mode == StopMode::kAbandon;
+    const auto [report, generation] = StopWith(mode, job_in_generation, op);
+    EXPECT_FALSE(report.final_snapshot.ok()) << "stop() said nothing of the failed final snapshot";
+    EXPECT_EQ(report.final_snapshot.code(), StatusCode::kIoError)
+        << report.final_snapshot.to_string();
+    EXPECT_NE(std::string(report.final_snapshot.message()).find(std::strerror(EIO)),
+              std::string::npos)
+        << report.final_snapshot.to_string();
+    EXPECT_NE(std::string(report.final_snapshot.message()).find("final snapshot"),
+              std::string::npos)
+        << report.final_snapshot.to_string();
+    if (mode == StopMode::kDrain) {
+      EXPECT_EQ(report.delayed_left, 1u);
+    } else {
+      EXPECT_EQ(report.dropped, 1u);
+    }
+    ExpectCleanDirectory();
+    // What the report warns of: the restart recovers the previous generation.
+    const RecoveryReport recovery = Restart();
+    EXPECT_EQ(recovery.generation, generation) << recovery.why;
+    EXPECT_EQ(recovery.delayed, job_in_generation ? 1u : 0u) << recovery.why;
+    TearDown();
+    SetUp();
+  }
+}
+
+TEST_F(FinalSnapshotFaultTest, AWrittenFinalSnapshotIsOkInTheStopReport) {
+  for (StopMode mode : {StopMode::kDrain, StopMode::kAbandon}) {
+    SCOPED_TRACE(mode == StopMode::kDrain ? "drain" : "abandon");
+    const auto [report, generation] = StopWith(mode, /*job_in_generation=*/true, Op::kNone);
+    EXPECT_TRUE(report.final_snapshot.ok()) << report.final_snapshot.to_string();
+    const RecoveryReport recovery = Restart();
+    EXPECT_GT(recovery.generation, generation) << recovery.why;
+    // A drain's delayed job is in the final snapshot; an abandoned one is not.
+    EXPECT_EQ(recovery.delayed, mode == StopMode::kDrain ? 1u : 0u) << recovery.why;
+    TearDown();
+    SetUp();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(EachCallErrnoOnceAndPersistent, DiskFaultTest,

@@ -14,6 +14,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "engine/test_hooks.h"  // g_before_batch
 #include "jobengine/engine.h"
@@ -333,6 +334,38 @@ TEST(SnapshotScheduleTest, AfterABurstEveryPendingJobIsInTheSnapshotWhereverItsS
     return in_image == parked;
   })) << "the image holds " << in_image.size() << " jobs, " << parked.size() << " are pending";
   ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+}
+
+// A period must be 0..24 h: milliseconds::max() overflowed `now + interval`
+// in the snapshot thread (the snapshots then ran back to back) and
+// `2 * interval` in health(); each is refused naming the option and value.
+TEST(SnapshotScheduleTest, APeriodAboveADayIsInvalidArgumentNamingTheOptionAndValue) {
+  Shm shm;
+  using Period = std::chrono::milliseconds SnapshotOptions::*;
+  const std::pair<Period, const char*> periods[] = {
+      {&SnapshotOptions::shm_interval, "snapshot.shm_interval"},
+      {&SnapshotOptions::disk_interval, "snapshot.disk_interval"},
+      {&SnapshotOptions::exit_deadline, "snapshot.exit_deadline"}};
+  for (const auto& [period, name] : periods) {
+    SCOPED_TRACE(name);
+    for (milliseconds bad : {milliseconds::max(), milliseconds(std::chrono::hours(24)) + milliseconds(1),
+                             milliseconds(-1), milliseconds::min()}) {
+      EngineOptions o = ShmOptions(shm.name);
+      o.snapshot.*period = bad;
+      auto e = Engine::open(o);
+      ASSERT_FALSE(e.ok()) << bad.count() << " ms was accepted";
+      EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument) << e.status().to_string();
+      const std::string message(e.status().message());
+      EXPECT_NE(message.find(name), std::string::npos) << message;
+      EXPECT_NE(message.find(std::to_string(bad.count())), std::string::npos) << message;
+    }
+    for (milliseconds good : {milliseconds(0), milliseconds(std::chrono::hours(24))}) {
+      EngineOptions o = ShmOptions(shm.name);
+      o.snapshot.*period = good;
+      auto e = Engine::open(o);
+      EXPECT_TRUE(e.ok()) << good.count() << " ms: " << e.status().to_string();
+    }
+  }
 }
 
 }  // namespace

@@ -124,12 +124,21 @@ struct StopReport {
                                 // also a job whose end a worker had no memory to record)
   // kDrain: delayed jobs and retries in backoff not yet due when the drain
   // finished, so not run. With a disk store they are in the final snapshot
-  // (the next start runs them on time); without one they are lost with the
-  // engine, and counted here.
+  // (the next start runs them on time) unless final_snapshot says it failed;
+  // without one they are lost with the engine, and counted here.
   std::uint64_t delayed_left = 0;
   std::uint64_t recovered = 0;  // jobs restored from a snapshot at start()
   std::uint64_t left_in_snapshot = 0;  // kSnapshotAndExit: jobs in the final snapshot
   std::chrono::nanoseconds took{0};  // how long stop() took
+  // Whether the final snapshot of kDrain or kAbandon was written. OK when it
+  // was, and when there is none to write (snapshots not enabled). Otherwise
+  // the store's error (kIoError for a failed disk write, ...): the engine is
+  // stopped all the same, but the stores still hold the previous generation,
+  // so a restart recovers that one (jobs finished or dropped since then come
+  // back; the delayed jobs left by a drain are not in it). It is also logged
+  // and stays in Health::last_snapshot_error. kSnapshotAndExit never reports
+  // a failed final snapshot here: stop() returns the error instead.
+  Status final_snapshot;
 };
 
 // What cancel() did.

@@ -75,6 +75,7 @@ struct SnapshotOptions {
   // 0 disables periodic shared-memory snapshots. A periodic snapshot (this
   // one or disk_interval's) is skipped when nothing changed since the
   // store's last one: an idle engine writes none (Health::snapshots_unchanged).
+  // At most 24 h (so are disk_interval and exit_deadline): open() refuses more.
   std::chrono::milliseconds shm_interval{10};
 
   // How often a generation is written to disk (write, fsync, rename, fsync
