@@ -66,6 +66,7 @@
 //      every snapshot, at the cut's epoch bump (begin_cut), under dead_mu_:
 //      requeue_dead() holds it while it moves a job from them to the table.
 #include <pthread.h>
+#include <unistd.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -73,12 +74,14 @@
 #include <cassert>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <new>
 #include <optional>
+#include <random>
 #include <semaphore>
 #include <string>
 #include <system_error>
@@ -232,6 +235,21 @@ struct alignas(kCacheLine) PaddedQueue : IndexQueue {
 // Engines get a process-unique id, never reused, so a thread's cached
 // ProducerState pointer for a destroyed engine can never match a new one.
 std::atomic<std::uint64_t> g_next_engine_uid{1};
+
+// Differs between processes (and engines): std::random_device where it works,
+// mixed with the pid and the clock (random_device may throw or be a fixed
+// sequence where the platform has no entropy source).
+std::uint64_t process_seed() noexcept {
+  std::uint64_t seed = static_cast<std::uint64_t>(::getpid()) * 0x9e3779b97f4a7c15ull ^
+                       static_cast<std::uint64_t>(
+                           std::chrono::steady_clock::now().time_since_epoch().count());
+  try {
+    std::random_device rd;
+    seed ^= (std::uint64_t{rd()} << 32) | rd();
+  } catch (...) {
+  }
+  return seed;
+}
 
 struct StringHash {
   using is_transparent = void;
@@ -465,6 +483,13 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   ~Impl() {
+    if (t_worker_of == this) {
+      // The engine's own worker cannot join itself (stop() refuses it from a
+      // handler): say so, rather than std::terminate on a joinable thread.
+      std::fputs("jobengine: an Engine was destroyed from one of its own handlers; destroy it "
+                 "from another thread\n", stderr);
+      std::abort();
+    }
     if (state_.load(std::memory_order_acquire) == EngineState::kRunning ||
         state_.load(std::memory_order_acquire) == EngineState::kStopping) {
       (void)stop(StopMode::kDrain);
@@ -643,12 +668,17 @@ class Engine::Impl final : public detail::CutSource {
       log(LogLevel::kError, restored.to_string());
       return restored;
     }
+    // Jitter that differs between processes: with a fixed seed, replicas of a
+    // service that met the same outage retried in lockstep (every process's
+    // first engine drew the same backoffs).
+    const std::uint64_t jitter_seed = process_seed();
     workers_.reserve(options_.workers);
     for (unsigned i = 0; i < options_.workers; ++i) {
       workers_.push_back(
           std::make_unique<WorkerState>(queues_, options_.dequeue_batch, handlers_.size()));
       workers_.back()->index = i;
-      workers_.back()->rng ^= (uid_ << 20) + i * 0x2545F4914F6CDD1Dull;
+      workers_.back()->rng ^= (uid_ << 20) + i * 0x2545F4914F6CDD1Dull + jitter_seed;
+      if (workers_.back()->rng == 0) workers_.back()->rng = 0x9e3779b97f4a7c15ull;  // xorshift's fixed point
     }
     // Every queue producer an engine thread enqueues through is made here, on
     // this thread, before any of them runs: an allocation that fails fails
@@ -1983,15 +2013,20 @@ class Engine::Impl final : public detail::CutSource {
   // fairness_period-th batch starts the scan at a lower level (rotating), the
   // starvation guard documented in EngineOptions::fairness_period.
   std::size_t take_batch(WorkerState& w, SlotIndex* out) {
-    unsigned start = 0;
     // A countdown rather than a modulo: no division on the poll path.
+    unsigned fair = kPriorityLevels;  // none this time
     if (options_.fairness_period != 0 && --w.until_fair_turn == 0) {
       w.until_fair_turn = options_.fairness_period;
       w.rotation = w.rotation % (kPriorityLevels - 1) + 1;  // 1, 2, 1, 2, ...
-      start = w.rotation;
+      fair = w.rotation;
+      // The turn's level first; when it is empty the turn falls back to the
+      // most urgent level, never to the level below it (a scan wrapping from
+      // the turn's level gave an empty normal level's turns to low priority).
+      std::size_t n = queues_[fair].try_dequeue_bulk(w.consumer[fair], out, options_.dequeue_batch);
+      if (n != 0) return n;
     }
-    for (unsigned k = 0; k < kPriorityLevels; ++k) {
-      unsigned p = (start + k) % kPriorityLevels;
+    for (unsigned p = 0; p < kPriorityLevels; ++p) {
+      if (p == fair) continue;
       std::size_t n = queues_[p].try_dequeue_bulk(w.consumer[p], out, options_.dequeue_batch);
       if (n != 0) return n;
     }
@@ -2289,7 +2324,8 @@ class Engine::Impl final : public detail::CutSource {
     double base = static_cast<double>(p.initial_backoff.count());
     if (base <= 0) return 0;
     const double cap = static_cast<double>(p.max_backoff.count());
-    for (std::uint32_t i = 1; i < attempt && base < cap; ++i) base *= p.multiplier;
+    // A multiplier of 1 leaves the base as it is: no loop of up to 65534 steps.
+    for (std::uint32_t i = 1; i < attempt && base < cap && p.multiplier > 1.0; ++i) base *= p.multiplier;
     base = std::min(base, cap);
     if (p.jitter > 0) {
       rng ^= rng << 13;
@@ -3657,6 +3693,10 @@ Status validate(const EngineOptions& o) {
     }
   } else if (o.scheduler_cpu < -1) {
     return bad("scheduler_cpu must be -1 (unpinned) or a cpu, got " + std::to_string(o.scheduler_cpu));
+  }
+  if (o.fairness_period == 1) {
+    return bad("fairness_period 1 would start every dequeue at a lower level, so high priority "
+               "would run only when both lower levels are empty: use 0 (strict priority) or >= 2");
   }
   if (o.dequeue_batch < 1 || o.dequeue_batch > 256) {
     return bad("dequeue_batch must be 1..256, got " + std::to_string(o.dequeue_batch));

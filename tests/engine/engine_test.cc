@@ -1256,7 +1256,7 @@ TEST(QueueProducerOutOfMemoryTest, AThreadsFirstSubmitReportsItsProducersCouldNo
 // Runs `per_level` jobs of each priority, queued behind a blocked single
 // worker, and returns the priorities in the order they ran.
 void RunQueuedBehindBlocker(const EngineOptions& o, int per_level, int high_extra,
-                            std::vector<std::pair<int, int>>* order) {
+                            std::vector<std::pair<int, int>>* order, int empty_level = -1) {
   Gate gate;
   std::atomic<int> started{0};
   std::mutex mu;
@@ -1276,7 +1276,7 @@ void RunQueuedBehindBlocker(const EngineOptions& o, int per_level, int high_extr
   ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; })) << "blocker never started";
   // Lowest first, so that submission order alone would give the wrong answer.
   for (int level = kPriorityLevels - 1; level >= 0; --level) {
-    const int n = per_level + (level == kHighPriority ? high_extra : 0);
+    const int n = level == empty_level ? 0 : per_level + (level == kHighPriority ? high_extra : 0);
     for (int i = 0; i < n; ++i) {
       ASSERT_TRUE(IsOk(
           engine->submit(*rec, std::to_string(i), {.priority = static_cast<std::uint8_t>(level)})));
@@ -1340,6 +1340,51 @@ TEST(EnginePriorityTest, StarvationGuardRunsLowPriorityJobsUnderHighPriorityLoad
   EXPECT_LE(high_before_last_low, bound)
       << "low-priority jobs waited behind " << high_before_last_low << " high-priority jobs";
   EXPECT_LT(high_before_last_low, kHigh);
+}
+
+TEST(EnginePriorityTest, AnEmptyLevelsFairTurnGoesToTheMostUrgentLevel) {
+  // High and low jobs queued, normal empty. The normal level's fair turns
+  // used to scan on from it, to low: low got half of all batches instead of
+  // its own turns' quarter (fairness_period 2).
+  EngineOptions o = SmallOptions();
+  o.fairness_period = 2;
+  o.dequeue_batch = 1;
+  std::vector<std::pair<int, int>> order;
+  RunQueuedBehindBlocker(o, 100, 0, &order, /*empty_level=*/kNormalPriority);
+  ASSERT_EQ(order.size(), 200u);
+  int low_in_first_40 = 0;
+  for (std::size_t i = 0; i < 40; ++i) low_in_first_40 += order[i].first == kLowPriority;
+  EXPECT_GE(low_in_first_40, 9) << "the guard still gives low priority its own turns";
+  EXPECT_LE(low_in_first_40, 12) << "low priority took the empty normal level's turns too";
+}
+
+TEST(EnginePriorityTest, AFairnessPeriodOfOneIsRefused) {
+  // Every dequeue would start at a lower level: high priority would run only
+  // when both lower levels are empty.
+  EngineOptions o = SmallOptions();
+  o.fairness_period = 1;
+  auto engine = Engine::open(o);
+  ASSERT_FALSE(engine.ok());
+  EXPECT_EQ(engine.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(engine.status().message().find("fairness_period 1"), std::string_view::npos)
+      << engine.status().to_string();
+}
+
+TEST(EngineDeathTest, DestroyingTheEngineFromItsOwnHandlerAbortsWithAMessage) {
+  // The worker would have to join itself: std::terminate with no word of why.
+  EXPECT_DEATH(
+      {
+        auto opened = Engine::open(SmallOptions());
+        if (!opened.ok()) std::abort();
+        auto holder = std::make_unique<Engine>(std::move(opened).value());
+        auto h = holder->register_handler("suicide", [&holder](JobContext&) {
+          holder.reset();
+          return Outcome::kDone;
+        });
+        if (!h.ok() || !holder->start().ok() || !holder->submit(*h, "x").ok()) std::abort();
+        std::this_thread::sleep_for(std::chrono::seconds(10));
+      },
+      "destroyed from one of its own handlers");
 }
 
 TEST(EnginePriorityTest, StarvationGuardHoldsWhileHighLoadIsResubmitted) {

@@ -175,7 +175,7 @@ RoundParams DrawParams(std::uint64_t round_seed, bool single_worker) {
   p.spin_iterations = kSpins[pick(0, 2)];
   static constexpr std::uint32_t kBatches[] = {1, 2, 7, 32, 256};
   p.dequeue_batch = kBatches[pick(0, std::size(kBatches) - 1)];
-  static constexpr std::uint32_t kFairness[] = {0, 1, 2, 16};
+  static constexpr std::uint32_t kFairness[] = {0, 2, 3, 16};
   p.fairness_period = kFairness[pick(0, 3)];
   p.max_attempts = static_cast<std::uint32_t>(pick(1, 3));
   p.mode = pick(0, 1) == 0 ? StopMode::kDrain : StopMode::kAbandon;

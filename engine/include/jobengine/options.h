@@ -181,8 +181,10 @@ struct EngineOptions {
   // starts its scan at a lower level instead (rotating through levels
   // 1..kPriorityLevels-1), so under load each non-empty lower level gets at
   // least one batch in every fairness_period * (kPriorityLevels - 1) batches a
-  // worker takes, however busy the higher levels are. 0 disables the guard
-  // (strict priority). Default 16.
+  // worker takes, however busy the higher levels are. A turn whose level is
+  // empty goes to the most urgent non-empty level. 0 disables the guard
+  // (strict priority); 1 is refused (every dequeue would start low, starving
+  // high priority). Default 16.
   std::uint32_t fairness_period = 16;
 
   // Most jobs a worker takes from a queue at once. Default 32. Larger batches
