@@ -2762,6 +2762,18 @@ class Engine::Impl final : public detail::CutSource {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
         continue;
       }
+      // stop(kDrain): firing, purging and what is held back are published
+      // under drain_mu_, where the workers decide that the drain is over
+      // (drained(): pending == held back, the first of it not due), so that
+      // no job fires after that decision and none that is due is counted as
+      // held back. The purge too: it lowers pending() at once, and a worker
+      // that compared it with the held count published before the purge took
+      // the drain as over while a job was about to fall due.
+      const bool draining =
+          intake_closed_.load(std::memory_order_acquire) &&
+          stop_mode_.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(StopMode::kDrain);
+      std::unique_lock<std::mutex> drain_lock;
+      if (draining) drain_lock = std::unique_lock<std::mutex>(drain_mu_);
       for (const Timer& t : inbox) {
         // A retry cancelled before it got here: its handler was returning
         // when cancel() reached it (after_handler), or cancel() found it
@@ -2787,15 +2799,6 @@ class Engine::Impl final : public detail::CutSource {
         sched_purge_.store(true, std::memory_order_relaxed);  // out of memory: next round
       }
       if (stopping) break;
-      // stop(kDrain): firing and what is held back are published under
-      // drain_mu_, where the workers decide that the drain is over
-      // (drained()), so that no job fires after that decision and none that
-      // is due is counted as held back.
-      const bool draining =
-          intake_closed_.load(std::memory_order_acquire) &&
-          stop_mode_.load(std::memory_order_relaxed) == static_cast<std::uint8_t>(StopMode::kDrain);
-      std::unique_lock<std::mutex> drain_lock;
-      if (draining) drain_lock = std::unique_lock<std::mutex>(drain_mu_);
       const bool drain_over = draining && drain_done_.load(std::memory_order_relaxed);
       // Fire what is due.
       const std::uint64_t now = vnow();
@@ -2841,7 +2844,9 @@ class Engine::Impl final : public detail::CutSource {
       // Sleep until the earliest run_at, a hand-over of an earlier job, a
       // cancel or stop. Capped at 100 ms so a retired-slot flush and clock
       // re-anchoring are never far off.
-      std::uint64_t next = heap.empty() ? ~std::uint64_t{0} : heap.front().at;
+      // Once the drain is over nothing fires: sleep until stop() wakes it
+      // (a due job at the heap's front would make every wait 0, a busy loop).
+      std::uint64_t next = heap.empty() || drain_over ? ~std::uint64_t{0} : heap.front().at;
       {
         std::lock_guard<std::mutex> lock(sched_mu_);
         if (!sched_inbox_.empty()) continue;
