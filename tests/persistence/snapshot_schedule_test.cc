@@ -5,9 +5,11 @@
 // would stop following the engine once it settled.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <csignal>
 #include <chrono>
 #include <mutex>
 #include <optional>
@@ -339,6 +341,49 @@ TEST(SnapshotScheduleTest, AfterABurstEveryPendingJobIsInTheSnapshotWhereverItsS
 // A period must be 0..24 h: milliseconds::max() overflowed `now + interval`
 // in the snapshot thread (the snapshots then ran back to back) and
 // `2 * interval` in health(); each is refused naming the option and value.
+TEST(SnapshotScheduleTest, ASegmentThatKeepsFailingIsRetriedLessAndLessOften) {
+  // The segment cannot grow for the image (here RLIMIT_FSIZE; a full
+  // /dev/shm alike): every periodic snapshot fails there. Each try encodes
+  // every job and logs an error; at shm_interval 1 ms an idle engine tried
+  // ~a thousand times a second. Now the period doubles (capped at 1 s).
+  Shm shm;
+  EngineOptions o = ShmOptions(shm.name);
+  o.snapshot.shm_interval = milliseconds(1);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  Gate gate;
+  GateOpener opener(gate);
+  auto h = e->register_handler("w", [&](JobContext&) {
+    gate.wait();
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  Settle(*e);  // a small image in the segment
+  const std::string payload(8000, 'p');  // ~1.2 MB: more than the segment's slot holds
+  for (int i = 0; i < 150; ++i) ASSERT_TRUE(e->submit(*h, payload).ok());
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct rlimit limit = old;
+  limit.rlim_cur = std::size_t{2200} << 10;  // the segment is ~2 MiB
+  void (*old_handler)(int) = ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  const std::uint64_t failures_before = e->health().snapshot_failures;
+  std::this_thread::sleep_for(milliseconds(600));
+  const Health during = e->health();
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::signal(SIGXFSZ, old_handler);
+  const std::uint64_t failed = during.snapshot_failures - failures_before;
+  EXPECT_GE(failed, 3u) << during.last_snapshot_error;
+  // 1, 2, 4, ... 512 ms: at most ~10 tries in 600 ms (a few more for a slow machine).
+  EXPECT_LE(failed, 16u) << "the failing segment was retried every shm_interval";
+  // Room again: it is retried (within the 1 s cap) and succeeds.
+  EXPECT_TRUE(WaitUntil([&] { return e->health().last_snapshot_error.empty(); }))
+      << e->health().last_snapshot_error;
+  gate.open();
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
 TEST(SnapshotScheduleTest, APeriodAboveADayIsInvalidArgumentNamingTheOptionAndValue) {
   Shm shm;
   using Period = std::chrono::milliseconds SnapshotOptions::*;
