@@ -38,11 +38,26 @@ struct ShmCandidate {
 // tool that mapped one would die of SIGBUS). A file that vanished or was
 // recycled between the listing and the read is passed over like a pruned one
 // (counted in *gone when given: a caller without the lock lists again).
+//
+// Only a candidate that is damaged (kCorruption) or refused as input
+// (kInvalidArgument: a symlink, a FIFO, a file over the limit) is passed over.
+// One that could not be read for any other reason (kIoError: open failing
+// with EMFILE/ENFILE/EACCES, mmap with ENOMEM or EIO, a read's EIO or ESTALE,
+// EINTR past the retry limit, the segment's copy out of memory;
+// kFailedPrecondition: a segment rewritten during every copy) says nothing of
+// its image, which may be the newest: taking an older one would let the next
+// publishes overwrite it. Recovery stops there and returns nullptr, with the
+// candidate last in report.skipped and report.why saying why, what to do
+// (retry; move the file aside, or remove the segment, if truly unreadable),
+// and the same text, with the read's code, in *error when given (the
+// engine's open() returns it). jobsnap, which passes no `error`, so reports
+// it rather than show an older generation as the one an engine would load.
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
                                                     FileSystem& fs, RecoveryReport& report,
                                                     bool map_files = false,
-                                                    std::size_t* gone = nullptr);
+                                                    std::size_t* gone = nullptr,
+                                                    Status* error = nullptr);
 
 // The largest file recovery reads (larger ones are skipped as refused).
 inline constexpr std::uint64_t kMaxSnapshotFileBytes = std::uint64_t{1} << 38;  // 256 GiB

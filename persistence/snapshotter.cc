@@ -163,8 +163,22 @@ class Snapshotter final : public Persistence {
     for (const auto& s : replaced_) report.skipped.push_back(s);
     std::optional<persist::ShmCandidate> shm;
     if (shm_) shm.emplace(persist::ShmCandidate{"shm:" + options_.shm_name, shm_->read_active()});
+    // A candidate that could not be read (not one that failed to verify)
+    // fails open(): it may be the newest, and an engine started from an
+    // older one would overwrite it (persist::load_newest).
+    Status unreadable;
     loaded = persist::load_newest(shm ? &*shm : nullptr, files, *fs_for_reads(), report,
-                                  /*map_files=*/true);
+                                  /*map_files=*/true, /*gone=*/nullptr, &unreadable);
+    if (!unreadable.ok()) {
+      // The last entry is the unreadable candidate itself, in the error.
+      for (std::size_t i = 0; i + 1 < report.skipped.size(); ++i) {
+        const auto& s = report.skipped[i];
+        log(LogLevel::kWarning, "recovery: skipped " + s.source + " (offset " +
+                                    std::to_string(s.offset) + "): " + s.reason);
+      }
+      log(LogLevel::kError, std::string(unreadable.message()));
+      return unreadable;
+    }
     if (loaded) {
       log(LogLevel::kInfo, "recovery: taking " + report.source + ": " + report.why);
       // A generation file that verified: the disk store may recycle older ones,
@@ -730,10 +744,50 @@ class Snapshotter final : public Persistence {
 
 namespace jobengine::persist {
 
+namespace {
+
+// Whether a failed read of a candidate says something about its image: it is
+// damaged (kCorruption: a bad checksum, a torn or mid-write slot, a damaged
+// control block) or refused as input (kInvalidArgument: a symlink, a FIFO, a
+// file over the size limit), and recovery may pass over it. Anything else
+// (kIoError: open failing with EMFILE or ENFILE, mmap with ENOMEM, EIO,
+// ESTALE, EACCES, EINTR past the retry limit, the segment's copy out of
+// memory; kFailedPrecondition: a segment whose writer rewrote it during
+// every copy) says only that this attempt failed: the image may be the
+// newest, and falling back would let the next publishes destroy it.
+// kNotFound (gone) is the caller's.
+bool says_nothing_of_the_image(const Status& s) {
+  return s.code() != StatusCode::kCorruption && s.code() != StatusCode::kInvalidArgument &&
+         s.code() != StatusCode::kNotFound;
+}
+
+// Stops recovery at `source`, which could not be read for `why`.
+std::unique_ptr<detail::LoadedSnapshot> unreadable(const std::string& source, const Status& why,
+                                                   bool is_shm, RecoveryReport& report,
+                                                   Status* error) {
+  std::string msg = "recovery cannot read " + source + " (" + std::string(why.message()) +
+                    "): it may hold the newest snapshot, so recovery does not fall back to an "
+                    "older one (whose next snapshots would overwrite it); retry once the cause "
+                    "has cleared (open files, memory, the device)";
+  msg += is_shm ? ", or, if the segment is truly unreadable, remove it (/dev/shm/" +
+                      source.substr(4) + ") to recover from the disk"
+                : ", or, if the file is truly unreadable, move it out of its directory";
+  report.skipped.push_back({source, 0, msg});
+  report.recovered = false;
+  report.why = msg;
+  if (error != nullptr) {
+    *error = Status(why.code() == StatusCode::kOk ? StatusCode::kIoError : why.code(), msg);
+  }
+  return nullptr;
+}
+
+}  // namespace
+
 std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
                                                     std::span<const GenerationFile> files,
                                                     FileSystem& fs, RecoveryReport& report,
-                                                    bool map_files, std::size_t* gone) {
+                                                    bool map_files, std::size_t* gone,
+                                                    Status* error) {
   using detail::LoadedSnapshot;
   struct Candidate {
     std::string source;
@@ -747,6 +801,8 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
     if (have_shm) {
       shm_image = std::move(*shm->image);  // moved, not copied: it may be large
       candidates.push_back({shm->source, ~std::uint64_t{0}, ""});
+    } else if (says_nothing_of_the_image(shm->image.status())) {
+      return unreadable(shm->source, shm->image.status(), /*is_shm=*/true, report, error);
     } else if (shm->image.status().code() != StatusCode::kNotFound) {
       report.skipped.push_back({shm->source, 0, std::string(shm->image.status().message())});
     }
@@ -792,6 +848,9 @@ std::unique_ptr<detail::LoadedSnapshot> load_newest(ShmCandidate* shm,
         if (bytes.status().code() == StatusCode::kNotFound) {
           if (gone != nullptr) ++*gone;
           continue;
+        }
+        if (says_nothing_of_the_image(bytes.status())) {
+          return unreadable(c.source, bytes.status(), /*is_shm=*/false, report, error);
         }
         report.skipped.push_back({c.source, 0, std::string(bytes.status().message())});
         continue;

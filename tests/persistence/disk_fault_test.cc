@@ -11,6 +11,12 @@
 // definitions below take precedence over libc's (and over a sanitizer's weak
 // interceptors) and call the real function through dlsym(RTLD_NEXT). A fault
 // applies only to descriptors and paths inside the test's snapshot directory.
+//
+// Recovery's reads too: open() and mmap() of one generation file (g_target)
+// fail with EMFILE, ENFILE, EIO, ENOMEM or ESTALE, or are interrupted once.
+// A newest generation that cannot be read must fail Engine::open(), naming
+// the file, instead of recovering an older one whose next publishes would
+// overwrite it.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -18,7 +24,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdarg>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -38,7 +46,7 @@
 
 namespace {
 
-enum class Op : int { kNone, kWrite, kFsync, kRename, kDirFsync };
+enum class Op : int { kNone, kWrite, kFsync, kRename, kDirFsync, kOpenRead, kMmap };
 
 // The armed fault. Set by the test thread while the engine runs, read by the
 // snapshot thread inside the interposed calls.
@@ -50,6 +58,7 @@ std::atomic<int> g_fired{0};
 // next one is a publish's (not a prune's), which a once-only fault must hit.
 std::atomic<bool> g_renamed{false};
 char g_dir[4096];  // canonical snapshot directory; written before arming
+char g_target[4096];  // the file whose open (kOpenRead) or mmap (kMmap) fails
 
 // Where `fd` points: 1 = the directory itself, 2 = a file inside it, 0 = elsewhere.
 int classify_fd(int fd) {
@@ -125,6 +134,37 @@ extern "C" int rename(const char* from, const char* to) noexcept {
   return rc;
 }
 
+extern "C" int open(const char* path, int flags, ...) {
+  static const auto real_open = real<int (*)(const char*, int, ...)>("open");
+  mode_t mode = 0;
+  if ((flags & O_CREAT) != 0 || (flags & O_TMPFILE) == O_TMPFILE) {
+    va_list args;
+    va_start(args, flags);
+    mode = va_arg(args, mode_t);
+    va_end(args);
+  }
+  if (g_op.load(std::memory_order_acquire) == Op::kOpenRead && std::strcmp(path, g_target) == 0 &&
+      fire(Op::kOpenRead)) {
+    return -1;
+  }
+  return real_open(path, flags, mode);
+}
+
+extern "C" void* mmap(void* addr, size_t size, int prot, int flags, int fd, off_t offset) noexcept {
+  static const auto real_mmap = real<void* (*)(void*, size_t, int, int, int, off_t)>("mmap");
+  if (g_op.load(std::memory_order_acquire) == Op::kMmap && fd >= 0) {
+    char link[64];
+    std::snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    char target[4096];
+    const ssize_t n = ::readlink(link, target, sizeof target - 1);
+    if (n > 0) {
+      target[n] = '\0';
+      if (std::strcmp(target, g_target) == 0 && fire(Op::kMmap)) return MAP_FAILED;
+    }
+  }
+  return real_mmap(addr, size, prot, flags, fd, offset);
+}
+
 namespace jobengine {
 namespace {
 
@@ -154,6 +194,10 @@ const char* OpName(Op op) {
       return "rename";
     case Op::kDirFsync:
       return "fsync dir";
+    case Op::kOpenRead:
+      return "open";
+    case Op::kMmap:
+      return "mmap";
     case Op::kNone:
       break;
   }
@@ -476,6 +520,86 @@ TEST_F(FinalSnapshotFaultTest, AWrittenFinalSnapshotIsOkInTheStopReport) {
     EXPECT_GT(recovery.generation, generation) << recovery.why;
     // A drain's delayed job is in the final snapshot; an abandoned one is not.
     EXPECT_EQ(recovery.delayed, mode == StopMode::kDrain ? 1u : 0u) << recovery.why;
+    TearDown();
+    SetUp();
+  }
+}
+
+// Recovery at open(): the newest generation file cannot be opened (EMFILE,
+// ENFILE: the process or system is out of descriptors; EIO, ESTALE) or mapped
+// (ENOMEM, EIO), while an older one reads fine. Nothing says the newest is
+// damaged: open() must fail naming it and the errno text, and leave it in
+// place. Before, recovery skipped it like a corrupt file and loaded the older
+// generation; start() succeeded and the next publishes recycled the newest,
+// losing the jobs a returned snapshot_now() (or the final snapshot) had made
+// durable. Interrupted once (EINTR), the call is repeated and the newest is
+// loaded as usual.
+TEST_F(DiskFaultTest, ANewestGenerationThatCannotBeReadFailsOpenInsteadOfLoadingAnOlderOne) {
+  for (const Fault fault : {Fault{Op::kOpenRead, EMFILE, true}, Fault{Op::kOpenRead, ENFILE, true},
+                            Fault{Op::kOpenRead, EIO, true}, Fault{Op::kOpenRead, ESTALE, true},
+                            Fault{Op::kMmap, ENOMEM, true}, Fault{Op::kMmap, EIO, true},
+                            Fault{Op::kOpenRead, EINTR, false}, Fault{Op::kMmap, EINTR, false}}) {
+    SCOPED_TRACE(std::string(OpName(fault.op)) + ": " + std::strerror(fault.error));
+    {
+      // An older generation with one delayed job; the newest (the final
+      // snapshot of stop()) with two.
+      auto e = Engine::open(Options(milliseconds(0), milliseconds(0)));
+      ASSERT_TRUE(e.ok()) << e.status().to_string();
+      auto h = e->register_handler("w", [](JobContext&) { return Outcome::kDone; });
+      ASSERT_TRUE(h.ok());
+      ASSERT_TRUE(e->start().ok());
+      SubmitOptions later;
+      later.delay = std::chrono::hours(1);
+      ASSERT_TRUE(e->submit(*h, "a", later).ok());
+      ASSERT_TRUE(e->snapshot_now().ok());
+      ASSERT_TRUE(e->submit(*h, "b", later).ok());
+      auto stopped = e->stop(StopMode::kSnapshotAndExit);
+      ASSERT_TRUE(stopped.ok()) << stopped.status().to_string();
+      ASSERT_TRUE(stopped->final_snapshot.ok()) << stopped->final_snapshot.to_string();
+    }
+    std::vector<std::string> gens;
+    for (const std::string& name : Names()) {
+      if (name.rfind("gen-", 0) == 0) gens.push_back(name);
+    }
+    std::sort(gens.begin(), gens.end());  // fixed-width numbers: oldest first
+    ASSERT_GE(gens.size(), 2u) << "no older generation to fall back to";
+    const std::string newest = dir_ + "/" + gens.back();
+    const auto newest_size = fs::file_size(newest);
+    ASSERT_LT(newest.size(), sizeof g_target);
+    std::memcpy(g_target, newest.c_str(), newest.size() + 1);
+
+    Arm(fault);
+    {
+      auto e = Engine::open(Options(milliseconds(0), milliseconds(0)));
+      EXPECT_GE(g_fired.load(), 1) << "the fault never fired";
+      if (fault.error == EINTR) {
+        ASSERT_TRUE(e.ok()) << e.status().to_string();
+      } else {
+        ASSERT_FALSE(e.ok()) << "open() recovered an older generation past an unreadable " << newest;
+        const std::string why = e.status().to_string();
+        EXPECT_EQ(e.status().code(), StatusCode::kIoError) << why;
+        EXPECT_NE(why.find(newest), std::string::npos) << why;
+        EXPECT_NE(why.find(std::strerror(fault.error)), std::string::npos) << why;
+        EXPECT_NE(why.find("retry"), std::string::npos) << why;
+        EXPECT_NE(why.find("move it out"), std::string::npos) << why;
+      }
+    }
+    g_op.store(Op::kNone, std::memory_order_release);
+    // The newest is still there, whole, and the next open() (the fault gone)
+    // recovers it.
+    ASSERT_TRUE(fs::exists(newest));
+    EXPECT_EQ(fs::file_size(newest), newest_size);
+    {
+      auto e = Engine::open(Options(milliseconds(0), milliseconds(0)));
+      ASSERT_TRUE(e.ok()) << e.status().to_string();
+      ASSERT_TRUE(e->register_handler("w", [](JobContext&) { return Outcome::kDone; }).ok());
+      auto started = e->start();
+      ASSERT_TRUE(started.ok()) << started.status().to_string();
+      EXPECT_EQ(dir_ + "/" + gens.back(), started->recovery.source) << started->recovery.why;
+      EXPECT_EQ(started->recovery.delayed, 2u) << started->recovery.why;
+      EXPECT_TRUE(started->recovery.skipped.empty());
+      ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+    }
     TearDown();
     SetUp();
   }

@@ -16,6 +16,8 @@
 // allocation of one thread until cleared (g_failing_thread).
 #include <gtest/gtest.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -224,6 +226,85 @@ TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndRe
     ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
   }
   EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
+}
+
+// Recovery at open(): the shared-memory segment holds a newer image than the
+// disk (a process killed after its last disk snapshot), and copying it out
+// of the segment runs out of memory (ShmStore::read_active()'s buffer). That
+// says nothing of the image: open() must fail, naming the segment, rather
+// than recover the older disk generation (the engine's next publishes would
+// then overwrite the segment's newer image, and its jobs would be lost).
+// Before, the segment was skipped like a corrupt one and the disk's
+// generation, without the jobs, was loaded.
+TEST(RecoveryOutOfMemoryTest, ASegmentImageThatCannotBeCopiedFailsOpenInsteadOfLoadingTheDisk) {
+  constexpr std::size_t kJobs = 2000;
+  const std::string payload(1024, 'p');  // ~2.3 MB of image
+  constexpr std::size_t kImageRefuseFrom = 1 << 20;
+  TempDir tmp;
+  const std::string shm = "jobengine-oom-" + std::to_string(::getpid());
+  struct Unlink {
+    std::string name;
+    ~Unlink() { (void)::unlink(("/dev/shm/" + name).c_str()); }
+  } unlink_at_end{shm};
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.shm_name = shm;
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(ready[0]);
+    EngineOptions co = o;
+    co.snapshot.shm_interval = milliseconds(2);
+    auto e = Engine::open(co);
+    if (!e) ::_exit(2);
+    auto h = e->register_handler("count", [](JobContext&) { return Outcome::kDone; });
+    if (!h) ::_exit(3);
+    if (!e->start()) ::_exit(4);
+    if (!e->snapshot_now()) ::_exit(5);  // disk: no jobs yet
+    const std::uint64_t after = e->health().last_snapshot_generation;
+    for (std::size_t i = 0; i < kJobs; ++i) {
+      if (!e->submit(*h, payload, {.delay = std::chrono::hours(1)})) ::_exit(6);
+    }
+    // A segment snapshot newer than the submits, then a periodic check that
+    // found nothing changed since: the segment holds every job.
+    while (e->health().last_snapshot_generation <= after) std::this_thread::sleep_for(milliseconds(1));
+    const std::uint64_t unchanged = e->health().snapshots_unchanged;
+    while (e->health().snapshots_unchanged <= unchanged) std::this_thread::sleep_for(milliseconds(1));
+    char c = 'r';
+    if (::write(ready[1], &c, 1) != 1) ::_exit(7);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "child failed before it was ready";
+  ::close(ready[0]);
+  ASSERT_EQ(::kill(child, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+
+  {
+    LargeAllocationsFail refuse(kImageRefuseFrom);
+    const std::uint64_t refused = g_refused.load();
+    auto e = Engine::open(o);
+    EXPECT_GT(g_refused.load(), refused) << "the segment's copy was never refused";
+    ASSERT_FALSE(e.ok()) << "open() recovered the older disk generation past the segment";
+    const std::string why = e.status().to_string();
+    EXPECT_EQ(e.status().code(), StatusCode::kIoError) << why;
+    EXPECT_NE(why.find("shm:" + shm), std::string::npos) << why;
+    EXPECT_NE(why.find("out of memory"), std::string::npos) << why;
+    EXPECT_NE(why.find("retry"), std::string::npos) << why;
+    EXPECT_NE(why.find("/dev/shm/" + shm), std::string::npos) << why;
+  }
+  // With memory back, the segment's image (every job) is recovered.
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+  auto started = e->start();
+  ASSERT_TRUE(started.ok()) << started.status().to_string();
+  EXPECT_EQ(started->recovery.source, "shm:" + shm) << started->recovery.why;
+  EXPECT_EQ(started->recovery.delayed, kJobs) << started->recovery.why;
+  ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
 }
 
 // The scheduler's heap of delayed jobs grows as they are handed over; when it
