@@ -574,14 +574,28 @@ class Engine::Impl final : public detail::CutSource {
   // at once would never reach max_recoveries. So they are made durable first
   // (a synchronous snapshot); only then is the live record reset for this
   // process's workers, erasing the previous one's running ids.
+  //
+  // mark_live_record_credited() comes first, in start() before the snapshot
+  // thread starts: a periodic snapshot published before the mark held the
+  // recoveries while the record still named the jobs, and a crash then
+  // counted that one crash twice. The mark says "every snapshot of this
+  // generation or later holds the recoveries", true from the end of restore()
+  // on (every cut after it sees the restored slots), whoever publishes the
+  // snapshot. Marked early, it stays true if start() then fails: a snapshot
+  // published before the unwind holds the recoveries too, and with none
+  // published the next open() loads an older generation and counts the crash.
+  void mark_live_record_credited() {
+    if (credited_ == 0) return;
+    if (Status marked = live_->mark_credited(recovered_generation_ + 1); !marked.ok()) {
+      log(LogLevel::kWarning, "live record: " + marked.to_string() +
+                                  "; a crash before it is rewritten may count its jobs twice");
+    }
+  }
+
   void arm_live_record() {
     if (credited_ > 0) {
-      // Every snapshot from here on holds the recoveries (restore() is done):
-      // the record says so before the first one is published.
-      if (Status marked = live_->mark_credited(recovered_generation_ + 1); !marked.ok()) {
-        log(LogLevel::kWarning, "live record: " + marked.to_string() +
-                                    "; a crash before it is rewritten may count its jobs twice");
-      }
+      // The record is marked credited already (mark_live_record_credited(),
+      // before the snapshot thread started).
       auto durable = persistence_->snapshot_now();
       if (!durable) {
         log(LogLevel::kWarning,
@@ -735,6 +749,9 @@ class Engine::Impl final : public detail::CutSource {
     }
     // The snapshot thread starts before intake opens, so no accepted job
     // precedes the first snapshot the thread can take.
+    // The live record is marked credited before the snapshot thread can
+    // publish the recoveries restore() gave (mark_live_record_credited()).
+    if (failure.ok() && live_ != nullptr) mark_live_record_credited();
     if (failure.ok() && persistence_) {
       failure = persistence_->start(*this, recovered_generation_ + 1);
       persistence_started_ = failure.ok();
@@ -1109,7 +1126,8 @@ class Engine::Impl final : public detail::CutSource {
     Status final_status;
     if (mode == StopMode::kSnapshotAndExit) {
       // Running handlers get until the deadline; then the snapshot is taken
-      // anyway (a job still running is recorded as running and runs again).
+      // anyway (a job still running is recorded as pending, no recovery given:
+      // a graceful exit is no crash; it runs again after the restart).
       const auto deadline = std::chrono::steady_clock::now() + options_.snapshot.exit_deadline;
       for (auto& w : workers_) {
         while (w->alive.load(std::memory_order_acquire) &&
@@ -1310,6 +1328,18 @@ class Engine::Impl final : public detail::CutSource {
                         const std::function<void(std::span<const detail::CutJob>)>& fn) override {
     std::array<detail::CutJob, detail::CutSource::kCutBatch> batch;
     std::size_t n = 0;
+    // stop(kSnapshotAndExit)'s final cut: a job whose handler outlived
+    // exit_deadline is interrupted by a graceful exit, not a crash. It is
+    // recorded pending (its attempts kept: the interrupted run counts), so the
+    // restart runs it again without a recovery: graceful deploys never make a
+    // long job poison. Should the process be killed before it exits, the live
+    // record still names the job (its worker clears its word only once the
+    // handler returns), and that crash counts. Both flags are stop()'s, set
+    // before this cut (the snapshot thread is stopped by then).
+    const bool exiting = final_cut_.load(std::memory_order_relaxed) &&
+                         exit_now_.load(std::memory_order_relaxed);
+    const snapshot::JobState running_state =
+        exiting ? snapshot::JobState::kPending : snapshot::JobState::kRunningAtCut;
     // Only the parts of the table that may hold a job (JobTable::
     // for_each_scan_range(): read after begin_cut(), they cover every slot
     // claimed in the cut).
@@ -1340,7 +1370,7 @@ class Engine::Impl final : public detail::CutSource {
         // read with its own run_at below (on ARM the plain loads could pair a
         // new kWaitingRetry with the old run_at: due at once after recovery).
         switch (s.state.load(std::memory_order_acquire)) {
-          case SlotState::kRunning: j.state = snapshot::JobState::kRunningAtCut; break;
+          case SlotState::kRunning: j.state = running_state; break;
           case SlotState::kDelayed: j.state = snapshot::JobState::kDelayed; break;
           case SlotState::kWaitingRetry: j.state = snapshot::JobState::kWaitingRetry; break;
           default: j.state = snapshot::JobState::kPending; break;
@@ -3170,6 +3200,48 @@ class Engine::Impl final : public detail::CutSource {
     return !crashed_running_.empty() && crashed_running_.count(id) != 0;
   }
 
+  // restore(), under dead_mu_, once every letter is in: max_dead bounds the
+  // restored letters as push_dead_locked() bounds new ones. The oldest failed
+  // letters go first, each counted in dead_discarded; the kept ones (no
+  // handler, poison) are never discarded for room, so the letters may stay
+  // over max_dead when those alone exceed it. With max_dead 0 every failed
+  // letter goes. Without this a snapshot's failed letters stayed over a
+  // max_dead lowered since until the next failure (never with max_dead 0).
+  void trim_restored_dead_locked() {
+    std::size_t failed = 0;
+    for (const detail::DeadJob& d : dead_) failed += d.reason == snapshot::DeadReason::kFailed;
+    const std::size_t over = dead_.size() > options_.max_dead ? dead_.size() - options_.max_dead : 0;
+    const std::size_t drop = std::min(over, failed);
+    if (drop != 0) {
+      // Letters are in the snapshot's order, oldest first (as dead_ was).
+      std::size_t left = drop;
+      std::size_t out = 0;
+      for (std::size_t in = 0; in < dead_.size(); ++in) {
+        if (left != 0 && dead_[in].reason == snapshot::DeadReason::kFailed) {
+          --left;
+          continue;
+        }
+        if (out != in) dead_[out] = std::move(dead_[in]);
+        ++out;
+      }
+      dead_.erase(dead_.begin() + static_cast<std::ptrdiff_t>(out), dead_.end());  // never allocates
+      dead_discarded_.fetch_add(drop, std::memory_order_relaxed);
+      try {
+        log(LogLevel::kWarning, "dead letters over max_dead (" + std::to_string(options_.max_dead) +
+                                    "): discarded the " + std::to_string(drop) +
+                                    " oldest failed letter(s) of the snapshot");
+      } catch (const std::bad_alloc&) {
+      }
+    }
+    // push_dead_locked()'s search starts at the first failed letter.
+    dead_kept_prefix_ = static_cast<std::size_t>(
+        std::find_if(dead_.begin(), dead_.end(),
+                     [](const detail::DeadJob& x) {
+                       return x.reason == snapshot::DeadReason::kFailed;
+                     }) -
+        dead_.begin());
+  }
+
   // start(): puts the jobs of the snapshot loaded at open() back into the
   // table and queues (before any worker runs), and keeps the dead ones.
   Status restore(RecoveryReport& r) {
@@ -3225,8 +3297,15 @@ class Engine::Impl final : public detail::CutSource {
     if (v.max_payload_bytes > options_.max_payload) {
       for (snapshot::RecordReader reader(image, v); reader.next(j);) {
         // Dead and cancelled records never enter the table: their payloads
-        // may stay above a max_payload lowered since.
+        // may stay above a max_payload lowered since. Nor do the ones that
+        // become dead letters below (their handler is not registered, or they
+        // are poison): a letter holds its payload whatever its size.
         if (j.state == snapshot::JobState::kDead || j.cancel_requested) continue;
+        if (!map[j.handler]) continue;
+        if (static_cast<std::uint16_t>(j.recoveries + (interrupted(j) ? 1 : 0)) >
+            options_.snapshot.max_recoveries) {
+          continue;
+        }
         if (j.payload.size() > options_.max_payload) {
           return Status(StatusCode::kFailedPrecondition,
                         "start(): recovered job " + std::to_string(j.id) + " has a payload of " +
@@ -3377,6 +3456,7 @@ class Engine::Impl final : public detail::CutSource {
     }
     recovered_.store(restored, std::memory_order_release);
     if (cached != 0) (void)table_.put_free(cache, cached);
+    trim_restored_dead_locked();
     dead_count_.store(dead_.size(), std::memory_order_relaxed);
     log(LogLevel::kInfo,
         "recovered generation " + std::to_string(r.generation) + " from " + r.source + ": " +

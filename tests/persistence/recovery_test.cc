@@ -315,7 +315,10 @@ TEST(RecoveryTest, SnapshotAndExitResumesExactlyTheJobsLeft) {
   const RecoveryReport& r = started->recovery;
   EXPECT_TRUE(r.recovered);
   EXPECT_EQ(r.pending + r.running_at_cut, 50u);
-  EXPECT_EQ(r.running_at_cut, 1u);
+  // The job whose handler outlived exit_deadline was interrupted by a
+  // graceful exit, not a crash: recorded pending (no recovery), its attempt kept.
+  EXPECT_EQ(r.running_at_cut, 0u);
+  EXPECT_EQ(r.pending, 50u);
   EXPECT_EQ(r.poisoned + r.unknown_handler + r.dead, 0u);
   EXPECT_TRUE(r.skipped.empty());
   EXPECT_NE(r.source.find(tmp.dir()), std::string::npos) << r.source;
@@ -522,6 +525,9 @@ TEST(RecoveryTest, ALargeSnapshotOfEveryKindOfRecordComesBackInImageOrderAtExact
   // Exactly as many slots as live jobs.
   EngineOptions o = DiskOptions(dir);
   o.capacity = expect["pending"] + expect["delayed"] + expect["running_at_cut"];
+  // Room for every letter: past max_dead the oldest failed ones would be
+  // discarded (RestoredFailedDeadLettersAreTrimmedToMaxDead).
+  o.max_dead = kRecords;
   auto e = Engine::open(o);
   ASSERT_TRUE(IsOk(e));
   Gate gate;
@@ -835,45 +841,73 @@ TEST(RecoveryTest, ASnapshotCutWhileAJobIsRequeuedFromTheDeadLettersStillHoldsIt
 
 // ---- poison jobs, unknown handlers, dead jobs -------------------------------
 
-// Runs one "life" of a service whose handler hangs on job `poison_payload`:
-// it starts, lets that job start, then stops with kSnapshotAndExit (the job is
-// recorded as running at the cut, as a crash would leave it).
-RecoveryReport LifeWithHangingJob(const std::string& dir, bool submit_first) {
-  auto e = Engine::open(DiskOptions(dir));
-  EXPECT_TRUE(IsOk(e));
-  Gate gate;
-  std::atomic<bool> hanging{false};
-  auto h = e->register_handler("img", [&](JobContext& job) {
-    if (job.payload() == "poison") {
-      hanging = true;
-      gate.wait();
+// Runs one "life" of a service whose handler hangs on job "poison", in a
+// forked child: it starts, lets that job start, takes a snapshot (the job is
+// running at its cut) and is SIGKILLed, as a crash would leave it. A life that
+// finds the job quarantined stops and exits. The child's RecoveryReport
+// figures come back through a pipe. (A stop(kSnapshotAndExit) no longer
+// stands for a crash: its final cut records a running job as pending.)
+struct LifeReport {
+  bool ok = false;  // the child reported and ended as expected
+  std::uint64_t recovered = 0, running_at_cut = 0, poisoned = 0;
+};
+LifeReport LifeWithHangingJob(const std::string& dir, bool submit_first) {
+  int fds[2];
+  if (::pipe(fds) != 0) return {};
+  const pid_t child = ::fork();
+  if (child == 0) {
+    ::close(fds[0]);
+    auto e = Engine::open(DiskOptions(dir));
+    if (!e) ::_exit(2);
+    Gate gate;
+    std::atomic<bool> hanging{false};
+    auto h = e->register_handler("img", [&](JobContext& job) {
+      if (job.payload() == "poison") {
+        hanging = true;
+        gate.wait();
+      }
+      return Outcome::kDone;
+    });
+    if (!h) ::_exit(3);
+    auto started = e->start();
+    if (!started) ::_exit(4);
+    if (submit_first && !e->submit(*h, "poison")) ::_exit(5);
+    const std::uint64_t report[3] = {started->recovery.recovered ? 1u : 0u,
+                                     started->recovery.running_at_cut, started->recovery.poisoned};
+    if (::write(fds[1], report, sizeof report) != static_cast<ssize_t>(sizeof report)) ::_exit(6);
+    if (started->recovery.poisoned > 0) {
+      gate.open();
+      if (!e->stop()) ::_exit(7);
+      ::_exit(0);
     }
-    return Outcome::kDone;
-  });
-  auto started = e->start();
-  EXPECT_TRUE(IsOk(started));
-  if (submit_first) {
-    EXPECT_TRUE(IsOk(e->submit(*h, "poison")));
+    if (!WaitUntil([&] { return hanging.load(); })) ::_exit(8);
+    if (!e->snapshot_now()) ::_exit(9);
+    ::kill(::getpid(), SIGKILL);
+    ::_exit(10);
   }
-  const bool poisoned_now = started->recovery.poisoned > 0;
-  if (!poisoned_now) {
-    EXPECT_TRUE(WaitUntil([&] { return hanging.load(); }));
-  }
-  std::thread release([&] {
-    std::this_thread::sleep_for(milliseconds(150));
-    gate.open();
-  });
-  EXPECT_TRUE(IsOk(e->stop(StopMode::kSnapshotAndExit)));
-  release.join();
-  return started->recovery;
+  ::close(fds[1]);
+  LifeReport out;
+  std::uint64_t report[3] = {};
+  const bool read_all = child > 0 && ::read(fds[0], report, sizeof report) == static_cast<ssize_t>(sizeof report);
+  ::close(fds[0]);
+  int status = 0;
+  if (child < 0 || ::waitpid(child, &status, 0) != child) return {};
+  out.recovered = report[0];
+  out.running_at_cut = report[1];
+  out.poisoned = report[2];
+  const bool ended = report[2] > 0 ? WIFEXITED(status) && WEXITSTATUS(status) == 0
+                                   : WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL;
+  out.ok = read_all && ended;
+  EXPECT_TRUE(out.ok) << "life ended with status " << status;
+  return out;
 }
 
 TEST(RecoveryTest, JobRunningAtEveryCutIsQuarantinedAfterMaxRecoveries) {
   TempDir tmp;
   // Life 0 submits it; lives 1..3 find it running at the cut (recoveries 1..3,
   // still <= max_recoveries = 3, so it runs again); life 4 quarantines it.
-  RecoveryReport r = LifeWithHangingJob(tmp.dir(), true);
-  EXPECT_FALSE(r.recovered);
+  LifeReport r = LifeWithHangingJob(tmp.dir(), true);
+  EXPECT_EQ(r.recovered, 0u);
   for (int life = 1; life <= 3; ++life) {
     r = LifeWithHangingJob(tmp.dir(), false);
     EXPECT_EQ(r.running_at_cut, 1u) << "life " << life;
@@ -901,6 +935,190 @@ TEST(RecoveryTest, JobRunningAtEveryCutIsQuarantinedAfterMaxRecoveries) {
   EXPECT_EQ(started->recovery.dead, 1u);
   EXPECT_EQ(started->recovery.pending + started->recovery.running_at_cut, 0u);
   ASSERT_TRUE(IsOk(e->stop()));
+}
+
+// A long job that outlives exit_deadline at every graceful deploy
+// (open/start/stop(kSnapshotAndExit)) is not a crash: it is restored pending,
+// with no recovery, and never quarantined as poison. Before, the final cut
+// recorded it as running at the cut and each deploy counted as a crash: with
+// max_recoveries 1 it was a poison dead letter after two deploys.
+TEST(RecoveryTest, GracefulExitsPastTheDeadlineNeverMakeALongJobPoison) {
+  TempDir tmp;
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.snapshot.max_recoveries = 1;
+  for (int life = 0; life < 2; ++life) {
+    SCOPED_TRACE("life " + std::to_string(life));
+    auto e = Engine::open(o);
+    ASSERT_TRUE(IsOk(e));
+    Gate gate;
+    std::atomic<int> started{0};
+    auto h = e->register_handler("long", [&](JobContext&) {
+      started.fetch_add(1);
+      gate.wait();
+      return Outcome::kDone;
+    });
+    ASSERT_TRUE(IsOk(h));
+    auto report = e->start();
+    ASSERT_TRUE(IsOk(report));
+    if (life == 0) {
+      ASSERT_TRUE(IsOk(e->submit(*h, "long job")));
+    } else {
+      EXPECT_EQ(report->recovery.pending, 1u);
+      EXPECT_EQ(report->recovery.running_at_cut, 0u);
+      EXPECT_EQ(report->recovery.poisoned, 0u);
+    }
+    ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; }));
+    // The handler outlives exit_deadline (50 ms).
+    std::thread release([&] {
+      std::this_thread::sleep_for(milliseconds(200));
+      gate.open();
+    });
+    auto stopped = e->stop(StopMode::kSnapshotAndExit);
+    release.join();
+    ASSERT_TRUE(IsOk(stopped));
+    EXPECT_EQ(stopped->left_in_snapshot, 1u);
+  }
+  // The final snapshot: pending, no recovery, both interrupted runs counted.
+  auto files = GenerationFiles(tmp.dir());
+  ASSERT_FALSE(files.empty());
+  auto bytes = ReadFile(files.back());
+  auto view = snapshot::decode(bytes);
+  ASSERT_TRUE(IsOk(view));
+  ASSERT_EQ(view->jobs.size(), 1u);
+  EXPECT_EQ(view->jobs[0].state, snapshot::JobState::kPending);
+  EXPECT_EQ(view->jobs[0].recoveries, 0u);
+  EXPECT_EQ(view->jobs[0].attempts, 2u);
+  // The third life runs it, no dead letter.
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  std::atomic<std::uint32_t> attempt{0};
+  ASSERT_TRUE(IsOk(e->register_handler("long", [&](JobContext& job) {
+    attempt = job.attempt();
+    return Outcome::kDone;
+  })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.pending, 1u);
+  EXPECT_EQ(started->recovery.poisoned, 0u);
+  EXPECT_TRUE(e->dead_letters().empty());
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+  EXPECT_EQ(attempt.load(), 3u);
+  EXPECT_TRUE(e->dead_letters().empty());
+}
+
+// Jobs that become dead letters at start() (their handler is not registered,
+// or they are poison) never enter the table: a payload above a max_payload
+// lowered since is no reason to refuse the start (it said "raise
+// max_payload" before), and the letter keeps the whole payload.
+TEST(RecoveryTest, OversizedJobsThatBecomeDeadLettersDoNotBlockTheStart) {
+  TempDir tmp;
+  ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
+  const snapshot::Header header = GenerationOneHeader(10);
+  snapshot::Encoder enc;
+  enc.begin(header);
+  enc.add_handler("legacy");
+  enc.add_handler("img");
+  const std::string big(4096, 'x');
+  snapshot::JobRecord r;
+  r.id = 5;
+  r.handler = 0;  // "legacy": not registered at the restart
+  r.state = snapshot::JobState::kPending;
+  r.submit_ns = header.wall_time_ns;
+  r.run_at_ns = header.wall_time_ns;
+  r.payload = big;
+  enc.add_job(r);
+  r.id = 6;
+  r.handler = 1;  // "img", running at a fourth cut: poison (max_recoveries 3)
+  r.state = snapshot::JobState::kRunningAtCut;
+  r.recoveries = 3;
+  r.attempts = 1;
+  enc.add_job(r);
+  ASSERT_TRUE(WriteGenerationOne(tmp.dir(), enc.finish()));
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.max_payload = 1024;
+  ASSERT_EQ(o.snapshot.max_recoveries, 3u);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("img", [](JobContext&) { return Outcome::kDone; })));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  EXPECT_EQ(started->recovery.unknown_handler, 1u);
+  EXPECT_EQ(started->recovery.poisoned, 1u);
+  auto dead = e->dead_letters();
+  ASSERT_EQ(dead.size(), 2u);
+  std::sort(dead.begin(), dead.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+  EXPECT_EQ(dead[0].id, 5u);
+  EXPECT_EQ(dead[0].reason, DeadReason::kNoHandler);
+  EXPECT_EQ(dead[0].payload, big);
+  EXPECT_EQ(dead[1].id, 6u);
+  EXPECT_EQ(dead[1].reason, DeadReason::kPoison);
+  EXPECT_EQ(dead[1].payload, big);
+  ASSERT_TRUE(IsOk(e->stop()));
+}
+
+// max_dead bounds the failed letters a snapshot brings back as it bounds new
+// ones: the oldest failed ones are discarded (counted in dead_discarded), the
+// kept ones (no handler, poison) never. Before, they all came back (and with
+// max_dead 0 stayed for good).
+TEST(RecoveryTest, RestoredFailedDeadLettersAreTrimmedToMaxDead) {
+  struct Case {
+    std::size_t max_dead;
+    bool with_kept;
+    std::vector<JobId> want;
+    std::uint64_t discarded;
+  };
+  // 5 failed letters (ids 1..5, oldest first), max_dead 2: the 2 newest stay.
+  // With a kept letter (id 10) too: it stays, and 4 failed ones go. With
+  // max_dead 0, every failed one goes.
+  const Case cases[] = {{2, false, {4, 5}, 3}, {2, true, {5, 10}, 4}, {0, true, {10}, 5}};
+  for (const Case& c : cases) {
+    const std::size_t max_dead = c.max_dead;
+    SCOPED_TRACE("max_dead " + std::to_string(max_dead) + (c.with_kept ? ", a kept letter" : ""));
+    TempDir tmp;
+    ASSERT_EQ(::mkdir(tmp.dir().c_str(), 0700), 0);
+    const snapshot::Header header = GenerationOneHeader(20);
+    snapshot::Encoder enc;
+    enc.begin(header);
+    enc.add_handler("work");
+    enc.add_handler("gone");
+    snapshot::JobRecord r;
+    r.handler = 0;
+    r.state = snapshot::JobState::kDead;
+    r.attempts = 3;
+    r.submit_ns = header.wall_time_ns;
+    r.run_at_ns = header.wall_time_ns;
+    r.payload = "p";
+    r.error = "boom";
+    for (JobId id = 1; id <= 5; ++id) {
+      r.id = id;
+      r.handler = 0;
+      r.dead_reason = snapshot::DeadReason::kFailed;
+      r.dead_at_ns = header.wall_time_ns + static_cast<std::int64_t>(id);
+      enc.add_job(r);
+      if (id == 2 && c.with_kept) {
+        // A kept letter between failed ones: never discarded for room.
+        r.id = 10;
+        r.handler = 1;
+        r.dead_reason = snapshot::DeadReason::kNoHandler;
+        enc.add_job(r);
+      }
+    }
+    ASSERT_TRUE(WriteGenerationOne(tmp.dir(), enc.finish()));
+    EngineOptions o = DiskOptions(tmp.dir());
+    o.max_dead = max_dead;
+    auto e = Engine::open(o);
+    ASSERT_TRUE(IsOk(e));
+    ASSERT_TRUE(IsOk(e->register_handler("work", [](JobContext&) { return Outcome::kDone; })));
+    auto started = e->start();
+    ASSERT_TRUE(IsOk(started));
+    EXPECT_EQ(started->recovery.dead, c.with_kept ? 6u : 5u);
+    std::vector<JobId> ids;
+    for (const DeadLetter& d : e->dead_letters()) ids.push_back(d.id);
+    std::sort(ids.begin(), ids.end());
+    EXPECT_EQ(ids, c.want);
+    EXPECT_EQ(e->health().dead_discarded, c.discarded);
+    ASSERT_TRUE(IsOk(e->stop()));
+  }
 }
 
 // A job start() quarantines as poison became dead in this life: it counts
@@ -1001,7 +1219,10 @@ TEST(RecoveryTest, ASnapshotThatWouldNameTooManyHandlersFailsInsteadOfBeingUnloa
   }
   ASSERT_TRUE(WriteGenerationOne(tmp.dir(), enc.finish()));
 
-  auto e = Engine::open(DiskOptions(tmp.dir()));
+  // Room for every letter (past max_dead the oldest failed ones are discarded).
+  EngineOptions o = DiskOptions(tmp.dir());
+  o.max_dead = n;
+  auto e = Engine::open(o);
   ASSERT_TRUE(IsOk(e));
   ASSERT_TRUE(IsOk(e->register_handler("w", [](JobContext&) { return Outcome::kDone; })));
   auto started = e->start();

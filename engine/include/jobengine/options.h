@@ -97,8 +97,9 @@ struct SnapshotOptions {
   std::uint16_t max_recoveries = 3;
 
   // How long stop(kSnapshotAndExit) lets running handlers finish before it
-  // takes the final snapshot anyway (those jobs are then recorded as running
-  // and run again after recovery). Default 5 s.
+  // takes the final snapshot anyway (those jobs are then recorded as pending,
+  // their interrupted attempt counted but no recovery: they run again after
+  // the restart). Default 5 s.
   std::chrono::milliseconds exit_deadline{5000};
 
   // CPU to pin the snapshot thread to; -1 (default) leaves it unpinned. It
