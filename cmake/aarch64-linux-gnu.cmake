@@ -53,7 +53,7 @@ find_program(JOBENGINE_QEMU_AARCH64 qemu-aarch64)
 if(JOBENGINE_QEMU_AARCH64)
   set(CMAKE_CROSSCOMPILING_EMULATOR ${JOBENGINE_QEMU_AARCH64} -L ${JOBENGINE_CROSS_SYSROOT})
 else()
-  # The tests could not even be built: GoogleTest lists each binary's tests by
-  # running it right after the link.
-  message(FATAL_ERROR "qemu-aarch64 not found (Debian package qemu-user): run tools/setup.sh")
+  message(WARNING "qemu-aarch64 not found (Debian package qemu-user): the library builds, the "
+                  "tests do not (GoogleTest lists a test binary's tests by running it); "
+                  "run tools/setup.sh")
 endif()

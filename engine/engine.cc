@@ -1171,11 +1171,7 @@ class Engine::Impl final : public detail::CutSource {
         auto info = persistence_->final_snapshot();
         if (!info) {
           final_status = info.status();
-          report.final_snapshot =
-              Status(final_status.code(),
-                     std::string("stop(") + (mode == StopMode::kDrain ? "kDrain" : "kAbandon") +
-                         "): the final snapshot failed, the previous generation is the newest: " +
-                         std::string(final_status.message()));
+          report.final_snapshot = final_snapshot_failure(mode, final_status);
         }
       }
     }
@@ -1203,13 +1199,23 @@ class Engine::Impl final : public detail::CutSource {
                                   : std::string()));
     if (!final_status.ok()) {
       log(LogLevel::kError, "final snapshot failed: " + final_status.to_string());
-      if (mode == StopMode::kSnapshotAndExit) {
-        return Status(final_status.code(), "stop(kSnapshotAndExit): the final snapshot failed, "
-                                           "the previous generation is the newest: " +
-                                               std::string(final_status.message()));
-      }
+      if (mode == StopMode::kSnapshotAndExit) return final_snapshot_failure(mode, final_status);
     }
     return report;
+  }
+
+  // stop()'s word on a final snapshot that a store did not take (the error
+  // names the store): when it was the disk, a restart recovers the previous
+  // disk generation, unless a shared-memory segment took the final one (it
+  // keeps it until a reboot).
+  static Status final_snapshot_failure(StopMode mode, const Status& failure) {
+    const char* name = mode == StopMode::kDrain     ? "kDrain"
+                       : mode == StopMode::kAbandon ? "kAbandon"
+                                                    : "kSnapshotAndExit";
+    return Status(failure.code(), std::string("stop(") + name +
+                                      "): the final snapshot was not written to every store, so a "
+                                      "restart may recover the previous generation: " +
+                                      std::string(failure.message()));
   }
 
   Result<SnapshotInfo> snapshot_now() {
@@ -1960,12 +1966,6 @@ class Engine::Impl final : public detail::CutSource {
       }
     }
     ThreadProducers& mine = late != nullptr ? *late : t_producers;
-    // Entries of engines gone since go first: a thread that submits to one
-    // engine after another keeps no record of each for its whole life.
-    std::erase_if(mine.entries, [](const ThreadProducers::Entry& e) {
-      std::lock_guard<std::mutex> lock(e.life->mu);
-      return !e.life->alive;
-    });
     for (auto& e : mine.entries) {
       if (e.uid == uid_) {
         t_last = {uid_, e.state};
@@ -1974,6 +1974,14 @@ class Engine::Impl final : public detail::CutSource {
     }
     // Not running: refused as stopped, and nothing made for it.
     if (state_.load(std::memory_order_acquire) != EngineState::kRunning) return nullptr;
+    // A new entry: those of engines gone since go first, so a thread that
+    // submits to one engine after another keeps no record of each for its
+    // whole life (only here: a thread alternating between live engines
+    // finds its entry above without taking their lifetime locks).
+    std::erase_if(mine.entries, [](const ThreadProducers::Entry& e) {
+      std::lock_guard<std::mutex> lock(e.life->mu);
+      return !e.life->alive;
+    });
     // The entry's room first: once a state is adopted or made, nothing may
     // fail (an adopted orphan that is not recorded here would be lost, with
     // the free slots and ids it caches).
@@ -3294,18 +3302,19 @@ class Engine::Impl final : public detail::CutSource {
     // live record dead here).
     const std::span<const unsigned char> image = loaded_->bytes.span();
     snapshot::JobRecordView j;
+    // Whether a record goes into the table as a live job: not dead, not
+    // cancelled, its handler registered, and not past max_recoveries (those
+    // become dead letters below, which hold their payload whatever its size).
+    // The loop below makes the same decisions, in the same order.
+    const auto enters_table = [&](const snapshot::JobRecordView& x) {
+      return x.state != snapshot::JobState::kDead && !x.cancel_requested && map[x.handler] &&
+             static_cast<std::uint16_t>(x.recoveries + (interrupted(x) ? 1 : 0)) <=
+                 options_.snapshot.max_recoveries;
+    };
     if (v.max_payload_bytes > options_.max_payload) {
       for (snapshot::RecordReader reader(image, v); reader.next(j);) {
-        // Dead and cancelled records never enter the table: their payloads
-        // may stay above a max_payload lowered since. Nor do the ones that
-        // become dead letters below (their handler is not registered, or they
-        // are poison): a letter holds its payload whatever its size.
-        if (j.state == snapshot::JobState::kDead || j.cancel_requested) continue;
-        if (!map[j.handler]) continue;
-        if (static_cast<std::uint16_t>(j.recoveries + (interrupted(j) ? 1 : 0)) >
-            options_.snapshot.max_recoveries) {
-          continue;
-        }
+        // Only live jobs must fit max_payload (it may have been lowered since).
+        if (!enters_table(j)) continue;
         if (j.payload.size() > options_.max_payload) {
           return Status(StatusCode::kFailedPrecondition,
                         "start(): recovered job " + std::to_string(j.id) + " has a payload of " +
@@ -3316,14 +3325,7 @@ class Engine::Impl final : public detail::CutSource {
     }
     if (v.live_records > options_.capacity) {
       std::uint64_t live = 0;
-      for (snapshot::RecordReader reader(image, v); reader.next(j);) {
-        const std::uint16_t rec = static_cast<std::uint16_t>(
-            j.recoveries + (interrupted(j) ? 1 : 0));
-        if (j.state != snapshot::JobState::kDead && map[j.handler] &&
-            rec <= options_.snapshot.max_recoveries && !j.cancel_requested) {
-          ++live;
-        }
-      }
+      for (snapshot::RecordReader reader(image, v); reader.next(j);) live += enters_table(j) ? 1 : 0;
       if (live > options_.capacity) {
         return Status(StatusCode::kFailedPrecondition,
                       "start(): the snapshot from " + r.source + " holds " + std::to_string(live) +

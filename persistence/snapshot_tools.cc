@@ -423,12 +423,16 @@ Result<std::unique_ptr<detail::LoadedSnapshot>> recover(
     }
   }
   std::unique_ptr<detail::LoadedSnapshot> loaded;
+  Status unreadable;
   try {
-    loaded = persist::load_newest(shm, readable, fs(), report, false, gone);
+    loaded = persist::load_newest(shm, readable, fs(), report, false, gone, &unreadable);
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kIoError,
                   "out of memory reading a snapshot to choose the newest that verifies");
   }
+  // A candidate that could not be read (not one that failed to verify): an
+  // I/O error naming it, as Engine::open() fails, never an older generation.
+  if (!unreadable.ok()) return unreadable;
   if (refused.empty()) return loaded;
   for (auto& [generation, skipped] : refused) {
     if (!loaded || generation > report.generation) report.skipped.push_back(std::move(skipped));

@@ -45,9 +45,9 @@ apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get)
 # Another apt or dpkg (a second setup, a fresh VM's unattended-upgrades) may
 # hold the locks: wait for them (up to 10 minutes) instead of failing at once.
 lock_wait=(-o DPkg::Lock::Timeout=600)
-for try in $(seq 1 60); do
-  if "${apt[@]}" "${lock_wait[@]}" update -qq; then break; fi
-  [ "$try" -lt 60 ] || { echo "setup: apt-get update kept failing" >&2; exit 1; }
+give_up=$((SECONDS + 900))
+until "${apt[@]}" "${lock_wait[@]}" update -qq; do
+  [ "$SECONDS" -lt "$give_up" ] || { echo "setup: apt-get update kept failing for 15 minutes" >&2; exit 1; }
   echo "setup: apt-get update failed (another apt running?); retrying in 10 s" >&2
   sleep 10
 done

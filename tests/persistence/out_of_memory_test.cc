@@ -268,9 +268,18 @@ TEST(RecoveryOutOfMemoryTest, ASegmentImageThatCannotBeCopiedFailsOpenInsteadOfL
     }
     // A segment snapshot newer than the submits, then a periodic check that
     // found nothing changed since: the segment holds every job.
-    while (e->health().last_snapshot_generation <= after) std::this_thread::sleep_for(milliseconds(1));
+    // Bounded: a segment that never takes the image (a small /dev/shm) ends
+    // the child, which the parent reports, rather than hanging the test.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (e->health().last_snapshot_generation <= after) {
+      if (std::chrono::steady_clock::now() > give_up) ::_exit(8);
+      std::this_thread::sleep_for(milliseconds(1));
+    }
     const std::uint64_t unchanged = e->health().snapshots_unchanged;
-    while (e->health().snapshots_unchanged <= unchanged) std::this_thread::sleep_for(milliseconds(1));
+    while (e->health().snapshots_unchanged <= unchanged) {
+      if (std::chrono::steady_clock::now() > give_up) ::_exit(8);
+      std::this_thread::sleep_for(milliseconds(1));
+    }
     char c = 'r';
     if (::write(ready[1], &c, 1) != 1) ::_exit(7);
     for (;;) ::pause();

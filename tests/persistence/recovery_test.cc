@@ -942,6 +942,8 @@ TEST(RecoveryTest, JobRunningAtEveryCutIsQuarantinedAfterMaxRecoveries) {
 // with no recovery, and never quarantined as poison. Before, the final cut
 // recorded it as running at the cut and each deploy counted as a crash: with
 // max_recoveries 1 it was a poison dead letter after two deploys.
+Gate* g_gate_at_end_cut = nullptr;  // GracefulExitsPastTheDeadlineNeverMakeALongJobPoison
+
 TEST(RecoveryTest, GracefulExitsPastTheDeadlineNeverMakeALongJobPoison) {
   TempDir tmp;
   EngineOptions o = DiskOptions(tmp.dir());
@@ -968,13 +970,13 @@ TEST(RecoveryTest, GracefulExitsPastTheDeadlineNeverMakeALongJobPoison) {
       EXPECT_EQ(report->recovery.poisoned, 0u);
     }
     ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; }));
-    // The handler outlives exit_deadline (50 ms).
-    std::thread release([&] {
-      std::this_thread::sleep_for(milliseconds(200));
-      gate.open();
-    });
+    // The handler outlives exit_deadline (50 ms): it returns only once the
+    // final cut is taken (the only cut: no periodic snapshots here).
+    g_gate_at_end_cut = &gate;
+    detail::g_before_end_cut.store(+[] { g_gate_at_end_cut->open(); });
     auto stopped = e->stop(StopMode::kSnapshotAndExit);
-    release.join();
+    detail::g_before_end_cut.store(nullptr);
+    gate.open();
     ASSERT_TRUE(IsOk(stopped));
     EXPECT_EQ(stopped->left_in_snapshot, 1u);
   }

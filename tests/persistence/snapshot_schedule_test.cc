@@ -360,8 +360,7 @@ TEST(SnapshotScheduleTest, ASegmentThatKeepsFailingIsRetriedLessAndLessOften) {
   ASSERT_TRUE(h.ok());
   ASSERT_TRUE(e->start().ok());
   Settle(*e);  // a small image in the segment
-  const std::string payload(8000, 'p');  // ~1.2 MB: more than the segment's slot holds
-  for (int i = 0; i < 150; ++i) ASSERT_TRUE(e->submit(*h, payload).ok());
+  // The limit first, so that no snapshot can take the large image before it.
   struct rlimit old {};
   ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
   struct rlimit limit = old;
@@ -369,6 +368,8 @@ TEST(SnapshotScheduleTest, ASegmentThatKeepsFailingIsRetriedLessAndLessOften) {
   void (*old_handler)(int) = ::signal(SIGXFSZ, SIG_IGN);
   ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
   const std::uint64_t failures_before = e->health().snapshot_failures;
+  const std::string payload(8000, 'p');  // ~1.2 MB: more than the segment's slot holds
+  for (int i = 0; i < 150; ++i) ASSERT_TRUE(e->submit(*h, payload).ok());
   std::this_thread::sleep_for(milliseconds(600));
   const Health during = e->health();
   ::setrlimit(RLIMIT_FSIZE, &old);

@@ -95,7 +95,8 @@ struct RecoveryReport {
   std::uint64_t cancelled = 0;      // running at the cut with a cancel requested: not run again
   std::uint64_t poisoned = 0;       // quarantined as dead: past max_recoveries
   std::uint64_t unknown_handler = 0;  // kept as dead: their handler is not registered
-  std::uint64_t dead = 0;           // dead in the snapshot and still dead
+  std::uint64_t dead = 0;           // dead in the snapshot and still dead (failed letters past
+                                    // max_dead among them are then discarded: Health::dead_discarded)
 };
 
 // What start() reports.
@@ -132,12 +133,14 @@ struct StopReport {
   std::chrono::nanoseconds took{0};  // how long stop() took
   // Whether the final snapshot of kDrain or kAbandon was written. OK when it
   // was, and when there is none to write (snapshots not enabled). Otherwise
-  // the store's error (kIoError for a failed disk write, ...): the engine is
-  // stopped all the same, but the stores still hold the previous generation,
-  // so a restart recovers that one (jobs finished or dropped since then come
-  // back; the delayed jobs left by a drain are not in it). It is also logged
-  // and stays in Health::last_snapshot_error. kSnapshotAndExit never reports
-  // a failed final snapshot here: stop() returns the error instead.
+  // the error of the store that did not take it (kIoError for a failed disk
+  // write, ...): the engine is stopped all the same. A store that failed
+  // still holds the previous generation: when it is the disk, a restart
+  // recovers that one (jobs finished or dropped since then come back; the
+  // delayed jobs left by a drain are not in it) -- unless a shared-memory
+  // segment took the final snapshot, which it keeps until a reboot. It is
+  // also logged and stays in Health::last_snapshot_error. kSnapshotAndExit
+  // never reports a failed final snapshot here: stop() returns the error.
   Status final_snapshot;
 };
 
