@@ -97,7 +97,9 @@ namespace {
 using std::chrono::milliseconds;
 using testing_support::DiskOptions;
 using testing_support::TempDir;
+using testing_support::KillChildOnceReady;
 using testing_support::WaitUntil;
+using testing_support::WaitUntilTheSegmentIsCurrent;
 
 // Refuses allocations of `bytes` or more while it lives.
 class LargeAllocationsFail {
@@ -266,31 +268,14 @@ TEST(RecoveryOutOfMemoryTest, ASegmentImageThatCannotBeCopiedFailsOpenInsteadOfL
     for (std::size_t i = 0; i < kJobs; ++i) {
       if (!e->submit(*h, payload, {.delay = std::chrono::hours(1)})) ::_exit(6);
     }
-    // A segment snapshot newer than the submits, then a periodic check that
-    // found nothing changed since: the segment holds every job.
-    // Bounded: a segment that never takes the image (a small /dev/shm) ends
-    // the child, which the parent reports, rather than hanging the test.
-    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (e->health().last_snapshot_generation <= after) {
-      if (std::chrono::steady_clock::now() > give_up) ::_exit(8);
-      std::this_thread::sleep_for(milliseconds(1));
-    }
-    const std::uint64_t unchanged = e->health().snapshots_unchanged;
-    while (e->health().snapshots_unchanged <= unchanged) {
-      if (std::chrono::steady_clock::now() > give_up) ::_exit(8);
-      std::this_thread::sleep_for(milliseconds(1));
-    }
+    // The segment holds every job (a small /dev/shm that never takes the
+    // image ends the child, which the parent reports).
+    if (!WaitUntilTheSegmentIsCurrent(*e, after)) ::_exit(8);
     char c = 'r';
     if (::write(ready[1], &c, 1) != 1) ::_exit(7);
     for (;;) ::pause();
   }
-  ::close(ready[1]);
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "child failed before it was ready";
-  ::close(ready[0]);
-  ASSERT_EQ(::kill(child, SIGKILL), 0);
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(KillChildOnceReady(child, ready));
 
   {
     LargeAllocationsFail refuse(kImageRefuseFrom);

@@ -42,7 +42,9 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing_support::DiskOptions;
+using testing_support::KillChildOnceReady;
 using testing_support::TempDir;
+using testing_support::WaitUntilTheSegmentIsCurrent;
 using std::chrono::milliseconds;
 using std::chrono::steady_clock;
 
@@ -1383,22 +1385,13 @@ TEST(RecoveryTest, SharedMemoryNewerThanDiskWinsAfterAProcessCrash) {
     for (int i = 0; i < 10; ++i) {
       if (!e->submit(*h, Numbered("j", i))) ::_exit(5);
     }
-    // A snapshot newer than the submits, then a periodic check that found
-    // nothing changed since the newest one: it holds all ten.
-    while (e->health().last_snapshot_generation <= after) std::this_thread::sleep_for(milliseconds(1));
-    const std::uint64_t unchanged = e->health().snapshots_unchanged;
-    while (e->health().snapshots_unchanged <= unchanged) std::this_thread::sleep_for(milliseconds(1));
+    // The segment holds all ten.
+    if (!WaitUntilTheSegmentIsCurrent(*e, after)) ::_exit(7);
     char c = 'r';
     if (::write(ready[1], &c, 1) != 1) ::_exit(6);
     for (;;) ::pause();
   }
-  ::close(ready[1]);
-  char c = 0;
-  ASSERT_EQ(::read(ready[0], &c, 1), 1) << "child failed before it was ready";
-  ::close(ready[0]);
-  ASSERT_EQ(::kill(child, SIGKILL), 0);
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(KillChildOnceReady(child, ready));
 
   EngineOptions o = DiskOptions(tmp.dir());
   o.snapshot.shm_name = shm.name;
