@@ -367,8 +367,11 @@ class Snapshotter final : public Persistence {
       lock.lock();
       now = steady_clock::now();
       if (shm_due || asked) {
-        shm_wait = !shm_failed_last_ ? nanoseconds(options_.shm_interval)
-                                     : std::min<nanoseconds>(2 * shm_wait, shm_retry_cap);
+        // The segment's last publish failed exactly when its change count
+        // is kNever (take() sets it; read on the thread that writes it).
+        const bool shm_failing = shm_ != nullptr && shm_changes_ == kNever;
+        shm_wait = !shm_failing ? nanoseconds(options_.shm_interval)
+                                : std::min<nanoseconds>(2 * shm_wait, shm_retry_cap);
         next_shm = now + shm_wait;
       }
       if (disk_due || asked) next_disk = now + options_.disk_interval;
@@ -431,7 +434,6 @@ class Snapshotter final : public Persistence {
     const bool shm = to_shm && shm_ != nullptr;
     const bool disk = to_disk && disk_ != nullptr;
     if (shm) shm_changes_ = kNever;
-    if (shm) shm_failed_last_ = true;
     if (disk) disk_changes_ = kNever;
     failures_.fetch_add((shm ? 1 : 0) + (disk ? 1 : 0), std::memory_order_relaxed);
     try {
@@ -634,7 +636,6 @@ class Snapshotter final : public Persistence {
     // periodic snapshot must be written whatever changed, or an idle
     // engine would never retry it and its error would stay in health().
     if (in_place) shm_changes_ = shm_ok ? changes : kNever;
-    if (in_place) shm_failed_last_ = !shm_ok;
     if (to_file) disk_changes_ = disk_ok ? changes : kNever;
     if (shm_ok || disk_ok) {
       newest_changes_ = changes;
@@ -697,10 +698,6 @@ class Snapshotter final : public Persistence {
   // store published, and of the newest one (confirm_unchanged()). kNever
   // until one did.
   static constexpr std::uint64_t kNever = ~std::uint64_t{0};
-  // Whether the last snapshot that tried the segment failed there (run()'s
-  // retry backoff). Written by take() (the snapshot thread, or stop() after
-  // joining it).
-  bool shm_failed_last_ = false;
   static constexpr nanoseconds kMaxShmRetry = std::chrono::seconds(1);
   std::uint64_t shm_changes_ = kNever;
   std::uint64_t disk_changes_ = kNever;
