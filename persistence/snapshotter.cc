@@ -203,6 +203,8 @@ class Snapshotter final : public Persistence {
       return std::unique_ptr<LoadedSnapshot>();
     }
     next_generation_ = report.generation + 1;
+    loaded_generation_ = loaded->view.header.generation;
+    loaded_bytes_ = loaded->bytes.span().size();
     return loaded;
   }
 
@@ -233,6 +235,21 @@ class Snapshotter final : public Persistence {
     // Before intake opens, accepted_total() is the recovered jobs: when they
     // came from a generation file, power loss can no longer lose them.
     if (loaded_durable_) accepted_at_durable_.store(source.accepted_total(), std::memory_order_relaxed);
+    if (loaded_generation_ != 0) {
+      // The engine starts with the jobs of the generation it recovered: that
+      // image is the newest published (and, from a generation file, the
+      // newest durable) until this process publishes one, and nothing has
+      // changed since it yet. health() said generation 0 until then, for up
+      // to an interval (for ever with periodic snapshots off).
+      const std::int64_t now = Clock::steady_ns();
+      last_confirmed_steady_ns_.store(now, std::memory_order_relaxed);
+      last_bytes_.store(loaded_bytes_, std::memory_order_relaxed);
+      last_generation_.store(loaded_generation_, std::memory_order_release);
+      if (loaded_durable_) {
+        last_durable_confirmed_steady_ns_.store(now, std::memory_order_relaxed);
+        last_durable_generation_.store(loaded_generation_, std::memory_order_release);
+      }
+    }
     next_generation_ = std::max(next_generation_, first_generation);
     if (disk_) {
       // Never publish a generation at or below one already on disk (a newer
@@ -725,6 +742,8 @@ class Snapshotter final : public Persistence {
   std::atomic<std::uint64_t> unchanged_{0};
   std::atomic<std::uint64_t> accepted_at_durable_{0};
   bool loaded_durable_ = false;  // load_newest() took a generation file (before start())
+  std::uint64_t loaded_generation_ = 0;  // the generation recovery loaded; 0: none
+  std::uint64_t loaded_bytes_ = 0;       // its image's size
   std::atomic<std::uint64_t> failures_{0};
   std::atomic<bool> error_present_{false};  // either error below is set
   mutable std::mutex error_mu_;

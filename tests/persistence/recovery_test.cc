@@ -264,6 +264,56 @@ TEST(RecoveryTest, SnapshotNowIsDurableAndHoldsEveryPendingJob) {
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
+// After a restart, health() names the generation recovery loaded as the
+// newest (and durable) one, with its size and a fresh age, before this
+// process publishes any: it said 0 until then (for ever here, where no
+// periodic snapshot runs).
+TEST(RecoveryTest, HealthNamesTheRecoveredGenerationBeforeTheFirstNewSnapshot) {
+  TempDir tmp;
+  std::uint64_t generation = 0;
+  std::uint64_t bytes = 0;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir()));
+    ASSERT_TRUE(IsOk(e));
+    Gate gate;
+    auto h = e->register_handler("slow", [&](JobContext&) {
+      gate.wait();
+      return Outcome::kDone;
+    });
+    ASSERT_TRUE(IsOk(h));
+    ASSERT_TRUE(IsOk(e->start()));
+    for (int i = 0; i < 20; ++i) ASSERT_TRUE(IsOk(e->submit(*h, "job-" + std::to_string(i))));
+    // The running job outlives exit_deadline: released once stop() waits.
+    std::thread release([&] {
+      std::this_thread::sleep_for(milliseconds(200));
+      gate.open();
+    });
+    auto stop = e->stop(StopMode::kSnapshotAndExit);
+    release.join();
+    ASSERT_TRUE(IsOk(stop));
+    Health last = e->health();
+    generation = last.last_durable_generation;
+    bytes = last.last_snapshot_bytes;
+    ASSERT_NE(generation, 0u);
+  }
+  auto e = Engine::open(DiskOptions(tmp.dir()));  // no periodic snapshot
+  ASSERT_TRUE(IsOk(e));
+  ASSERT_TRUE(IsOk(e->register_handler("slow", [](JobContext&) { return Outcome::kDone; })));
+  Health before = e->health();
+  EXPECT_EQ(before.last_durable_generation, 0u) << "nothing recovered before start()";
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  ASSERT_TRUE(started->recovery.recovered);
+  Health h = e->health();
+  EXPECT_EQ(h.last_snapshot_generation, generation);
+  EXPECT_EQ(h.last_durable_generation, generation);
+  EXPECT_EQ(h.last_snapshot_bytes, bytes);
+  EXPECT_LT(h.last_durable_age, std::chrono::seconds(60));
+  EXPECT_EQ(h.at_risk, 0u) << "the recovered jobs are on disk";
+  EXPECT_TRUE(h.ok) << (h.reasons.empty() ? "" : h.reasons.front());
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
+}
+
 TEST(RecoveryTest, SnapshotAndExitResumesExactlyTheJobsLeft) {
   TempDir tmp;
   std::set<JobId> submitted;

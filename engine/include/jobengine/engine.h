@@ -221,7 +221,10 @@ struct Health {
   std::chrono::nanoseconds oldest_pending_age{0};
   std::size_t queue_high_water = 0;
   std::size_t capacity = 0;
-  // Snapshots (zero / empty when disabled).
+  // Snapshots (zero / empty when disabled). After a restart, until this
+  // process publishes its own, the generation recovery loaded counts as the
+  // newest (and as the newest durable one when it came from a generation
+  // file, or its twin is on disk), its age counted from start().
   std::uint64_t last_snapshot_generation = 0;   // newest published anywhere
   // Since its cut, or since the snapshot thread last found that nothing had
   // changed since that cut (whichever is later): how old the state it holds
