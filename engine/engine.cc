@@ -853,12 +853,17 @@ class Engine::Impl final : public detail::CutSource {
     if (Status st = check_job(handler, payload, o); !st.ok()) return st;
     std::unique_lock<std::mutex> key_lock;
     // The key's entry is made before anything is accepted (it allocates) and
-    // given the id at the end; every other way out takes it back.
+    // given the id at the end, its entry by id once the id is known; every
+    // other way out takes them back.
     struct KeyEntry {
       decltype(keys_)* keys = nullptr;
       decltype(keys_)::iterator it;
+      decltype(key_by_id_)* by_id = nullptr;
+      JobId id = 0;
       ~KeyEntry() {
-        if (keys != nullptr) keys->erase(it);
+        if (keys == nullptr) return;
+        if (by_id != nullptr) by_id->erase(id);
+        keys->erase(it);
       }
     } key_entry;
     if (!o.unique_key.empty()) {
@@ -890,6 +895,18 @@ class Engine::Impl final : public detail::CutSource {
       return queue_full_status();
     }
     const JobId id = reuse_id != 0 ? reuse_id : next_id(ps);
+    if (key_entry.keys != nullptr) {
+      // Nothing is accepted yet: a failure here unwinds like fill_slot()'s.
+      try {
+        key_by_id_.insert_or_assign(id, std::string_view(key_entry.it->first));
+      } catch (const std::bad_alloc&) {
+        give_back_slots(ps, &idx, 1);
+        leave_intake(ps);
+        return Status(StatusCode::kInternal, "submit(): out of memory recording a unique key");
+      }
+      key_entry.by_id = &key_by_id_;
+      key_entry.id = id;
+    }
     const bool delayed = run_at > now;
     if (!fill_slot(idx, id, handler, payload, o.priority, now, run_at, epoch,
                    delayed ? SlotState::kDelayed : SlotState::kQueued, o.unique_key,
@@ -2576,14 +2593,14 @@ class Engine::Impl final : public detail::CutSource {
   // scheduler reaches the cancelled job. By id: the slot's key bytes may be
   // freed under us. A scan of the keys, like cancel()'s of the table; the
   // later release_key() of the same job finds another id (or nothing) there.
+  // O(1) through key_by_id_ (a scan of every key, under keys_mu_, before).
   void release_key_of(JobId id) {
     std::lock_guard<std::mutex> lock(keys_mu_);
-    for (auto it = keys_.begin(); it != keys_.end(); ++it) {
-      if (it->second == id) {
-        keys_.erase(it);
-        return;
-      }
-    }
+    const auto by_id = key_by_id_.find(id);
+    if (by_id == key_by_id_.end()) return;  // the job has no key (or gave it up)
+    const auto it = keys_.find(by_id->second);
+    key_by_id_.erase(by_id);
+    if (it != keys_.end() && it->second == id) keys_.erase(it);
   }
 
   // Frees the job's unique key, if it has one and still owns it.
@@ -2592,7 +2609,10 @@ class Engine::Impl final : public detail::CutSource {
     if (key.empty()) return;
     std::lock_guard<std::mutex> lock(keys_mu_);
     auto it = keys_.find(key);
-    if (it != keys_.end() && it->second == s.id()) keys_.erase(it);
+    if (it != keys_.end() && it->second == s.id()) {
+      key_by_id_.erase(it->second);
+      keys_.erase(it);
+    }
   }
 
   // "Now" for scheduling decisions: real ticks plus the test clock's offset.
@@ -3427,7 +3447,15 @@ class Engine::Impl final : public detail::CutSource {
       s.recoveries = rec;
       if (!j.key.empty()) {
         std::lock_guard<std::mutex> key_lock(keys_mu_);
-        keys_.emplace(std::string(j.key), j.id);
+        const auto [it, made] = keys_.emplace(std::string(j.key), j.id);
+        if (made) {
+          try {
+            key_by_id_.insert_or_assign(j.id, std::string_view(it->first));
+          } catch (...) {
+            keys_.erase(it);
+            throw;
+          }
+        }
       }
       if (scheduled) {
         if (!schedule(idx, run_at)) {
@@ -3542,6 +3570,7 @@ class Engine::Impl final : public detail::CutSource {
     sched_left_.clear();
     {
       std::lock_guard<std::mutex> lock(keys_mu_);
+      key_by_id_.clear();
       keys_.clear();
     }
     return dropped;
@@ -3651,6 +3680,10 @@ class Engine::Impl final : public detail::CutSource {
   // Unique keys of pending jobs -> their ids.
   std::mutex keys_mu_;
   std::unordered_map<std::string, JobId, StringHash, std::equal_to<>> keys_;
+  // The same entries by id, for cancel() (release_key_of()): each view is of
+  // its entry's key in keys_ (node-based: the string stays put). An entry is
+  // in both maps or in neither, except while submit() makes it.
+  std::unordered_map<JobId, std::string_view> key_by_id_;
 
   // The scheduler (delayed jobs and retry backoff), see scheduler_main().
   std::thread scheduler_thread_;
