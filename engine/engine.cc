@@ -367,6 +367,10 @@ struct alignas(kCacheLine) WorkerState {
   // next job's start, a step of `runs`).
   std::atomic<std::uint64_t> changes{0};
   std::atomic<bool> alive{false};
+  // Set as worker_main() returns: start() waits for alive or this, since a
+  // stop() from another thread (say on SIGTERM during start-up) can end a
+  // worker before start() sees it alive, or keep it from ever being alive.
+  std::atomic<bool> gone{false};
   // The job running now, for health(): its id, and the tick its run counts
   // as stuck at (0: no deadline).
   std::atomic<std::uint64_t> running_id{0};
@@ -769,7 +773,9 @@ class Engine::Impl final : public detail::CutSource {
     go_.store(true, std::memory_order_release);
     // Return only once every worker runs, so health() right after start() is ok.
     for (auto& w : workers_) {
-      while (!w->alive.load(std::memory_order_acquire)) std::this_thread::yield();
+      while (!w->alive.load(std::memory_order_acquire) && !w->gone.load(std::memory_order_acquire)) {
+        std::this_thread::yield();
+      }
     }
     try {
       log(LogLevel::kInfo, "started " + std::to_string(options_.workers) + " worker(s)" +
@@ -2089,9 +2095,14 @@ class Engine::Impl final : public detail::CutSource {
   }
 
   void worker_main(WorkerState& w) {
+    struct Gone {
+      std::atomic<bool>& flag;
+      ~Gone() { flag.store(true, std::memory_order_release); }
+    } gone{w.gone};
     // Acquire: pairs with start()'s release of go_ (handlers are visible).
     while (!go_.load(std::memory_order_acquire)) std::this_thread::yield();
-    if (state_.load(std::memory_order_acquire) == EngineState::kStopped) return;  // failed start
+    // A failed start, or a stop() from another thread before this worker ran.
+    if (state_.load(std::memory_order_acquire) == EngineState::kStopped) return;
     t_worker_of = this;
     w.alive.store(true, std::memory_order_release);
     SlotIndex batch[256];

@@ -638,6 +638,47 @@ TEST(StressTest, SingleWorkerRoundsKeepFifoPerProducerAndPriority) {
   RunRounds(CurrentTestName(), /*single_worker=*/true, g_config.rounds);
 }
 
+// A stop() from another thread as soon as the engine reads kRunning (a
+// service that gets SIGTERM while it starts up) while start() still waits
+// for its workers: both return. start() waited for each worker to be alive,
+// which a worker that the stop ended first, or kept from running at all,
+// never was: start() spun for ever.
+TEST(StressTest, AStopFromAnotherThreadDuringStartLetsStartReturn) {
+  constexpr int kRounds = 200;
+  Watchdog watchdog(std::chrono::seconds(120),
+                    CurrentTestName() + ": start() or stop() never returned");
+  int stopped_before_start_returned = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    EngineOptions o;
+    o.workers = 4;  // more threads than this machine's cores: late workers
+    o.capacity = 64;
+    o.idle = IdleStrategy::kSpinThenBlock;
+    auto engine = Engine::open(o);
+    ASSERT_TRUE(engine.ok()) << engine.status().to_string();
+    ASSERT_TRUE(engine->register_handler("noop", [](JobContext&) { return Outcome::kDone; }).ok());
+    std::atomic<bool> start_returned{false};
+    std::atomic<bool> start_failed{false};
+    std::atomic<bool> stopped_first{false};
+    std::thread stopper([&] {
+      while (engine->state() != EngineState::kRunning) {
+        if (start_failed.load()) return;  // nothing to stop
+      }
+      stopped_first.store(!start_returned.load());
+      auto report = engine->stop(StopMode::kAbandon);
+      EXPECT_TRUE(report.ok()) << report.status().to_string();
+    });
+    auto started = engine->start();
+    start_returned.store(true);
+    start_failed.store(!started.ok());
+    stopper.join();
+    ASSERT_TRUE(started.ok()) << "round " << round << ": " << started.status().to_string();
+    EXPECT_EQ(engine->state(), EngineState::kStopped);
+    stopped_before_start_returned += stopped_first.load() ? 1 : 0;
+  }
+  std::printf("[ stress ] %d of %d stops began before start() returned\n",
+              stopped_before_start_returned, kRounds);
+}
+
 // ---- main: --seed / --rounds / --round and their environment variables -------------
 
 bool ParseNumber(std::string_view text, std::uint64_t* out) {
