@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string_view>
 #include <system_error>
 #include <thread>
@@ -277,41 +279,80 @@ Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, u
     return Status(StatusCode::kInvalidArgument, "FileStore directory name is empty");
   }
   if (fs == nullptr) fs = default_file_system();
-  const std::string dir = strip_trailing_slashes(dir_arg);
+  const std::string given = strip_trailing_slashes(dir_arg);
 
   // The directory: create it, or check the one that is there.
   bool created = false;
-  SysResult<FileInfo> info = fs->lstat(dir);
+  SysResult<FileInfo> info = fs->lstat(given);
   if (!info.ok()) {
-    if (info.error != ENOENT) return io_error("lstat", dir, info.error);
-    int err = fs->mkdir(dir, kDirMode);
-    if (err != 0 && err != EEXIST) return io_error("mkdir", dir, err);
+    if (info.error != ENOENT) return io_error("lstat", given, info.error);
+    int err = fs->mkdir(given, kDirMode);
+    if (err != 0 && err != EEXIST) return io_error("mkdir", given, err);
     created = err == 0;
-    info = fs->lstat(dir);
-    if (!info.ok()) return io_error("lstat", dir, info.error);
+    info = fs->lstat(given);
+    if (!info.ok()) return io_error("lstat", given, info.error);
   }
   if (info.value.kind == FileInfo::Kind::kSymlink) {
     return Status(StatusCode::kInvalidArgument,
-                  "snapshot directory " + dir + " is a symlink; refusing to follow it");
+                  "snapshot directory " + given + " is a symlink; refusing to follow it");
   }
   if (info.value.kind != FileInfo::Kind::kDirectory) {
-    return Status(StatusCode::kInvalidArgument, "snapshot directory " + dir +
+    return Status(StatusCode::kInvalidArgument, "snapshot directory " + given +
                                                     " is not a directory (it is " +
                                                     kind_text(info.value.kind) + ")");
   }
   const auto euid = static_cast<std::uint32_t>(::geteuid());
   if (info.value.uid != euid) {
     return Status(StatusCode::kFailedPrecondition,
-                  "snapshot directory " + dir + " is owned by uid " +
+                  "snapshot directory " + given + " is owned by uid " +
                       std::to_string(info.value.uid) + ", not by this process's uid " +
                       std::to_string(euid));
   }
   if (info.value.mode != kDirMode) {
-    if (int err = fs->chmod(dir, kDirMode); err != 0) return io_error("chmod 0700", dir, err);
+    if (int err = fs->chmod(given, kDirMode); err != 0) return io_error("chmod 0700", given, err);
+  }
+
+  // From here on the directory is named by its absolute, canonical path,
+  // resolved once: a relative name ("jobs") would otherwise be looked up
+  // again in whatever the working directory is at each publish.
+  std::string dir;
+  {
+    char* resolved = ::realpath(given.c_str(), nullptr);
+    if (resolved == nullptr) return io_error("realpath", given, errno);
+    dir = resolved;
+    std::free(resolved);
   }
   if (created) {
     // The new directory's own entry must survive power loss too.
     if (Status s = sync_dir(*fs, parent_of(dir)); !s.ok()) return s;
+  }
+  // Held open for the store's life: publishes fsync the directory through it
+  // instead of opening it by name again (which could fail, EMFILE, after the
+  // new generation is renamed into place).
+  SysResult<int> dir_fd = fs->open(dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (!dir_fd.ok()) return io_error("open dir", dir, dir_fd.error);
+  ScopedFd dir_closer(*fs, dir_fd.value);
+  SysResult<FileInfo> dir_info = fs->fstat(dir_fd.value);
+  if (!dir_info.ok()) return io_error("fstat", dir, dir_info.error);
+  if (dir_info.value.device != info.value.device || dir_info.value.inode != info.value.inode) {
+    return Status(StatusCode::kFailedPrecondition,
+                  "snapshot directory " + given + " was replaced while it was opened");
+  }
+
+  // A generation numbered 2^64 - 1 leaves no number for the next publish:
+  // every one would be refused. Refused here, before anything is created in
+  // the directory, naming the file to move away.
+  {
+    Result<std::vector<GenerationFile>> present = list_generations(dir, *fs);
+    if (!present.ok()) return present.status();
+    if (!present->empty() && present->front().generation == UINT64_MAX) {
+      return Status(StatusCode::kInvalidArgument,
+                    "snapshot file " + present->front().path + " is generation " +
+                        std::to_string(UINT64_MAX) +
+                        ", " + std::string(kLastGenerationWords) +
+                        ": no new generation can be numbered above it; move it out of " + dir +
+                        " to use this directory");
+    }
   }
 
   // The lock: one engine per directory.
@@ -355,14 +396,24 @@ Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, u
     }
   }
 
-  return std::unique_ptr<FileStore>(new FileStore(dir, keep, std::move(fs), lock_closer.release()));
+  return std::unique_ptr<FileStore>(new FileStore(std::move(dir), keep, std::move(fs),
+                                                  lock_closer.release(), dir_closer.release()));
 }
 
-FileStore::FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd)
-    : dir_(std::move(dir)), keep_(keep), fs_(std::move(fs)), lock_fd_(lock_fd) {}
+FileStore::FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd,
+                     int dir_fd)
+    : dir_(std::move(dir)), keep_(keep), fs_(std::move(fs)), lock_fd_(lock_fd), dir_fd_(dir_fd) {}
 
 FileStore::~FileStore() {
+  if (dir_fd_ >= 0) (void)fs_->close(dir_fd_);
   if (lock_fd_ >= 0) (void)fs_->close(lock_fd_);
+}
+
+Status FileStore::sync_dir_fd() {
+  if (int err = fsync_retrying_eintr(*fs_, dir_fd_); err != 0) {
+    return io_error("fsync dir", dir_, err);
+  }
+  return Status();
 }
 
 Status FileStore::publish(std::uint64_t generation, std::span<const unsigned char> image) {
@@ -398,6 +449,21 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
       recycled = &oldest;
     }  // else: write a new file, as when nothing is recycled
   }
+  // A recycled publish that fails before any byte of the file changed gives
+  // the file its name back (RENAME_NOREPLACE: never over another file), so
+  // that the generation it holds is not lost; the directory is then fsynced,
+  // best effort, so that the name comes back durably too. Should that rename
+  // fail as well, the file is left under the temp name, and the error says so.
+  auto put_back = [&](Status failure) -> Status {
+    if (int err = fs.rename_noreplace(temp, recycled->path); err != 0) {
+      return Status(failure.code(),
+                    std::string(failure.message()) + "; then rename " + temp + " back to " +
+                        recycled->path + ": " + errno_text(err) + " (generation " +
+                        std::to_string(recycled->generation) + " is left in " + temp + ")");
+    }
+    (void)sync_dir_fd();
+    return failure;
+  };
   SysResult<int> fd{-1, 0};
   if (recycled == nullptr) {
     fd = fs.open(temp, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_CLOEXEC, kFileMode);
@@ -405,27 +471,26 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   } else {
     // The old name must be durably gone before its bytes change, so that a
     // power loss cannot bring it back over a half-rewritten file.
-    if (Status s = sync_dir(fs, dir_); !s.ok()) {
-      (void)fs.unlink(temp);  // ours: renamed there above
-      return s;
-    }
+    if (Status s = sync_dir_fd(); !s.ok()) return put_back(std::move(s));
     fd = fs.open(temp, O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0);
-    if (!fd.ok()) {
-      (void)fs.unlink(temp);
-      return io_error("open", temp, fd.error);
-    }
+    if (!fd.ok()) return put_back(io_error("open", temp, fd.error));
   }
   ScopedFd closer(fs, fd.value);
-  // Every later failure removes the temp file; the other generations were
-  // never touched.
+  // Whether the temp file's bytes may differ from what it held when opened:
+  // from the ftruncate of a recycled file on. Until then a failure gives a
+  // recycled file its name back; from then on every failure removes the temp
+  // file (the other generations were never touched).
+  bool contents_changed = recycled == nullptr;
   auto fail = [&](std::string_view step, const std::string& path, int err) {
     if (closer.get() >= 0) (void)fs.close(closer.release());
+    if (!contents_changed) return put_back(io_error(step, path, err));
     (void)fs.unlink(temp);
     return io_error(step, path, err);
   };
   if (int err = fs.fchmod(fd.value, kFileMode); err != 0) return fail("fchmod 0600", temp, err);
   if (recycled != nullptr) {
     // Its old length goes; the writes below overwrite the pages it keeps.
+    contents_changed = true;
     if (int err = ftruncate_retrying_eintr(fs, fd.value, image.size()); err != 0) {
       return fail("ftruncate", temp, err);
     }
@@ -438,7 +503,7 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   if (int err = fs.rename(temp, final_path); err != 0) {
     return fail("rename", temp + " to " + final_path, err);
   }
-  if (Status s = sync_dir(fs, dir_); !s.ok()) {
+  if (Status s = sync_dir_fd(); !s.ok()) {
     // The new name may or may not be durable; take it back so that a failed
     // publish leaves no generation behind (best effort: were the machine to
     // lose power now, a complete, fsynced image might remain, which verifies).
@@ -464,7 +529,7 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   // A failed fsync here leaves the unlinks to the next publish's directory
   // fsync: an older generation may come back after a power loss until then,
   // never preferred to the newer one that was acknowledged.
-  if (pruned) (void)sync_dir(fs, dir_);
+  if (pruned) (void)sync_dir_fd();
   return Status();
 }
 

@@ -15,7 +15,8 @@
 // writing each 8 MiB to the device as soon as it is copied (sync_file_range
 // SYNC_FILE_RANGE_WRITE: advice, durability still comes from the fsync);
 // fsync the file (EINTR retried the same way); close it; rename it to its
-// final name; fsync the directory; only then return OK. On any failure the
+// final name; fsync the directory (through a descriptor the store holds open
+// from open() on, never reopened by name); only then return OK. On any failure the
 // temp file is removed, the previous generations still verify, and the
 // error (kIoError) names the step ("write", "fsync", "close", "rename",
 // "fsync dir", ...), the path and the errno text; nothing is retried silently
@@ -39,10 +40,16 @@
 // above. This skips deleting a file as large as the image (~28 ms for 140 MB
 // here: the kernel frees every page-cache page of it) and writes into pages
 // the page cache already holds instead of fresh ones; with the writeback
-// above, a 1M-job (140 MB) snapshot_now() went from ~190 to ~130 ms. The one
-// difference a failure makes: the oldest generation, which this publish was
-// about to delete, is already gone, so keep - 1 generations remain (never
-// fewer than one: the only generation is never recycled). So a file is
+// above, a 1M-job (140 MB) snapshot_now() went from ~190 to ~130 ms. A
+// failure before any byte of the file changed (the directory fsync after the
+// rename, the open, the fchmod) renames it back to its generation's name
+// (RENAME_NOREPLACE) and fsyncs the directory, best effort: that generation
+// stays. (Were that rename to fail too, the error says so and names the temp
+// file holding it, which the next open() removes as stale.) The one
+// difference a later failure (from the ftruncate on) makes: the oldest
+// generation, which this publish was about to delete, is already gone, so
+// keep - 1 generations remain (never fewer than one: the only generation is
+// never recycled). So a file is
 // recycled only while another generation in the directory is known to verify
 // (one this store published, or the one recovery loaded: note_verified()):
 // were the newer files all damaged, rewriting the oldest and failing would
@@ -52,8 +59,10 @@
 // a new file instead.
 //
 // All files of the store are opened O_CLOEXEC through the injected
-// FileSystem; the paths a store reports are dir + "/" + name with the
-// directory as given (trailing slashes dropped).
+// FileSystem. open() resolves the directory once to its absolute, canonical
+// path (realpath): every later publish, list and error names files by that
+// path, so a relative directory keeps naming the same one after the process
+// chdir()s. The paths a store reports are that path + "/" + name.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +70,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/persistence_hooks.h"  // ImageBytes
@@ -69,9 +79,14 @@
 
 namespace jobengine::persist {
 
+// The words of open()'s refusal of a directory holding generation 2^64 - 1
+// (the last number: nothing can be published above it), which jobsnap maps
+// to its "refused" exit status.
+inline constexpr std::string_view kLastGenerationWords = "the highest a snapshot can have";
+
 struct GenerationFile {
   std::uint64_t generation = 0;
-  std::string path;  // absolute or as given: dir + "/" + name
+  std::string path;  // dir + "/" + name (FileStore: dir absolute and canonical)
   std::uint64_t bytes = 0;
 };
 
@@ -83,7 +98,12 @@ class FileStore {
   // (kFailedPrecondition), fixes its mode to 0700, takes an exclusive flock
   // on dir/LOCK (non-blocking): a second store on the same directory, in this
   // or another process, gets kFailedPrecondition "another engine holds <dir>"
-  // and then, holding the lock, removes stale temp files. `keep` >= 1
+  // and then, holding the lock, removes stale temp files. The directory is
+  // resolved to its absolute, canonical path (dir() returns it) and held
+  // open for fsyncs. A directory holding a generation numbered 2^64 - 1
+  // (gen-18446744073709551615.jobsnap: no generation can follow it, so every
+  // publish would fail) is refused, kInvalidArgument naming that file, before
+  // LOCK is made. `keep` >= 1
   // generations are retained (0 is kInvalidArgument). `fs` is the file layer
   // (PosixFileSystem by default; tests inject faults). The lock lives as long
   // as the LOCK descriptor: a fork()ed child that has not exec'd shares it.
@@ -135,11 +155,15 @@ class FileStore {
   const std::string& dir() const noexcept { return dir_; }
 
  private:
-  FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd);
-  std::string dir_;
+  FileStore(std::string dir, unsigned keep, std::shared_ptr<FileSystem> fs, int lock_fd,
+            int dir_fd);
+  // fsync of the directory through dir_fd_; kIoError "fsync dir <dir_>: ...".
+  Status sync_dir_fd();
+  std::string dir_;  // absolute and canonical (realpath at open)
   unsigned keep_;
   std::shared_ptr<FileSystem> fs_;
   int lock_fd_;
+  int dir_fd_;  // the directory, O_RDONLY|O_DIRECTORY, for its fsyncs
   std::mutex publish_mutex_;
   // A generation known to verify: the last one published here, or the one
   // note_verified() named; 0 none. Under publish_mutex_.

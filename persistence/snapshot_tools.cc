@@ -477,7 +477,13 @@ Result<std::unique_ptr<persist::FileStore>> lock_dir(const std::string& dir, Dia
     const Status& s = store.status();
     Failure f = Failure::kIoError;
     if (s.code() == StatusCode::kFailedPrecondition) f = Failure::kLocked;
-    if (s.code() == StatusCode::kInvalidArgument) f = Failure::kRefusedInput;
+    if (s.code() == StatusCode::kInvalidArgument) {
+      // A generation 2^64 - 1 in the directory: no edit can publish above
+      // it, as next_generation() says for the same case.
+      f = s.message().find(persist::kLastGenerationWords) != std::string_view::npos
+              ? Failure::kRefused
+              : Failure::kRefusedInput;
+    }
     return fail(d, f, s);
   }
   return store;

@@ -280,6 +280,36 @@ TEST_F(FileStoreTest, GenerationOfAnEarlierRunIsRespectedAfterReopen) {
   EXPECT_TRUE(store->publish(10, image(10)).ok());
 }
 
+// A generation numbered 2^64 - 1 leaves no number above it: every publish
+// after it was refused ("not newer than generation 18446744073709551615"),
+// forever. open() refuses such a directory, naming the file and what to do,
+// before anything is created in it; with the file moved away it opens.
+TEST_F(FileStoreTest, AGenerationNumberedTheLastNumberIsRefusedAtOpen) {
+  ASSERT_EQ(::mkdir(dir_.c_str(), 0700), 0);
+  spit(gen_path(5), "generation five");
+  const std::string last = gen_path(UINT64_MAX);
+  ASSERT_EQ(last, dir_ + "/gen-18446744073709551615.jobsnap");
+  spit(last, "the last number");
+  Result<std::unique_ptr<FileStore>> store = FileStore::open(dir_, 3);
+  ASSERT_FALSE(store.ok()) << "a store that can never publish was opened";
+  EXPECT_EQ(store.status().code(), StatusCode::kInvalidArgument);
+  const std::string message(store.status().message());
+  EXPECT_TRUE(contains(message, "snapshot file " + last)) << message;
+  EXPECT_TRUE(contains(message, "the highest a snapshot can have")) << message;
+  EXPECT_TRUE(contains(message, "move it out of " + dir_)) << message;
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"gen-00000000000000000005.jobsnap",
+                                                      "gen-18446744073709551615.jobsnap"}));
+  // Moved away, the directory opens and publishes above what is left.
+  ASSERT_EQ(::rename(last.c_str(), (root_ + "/moved-away.jobsnap").c_str()), 0);
+  auto opened = open_store();
+  ASSERT_NE(opened, nullptr);
+  EXPECT_TRUE(opened->publish(6, image(6)).ok());
+  // One below the last number is no problem: one generation still follows it.
+  ASSERT_TRUE(opened->publish(UINT64_MAX - 1, image(7)).ok());
+  opened.reset();
+  EXPECT_NE(open_store(), nullptr);
+}
+
 // ---- modes and the directory ------------------------------------------------
 
 TEST_F(FileStoreTest, DirectoryIs0700AndFilesAre0600WithUmaskZero) {
@@ -316,6 +346,89 @@ TEST_F(FileStoreTest, TrailingSlashesAreDropped) {
   EXPECT_EQ((*store)->dir(), dir_);
   ASSERT_TRUE((*store)->publish(1, image(1)).ok());
   EXPECT_EQ(slurp(gen_path(1)), image(1));
+}
+
+// Puts the working directory back on every way out of a test.
+class CwdGuard {
+ public:
+  CwdGuard() {
+    if (char* cwd = ::getcwd(nullptr, 0); cwd != nullptr) {
+      saved_ = cwd;
+      std::free(cwd);
+    }
+  }
+  ~CwdGuard() {
+    if (!saved_.empty()) {
+      EXPECT_EQ(::chdir(saved_.c_str()), 0) << saved_;
+    }
+  }
+  CwdGuard(const CwdGuard&) = delete;
+  CwdGuard& operator=(const CwdGuard&) = delete;
+  bool ok() const { return !saved_.empty(); }
+
+ private:
+  std::string saved_;
+};
+
+// A relative directory is resolved once, at open: the process may chdir()
+// later (a service does). Publishes failed with ENOENT after that, or, were
+// there a directory of the same name in the new working directory, wrote
+// and pruned generations there, without its LOCK.
+TEST_F(FileStoreTest, ARelativeDirectoryKeepsNamingTheSameOneAfterAChdir) {
+  const std::string first = root_ + "/first";
+  const std::string second = root_ + "/second";
+  ASSERT_EQ(::mkdir(first.c_str(), 0700), 0);
+  ASSERT_EQ(::mkdir(second.c_str(), 0700), 0);
+  const std::string jobs = first + "/jobs";
+  CwdGuard cwd;
+  ASSERT_TRUE(cwd.ok()) << errno_text(errno);
+  ASSERT_EQ(::chdir(first.c_str()), 0) << errno_text(errno);
+  Result<std::unique_ptr<FileStore>> opened = FileStore::open("jobs/", 2);
+  ASSERT_TRUE(opened.ok()) << opened.status().to_string();
+  std::unique_ptr<FileStore> store = std::move(opened).value();
+  EXPECT_EQ(store->dir(), jobs);
+  ASSERT_TRUE(store->publish(1, image(1)).ok());
+
+  // No jobs/ in the new working directory.
+  ASSERT_EQ(::chdir(second.c_str()), 0) << errno_text(errno);
+  Status s = store->publish(2, image(2));
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  // And one there: it is not the store's, and stays untouched.
+  ASSERT_EQ(::mkdir((second + "/jobs").c_str(), 0700), 0);
+  s = store->publish(3, image(3));
+  ASSERT_TRUE(s.ok()) << s.to_string();
+  EXPECT_TRUE(names_in(second + "/jobs").empty());
+  EXPECT_EQ(names_in(jobs), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
+                                                      "gen-00000000000000000003.jobsnap"}));
+  EXPECT_EQ(slurp(jobs + "/gen-00000000000000000003.jobsnap"), image(3));
+  Result<std::vector<GenerationFile>> list = store->list();
+  ASSERT_TRUE(list.ok()) << list.status().to_string();
+  ASSERT_EQ(list->size(), 2u);
+  EXPECT_EQ((*list)[0].path, jobs + "/gen-00000000000000000003.jobsnap");
+  EXPECT_EQ((*list)[1].path, jobs + "/gen-00000000000000000002.jobsnap");
+}
+
+// The directory is fsynced through the descriptor open() took, never opened
+// by name again: a publish cannot fail for want of a descriptor (EMFILE)
+// after its file was renamed into place.
+TEST_F(FileStoreTest, APublishOpensNothingButItsTempFile) {
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(2, faults);
+  ASSERT_NE(store, nullptr);
+  for (std::uint64_t g = 1; g <= 4; ++g) {  // new files, then recycled ones
+    SCOPED_TRACE(g);
+    faults->clear_rules();
+    FaultRule out_of_descriptors = fail_call(FaultOp::kOpen, EMFILE, 2);  // after the temp file's
+    out_of_descriptors.every = true;
+    faults->add_rule(out_of_descriptors);
+    const std::uint64_t opens = faults->calls(FaultOp::kOpen);
+    Status s = store->publish(g, image(g));
+    ASSERT_TRUE(s.ok()) << s.to_string();
+    EXPECT_EQ(faults->calls(FaultOp::kOpen), opens + 1);  // the temp file
+  }
+  EXPECT_EQ(faults->injected(FaultOp::kOpen), 0u);
+  EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000003.jobsnap",
+                                                      "gen-00000000000000000004.jobsnap"}));
 }
 
 TEST_F(FileStoreTest, DirectoryThatIsASymlinkIsRefused) {
@@ -563,14 +676,14 @@ TEST_P(PublishFailureTest, FailsNamingTheStepLeavesNoTraceAndTheNextPublishSucce
             1u);
 
   // No temp file, no new generation, the previous one byte-identical, and no
-  // descriptor left open (the store's LOCK is the only one).
+  // descriptor left open (the store's LOCK and directory are the only ones).
   EXPECT_FALSE(has_temp_file(dir_));
   EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap"}));
   Result<Bytes> back = FileStore::read(gen_path(1), kMaxRead, posix_);
   ASSERT_TRUE(back.ok()) << back.status().to_string();
   EXPECT_EQ(*back, previous);
   EXPECT_EQ(count_fds(), fds_before);
-  EXPECT_EQ(faults->open_descriptors(), 1u);
+  EXPECT_EQ(faults->open_descriptors(), 2u);
   EXPECT_TRUE(faults->cloexec_violations().empty());
 
   faults->clear_rules();
@@ -826,7 +939,7 @@ TEST_F(FileStoreTest, NoDescriptorLeaksOnSuccessOrFailure) {
     auto store = open_store(2, faults);
     ASSERT_NE(store, nullptr);
     const std::size_t fds_open = count_fds();
-    EXPECT_EQ(fds_open, fds_at_start + 1);  // LOCK
+    EXPECT_EQ(fds_open, fds_at_start + 2);  // LOCK and the directory
 
     ASSERT_TRUE(store->publish(1, image(1)).ok());
     EXPECT_EQ(count_fds(), fds_open);
@@ -845,7 +958,7 @@ TEST_F(FileStoreTest, NoDescriptorLeaksOnSuccessOrFailure) {
     EXPECT_EQ(count_fds(), fds_open);
     EXPECT_FALSE(FileStore::open(dir_, 2, faults).ok());  // refused second store
     EXPECT_EQ(count_fds(), fds_open);
-    EXPECT_EQ(faults->open_descriptors(), 1u);
+    EXPECT_EQ(faults->open_descriptors(), 2u);
   }
   EXPECT_EQ(count_fds(), fds_at_start);
   EXPECT_EQ(faults->open_descriptors(), 0u);
@@ -858,14 +971,17 @@ TEST_F(FileStoreTest, EveryDescriptorIsCloseOnExec) {
   ASSERT_NE(store, nullptr);
   ASSERT_TRUE(store->publish(1, image(1)).ok());
   ASSERT_TRUE(FileStore::read(gen_path(1), kMaxRead, *faults).ok());
-  EXPECT_GE(faults->calls(FaultOp::kOpen), 4u);  // LOCK, temp, dir, read
+  EXPECT_GE(faults->calls(FaultOp::kOpen), 4u);  // dir, LOCK, temp, read
   EXPECT_TRUE(faults->cloexec_violations().empty());
-  // The long-lived LOCK descriptor, checked directly.
-  const int lock_fd = fd_open_on(dir_ + "/LOCK");
-  ASSERT_GE(lock_fd, 0);
-  const int flags = ::fcntl(lock_fd, F_GETFD);
-  ASSERT_GE(flags, 0);
-  EXPECT_NE(flags & FD_CLOEXEC, 0);
+  // The long-lived LOCK and directory descriptors, checked directly.
+  for (const std::string& path : {dir_ + "/LOCK", dir_}) {
+    SCOPED_TRACE(path);
+    const int fd = fd_open_on(path);
+    ASSERT_GE(fd, 0);
+    const int flags = ::fcntl(fd, F_GETFD);
+    ASSERT_GE(flags, 0);
+    EXPECT_NE(flags & FD_CLOEXEC, 0);
+  }
 }
 
 // ---- read() refusals ------------------------------------------------------------
@@ -1088,27 +1204,34 @@ TEST_F(FileStoreTest, TheOnlyGenerationIsNeverRecycled) {
 }
 
 TEST_F(FileStoreTest, RecycledPublishFailuresNameTheStepAndKeepTheNewerGenerations) {
-  // keep 2 with 2 present: publish 3 recycles 1's file. A failure at any step
-  // loses generation 1 (it was leaving anyway) and nothing else; the next
+  // keep 2 with 2 present: publish 3 recycles 1's file. A failure before any
+  // byte of that file changed (the directory fsync after the rename to the
+  // temp name, the open, the fchmod) renames it back: generation 1 stays,
+  // byte for byte, the same file. A failure from the ftruncate on loses
+  // generation 1 (it was leaving anyway) and nothing else. Either way the next
   // publish succeeds. A failed rename to the temp name is no failure: the
   // publish writes a new file instead.
   struct Case {
     const char* name;
     FaultRule rule;
     std::string prefix;  // of the message; empty: the publish succeeds
+    bool keeps_one;      // generation 1 is still there, untouched
   };
   const std::string temp = dir_ + "/.tmp-00000000000000000003-" + std::to_string(::getpid());
   const Case cases[] = {
-      {"rename to temp", fail_call(FaultOp::kRename, EIO), ""},
-      {"fsync dir after it", fail_call(FaultOp::kDirFsync, EIO), "fsync dir " + dir_ + ": "},
-      {"open", fail_call(FaultOp::kOpen, EIO, 1, ".tmp-"), "open " + temp + ": "},
-      {"ftruncate", fail_call(FaultOp::kTruncate, EIO), "ftruncate " + temp + ": "},
-      {"write", fail_call(FaultOp::kWrite, ENOSPC), "write " + temp + ": "},
-      {"fsync", fail_call(FaultOp::kFsync, EIO), "fsync " + temp + ": "},
-      {"close", fail_call(FaultOp::kClose, EIO, 1, ".tmp-"), "close " + temp + ": "},
+      {"rename to temp", fail_call(FaultOp::kRename, EIO), "", false},
+      {"fsync dir after it", fail_call(FaultOp::kDirFsync, EIO), "fsync dir " + dir_ + ": ", true},
+      {"open", fail_call(FaultOp::kOpen, EIO, 1, ".tmp-"), "open " + temp + ": ", true},
+      {"open EMFILE", fail_call(FaultOp::kOpen, EMFILE, 1, ".tmp-"), "open " + temp + ": ", true},
+      {"fchmod", fail_call(FaultOp::kFchmod, EIO), "fchmod 0600 " + temp + ": ", true},
+      {"ftruncate", fail_call(FaultOp::kTruncate, EIO), "ftruncate " + temp + ": ", false},
+      {"write", fail_call(FaultOp::kWrite, ENOSPC), "write " + temp + ": ", false},
+      {"fsync", fail_call(FaultOp::kFsync, EIO), "fsync " + temp + ": ", false},
+      {"close", fail_call(FaultOp::kClose, EIO, 1, ".tmp-"), "close " + temp + ": ", false},
       {"rename to final", fail_call(FaultOp::kRename, EIO, 2),
-       "rename " + temp + " to " + gen_path(3) + ": "},
-      {"fsync dir at the end", fail_call(FaultOp::kDirFsync, EIO, 2), "fsync dir " + dir_ + ": "},
+       "rename " + temp + " to " + gen_path(3) + ": ", false},
+      {"fsync dir at the end", fail_call(FaultOp::kDirFsync, EIO, 2), "fsync dir " + dir_ + ": ",
+       false},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -1119,14 +1242,26 @@ TEST_F(FileStoreTest, RecycledPublishFailuresNameTheStepAndKeepTheNewerGeneratio
     ASSERT_NE(store, nullptr);
     ASSERT_TRUE(store->publish(1, image(1, 6000)).ok());
     ASSERT_TRUE(store->publish(2, image(2, 6000)).ok());
-    const std::size_t descriptors = faults->open_descriptors();  // the LOCK's
+    const std::uint64_t inode1 = inode_of(gen_path(1));
+    const std::size_t descriptors = faults->open_descriptors();  // the LOCK's, the directory's
     faults->add_rule(c.rule);
     Status s = store->publish(3, image(3, 2000));
+    ASSERT_GE(faults->injected(c.rule.op), 1u);
     if (c.prefix.empty()) {
       ASSERT_TRUE(s.ok()) << s.to_string();
       EXPECT_EQ(slurp(gen_path(3)), image(3, 2000));
       EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000002.jobsnap",
                                                           "gen-00000000000000000003.jobsnap"}));
+    } else if (c.keeps_one) {
+      ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+      EXPECT_EQ(s.message(), c.prefix + errno_text(c.rule.error));
+      EXPECT_EQ(names_in(dir_), (std::vector<std::string>{"LOCK", "gen-00000000000000000001.jobsnap",
+                                                          "gen-00000000000000000002.jobsnap"}));
+      EXPECT_EQ(slurp(gen_path(1)), image(1, 6000));
+      EXPECT_EQ(inode_of(gen_path(1)), inode1);
+      Result<std::vector<GenerationFile>> list = store->list();
+      ASSERT_TRUE(list.ok());
+      EXPECT_EQ(list->size(), 2u);
     } else {
       ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
       EXPECT_TRUE(s.message().rfind(c.prefix, 0) == 0) << s.message();
@@ -1141,13 +1276,37 @@ TEST_F(FileStoreTest, RecycledPublishFailuresNameTheStepAndKeepTheNewerGeneratio
   }
 }
 
+// Should the rename back fail too (after the directory fsync failed), the
+// file is not deleted: the error names both failures and the temp file that
+// still holds the generation.
+TEST_F(FileStoreTest, ARecycledFileThatCannotGetItsNameBackIsKeptAndNamed) {
+  auto faults = std::make_shared<FaultFileSystem>();
+  auto store = open_store(2, faults);
+  ASSERT_NE(store, nullptr);
+  ASSERT_TRUE(store->publish(1, image(1, 6000)).ok());
+  ASSERT_TRUE(store->publish(2, image(2, 6000)).ok());
+  const std::string temp = dir_ + "/.tmp-00000000000000000003-" + std::to_string(::getpid());
+  faults->add_rule(fail_call(FaultOp::kDirFsync, EIO));
+  faults->add_rule(fail_call(FaultOp::kRename, EXDEV, 2));  // the rename back
+  Status s = store->publish(3, image(3, 2000));
+  ASSERT_EQ(s.code(), StatusCode::kIoError) << s.to_string();
+  EXPECT_EQ(s.message(), "fsync dir " + dir_ + ": " + errno_text(EIO) + "; then rename " + temp +
+                             " back to " + gen_path(1) + ": " + errno_text(EXDEV) +
+                             " (generation 1 is left in " + temp + ")");
+  EXPECT_EQ(slurp(temp), image(1, 6000));
+  EXPECT_EQ(slurp(gen_path(2)), image(2, 6000));
+  faults->clear_rules();
+  ASSERT_TRUE(store->publish(4, image(4)).ok());
+  EXPECT_EQ(slurp(gen_path(4)), image(4));
+}
+
 TEST_F(FileStoreTest, PowerLossDuringARecycledPublishNeverLeavesAGenerationHalfRewritten) {
   // The process dies (a failed step stands in for the kill) after each step
   // of a recycled publish, then the power goes: every generation name left
   // holds exactly its own image, generation 2 (acknowledged) is among them,
   // and a reopened store publishes again.
-  for (FaultOp op : {FaultOp::kOpen, FaultOp::kTruncate, FaultOp::kWrite, FaultOp::kFsync,
-                     FaultOp::kClose, FaultOp::kDirFsync}) {
+  for (FaultOp op : {FaultOp::kOpen, FaultOp::kFchmod, FaultOp::kTruncate, FaultOp::kWrite,
+                     FaultOp::kFsync, FaultOp::kClose, FaultOp::kDirFsync}) {
     for (std::uint64_t nth : {1, 2}) {
       SCOPED_TRACE(std::string(fault_op_name(op)) + " #" + std::to_string(nth));
       std::error_code ec;
