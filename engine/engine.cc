@@ -1635,8 +1635,11 @@ class Engine::Impl final : public detail::CutSource {
           hs.run_time.add_to(d.run_time);
         }
       }
-      for (std::size_t i = 0; i < handlers_.size(); ++i) {
+      // Null after a start() that ran out of memory making them.
+      for (std::size_t i = 0; sched_cancelled_by_handler_ && i < handlers_.size(); ++i) {
         m.handlers[i].cancelled += sched_cancelled_by_handler_[i].load(std::memory_order_relaxed);
+      }
+      for (std::size_t i = 0; poisoned_by_handler_ && i < handlers_.size(); ++i) {
         m.handlers[i].dead += poisoned_by_handler_[i].load(std::memory_order_relaxed);
       }
     }

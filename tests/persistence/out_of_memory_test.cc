@@ -399,6 +399,10 @@ TEST(StartOutOfMemoryTest, EachAllocationOfStartCanFailAndNoJobRunsTwice) {
       EXPECT_EQ(e->state(), EngineState::kStopped) << n;
       EXPECT_EQ(e->start().status().code(), StatusCode::kFailedPrecondition) << n;
       EXPECT_EQ(ran.load(), 0) << n;
+      // The stopped engine still reports (its per-handler counters may never
+      // have been made: they were read through null pointers).
+      EXPECT_NE(e->metrics_text().find("jobengine_"), std::string::npos) << n;
+      EXPECT_FALSE(e->metrics_json().empty()) << n;
       continue;  // destroyed here: no thread may be left running
     }
     EXPECT_EQ(started->recovery.delayed, kJobs) << n;
