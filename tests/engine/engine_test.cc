@@ -1664,14 +1664,24 @@ TEST(EngineStopTest, DrainRunsEveryQueuedJobIncludingRetries) {
 }
 
 TEST(EngineStopTest, AbandonDropsQueuedJobsAndLetsRunningOneFinish) {
+  // stop(kAbandon) closes intake (kStopping) at once but sets its abandon flag
+  // only after a heavy fence and once submitters have left: a worker freed
+  // between the two runs queued jobs. Nothing public reads that flag, but an
+  // idle worker exits only once it sees it: worker 1 has nothing to take
+  // (the jobs are delayed, on a test clock), so its exit says the flag is
+  // set. Only then do the jobs fall due (they sit in the queue) and the
+  // blocker return, so its worker meets them with the flag set, every time.
   constexpr int kQueued = 100;
   Gate gate;
   std::atomic<int> started{0};
   std::atomic<int> runs{0};
   std::atomic<bool> stop_returned{false};
   std::atomic<int> ran_after_stop{0};
+  auto clock = std::make_shared<ManualClock>();
   EngineOptions o = SmallOptions();
+  o.workers = 2;
   o.dequeue_batch = 1;
+  o.test_clock = clock;
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
   GateOpener opener(gate);
@@ -1686,7 +1696,11 @@ TEST(EngineStopTest, AbandonDropsQueuedJobsAndLetsRunningOneFinish) {
   ASSERT_TRUE(IsOk(engine->start()));
   ASSERT_TRUE(IsOk(engine->submit(*block, "")));
   ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; })) << "blocker never started";
-  for (int i = 0; i < kQueued; ++i) ASSERT_TRUE(IsOk(engine->submit(*count, "")));
+  for (int i = 0; i < kQueued; ++i) {
+    ASSERT_TRUE(IsOk(engine->submit(*count, "", {.delay = std::chrono::hours(1)})));
+  }
+  ASSERT_TRUE(WaitUntil([&] { return engine->health().delayed == kQueued; }));
+  ASSERT_EQ(engine->health().workers_alive, 2u);
 
   Result<StopReport> report = Status(StatusCode::kInternal, "stop() did not return");
   std::thread stopper([&] {
@@ -1697,6 +1711,19 @@ TEST(EngineStopTest, AbandonDropsQueuedJobsAndLetsRunningOneFinish) {
   const bool left_running = WaitUntil([&] { return engine->state() != EngineState::kRunning; });
   EXPECT_TRUE(left_running) << "state stayed Running during stop()";
   EXPECT_TRUE(HasError(engine->submit(*count, ""), StatusCode::kStopped));
+  // The idle worker saw the abandon flag and left; the blocker's did not.
+  const bool idle_left = WaitUntil([&] { return engine->health().workers_alive == 1; });
+  EXPECT_TRUE(idle_left) << "the idle worker never exited: " << engine->health().workers_alive
+                         << " alive";
+  // The jobs fall due: queued now, ahead of the blocker's worker.
+  clock->advance(std::chrono::hours(2));
+  const auto queued = [&] {
+    const Health h = engine->health();
+    return h.delayed == 0 && h.depth[0] + h.depth[1] + h.depth[2] == kQueued;
+  };
+  EXPECT_TRUE(WaitUntil(queued)) << "the jobs never fell due: " << engine->health().delayed
+                                 << " still delayed";
+  EXPECT_EQ(runs.load(), 0) << "a job ran while the blocker held the only live worker";
   gate.open();
   stopper.join();
 
@@ -1705,7 +1732,7 @@ TEST(EngineStopTest, AbandonDropsQueuedJobsAndLetsRunningOneFinish) {
   EXPECT_EQ(report->done, 1u + static_cast<std::uint64_t>(runs.load()));
   EXPECT_EQ(report->dropped + static_cast<std::uint64_t>(runs.load()),
             static_cast<std::uint64_t>(kQueued));
-  // The single worker was inside the blocker when stop began; with a batch of
+  // The worker was inside the blocker when the flag was set; with a batch of
   // one nothing else was in its hands, so every queued job is dropped.
   EXPECT_EQ(runs.load(), 0);
   EXPECT_EQ(report->dropped, static_cast<std::uint64_t>(kQueued));
@@ -1719,15 +1746,42 @@ TEST(EngineStopTest, AbandonDropsQueuedJobsAndLetsRunningOneFinish) {
   EXPECT_FALSE(health.ok);
 }
 
+// Set by AbandonUnderLoadAccountsForEveryJob's g_before_batch hook.
+struct HeldBatches {
+  const std::atomic<int>* runs = nullptr;
+  int hold_after_runs = 0;
+  int to_hold = 0;
+  std::atomic<int> held{0};
+  Gate* gate = nullptr;
+};
+HeldBatches* g_held_batches = nullptr;
+
 TEST(EngineStopTest, AbandonUnderLoadAccountsForEveryJob) {
+  // Three workers run a load; once enough has run, the next two batches
+  // taken are held (detail::g_before_batch, before any of their jobs runs).
+  // stop(kAbandon) then begins while the third worker still runs the rest.
+  // That worker exits once it has seen the abandon flag (it drops what it
+  // takes from then on), and only then are the held batches let go: each
+  // worker meets its batch with the flag set and drops it. So some jobs are
+  // always dropped (a kAbandon that drained would run them), and every job
+  // is either run once or dropped.
+  constexpr int kJobs = 5000;
   std::atomic<int> runs{0};
   std::atomic<bool> stop_returned{false};
   std::atomic<int> ran_after_stop{0};
+  Gate hold;
+  HeldBatches held;
+  held.runs = &runs;
+  held.hold_after_runs = 500;
+  held.to_hold = 2;
+  held.gate = &hold;
   EngineOptions o = SmallOptions();
-  o.workers = 2;
+  o.workers = 3;
   o.capacity = 8192;
+  o.dequeue_batch = 16;
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
+  GateOpener opener(hold);
   auto h = engine->register_handler("h", [&](JobContext&) {
     runs.fetch_add(1);
     if (stop_returned.load()) ran_after_stop.fetch_add(1);
@@ -1735,19 +1789,57 @@ TEST(EngineStopTest, AbandonUnderLoadAccountsForEveryJob) {
     return Outcome::kDone;
   });
   ASSERT_TRUE(IsOk(h));
+  struct Unhook {
+    Gate& gate;
+    ~Unhook() {
+      gate.open();
+      detail::g_before_batch.store(nullptr);
+    }
+  };
   ASSERT_TRUE(IsOk(engine->start()));
-  constexpr int kJobs = 5000;
-  for (int i = 0; i < kJobs; ++i) ASSERT_TRUE(IsOk(engine->submit(*h, "")));
-  auto report = engine->stop(StopMode::kAbandon);
-  stop_returned.store(true);
-  ASSERT_TRUE(IsOk(report));
-  const int ran = runs.load();
-  EXPECT_EQ(report->submitted, static_cast<std::uint64_t>(kJobs));
-  EXPECT_EQ(report->done, static_cast<std::uint64_t>(ran));
-  EXPECT_EQ(report->done + report->dropped, static_cast<std::uint64_t>(kJobs));
-  std::this_thread::sleep_for(milliseconds(50));
-  EXPECT_EQ(runs.load(), ran) << "a job ran after stop() returned";
-  EXPECT_EQ(ran_after_stop.load(), 0);
+  {
+    // Declared after the engine's start, destroyed before its destructor:
+    // opens the gate and removes the hook whatever the test's outcome.
+    Unhook unhook{hold};
+    g_held_batches = &held;
+    detail::g_before_batch.store(+[](JobId) {
+      HeldBatches& hb = *g_held_batches;
+      if (hb.runs->load() < hb.hold_after_runs) return;
+      // A held worker waits here, so the to_hold batches are different workers'.
+      int n = hb.held.load();
+      do {
+        if (n >= hb.to_hold) return;
+      } while (!hb.held.compare_exchange_weak(n, n + 1));
+      hb.gate->wait();
+    });
+    for (int i = 0; i < kJobs; ++i) ASSERT_TRUE(IsOk(engine->submit(*h, "")));
+    ASSERT_TRUE(WaitUntil([&] { return held.held.load() >= held.to_hold; }))
+        << "two batches were never held: " << held.held.load() << ", " << runs.load() << " ran";
+    Result<StopReport> report = Status(StatusCode::kInternal, "stop() did not return");
+    std::thread stopper([&] {
+      report = engine->stop(StopMode::kAbandon);
+      stop_returned.store(true);
+    });
+    // The free worker exits only once it sees the abandon flag.
+    const bool free_left = WaitUntil([&] { return engine->health().workers_alive == 2; });
+    EXPECT_TRUE(free_left) << "the free worker never exited: " << engine->health().workers_alive
+                           << " alive";
+    const int ran_before_release = runs.load();
+    hold.open();
+    stopper.join();
+    ASSERT_TRUE(IsOk(report));
+    const int ran = runs.load();
+    EXPECT_EQ(ran, ran_before_release) << "a held batch ran after the abandon flag was set";
+    EXPECT_EQ(report->submitted, static_cast<std::uint64_t>(kJobs));
+    EXPECT_EQ(report->done, static_cast<std::uint64_t>(ran));
+    EXPECT_EQ(report->done + report->dropped, static_cast<std::uint64_t>(kJobs));
+    // At least the first job of each held batch was dropped.
+    EXPECT_GE(report->dropped, static_cast<std::uint64_t>(held.to_hold));
+    EXPECT_GE(ran, held.hold_after_runs) << "the load ran before stop()";
+    std::this_thread::sleep_for(milliseconds(50));
+    EXPECT_EQ(runs.load(), ran) << "a job ran after stop() returned";
+    EXPECT_EQ(ran_after_stop.load(), 0);
+  }
 }
 
 TEST(EngineStopTest, StopTwiceIsFailedPrecondition) {
@@ -2347,13 +2439,25 @@ TEST(EngineThreadTest, EachPinnedWorkerRunsOnItsOwnCpu) {
   if (allowed.size() < 2) GTEST_SKIP() << "needs two CPUs in the affinity mask";
   const std::vector<int> cpus = {allowed[1], allowed[0]};  // not the identity mapping
   Recorder rec;
+  // Each worker's first job waits (bounded) until the other worker has
+  // started one too, so both run jobs however the threads are scheduled.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::set<std::string> started_on;
   EngineOptions o = SmallOptions();
   o.workers = 2;
   o.cpus = cpus;
+  o.dequeue_batch = 1;  // the waiting worker holds no other job
   auto engine = Engine::open(o);
   ASSERT_TRUE(IsOk(engine));
-  auto h = engine->register_handler("where", [inner = rec.handler()](JobContext& job) {
-    std::this_thread::sleep_for(std::chrono::microseconds(50));  // let both workers take some
+  auto h = engine->register_handler("where", [&, inner = rec.handler()](JobContext& job) {
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      started_on.insert(ThreadName());
+      cv.notify_all();
+      cv.wait_for(lock, kWaitTimeout, [&] { return started_on.size() >= 2; });
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
     return inner(job);
   });
   ASSERT_TRUE(IsOk(h));
@@ -2362,7 +2466,9 @@ TEST(EngineThreadTest, EachPinnedWorkerRunsOnItsOwnCpu) {
   EXPECT_EQ(report->pinned_cpus, cpus);
   for (int i = 0; i < 200; ++i) ASSERT_TRUE(IsOk(engine->submit(*h, "")));
   ASSERT_TRUE(IsOk(engine->stop()));
+  std::map<std::string, int> jobs_on;
   for (const Seen& s : rec.seen()) {
+    ++jobs_on[s.thread_name];
     if (s.thread_name == "jobengine-w0") {
       EXPECT_EQ(s.cpu, cpus[0]);
     } else if (s.thread_name == "jobengine-w1") {
@@ -2371,6 +2477,9 @@ TEST(EngineThreadTest, EachPinnedWorkerRunsOnItsOwnCpu) {
       ADD_FAILURE() << "job ran on thread \"" << s.thread_name << "\"";
     }
   }
+  EXPECT_EQ(rec.size(), 200u);
+  EXPECT_GE(jobs_on["jobengine-w0"], 1) << "worker 0 ran no job: its pinning went unchecked";
+  EXPECT_GE(jobs_on["jobengine-w1"], 1) << "worker 1 ran no job: its pinning went unchecked";
 }
 
 TEST(EngineThreadTest, WorkersAreNamedJobengineWN) {
@@ -2586,6 +2695,7 @@ TEST(EngineLogTest, LogCallbackReceivesNonEmptyLines) {
     std::lock_guard<std::mutex> lock(mu);
     lines.emplace_back(level, std::string(line));
   };
+  JobId thrown = 0;
   {
     auto engine = Engine::open(o);
     ASSERT_TRUE(IsOk(engine));
@@ -2595,16 +2705,32 @@ TEST(EngineLogTest, LogCallbackReceivesNonEmptyLines) {
     ASSERT_TRUE(IsOk(thrower));
     ASSERT_TRUE(IsOk(count));
     ASSERT_TRUE(IsOk(engine->start()));
-    ASSERT_TRUE(IsOk(engine->submit(*thrower, "")));
+    auto id = engine->submit(*thrower, "");
+    ASSERT_TRUE(IsOk(id));
+    thrown = *id;
     ASSERT_TRUE(IsOk(engine->submit(*count, "")));
     ASSERT_TRUE(IsOk(engine->stop()));
   }
   EXPECT_EQ(runs.load(), 1);
   std::lock_guard<std::mutex> lock(mu);
+  ASSERT_FALSE(lines.empty()) << "the log callback was never called";
   for (const auto& [level, line] : lines) {
     EXPECT_FALSE(line.empty());
     EXPECT_LE(static_cast<int>(level), static_cast<int>(LogLevel::kError));
   }
+  const auto has = [&](LogLevel level, const std::string& text) {
+    return std::any_of(lines.begin(), lines.end(),
+                       [&](const auto& l) { return l.first == level && l.second == text; });
+  };
+  std::string all;
+  for (const auto& [level, line] : lines) {
+    all += std::to_string(static_cast<int>(level)) + " " + line + "\n";
+  }
+  EXPECT_TRUE(has(LogLevel::kInfo, "started 2 worker(s), unpinned")) << all;
+  // The handler's exception: a warning naming the job, its handler and what().
+  EXPECT_TRUE(has(LogLevel::kWarning,
+                  "job " + std::to_string(thrown) + " (throw): handler threw: boom"))
+      << all;
 }
 
 }  // namespace

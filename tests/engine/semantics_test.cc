@@ -278,28 +278,64 @@ TEST(RetryTest, HugeBackoffsAndDelaysWaitInsteadOfOverflowingIntoNow) {
 }
 
 TEST(RetryTest, JitterStaysWithinItsBounds) {
+  // Many jobs, each retried once with a jittered backoff of 10 h +/- 50%, so
+  // due between 5 h and 15 h: none may run before 5 h, all must by 15 h, and
+  // jitter spreads them (without it every retry is due at exactly 10 h): some
+  // have run a minute before the midpoint and some are still waiting a minute
+  // after it. The margins (a minute of test clock) cover the real time that
+  // passes between a retry's scheduling and the checks.
+  constexpr int kJobs = 200;
   auto clock = std::make_shared<ManualClock>();
   EngineOptions o = TestOptions(clock);
   o.max_attempts = 2;
-  o.retry.initial_backoff = minutes(10);
-  o.retry.max_backoff = hours(1);
-  o.retry.jitter = 0.5;  // 5 min .. 15 min
+  o.retry.initial_backoff = hours(10);
+  o.retry.max_backoff = hours(10);
+  o.retry.jitter = 0.5;  // 5 h .. 15 h
   // Used by handlers: declared before the engine, so they outlive its drain.
-  std::atomic<int> runs{0};
+  std::atomic<int> first_runs{0};
+  std::atomic<int> retries_run{0};
   auto engine = Engine::open(o);
   ASSERT_TRUE(engine.ok());
   auto h = engine->register_handler("j", [&](JobContext& job) {
-    runs.fetch_add(1);
-    return job.attempt() == 1 ? Outcome::kRetry : Outcome::kDone;
+    if (job.attempt() == 1) {
+      first_runs.fetch_add(1);
+      return Outcome::kRetry;
+    }
+    retries_run.fetch_add(1);
+    return Outcome::kDone;
   });
   ASSERT_TRUE(engine->start().ok());
-  ASSERT_TRUE(engine->submit(*h, "").ok());
-  ASSERT_TRUE(WaitUntil([&] { return runs.load() == 1 && engine->health().delayed == 1; }));
-  clock->advance(minutes(5) - seconds(10));
-  LetSchedulerRun();
-  EXPECT_EQ(runs.load(), 1) << "jittered backoff below initial * (1 - jitter)";
-  clock->advance(minutes(10) + seconds(10));
-  EXPECT_TRUE(WaitUntil([&] { return runs.load() == 2; })) << "jittered backoff above initial * (1 + jitter)";
+  for (int i = 0; i < kJobs; ++i) ASSERT_TRUE(engine->submit(*h, "").ok());
+  ASSERT_TRUE(WaitUntil([&] {
+    return first_runs.load() == kJobs && engine->health().delayed == kJobs;
+  })) << first_runs.load() << " first runs, " << engine->health().delayed << " delayed";
+  // The retries the scheduler fired so far have run (none is queued or running).
+  const auto settled = [&] {
+    LetSchedulerRun();
+    return WaitUntil([&] {
+      const Health health = engine->health();
+      return health.pending == health.delayed;
+    });
+  };
+  clock->advance(hours(5) - minutes(1));  // at 4 h 59 min
+  ASSERT_TRUE(settled());
+  EXPECT_EQ(retries_run.load(), 0) << "jittered backoff below initial * (1 - jitter)";
+  clock->advance(hours(5));  // at 9 h 59 min
+  EXPECT_TRUE(WaitUntil([&] { return retries_run.load() > 0; }))
+      << "no retry due before the midpoint: no jitter below it";
+  ASSERT_TRUE(settled());
+  const int before_midpoint = retries_run.load();
+  EXPECT_LT(before_midpoint, kJobs) << "every retry due before the midpoint";
+  clock->advance(minutes(2));  // at 10 h 1 min
+  ASSERT_TRUE(settled());
+  const int after_midpoint = retries_run.load();
+  EXPECT_LT(after_midpoint, kJobs) << "no retry due after the midpoint: no jitter above it";
+  EXPECT_GE(after_midpoint, before_midpoint);
+  clock->advance(hours(5));  // at 15 h 1 min
+  EXPECT_TRUE(WaitUntil([&] { return retries_run.load() == kJobs; }))
+      << retries_run.load() << " of " << kJobs
+      << " retries ran: jittered backoff above initial * (1 + jitter)";
+  EXPECT_TRUE(WaitUntil([&] { return engine->health().pending == 0; }));
 }
 
 TEST(RetryTest, HandlerPolicyAndRetryAfterOverrideTheEngineDefaults) {

@@ -99,6 +99,29 @@ bool WaitUntil(Pred pred) {
   return true;
 }
 
+// stop(kSnapshotAndExit) on an engine whose handlers wait on `gate`: the gate
+// opens once stop()'s final cut is taken (detail::g_before_end_cut, called
+// on stop()'s own thread), so the job running then and every queued job are
+// in the cut (all pending: a graceful exit), however slowly stop() gets
+// there. (A sleep before opening the gate let queued jobs run, or the running
+// one finish before the cut, when stop() was slower than the sleep.)
+// Any other cut meanwhile would open it early: the engine must take no
+// periodic snapshots.
+Gate* g_gate_opened_at_the_final_cut = nullptr;
+
+Result<StopReport> SnapshotAndExitOpeningAtTheFinalCut(Engine& e, Gate& gate) {
+  const SnapshotOptions& so = e.options().snapshot;
+  EXPECT_EQ(so.disk_interval.count(), 0) << "a periodic cut would open the gate early";
+  EXPECT_EQ(so.shm_interval.count(), 0) << "a periodic cut would open the gate early";
+  g_gate_opened_at_the_final_cut = &gate;
+  detail::g_before_end_cut.store(+[] { g_gate_opened_at_the_final_cut->open(); });
+  auto stopped = e.stop(StopMode::kSnapshotAndExit);
+  detail::g_before_end_cut.store(nullptr);
+  g_gate_opened_at_the_final_cut = nullptr;
+  gate.open();  // a stop() that failed before its cut
+  return stopped;
+}
+
 std::vector<std::string> GenerationFiles(const std::string& dir) {
   std::vector<std::string> out;
   for (const auto& e : fs::directory_iterator(dir)) {
@@ -283,14 +306,10 @@ TEST(RecoveryTest, HealthNamesTheRecoveredGenerationBeforeTheFirstNewSnapshot) {
     ASSERT_TRUE(IsOk(h));
     ASSERT_TRUE(IsOk(e->start()));
     for (int i = 0; i < 20; ++i) ASSERT_TRUE(IsOk(e->submit(*h, "job-" + std::to_string(i))));
-    // The running job outlives exit_deadline: released once stop() waits.
-    std::thread release([&] {
-      std::this_thread::sleep_for(milliseconds(200));
-      gate.open();
-    });
-    auto stop = e->stop(StopMode::kSnapshotAndExit);
-    release.join();
+    // The running job outlives exit_deadline: released once the final cut is taken.
+    auto stop = SnapshotAndExitOpeningAtTheFinalCut(*e, gate);
     ASSERT_TRUE(IsOk(stop));
+    EXPECT_EQ(stop->left_in_snapshot, 20u);
     Health last = e->health();
     generation = last.last_durable_generation;
     bytes = last.last_snapshot_bytes;
@@ -338,14 +357,11 @@ TEST(RecoveryTest, SnapshotAndExitResumesExactlyTheJobsLeft) {
       payloads[*id] = p;
     }
     ASSERT_TRUE(WaitUntil([&] { return started.load() == 1; }));
-    // The running handler outlives exit_deadline: it is recorded as running.
-    std::thread release([&] {
-      std::this_thread::sleep_for(milliseconds(200));
-      gate.open();
-    });
-    auto stop = e->stop(StopMode::kSnapshotAndExit);
-    release.join();
+    // The running handler outlives exit_deadline (it returns once the final
+    // cut is taken): it is in the cut, pending (a graceful exit).
+    auto stop = SnapshotAndExitOpeningAtTheFinalCut(*e, gate);
     ASSERT_TRUE(IsOk(stop));
+    EXPECT_EQ(started.load(), 1) << "a queued job ran during stop(kSnapshotAndExit)";
     EXPECT_EQ(stop->left_in_snapshot, 50u);
     EXPECT_EQ(e->state(), EngineState::kStopped);
   }
@@ -1220,12 +1236,9 @@ TEST(RecoveryTest, JobsOfAnUnregisteredHandlerAreKeptDeadNeverDropped) {
     });
     ASSERT_TRUE(IsOk(e->start()));
     for (int i = 0; i < 3; ++i) ASSERT_TRUE(IsOk(e->submit(*old_handler, "p" + std::to_string(i))));
-    std::thread release([&] {
-      std::this_thread::sleep_for(milliseconds(150));
-      gate.open();
-    });
-    ASSERT_TRUE(IsOk(e->stop(StopMode::kSnapshotAndExit)));
-    release.join();
+    auto stopped = SnapshotAndExitOpeningAtTheFinalCut(*e, gate);
+    ASSERT_TRUE(IsOk(stopped));
+    EXPECT_EQ(stopped->left_in_snapshot, 3u);
   }
   {
     auto e = Engine::open(DiskOptions(tmp.dir()));
@@ -1368,12 +1381,9 @@ TEST(RecoveryTest, CorruptNewestGenerationIsSkippedWithItsOffset) {
     ASSERT_TRUE(IsOk(e->submit(*h, "b")));
     ASSERT_TRUE(IsOk(e->snapshot_now()));  // generation with 2 jobs
     ASSERT_TRUE(IsOk(e->submit(*h, "c")));
-    std::thread release([&] {
-      std::this_thread::sleep_for(milliseconds(150));
-      gate.open();
-    });
-    ASSERT_TRUE(IsOk(e->stop(StopMode::kSnapshotAndExit)));  // newest: 3 jobs
-    release.join();
+    auto stopped = SnapshotAndExitOpeningAtTheFinalCut(*e, gate);
+    ASSERT_TRUE(IsOk(stopped));
+    EXPECT_EQ(stopped->left_in_snapshot, 3u);  // newest: 3 jobs
   }
   auto files = GenerationFiles(tmp.dir());
   ASSERT_GE(files.size(), 2u);
@@ -1381,6 +1391,7 @@ TEST(RecoveryTest, CorruptNewestGenerationIsSkippedWithItsOffset) {
   auto bytes = ReadFile(files.back());
   auto view = snapshot::decode(bytes);
   ASSERT_TRUE(IsOk(view));
+  ASSERT_EQ(view->jobs.size(), 3u);
   const std::uint64_t damaged_record = view->jobs.back().offset;
   {
     int fd = ::open(files.back().c_str(), O_WRONLY);
@@ -1479,14 +1490,11 @@ void LeaveSnapshotOfPendingJobs(const std::string& dir, const std::string& shm, 
   // One worker: the first job blocks it, the others stay queued.
   for (int i = 0; i < jobs; ++i) ASSERT_TRUE(IsOk(e->submit(*h, Numbered("j", i))));
   ASSERT_TRUE(IsOk(e->snapshot_now()));
-  // The hanging job outlives exit_deadline (50 ms): recorded as running.
-  std::thread release([&] {
-    std::this_thread::sleep_for(milliseconds(150));
-    never.open();
-  });
-  auto stopped = e->stop(StopMode::kSnapshotAndExit);
-  release.join();
+  // The hanging job outlives exit_deadline (50 ms): it returns only once the
+  // final cut is taken, so it and every queued job are in it.
+  auto stopped = SnapshotAndExitOpeningAtTheFinalCut(*e, never);
   ASSERT_TRUE(IsOk(stopped));
+  EXPECT_EQ(stopped->left_in_snapshot, static_cast<std::uint64_t>(jobs));
 }
 
 // Byte offset and length of the active image in a segment file (layout in
