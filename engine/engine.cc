@@ -972,6 +972,13 @@ class Engine::Impl final : public detail::CutSource {
                     "submit_batch(): ids holds " + std::to_string(ids.size()) +
                         " entries for " + std::to_string(jobs.size()) + " jobs");
     }
+    if (jobs.size() > options_.capacity) {
+      // kQueueFull would say "retry later" of a batch that can never fit.
+      return Status(StatusCode::kInvalidArgument,
+                    "submit_batch(): a batch of " + std::to_string(jobs.size()) +
+                        " jobs can never fit the job table (capacity " +
+                        std::to_string(options_.capacity) + "): split it");
+    }
     for (std::size_t i = 0; i < jobs.size(); ++i) {
       if (job_ok(jobs[i].handler, jobs[i].payload, jobs[i].options) && plain(jobs[i].options))
           [[likely]] {
@@ -1163,7 +1170,7 @@ class Engine::Impl final : public detail::CutSource {
       begin_final_cut();
       auto info = persistence_->final_snapshot();
       if (info) {
-        report.left_in_snapshot = info->jobs;
+        report.left_in_snapshot = info->resumable_jobs;
       } else {
         final_status = info.status();
       }
@@ -1281,7 +1288,20 @@ class Engine::Impl final : public detail::CutSource {
 
   // Opens the stores and loads the newest snapshot (Engine::open()).
   Status init_persistence() {
-    if (!options_.snapshot.enabled) return Status();
+    if (!options_.snapshot.enabled) {
+      const SnapshotOptions& so = options_.snapshot;
+      if (!so.dir.empty() || !so.shm_name.empty()) {
+        // Said, not refused (a config may switch persistence off and keep
+        // the rest): a crash loses every pending job of this engine.
+        log(LogLevel::kWarning,
+            "snapshot.enabled is false: snapshot." +
+                std::string(!so.dir.empty() ? "dir \"" + so.dir + "\"" : "") +
+                std::string(!so.dir.empty() && !so.shm_name.empty() ? " and snapshot." : "") +
+                std::string(!so.shm_name.empty() ? "shm_name \"" + so.shm_name + "\"" : "") +
+                " ignored: nothing is snapshotted or recovered");
+      }
+      return Status();
+    }
     auto p = detail::make_persistence(options_.snapshot, options_.log);
     if (!p) return p.status();
     persistence_ = std::move(*p);
@@ -1586,7 +1606,9 @@ class Engine::Impl final : public detail::CutSource {
     if (options_.dead_growth_window.count() > 0) {
       const std::int64_t last = last_dead_steady_ns_.load(std::memory_order_relaxed);
       const std::int64_t ago = Clock::steady_ns() - last;
-      if (last != 0 && ago < std::chrono::nanoseconds(options_.dead_growth_window).count()) {
+      // In milliseconds: the window in nanoseconds overflowed past ~292
+      // years (milliseconds::max() as "for ever" turned the check off).
+      if (last != 0 && ago / 1000000 < options_.dead_growth_window.count()) {
         h.reasons.push_back("dead-letter set growing: " + std::to_string(h.dead_total) +
                             " dead in all, the newest " + std::to_string(ago / 1000000) + " ms ago");
       }
@@ -3183,7 +3205,13 @@ class Engine::Impl final : public detail::CutSource {
       o.deadline = std::chrono::nanoseconds(
           static_cast<std::int64_t>(std::min(it->deadline_ns, static_cast<std::uint64_t>(detail::kMaxSpanNs))));
       auto submitted = submit_special(h->second, it->payload, o, it->id);
-      if (!submitted.ok()) return submitted.status();  // the letter stays: nothing is lost
+      if (!submitted.ok()) {
+        // The letter stays: nothing is lost. Named: submit()'s message says
+        // neither the call nor the job (max_payload may have shrunk since).
+        return Status(submitted.status().code(),
+                      "requeue_dead(): job " + std::to_string(id) + ": " +
+                          std::string(submitted.status().message()) + "; the letter stays");
+      }
       if (*submitted != it->id) {
         // Another pending job holds the key: nothing was accepted.
         return Status(StatusCode::kAlreadyExists,
@@ -3897,16 +3925,25 @@ Result<Engine> Engine::open(EngineOptions options) {
   if (Status s = validate(options); !s.ok()) return s;
   detail::asymmetric_fence_init();
   detail::Clock::init();
+  const std::size_t capacity = options.capacity;
+  std::unique_ptr<Impl> impl;
   try {
-    auto impl = std::make_unique<Impl>(std::move(options));
-    if (Status s = impl->populate_and_load(); !s.ok()) return s;
-    return Engine(std::move(impl));
+    impl = std::make_unique<Impl>(std::move(options));
   } catch (const std::bad_alloc&) {
     return Status(StatusCode::kInvalidArgument,
-                  "capacity " + std::to_string(options.capacity) +
+                  "capacity " + std::to_string(capacity) +
                       ": out of memory allocating the job table (" +
-                      std::to_string(options.capacity * kSlotBytes) + " bytes)");
+                      std::to_string(capacity * kSlotBytes) + " bytes) and its queues");
   }
+  try {
+    if (Status s = impl->populate_and_load(); !s.ok()) return s;
+  } catch (const std::bad_alloc&) {
+    // Not the capacity's fault: a smaller one would not help.
+    return Status(StatusCode::kInternal,
+                  "open(): out of memory opening the snapshot stores or reading the newest "
+                  "snapshot; nothing was changed");
+  }
+  return Engine(std::move(impl));
 }
 
 Engine::Engine(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}

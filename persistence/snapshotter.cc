@@ -548,6 +548,7 @@ class Snapshotter final : public Persistence {
     std::vector<std::uint32_t> dead_handler(dead.size());
     for (std::size_t i = 0; i < dead.size(); ++i) dead_handler[i] = handler_index(dead[i].handler);
     std::uint64_t jobs = 0;
+    std::uint64_t resumable = 0;  // jobs, less dead letters and cancelled ones
     source_->for_each_cut_job(cut, [&](std::span<const CutJob> batch) {
       snapshot::JobRecord r;
       for (const CutJob& j : batch) {
@@ -564,6 +565,7 @@ class Snapshotter final : public Persistence {
         r.payload = j.payload;
         r.key = j.key;
         encoder_.add_job(r);
+        resumable += j.cancel_requested ? 0 : 1;
       }
       jobs += batch.size();
     });
@@ -593,6 +595,7 @@ class Snapshotter final : public Persistence {
     SnapshotInfo info;
     info.generation = generation;
     info.jobs = jobs;
+    info.resumable_jobs = resumable;
     info.bytes = image.size();
     // Each store succeeds or fails on its own: a generation durable on disk
     // is recorded as such even if shared memory failed, and a shared-memory

@@ -6,12 +6,14 @@
 // waited for. Sleeps only make a scenario likely (workers asleep, a stop in
 // progress); the checks hold whatever the scheduler does.
 #include "jobengine/engine.h"
-#include "engine/padded.h"  // g_fail_queue_alloc_in
+#include "engine/padded.h"      // g_fail_queue_alloc_in
+#include "engine/test_hooks.h"  // g_before_batch
 #include "tests/engine/test_support.h"
 
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -961,7 +963,7 @@ TEST(EngineBatchTest, BatchWithIdsSpanOfWrongSizeIsRefused) {
   EXPECT_EQ(runs.load(), 0);
 }
 
-TEST(EngineBatchTest, BatchLargerThanCapacityAcceptsNothing) {
+TEST(EngineBatchTest, BatchLargerThanCapacityIsInvalidAndAcceptsNothing) {
   std::atomic<int> runs{0};
   EngineOptions o = SmallOptions();
   o.capacity = 64;
@@ -971,11 +973,20 @@ TEST(EngineBatchTest, BatchLargerThanCapacityAcceptsNothing) {
   ASSERT_TRUE(IsOk(h));
   ASSERT_TRUE(IsOk(engine->start()));
   std::vector<JobSpec> specs(65, JobSpec{*h, "x", {}});
-  EXPECT_TRUE(HasError(engine->submit_batch(specs), StatusCode::kQueueFull));
+  // Not kQueueFull: no retry could ever fit it.
+  auto r = engine->submit_batch(specs);
+  ASSERT_TRUE(HasError(r, StatusCode::kInvalidArgument));
+  EXPECT_NE(r.status().message().find("batch of 65 jobs"), std::string_view::npos)
+      << r.status().to_string();
+  EXPECT_NE(r.status().message().find("capacity 64"), std::string_view::npos)
+      << r.status().to_string();
+  // One that fits the table still goes in.
+  specs.resize(64);
+  EXPECT_TRUE(IsOk(engine->submit_batch(specs)));
   auto report = engine->stop();
   ASSERT_TRUE(IsOk(report));
-  EXPECT_EQ(report->submitted, 0u);
-  EXPECT_EQ(runs.load(), 0);
+  EXPECT_EQ(report->submitted, 64u);
+  EXPECT_EQ(runs.load(), 64);
 }
 
 TEST(EngineBatchTest, BatchTooBigForFreeSlotsAcceptsNothing) {
@@ -2683,6 +2694,33 @@ TEST(EngineLogTest, EngineIsSilentWithoutLogCallback) {
   const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(out, "");
   EXPECT_EQ(err, "");
+}
+
+// Stores named while snapshots are off are ignored: open() says so, as a
+// warning, and creates nothing.
+TEST(EngineLogTest, StoresNamedWithSnapshotsOffAreAWarning) {
+  std::vector<std::pair<LogLevel, std::string>> lines;
+  EngineOptions o = SmallOptions();
+  const std::string dir = ::testing::TempDir() + "jobengine-never-made-" + std::to_string(::getpid());
+  o.snapshot.enabled = false;
+  o.snapshot.dir = dir;
+  o.snapshot.shm_name = "jobengine-never-made";
+  o.log = [&](LogLevel level, std::string_view line) { lines.emplace_back(level, std::string(line)); };
+  auto engine = Engine::open(o);
+  ASSERT_TRUE(IsOk(engine));
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0].first, LogLevel::kWarning);
+  EXPECT_EQ(lines[0].second, "snapshot.enabled is false: snapshot.dir \"" + dir +
+                                 "\" and snapshot.shm_name \"jobengine-never-made\" ignored: "
+                                 "nothing is snapshotted or recovered");
+  struct stat st {};
+  EXPECT_NE(::stat(dir.c_str(), &st), 0) << dir << " was made";
+  // Snapshots off and no store named: nothing to say.
+  lines.clear();
+  o.snapshot.dir.clear();
+  o.snapshot.shm_name.clear();
+  ASSERT_TRUE(IsOk(Engine::open(o)));
+  EXPECT_TRUE(lines.empty());
 }
 
 TEST(EngineLogTest, LogCallbackReceivesNonEmptyLines) {

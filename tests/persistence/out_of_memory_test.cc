@@ -414,6 +414,61 @@ TEST(StartOutOfMemoryTest, EachAllocationOfStartCanFailAndNoJobRunsTwice) {
   EXPECT_GT(failed_starts, 20);
 }
 
+// Each allocation of open() on the opening thread can fail: open() says so
+// without throwing, and the snapshot it was reading is untouched. Running
+// out while reading the snapshot is kInternal, not the capacity's
+// kInvalidArgument (which every failure was, whatever had run out).
+TEST(OpenOutOfMemoryTest, EachAllocationOfOpenCanFailAndTheSnapshotStays) {
+  TempDir tmp;
+  constexpr std::size_t kJobs = 50;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
+    ASSERT_TRUE(e.ok()) << e.status().to_string();
+    ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+    ASSERT_TRUE(e->start().ok());
+    const HandlerId count = *e->handler_id("count");
+    for (std::size_t i = 0; i < kJobs; ++i) {
+      ASSERT_TRUE(e->submit(count, "job", {.delay = std::chrono::hours(1)}).ok());
+    }
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+  }
+  int capacity_failures = 0;
+  int loading_failures = 0;
+  for (long n = 0;; ++n) {
+    ASSERT_LT(n, 20000) << "open() kept failing";
+    Result<Engine> e = Status(StatusCode::kInternal, "not run");
+    EngineOptions options = DiskOptions(tmp.dir(), milliseconds(0));
+    try {
+      t_fail_in = n;
+      e = Engine::open(std::move(options));
+    } catch (const std::exception& x) {
+      t_fail_in = -1;
+      FAIL() << "allocation " << n << ": open() threw " << x.what();
+    }
+    const bool met = t_fail_in < 0;
+    t_fail_in = -1;
+    if (!e.ok()) {
+      EXPECT_TRUE(met) << n << ": " << e.status().to_string();
+      const std::string text = e.status().to_string();
+      if (text.find("capacity") != std::string::npos) {
+        EXPECT_EQ(e.status().code(), StatusCode::kInvalidArgument) << n << ": " << text;
+        ++capacity_failures;
+      } else if (e.status().code() == StatusCode::kInternal) {
+        ++loading_failures;
+      }
+      continue;
+    }
+    ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+    auto started = e->start();
+    ASSERT_TRUE(started.ok()) << n << ": " << started.status().to_string();
+    EXPECT_EQ(started->recovery.delayed, kJobs) << n << ": the snapshot lost jobs";
+    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+    if (!met) break;  // past open()'s last allocation on this thread
+  }
+  EXPECT_GT(capacity_failures, 0);
+  EXPECT_GT(loading_failures, 0) << "no failure while reading the snapshot said kInternal";
+}
+
 // A thread's first submit may adopt the producer state of a thread that
 // exited (its cached free slots and ids with it). When recording it fails
 // for want of memory, the submit says so (it threw before) and the state is

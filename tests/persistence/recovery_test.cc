@@ -291,6 +291,43 @@ TEST(RecoveryTest, SnapshotNowIsDurableAndHoldsEveryPendingJob) {
 // newest (and durable) one, with its size and a fresh age, before this
 // process publishes any: it said 0 until then (for ever here, where no
 // periodic snapshot runs).
+// A restored job's unique key is found by its id, as a submitted one's:
+// cancel() frees it at once, and a new submit with it is a new job.
+TEST(RecoveryTest, CancellingARestoredKeyedJobFreesItsKeyAtOnce) {
+  TempDir tmp;
+  JobId keyed = 0;
+  {
+    auto e = Engine::open(DiskOptions(tmp.dir()));
+    ASSERT_TRUE(IsOk(e));
+    auto h = e->register_handler("remind", [](JobContext&) { return Outcome::kDone; });
+    ASSERT_TRUE(IsOk(h));
+    ASSERT_TRUE(IsOk(e->start()));
+    auto id = e->submit(*h, "a", {.delay = std::chrono::hours(1), .unique_key = "order-1"});
+    ASSERT_TRUE(IsOk(id));
+    keyed = *id;
+    ASSERT_TRUE(IsOk(e->submit(*h, "b", {.delay = std::chrono::hours(1), .unique_key = "order-2"})));
+    ASSERT_TRUE(IsOk(e->stop(StopMode::kSnapshotAndExit)));
+  }
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  auto h = e->register_handler("remind", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(IsOk(h));
+  auto started = e->start();
+  ASSERT_TRUE(IsOk(started));
+  ASSERT_EQ(started->recovery.delayed, 2u);
+  // Still held: a submit with the key gets the restored job's id.
+  auto same = e->submit(*h, "a2", {.delay = std::chrono::hours(1), .unique_key = "order-1"});
+  ASSERT_TRUE(IsOk(same));
+  EXPECT_EQ(*same, keyed);
+  auto cancelled = e->cancel(keyed);
+  ASSERT_TRUE(IsOk(cancelled));
+  EXPECT_EQ(*cancelled, CancelResult::kCancelled);
+  auto fresh = e->submit(*h, "a3", {.delay = std::chrono::hours(1), .unique_key = "order-1"});
+  ASSERT_TRUE(IsOk(fresh));
+  EXPECT_NE(*fresh, keyed) << "the cancelled job's key was not freed";
+  ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+}
+
 TEST(RecoveryTest, HealthNamesTheRecoveredGenerationBeforeTheFirstNewSnapshot) {
   TempDir tmp;
   std::uint64_t generation = 0;

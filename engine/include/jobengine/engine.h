@@ -110,6 +110,9 @@ struct StartReport {
 struct SnapshotInfo {
   std::uint64_t generation = 0;
   std::uint64_t jobs = 0;       // job records in it (dead ones included)
+  // Of those, the jobs a restart from it resumes: not dead letters, nor jobs
+  // cancel() had reached (recovery counts those cancelled).
+  std::uint64_t resumable_jobs = 0;
   std::uint64_t bytes = 0;
   std::string path;             // the disk file, when written to disk
   std::chrono::nanoseconds took{0};  // cut + encode + publish
@@ -129,7 +132,10 @@ struct StopReport {
   // without one they are lost with the engine, and counted here.
   std::uint64_t delayed_left = 0;
   std::uint64_t recovered = 0;  // jobs restored from a snapshot at start()
-  std::uint64_t left_in_snapshot = 0;  // kSnapshotAndExit: jobs in the final snapshot
+  // kSnapshotAndExit: the jobs the final snapshot holds that a restart
+  // resumes (SnapshotInfo::resumable_jobs: its dead letters and the jobs
+  // cancel() reached are in it too, and not counted here).
+  std::uint64_t left_in_snapshot = 0;
   std::chrono::nanoseconds took{0};  // how long stop() took
   // Whether the final snapshot of kDrain or kAbandon was written. OK when it
   // was, and when there is none to write (snapshots not enabled). Otherwise
@@ -253,8 +259,14 @@ class Engine {
   // Validates the options, allocates and touches the job table and queues,
   // and, with snapshots enabled, opens the stores (locking the directory) and
   // loads the newest snapshot that verifies (restored by start()). Starts no
-  // thread. kInvalidArgument names a bad option; kFailedPrecondition when
-  // another engine holds the directory; kIoError when a store cannot be opened.
+  // thread. kInvalidArgument names a bad option (also: no memory for the job
+  // table and queues of `capacity`, or a directory holding generation
+  // 2^64 - 1); kFailedPrecondition when another engine holds the directory or
+  // the segment, or the segment is another uid's; kIoError when a store
+  // cannot be opened or the newest snapshot cannot be read (the older ones
+  // are not loaded over it); kCorruption for a damaged segment that could
+  // not be kept aside; kInternal when memory runs out reading the snapshot.
+  // A failed open() changes no snapshot.
   static Result<Engine> open(EngineOptions options);
 
   Engine(Engine&&) noexcept;
@@ -280,7 +292,10 @@ class Engine {
   Result<HandlerId> handler_id(std::string_view name) const;
 
   // Starts the workers (pinned to options.cpus when given) and returns once
-  // every one of them runs, so health().ok holds on return. kFailedPrecondition
+  // every one of them runs, so health().ok holds on return unless recovery
+  // gave a reason (a job quarantined as poison or left without its handler
+  // just now is dead-letter growth; more jobs restored than queue_high_water;
+  // a stop() from another thread). kFailedPrecondition
   // unless the engine is open and not started; kIoError when a thread cannot be
   // created or pinned; kInternal when memory runs out making the threads'
   // queue producers (all made here, before any thread runs). Any failure,
@@ -303,7 +318,9 @@ class Engine {
                        SubmitOptions options = {});
 
   // Submits every job of `jobs` or none of them (the first invalid job, or too
-  // few free slots, fails the whole batch and accepts nothing). On success the
+  // few free slots, fails the whole batch and accepts nothing; a batch of more
+  // jobs than `capacity` is kInvalidArgument, not kQueueFull, since no retry
+  // can ever fit it). On success the
   // ids are written to `ids` when it is non-empty (it must then hold
   // jobs.size() entries) and the count is returned. Thread-safe; one bulk
   // enqueue per priority level present in the batch, highest priority first.
@@ -349,7 +366,9 @@ class Engine {
   // (attempts and recoveries reset), with its own unique key (taken again)
   // and deadline. kNotFound: no dead letter with that id; kNotFound too when
   // its handler is not registered; kAlreadyExists when another pending job
-  // holds its key (the letter stays); kQueueFull, kStopped as for submit().
+  // holds its key (the letter stays); kQueueFull, kStopped, kPayloadTooLarge
+  // (max_payload lowered since it died), kInternal as for submit(), each
+  // naming the call and the job (the letter stays).
   Result<JobId> requeue_dead(JobId id);
   // Discards a dead letter. kNotFound when there is none with that id.
   Status drop_dead(JobId id);

@@ -60,7 +60,8 @@ enum class LogLevel : std::uint8_t { kDebug, kInfo, kWarning, kError };
 // promises" for the guarantees.
 struct SnapshotOptions {
   // Off by default: the engine then keeps jobs in memory only and a crash
-  // loses every pending job. When true, `dir` or `shm_name` must be set.
+  // loses every pending job. When true, `dir` or `shm_name` must be set;
+  // when false, open() logs a warning if either is set (they are ignored).
   bool enabled = false;
 
   // Directory of the disk store (created 0700; one engine per directory,
