@@ -1038,6 +1038,7 @@ class Engine::Impl final : public detail::CutSource {
         unclaim(ps, slots, i, epoch);                 // filled
         give_back_slots(ps, slots + i, n - i);        // not yet
         leave_intake(ps);
+        if (!ids.empty()) std::fill(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(i), 0);
         return Status(StatusCode::kInternal, "submit_batch(): job " + std::to_string(i) + ": " +
                                                  std::string(out_of_memory_status(jobs[i].payload.size()).message()));
       }
@@ -1065,7 +1066,9 @@ class Engine::Impl final : public detail::CutSource {
         if (!v.empty() && !queues_[p].enqueue_bulk(ps.tokens[p], v.data(), v.size())) failed = p;
       }
     }
-    if (failed != kPriorityLevels) [[unlikely]] return batch_not_queued(ps, jobs, slots, epoch, failed);
+    if (failed != kPriorityLevels) [[unlikely]] {
+      return batch_not_queued(ps, jobs, ids, slots, epoch, failed);
+    }
     bump_release(ps.submitted, n);  // release: change_count()
     // Once per run of one handler (a batch is usually one run), not once per
     // job: each bump is a load and a store of the same counter.
@@ -1085,9 +1088,10 @@ class Engine::Impl final : public detail::CutSource {
   // of that priority and lower (out of memory): no worker saw them, and their
   // slots go back (unclaim). The jobs at the levels queued before `failed`
   // were accepted: counted (I4) and woken for, and the error says how many.
+  // `ids` keeps the ids of the accepted jobs; those of the others read 0.
   [[gnu::noinline]] Status batch_not_queued(ProducerState& ps, std::span<const JobSpec> jobs,
-                                            SlotIndex* slots, std::uint64_t epoch,
-                                            std::uint8_t failed) {
+                                            std::span<JobId> ids, SlotIndex* slots,
+                                            std::uint64_t epoch, std::uint8_t failed) {
     std::size_t accepted = 0;
     std::size_t back = 0;
     for (std::size_t i = 0; i < jobs.size(); ++i) {
@@ -1097,6 +1101,7 @@ class Engine::Impl final : public detail::CutSource {
         continue;
       }
       slots[back++] = slots[i];
+      if (!ids.empty()) ids[i] = 0;
     }
     unclaim(ps, slots, back, epoch);
     bump_release(ps.submitted, accepted);  // release: change_count()

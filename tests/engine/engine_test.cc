@@ -1076,9 +1076,9 @@ class QueueOutOfMemoryTest : public ::testing::Test {
   // Submits `specs` while the next queue allocation fails; `allocated` says
   // whether the batch made one (it must, for the test to mean anything).
   Result<std::size_t> SubmitBatchAsMemoryRunsOut(const std::vector<JobSpec>& specs,
-                                                 bool* allocated) {
+                                                 bool* allocated, std::span<JobId> ids = {}) {
     detail::g_fail_queue_alloc_in.store(0);
-    auto r = engine_->submit_batch(specs);
+    auto r = engine_->submit_batch(specs, ids);
     *allocated = detail::g_fail_queue_alloc_in.load() == -1;
     detail::g_fail_queue_alloc_in.store(-1);
     return r;
@@ -1158,9 +1158,20 @@ TEST_F(QueueOutOfMemoryTest, AMixedBatchKeepsTheLevelsQueuedBeforeTheOneThatFail
     mixed.push_back(JobSpec{count_, "low", {.priority = kLowPriority}});
   }
   bool allocated = false;
-  auto partial = SubmitBatchAsMemoryRunsOut(mixed, &allocated);
+  std::vector<JobId> ids(mixed.size(), ~JobId{0});
+  auto partial = SubmitBatchAsMemoryRunsOut(mixed, &allocated, ids);
   ASSERT_TRUE(allocated) << "the batch made no queue allocation";
   ASSERT_TRUE(HasError(partial, StatusCode::kInternal));
+  // The caller can tell which jobs went in: the accepted ones have their
+  // ids, the others 0 (they held ids of jobs that never existed).
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (i < 10) {
+      EXPECT_NE(ids[i], 0u) << i;
+      EXPECT_NE(ids[i], ~JobId{0}) << i;
+    } else {
+      ASSERT_EQ(ids[i], 0u) << i;
+    }
+  }
   const std::string text = partial.status().to_string();
   EXPECT_NE(text.find("priority level 2: 4096 job(s) from that level on were not accepted"),
             std::string::npos) << text;

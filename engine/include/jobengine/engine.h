@@ -326,8 +326,9 @@ class Engine {
   // enqueue per priority level present in the batch, highest priority first.
   // One exception to all-or-none: when memory runs out growing a queue
   // (kInternal), a batch that mixes priorities keeps the jobs at the levels
-  // already queued (they run; the error says how many); the others are not
-  // accepted and their slots are free again.
+  // already queued (they run; the error says how many, and `ids` holds their
+  // ids); the others are not accepted, their slots are free again and their
+  // entries of `ids` read 0. Retry only those (an id of 0), never the batch.
   Result<std::size_t> submit_batch(std::span<const JobSpec> jobs, std::span<JobId> ids = {});
 
   // Stops intake (later submits get kStopped), then drains, abandons or
