@@ -72,8 +72,11 @@
 // closes it or dies; read_existing() takes no lock. A process of the
 // segment owner's uid (ours for the engine; the engine's for an operator's
 // read_existing(name, owner)) that truncates or scribbles on the segment can
-// make a reader fail (kCorruption) or, if it truncates it under a live
-// mapping, crash it with SIGBUS.
+// make a reader fail (kCorruption). read_existing() reads with pread(2) and
+// never maps the segment, so a truncation, even in the middle of its copy,
+// is an error ("shrank while being read"), never SIGBUS; the writer's own
+// process (publish, read_active) maps it, and dies of SIGBUS if it is
+// truncated under it.
 #pragma once
 
 #include <cstdint>
@@ -150,10 +153,13 @@ class ShmStore {
   Result<std::vector<unsigned char>> read_active() const;
 
   // Read-only access for recovery and tools: opens an existing segment
-  // (same owner/mode checks, O_RDONLY, PROT_READ), copies its active image out
-  // (checksum verified, same retry rule as read_active) and unmaps. kNotFound
-  // when there is no such segment or it holds no image yet; kCorruption and
-  // kFailedPrecondition as for open_or_create. Thread-safe.
+  // (same owner/mode checks, O_RDONLY) and copies its active image out with
+  // pread(2), never through a mapping (checksum verified, same retry rule as
+  // read_active). kNotFound when there is no such segment or it holds no
+  // image yet; kCorruption and kFailedPrecondition as for open_or_create.
+  // A segment that shrinks while it is read (truncated by another process)
+  // is read afresh a few times, then kCorruption naming it and saying it
+  // "shrank while being read"; never SIGBUS. Thread-safe.
   static Result<std::vector<unsigned char>> read_existing(const std::string& name);
   // The same for a reader that is not the engine (an operator's tool, run as
   // root or as another user than the engine's): the segment must be owned by
@@ -174,7 +180,7 @@ class ShmStore {
   static Status check_name(const std::string& name);
 
   // Validates `segment`, the bytes of a whole segment (as copied from
-  // /dev/shm/<name>), as read_existing() validates a mapped one (control
+  // /dev/shm/<name>), as read_existing() validates a live one (control
   // block, active slot descriptor, image checksum), and returns a copy of its
   // active image. No writer moves a copy on, so an active slot marked
   // mid-write is kCorruption at once. kNotFound for an empty or never

@@ -1,8 +1,9 @@
 // ShmStore (persistence/shm_store.h): round trips, growth, a writer killed at
-// random points of a publish (fork + SIGKILL), readers racing a writer,
-// permissions, and one test per error path, made by byte surgery on the
-// segment's file in /dev/shm. Every test uses its own segment name
-// (jobengine-test-<pid>-<n>) and removes it at the end.
+// random points of a publish (fork + SIGKILL), readers racing a writer, a
+// segment truncated under a reader (fork), permissions, and one test per
+// error path, made by byte surgery on the segment's file in /dev/shm. Every
+// test uses its own segment name (jobengine-test-<pid>-<n>) and removes it at
+// the end.
 //
 // Randomized tests print their seed; JOBENGINE_TEST_SEED=<n> replays one.
 #include "persistence/shm_store.h"
@@ -10,6 +11,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -22,6 +24,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -752,6 +755,174 @@ TEST(ShmStoreConcurrencyTest, ReadersNeverSeeATornImageWhileAWriterPublishes) {
   std::cout << "[ info ] read_active: " << counts[0].ok << " reads, " << counts[0].overtaken
             << " gave up; read_existing: " << counts[1].ok << " reads, " << counts[1].overtaken
             << " gave up\n";
+}
+
+// ---- a segment truncated under a reader ------------------------------------
+
+// What the reader child below tells the parent when it stops.
+struct TruncationReport {
+  std::uint64_t reads_ok = 0;
+  std::uint64_t errors = 0;      // kCorruption, as expected of a cut segment
+  std::uint64_t shrank = 0;      // of which "shrank while being read": cut mid-copy
+  std::uint64_t unexpected = 0;  // anything else (a wrong image, another code)
+  char first_unexpected[256] = {};
+};
+
+// The child: reads `name` with read_existing() in a loop until `stop_fd`
+// (non-blocking) reads end of file, or 20 s pass should the parent hang.
+// Writes a byte to `started_fd` (non-blocking; dropped when full) as each
+// read starts, and on `report_fd` its first read's duration (ns), then, when
+// it stops, a TruncationReport. Exits 0 whatever it read: only a signal
+// (SIGBUS from a mapping cut under it) ends it otherwise.
+[[noreturn]] void truncation_reader_child(const std::string& name, std::size_t image_size,
+                                          int stop_fd, int started_fd, int report_fd) {
+  TruncationReport r;
+  const auto note = [&r](const std::string& what) {
+    if (r.unexpected++ == 0) {
+      std::snprintf(r.first_unexpected, sizeof r.first_unexpected, "%s", what.c_str());
+    }
+  };
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (bool first = true; std::chrono::steady_clock::now() < give_up; first = false) {
+    char byte = 0;
+    if (::read(stop_fd, &byte, 1) == 0) break;  // the parent closed its end: stop
+    (void)!::write(started_fd, &byte, 1);
+    const auto start = std::chrono::steady_clock::now();
+    auto read = ShmStore::read_existing(name);
+    if (first) {
+      const std::int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now() - start)
+                                  .count();
+      if (::write(report_fd, &ns, sizeof ns) != static_cast<ssize_t>(sizeof ns)) ::_exit(4);
+    }
+    if (read.ok()) {
+      std::uint64_t header[2] = {0, 0};
+      if (read->size() >= 16) std::memcpy(header, read->data(), 16);
+      if (read->size() == image_size && header[0] == 1 && header[1] == image_size) {
+        ++r.reads_ok;
+      } else {
+        note("read a wrong image of " + std::to_string(read->size()) + " bytes");
+      }
+    } else if (read.status().code() == StatusCode::kCorruption) {
+      ++r.errors;
+      if (contains(read.status().message(), "shrank while being read")) ++r.shrank;
+    } else {
+      note(read.status().to_string());
+    }
+  }
+  if (::write(report_fd, &r, sizeof r) != static_cast<ssize_t>(sizeof r)) ::_exit(4);
+  ::_exit(0);
+}
+
+// Drops the bytes waiting on `fd` (non-blocking), then waits up to 10 s for
+// one more: true when the child started a read after the call began. False
+// when the child is gone (end of file) or started none.
+bool wait_for_fresh_byte(int fd) {
+  char buf[512];
+  while (::read(fd, buf, sizeof buf) > 0) {
+  }
+  pollfd p{fd, POLLIN, 0};
+  if (::poll(&p, 1, 10000) != 1) return false;
+  return ::read(fd, buf, 1) == 1;
+}
+
+// Another process truncating the segment while read_existing() copies it out
+// (an operator's `truncate -s0`, another program's shm_open(O_TRUNC)) makes
+// the read fail with kCorruption; it never kills the reader with SIGBUS, as
+// reading through a mapping did. A forked child reads a 32 MiB image in a
+// loop for about a second while the parent cuts the segment to 4096 bytes at
+// a random instant of one of its reads and, once a read has failed on the cut
+// segment, puts it back, again and again, so that some cuts land inside a
+// copy (the test prints how many did: "cut mid-copy").
+TEST(ShmStoreTruncationTest, SegmentTruncatedUnderAReaderIsAnErrorNotSigbus) {
+  const std::uint64_t seed = test_seed();
+  std::cout << "[ seed ] JOBENGINE_TEST_SEED=" << seed << "\n";
+  SCOPED_TRACE("JOBENGINE_TEST_SEED=" + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  constexpr std::size_t kImageBytes = std::size_t{32} << 20;
+  const Bytes image = make_image(1, kImageBytes);
+  ScopedSegment seg;
+  {
+    auto store = ShmStore::open_or_create(seg.name(), 0);
+    ASSERT_TRUE(store.ok()) << store.status().to_string();
+    ASSERT_TRUE((*store)->publish(1, image).ok());
+  }  // closed: nothing of the segment stays mapped in this process
+  const std::uint32_t active = peek32(seg.name(), kActiveAt);
+  const auto offset = static_cast<off_t>(peek64(seg.name(), slot_field(active, kOffsetField)));
+  const off_t full = stat_of(seg.name()).st_size;
+  const int fd = ::open(path_of(seg.name()).c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  int stop[2];
+  int started[2];
+  int report[2];
+  ASSERT_EQ(::pipe(stop), 0);
+  ASSERT_EQ(::pipe(started), 0);
+  ASSERT_EQ(::pipe(report), 0);
+  ASSERT_EQ(::fcntl(stop[0], F_SETFL, O_NONBLOCK), 0);
+  ASSERT_EQ(::fcntl(started[0], F_SETFL, O_NONBLOCK), 0);
+  ASSERT_EQ(::fcntl(started[1], F_SETFL, O_NONBLOCK), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0) << std::strerror(errno);
+  if (pid == 0) {
+    ::close(stop[1]);
+    ::close(started[0]);
+    ::close(report[0]);
+    truncation_reader_child(seg.name(), kImageBytes, stop[0], started[1], report[1]);
+  }
+  ::close(stop[0]);
+  ::close(started[1]);
+  ::close(report[1]);
+  // No ASSERT from here until the child is told to stop and reaped.
+  std::int64_t read_ns = 0;
+  const bool first_read = ::read(report[0], &read_ns, sizeof read_ns) == sizeof read_ns;
+  int cuts = 0;
+  std::string parent_failure;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  const auto span = static_cast<std::uint64_t>(std::max<std::int64_t>(read_ns, 1000));
+  while (first_read && std::chrono::steady_clock::now() < deadline) {
+    // A read starting now takes about read_ns: cut the segment at a random
+    // instant of it. (Through a mapping, any instant between the mapping and
+    // the end of the copy was fatal.)
+    if (!wait_for_fresh_byte(started[0])) break;  // the child is gone: see below
+    std::this_thread::sleep_for(std::chrono::nanoseconds(rng() % span));
+    if (::ftruncate(fd, 4096) != 0) {
+      parent_failure = std::string("ftruncate to 4096: ") + std::strerror(errno);
+      break;
+    }
+    ++cuts;
+    // The read in flight ends (failing if the cut met it), then one that
+    // began after the cut, so failed, ends too: then put the segment back.
+    if (!wait_for_fresh_byte(started[0]) || !wait_for_fresh_byte(started[0])) break;
+    if (::ftruncate(fd, full) != 0 ||
+        ::pwrite(fd, image.data(), image.size(), offset) != static_cast<ssize_t>(image.size())) {
+      parent_failure = std::string("putting the segment back: ") + std::strerror(errno);
+      break;
+    }
+  }
+  ::close(stop[1]);  // end of file: the child stops
+  int wstatus = 0;
+  const pid_t waited = ::waitpid(pid, &wstatus, 0);
+  TruncationReport r;
+  const ssize_t got = ::read(report[0], &r, sizeof r);
+  ::close(report[0]);
+  ::close(started[0]);
+  ::close(fd);
+
+  ASSERT_EQ(waited, pid) << std::strerror(errno);
+  ASSERT_FALSE(WIFSIGNALED(wstatus)) << "the reader was killed by signal " << WTERMSIG(wstatus)
+                                     << " (" << strsignal(WTERMSIG(wstatus)) << ") after "
+                                     << cuts << " cuts";
+  ASSERT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0) << "status " << wstatus;
+  ASSERT_TRUE(first_read) << "the reader reported no first read";
+  ASSERT_TRUE(parent_failure.empty()) << parent_failure;
+  ASSERT_EQ(got, static_cast<ssize_t>(sizeof r));
+  EXPECT_EQ(r.unexpected, 0u) << r.first_unexpected;
+  EXPECT_GT(cuts, 0);
+  EXPECT_GT(r.errors, 0u) << "no read failed in " << cuts << " cuts";
+  EXPECT_GT(r.reads_ok, 0u);
+  std::cout << "[ info ] " << cuts << " cuts, a read took " << read_ns / 1000 << " us: "
+            << r.reads_ok << " reads, " << r.errors << " failed, " << r.shrank
+            << " of them cut mid-copy (\"shrank while being read\")\n";
 }
 
 // ---- permissions -------------------------------------------------------------
