@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <barrier>
 #include <chrono>
 #include <condition_variable>
@@ -246,6 +247,104 @@ TEST(EngineOpenTest, UnknownIdleStrategyIsInvalidArgumentNamingIdle) {
   EngineOptions o = SmallOptions();
   o.idle = static_cast<IdleStrategy>(42);
   EXPECT_TRUE(HasError(Engine::open(o), StatusCode::kInvalidArgument, "idle"));
+}
+
+// Every other option out of its range: kInvalidArgument with the option's
+// name (and the value, where the message promises one), one rule at a time.
+TEST(EngineOpenTest, EachOptionOutOfItsRangeIsRefusedNamingIt) {
+  const auto with_snapshots = [](EngineOptions& o) {
+    o.snapshot.enabled = true;
+    o.snapshot.shm_name = "jobengine-never-opened";
+  };
+  struct Case {
+    const char* what;
+    std::function<void(EngineOptions&)> set;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {"workers 4097", [](EngineOptions& o) { o.workers = 4097; }, "workers must be <= 4096, got 4097"},
+      {"max_payload 2^31 + 1", [](EngineOptions& o) { o.max_payload = (std::size_t{1} << 31) + 1; },
+       "max_payload must be <= 2^31 bytes, got 2147483649"},
+      {"max_attempts 65536", [](EngineOptions& o) { o.max_attempts = 65536; },
+       "max_attempts must be 1..65535, got 65536"},
+      {"run_deadline -1 ns", [](EngineOptions& o) { o.run_deadline = std::chrono::nanoseconds(-1); },
+       "run_deadline must be >= 0"},
+      {"dead_growth_window -1 ms",
+       [](EngineOptions& o) { o.dead_growth_window = std::chrono::milliseconds(-1); },
+       "dead_growth_window must be >= 0"},
+      {"scheduler_cpu -2", [](EngineOptions& o) { o.scheduler_cpu = -2; },
+       "scheduler_cpu must be -1 (unpinned) or a cpu, got -2"},
+      {"scheduler_cpu on a worker's cpu",
+       [](EngineOptions& o) {
+         o.cpus = {0};
+         o.scheduler_cpu = 0;
+       },
+       "scheduler_cpu 0 is a worker's cpu"},
+      {"scheduler_cpu that does not exist", [](EngineOptions& o) { o.scheduler_cpu = 100000; },
+       "scheduler_cpu: "},
+      {"snapshot.cpu -2",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.cpu = -2;
+       },
+       "snapshot.cpu must be -1 (unpinned) or a cpu, got -2"},
+      {"snapshot.cpu on a worker's cpu",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.cpus = {0};
+         o.snapshot.cpu = 0;
+       },
+       "snapshot.cpu 0 is a worker's cpu"},
+      {"snapshot.cpu that does not exist",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.cpu = 100000;
+       },
+       "snapshot.cpu: "},
+      {"snapshot without a store", [](EngineOptions& o) { o.snapshot.enabled = true; },
+       "snapshot.enabled needs snapshot.dir or snapshot.shm_name"},
+      {"shm_name of 201 bytes",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.shm_name = std::string(201, 'a');
+       },
+       "snapshot.shm_name is 201 bytes; at most 200"},
+      {"shm_name ..",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.shm_name = "..";
+       },
+       "snapshot.shm_name may not be . or .."},
+      {"shm_name with a slash",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.shm_name = "a/b";
+       },
+       "snapshot.shm_name \"a/b\" may hold only letters"},
+      {"shm_interval 25 h",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.shm_interval = std::chrono::hours(25);
+       },
+       "snapshot.shm_interval is 90000000 ms; it must be 0..86400000 ms (24 h)"},
+      {"keep_generations 0",
+       [&](EngineOptions& o) {
+         with_snapshots(o);
+         o.snapshot.keep_generations = 0;
+       },
+       "snapshot.keep_generations must be >= 1"},
+  };
+  for (const Case& c : cases) {
+    EngineOptions o = SmallOptions();
+    c.set(o);
+    auto opened = Engine::open(o);
+    ASSERT_FALSE(opened.ok()) << c.what << ": opened";
+    EXPECT_EQ(opened.status().code(), StatusCode::kInvalidArgument) << c.what;
+    EXPECT_NE(opened.status().message().find(c.says), std::string_view::npos)
+        << c.what << ": " << opened.status().to_string();
+  }
+  // None of them made the segment it named.
+  EXPECT_NE(::access("/dev/shm/jobengine-never-opened", F_OK), 0);
 }
 
 TEST(EngineOpenTest, BoundaryValuesAreAccepted) {
