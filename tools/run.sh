@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
 done
 cd "$(dirname "$0")/.."
 bash tools/demo.sh --check "${args[@]}"  # a --work it would refuse: before installing and building
-bash tools/setup.sh
+bash tools/setup.sh --release  # the release preset's packages only
 cmake --preset release >/dev/null
 cmake --build --preset release --target jobengine-demo jobsnap
 exec bash tools/demo.sh "${args[@]}"

@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages jobengine builds with, when missing.
-# Usage: tools/setup.sh   (as your usual user: it runs apt-get through sudo when
-#                          not root; as root where there is no sudo)
+# Usage: tools/setup.sh [--release]
+#   (as your usual user: it runs apt-get through sudo when not root; as root
+#   where there is no sudo)
+#   --release  only what the release preset needs (tools/run.sh: the demo):
+#              no clang, qemu, ARM cross compiler or gnuplot
 # Idempotent: asks apt only for what dpkg does not already have.
 set -euo pipefail
 
+release_only=false
+case "${1:-}" in
+  "") ;;
+  --release) release_only=true ;;
+  *) echo "usage: tools/setup.sh [--release]" >&2; exit 64 ;;
+esac
+
+# What configuring and building the release preset needs (every target).
 packages=(
   build-essential cmake ninja-build pkg-config
   libconcurrentqueue-dev   # moodycamel::ConcurrentQueue (the job queues)
@@ -12,15 +23,19 @@ packages=(
   libboost-dev             # Boost headers (Interprocess, asio baseline)
   libgtest-dev             # GoogleTest
   libbenchmark-dev         # Google Benchmark
-  clang libclang-rt-14-dev # sanitizer presets (asan, tsan)
-  python3                  # bench/ratios.py, bench report
+  python3                  # tools/demo.sh's checks, bench/ratios.py, bench report
   libcli11-dev             # jobsnap's command line (CLI11)
   nlohmann-json3-dev       # jobsnap --json, metrics_json tests
   libtbb-dev               # oneTBB baseline in bench/
-  gnuplot-nox              # bench plots (PNG)
-  googletest               # GoogleTest sources, built for aarch64 in the ARM run
-  g++-aarch64-linux-gnu qemu-user  # ARM cross-build, run under qemu-user
 )
+if ! $release_only; then
+  packages+=(
+    clang libclang-rt-14-dev # sanitizer presets (asan, tsan) and the fuzzers
+    gnuplot-nox              # bench plots (PNG)
+    googletest               # GoogleTest sources, built for aarch64 in the ARM run
+    g++-aarch64-linux-gnu qemu-user  # ARM cross-build, run under qemu-user
+  )
+fi
 
 missing=()
 for p in "${packages[@]}"; do
