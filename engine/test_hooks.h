@@ -34,4 +34,8 @@ inline std::atomic<void (*)(JobId)> g_before_batch{nullptr};
 // horizon (the cut still holds every slot retired since it began).
 inline std::atomic<void (*)()> g_before_end_cut{nullptr};
 
+// Called by the snapshot thread once a snapshot's shared-memory image is
+// committed (published), before the same snapshot's disk publish.
+inline std::atomic<void (*)()> g_after_shm_commit{nullptr};
+
 }  // namespace jobengine::detail

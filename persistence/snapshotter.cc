@@ -41,6 +41,7 @@
 
 #include "engine/clock.h"
 #include "engine/persistence_hooks.h"
+#include "engine/test_hooks.h"
 #include "engine/thread_util.h"
 #include "jobengine/snapshot_format.h"
 #include "persistence/file_store.h"
@@ -611,9 +612,25 @@ class Snapshotter final : public Persistence {
                                                               encoder_.whole_checksum())
                                          : sink.error();
     }
+    if (in_place && shm_failure.ok()) {
+      if (auto* hook = detail::g_after_shm_commit.load(std::memory_order_relaxed)) [[unlikely]] {
+        hook();
+      }
+    }
     const bool to_file = to_disk && disk_;
     if (to_file) {
-      disk_failure = !refused.ok() ? refused : disk_->publish(generation, image);
+      // Out of memory here (the paths the publish builds) fails the disk
+      // store only: the segment holds this generation already, and
+      // out_of_memory() would have marked both stores failed.
+      try {
+        disk_failure = !refused.ok() ? refused : disk_->publish(generation, image);
+      } catch (const std::bad_alloc&) {
+        static constexpr Status::Rep kRep{
+            StatusCode::kInternal, false,
+            "out of memory writing the generation file; the directory keeps its previous "
+            "generations"};
+        disk_failure = Status(kRep);
+      }
       // From here on a published generation is recorded as published:
       // nothing on the success path may throw (out_of_memory() would count
       // it failed). The path is best effort.
@@ -632,25 +649,39 @@ class Snapshotter final : public Persistence {
     const bool disk_ok = to_file && disk_failure.ok();
     {
       std::lock_guard<std::mutex> lock(error_mu_);
-      // Text only for a failure (a success clears without allocating).
-      const auto label = [generation](const Status& f) {
-        return "generation " + std::to_string(generation) + ": " + f.to_string();
+      // Text only for a failure (a success clears without allocating). Out
+      // of memory for the text leaves "out of memory": a throw from here
+      // would have had out_of_memory() mark a store that published as failed.
+      const auto set_error = [generation](std::string& text, const Status& f) noexcept {
+        try {
+          text = "generation " + std::to_string(generation) + ": " + f.to_string();
+        } catch (const std::bad_alloc&) {
+          try {
+            text.assign("out of memory");  // fits the string's own buffer: no allocation
+          } catch (const std::bad_alloc&) {
+          }
+        }
       };
       if (in_place) {
         if (shm_ok) shm_error_.clear();
-        else shm_error_ = label(shm_failure);
+        else set_error(shm_error_, shm_failure);
       }
       if (to_file) {
         if (disk_ok) disk_error_.clear();
-        else disk_error_ = label(disk_failure);
+        else set_error(disk_error_, disk_failure);
       }
-      error_present_.store(!shm_error_.empty() || !disk_error_.empty(), std::memory_order_release);
+      error_present_.store(!shm_error_.empty() || !disk_error_.empty() || (in_place && !shm_ok) ||
+                               (to_file && !disk_ok),
+                           std::memory_order_release);
     }
     for (const Status* f : {&shm_failure, &disk_failure}) {
       if (f->ok()) continue;
       failures_.fetch_add(1, std::memory_order_relaxed);
-      log(LogLevel::kError, "snapshot generation " + std::to_string(generation) + ": " +
-                                f->to_string());
+      try {
+        log(LogLevel::kError, "snapshot generation " + std::to_string(generation) + ": " +
+                                  f->to_string());
+      } catch (const std::bad_alloc&) {
+      }
     }
     // A store whose publish failed holds an older image (or none): its next
     // periodic snapshot must be written whatever changed, or an idle

@@ -200,6 +200,58 @@ TEST(SnapshotOutOfMemoryTest, SnapshotNowFailsCleanlyAndTheNextOneHoldsEveryJob)
   EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
 }
 
+// Memory that runs out after the segment published a snapshot, as the disk
+// publish builds its paths, fails the disk store only: the segment's
+// generation counts as published (health() names it), one failure is
+// counted, not two, and the next snapshot reaches both stores. Before, the
+// snapshot as a whole was failed and both stores were marked failed.
+TEST(SnapshotOutOfMemoryTest, MemoryThatRunsOutAfterTheSegmentPublishedFailsOnlyTheDisk) {
+  TempDir tmp;
+  const std::string shm = "jobengine-oom-commit-" + std::to_string(::getpid());
+  struct Unlink {
+    std::string name;
+    ~Unlink() { (void)::unlink(("/dev/shm/" + name).c_str()); }
+  } unlink_at_end{shm};
+  EngineOptions o = DiskOptions(tmp.dir(), milliseconds(0));
+  o.snapshot.shm_name = shm;
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+  ASSERT_TRUE(e->start().ok());
+  const HandlerId count = *e->handler_id("count");
+  ASSERT_TRUE(e->submit(count, "later", {.delay = std::chrono::hours(1)}).ok());
+  auto first = e->snapshot_now();
+  ASSERT_TRUE(first.ok()) << first.status().to_string();
+  const Health before = e->health();
+  ASSERT_EQ(before.last_snapshot_generation, first->generation);
+  // Every allocation of the snapshot thread fails from the segment's commit on.
+  static constexpr void (*kFailFromHere)() = [] {
+    g_failing_thread.store(static_cast<unsigned long>(::pthread_self()));
+  };
+  detail::g_after_shm_commit.store(kFailFromHere);
+  auto failed = e->snapshot_now();
+  detail::g_after_shm_commit.store(nullptr);
+  g_failing_thread.store(0);
+  ASSERT_FALSE(failed.ok()) << "the disk publish never ran out of memory";
+  EXPECT_EQ(failed.status().code(), StatusCode::kInternal) << failed.status().to_string();
+  const Health after = e->health();
+  EXPECT_EQ(after.last_snapshot_generation, first->generation + 1)
+      << "the segment's generation is published";
+  EXPECT_EQ(after.last_durable_generation, first->generation);
+  EXPECT_EQ(after.snapshot_failures, before.snapshot_failures + 1) << "the disk's failure only";
+  // (No memory for more words than these on that thread.)
+  EXPECT_NE(after.last_snapshot_error.find("out of memory"), std::string::npos)
+      << after.last_snapshot_error;
+  EXPECT_FALSE(after.ok);
+  auto again = e->snapshot_now();
+  ASSERT_TRUE(again.ok()) << again.status().to_string();
+  EXPECT_EQ(again->generation, first->generation + 2);
+  const Health last = e->health();
+  EXPECT_EQ(last.last_durable_generation, again->generation);
+  EXPECT_TRUE(last.last_snapshot_error.empty()) << last.last_snapshot_error;
+  ASSERT_TRUE(e->stop(StopMode::kAbandon).ok());
+}
+
 TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndResumeAfter) {
   TempDir tmp;
   {
