@@ -154,6 +154,35 @@ TEST(DelayTest, BadDelayOptionsAreInvalidArgument) {
   EXPECT_EQ(engine->submit_batch(batch).status().code(), StatusCode::kInvalidArgument);
 }
 
+// submit_batch() takes none of submit()'s per-job extras: each one refused
+// names the job and the option, and nothing of the batch is accepted.
+TEST(DelayTest, ABatchWithRunAtDeadlineOrKeyIsRefusedWhole) {
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  auto h = engine->register_handler("h", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(engine->start().ok());
+  const SubmitOptions extras[] = {
+      {.run_at = std::chrono::system_clock::now() + hours(1)},
+      {.deadline = seconds(5)},
+      {.unique_key = "k"},
+  };
+  for (const SubmitOptions& extra : extras) {
+    const JobSpec batch[] = {{*h, "first", {}}, {*h, "second", extra}};
+    JobId ids[2] = {0, 0};
+    auto r = engine->submit_batch(batch, ids);
+    ASSERT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status().to_string();
+    EXPECT_NE(r.status().to_string().find("job 1: delay, run_at, deadline and unique_key"),
+              std::string::npos)
+        << r.status().to_string();
+    EXPECT_EQ(ids[0], 0u);
+  }
+  EXPECT_EQ(engine->health().submitted, 0u) << "part of a refused batch was accepted";
+  auto report = engine->stop();
+  ASSERT_TRUE(report.ok());
+  EXPECT_EQ(report->submitted, 0u);
+}
+
 TEST(DelayTest, ManyDelayedJobsFireInRunAtOrder) {
   auto clock = std::make_shared<ManualClock>();
   // Used by handlers: declared before the engine, so they outlive its drain.
@@ -547,6 +576,26 @@ TEST(DeadLetterTest, TheLongestDeadGrowthWindowNeverForgetsADeath) {
     return r.rfind("dead-letter set growing", 0) == 0;
   }));
   ASSERT_TRUE(engine->stop().ok());
+}
+
+// requeue_dead() of a stopped engine: kStopped naming the call and the job,
+// and the letter stays (a later engine's snapshot keeps it).
+TEST(DeadLetterTest, ARequeueAfterStopIsStoppedAndKeepsTheLetter) {
+  auto engine = Engine::open(TestOptions(nullptr));
+  ASSERT_TRUE(engine.ok());
+  auto fails = engine->register_handler("fails", [](JobContext&) { return Outcome::kFail; });
+  ASSERT_TRUE(fails.ok());
+  ASSERT_TRUE(engine->start().ok());
+  auto dead = engine->submit(*fails, "x");
+  ASSERT_TRUE(dead.ok());
+  ASSERT_TRUE(WaitUntil([&] { return engine->dead_letters().size() == 1; }));
+  ASSERT_TRUE(engine->stop().ok());
+  auto again = engine->requeue_dead(*dead);
+  ASSERT_EQ(again.status().code(), StatusCode::kStopped) << again.status().to_string();
+  EXPECT_NE(again.status().to_string().find("requeue_dead(): job " + std::to_string(*dead)),
+            std::string::npos)
+      << again.status().to_string();
+  ASSERT_EQ(engine->dead_letters().size(), 1u);
 }
 
 // requeue_dead() brings the job back with its own options: its unique key,

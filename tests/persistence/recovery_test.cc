@@ -184,6 +184,25 @@ TEST(RecoveryTest, SnapshotNowNeedsADiskStore) {
   EXPECT_EQ(e->state(), EngineState::kRunning) << "a refused stop must leave the engine running";
 }
 
+// snapshot_now() with a disk store but no running engine: before start()
+// and after stop(), kFailedPrecondition saying so; nothing is written.
+TEST(RecoveryTest, SnapshotNowNeedsARunningEngine) {
+  TempDir tmp;
+  auto e = Engine::open(DiskOptions(tmp.dir()));
+  ASSERT_TRUE(IsOk(e));
+  for (int round = 0; round < 2; ++round) {
+    if (round == 1) {
+      ASSERT_TRUE(IsOk(e->start()));
+      ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
+    }
+    auto snap = e->snapshot_now();
+    ASSERT_FALSE(snap.ok()) << round;
+    EXPECT_EQ(snap.status().code(), StatusCode::kFailedPrecondition) << round;
+    EXPECT_NE(snap.status().message().find("not running"), std::string::npos)
+        << round << ": " << snap.status().to_string();
+  }
+}
+
 // Set by SlotsASleepingWorkerHeldForASnapshotComeBackWhenItEnds.
 std::atomic<bool> g_cut_hook_open{false};
 Gate* g_cut_hook_gate = nullptr;
