@@ -355,7 +355,9 @@ class Engine {
   // the scheduler's wake-up). Only an id that no hint names any more (more
   // than `capacity` submits old, or never issued) costs a scan of the regions
   // of the table with slots in use (about the pending jobs, not the capacity),
-  // memory-bound: ~0.4 ms per 64k slots, ~17 ms per 1M. kNotFound when no
+  // memory-bound: ~0.4 ms per 64k slots, ~17 ms per 1M. A cancelled job's
+  // unique key is freed in O(1) too (by id; every pending key was scanned
+  // before: ~40 ms with 200k keyed jobs pending). kNotFound when no
   // pending job has that id (finished, dead, or never existed);
   // kFailedPrecondition when the engine is neither running nor stopping.
   Result<CancelResult> cancel(JobId id);
