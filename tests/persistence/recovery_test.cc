@@ -306,10 +306,6 @@ TEST(RecoveryTest, SnapshotNowIsDurableAndHoldsEveryPendingJob) {
   ASSERT_TRUE(IsOk(e->stop(StopMode::kDrain)));
 }
 
-// After a restart, health() names the generation recovery loaded as the
-// newest (and durable) one, with its size and a fresh age, before this
-// process publishes any: it said 0 until then (for ever here, where no
-// periodic snapshot runs).
 // A restored job's unique key is found by its id, as a submitted one's:
 // cancel() frees it at once, and a new submit with it is a new job.
 TEST(RecoveryTest, CancellingARestoredKeyedJobFreesItsKeyAtOnce) {
@@ -347,6 +343,10 @@ TEST(RecoveryTest, CancellingARestoredKeyedJobFreesItsKeyAtOnce) {
   ASSERT_TRUE(IsOk(e->stop(StopMode::kAbandon)));
 }
 
+// After a restart, health() names the generation recovery loaded as the
+// newest (and durable) one, with its size and a fresh age, before this
+// process publishes any: it said 0 until then (for ever here, where no
+// periodic snapshot runs).
 TEST(RecoveryTest, HealthNamesTheRecoveredGenerationBeforeTheFirstNewSnapshot) {
   TempDir tmp;
   std::uint64_t generation = 0;
