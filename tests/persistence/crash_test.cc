@@ -26,8 +26,10 @@
 //     i.e. while snapshot_now() cuts, encodes and writes shared memory and
 //     disk (temp file, fsync, rename, directory fsync);
 //   - during recovery: after a random-instant kill, a second child recovers
-//     (Engine::open + start) and is killed at a random instant too, often
-//     before start() has returned; the parent then recovers and checks as
+//     (Engine::open + start) and is killed at a random instant too, mostly
+//     after open() began and before start() has returned (the kill times
+//     follow how long a recovery takes on this machine; at least half the
+//     kills must land there); the parent then recovers and checks as
 //     above (a recovery that died must leave the stores as they were).
 // JOBENGINE_CRASH_KILLS sets the number of kills (default 200 for random
 // instants; the other two do a fifth of it, at least 5).
@@ -200,6 +202,7 @@ struct Counts {
   std::size_t kills_inside_snapshot = 0;     // the log ended inside BEGIN..END
   std::size_t recovery_kills = 0;            // recovering children killed
   std::size_t recovery_kills_before_ready = 0;  // ... before start() returned
+  std::size_t recovery_kills_inside = 0;     // ... after Engine::open() began, before start() returned
   std::size_t recoveries = 0;                // recoveries that found a snapshot
   std::size_t jobs_back = 0;
   std::size_t lost_checks = 0;               // acknowledged jobs checked present
@@ -210,15 +213,18 @@ struct Counts {
   std::size_t skipped_candidates = 0;        // torn/partial images recovery rejected
   std::size_t lock_waits = 0;                // 1 ms waits for a dead child's segment lock
   std::size_t recoverer_generations = 0;     // recovered a killed recovering engine's generation
+  std::int64_t recovery_kill_range_us = 0;   // the last range recovery kill times were drawn from
   ~Counts() {
     std::printf(
         "crash campaign: %zu kills (%zu inside a snapshot), %zu recoveries killed (%zu before "
-        "start() returned, %zu after publishing a generation), %zu recoveries found a snapshot, %zu jobs came back, %zu "
+        "start() returned, %zu of them after open() began; %zu after publishing a generation; "
+        "kill times drawn up to %lld us), %zu recoveries found a snapshot, %zu jobs came back, %zu "
         "lost-checks; violations: %zu jobs lost, %zu duplicated from before the cut, %zu ran "
         "twice, %zu recovered older than acknowledged; %zu torn or partial candidates "
         "rejected, 0 loaded; %zu ms waited for a dead child's segment lock\n",
         kills, kills_inside_snapshot, recovery_kills, recovery_kills_before_ready,
-        recoverer_generations, recoveries,
+        recovery_kills_inside, recoverer_generations, static_cast<long long>(recovery_kill_range_us),
+        recoveries,
         jobs_back, lost_checks, jobs_lost, duplicated_before_cut, ran_twice,
         older_than_acknowledged, skipped_candidates, lock_waits);
     std::fflush(stdout);
@@ -263,6 +269,9 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
   ASSERT_NE(mkdtemp(base.data()), nullptr);
   Counts counts;
   std::size_t& recovered_runs = counts.recoveries;
+  // kDuringRecovery: how long a recovering child takes from fork() until its
+  // start() returns, as last measured (see there).
+  std::int64_t recovery_span_us = 4800;
   for (int k = 0; (seconds > 0 ? std::chrono::steady_clock::now() < deadline : k < kills) &&
                   !::testing::Test::HasFailure();
        ++k) {
@@ -354,13 +363,25 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
       if (auto newest = snapshot_tools::load_newest(dir, shm); newest.ok()) {
         left_by_kill = newest->view.header.generation;
       }
+      // The recovering child writes the time (steady clock, the same in
+      // every process) when it calls Engine::open(), then when start() has
+      // returned: the kill landed inside the recovery when only the first
+      // came.
       int started_pipe[2];
       ASSERT_EQ(::pipe2(started_pipe, O_CLOEXEC), 0);
+      const auto stamp = [] {
+        return static_cast<std::int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                             std::chrono::steady_clock::now().time_since_epoch())
+                                             .count());
+      };
+      const std::int64_t forked_ns = stamp();
       const pid_t recoverer = ::fork();
       ASSERT_GE(recoverer, 0);
       if (recoverer == 0) {
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
         ::close(started_pipe[0]);
+        std::int64_t t = stamp();
+        if (::write(started_pipe[1], &t, sizeof t) != sizeof t) ::_exit(5);
         auto e = open_after_kill(dir, shm, nullptr);
         if (!e) ::_exit(2);
         auto h = e->register_handler("crash.job", [](JobContext&) {
@@ -369,21 +390,45 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
         });
         if (!h) ::_exit(3);
         if (!e->start()) ::_exit(4);
-        char c = 's';
-        if (::write(started_pipe[1], &c, 1) != 1) ::_exit(5);
+        t = stamp();
+        if (::write(started_pipe[1], &t, sizeof t) != sizeof t) ::_exit(5);
         for (;;) ::pause();
       }
       ::close(started_pipe[1]);
-      std::this_thread::sleep_for(std::chrono::microseconds(rng() % 6000));
+      // Kill times are drawn from 0 to 5/4 of how long the last recovery
+      // that got through start() took from fork() (a sanitizer or an
+      // emulator makes it many times longer than the first guess, 4.8 ms),
+      // so most kills land while it opens and restores, on any machine.
+      const std::int64_t range_us = recovery_span_us + recovery_span_us / 4;
+      counts.recovery_kill_range_us = range_us;
+      const std::int64_t delay_us = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(range_us));
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
       ::kill(recoverer, SIGKILL);
       int rstatus = 0;
       ASSERT_EQ(::waitpid(recoverer, &rstatus, 0), recoverer);
       ASSERT_TRUE(WIFSIGNALED(rstatus))
           << "the recovering child exited by itself with " << WEXITSTATUS(rstatus);
-      char c = 0;
-      ++counts.recovery_kills;
-      if (::read(started_pipe[0], &c, 1) != 1) ++counts.recovery_kills_before_ready;
+      std::int64_t stamps[2] = {0, 0};
+      std::size_t got = 0;
+      while (got < sizeof stamps) {
+        const ssize_t n = ::read(started_pipe[0], reinterpret_cast<char*>(stamps) + got, sizeof stamps - got);
+        if (n <= 0) break;
+        got += static_cast<std::size_t>(n);
+      }
       ::close(started_pipe[0]);
+      const bool began = got >= sizeof stamps[0];
+      const bool returned = got >= sizeof stamps;
+      ++counts.recovery_kills;
+      if (!returned) ++counts.recovery_kills_before_ready;
+      if (began && !returned) ++counts.recovery_kills_inside;
+      if (returned) {
+        recovery_span_us = std::max<std::int64_t>(100, (stamps[1] - forked_ns) / 1000);
+      } else if (!began) {
+        // Before the child even ran: far too early for this machine.
+        recovery_span_us = std::max(recovery_span_us, 2 * delay_us);
+      } else {
+        recovery_span_us = std::max(recovery_span_us, delay_us);
+      }
     }
 
     // Recover.
@@ -501,6 +546,12 @@ void RunCampaign(KillMode campaign_mode, int kills, int seconds) {
     EXPECT_GE(counts.kills_inside_snapshot, counts.kills / 2)
         << "too few kills landed inside a snapshot";
   }
+  if (campaign_mode == KillMode::kDuringRecovery) {
+    // Killed before the recovering child ran, or after its start()
+    // returned, the campaign checks nothing about a recovery cut short.
+    EXPECT_GE(counts.recovery_kills_inside, std::max<std::size_t>(1, counts.recovery_kills / 2))
+        << "too few kills landed inside a recovery (after open() began, before start() returned)";
+  }
 }
 
 TEST(CrashTest, SigkillAtRandomInstantsLosesNothingTheSnapshotHeld) {
@@ -556,9 +607,29 @@ Outcome KillTheProcess(JobContext&) {
   return Outcome::kDone;
 }
 
+// The poison jobs' delay. Every life runs its engine on a test clock of its
+// own (EngineOptions::test_clock; each forked life has its own copy of the
+// clock, at offset 0) and makes them due by moving it past the delay
+// (FastForwardPastThePoison()), never by waiting: life 0 only once its
+// snapshot is durable (a 200 ms real delay let a slow fsync lose that race:
+// life 0 died with nothing on disk). The snapshot keeps the delay (run_at
+// in wall time, an hour on), so each later life restores the jobs an hour
+// out and moves its own clock too.
+constexpr auto kPoisonDelay = std::chrono::hours(1);
+
+EngineOptions PoisonOptions(EngineOptions o) {
+  o.test_clock = std::make_shared<ManualClock>();
+  return o;
+}
+
+void FastForwardPastThePoison(const EngineOptions& o) {
+  if (o.test_clock) o.test_clock->advance(2 * kPoisonDelay);
+}
+
 // Life 0 of a poison scenario: jobs of `payloads` for the "poison" handler
-// (KillTheProcess), delayed 200 ms, in a durable snapshot; one falls due and
-// kills the life. Returns its wait status.
+// (KillTheProcess), delayed kPoisonDelay, in a durable snapshot; then the
+// test clock makes them due and one kills the life. Returns its wait status
+// (exit 5: the snapshot failed; exit 6: no job killed it).
 int PoisonLifeZero(const EngineOptions& o, std::initializer_list<const char*> payloads) {
   return RunLife([&] {
     auto e = Engine::open(o);
@@ -566,18 +637,21 @@ int PoisonLifeZero(const EngineOptions& o, std::initializer_list<const char*> pa
     auto h = e->register_handler("poison", KillTheProcess);
     if (!h || !e->start()) ::_exit(3);
     for (const char* p : payloads) {
-      if (!e->submit(*h, p, {.delay = milliseconds(200)})) ::_exit(4);
+      if (!e->submit(*h, p, {.delay = kPoisonDelay})) ::_exit(4);
     }
     if (!e->snapshot_now()) ::_exit(5);
+    // Durable: only now may a job run.
+    FastForwardPastThePoison(o);
     std::this_thread::sleep_for(std::chrono::seconds(10));
     ::_exit(6);  // it should have died
   });
 }
 
 // Restarts the "poison" engine until a life survives: each life opens,
-// starts, and (until `quarantined` says so) waits to be killed; a surviving
-// life checks `survived` (exit 0 when it holds). Returns the number of the
-// life that exited by itself, or 0 if every one of `max_lives` was killed;
+// starts, makes the restored poison jobs due (FastForwardPastThePoison())
+// and (until `quarantined` says so) waits to be killed; a surviving life
+// checks `survived` (exit 0 when it holds). Returns the number of the life
+// that exited by itself, or 0 if every one of `max_lives` was killed;
 // *status is its wait status.
 int RestartUntilQuarantined(const EngineOptions& o, int max_lives,
                             const std::function<bool(Engine&, const StartReport&)>& quarantined,
@@ -589,6 +663,7 @@ int RestartUntilQuarantined(const EngineOptions& o, int max_lives,
       if (!e->register_handler("poison", KillTheProcess)) ::_exit(3);
       auto started = e->start();
       if (!started) ::_exit(4);
+      FastForwardPastThePoison(o);
       // Not quarantined yet: a job runs and kills this life (never an exit of
       // ours, which would race with the handler's kill).
       const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -610,7 +685,7 @@ TEST(CrashTest, AJobThatKillsTheProcessAtOnceIsQuarantinedAfterMaxRecoveries) {
   // grew: every restart ran it again and died (seen 8 lives of 8).
   LiveRecordPlace place;
   ASSERT_FALSE(place.base.empty());
-  EngineOptions o = CrashOptions(place.dir, place.shm);
+  EngineOptions o = PoisonOptions(CrashOptions(place.dir, place.shm));
   o.snapshot.shm_interval = milliseconds(10);  // periodic cuts, which never see it
   ASSERT_EQ(o.snapshot.max_recoveries, 3u);
   int status = PoisonLifeZero(o, {"p"});
@@ -638,7 +713,7 @@ TEST(CrashTest, TwoJobsThatKillTheProcessAreBothQuarantinedNotTakingTurns) {
   // ran X again, and quarantined Y. They took turns forever.
   LiveRecordPlace place;
   ASSERT_FALSE(place.base.empty());
-  EngineOptions o = CrashOptions(place.dir, place.shm);
+  EngineOptions o = PoisonOptions(CrashOptions(place.dir, place.shm));
   o.workers = 1;
   o.snapshot.max_recoveries = 1;
   int status = PoisonLifeZero(o, {"x", "y"});

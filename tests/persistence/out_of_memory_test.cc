@@ -357,11 +357,19 @@ TEST(RecoveryOutOfMemoryTest, ASegmentImageThatCannotBeCopiedFailsOpenInsteadOfL
 // cannot, the hand-over waits (the jobs stay in the inbox) and is retried,
 // and every job runs once memory is back. Before, the heap's growth threw out
 // of the scheduler thread (std::terminate).
+// The jobs must all be held at once, so none may fall due while they are
+// submitted: the engine runs on a test clock (EngineOptions::test_clock),
+// which only the test moves, once memory is back. (Due 300 ms after submit
+// in real time, a submit loop slowed down by a sanitizer or an emulator saw
+// the first jobs run, and the heap never grew that far.)
 TEST(SchedulerOutOfMemoryTest, DelayedJobsWaitForMemoryAndAllRunOnceItIsBack) {
   EngineOptions o;
   o.workers = 1;
   o.capacity = 32768;
+  auto clock = std::make_shared<ManualClock>();
+  o.test_clock = clock;
   constexpr int kJobs = 20000;  // the heap (16 bytes a job) passes 200 KB at ~12,800
+  constexpr auto kDelay = std::chrono::hours(1);
   std::atomic<int> ran{0};
   auto e = Engine::open(o);
   ASSERT_TRUE(e.ok()) << e.status().to_string();
@@ -378,7 +386,7 @@ TEST(SchedulerOutOfMemoryTest, DelayedJobsWaitForMemoryAndAllRunOnceItIsBack) {
     for (int i = 0; i < kJobs && g_refused_scheduler.load() == refused; ++i) {
       // Each one due before the one before it wakes the scheduler, which
       // takes the inbox in each time, so that its heap is what runs out.
-      const auto delay = milliseconds(300) + std::chrono::microseconds(10 * (kJobs - i));
+      const auto delay = kDelay + std::chrono::microseconds(10 * (kJobs - i));
       auto id = e->submit(*h, "later", {.delay = delay});
       if (id.ok()) {
         ++accepted;
@@ -395,6 +403,8 @@ TEST(SchedulerOutOfMemoryTest, DelayedJobsWaitForMemoryAndAllRunOnceItIsBack) {
     EXPECT_EQ(e->health().state, EngineState::kRunning);
   }
   ASSERT_GT(accepted, 12000);
+  EXPECT_EQ(ran.load(), 0) << "a job ran before the test clock made it due";
+  clock->advance(2 * kDelay);  // every job falls due
   ASSERT_TRUE(WaitUntil([&] { return ran.load() == accepted; }))
       << ran.load() << " of " << accepted << " ran";
   auto report = e->stop(StopMode::kDrain);

@@ -116,17 +116,36 @@ TEST(SnapshotScheduleTest, AnIdleEngineWritesNoSnapshotsAndItsSnapshotsStayCurre
   ASSERT_GE(generation, 1u);
   const std::uint64_t unchanged = e->health().snapshots_unchanged;
 
-  std::this_thread::sleep_for(milliseconds(200));
-  const Health idle = e->health();
-  // ~100 snapshots at 2 ms before; at most one now (should the worker's
-  // count of the job's end have come after Settle() on a loaded machine).
-  EXPECT_LE(idle.last_snapshot_generation, generation + 1) << "an idle engine kept writing";
-  // ~100 checks at 2 ms; a loaded machine makes fewer.
-  EXPECT_GE(idle.snapshots_unchanged, unchanged + 10);
+  // 50 periodic checks (~100 ms at 2 ms; however long a loaded machine
+  // takes): each found nothing new, so none wrote. A check that wrote would
+  // not count, and an engine that never skipped times out here.
+  ASSERT_TRUE(WaitUntil([&] { return e->health().snapshots_unchanged >= unchanged + 50; }))
+      << "the idle engine made " << e->health().snapshots_unchanged - unchanged
+      << " checks that found nothing new in " << kWait.count() << " ms";
+  // Not skipped, they were 50 snapshots; at most one was written (should the
+  // worker's count of the job's end have come after Settle() on a loaded
+  // machine).
+  EXPECT_LE(e->health().last_snapshot_generation, generation + 1) << "an idle engine kept writing";
+
   // The snapshot it has is current: its age restarts at every check, so
-  // health() does not call an idle engine's snapshots stale.
-  EXPECT_LT(idle.last_snapshot_age, milliseconds(150)) << idle.last_snapshot_age.count() << " ns";
-  EXPECT_TRUE(idle.ok) << (idle.reasons.empty() ? "" : idle.reasons.front());
+  // health() does not call an idle engine's snapshots stale. Two checks
+  // after `since`: the second began (and took its time) after the first
+  // was counted, so after `since`; the age health() reports then is at most
+  // the time since `since`, however the threads were scheduled.
+  const auto since = steady_clock::now();
+  const std::uint64_t checks = e->health().snapshots_unchanged;
+  ASSERT_TRUE(WaitUntil([&] { return e->health().snapshots_unchanged >= checks + 2; }));
+  const Health idle = e->health();
+  const auto bound = steady_clock::now() - since;
+  EXPECT_LE(idle.last_snapshot_age, bound)
+      << idle.last_snapshot_age.count() << " ns old, yet a check ended less than "
+      << std::chrono::nanoseconds(bound).count() << " ns ago";
+  // Not stale (older than 2 * shm_interval + 1 s) unless the wait itself
+  // took that long.
+  if (bound < milliseconds(1000)) {
+    EXPECT_TRUE(idle.ok) << (idle.reasons.empty() ? "" : idle.reasons.front());
+  }
+  EXPECT_LE(idle.last_snapshot_generation, generation + 1) << "an idle engine kept writing";
   EXPECT_NE(e->metrics_text().find("jobengine_snapshot_unchanged_total"), std::string::npos);
 
   // The next change is in the next snapshot.

@@ -2689,6 +2689,20 @@ TEST(JobsnapCliTest, ErrorsAreJsonWithJson) {
 // before (the newest generation) or the chosen one, never a torn or mixed
 // image; a full restore afterwards still works. JOBENGINE_RESTORE_KILLS sets
 // the count (tools/torture.sh runs thousands).
+//
+// Where the kills land: a kill landed inside the restore's writes when the
+// process died by it with the directory locked (its LOCK file, made by the
+// restore under way: the directory starts without one). The times follow
+// when an uninterrupted restore locks the directory and exits here, measured
+// first: with a fixed range, a sanitizer or an emulator (many times slower)
+// put every kill before the restore began writing, and a range wide enough
+// for them put most kills after it had exited on a fast machine. So three
+// kills in four come at a random instant of the writes: once the LOCK file
+// shows up (as the crash test's kills inside a snapshot wait for one to
+// begin), after a random part of how long the writes take (as measured,
+// adjusted as the kills go); the fourth at a random instant from the start
+// to a little past the exit.
+// At least a quarter of the kills must land inside the writes.
 TEST(JobsnapRestoreTest, KilledAtAnyInstantLeavesADirectoryThatLoadsTheOldOrTheChosenJobs) {
   int kills = 20;
   if (const char* v = std::getenv("JOBENGINE_RESTORE_KILLS"); v != nullptr && *v != '\0') {
@@ -2696,30 +2710,24 @@ TEST(JobsnapRestoreTest, KilledAtAnyInstantLeavesADirectoryThatLoadsTheOldOrTheC
   }
   std::uint64_t seed = static_cast<std::uint64_t>(::getpid()) * 2654435761u;
   std::printf("[ restore-kill ] %d kills, seed %llu\n", kills, static_cast<unsigned long long>(seed));
-  int loaded_old = 0, loaded_chosen = 0;
-  for (int k = 0; k < kills; ++k) {
-    TempDir tmp;
-    std::vector<JobRecord> old_jobs, chosen_jobs;
-    for (JobId id = 1; id <= 200; ++id) old_jobs.push_back(Job(id));
-    for (JobId id = 500; id <= 520; ++id) chosen_jobs.push_back(Job(id));
-    PutGeneration(tmp.snap(), 1, old_jobs);
-    PutGeneration(tmp.snap(), 2, chosen_jobs);
-    PutGeneration(tmp.snap(), 3, old_jobs);
-    PutGeneration(tmp.snap(), 4, old_jobs);
-    std::set<JobId> old_ids, chosen_ids;
-    for (const auto& j : old_jobs) old_ids.insert(j.id);
-    for (const auto& j : chosen_jobs) chosen_ids.insert(j.id);
-    seed ^= seed << 13;
-    seed ^= seed >> 7;
-    seed ^= seed << 17;
-    const auto delay = std::chrono::microseconds(seed % 20000);
-    std::string dir = tmp.snap();
+  std::vector<JobRecord> old_jobs, chosen_jobs;
+  for (JobId id = 1; id <= 200; ++id) old_jobs.push_back(Job(id));
+  for (JobId id = 500; id <= 520; ++id) chosen_jobs.push_back(Job(id));
+  std::set<JobId> old_ids, chosen_ids;
+  for (const auto& j : old_jobs) old_ids.insert(j.id);
+  for (const auto& j : chosen_jobs) chosen_ids.insert(j.id);
+  const auto prepare = [&](const std::string& dir) {
+    PutGeneration(dir, 1, old_jobs);
+    PutGeneration(dir, 2, chosen_jobs);
+    PutGeneration(dir, 3, old_jobs);
+    PutGeneration(dir, 4, old_jobs);
+  };
+  const auto spawn = [](const std::string& dir) {
     std::vector<std::string> argv_s = {JOBSNAP_PATH, "restore", dir, "--generation", "2"};
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
     const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
     if (pid == 0) {
       const int null = ::open("/dev/null", O_RDWR);
       ::dup2(null, 0);
@@ -2728,10 +2736,92 @@ TEST(JobsnapRestoreTest, KilledAtAnyInstantLeavesADirectoryThatLoadsTheOldOrTheC
       ::execv(argv[0], argv.data());
       ::_exit(126);
     }
+    return pid;
+  };
+  using std::chrono::microseconds;
+  using std::chrono::steady_clock;
+  const auto since = [](steady_clock::time_point t0) {
+    return static_cast<std::int64_t>(
+        std::chrono::duration_cast<microseconds>(steady_clock::now() - t0).count());
+  };
+  // Polls until `lock` exists or the child `pid` has ended (not reaped).
+  const auto wait_for_lock = [](pid_t pid, const std::string& lock) {
+    for (;;) {
+      if (::access(lock.c_str(), F_OK) == 0) return true;
+      siginfo_t info{};
+      if (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0 ||
+          info.si_pid == pid) {
+        return ::access(lock.c_str(), F_OK) == 0;
+      }
+      std::this_thread::sleep_for(microseconds(20));
+    }
+  };
+  // Three uninterrupted restores: when each locked the directory and exited.
+  std::vector<std::int64_t> locked_us, took_us, writes_us;
+  for (int run = 0; run < 3; ++run) {
+    TempDir tmp;
+    prepare(tmp.snap());
+    const auto t0 = steady_clock::now();
+    const pid_t pid = spawn(tmp.snap());
+    ASSERT_GE(pid, 0);
+    const bool locked = wait_for_lock(pid, tmp.snap() + "/LOCK");
+    const std::int64_t locked_at = since(t0);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    const std::int64_t took = since(t0);
+    ASSERT_TRUE(locked && WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "an uninterrupted restore failed, status " << status;
+    locked_us.push_back(locked_at);
+    took_us.push_back(took);
+    writes_us.push_back(std::max<std::int64_t>(100, took - locked_at));
+  }
+  std::sort(locked_us.begin(), locked_us.end());
+  std::sort(took_us.begin(), took_us.end());
+  std::sort(writes_us.begin(), writes_us.end());
+  const std::int64_t anywhere_us = took_us[1] + took_us[1] / 4;
+  std::printf("[ restore-kill ] uninterrupted, a restore locks the directory after %lld us and "
+              "exits after %lld us (median of 3), its writes take %lld us at least\n",
+              static_cast<long long>(locked_us[1]), static_cast<long long>(took_us[1]),
+              static_cast<long long>(writes_us[0]));
+  // Kills in the writes come after a random part of this after the LOCK
+  // file showed up: first the shortest span measured, shortened whenever
+  // such a kill found the restore done, lengthened (up to the longest
+  // measured) whenever one landed inside.
+  std::int64_t writes_window_us = writes_us[0];
+  int loaded_old = 0, loaded_chosen = 0;
+  int killed_before_lock = 0, killed_inside = 0, exited_before_kill = 0;
+  for (int k = 0; k < kills; ++k) {
+    TempDir tmp;
+    const std::string dir = tmp.snap();
+    const std::string lock = dir + "/LOCK";
+    prepare(dir);
+    seed ^= seed << 13;
+    seed ^= seed >> 7;
+    seed ^= seed << 17;
+    const bool in_writes = seed % 4 != 0;
+    const auto delay = microseconds(static_cast<std::int64_t>(
+        (seed / 4) % static_cast<std::uint64_t>(in_writes ? writes_window_us : anywhere_us)));
+    const auto t0 = steady_clock::now();
+    const pid_t pid = spawn(dir);
+    ASSERT_GE(pid, 0);
+    if (in_writes) (void)wait_for_lock(pid, lock);
     std::this_thread::sleep_for(delay);
     ::kill(pid, SIGKILL);
+    const std::int64_t killed_at = since(t0);
     int status = 0;
-    ::waitpid(pid, &status, 0);
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    if (!WIFSIGNALED(status)) {
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+          << "kill " << k << ": the restore failed by itself, status " << status;
+      ++exited_before_kill;
+      // The writes went faster than measured (fsync times vary widely).
+      if (in_writes) writes_window_us = std::max<std::int64_t>(100, writes_window_us * 3 / 4);
+    } else if (::access(lock.c_str(), F_OK) == 0) {
+      ++killed_inside;
+      if (in_writes) writes_window_us = std::min(writes_us[2], writes_window_us * 9 / 8);
+    } else {
+      ++killed_before_lock;
+    }
     // What an engine would load now, by the engine's own loader.
     const Started s = StartEngine(dir);
     if (s.ids == old_ids) {
@@ -2739,7 +2829,7 @@ TEST(JobsnapRestoreTest, KilledAtAnyInstantLeavesADirectoryThatLoadsTheOldOrTheC
     } else if (s.ids == chosen_ids) {
       ++loaded_chosen;
     } else {
-      ADD_FAILURE() << "kill " << k << " after " << delay.count()
+      ADD_FAILURE() << "kill " << k << " after " << killed_at
                     << " us: the directory loaded neither the old nor the chosen jobs ("
                     << s.ids.size() << " jobs from " << s.recovery.source << ")";
       return;
@@ -2751,8 +2841,12 @@ TEST(JobsnapRestoreTest, KilledAtAnyInstantLeavesADirectoryThatLoadsTheOldOrTheC
       return;
     }
   }
-  std::printf("[ restore-kill ] loaded the old jobs after %d kills, the chosen ones after %d\n",
-              loaded_old, loaded_chosen);
+  std::printf("[ restore-kill ] loaded the old jobs after %d kills, the chosen ones after %d; "
+              "killed before it locked the directory %d times, inside its writes %d times, "
+              "after it had exited %d times\n",
+              loaded_old, loaded_chosen, killed_before_lock, killed_inside, exited_before_kill);
+  EXPECT_GE(killed_inside, std::max(1, kills / 4))
+      << "too few kills landed while the restore had the directory locked";
 }
 
 }  // namespace
