@@ -1038,7 +1038,9 @@ class Engine::Impl final : public detail::CutSource {
         unclaim(ps, slots, i, epoch);                 // filled
         give_back_slots(ps, slots + i, n - i);        // not yet
         leave_intake(ps);
-        if (!ids.empty()) std::fill(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(i), 0);
+        // Nothing accepted: every id reads 0 (the caller's buffer may hold
+        // a previous batch's ids past `i`).
+        if (!ids.empty()) std::fill(ids.begin(), ids.end(), 0);
         return Status(StatusCode::kInternal, "submit_batch(): job " + std::to_string(i) + ": " +
                                                  std::string(out_of_memory_status(jobs[i].payload.size()).message()));
       }

@@ -308,6 +308,26 @@ Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, u
                       std::to_string(info.value.uid) + ", not by this process's uid " +
                       std::to_string(euid));
   }
+  // A generation numbered 2^64 - 1 leaves no number for the next publish:
+  // every one would be refused. Refused before anything is created in the
+  // directory, naming the file to move away; looked for before its mode is
+  // changed too, so that a refused jobsnap edit leaves the directory as it
+  // found it (and again after, should the mode have kept it from a listing).
+  const auto last_generation_in = [&fs](const std::string& where) -> Result<bool> {
+    Result<std::vector<GenerationFile>> present = list_generations(where, *fs);
+    if (!present.ok()) return present.status();
+    if (!present->empty() && present->front().generation == UINT64_MAX) {
+      return Status(StatusCode::kInvalidArgument,
+                    "snapshot file " + present->front().path + " is generation " +
+                        std::to_string(UINT64_MAX) + ", " + std::string(kLastGenerationWords) +
+                        ": no new generation can be numbered above it; move it out of " + where +
+                        " to use this directory");
+    }
+    return true;
+  };
+  Result<bool> listed = last_generation_in(given);
+  if (!listed.ok() && listed.status().code() == StatusCode::kInvalidArgument) return listed.status();
+
   if (info.value.mode != kDirMode) {
     if (int err = fs->chmod(given, kDirMode); err != 0) return io_error("chmod 0700", given, err);
   }
@@ -339,20 +359,8 @@ Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, u
                   "snapshot directory " + given + " was replaced while it was opened");
   }
 
-  // A generation numbered 2^64 - 1 leaves no number for the next publish:
-  // every one would be refused. Refused here, before anything is created in
-  // the directory, naming the file to move away.
-  {
-    Result<std::vector<GenerationFile>> present = list_generations(dir, *fs);
-    if (!present.ok()) return present.status();
-    if (!present->empty() && present->front().generation == UINT64_MAX) {
-      return Status(StatusCode::kInvalidArgument,
-                    "snapshot file " + present->front().path + " is generation " +
-                        std::to_string(UINT64_MAX) +
-                        ", " + std::string(kLastGenerationWords) +
-                        ": no new generation can be numbered above it; move it out of " + dir +
-                        " to use this directory");
-    }
+  if (!listed.ok()) {
+    if (Result<bool> again = last_generation_in(dir); !again.ok()) return again.status();
   }
 
   // The lock: one engine per directory.
@@ -454,14 +462,19 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   // that the generation it holds is not lost; the directory is then fsynced,
   // best effort, so that the name comes back durably too. Should that rename
   // fail as well, the file is left under the temp name, and the error says so.
-  auto put_back = [&](Status failure) -> Status {
-    if (int err = fs.rename_noreplace(temp, recycled->path); err != 0) {
+  // The rename comes first, before the error text is built: out of memory
+  // for the text (bad_alloc) must not leave the generation under the temp
+  // name, which the next open() removes as stale.
+  auto put_back = [&](std::string_view step, const std::string& path, int err) -> Status {
+    const int back = fs.rename_noreplace(temp, recycled->path);
+    if (back == 0) (void)fsync_retrying_eintr(fs, dir_fd_);
+    Status failure = io_error(step, path, err);
+    if (back != 0) {
       return Status(failure.code(),
                     std::string(failure.message()) + "; then rename " + temp + " back to " +
-                        recycled->path + ": " + errno_text(err) + " (generation " +
+                        recycled->path + ": " + errno_text(back) + " (generation " +
                         std::to_string(recycled->generation) + " is left in " + temp + ")");
     }
-    (void)sync_dir_fd();
     return failure;
   };
   SysResult<int> fd{-1, 0};
@@ -471,9 +484,9 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   } else {
     // The old name must be durably gone before its bytes change, so that a
     // power loss cannot bring it back over a half-rewritten file.
-    if (Status s = sync_dir_fd(); !s.ok()) return put_back(std::move(s));
+    if (int err = fsync_retrying_eintr(fs, dir_fd_); err != 0) return put_back("fsync dir", dir_, err);
     fd = fs.open(temp, O_WRONLY | O_NOFOLLOW | O_CLOEXEC, 0);
-    if (!fd.ok()) return put_back(io_error("open", temp, fd.error));
+    if (!fd.ok()) return put_back("open", temp, fd.error);
   }
   ScopedFd closer(fs, fd.value);
   // Whether the temp file's bytes may differ from what it held when opened:
@@ -483,7 +496,7 @@ Status FileStore::publish(std::uint64_t generation, std::span<const unsigned cha
   bool contents_changed = recycled == nullptr;
   auto fail = [&](std::string_view step, const std::string& path, int err) {
     if (closer.get() >= 0) (void)fs.close(closer.release());
-    if (!contents_changed) return put_back(io_error(step, path, err));
+    if (!contents_changed) return put_back(step, path, err);
     (void)fs.unlink(temp);
     return io_error(step, path, err);
   };

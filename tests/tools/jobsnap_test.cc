@@ -2352,11 +2352,17 @@ TEST(JobsnapRefusedTest, NoGenerationPastTheLastNumberIsWritten) {
   EXPECT_TRUE(Contains(r.err, "highest a snapshot can have")) << r;
   EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 0))) << "the generation wrapped to 0";
   WriteBytes(GenPath(tmp.snap(), last), MakeImage(last, {Job(1), Job(2)}));
+  // A directory the operator made 0750: a refused edit leaves its mode (the
+  // store's open() made it 0700 before refusing it).
+  ASSERT_EQ(::chmod(tmp.snap().c_str(), 0750), 0);
   for (const auto& args : std::vector<std::vector<std::string>>{
            {"drop", tmp.snap(), "1"}, {"restore", tmp.snap(), "--from-file", file}}) {
     r = Jobsnap(args);
     EXPECT_EQ(r.code, kRefused) << r;
     EXPECT_TRUE(Contains(r.err, "18446744073709551615")) << r;
+    struct stat st {};
+    ASSERT_EQ(::stat(tmp.snap().c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0750u) << args[0] << " changed the directory's mode";
   }
   EXPECT_FALSE(fs::exists(GenPath(tmp.snap(), 0)));
 }
