@@ -337,10 +337,11 @@ Result<std::unique_ptr<FileStore>> FileStore::open(const std::string& dir_arg, u
   // again in whatever the working directory is at each publish.
   std::string dir;
   {
-    char* resolved = ::realpath(given.c_str(), nullptr);
+    // Owned at once: the copy into `dir` may throw (bad_alloc).
+    const std::unique_ptr<char, decltype(&std::free)> resolved(::realpath(given.c_str(), nullptr),
+                                                               &std::free);
     if (resolved == nullptr) return io_error("realpath", given, errno);
-    dir = resolved;
-    std::free(resolved);
+    dir = resolved.get();
   }
   if (created) {
     // The new directory's own entry must survive power loss too.
