@@ -1212,6 +1212,12 @@ class Engine::Impl final : public detail::CutSource {
         }
       }
     }
+    // Every worker is joined: none runs a job now or ever again, so the live
+    // record has nothing left to tell a crash (its slot file goes).
+    if (live_ != nullptr) {
+      for (auto& w : workers_) w->live = &w->live_idle;
+      live_->close();
+    }
     state_.store(EngineState::kStopped, std::memory_order_release);
 
     Health h = health();

@@ -200,6 +200,10 @@ class LiveRecord {
   virtual std::atomic<std::uint64_t>* running_word(unsigned i) = 0;
   // Raises the lease end to at least `end` (never lowers it). Thread-safe.
   virtual void extend_lease(JobId end) = 0;
+  // A clean stop: no worker runs any more (all joined) and none will. Frees
+  // what only a crash needs (the slot file); the running words are gone
+  // after it. Never fails: a record left as it was reads as idle workers.
+  virtual void close() noexcept = 0;
 };
 
 class Persistence {

@@ -5,11 +5,15 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <string_view>
 
@@ -23,7 +27,10 @@ static_assert(sizeof(std::atomic<std::uint64_t>) == 8 &&
               "a record word is a lock-free 64-bit atomic in the mapping");
 
 constexpr char kMagic[8] = {'J', 'O', 'B', 'L', 'I', 'V', 'E', '1'};
-constexpr std::uint32_t kVersion = 1;
+constexpr char kSlotMagic[8] = {'J', 'O', 'B', 'L', 'I', 'V', 'E', 'S'};
+constexpr std::uint32_t kVersionInFile = 1;    // the slots after the header
+constexpr std::uint32_t kVersionSlotFile = 2;  // the slots in the slot file
+constexpr std::uint32_t kSlotFileVersion = 1;
 
 // The file layer's wording and errno text (errno_text: strerror_r, not the
 // thread-unsafe strerror).
@@ -57,9 +64,27 @@ std::string boot_id() {
   return id;
 }
 
+// A fresh pair id: what ties a header to the slot file armed with it. An
+// inode is no such tie (a LIVE file made anew often gets the old one's).
+std::uint64_t pair_id() {
+  std::uint64_t v = 0;
+  if (::getrandom(&v, sizeof v, GRND_NONBLOCK) == static_cast<ssize_t>(sizeof v) && v != 0) return v;
+  v = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  return (v * 0x9e3779b97f4a7c15ull) ^ static_cast<std::uint64_t>(::getpid()) ^ 1;
+}
+
 }  // namespace
 
-Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& dir) {
+std::string FileLiveRecord::slot_file_path(const std::string& slots_dir, std::uint64_t device,
+                                           std::uint64_t inode) {
+  char name[96];
+  std::snprintf(name, sizeof name, "/jobengine-live-%u-%llx-%llx", static_cast<unsigned>(::geteuid()),
+                static_cast<unsigned long long>(device), static_cast<unsigned long long>(inode));
+  return slots_dir + name;
+}
+
+Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& dir,
+                                                             const std::string& slots_dir) {
   const std::string path = dir + "/LIVE";
   // Through the file layer, as FileStore opens its files: O_CLOEXEC, EINTR
   // asked again, never a symlink (O_NOFOLLOW), never blocked on a FIFO.
@@ -76,11 +101,51 @@ Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& 
   if (info.value.mode != 0600) {
     if (int err = fs.fchmod(fd.value, 0600); err != 0) return errno_status("fchmod 0600", path, err);
   }
+  record->device_ = info.value.device;
+  record->inode_ = info.value.inode;
+  record->slot_path_ = slot_file_path(slots_dir, info.value.device, info.value.inode);
+  // Only opened here: an engine that never starts leaves no slot file behind.
+  (void)record->open_slot_file(/*create=*/false);
   if (Status s = record->read_previous(info.value.size); !s.ok()) return s;
   return record;
 }
 
+bool FileLiveRecord::open_slot_file(bool create) {
+  // Not through the file layer: a tmpfs file, which the disk fault tests
+  // have nothing to say about. O_NOFOLLOW and the owner check: /dev/shm is
+  // every user's, and a file another user put in its place must not name
+  // our workers' jobs.
+  const int flags = O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | (create ? O_CREAT : 0);
+  int fd = -1;
+  do {
+    fd = ::open(slot_path_.c_str(), flags, 0600);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) {
+    if (!create && errno == ENOENT) return false;  // made by arm(), if it comes to that
+    slot_problem_ = "open " + slot_path_ + ": " + errno_text(errno);
+    return false;
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    slot_problem_ = "fstat " + slot_path_ + ": " + errno_text(errno);
+  } else if (!S_ISREG(st.st_mode)) {
+    slot_problem_ = slot_path_ + " is not a regular file";
+  } else if (st.st_uid != ::geteuid()) {
+    slot_problem_ = slot_path_ + " belongs to uid " + std::to_string(st.st_uid) + ", not to this process's";
+  } else if ((st.st_mode & 07777) != 0600 && ::fchmod(fd, 0600) != 0) {
+    slot_problem_ = "fchmod 0600 " + slot_path_ + ": " + errno_text(errno);
+  }
+  if (!slot_problem_.empty()) {
+    ::close(fd);
+    return false;
+  }
+  slot_fd_ = fd;
+  return true;
+}
+
 FileLiveRecord::~FileLiveRecord() {
+  if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
+  if (slot_fd_ >= 0) ::close(slot_fd_);
   if (map_ != nullptr) ::munmap(map_, map_bytes_);
   if (fd_ >= 0) (void)default_file_system()->close(fd_);
 }
@@ -117,12 +182,14 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = "no live-record magic (zeros after a power loss, or not ours)";
     return Status();
   }
-  if (get32(bytes.data() + 8) != kVersion) {
-    previous_problem_ = "version " + std::to_string(get32(bytes.data() + 8)) + ", this build reads 1";
+  const std::uint32_t version = get32(bytes.data() + 8);
+  if (version != kVersionInFile && version != kVersionSlotFile) {
+    previous_problem_ = "version " + std::to_string(version) + ", this build reads 1 and 2";
     return Status();
   }
   const std::uint32_t slots = get32(bytes.data() + 12);
-  if (slots > kMaxSlots || kHeaderBytes + std::uint64_t{slots} * kSlotBytes > size) {
+  const std::uint64_t slots_in_file = version == kVersionInFile ? slots : 0;
+  if (slots > kMaxSlots || kHeaderBytes + slots_in_file * kSlotBytes > size) {
     previous_problem_ = std::to_string(slots) + " worker slots do not fit its " +
                         std::to_string(size) + " bytes";
     return Status();
@@ -138,11 +205,59 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = "written before a reboot: the jobs it names may have finished long before";
     return Status();
   }
+  if (version == kVersionSlotFile) {
+    // A clean stop removed the slot file: no worker was running anything.
+    if ((get32(bytes.data() + kFlagsOffset) & kClosedCleanly) == 0) {
+      read_slot_file(slots, get64(bytes.data() + kPairOffset));
+    }
+    return Status();
+  }
   for (std::uint32_t i = 0; i < slots; ++i) {
     const std::uint64_t id = get64(bytes.data() + kHeaderBytes + std::size_t{i} * kSlotBytes);
     if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
   }
   return Status();
+}
+
+void FileLiveRecord::read_slot_file(std::uint32_t slots, std::uint64_t pair) {
+  const auto ignored = [this](const std::string& why) {
+    previous_problem_ = "its worker slots are ignored: " + why;
+  };
+  if (slot_fd_ < 0) {
+    return ignored(slot_problem_.empty()
+                       ? slot_path_ + " is gone (tmpfs files removed, e.g. by systemd's RemoveIPC)"
+                       : slot_problem_);
+  }
+  // pread: a file that shrinks under the read is short, never a SIGBUS.
+  const std::size_t size = kSlotFileHeaderBytes + std::size_t{slots} * kSlotBytes;
+  std::vector<unsigned char> bytes(size);
+  std::size_t got = 0;
+  while (got < size) {
+    const ssize_t n = ::pread(slot_fd_, bytes.data() + got, size - got, static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ignored("read " + slot_path_ + ": " + errno_text(errno));
+    if (n == 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  if (got == 0) return ignored(slot_path_ + " is empty (a start killed while it armed the record)");
+  if (got < kSlotFileHeaderBytes || std::memcmp(bytes.data(), kSlotMagic, 8) != 0 ||
+      get32(bytes.data() + 8) != kSlotFileVersion) {
+    return ignored(slot_path_ + " is not a slot file");
+  }
+  if (get64(bytes.data() + 16) != device_ || get64(bytes.data() + 24) != inode_ ||
+      get64(bytes.data() + 32) != pair) {
+    return ignored(slot_path_ + " belongs to another LIVE file");
+  }
+  if (get32(bytes.data() + 12) != slots || got != size) {
+    return ignored(slot_path_ + " holds " + std::to_string(get32(bytes.data() + 12)) +
+                   " worker slots in " + std::to_string(got) + " bytes, the header says " +
+                   std::to_string(slots));
+  }
+  for (std::uint32_t i = 0; i < slots; ++i) {
+    const std::uint64_t id =
+        get64(bytes.data() + kSlotFileHeaderBytes + std::size_t{i} * kSlotBytes);
+    if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
+  }
 }
 
 Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
@@ -160,7 +275,10 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
     // after a crash, which the caller logs).
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
+    if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
+    slot_map_ = nullptr;
     (void)default_file_system()->ftruncate(fd_, 0);
+    if (slot_fd_ >= 0) (void)::ftruncate(slot_fd_, 0);
   }
   return armed;
 }
@@ -171,13 +289,14 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   if (!info.ok()) return errno_status("fstat", path_, info.error);
   std::uint64_t have = info.value.size;
   // Never shrunk while it holds a record: a kill between a shrink and the
-  // header's rewrite would leave a header whose slots do not fit (ignored:
-  // the lease lost). Content that is no record goes first.
+  // header's rewrite would leave a (version 1) header whose slots do not fit
+  // (ignored: the lease lost). Content that is no record goes first.
   if (!previous_valid_ && have != 0) {
     if (int err = fs.ftruncate(fd_, 0); err != 0) return errno_status("ftruncate", path_, err);
     have = 0;
   }
-  const std::size_t needed = kHeaderBytes + std::size_t{workers} * kSlotBytes;
+  slots_in_file_ = slot_fd_ < 0 && !open_slot_file(/*create=*/true);
+  const std::size_t needed = kHeaderBytes + (slots_in_file_ ? std::size_t{workers} * kSlotBytes : 0);
   const std::size_t bytes = std::max<std::size_t>(needed, have);
   // Allocated, not sparse: a store into a hole of a full file system would be
   // a SIGBUS on a worker, not an error here.
@@ -189,21 +308,68 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   if (p == MAP_FAILED) return errno_status("mmap", path_, errno);
   map_ = static_cast<unsigned char*>(p);
   map_bytes_ = bytes;
-  slots_ = workers;
-  // The old slots first (their recoveries are durable already), then the
+  // The old slots first (their recoveries are durable already: in this file
+  // for a version-1 record, in the slot file for a version-2 one), then the
   // header: a kill in between leaves the old header over idle slots, its
   // lease intact.
   std::memset(map_ + kHeaderBytes, 0, bytes - kHeaderBytes);
+  if (!slots_in_file_) {
+    pair_ = pair_id();
+    if (Status s = arm_slot_file(workers); !s.ok()) return s;
+  }
+  slots_ = workers;
   word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
-  std::memset(map_ + kCreditedOffset, 0, kHeaderBytes - kCreditedOffset);
+  std::memset(map_ + kCreditedOffset, 0, kHeaderBytes - kCreditedOffset);  // flags 0 included
+  if (!slots_in_file_) std::memcpy(map_ + kPairOffset, &pair_, 8);
   const std::string boot = boot_id();
   std::memcpy(map_ + kBootIdOffset, boot.data(), boot.size());
-  const std::uint32_t version = kVersion;
+  const std::uint32_t version = slots_in_file_ ? kVersionInFile : kVersionSlotFile;
   const std::uint32_t slots = workers;
   std::memcpy(map_ + 8, &version, 4);
   std::memcpy(map_ + 12, &slots, 4);
   std::memcpy(map_, kMagic, 8);
   return Status();
+}
+
+Status FileLiveRecord::arm_slot_file(unsigned workers) {
+  const auto failed = [this](std::string_view what, int error) {
+    return Status(StatusCode::kIoError, "live record slot file " + slot_path_ + ": " +
+                                            std::string(what) + ": " + errno_text(error));
+  };
+  const std::size_t bytes = kSlotFileHeaderBytes + std::size_t{workers} * kSlotBytes;
+  // Emptied, then grown: every old slot reads 0 from here on.
+  if (::ftruncate(slot_fd_, 0) != 0) return failed("ftruncate", errno);
+  if (::ftruncate(slot_fd_, static_cast<off_t>(bytes)) != 0) return failed("ftruncate", errno);
+  // Allocated: a store into a hole of a full tmpfs would be a SIGBUS on a worker.
+  if (int e = allocate_retrying_eintr(slot_fd_, bytes); e != 0) return failed("fallocate", e);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, slot_fd_, 0);
+  if (p == MAP_FAILED) return failed("mmap", errno);
+  slot_map_ = static_cast<unsigned char*>(p);
+  slot_map_bytes_ = bytes;
+  const std::uint32_t version = kSlotFileVersion;
+  const std::uint32_t slots = workers;
+  std::memcpy(slot_map_ + 8, &version, 4);
+  std::memcpy(slot_map_ + 12, &slots, 4);
+  std::memcpy(slot_map_ + 16, &device_, 8);
+  std::memcpy(slot_map_ + 24, &inode_, 8);
+  std::memcpy(slot_map_ + 32, &pair_, 8);
+  std::memcpy(slot_map_, kSlotMagic, 8);
+  return Status();
+}
+
+void FileLiveRecord::close() noexcept {
+  if (map_ == nullptr || closed_) return;
+  closed_ = true;
+  if (slots_in_file_) return;  // nothing to free: idle slots after a clean stop
+  // The flag first: a kill before the unlink leaves a clean record, whose
+  // slot file the next reader does not look at.
+  const std::uint32_t flags = kClosedCleanly;
+  std::memcpy(map_ + kFlagsOffset, &flags, 4);
+  ::munmap(slot_map_, slot_map_bytes_);
+  slot_map_ = nullptr;
+  (void)::unlink(slot_path_.c_str());
+  ::close(slot_fd_);
+  slot_fd_ = -1;
 }
 
 Status FileLiveRecord::mark_credited(std::uint64_t generation) {
@@ -221,7 +387,11 @@ std::atomic<std::uint64_t>* FileLiveRecord::word_at(std::size_t offset) const {
 }
 
 std::atomic<std::uint64_t>* FileLiveRecord::running_word(unsigned i) {
-  if (map_ == nullptr || i >= slots_) return nullptr;
+  if (map_ == nullptr || closed_ || i >= slots_) return nullptr;
+  if (!slots_in_file_) {
+    return reinterpret_cast<std::atomic<std::uint64_t>*>(slot_map_ + kSlotFileHeaderBytes +
+                                                         std::size_t{i} * kSlotBytes);
+  }
   return word_at(kHeaderBytes + std::size_t{i} * kSlotBytes);
 }
 

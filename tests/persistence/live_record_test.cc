@@ -1,10 +1,14 @@
 // The live record (persistence/live_record.h): what a crash must not take
-// with it, in dir/LIVE. The crash behaviour itself (a job that kills the
-// process at once is quarantined; ids are never handed out twice) is in
-// crash_test.cc; here, the file: round trip, and what is ignored or refused.
+// with it, in dir/LIVE and its slot file on tmpfs. The crash behaviour itself
+// (a job that kills the process at once is quarantined; ids are never handed
+// out twice) is in crash_test.cc; here, the files: round trip, and what is
+// ignored or refused. The slot files go in a directory of /dev/shm of each
+// test's own (removed after it), except in the engine's test, which uses the
+// default.
 #include "persistence/live_record.h"
 
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,6 +19,9 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+
+#include "jobengine/engine.h"
 
 namespace jobengine::persist {
 namespace {
@@ -26,21 +33,30 @@ class LiveRecordTest : public ::testing::Test {
   void SetUp() override {
     dir_ = (fs::temp_directory_path() / "jobengine-live-record-XXXXXX").string();
     ASSERT_NE(::mkdtemp(dir_.data()), nullptr);
+    slots_ = "/dev/shm/jobengine-test-live-XXXXXX";
+    ASSERT_NE(::mkdtemp(slots_.data()), nullptr);
   }
   void TearDown() override {
     std::error_code ec;
     fs::remove_all(dir_, ec);
+    fs::remove_all(slots_, ec);
   }
+  Result<std::unique_ptr<FileLiveRecord>> open() const { return FileLiveRecord::open(dir_, slots_); }
   std::string path() const { return dir_ + "/LIVE"; }
+  std::string read_file(const std::string& p) const {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
   void write_file(const std::string& bytes) const {
     std::ofstream(path(), std::ios::binary | std::ios::trunc) << bytes;
   }
   std::string dir_;
+  std::string slots_;
 };
 
 TEST_F(LiveRecordTest, WhatAWorkerWasRunningAndTheLeaseSurviveTheProcess) {
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok()) << r.status().to_string();
     EXPECT_TRUE((*r)->previous_running().empty());
     EXPECT_EQ((*r)->previous_lease_end(), 0u);
@@ -49,16 +65,27 @@ TEST_F(LiveRecordTest, WhatAWorkerWasRunningAndTheLeaseSurviveTheProcess) {
     ASSERT_TRUE((*r)->arm(3, 100).ok());
     ASSERT_NE((*r)->running_word(2), nullptr);
     EXPECT_EQ((*r)->running_word(3), nullptr);
+    EXPECT_TRUE((*r)->slot_problem().empty()) << (*r)->slot_problem();
+    EXPECT_EQ((*r)->slot_path().rfind(slots_ + "/jobengine-live-", 0), 0u) << (*r)->slot_path();
     (*r)->running_word(1)->store(42);
     (*r)->running_word(2)->store(7);
     (*r)->running_word(2)->store(0);  // finished
     (*r)->extend_lease(5000);
     (*r)->extend_lease(4000);  // never lowered
+    // The words that change per job are in the slot file on tmpfs, not in
+    // dir/LIVE (whose pages the disk's writeback write-protects).
+    EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes);
+    const std::string slots = read_file((*r)->slot_path());
+    ASSERT_EQ(slots.size(), FileLiveRecord::kSlotFileHeaderBytes + 3 * FileLiveRecord::kSlotBytes);
+    EXPECT_EQ(slots[FileLiveRecord::kSlotFileHeaderBytes + FileLiveRecord::kSlotBytes], 42);
+    struct stat st {};
+    ASSERT_EQ(::stat((*r)->slot_path().c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600u);
   }  // as a killed process leaves it: nothing is cleared on the way out
   struct stat st {};
   ASSERT_EQ(::stat(path().c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
-  auto r = FileLiveRecord::open(dir_);
+  auto r = open();
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{42});
   EXPECT_EQ((*r)->previous_lease_end(), 5000u);
@@ -66,7 +93,7 @@ TEST_F(LiveRecordTest, WhatAWorkerWasRunningAndTheLeaseSurviveTheProcess) {
   ASSERT_TRUE((*r)->arm(1, 10).ok());
   EXPECT_EQ((*r)->running_word(0)->load(), 0u);
   r->reset();
-  auto again = FileLiveRecord::open(dir_);
+  auto again = open();
   ASSERT_TRUE(again.ok());
   EXPECT_TRUE((*again)->previous_running().empty());
   EXPECT_EQ((*again)->previous_lease_end(), 5000u);
@@ -91,7 +118,7 @@ TEST_F(LiveRecordTest, AFileThatIsNotALiveRecordIsIgnoredWithTheReason) {
                         Case{version9, "version 9"}}) {
     SCOPED_TRACE(c.reason);
     write_file(c.bytes);
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok()) << r.status().to_string();
     EXPECT_NE((*r)->previous_problem().find(c.reason), std::string::npos)
         << (*r)->previous_problem();
@@ -104,7 +131,7 @@ TEST_F(LiveRecordTest, ASymlinkOrADirectoryInItsPlaceIsRefusedAndLeftAlone) {
   const std::string target = dir_ + "/elsewhere";
   std::ofstream(target) << "keep";
   ASSERT_EQ(::symlink(target.c_str(), path().c_str()), 0);
-  auto r = FileLiveRecord::open(dir_);
+  auto r = open();
   EXPECT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("LIVE"), std::string::npos) << r.status().to_string();
   std::ifstream in(target);
@@ -113,14 +140,14 @@ TEST_F(LiveRecordTest, ASymlinkOrADirectoryInItsPlaceIsRefusedAndLeftAlone) {
   EXPECT_EQ(kept, "keep");
   ASSERT_EQ(::unlink(path().c_str()), 0);
   ASSERT_EQ(::mkdir(path().c_str(), 0700), 0);
-  r = FileLiveRecord::open(dir_);
+  r = open();
   EXPECT_FALSE(r.ok());
 }
 
 TEST_F(LiveRecordTest, AnExistingFileGetsMode0600) {
   write_file("");
   ASSERT_EQ(::chmod(path().c_str(), 0644), 0);
-  auto r = FileLiveRecord::open(dir_);
+  auto r = open();
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   struct stat st {};
   ASSERT_EQ(::stat(path().c_str(), &st), 0);
@@ -131,7 +158,7 @@ TEST_F(LiveRecordTest, ARecordFromBeforeARebootNamesNoRunningJobButKeepsItsLease
   // After a power loss the file holds whatever the page cache had written
   // back: the jobs it names may have finished long before.
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok());
     ASSERT_TRUE((*r)->arm(1, 100).ok());
     (*r)->running_word(0)->store(42);
@@ -142,7 +169,7 @@ TEST_F(LiveRecordTest, ARecordFromBeforeARebootNamesNoRunningJobButKeepsItsLease
     f.seekp(FileLiveRecord::kBootIdOffset);
     f << "00000000-0000-0000-0000-000000000000";  // another boot's id
   }
-  auto r = FileLiveRecord::open(dir_);
+  auto r = open();
   ASSERT_TRUE(r.ok());
   EXPECT_TRUE((*r)->previous_running().empty());
   EXPECT_EQ((*r)->previous_lease_end(), 7000u);
@@ -153,13 +180,13 @@ TEST_F(LiveRecordTest, ARecordThatCannotBeArmedIsEmptiedSoItsJobsAreNotCountedTw
   // start() made the previous record's recoveries durable before arm(); if
   // arm() fails, the old ids must not be counted again at the next start.
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok());
     ASSERT_TRUE((*r)->arm(1, 100).ok());
     (*r)->running_word(0)->store(42);
   }
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok());
     ASSERT_EQ((*r)->previous_running(), std::vector<JobId>{42});
     // 200 workers need 12,864 bytes: above this file-size limit.
@@ -173,35 +200,163 @@ TEST_F(LiveRecordTest, ARecordThatCannotBeArmedIsEmptiedSoItsJobsAreNotCountedTw
     ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
     std::signal(SIGXFSZ, old_handler);
     EXPECT_FALSE(armed.ok());
-    EXPECT_NE(armed.message().find("LIVE"), std::string::npos) << armed.to_string();
+    EXPECT_NE(armed.message().find((*r)->slot_path()), std::string::npos) << armed.to_string();
   }
-  auto r = FileLiveRecord::open(dir_);
+  auto r = open();
   ASSERT_TRUE(r.ok());
   EXPECT_TRUE((*r)->previous_running().empty());
 }
 
-TEST_F(LiveRecordTest, FewerWorkersNeverShrinkTheFile) {
-  // A kill between a shrink and the header's rewrite would leave a header
-  // whose slots do not fit, and the lease would be lost.
+TEST_F(LiveRecordTest, WithoutAUsableSlotFileTheSlotsGoInTheFileAsInVersionOne) {
+  // A symlink in the slot file's place (as another user of /dev/shm could
+  // put there) is not followed: the record keeps its slots in dir/LIVE.
+  std::string slot_path;
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
     ASSERT_TRUE(r.ok());
-    ASSERT_TRUE((*r)->arm(4, 100).ok());
-    (*r)->running_word(3)->store(9);
-    (*r)->extend_lease(3000);
+    slot_path = (*r)->slot_path();
   }
+  EXPECT_FALSE(fs::exists(slot_path)) << "open() made the slot file; only arm() may";
+  const std::string target = slots_ + "/elsewhere";
+  std::ofstream(target) << "keep";
+  ASSERT_EQ(::symlink(target.c_str(), slot_path.c_str()), 0);
   {
-    auto r = FileLiveRecord::open(dir_);
+    auto r = open();
+    ASSERT_TRUE(r.ok()) << r.status().to_string();
+    EXPECT_NE((*r)->slot_problem().find(slot_path), std::string::npos) << (*r)->slot_problem();
+    ASSERT_TRUE((*r)->arm(2, 100).ok());
+    (*r)->running_word(1)->store(31);
+    (*r)->extend_lease(9000);
+  }
+  EXPECT_EQ(read_file(target), "keep");
+  EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes + 2 * FileLiveRecord::kSlotBytes);
+  const std::string bytes = read_file(path());
+  EXPECT_EQ(bytes[8], 1) << "version 1: the slots are in the file";
+  EXPECT_EQ(bytes[FileLiveRecord::kHeaderBytes + FileLiveRecord::kSlotBytes], 31);
+  // A reader with a usable slot file still reads it, and arming over it
+  // clears its slots (their recoveries are durable by then) and never
+  // shrinks it (a kill between a shrink and the header's rewrite would leave
+  // a version-1 header whose slots do not fit: the lease lost).
+  ASSERT_EQ(::unlink(slot_path.c_str()), 0);
+  {
+    auto r = open();
     ASSERT_TRUE(r.ok());
-    EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{9});
+    EXPECT_TRUE((*r)->slot_problem().empty()) << (*r)->slot_problem();
+    EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{31});
+    EXPECT_EQ((*r)->previous_lease_end(), 9000u);
     ASSERT_TRUE((*r)->arm(1, 100).ok());
+    EXPECT_EQ(read_file(path())[8], 2) << "version 2: the slots are in the slot file";
   }
-  EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes + 4 * FileLiveRecord::kSlotBytes);
-  auto r = FileLiveRecord::open(dir_);
+  EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes + 2 * FileLiveRecord::kSlotBytes);
+  auto r = open();
   ASSERT_TRUE(r.ok());
-  EXPECT_TRUE((*r)->previous_running().empty()) << "slot 3 of the old record was not cleared";
-  EXPECT_EQ((*r)->previous_lease_end(), 3000u);
+  EXPECT_TRUE((*r)->previous_running().empty()) << "slot 1 of the old record was not cleared";
+  EXPECT_EQ((*r)->previous_lease_end(), 9000u);
   EXPECT_TRUE((*r)->previous_problem().empty()) << (*r)->previous_problem();
+}
+
+TEST_F(LiveRecordTest, ACleanCloseRemovesTheSlotFileAndLeavesNoRunningJob) {
+  std::string slot_path;
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(2, 100).ok());
+    slot_path = (*r)->slot_path();
+    (*r)->running_word(0)->store(5);
+    (*r)->running_word(0)->store(0);
+    (*r)->extend_lease(6000);
+    (*r)->close();
+    EXPECT_EQ((*r)->running_word(0), nullptr);
+    EXPECT_FALSE(fs::exists(slot_path));
+  }
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty());
+  EXPECT_TRUE((*r)->previous_problem().empty()) << (*r)->previous_problem();
+  EXPECT_EQ((*r)->previous_lease_end(), 6000u);
+}
+
+TEST_F(LiveRecordTest, ASlotFileThatIsGoneOrNotThisRecordsNamesNoRunningJob) {
+  std::string slot_path;
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    slot_path = (*r)->slot_path();
+    (*r)->running_word(0)->store(77);
+  }
+  const std::string slots = read_file(slot_path);
+  // Removed behind the record's back (systemd's RemoveIPC at logout).
+  ASSERT_EQ(::unlink(slot_path.c_str()), 0);
+  
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    EXPECT_TRUE((*r)->previous_running().empty());
+    EXPECT_NE((*r)->previous_problem().find("gone"), std::string::npos) << (*r)->previous_problem();
+  }
+  // A slot file armed with another header (dir/LIVE restored from a backup,
+  // or made anew: it may well get the old file's inode, so the same slot
+  // file name) is refused: the pair ids differ.
+  std::ofstream(slot_path, std::ios::binary) << slots;
+  {
+    std::fstream f(path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(FileLiveRecord::kPairOffset);
+    f << "otherpid";
+  }
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty());
+  EXPECT_NE((*r)->previous_problem().find("another LIVE file"), std::string::npos)
+      << (*r)->previous_problem();
+  EXPECT_EQ((*r)->previous_lease_end(), 100u);
+}
+
+// The engine's own record: while a handler runs, its job's id is in the slot
+// file in /dev/shm and dir/LIVE does not change; after a clean stop the slot
+// file is gone.
+TEST_F(LiveRecordTest, AnEnginesWorkerNamesItsJobInTheSlotFileOnTmpfs) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 64;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir_ + "/snaps";
+  o.snapshot.disk_interval = std::chrono::hours(1);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  std::atomic<bool> in_handler{false}, release{false};
+  auto h = e->register_handler("held", [&](JobContext&) {
+    in_handler.store(true);
+    while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return Outcome::kDone;
+  });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  const std::string live = o.snapshot.dir + "/LIVE";
+  struct stat st {};
+  ASSERT_EQ(::stat(live.c_str(), &st), 0);
+  const std::string slot_path =
+      FileLiveRecord::slot_file_path(FileLiveRecord::kDefaultSlotsDir, st.st_dev, st.st_ino);
+  // The first submit takes the first id lease (a header store); then no
+  // job touches dir/LIVE.
+  release.store(true);
+  ASSERT_TRUE(e->submit(*h, "warm-up").ok());
+  while (e->health().done != 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  in_handler.store(false);
+  release.store(false);
+  const std::string header_before = read_file(live);
+  auto id = e->submit(*h, "x");
+  ASSERT_TRUE(id.ok());
+  while (!in_handler.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const std::string slots = read_file(slot_path);
+  ASSERT_EQ(slots.size(), FileLiveRecord::kSlotFileHeaderBytes + FileLiveRecord::kSlotBytes);
+  std::uint64_t running = 0;
+  std::memcpy(&running, slots.data() + FileLiveRecord::kSlotFileHeaderBytes, 8);
+  EXPECT_EQ(running, *id);
+  EXPECT_EQ(read_file(live), header_before);
+  release.store(true);
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+  EXPECT_FALSE(fs::exists(slot_path));
 }
 
 }  // namespace
