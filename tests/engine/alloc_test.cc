@@ -48,7 +48,10 @@ void* AllocateOrThrow(std::size_t size, std::size_t alignment) {
   return p;
 }
 
-void Deallocate(void* p) noexcept { std::free(p); }
+// Not inlined: gcc (-O1 and up) otherwise follows a `new` into this free()
+// and warns that it mismatches (-Wmismatched-new-delete), not knowing that
+// the replaced operator new is malloc.
+[[gnu::noinline]] void Deallocate(void* p) noexcept { std::free(p); }
 
 constexpr std::size_t kDefaultAlign = alignof(std::max_align_t);
 
