@@ -28,7 +28,7 @@ JSON_FILES = {
                 "PlainReadVsPending/"],
     "memory": ["Memory/engine/", "Memory/bare/", "Memory/mutex/", "Memory/asio/", "Memory/tbb/"],
     "delayed": ["BM_DelayedPending/none", "BM_DelayedPending/delayed", "BM_SubmitDelayed",
-                "BM_Cancel/miss/", "BM_Cancel/hit/", "BM_Cancel/done/"],
+                "BM_Cancel/miss/", "BM_Cancel/hit/", "BM_Cancel/hit_keyed/", "BM_Cancel/done/"],
     "metrics": ["metrics_on/BM_Engine_Submit/spin", "metrics_off/BM_Engine_Submit/spin",
                 "metrics_on/BM_Engine_SubmitBatch/spin", "metrics_off/BM_Engine_SubmitBatch/spin",
                 "metrics_on/BM_Engine_Drain/spin", "metrics_off/BM_Engine_Drain/spin"],

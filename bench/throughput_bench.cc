@@ -27,7 +27,8 @@
 //                                 loop with JOBENGINE_BENCH_DELAYED jobs
 //                                 parked (delay 1 h) against none.
 //   BM_SubmitDelayed              submitting those delayed jobs.
-//   BM_Cancel/{hit,done,miss}/capacity:<slots>  cancel() latency.
+//   BM_Cancel/{hit,hit_keyed,done,miss}/capacity:<slots>  cancel() latency
+//                                 (hit_keyed: the parked jobs hold unique keys).
 // This file is also the whole of jobengine_bench_nometrics (with the sources it
 // shares with jobengine_bench), linked against the library built with
 // JOBENGINE_METRICS=0: run.sh compares BM_Engine_Submit/spin between the two.
@@ -469,12 +470,17 @@ std::size_t delayed_jobs() {
 // Submits `n` empty jobs delayed by kParkDelay from the calling thread; their
 // ids go to `ids` when given. Returns the error, empty on success.
 std::string park_delayed(Engine& engine, HandlerId handler, std::size_t n,
-                         std::vector<JobId>* ids = nullptr) {
+                         std::vector<JobId>* ids = nullptr, bool keyed = false) {
   const std::string_view payload(reinterpret_cast<const char*>(&kPayload), sizeof(kPayload));
   SubmitOptions options;
   options.delay = kParkDelay;
   if (ids != nullptr) ids->reserve(n);
+  std::string key;
   for (std::size_t i = 0; i < n; ++i) {
+    if (keyed) {
+      key = "park-" + std::to_string(i);
+      options.unique_key = key;
+    }
     auto id = engine.submit(handler, payload, options);
     if (!id) {
       return "delayed submit " + std::to_string(i) + " of " + std::to_string(n) +
@@ -566,7 +572,9 @@ void BM_SubmitDelayed(benchmark::State& state) {
 // get legitimately in a rare race (see below); `hit_kNotFound` counts
 // kNotFound, which a job that was pending should never get (an engine bug).
 // (Results before this split have one counter, `hit_not_found`, holding both.)
-enum class CancelArm { kHit, kDone, kMiss };
+// kHitKeyed: kHit with every parked job holding a unique key, so that each
+// cancel() also releases one among capacity - 4,096 keys.
+enum class CancelArm { kHit, kHitKeyed, kDone, kMiss };
 
 // Submits `n` jobs that run at once and waits until they all ran.
 std::string run_jobs(Engine& engine, HandlerId handler, std::size_t n, std::vector<JobId>* ids) {
@@ -586,7 +594,7 @@ std::string run_jobs(Engine& engine, HandlerId handler, std::size_t n, std::vect
 }
 
 void BM_Cancel(benchmark::State& state, CancelArm arm, std::size_t capacity) {
-  const bool hit = arm == CancelArm::kHit;
+  const bool hit = arm == CancelArm::kHit || arm == CancelArm::kHitKeyed;
   // The worker sleeps (nothing is due); the scheduler wakes for each hit to
   // purge the cancelled job from its heap.
   auto started = start_engine(IdleStrategy::kSpinThenBlock, capacity);
@@ -599,7 +607,8 @@ void BM_Cancel(benchmark::State& state, CancelArm arm, std::size_t capacity) {
   if (!check_pins(state, pin, true)) return;
   const std::size_t parked = capacity > 4096 ? capacity - 4096 : capacity / 2;
   std::vector<JobId> ids;
-  if (const std::string error = park_delayed(engine, started->handler, parked, &ids);
+  if (const std::string error =
+          park_delayed(engine, started->handler, parked, &ids, arm == CancelArm::kHitKeyed);
       !error.empty()) {
     state.SkipWithError(error.c_str());
     (void)engine.stop(StopMode::kAbandon);
@@ -716,7 +725,8 @@ void register_semantics() {
   const std::size_t small = engine_capacity();
   const std::size_t large = delayed_jobs() + engine_capacity();
   const std::pair<const char*, CancelArm> cancel_arms[] = {
-      {"miss", CancelArm::kMiss}, {"hit", CancelArm::kHit}, {"done", CancelArm::kDone}};
+      {"miss", CancelArm::kMiss}, {"hit", CancelArm::kHit}, {"hit_keyed", CancelArm::kHitKeyed},
+      {"done", CancelArm::kDone}};
   for (const auto& [arm_name, arm] : cancel_arms) {
     for (const std::size_t capacity : {small, large}) {
       const std::string name =
