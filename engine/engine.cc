@@ -615,6 +615,9 @@ class Engine::Impl final : public detail::CutSource {
       live_ = nullptr;
       return;
     }
+    if (std::string warning = live_->arm_warning(); !warning.empty()) {
+      log(LogLevel::kWarning, "live record: " + warning);
+    }
     for (auto& w : workers_) w->live = live_->running_word(w->index);
     // The record's lease is at least next_id_: the first block past it
     // extends it (next_id()).

@@ -204,6 +204,9 @@ class LiveRecord {
   // what only a crash needs (the slot file); the running words are gone
   // after it. Never fails: a record left as it was reads as idle workers.
   virtual void close() noexcept = 0;
+  // After a successful arm(): what the caller should log (a degraded
+  // record), or empty.
+  virtual std::string arm_warning() const { return {}; }
 };
 
 class Persistence {

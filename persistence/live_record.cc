@@ -115,6 +115,7 @@ bool FileLiveRecord::open_slot_file(bool create) {
   // have nothing to say about. O_NOFOLLOW and the owner check: /dev/shm is
   // every user's, and a file another user put in its place must not name
   // our workers' jobs.
+  slot_problem_.clear();
   const int flags = O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | (create ? O_CREAT : 0);
   int fd = -1;
   do {
@@ -132,6 +133,10 @@ bool FileLiveRecord::open_slot_file(bool create) {
     slot_problem_ = slot_path_ + " is not a regular file";
   } else if (st.st_uid != ::geteuid()) {
     slot_problem_ = slot_path_ + " belongs to uid " + std::to_string(st.st_uid) + ", not to this process's";
+  } else if (st.st_nlink != 1) {
+    // Another name for one of our files (a hard link another user made, where
+    // fs.protected_hardlinks is off): emptying it would destroy that file.
+    slot_problem_ = slot_path_ + " has " + std::to_string(st.st_nlink) + " names, not 1";
   } else if ((st.st_mode & 07777) != 0600 && ::fchmod(fd, 0600) != 0) {
     slot_problem_ = "fchmod 0600 " + slot_path_ + ": " + errno_text(errno);
   }
@@ -205,13 +210,13 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = "written before a reboot: the jobs it names may have finished long before";
     return Status();
   }
+  const std::uint32_t flags = get32(bytes.data() + kFlagsOffset);
   if (version == kVersionSlotFile) {
     // A clean stop removed the slot file: no worker was running anything.
-    if ((get32(bytes.data() + kFlagsOffset) & kClosedCleanly) == 0) {
-      read_slot_file(slots, get64(bytes.data() + kPairOffset));
-    }
+    if ((flags & kClosedCleanly) == 0) read_slot_file(slots, get64(bytes.data() + kPairOffset));
     return Status();
   }
+  stay_in_file_ = (flags & kSlotsStayInFile) != 0;
   for (std::uint32_t i = 0; i < slots; ++i) {
     const std::uint64_t id = get64(bytes.data() + kHeaderBytes + std::size_t{i} * kSlotBytes);
     if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
@@ -224,17 +229,24 @@ void FileLiveRecord::read_slot_file(std::uint32_t slots, std::uint64_t pair) {
     previous_problem_ = "its worker slots are ignored: " + why;
   };
   if (slot_fd_ < 0) {
-    return ignored(slot_problem_.empty()
-                       ? slot_path_ + " is gone (tmpfs files removed, e.g. by systemd's RemoveIPC)"
-                       : slot_problem_);
+    if (!slot_problem_.empty()) return ignored(slot_problem_);
+    // Gone, on the same boot, with no clean stop: this machine's /dev/shm
+    // does not outlive the process (a container restarted with a fresh one,
+    // systemd's RemoveIPC). The next crash must not lose its jobs too.
+    tmpfs_lost_ = true;
+    return ignored(slot_path_ + " is gone: tmpfs did not outlive the process here (a container "
+                   "restarted with a fresh /dev/shm, or systemd's RemoveIPC); the slots stay in " +
+                   path_ + " from now on");
   }
   // pread: a file that shrinks under the read is short, never a SIGBUS.
   const std::size_t size = kSlotFileHeaderBytes + std::size_t{slots} * kSlotBytes;
   std::vector<unsigned char> bytes(size);
   std::size_t got = 0;
+  int interrupted = 0;
   while (got < size) {
     const ssize_t n = ::pread(slot_fd_, bytes.data() + got, size - got, static_cast<off_t>(got));
-    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EINTR && ++interrupted < kMaxEintrRetries) continue;
+    interrupted = 0;
     if (n < 0) return ignored("read " + slot_path_ + ": " + errno_text(errno));
     if (n == 0) break;
     got += static_cast<std::size_t>(n);
@@ -275,10 +287,8 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
     // after a crash, which the caller logs).
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
-    if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
-    slot_map_ = nullptr;
     (void)default_file_system()->ftruncate(fd_, 0);
-    if (slot_fd_ >= 0) (void)::ftruncate(slot_fd_, 0);
+    drop_slot_file();
   }
   return armed;
 }
@@ -295,7 +305,27 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
     if (int err = fs.ftruncate(fd_, 0); err != 0) return errno_status("ftruncate", path_, err);
     have = 0;
   }
-  slots_in_file_ = slot_fd_ < 0 && !open_slot_file(/*create=*/true);
+  // The slots' place first: in the slot file when it can be made and sized
+  // (emptying it: its old slots' recoveries are durable by now), else here.
+  if (tmpfs_lost_ || stay_in_file_) {
+    slots_in_file_ = true;
+    slot_problem_ = "a slot file of " + slot_path_ +
+                    " was once gone after a crash: tmpfs does not outlive the process here (remove " +
+                    path_ + " while no engine runs to try tmpfs again)";
+    drop_slot_file();
+  } else {
+    slots_in_file_ = slot_fd_ < 0 && !open_slot_file(/*create=*/true);
+  }
+  if (!slots_in_file_) {
+    pair_ = pair_id();
+    if (Status s = arm_slot_file(workers); !s.ok()) {
+      // A full /dev/shm (a container's is 64 MiB), a file size limit: the
+      // record still works, its slots here.
+      slot_problem_ = s.message();
+      drop_slot_file();
+      slots_in_file_ = true;
+    }
+  }
   const std::size_t needed = kHeaderBytes + (slots_in_file_ ? std::size_t{workers} * kSlotBytes : 0);
   const std::size_t bytes = std::max<std::size_t>(needed, have);
   // Allocated, not sparse: a store into a hole of a full file system would be
@@ -313,14 +343,14 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   // header: a kill in between leaves the old header over idle slots, its
   // lease intact.
   std::memset(map_ + kHeaderBytes, 0, bytes - kHeaderBytes);
-  if (!slots_in_file_) {
-    pair_ = pair_id();
-    if (Status s = arm_slot_file(workers); !s.ok()) return s;
-  }
   slots_ = workers;
   word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
   std::memset(map_ + kCreditedOffset, 0, kHeaderBytes - kCreditedOffset);  // flags 0 included
   if (!slots_in_file_) std::memcpy(map_ + kPairOffset, &pair_, 8);
+  if (slots_in_file_ && (tmpfs_lost_ || stay_in_file_)) {
+    const std::uint32_t flags = kSlotsStayInFile;
+    std::memcpy(map_ + kFlagsOffset, &flags, 4);
+  }
   const std::string boot = boot_id();
   std::memcpy(map_ + kBootIdOffset, boot.data(), boot.size());
   const std::uint32_t version = slots_in_file_ ? kVersionInFile : kVersionSlotFile;
@@ -355,6 +385,23 @@ Status FileLiveRecord::arm_slot_file(unsigned workers) {
   std::memcpy(slot_map_ + 32, &pair_, 8);
   std::memcpy(slot_map_, kSlotMagic, 8);
   return Status();
+}
+
+void FileLiveRecord::drop_slot_file() noexcept {
+  if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
+  slot_map_ = nullptr;
+  if (slot_fd_ < 0) return;
+  // Ours (opened by this name without following links, owner checked), in a
+  // sticky directory where no other user can rename or remove it.
+  (void)::unlink(slot_path_.c_str());
+  ::close(slot_fd_);
+  slot_fd_ = -1;
+}
+
+std::string FileLiveRecord::arm_warning() const {
+  if (map_ == nullptr || !slots_in_file_ || slot_problem_.empty()) return {};
+  return "the workers' slots are in " + path_ +
+         ", where the disk's writeback can stall a worker's store (" + slot_problem_ + ")";
 }
 
 void FileLiveRecord::close() noexcept {

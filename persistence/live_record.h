@@ -23,7 +23,10 @@
 // identity (device and inode), so a LIVE file restored from a backup or made
 // anew never pairs with an older slot file. When the slot file cannot be
 // used (no /dev/shm, a file of another owner in its place), the slots go in
-// dir/LIVE after the header as in version 1, and slot_problem() says why.
+// dir/LIVE after the header as in version 1, and slot_problem() says why. So
+// they do for good once a slot file was gone after a crash on the same boot
+// (a container restarted with a fresh /dev/shm, systemd's RemoveIPC): there
+// tmpfs does not outlive the process, and every crash would lose its jobs.
 //
 // What it is not: durable across power loss. Nothing is fsynced (that would
 // put a disk flush on the job path); after a power loss the file may hold an
@@ -42,7 +45,8 @@
 //   [24, 32)  u64 credited_generation: its running jobs' recoveries are in
 //             every snapshot of this generation or later (0: not yet)
 //   [32, 68)  the boot id it was written under (/proc/sys/kernel/random/boot_id)
-//   [68, 72)  u32 flags (version 2): 1 = closed by a clean stop, slot file removed
+//   [68, 72)  u32 flags: 1 = closed by a clean stop, slot file removed (version 2);
+//             2 = the slots stay in this file, tmpfs lost a record here (version 1)
 //   [72, 80)  u64 pair id (version 2): the slot file armed with this header has it too
 //   [80, 128) zero
 //   version 1: then `slots` cache lines: u64 running job id (0: none), 56 bytes zero
@@ -73,6 +77,9 @@ class FileLiveRecord final : public detail::LiveRecord {
   static constexpr std::size_t kFlagsOffset = 68;
   static constexpr std::uint32_t kClosedCleanly = 1;
   static constexpr std::size_t kPairOffset = 72;
+  // Version 1: the slot file did not outlive a crash here once; the slots
+  // stay in this file (set again by every arm() that reads it).
+  static constexpr std::uint32_t kSlotsStayInFile = 2;
   static constexpr std::size_t kSlotFileHeaderBytes = 64;
   static constexpr const char* kDefaultSlotsDir = "/dev/shm";
 
@@ -108,6 +115,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   std::atomic<std::uint64_t>* running_word(unsigned i) override;
   void extend_lease(JobId end) override;
   void close() noexcept override;
+  std::string arm_warning() const override;
 
   const std::string& path() const { return path_; }
 
@@ -120,6 +128,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   void read_slot_file(std::uint32_t slots, std::uint64_t pair);
   Status arm_file(unsigned workers, JobId lease_floor);
   Status arm_slot_file(unsigned workers);
+  void drop_slot_file() noexcept;  // unmaps, removes and closes it, if open
   std::atomic<std::uint64_t>* word_at(std::size_t offset) const;
 
   std::string path_;
@@ -136,6 +145,8 @@ class FileLiveRecord final : public detail::LiveRecord {
   std::size_t slot_map_bytes_ = 0;
   bool slots_in_file_ = false;  // armed with the slots in dir/LIVE
   bool closed_ = false;         // close() ran
+  bool tmpfs_lost_ = false;     // read: a version-2 record's slot file was gone
+  bool stay_in_file_ = false;   // read: a version-1 record with kSlotsStayInFile
   std::vector<JobId> previous_running_;
   JobId previous_lease_end_ = 0;
   std::uint64_t previous_credited_ = 0;

@@ -999,11 +999,6 @@ Result<std::unique_ptr<Persistence>> make_persistence(
                                   live->previous_problem() +
                                   "): no job is known to have been running at the last crash");
     }
-    if (!live->slot_problem().empty() && log) {
-      log(LogLevel::kWarning, "live record: its worker slots go in " + live->path() +
-                                  ", where the disk's writeback can stall a worker's store (" +
-                                  live->slot_problem() + ")");
-    }
   }
   auto snapshotter = std::make_unique<Snapshotter>(options, std::move(log), std::move(disk),
                                                    std::move(shm), std::move(live));

@@ -18,8 +18,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <vector>
 
 #include "jobengine/engine.h"
 
@@ -200,7 +203,8 @@ TEST_F(LiveRecordTest, ARecordThatCannotBeArmedIsEmptiedSoItsJobsAreNotCountedTw
     ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
     std::signal(SIGXFSZ, old_handler);
     EXPECT_FALSE(armed.ok());
-    EXPECT_NE(armed.message().find((*r)->slot_path()), std::string::npos) << armed.to_string();
+    EXPECT_NE(armed.message().find("LIVE"), std::string::npos) << armed.to_string();
+    EXPECT_FALSE(fs::exists((*r)->slot_path())) << "a failed arm() left its slot file behind";
   }
   auto r = open();
   ASSERT_TRUE(r.ok());
@@ -312,6 +316,143 @@ TEST_F(LiveRecordTest, ASlotFileThatIsGoneOrNotThisRecordsNamesNoRunningJob) {
   EXPECT_EQ((*r)->previous_lease_end(), 100u);
 }
 
+TEST_F(LiveRecordTest, ASlotFileThatCannotBeSizedPutsTheSlotsInTheFileInstead) {
+  // A full /dev/shm (a container's is 64 MiB) or a file size limit must not
+  // cost the record: the slots go in dir/LIVE. Here: a version-1 record of
+  // 200 slots (made without a slot file) leaves dir/LIVE big enough, and a
+  // file size limit refuses the slot file its 12,864 bytes.
+  {
+    auto r = FileLiveRecord::open(dir_, slots_ + "/missing");
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(200, 100).ok());
+  }
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = 4096;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  const Status armed = (*r)->arm(200, 100);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+  std::signal(SIGXFSZ, old_handler);
+  ASSERT_TRUE(armed.ok()) << armed.to_string();
+  EXPECT_NE((*r)->slot_problem().find("File too large"), std::string::npos) << (*r)->slot_problem();
+  EXPECT_NE((*r)->arm_warning().find("writeback"), std::string::npos) << (*r)->arm_warning();
+  EXPECT_FALSE(fs::exists((*r)->slot_path()));
+  EXPECT_EQ(read_file(path())[8], 1);
+  (*r)->running_word(199)->store(12);
+  r->reset();
+  auto again = open();
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)->previous_running(), std::vector<JobId>{12});
+}
+
+TEST_F(LiveRecordTest, OnceTheSlotFileIsGoneAfterACrashTheSlotsStayInTheFile) {
+  // A container restarted with a fresh /dev/shm, or systemd's RemoveIPC:
+  // the crash's running job is lost once, but not at every crash after it.
+  std::string slot_path;
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    slot_path = (*r)->slot_path();
+    (*r)->running_word(0)->store(77);
+  }  // killed
+  ASSERT_EQ(::unlink(slot_path.c_str()), 0);
+  for (int crash = 0; crash < 2; ++crash) {
+    SCOPED_TRACE("crash " + std::to_string(crash));
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    if (crash == 0) {
+      EXPECT_TRUE((*r)->previous_running().empty());
+      EXPECT_NE((*r)->previous_problem().find("did not outlive"), std::string::npos)
+          << (*r)->previous_problem();
+    } else {
+      EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{78}) << (*r)->previous_problem();
+    }
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    EXPECT_NE((*r)->arm_warning().find("once gone"), std::string::npos) << (*r)->arm_warning();
+    EXPECT_EQ(read_file(path())[8], 1) << "the slots went back to tmpfs";
+    EXPECT_FALSE(fs::exists(slot_path));
+    (*r)->running_word(0)->store(78);
+  }  // killed again: counted this time
+  // Removing dir/LIVE (no engine running) tries tmpfs again.
+  ASSERT_EQ(::unlink(path().c_str()), 0);
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  ASSERT_TRUE((*r)->arm(1, 100).ok());
+  EXPECT_EQ(read_file(path())[8], 2);
+  EXPECT_TRUE((*r)->arm_warning().empty()) << (*r)->arm_warning();
+}
+
+TEST_F(LiveRecordTest, AHardLinkInTheSlotFilesPlaceIsNeitherEmptiedNorUsed) {
+  // Another name for a file of ours (where fs.protected_hardlinks is off,
+  // another user can make one): emptying it would destroy that file.
+  std::string slot_path;
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    slot_path = (*r)->slot_path();
+  }
+  const std::string precious = slots_ + "/precious";
+  std::ofstream(precious) << "segment";
+  ASSERT_EQ(::link(precious.c_str(), slot_path.c_str()), 0);
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  EXPECT_NE((*r)->slot_problem().find("2 names"), std::string::npos) << (*r)->slot_problem();
+  ASSERT_TRUE((*r)->arm(1, 100).ok());
+  EXPECT_EQ(read_file(path())[8], 1);
+  EXPECT_EQ(read_file(precious), "segment");
+}
+
+TEST_F(LiveRecordTest, AKillBetweenTheCleanFlagAndTheSlotFilesRemovalReadsAsIdle) {
+  std::string slot_path;
+  {
+    auto r = open();
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+    slot_path = (*r)->slot_path();
+    (*r)->running_word(0)->store(5);
+  }
+  {
+    // close() sets the flag first; killed before its unlink.
+    std::fstream f(path(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(FileLiveRecord::kFlagsOffset);
+    f.put(static_cast<char>(FileLiveRecord::kClosedCleanly));
+  }
+  ASSERT_TRUE(fs::exists(slot_path));
+  auto r = open();
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty());
+  EXPECT_TRUE((*r)->previous_problem().empty()) << (*r)->previous_problem();
+}
+
+TEST_F(LiveRecordTest, AVersionOneRecordForFewerWorkersNeverShrinksTheFile) {
+  // A kill between a shrink and the header's rewrite would leave a header
+  // whose slots do not fit, and the lease would be lost.
+  const std::string no_tmpfs = slots_ + "/missing";
+  {
+    auto r = FileLiveRecord::open(dir_, no_tmpfs);
+    ASSERT_TRUE(r.ok());
+    ASSERT_TRUE((*r)->arm(4, 100).ok());
+    (*r)->running_word(3)->store(9);
+    (*r)->extend_lease(3000);
+  }
+  {
+    auto r = FileLiveRecord::open(dir_, no_tmpfs);
+    ASSERT_TRUE(r.ok());
+    EXPECT_EQ((*r)->previous_running(), std::vector<JobId>{9});
+    ASSERT_TRUE((*r)->arm(1, 100).ok());
+  }
+  EXPECT_EQ(fs::file_size(path()), FileLiveRecord::kHeaderBytes + 4 * FileLiveRecord::kSlotBytes);
+  auto r = FileLiveRecord::open(dir_, no_tmpfs);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE((*r)->previous_running().empty()) << "slot 3 of the old record was not cleared";
+  EXPECT_EQ((*r)->previous_lease_end(), 3000u);
+}
+
 // The engine's own record: while a handler runs, its job's id is in the slot
 // file in /dev/shm and dir/LIVE does not change; after a clean stop the slot
 // file is gone.
@@ -357,6 +498,42 @@ TEST_F(LiveRecordTest, AnEnginesWorkerNamesItsJobInTheSlotFileOnTmpfs) {
   release.store(true);
   ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
   EXPECT_FALSE(fs::exists(slot_path));
+}
+
+// Without a usable slot file the engine says where the slots went, and why.
+TEST_F(LiveRecordTest, AnEngineLogsWhyItsSlotsAreNotOnTmpfs) {
+  std::mutex mu;
+  std::vector<std::string> warnings;
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 64;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir_ + "/snaps";
+  o.log = [&](LogLevel level, std::string_view line) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (level == LogLevel::kWarning) warnings.emplace_back(line);
+  };
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  ASSERT_TRUE(e->register_handler("any", [](JobContext&) { return Outcome::kDone; }).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat((o.snapshot.dir + "/LIVE").c_str(), &st), 0);
+  const std::string slot_path =
+      FileLiveRecord::slot_file_path(FileLiveRecord::kDefaultSlotsDir, st.st_dev, st.st_ino);
+  ASSERT_EQ(::symlink((slots_ + "/elsewhere").c_str(), slot_path.c_str()), 0);
+  const Status started = e->start().status();
+  const Status stopped = started.ok() ? e->stop(StopMode::kDrain).status() : Status();
+  ::unlink(slot_path.c_str());
+  ASSERT_TRUE(started.ok()) << started.to_string();
+  ASSERT_TRUE(stopped.ok()) << stopped.to_string();
+  std::lock_guard<std::mutex> lock(mu);
+  bool said = false;
+  for (const std::string& w : warnings) {
+    said = said || (w.find("the workers' slots are in " + o.snapshot.dir + "/LIVE") != std::string::npos &&
+                    w.find(slot_path) != std::string::npos);
+  }
+  EXPECT_TRUE(said) << "no warning names the slot file; " << warnings.size() << " warnings";
+  EXPECT_FALSE(fs::exists(slots_ + "/elsewhere"));
 }
 
 }  // namespace
