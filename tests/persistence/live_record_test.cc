@@ -53,6 +53,31 @@ class LiveRecordTest : public ::testing::Test {
   void write_file(const std::string& bytes) const {
     std::ofstream(path(), std::ios::binary | std::ios::trunc) << bytes;
   }
+  // A record armed for `workers` whose worker `worker` runs job `id`, left as
+  // a killed process leaves it. Returns its slot file's path.
+  std::string crash_while_running(unsigned workers, unsigned worker, JobId id) {
+    auto r = open();
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    if (!r.ok()) return {};
+    const Status armed = (*r)->arm(workers, 100);
+    EXPECT_TRUE(armed.ok()) << armed.to_string();
+    if (!armed.ok()) return {};
+    (*r)->running_word(worker)->store(id);
+    return (*r)->slot_path();
+  }
+  // arm() with the process's file size limit at `limit` bytes.
+  static Status arm_under_file_limit(FileLiveRecord& r, unsigned workers, rlim_t limit) {
+    struct rlimit old {};
+    if (::getrlimit(RLIMIT_FSIZE, &old) != 0) return Status(StatusCode::kInternal, "getrlimit");
+    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old;
+    small.rlim_cur = limit;
+    if (::setrlimit(RLIMIT_FSIZE, &small) != 0) return Status(StatusCode::kInternal, "setrlimit");
+    const Status armed = r.arm(workers, 100);
+    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
+    std::signal(SIGXFSZ, old_handler);
+    return armed;
+  }
   std::string dir_;
   std::string slots_;
 };
@@ -182,26 +207,14 @@ TEST_F(LiveRecordTest, ARecordFromBeforeARebootNamesNoRunningJobButKeepsItsLease
 TEST_F(LiveRecordTest, ARecordThatCannotBeArmedIsEmptiedSoItsJobsAreNotCountedTwice) {
   // start() made the previous record's recoveries durable before arm(); if
   // arm() fails, the old ids must not be counted again at the next start.
-  {
-    auto r = open();
-    ASSERT_TRUE(r.ok());
-    ASSERT_TRUE((*r)->arm(1, 100).ok());
-    (*r)->running_word(0)->store(42);
-  }
+  ASSERT_FALSE(crash_while_running(1, 0, 42).empty());
   {
     auto r = open();
     ASSERT_TRUE(r.ok());
     ASSERT_EQ((*r)->previous_running(), std::vector<JobId>{42});
-    // 200 workers need 12,864 bytes: above this file-size limit.
-    struct rlimit old {};
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = old;
-    small.rlim_cur = 4096;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-    const Status armed = (*r)->arm(200, 100);
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
-    std::signal(SIGXFSZ, old_handler);
+    // 200 workers need 12,864 bytes: above this file-size limit, in the slot
+    // file and in dir/LIVE alike.
+    const Status armed = arm_under_file_limit(**r, 200, 4096);
     EXPECT_FALSE(armed.ok());
     EXPECT_NE(armed.message().find("LIVE"), std::string::npos) << armed.to_string();
     EXPECT_FALSE(fs::exists((*r)->slot_path())) << "a failed arm() left its slot file behind";
@@ -281,14 +294,8 @@ TEST_F(LiveRecordTest, ACleanCloseRemovesTheSlotFileAndLeavesNoRunningJob) {
 }
 
 TEST_F(LiveRecordTest, ASlotFileThatIsGoneOrNotThisRecordsNamesNoRunningJob) {
-  std::string slot_path;
-  {
-    auto r = open();
-    ASSERT_TRUE(r.ok());
-    ASSERT_TRUE((*r)->arm(1, 100).ok());
-    slot_path = (*r)->slot_path();
-    (*r)->running_word(0)->store(77);
-  }
+  const std::string slot_path = crash_while_running(1, 0, 77);
+  ASSERT_FALSE(slot_path.empty());
   const std::string slots = read_file(slot_path);
   // Removed behind the record's back (systemd's RemoveIPC at logout).
   ASSERT_EQ(::unlink(slot_path.c_str()), 0);
@@ -328,15 +335,7 @@ TEST_F(LiveRecordTest, ASlotFileThatCannotBeSizedPutsTheSlotsInTheFileInstead) {
   }
   auto r = open();
   ASSERT_TRUE(r.ok());
-  struct rlimit old {};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-  const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit small = old;
-  small.rlim_cur = 4096;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-  const Status armed = (*r)->arm(200, 100);
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
-  std::signal(SIGXFSZ, old_handler);
+  const Status armed = arm_under_file_limit(**r, 200, 4096);
   ASSERT_TRUE(armed.ok()) << armed.to_string();
   EXPECT_NE((*r)->slot_problem().find("File too large"), std::string::npos) << (*r)->slot_problem();
   EXPECT_NE((*r)->arm_warning().find("writeback"), std::string::npos) << (*r)->arm_warning();
@@ -352,14 +351,8 @@ TEST_F(LiveRecordTest, ASlotFileThatCannotBeSizedPutsTheSlotsInTheFileInstead) {
 TEST_F(LiveRecordTest, OnceTheSlotFileIsGoneAfterACrashTheSlotsStayInTheFile) {
   // A container restarted with a fresh /dev/shm, or systemd's RemoveIPC:
   // the crash's running job is lost once, but not at every crash after it.
-  std::string slot_path;
-  {
-    auto r = open();
-    ASSERT_TRUE(r.ok());
-    ASSERT_TRUE((*r)->arm(1, 100).ok());
-    slot_path = (*r)->slot_path();
-    (*r)->running_word(0)->store(77);
-  }  // killed
+  const std::string slot_path = crash_while_running(1, 0, 77);
+  ASSERT_FALSE(slot_path.empty());
   ASSERT_EQ(::unlink(slot_path.c_str()), 0);
   for (int crash = 0; crash < 2; ++crash) {
     SCOPED_TRACE("crash " + std::to_string(crash));
@@ -408,14 +401,8 @@ TEST_F(LiveRecordTest, AHardLinkInTheSlotFilesPlaceIsNeitherEmptiedNorUsed) {
 }
 
 TEST_F(LiveRecordTest, AKillBetweenTheCleanFlagAndTheSlotFilesRemovalReadsAsIdle) {
-  std::string slot_path;
-  {
-    auto r = open();
-    ASSERT_TRUE(r.ok());
-    ASSERT_TRUE((*r)->arm(1, 100).ok());
-    slot_path = (*r)->slot_path();
-    (*r)->running_word(0)->store(5);
-  }
+  const std::string slot_path = crash_while_running(1, 0, 5);
+  ASSERT_FALSE(slot_path.empty());
   {
     // close() sets the flag first; killed before its unlink.
     std::fstream f(path(), std::ios::in | std::ios::out | std::ios::binary);
