@@ -1466,6 +1466,21 @@ class Engine::Impl final : public detail::CutSource {
     table_.set_reclaim_horizon(detail::kNoHorizon);
     // Slots workers parked while the horizon held them (I7) go back now.
     table_.release_parked();
+    extend_lease_ahead();
+  }
+
+  // Keeps the live record's lease half a lease ahead of the ids handed out,
+  // from the snapshot thread (after each cut), so that a submitter seldom
+  // extends it itself: a store into DIR/LIVE's mapping, which can fault into
+  // the disk's file system after a writeback (README, "Workers untouched by a
+  // sick snapshot disk"). Submitters still extend it when they outrun this.
+  void extend_lease_ahead() noexcept {
+    // Acquire: pairs with arm_live_record()'s release; ~0 until the record
+    // is armed (never, if it could not be: then live_ may be reset).
+    if (lease_end_.load(std::memory_order_acquire) == ~JobId{0}) return;
+    const JobId handed = next_id_.load(std::memory_order_relaxed);
+    if (handed + kLeaseIds / 2 < lease_end_.load(std::memory_order_relaxed)) return;
+    extend_lease(handed + kLeaseIds / 2 + 1);  // past lease_end_: 1.5 leases ahead
   }
 
   std::span<const std::string> handler_names() const override { return handler_names_; }

@@ -523,5 +523,50 @@ TEST_F(LiveRecordTest, AnEngineLogsWhyItsSlotsAreNotOnTmpfs) {
   EXPECT_FALSE(fs::exists(slots_ + "/elsewhere"));
 }
 
+// The id lease is a store into dir/LIVE's mapping (a disk file): the
+// snapshot thread keeps it ahead of the ids handed out, so that submitters
+// need not extend it themselves. 540k ids: past half of the first lease
+// (2^20), which no submitter would extend before its end.
+TEST_F(LiveRecordTest, TheSnapshotThreadKeepsTheIdLeaseAheadOfTheSubmitters) {
+  EngineOptions o;
+  o.workers = 1;
+  o.capacity = 4096;
+  o.snapshot.enabled = true;
+  o.snapshot.dir = dir_ + "/snaps";
+  o.snapshot.disk_interval = std::chrono::milliseconds(10);
+  auto e = Engine::open(o);
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  auto h = e->register_handler("any", [](JobContext&) { return Outcome::kDone; });
+  ASSERT_TRUE(h.ok());
+  ASSERT_TRUE(e->start().ok());
+  const auto lease = [&] {
+    std::uint64_t v = 0;
+    const std::string header = read_file(o.snapshot.dir + "/LIVE");
+    if (header.size() >= 24) std::memcpy(&v, header.data() + 16, 8);
+    return v;
+  };
+  ASSERT_TRUE(e->submit(*h, "first").ok());
+  const std::uint64_t first_lease = lease();
+  ASSERT_GT(first_lease, 0u);
+  const std::vector<JobSpec> batch(256, JobSpec{*h, "x", {}});
+  std::uint64_t submitted = 1;
+  while (submitted < 540'000) {
+    auto n = e->submit_batch(batch);
+    if (!n && n.status().code() == StatusCode::kQueueFull) {
+      std::this_thread::yield();
+      continue;
+    }
+    ASSERT_TRUE(n.ok()) << n.status().to_string();
+    submitted += *n;
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (lease() == first_lease && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_GE(lease(), submitted + (std::uint64_t{1} << 20))
+      << "the lease was not extended ahead (first lease ended at " << first_lease << ")";
+  ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
+}
+
 }  // namespace
 }  // namespace jobengine::persist
