@@ -619,9 +619,11 @@ class Engine::Impl final : public detail::CutSource {
       log(LogLevel::kWarning, "live record: " + warning);
     }
     for (auto& w : workers_) w->live = live_->running_word(w->index);
-    // The record's lease is at least next_id_: the first block past it
-    // extends it (next_id()).
+    // The record's lease is at least next_id_; a lease ahead of it now, so
+    // that the first submit does not extend it (a store into DIR/LIVE's
+    // mapping); the snapshot thread keeps it ahead (extend_lease_ahead()).
     lease_end_.store(next_id_.load(), std::memory_order_release);
+    extend_lease(next_id_.load() + 1);
   }
 
   Result<HandlerId> handler_id(std::string_view name) const {

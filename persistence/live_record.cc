@@ -202,6 +202,10 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
   previous_lease_end_ = get64(bytes.data() + 16);
   previous_credited_ = get64(bytes.data() + kCreditedOffset);
   previous_valid_ = true;
+  const std::uint32_t flags = get32(bytes.data() + kFlagsOffset);
+  // Read before the boot check: where tmpfs lost a record, a reboot changes
+  // nothing about it.
+  stay_in_file_ = version == kVersionInFile && (flags & kSlotsStayInFile) != 0;
   const std::string written_at(reinterpret_cast<const char*>(bytes.data()) + kBootIdOffset,
                                kBootIdBytes);
   const std::string now = boot_id();
@@ -210,13 +214,11 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = "written before a reboot: the jobs it names may have finished long before";
     return Status();
   }
-  const std::uint32_t flags = get32(bytes.data() + kFlagsOffset);
   if (version == kVersionSlotFile) {
     // A clean stop removed the slot file: no worker was running anything.
     if ((flags & kClosedCleanly) == 0) read_slot_file(slots, get64(bytes.data() + kPairOffset));
     return Status();
   }
-  stay_in_file_ = (flags & kSlotsStayInFile) != 0;
   for (std::uint32_t i = 0; i < slots; ++i) {
     const std::uint64_t id = get64(bytes.data() + kHeaderBytes + std::size_t{i} * kSlotBytes);
     if (id != 0 && id < (std::uint64_t{1} << 63)) previous_running_.push_back(id);  // ids never reach bit 63
@@ -287,8 +289,13 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
     // after a crash, which the caller logs).
     if (map_ != nullptr) ::munmap(map_, map_bytes_);
     map_ = nullptr;
-    (void)default_file_system()->ftruncate(fd_, 0);
-    drop_slot_file();
+    // The slot file goes only once the header that names it is gone: with
+    // the header left, a missing slot file would read as tmpfs lost.
+    const bool emptied = default_file_system()->ftruncate(fd_, 0) == 0;
+    const bool ours = slot_fd_ >= 0 || remove_slot_file_;
+    drop_slot_file(/*remove=*/false);
+    if (emptied && ours) (void)::unlink(slot_path_.c_str());
+    remove_slot_file_ = false;
   }
   return armed;
 }
@@ -311,8 +318,9 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
     slots_in_file_ = true;
     slot_problem_ = "a slot file of " + slot_path_ +
                     " was once gone after a crash: tmpfs does not outlive the process here (remove " +
-                    path_ + " while no engine runs to try tmpfs again)";
-    drop_slot_file();
+                    path_ + " after a clean stop to try tmpfs again)";
+    remove_slot_file_ = slot_fd_ >= 0;  // one this record opened, not another's file
+    drop_slot_file(/*remove=*/false);
   } else {
     slots_in_file_ = slot_fd_ < 0 && !open_slot_file(/*create=*/true);
   }
@@ -322,7 +330,8 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
       // A full /dev/shm (a container's is 64 MiB), a file size limit: the
       // record still works, its slots here.
       slot_problem_ = s.message();
-      drop_slot_file();
+      drop_slot_file(/*remove=*/false);
+      remove_slot_file_ = true;
       slots_in_file_ = true;
     }
   }
@@ -358,6 +367,10 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   std::memcpy(map_ + 8, &version, 4);
   std::memcpy(map_ + 12, &slots, 4);
   std::memcpy(map_, kMagic, 8);
+  // An unused slot file goes only now: under an old version-2 header a
+  // missing one would read as tmpfs lost (an emptied one reads as empty).
+  if (remove_slot_file_) (void)::unlink(slot_path_.c_str());
+  remove_slot_file_ = false;
   return Status();
 }
 
@@ -387,13 +400,13 @@ Status FileLiveRecord::arm_slot_file(unsigned workers) {
   return Status();
 }
 
-void FileLiveRecord::drop_slot_file() noexcept {
+void FileLiveRecord::drop_slot_file(bool remove) noexcept {
   if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
   slot_map_ = nullptr;
   if (slot_fd_ < 0) return;
   // Ours (opened by this name without following links, owner checked), in a
   // sticky directory where no other user can rename or remove it.
-  (void)::unlink(slot_path_.c_str());
+  if (remove) (void)::unlink(slot_path_.c_str());
   ::close(slot_fd_);
   slot_fd_ = -1;
 }

@@ -128,7 +128,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   void read_slot_file(std::uint32_t slots, std::uint64_t pair);
   Status arm_file(unsigned workers, JobId lease_floor);
   Status arm_slot_file(unsigned workers);
-  void drop_slot_file() noexcept;  // unmaps, removes and closes it, if open
+  void drop_slot_file(bool remove) noexcept;  // unmaps and closes it (and removes it), if open
   std::atomic<std::uint64_t>* word_at(std::size_t offset) const;
 
   std::string path_;
@@ -147,6 +147,7 @@ class FileLiveRecord final : public detail::LiveRecord {
   bool closed_ = false;         // close() ran
   bool tmpfs_lost_ = false;     // read: a version-2 record's slot file was gone
   bool stay_in_file_ = false;   // read: a version-1 record with kSlotsStayInFile
+  bool remove_slot_file_ = false;  // arm(): remove the unused slot file once the header is written
   std::vector<JobId> previous_running_;
   JobId previous_lease_end_ = 0;
   std::uint64_t previous_credited_ = 0;

@@ -13,12 +13,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -524,10 +526,13 @@ TEST_F(LiveRecordTest, AnEngineLogsWhyItsSlotsAreNotOnTmpfs) {
 }
 
 // The id lease is a store into dir/LIVE's mapping (a disk file): the
-// snapshot thread keeps it ahead of the ids handed out, so that submitters
-// need not extend it themselves. 540k ids: past half of the first lease
-// (2^20), which no submitter would extend before its end.
+// snapshot thread keeps it at least half a lease (2^19 ids) ahead of the ids
+// handed out, so that submitters need not extend it themselves. start() arms
+// it a lease (2^20) ahead; ~525k jobs take the ids past its middle, short of
+// its end, where before only a submitter crossing the end extended it.
 TEST_F(LiveRecordTest, TheSnapshotThreadKeepsTheIdLeaseAheadOfTheSubmitters) {
+  constexpr std::uint64_t kLease = std::uint64_t{1} << 20;
+  constexpr std::uint64_t kBlock = 1024;  // ids a submitting thread takes at a time
   EngineOptions o;
   o.workers = 1;
   o.capacity = 4096;
@@ -545,13 +550,16 @@ TEST_F(LiveRecordTest, TheSnapshotThreadKeepsTheIdLeaseAheadOfTheSubmitters) {
     if (header.size() >= 24) std::memcpy(&v, header.data() + 16, 8);
     return v;
   };
-  ASSERT_TRUE(e->submit(*h, "first").ok());
-  const std::uint64_t first_lease = lease();
-  ASSERT_GT(first_lease, 0u);
+  // No snapshot moves it before half of it is used.
+  const std::uint64_t first = lease();
+  ASSERT_GT(first, kLease);
+  const std::uint64_t target = first - kLease / 2 + 2 * kBlock;
+  ASSERT_LT(target + kBlock, first);
   const std::vector<JobSpec> batch(256, JobSpec{*h, "x", {}});
-  std::uint64_t submitted = 1;
-  while (submitted < 540'000) {
-    auto n = e->submit_batch(batch);
+  std::uint64_t submitted = 0;
+  while (submitted < target) {
+    const std::size_t k = static_cast<std::size_t>(std::min<std::uint64_t>(batch.size(), target - submitted));
+    auto n = e->submit_batch(std::span<const JobSpec>(batch.data(), k));
     if (!n && n.status().code() == StatusCode::kQueueFull) {
       std::this_thread::yield();
       continue;
@@ -560,11 +568,11 @@ TEST_F(LiveRecordTest, TheSnapshotThreadKeepsTheIdLeaseAheadOfTheSubmitters) {
     submitted += *n;
   }
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (lease() == first_lease && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  while (lease() == first && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
-  EXPECT_GE(lease(), submitted + (std::uint64_t{1} << 20))
-      << "the lease was not extended ahead (first lease ended at " << first_lease << ")";
+  EXPECT_GE(lease(), submitted + kLease / 2)
+      << "the lease was not extended ahead (it ended at " << first << ")";
   ASSERT_TRUE(e->stop(StopMode::kDrain).ok());
 }
 
