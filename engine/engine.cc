@@ -1479,9 +1479,10 @@ class Engine::Impl final : public detail::CutSource {
   void extend_lease_ahead() noexcept {
     // Acquire: pairs with arm_live_record()'s release; ~0 until the record
     // is armed (never, if it could not be: then live_ may be reset).
-    if (lease_end_.load(std::memory_order_acquire) == ~JobId{0}) return;
+    const JobId end = lease_end_.load(std::memory_order_acquire);
+    if (end == ~JobId{0}) return;
     const JobId handed = next_id_.load(std::memory_order_relaxed);
-    if (handed + kLeaseIds / 2 < lease_end_.load(std::memory_order_relaxed)) return;
+    if (handed + kLeaseIds / 2 < end) return;
     extend_lease(handed + kLeaseIds / 2 + 1);  // past lease_end_: 1.5 leases ahead
   }
 

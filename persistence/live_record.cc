@@ -6,7 +6,6 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +14,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <span>
 #include <string_view>
 
 namespace jobengine::persist {
@@ -73,6 +73,27 @@ std::uint64_t pair_id() {
   return (v * 0x9e3779b97f4a7c15ull) ^ static_cast<std::uint64_t>(::getpid()) ^ 1;
 }
 
+// Reads `out.size()` bytes from a descriptor just opened (at offset 0)
+// through the file layer, an EINTR asked again at most kMaxEintrRetries times
+// in a row, as FileStore::read does. Returns how many it got (fewer at the
+// file's end).
+SysResult<std::size_t> read_from_start(int fd, std::span<unsigned char> out) {
+  FileSystem& fs = *default_file_system();
+  std::size_t got = 0;
+  int interrupted = 0;
+  while (got < out.size()) {
+    SysResult<std::size_t> r = fs.read(fd, out.data() + got, out.size() - got);
+    if (!r.ok()) {
+      if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
+      return {0, r.error};
+    }
+    interrupted = 0;
+    if (r.value == 0) break;
+    got += r.value;
+  }
+  return {got, 0};
+}
+
 }  // namespace
 
 std::string FileLiveRecord::slot_file_path(const std::string& slots_dir, std::uint64_t device,
@@ -111,46 +132,46 @@ Result<std::unique_ptr<FileLiveRecord>> FileLiveRecord::open(const std::string& 
 }
 
 bool FileLiveRecord::open_slot_file(bool create) {
-  // Not through the file layer: a tmpfs file, which the disk fault tests
-  // have nothing to say about. O_NOFOLLOW and the owner check: /dev/shm is
-  // every user's, and a file another user put in its place must not name
-  // our workers' jobs.
+  // Through the file layer, as dir/LIVE. O_NOFOLLOW and the owner and link
+  // checks: /dev/shm is every user's, and a file another user put in its
+  // place must not name our workers' jobs (nor be emptied by arm()).
+  FileSystem& fs = *default_file_system();
   slot_problem_.clear();
-  const int flags = O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | (create ? O_CREAT : 0);
-  int fd = -1;
-  do {
-    fd = ::open(slot_path_.c_str(), flags, 0600);
-  } while (fd < 0 && errno == EINTR);
-  if (fd < 0) {
-    if (!create && errno == ENOENT) return false;  // made by arm(), if it comes to that
-    slot_problem_ = "open " + slot_path_ + ": " + errno_text(errno);
+  const int flags = O_RDWR | O_NOFOLLOW | O_NONBLOCK | (create ? O_CREAT : 0);
+  SysResult<int> fd = fs.open(slot_path_, flags, 0600);
+  if (!fd.ok()) {
+    if (!create && fd.error == ENOENT) return false;  // made by arm(), if it comes to that
+    slot_problem_ = "open " + slot_path_ + ": " + errno_text(fd.error);
     return false;
   }
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    slot_problem_ = "fstat " + slot_path_ + ": " + errno_text(errno);
-  } else if (!S_ISREG(st.st_mode)) {
+  SysResult<FileInfo> info = fs.fstat(fd.value);
+  if (!info.ok()) {
+    slot_problem_ = "fstat " + slot_path_ + ": " + errno_text(info.error);
+  } else if (info.value.kind != FileInfo::Kind::kRegular) {
     slot_problem_ = slot_path_ + " is not a regular file";
-  } else if (st.st_uid != ::geteuid()) {
-    slot_problem_ = slot_path_ + " belongs to uid " + std::to_string(st.st_uid) + ", not to this process's";
-  } else if (st.st_nlink != 1) {
+  } else if (info.value.uid != ::geteuid()) {
+    slot_problem_ = slot_path_ + " belongs to uid " + std::to_string(info.value.uid) +
+                    ", not to this process's";
+  } else if (info.value.links != 1) {
     // Another name for one of our files (a hard link another user made, where
     // fs.protected_hardlinks is off): emptying it would destroy that file.
-    slot_problem_ = slot_path_ + " has " + std::to_string(st.st_nlink) + " names, not 1";
-  } else if ((st.st_mode & 07777) != 0600 && ::fchmod(fd, 0600) != 0) {
-    slot_problem_ = "fchmod 0600 " + slot_path_ + ": " + errno_text(errno);
+    slot_problem_ = slot_path_ + " has " + std::to_string(info.value.links) + " names, not 1";
+  } else if (info.value.mode != 0600) {
+    if (int err = fs.fchmod(fd.value, 0600); err != 0) {
+      slot_problem_ = "fchmod 0600 " + slot_path_ + ": " + errno_text(err);
+    }
   }
   if (!slot_problem_.empty()) {
-    ::close(fd);
+    (void)fs.close(fd.value);
     return false;
   }
-  slot_fd_ = fd;
+  slot_fd_ = fd.value;
   return true;
 }
 
 FileLiveRecord::~FileLiveRecord() {
   if (slot_map_ != nullptr) ::munmap(slot_map_, slot_map_bytes_);
-  if (slot_fd_ >= 0) ::close(slot_fd_);
+  if (slot_fd_ >= 0) (void)default_file_system()->close(slot_fd_);
   if (map_ != nullptr) ::munmap(map_, map_bytes_);
   if (fd_ >= 0) (void)default_file_system()->close(fd_);
 }
@@ -162,24 +183,10 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
     previous_problem_ = std::to_string(size) + " bytes, not a live record's size";
     return Status();
   }
-  // Through the file layer from offset 0 (the descriptor was just opened),
-  // an EINTR asked again at most kMaxEintrRetries times in a row, as
-  // FileStore::read does.
-  FileSystem& fs = *default_file_system();
   std::vector<unsigned char> bytes(size);
-  std::size_t got = 0;
-  int interrupted = 0;
-  while (got < size) {
-    SysResult<std::size_t> r = fs.read(fd_, bytes.data() + got, size - got);
-    if (!r.ok()) {
-      if (r.error == EINTR && ++interrupted < kMaxEintrRetries) continue;
-      return errno_status("read", path_, r.error);
-    }
-    interrupted = 0;
-    if (r.value == 0) break;
-    got += r.value;
-  }
-  if (got != size) {
+  const SysResult<std::size_t> read = read_from_start(fd_, bytes);
+  if (!read.ok()) return errno_status("read", path_, read.error);
+  if (read.value != size) {
     previous_problem_ = "shorter than its size while read";
     return Status();
   }
@@ -205,7 +212,7 @@ Status FileLiveRecord::read_previous(std::uint64_t size) {
   const std::uint32_t flags = get32(bytes.data() + kFlagsOffset);
   // Read before the boot check: where tmpfs lost a record, a reboot changes
   // nothing about it.
-  stay_in_file_ = version == kVersionInFile && (flags & kSlotsStayInFile) != 0;
+  keep_in_file_ = version == kVersionInFile && (flags & kSlotsStayInFile) != 0;
   const std::string written_at(reinterpret_cast<const char*>(bytes.data()) + kBootIdOffset,
                                kBootIdBytes);
   const std::string now = boot_id();
@@ -235,24 +242,18 @@ void FileLiveRecord::read_slot_file(std::uint32_t slots, std::uint64_t pair) {
     // Gone, on the same boot, with no clean stop: this machine's /dev/shm
     // does not outlive the process (a container restarted with a fresh one,
     // systemd's RemoveIPC). The next crash must not lose its jobs too.
-    tmpfs_lost_ = true;
+    keep_in_file_ = true;
     return ignored(slot_path_ + " is gone: tmpfs did not outlive the process here (a container "
                    "restarted with a fresh /dev/shm, or systemd's RemoveIPC); the slots stay in " +
                    path_ + " from now on");
   }
-  // pread: a file that shrinks under the read is short, never a SIGBUS.
+  // read(), not a mapping: a file that shrinks under the read is short,
+  // never a SIGBUS.
   const std::size_t size = kSlotFileHeaderBytes + std::size_t{slots} * kSlotBytes;
   std::vector<unsigned char> bytes(size);
-  std::size_t got = 0;
-  int interrupted = 0;
-  while (got < size) {
-    const ssize_t n = ::pread(slot_fd_, bytes.data() + got, size - got, static_cast<off_t>(got));
-    if (n < 0 && errno == EINTR && ++interrupted < kMaxEintrRetries) continue;
-    interrupted = 0;
-    if (n < 0) return ignored("read " + slot_path_ + ": " + errno_text(errno));
-    if (n == 0) break;
-    got += static_cast<std::size_t>(n);
-  }
+  const SysResult<std::size_t> read = read_from_start(slot_fd_, bytes);
+  if (!read.ok()) return ignored("read " + slot_path_ + ": " + errno_text(read.error));
+  const std::size_t got = read.value;
   if (got == 0) return ignored(slot_path_ + " is empty (a start killed while it armed the record)");
   if (got < kSlotFileHeaderBytes || std::memcmp(bytes.data(), kSlotMagic, 8) != 0 ||
       get32(bytes.data() + 8) != kSlotFileVersion) {
@@ -294,7 +295,7 @@ Status FileLiveRecord::arm(unsigned workers, JobId lease_floor) {
     const bool emptied = default_file_system()->ftruncate(fd_, 0) == 0;
     const bool ours = slot_fd_ >= 0 || remove_slot_file_;
     drop_slot_file(/*remove=*/false);
-    if (emptied && ours) (void)::unlink(slot_path_.c_str());
+    if (emptied && ours) (void)default_file_system()->unlink(slot_path_);
     remove_slot_file_ = false;
   }
   return armed;
@@ -314,7 +315,7 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   }
   // The slots' place first: in the slot file when it can be made and sized
   // (emptying it: its old slots' recoveries are durable by now), else here.
-  if (tmpfs_lost_ || stay_in_file_) {
+  if (keep_in_file_) {
     slots_in_file_ = true;
     slot_problem_ = "a slot file of " + slot_path_ +
                     " was once gone after a crash: tmpfs does not outlive the process here (remove " +
@@ -356,7 +357,7 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   word_at(16)->store(std::max(lease_floor, previous_lease_end_), std::memory_order_relaxed);
   std::memset(map_ + kCreditedOffset, 0, kHeaderBytes - kCreditedOffset);  // flags 0 included
   if (!slots_in_file_) std::memcpy(map_ + kPairOffset, &pair_, 8);
-  if (slots_in_file_ && (tmpfs_lost_ || stay_in_file_)) {
+  if (keep_in_file_) {
     const std::uint32_t flags = kSlotsStayInFile;
     std::memcpy(map_ + kFlagsOffset, &flags, 4);
   }
@@ -369,7 +370,7 @@ Status FileLiveRecord::arm_file(unsigned workers, JobId lease_floor) {
   std::memcpy(map_, kMagic, 8);
   // An unused slot file goes only now: under an old version-2 header a
   // missing one would read as tmpfs lost (an emptied one reads as empty).
-  if (remove_slot_file_) (void)::unlink(slot_path_.c_str());
+  if (remove_slot_file_) (void)default_file_system()->unlink(slot_path_);
   remove_slot_file_ = false;
   return Status();
 }
@@ -381,8 +382,9 @@ Status FileLiveRecord::arm_slot_file(unsigned workers) {
   };
   const std::size_t bytes = kSlotFileHeaderBytes + std::size_t{workers} * kSlotBytes;
   // Emptied, then grown: every old slot reads 0 from here on.
-  if (::ftruncate(slot_fd_, 0) != 0) return failed("ftruncate", errno);
-  if (::ftruncate(slot_fd_, static_cast<off_t>(bytes)) != 0) return failed("ftruncate", errno);
+  FileSystem& fs = *default_file_system();
+  if (int err = fs.ftruncate(slot_fd_, 0); err != 0) return failed("ftruncate", err);
+  if (int err = fs.ftruncate(slot_fd_, bytes); err != 0) return failed("ftruncate", err);
   // Allocated: a store into a hole of a full tmpfs would be a SIGBUS on a worker.
   if (int e = allocate_retrying_eintr(slot_fd_, bytes); e != 0) return failed("fallocate", e);
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, slot_fd_, 0);
@@ -406,8 +408,8 @@ void FileLiveRecord::drop_slot_file(bool remove) noexcept {
   if (slot_fd_ < 0) return;
   // Ours (opened by this name without following links, owner checked), in a
   // sticky directory where no other user can rename or remove it.
-  if (remove) (void)::unlink(slot_path_.c_str());
-  ::close(slot_fd_);
+  if (remove) (void)default_file_system()->unlink(slot_path_);
+  (void)default_file_system()->close(slot_fd_);
   slot_fd_ = -1;
 }
 
@@ -427,8 +429,8 @@ void FileLiveRecord::close() noexcept {
   std::memcpy(map_ + kFlagsOffset, &flags, 4);
   ::munmap(slot_map_, slot_map_bytes_);
   slot_map_ = nullptr;
-  (void)::unlink(slot_path_.c_str());
-  ::close(slot_fd_);
+  (void)default_file_system()->unlink(slot_path_);
+  (void)default_file_system()->close(slot_fd_);
   slot_fd_ = -1;
 }
 

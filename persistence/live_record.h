@@ -145,8 +145,10 @@ class FileLiveRecord final : public detail::LiveRecord {
   std::size_t slot_map_bytes_ = 0;
   bool slots_in_file_ = false;  // armed with the slots in dir/LIVE
   bool closed_ = false;         // close() ran
-  bool tmpfs_lost_ = false;     // read: a version-2 record's slot file was gone
-  bool stay_in_file_ = false;   // read: a version-1 record with kSlotsStayInFile
+  // Read: tmpfs lost a record here (a version-2 record's slot file was gone,
+  // or a version-1 record says so with kSlotsStayInFile): arm() keeps the
+  // slots in dir/LIVE and sets that flag.
+  bool keep_in_file_ = false;
   bool remove_slot_file_ = false;  // arm(): remove the unused slot file once the header is written
   std::vector<JobId> previous_running_;
   JobId previous_lease_end_ = 0;

@@ -80,6 +80,15 @@ class LiveRecordTest : public ::testing::Test {
     std::signal(SIGXFSZ, old_handler);
     return armed;
   }
+  // An engine of one worker whose snapshots go to dir_/snaps.
+  EngineOptions engine_options(std::size_t capacity) const {
+    EngineOptions o;
+    o.workers = 1;
+    o.capacity = capacity;
+    o.snapshot.enabled = true;
+    o.snapshot.dir = dir_ + "/snaps";
+    return o;
+  }
   std::string dir_;
   std::string slots_;
 };
@@ -446,11 +455,7 @@ TEST_F(LiveRecordTest, AVersionOneRecordForFewerWorkersNeverShrinksTheFile) {
 // file in /dev/shm and dir/LIVE does not change; after a clean stop the slot
 // file is gone.
 TEST_F(LiveRecordTest, AnEnginesWorkerNamesItsJobInTheSlotFileOnTmpfs) {
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 64;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir_ + "/snaps";
+  EngineOptions o = engine_options(64);
   o.snapshot.disk_interval = std::chrono::hours(1);
   auto e = Engine::open(o);
   ASSERT_TRUE(e.ok()) << e.status().to_string();
@@ -493,11 +498,7 @@ TEST_F(LiveRecordTest, AnEnginesWorkerNamesItsJobInTheSlotFileOnTmpfs) {
 TEST_F(LiveRecordTest, AnEngineLogsWhyItsSlotsAreNotOnTmpfs) {
   std::mutex mu;
   std::vector<std::string> warnings;
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 64;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir_ + "/snaps";
+  EngineOptions o = engine_options(64);
   o.log = [&](LogLevel level, std::string_view line) {
     std::lock_guard<std::mutex> lock(mu);
     if (level == LogLevel::kWarning) warnings.emplace_back(line);
@@ -533,11 +534,7 @@ TEST_F(LiveRecordTest, AnEngineLogsWhyItsSlotsAreNotOnTmpfs) {
 TEST_F(LiveRecordTest, TheSnapshotThreadKeepsTheIdLeaseAheadOfTheSubmitters) {
   constexpr std::uint64_t kLease = std::uint64_t{1} << 20;
   constexpr std::uint64_t kBlock = 1024;  // ids a submitting thread takes at a time
-  EngineOptions o;
-  o.workers = 1;
-  o.capacity = 4096;
-  o.snapshot.enabled = true;
-  o.snapshot.dir = dir_ + "/snaps";
+  EngineOptions o = engine_options(4096);
   o.snapshot.disk_interval = std::chrono::milliseconds(10);
   auto e = Engine::open(o);
   ASSERT_TRUE(e.ok()) << e.status().to_string();

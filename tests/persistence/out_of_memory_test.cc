@@ -137,6 +137,20 @@ std::vector<JobId> ParkJobs(Engine& e, std::atomic<int>& ran) {
   return ids;
 }
 
+// Leaves a snapshot of `jobs` jobs delayed an hour in `dir` (so that they stay
+// pending in every engine that recovers it), written by stop(kSnapshotAndExit).
+void LeaveDelayedJobs(const std::string& dir, std::size_t jobs) {
+  auto e = Engine::open(DiskOptions(dir, milliseconds(0)));
+  ASSERT_TRUE(e.ok()) << e.status().to_string();
+  ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
+  ASSERT_TRUE(e->start().ok());
+  const HandlerId count = *e->handler_id("count");
+  for (std::size_t i = 0; i < jobs; ++i) {
+    ASSERT_TRUE(e->submit(count, "job", {.delay = std::chrono::hours(1)}).ok());
+  }
+  ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
+}
+
 // Recovers `dir` in a new engine: how many delayed jobs came back.
 std::uint64_t RecoveredDelayed(const std::string& dir) {
   auto e = Engine::open(DiskOptions(dir, milliseconds(0)));
@@ -423,18 +437,7 @@ TEST(SchedulerOutOfMemoryTest, DelayedJobsWaitForMemoryAndAllRunOnceItIsBack) {
 TEST(StartOutOfMemoryTest, EachAllocationOfStartCanFailAndNoJobRunsTwice) {
   TempDir tmp;
   constexpr std::size_t kJobs = 100;
-  {
-    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
-    ASSERT_TRUE(e.ok()) << e.status().to_string();
-    ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
-    ASSERT_TRUE(e->start().ok());
-    const HandlerId count = *e->handler_id("count");
-    // An hour out, so that they stay in every engine below.
-    for (std::size_t i = 0; i < kJobs; ++i) {
-      ASSERT_TRUE(e->submit(count, "job", {.delay = std::chrono::hours(1)}).ok());
-    }
-    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(LeaveDelayedJobs(tmp.dir(), kJobs));
   int failed_starts = 0;
   for (long n = 0;; ++n) {
     ASSERT_LT(n, 20000) << "start() kept failing";
@@ -483,17 +486,7 @@ TEST(StartOutOfMemoryTest, EachAllocationOfStartCanFailAndNoJobRunsTwice) {
 TEST(OpenOutOfMemoryTest, EachAllocationOfOpenCanFailAndTheSnapshotStays) {
   TempDir tmp;
   constexpr std::size_t kJobs = 50;
-  {
-    auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(0)));
-    ASSERT_TRUE(e.ok()) << e.status().to_string();
-    ASSERT_TRUE(e->register_handler("count", [](JobContext&) { return Outcome::kDone; }).ok());
-    ASSERT_TRUE(e->start().ok());
-    const HandlerId count = *e->handler_id("count");
-    for (std::size_t i = 0; i < kJobs; ++i) {
-      ASSERT_TRUE(e->submit(count, "job", {.delay = std::chrono::hours(1)}).ok());
-    }
-    ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(LeaveDelayedJobs(tmp.dir(), kJobs));
   int capacity_failures = 0;
   int loading_failures = 0;
   for (long n = 0;; ++n) {
