@@ -268,6 +268,7 @@ TEST(SnapshotOutOfMemoryTest, MemoryThatRunsOutAfterTheSegmentPublishedFailsOnly
 
 TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndResumeAfter) {
   TempDir tmp;
+  std::size_t grown = 0;  // delayed jobs added below, beside the parked ones
   {
     std::atomic<int> ran{0};
     auto e = Engine::open(DiskOptions(tmp.dir(), milliseconds(5)));
@@ -276,12 +277,24 @@ TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndRe
     ASSERT_EQ(ids.size(), kParked);
     const HandlerId count = *e->handler_id("count");
     std::uint64_t failed_at = 0;
+    // Delayed jobs with 32 KB payloads (heap blocks below kRefuseFrom) added
+    // while allocations are refused: a periodic snapshot of the parked jobs
+    // may have sized the encoder's buffer before the refusals began (seen
+    // under qemu), and only a buffer that must grow asks for a large block.
+    // 40 of them (1.3 MB) outgrow any buffer sized for the parked jobs
+    // (< 600 KB), and still fit the scheduler's heap as sized for them.
+    const std::string big(32 << 10, 'b');
     {
       LargeAllocationsFail refuse(kRefuseFrom);
       const std::uint64_t failures = e->health().snapshot_failures;
       // A change for each periodic snapshot to record, as each one fails.
       ASSERT_TRUE(WaitUntil([&] {
-        EXPECT_TRUE(e->submit(count, "change").ok());
+        if (grown < 40) {
+          EXPECT_TRUE(e->submit(count, big, {.delay = std::chrono::hours(1)}).ok());
+          ++grown;
+        } else {
+          EXPECT_TRUE(e->submit(count, "change").ok());
+        }
         return e->health().snapshot_failures >= failures + 3;
       })) << "no periodic snapshot failed";
       EXPECT_EQ(e->health().state, EngineState::kRunning);
@@ -293,7 +306,7 @@ TEST(SnapshotOutOfMemoryTest, PeriodicSnapshotsFailWithoutStoppingTheEngineAndRe
     })) << "periodic snapshots did not resume: " << e->health().last_snapshot_error;
     ASSERT_TRUE(e->stop(StopMode::kSnapshotAndExit).ok());
   }
-  EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked);
+  EXPECT_EQ(RecoveredDelayed(tmp.dir()), kParked + grown);
 }
 
 // Recovery at open(): the shared-memory segment holds a newer image than the
